@@ -1,0 +1,1 @@
+"""One adapter per GPU market, plain HTTP against each provider's documented API."""

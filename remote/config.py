@@ -1,0 +1,746 @@
+"""The training config: kohya-style TOML in, one validated pydantic model out.
+
+Accepted forms, all of which load unchanged:
+- sectioned: ``[model] [dataset] [training] [sample]`` (rentrain's own spelling);
+- the section names kohya's GUIs and notebooks write (``[model_arguments]``, ``[training_arguments]``...);
+- kohya's flat form (every key at the top level).
+
+As in kohya, sections are flattened one level, so a key may sit in any training section. Unlike kohya,
+an unknown key is an error that names it, its section and the closest known key, and values are
+type-checked. The ``[rentrain]`` table holds the job's own settings (provider, budget, GPU needs).
+
+This module is standard library + pydantic only: it runs on the laptop and on the rented machine.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+JOB_SECTION = "rentrain"
+TOP_LEVEL = "top level"
+
+# kohya's spelling -> ours. Both are accepted; two spellings of one key in one file are an error.
+KEY_ALIASES: dict[str, str] = {
+    "train_batch_size": "batch_size",
+    "lr_scheduler_type": "lr_scheduler",
+}
+
+# kohya keys that change nothing in rentrain. They load, and `rentrain check` says why they are ignored.
+IGNORED_KOHYA_KEYS: dict[str, str] = {
+    "xformers": "rentrain always uses PyTorch SDPA attention",
+    "sdpa": "rentrain always uses PyTorch SDPA attention",
+    "mem_eff_attn": "rentrain always uses PyTorch SDPA attention",
+    "cache_latents": "rentrain always caches latents",
+    "cache_latents_to_disk": "rentrain always caches latents on disk, keyed by image content",
+    "cache_text_encoder_outputs": "rentrain caches text-encoder outputs whenever the text encoder is not trained "
+    "and captions are not shuffled or dropped",
+    "cache_text_encoder_outputs_to_disk": "rentrain caches text-encoder outputs in memory when it can",
+    "lowram": "rentrain loads weights straight to the GPU",
+    "lowvram": "rentrain plans memory from the card it rented",
+    "max_data_loader_n_workers": "latents are cached, so no image-loading workers run during training",
+    "persistent_data_loader_workers": "latents are cached, so no image-loading workers run during training",
+    "logging_dir": "progress goes to <output_dir>/events.jsonl",
+    "log_with": "progress goes to <output_dir>/events.jsonl",
+    "log_prefix": "progress goes to <output_dir>/events.jsonl",
+    "save_state": "rentrain always saves a resumable state with every checkpoint",
+    "save_model_as_dtype": "use save_precision",
+    "no_half_vae": "rentrain always encodes latents with the VAE in float32",
+    "training_comment": "kept out of the file's metadata",
+    "sample_sampler": "samples use the DDIM sampler",
+    "huggingface_repo_id": "rentrain does not upload to the Hugging Face hub",
+    "async_upload": "rentrain does not upload to the Hugging Face hub",
+    "shuffle_caption_separator": "use caption_separator",
+    "ddp_timeout": "single-process training",
+    "vae_batch_size": "rentrain picks the VAE batch size",
+}
+
+LR_SCHEDULERS = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+)
+OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Lion8bit", "Prodigy", "Adafactor")
+KNOWN_PROVIDERS = ("local", "vast", "runpod", "gpuflow", "ssh")
+BUILTIN_MODELS = ("builtin:tiny-sd15", "builtin:tiny-sdxl")
+MAX_TOKEN_LENGTHS = (75, 150, 225)
+
+
+class ConfigIssue(BaseModel):
+    key: str
+    section: str
+    message: str
+    unknown_key: bool = False
+
+    def __str__(self) -> str:
+        where = f"[{self.section}]" if self.section != TOP_LEVEL else "the top level"
+        if self.unknown_key:
+            return f"{self.key}: unknown key in {where}{self.message}"
+        return f"{self.key} in {where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """Every problem found in one config file, each naming its key and section."""
+
+    def __init__(self, path: Path | str, issues: list[ConfigIssue]):
+        self.path = str(path)
+        self.issues = issues
+        lines = "\n".join(f"  - {issue}" for issue in issues)
+        super().__init__(f"{self.path}: {len(issues)} problem(s) in the config:\n{lines}")
+
+
+def _section(name: str, description: str, default: Any = ..., **kwargs: Any) -> Any:
+    return Field(default, description=description, json_schema_extra={"section": name}, **kwargs)
+
+
+def _model(description: str, default: Any = ..., **kw: Any) -> Any:
+    return _section("model", description, default, **kw)
+
+
+def _dataset(description: str, default: Any = ..., **kw: Any) -> Any:
+    return _section("dataset", description, default, **kw)
+
+
+def _training(description: str, default: Any = ..., **kw: Any) -> Any:
+    return _section("training", description, default, **kw)
+
+
+def _sample(description: str, default: Any = ..., **kw: Any) -> Any:
+    return _section("sample", description, default, **kw)
+
+
+class TrainConfig(BaseModel):
+    """What the trainer needs. Field names are kohya's; defaults are kohya's unless the text says."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # [model]
+    pretrained_model_name_or_path: str = _model(
+        "Base model: a .safetensors/.ckpt file or diffusers folder (uploaded with the job), a Hugging Face "
+        "hub id or an https:// URL (both fetched on the instance), or builtin:tiny-sd15 / builtin:tiny-sdxl."
+    )
+    v2: bool = _model("SD 2.x architecture (OpenCLIP-H text encoder).", False)
+    v_parameterization: bool = _model("v-prediction target (SD 2.x 768-v, v-pred SDXL models).", False)
+    sdxl: bool | None = _model("SDXL base model. Unset: detected from the weights.", None)
+    vae: str | None = _model("A separate VAE file or folder to encode latents with.", None)
+    clip_skip: int | None = _model(
+        "Use the text encoder's k-th layer from the end (kohya/A1111 meaning; 2 = penultimate). "
+        "Ignored for SDXL, as in kohya.",
+        None,
+        ge=1,
+        le=12,
+    )
+    max_token_length: int | None = _model("Caption length in tokens: 75 (unset), 150 or 225.", None)
+
+    # [dataset]
+    train_data_dir: Path = _dataset("Parent folder of the `N_name` image folders (N = repeats).")
+    reg_data_dir: Path | None = _dataset("Parent folder of regularisation `N_name` folders.", None)
+    trigger_word: str | None = _dataset(
+        "rentrain only: a word every caption should contain; `check` warns about captions without it.", None
+    )
+    resolution: tuple[int, int] = _dataset(
+        "Training resolution: 512, \"512\", \"512,512\" or [512, 512] (width, height).", (512, 512)
+    )
+    batch_size: int = _dataset("Images per step (kohya: train_batch_size).", 1, ge=1)
+    enable_bucket: bool = _dataset("Aspect-ratio bucketing.", False)
+    min_bucket_reso: int = _dataset("Smallest bucket side.", 256, ge=64)
+    max_bucket_reso: int = _dataset("Largest bucket side.", 1024, ge=64)
+    bucket_reso_steps: int = _dataset("Bucket side step; 64, or 32 for SDXL.", 64)
+    bucket_no_upscale: bool = _dataset("Never upscale: each image gets a bucket no larger than itself.", False)
+    caption_extension: str = _dataset(
+        "Caption file extension. Default \".txt\", as the tutorials use; kohya's own default is \".caption\".",
+        ".txt",
+    )
+    shuffle_caption: bool = _dataset("Shuffle the comma-separated tags of each caption every step.", False)
+    keep_tokens: int = _dataset("Tags at the start of a caption that shuffling keeps in place.", 0, ge=0)
+    caption_separator: str = _dataset("Tag separator for shuffling and tag dropout.", ",")
+    caption_prefix: str | None = _dataset("Text put before every caption.", None)
+    caption_suffix: str | None = _dataset("Text put after every caption.", None)
+    caption_dropout_rate: float = _dataset("Probability that a caption is replaced by \"\".", 0.0, ge=0, le=1)
+    caption_dropout_every_n_epochs: int = _dataset("Drop every caption in every n-th epoch (0: never).", 0, ge=0)
+    caption_tag_dropout_rate: float = _dataset("Probability that each non-kept tag is dropped.", 0.0, ge=0, le=1)
+    flip_aug: bool = _dataset("Random horizontal flips (both flips are cached).", False)
+    prior_loss_weight: float = _dataset("Loss weight of regularisation images.", 1.0, ge=0)
+
+    # [training]
+    output_dir: Path = _training("Where checkpoints, the final LoRA, samples and events.jsonl go.", Path("output"))
+    output_name: str | None = _training(
+        "File name stem: <name>.safetensors and <name>-000001.safetensors. Unset: last / epoch-000001.", None
+    )
+    max_train_epochs: int | None = _training("Epochs to train. Wins over max_train_steps, as in kohya.", None, ge=1)
+    max_train_steps: int | None = _training("Steps to train when max_train_epochs is unset.", None, ge=1)
+    learning_rate: float | None = _training("Learning rate; the fallback for unet_lr and text_encoder_lr.", None)
+    unet_lr: float | None = _training("UNet LoRA learning rate (unset: learning_rate).", None)
+    text_encoder_lr: float | None = _training(
+        "Text-encoder LoRA learning rate (unset: learning_rate; 0: train the UNet only).", None
+    )
+    lr_scheduler: str = _training(f"One of {', '.join(LR_SCHEDULERS)}.", "constant")
+    lr_warmup_steps: int | float = _training(
+        "Warm-up optimizer steps; a number below 1 (or \"5%\") is a fraction of the total.", 0
+    )
+    lr_scheduler_num_cycles: int = _training("Restarts of cosine_with_restarts.", 1, ge=1)
+    lr_scheduler_power: float = _training("Power of the polynomial scheduler.", 1.0, gt=0)
+    network_module: str = _training("Only networks.lora (kohya's LoRA).", "networks.lora")
+    network_dim: int = _training("LoRA rank.", 4, ge=1, le=1024)
+    network_alpha: float = _training("LoRA alpha; scale = alpha / dim (0: alpha = dim).", 1.0, ge=0)
+    network_args: list[str] = _training("conv_dim=N and conv_alpha=X add LoRA to 3x3 convolutions.", [])
+    network_train_unet_only: bool = _training("Train the UNet LoRA only.", False)
+    network_train_text_encoder_only: bool = _training("Train the text-encoder LoRA only.", False)
+    optimizer_type: str = _training(f"One of {', '.join(OPTIMIZERS)} (any case).", "AdamW")
+    optimizer_args: list[str] = _training("Extra optimizer arguments: [\"weight_decay=0.01\", \"betas=0.9,0.99\"].", [])
+    mixed_precision: Literal["no", "fp16", "bf16"] = _training("Compute precision of the frozen model.", "no")
+    full_fp16: bool = _training("Keep the LoRA weights in fp16 too (kohya's full_fp16).", False)
+    full_bf16: bool = _training("Keep the LoRA weights in bf16 too (kohya's full_bf16).", False)
+    save_precision: Literal["float", "fp16", "bf16"] | None = _training(
+        "dtype of saved files (unset: as trained, fp32).", None
+    )
+    save_every_n_epochs: int | None = _training("Save a checkpoint every n epochs.", None, ge=1)
+    save_every_n_steps: int | None = _training("Save a checkpoint every n steps.", None, ge=1)
+    save_last_n_epochs: int | None = _training("Keep only the last n epoch checkpoints on the instance.", None, ge=1)
+    save_model_as: str = _training("Only safetensors.", "safetensors")
+    gradient_checkpointing: bool = _training("Recompute activations in backward to save memory.", False)
+    gradient_accumulation_steps: int = _training("Batches per optimizer step.", 1, ge=1)
+    max_grad_norm: float = _training("Gradient clipping norm (0: off).", 1.0, ge=0)
+    noise_offset: float | None = _training("Offset noise strength (0.05-0.1 typical).", None, ge=0)
+    min_snr_gamma: float | None = _training("Min-SNR loss weighting gamma (5 typical).", None, gt=0)
+    seed: int | None = _training("Random seed (unset: a random one, written to the metadata).", None)
+
+    # [sample]
+    sample_prompts: list[str] | Path | None = _sample(
+        "Prompts for sample grids: a list, or a kohya prompt file (one prompt per line; --n/--w/... options "
+        "after the prompt are read for --n only).",
+        None,
+    )
+    sample_every_n_epochs: int | None = _sample("Sample grid every n epochs (always one at the end).", None, ge=1)
+    sample_every_n_steps: int | None = _sample("Sample grid every n steps.", None, ge=1)
+    sample_weights: list[float] = _sample("LoRA weights in the grid's columns.", [0.5, 0.7, 0.8, 1.0])
+    sample_seeds: list[int] = _sample("Seeds; one grid row per prompt and seed.", [1, 2])
+    sample_steps: int = _sample("Sampler steps per image.", 20, ge=1)
+    sample_guidance_scale: float = _sample("Classifier-free guidance scale.", 7.0, ge=0)
+
+    @field_validator("resolution", mode="before")
+    @classmethod
+    def _parse_resolution(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("must be a number, \"W,H\" or [W, H]")
+        if isinstance(value, int):
+            return (value, value)
+        if isinstance(value, str):
+            parts = [p.strip() for p in value.split(",")]
+            if len(parts) not in (1, 2) or not all(p.isdigit() for p in parts):
+                raise ValueError(f"must be \"512\" or \"512,768\", got {value!r}")
+            numbers = [int(p) for p in parts]
+            return (numbers[0], numbers[-1])
+        if isinstance(value, (list, tuple)) and len(value) == 1:
+            return (value[0], value[0])
+        return value
+
+    @field_validator("resolution")
+    @classmethod
+    def _check_resolution(cls, value: tuple[int, int]) -> tuple[int, int]:
+        for side in value:
+            if side < 64 or side % 64:
+                raise ValueError(f"each side must be a multiple of 64 and at least 64, got {value[0]},{value[1]}")
+        return value
+
+    @field_validator("learning_rate", "unet_lr")
+    @classmethod
+    def _positive_lr(cls, value: float | None) -> float | None:
+        if value is not None and value <= 0:
+            raise ValueError(f"must be greater than 0, got {value}")
+        return value
+
+    @field_validator("text_encoder_lr", mode="before")
+    @classmethod
+    def _te_lr(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if len(value) != 1:
+                raise ValueError("one learning rate for all text encoders; per-encoder lists are not supported")
+            value = value[0]
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            raise ValueError(f"must be 0 (UNet only) or greater, got {value}")
+        return value
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _scheduler(cls, value: str) -> str:
+        return _choice(value, LR_SCHEDULERS)
+
+    @field_validator("optimizer_type")
+    @classmethod
+    def _optimizer(cls, value: str) -> str:
+        if value == "":
+            return "AdamW"
+        return _choice(value, OPTIMIZERS)
+
+    @field_validator("lr_warmup_steps", mode="before")
+    @classmethod
+    def _warmup(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if not text.endswith("%"):
+                raise ValueError(f"must be a number of steps, a fraction below 1 or a percentage, got {value!r}")
+            try:
+                value = float(text[:-1]) / 100
+            except ValueError:
+                raise ValueError(f"must be a percentage such as \"5%\", got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError("must be a number of steps, a fraction below 1 or a percentage")
+        if value < 0:
+            raise ValueError(f"must be 0 or more, got {value}")
+        if isinstance(value, float) and value >= 1:
+            if not value.is_integer():
+                raise ValueError(f"a fraction must be below 1, got {value}")
+            return int(value)
+        return value
+
+    @field_validator("network_module")
+    @classmethod
+    def _network_module(cls, value: str) -> str:
+        if value != "networks.lora":
+            raise ValueError(f"only networks.lora (kohya's LoRA) is supported, got {value!r}")
+        return value
+
+    @field_validator("network_args")
+    @classmethod
+    def _network_args(cls, value: list[str]) -> list[str]:
+        for item in value:
+            name, sep, number = item.partition("=")
+            name = name.strip()
+            if not sep or name not in ("conv_dim", "conv_alpha"):
+                raise ValueError(f"{item!r}: only conv_dim=N and conv_alpha=X are supported")
+            try:
+                parsed = float(number)
+            except ValueError:
+                raise ValueError(f"{item!r}: {name} must be a number") from None
+            if parsed <= 0 or (name == "conv_dim" and not parsed.is_integer()):
+                raise ValueError(f"{item!r}: {name} must be a positive {'integer' if name == 'conv_dim' else 'number'}")
+        return value
+
+    @field_validator("optimizer_args")
+    @classmethod
+    def _optimizer_args(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if "=" not in item:
+                raise ValueError(f"{item!r}: expected name=value, such as weight_decay=0.01")
+        return value
+
+    @field_validator("save_model_as")
+    @classmethod
+    def _save_model_as(cls, value: str) -> str:
+        if value != "safetensors":
+            raise ValueError(
+                f"rentrain writes .safetensors only (it loads in AUTOMATIC1111, ComfyUI and diffusers), got {value!r}"
+            )
+        return value
+
+    @field_validator("caption_extension")
+    @classmethod
+    def _caption_extension(cls, value: str) -> str:
+        if not value.startswith(".") or len(value) < 2:
+            raise ValueError(f"must start with a dot, such as \".txt\", got {value!r}")
+        return value
+
+    @field_validator("max_token_length")
+    @classmethod
+    def _token_length(cls, value: int | None) -> int | None:
+        if value is not None and value not in MAX_TOKEN_LENGTHS:
+            raise ValueError(f"must be 75, 150 or 225, got {value}")
+        return value
+
+    @field_validator("bucket_reso_steps")
+    @classmethod
+    def _bucket_steps(cls, value: int) -> int:
+        if value not in (32, 64):
+            raise ValueError(f"must be 64 or 32, got {value}")
+        return value
+
+    @field_validator("sample_weights")
+    @classmethod
+    def _sample_weights(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("needs at least one weight")
+        return value
+
+    @field_validator("sample_seeds")
+    @classmethod
+    def _sample_seeds(cls, value: list[int]) -> list[int]:
+        if not value:
+            raise ValueError("needs at least one seed")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> TrainConfig:
+        problems: list[tuple[str, str]] = []
+        if self.max_train_epochs is None and self.max_train_steps is None:
+            problems.append(("max_train_epochs", "missing: set max_train_epochs or max_train_steps"))
+        if self.min_bucket_reso > self.max_bucket_reso:
+            problems.append(
+                ("min_bucket_reso", f"{self.min_bucket_reso} is greater than max_bucket_reso {self.max_bucket_reso}")
+            )
+        elif self.enable_bucket and not self.bucket_no_upscale:
+            if min(self.resolution) < self.min_bucket_reso:
+                problems.append(("min_bucket_reso", f"{self.min_bucket_reso} is above the resolution {self.resolution}"))
+            if max(self.resolution) > self.max_bucket_reso:
+                problems.append(("max_bucket_reso", f"{self.max_bucket_reso} is below the resolution {self.resolution}"))
+        if self.learning_rate is None and self.unet_lr is None and not self.network_train_text_encoder_only:
+            problems.append(("learning_rate", "missing: set learning_rate (or unet_lr)"))
+        if self.network_train_unet_only and self.network_train_text_encoder_only:
+            problems.append(("network_train_unet_only", "contradicts network_train_text_encoder_only"))
+        if self.network_train_text_encoder_only and self.effective_text_encoder_lr == 0:
+            problems.append(("network_train_text_encoder_only", "set, but the text encoder learning rate is 0"))
+        if self.lr_scheduler == "constant" and self.lr_warmup_steps:
+            problems.append(("lr_warmup_steps", "warm-up needs lr_scheduler = \"constant_with_warmup\" or a decaying one"))
+        if self.full_fp16 and self.mixed_precision != "fp16":
+            problems.append(("full_fp16", "needs mixed_precision = \"fp16\""))
+        if self.full_bf16 and self.mixed_precision != "bf16":
+            problems.append(("full_bf16", "needs mixed_precision = \"bf16\""))
+        if problems:
+            raise _CrossFieldError(problems)
+        return self
+
+    @property
+    def effective_unet_lr(self) -> float:
+        if self.network_train_text_encoder_only:
+            return 0.0
+        return self.unet_lr if self.unet_lr is not None else (self.learning_rate or 0.0)
+
+    @property
+    def effective_text_encoder_lr(self) -> float:
+        if self.network_train_unet_only:
+            return 0.0
+        if self.text_encoder_lr is not None:
+            return self.text_encoder_lr
+        return self.learning_rate if self.learning_rate is not None else 0.0
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return self.effective_text_encoder_lr > 0
+
+    @property
+    def conv_dim(self) -> int | None:
+        value = _network_arg(self.network_args, "conv_dim")
+        return int(value) if value is not None else None
+
+    @property
+    def conv_alpha(self) -> float:
+        value = _network_arg(self.network_args, "conv_alpha")
+        return value if value is not None else 1.0
+
+    @property
+    def scale_alpha(self) -> float:
+        """The alpha actually used: kohya treats 0 as alpha = dim."""
+        return self.network_alpha or float(self.network_dim)
+
+    def warmup_steps_for(self, total_steps: int) -> int:
+        if isinstance(self.lr_warmup_steps, float) and self.lr_warmup_steps < 1:
+            return math.ceil(self.lr_warmup_steps * total_steps)
+        return int(self.lr_warmup_steps)
+
+
+class JobSettings(BaseModel):
+    """The `[rentrain]` table: how and where the job runs. The trainer ignores it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    provider: str | None = Field(None, description=f"One of {', '.join(KNOWN_PROVIDERS)}; --provider wins.")
+    host: str | None = Field(None, description="For provider = \"ssh\": user@host[:port] of a machine rented by hand.")
+    gpu: list[str] = Field([], description="GPU models to consider, such as [\"RTX 4090\", \"RTX 3090\"] (empty: any).")
+    gpu_count: int = Field(1, ge=1, le=8, description="GPUs per instance.")
+    min_vram_gb: float = Field(24, gt=0, description="Minimum memory per GPU, in GB.")
+    min_reliability: float = Field(0.98, ge=0, le=1, description="Minimum host reliability where the provider has one.")
+    min_cuda: float = Field(12.1, ge=0, description="Minimum CUDA version the host driver supports.")
+    verified_only: bool = Field(True, description="Only verified hosts (Vast).")
+    include_interruptible: bool = Field(False, description="Consider interruptible (spot / bid) offers.")
+    max_price_per_hour: float | None = Field(None, gt=0, description="Skip offers above this USD per hour.")
+    max_cost: float | None = Field(None, gt=0, description="USD budget for the whole job: checked before renting and enforced on the instance.")
+    max_hours: float | None = Field(None, gt=0, description="Hard deadline in hours, enforced on the instance.")
+    idle_timeout_minutes: float = Field(
+        20, gt=0, description="After training ends, minutes without the client before the instance ends itself."
+    )
+    image: str = Field("pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime", description="Container image to boot.")
+    disk_gb: int = Field(40, ge=10, description="Disk to rent, in GB (priced into every offer).")
+    max_offers: int = Field(5, ge=1, description="Offers to try before giving up when hosts fail.")
+    max_retries: int = Field(2, ge=0, description="Times to resume on a new instance after a host dies.")
+
+    @field_validator("gpu", mode="before")
+    @classmethod
+    def _gpu_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("provider")
+    @classmethod
+    def _provider(cls, value: str | None) -> str | None:
+        return None if value is None else _choice(value, KNOWN_PROVIDERS)
+
+
+class LoadedConfig(BaseModel):
+    """A config file as understood: the training settings, the job settings, and where keys came from."""
+
+    path: Path
+    train: TrainConfig
+    job: JobSettings
+    key_sections: dict[str, str]
+    ignored_keys: dict[str, str]
+
+
+class _CrossFieldError(ValueError):
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("; ".join(f"{key}: {msg}" for key, msg in problems))
+
+
+def _choice(value: str, choices: tuple[str, ...]) -> str:
+    by_lower = {c.lower(): c for c in choices}
+    if value.lower() in by_lower:
+        return by_lower[value.lower()]
+    close = difflib.get_close_matches(value.lower(), list(by_lower), n=1)
+    hint = f"; did you mean {by_lower[close[0]]}?" if close else ""
+    raise ValueError(f"{value!r} is not one of {', '.join(choices)}{hint}")
+
+
+def _network_arg(args: list[str], name: str) -> float | None:
+    for item in args:
+        key, _, number = item.partition("=")
+        if key.strip() == name:
+            return float(number)
+    return None
+
+
+TRAIN_KEYS: frozenset[str] = frozenset(TrainConfig.model_fields)
+JOB_KEYS: frozenset[str] = frozenset(JobSettings.model_fields)
+PATH_KEYS = ("train_data_dir", "reg_data_dir", "output_dir")
+
+
+def field_section(name: str) -> str:
+    extra = TrainConfig.model_fields[name].json_schema_extra
+    assert isinstance(extra, dict)
+    return str(extra["section"])
+
+
+def load_config(path: str | Path) -> LoadedConfig:
+    """Read and validate a config file. Raises ConfigError listing every problem found."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(path, [ConfigIssue(key="(file)", section=TOP_LEVEL, message="no such file")])
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, [ConfigIssue(key="(file)", section=TOP_LEVEL, message=f"not UTF-8 text: {exc}")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, [ConfigIssue(key="(file)", section=TOP_LEVEL, message=f"not valid TOML: {exc}")]) from None
+    return parse_config(raw, path)
+
+
+def parse_config(raw: dict[str, Any], path: Path) -> LoadedConfig:
+    issues: list[ConfigIssue] = []
+    train_values: dict[str, Any] = {}
+    spelled_as: dict[str, str] = {}
+    key_sections: dict[str, str] = {}
+    ignored: dict[str, str] = {}
+    job_values: dict[str, Any] = {}
+
+    for key, value in raw.items():
+        if key == JOB_SECTION:
+            if not isinstance(value, dict):
+                issues.append(ConfigIssue(key=key, section=TOP_LEVEL, message="must be a table: [rentrain]"))
+            else:
+                job_values = value
+            continue
+        if isinstance(value, dict):
+            for inner_key, inner_value in value.items():
+                _take_key(inner_key, inner_value, key, train_values, spelled_as, key_sections, ignored, issues)
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            issues.append(
+                ConfigIssue(
+                    key=key,
+                    section=TOP_LEVEL,
+                    message="kohya dataset_config tables ([[datasets]]) are not read; set train_data_dir, "
+                    "resolution and batch_size in [dataset] instead",
+                )
+            )
+        else:
+            _take_key(key, value, TOP_LEVEL, train_values, spelled_as, key_sections, ignored, issues)
+
+    for job_key in [k for k in job_values if k not in JOB_KEYS]:
+        issues.append(_unknown_key_issue(job_key, JOB_SECTION, JOB_KEYS | TRAIN_KEYS, train_section_hint=True))
+        del job_values[job_key]
+
+    base_dir = path.parent.resolve()
+    for key in PATH_KEYS:
+        if isinstance(train_values.get(key), str):
+            train_values[key] = _resolve_path(train_values[key], base_dir)
+    if isinstance(train_values.get("sample_prompts"), str):
+        train_values["sample_prompts"] = _resolve_path(train_values["sample_prompts"], base_dir)
+    model_value = train_values.get("pretrained_model_name_or_path")
+    if isinstance(model_value, str):
+        try:
+            train_values["pretrained_model_name_or_path"] = resolve_model_reference(model_value, base_dir)
+        except ValueError as exc:
+            section = key_sections.get("pretrained_model_name_or_path", TOP_LEVEL)
+            issues.append(ConfigIssue(key=spelled_as["pretrained_model_name_or_path"], section=section, message=str(exc)))
+            train_values.pop("pretrained_model_name_or_path")
+    vae_value = train_values.get("vae")
+    if isinstance(vae_value, str) and not _is_remote_reference(vae_value):
+        train_values["vae"] = _resolve_path(vae_value, base_dir)
+
+    train = _validate(TrainConfig, train_values, spelled_as, key_sections, issues, model_missing=model_value is None)
+    job = _validate(JobSettings, job_values, {k: k for k in job_values}, {k: JOB_SECTION for k in job_values}, issues)
+    if issues:
+        raise ConfigError(path, issues)
+    assert train is not None and job is not None
+    return LoadedConfig(path=path.resolve(), train=train, job=job, key_sections=key_sections, ignored_keys=ignored)
+
+
+def _take_key(
+    key: str,
+    value: Any,
+    section: str,
+    values: dict[str, Any],
+    spelled_as: dict[str, str],
+    key_sections: dict[str, str],
+    ignored: dict[str, str],
+    issues: list[ConfigIssue],
+) -> None:
+    if isinstance(value, dict):
+        issues.append(ConfigIssue(key=key, section=section, message="tables nest one level only"))
+        return
+    canonical = KEY_ALIASES.get(key, key)
+    if canonical in IGNORED_KOHYA_KEYS:
+        ignored[key] = IGNORED_KOHYA_KEYS[canonical]
+        return
+    if canonical not in TRAIN_KEYS:
+        if canonical in JOB_KEYS:
+            message = f"; it belongs in [{JOB_SECTION}]"
+            issues.append(ConfigIssue(key=key, section=section, message=message, unknown_key=True))
+        else:
+            known = TRAIN_KEYS | frozenset(KEY_ALIASES) | frozenset(IGNORED_KOHYA_KEYS)
+            issues.append(_unknown_key_issue(key, section, known))
+        return
+    if canonical in values:
+        first = spelled_as[canonical]
+        where = key_sections[canonical]
+        message = f"given twice: also as {first} in [{where}]" if where != TOP_LEVEL else f"given twice: also as {first}"
+        issues.append(ConfigIssue(key=key, section=section, message=message))
+        return
+    values[canonical] = value
+    spelled_as[canonical] = key
+    key_sections[canonical] = section
+
+
+def _unknown_key_issue(key: str, section: str, known: frozenset[str], train_section_hint: bool = False) -> ConfigIssue:
+    if train_section_hint and key in TRAIN_KEYS:
+        hint = f"; it is a training setting: move it to [{field_section(key)}]"
+    else:
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else ""
+    return ConfigIssue(key=key, section=section, message=hint, unknown_key=True)
+
+
+def _validate(
+    model: type[BaseModel],
+    values: dict[str, Any],
+    spelled_as: dict[str, str],
+    key_sections: dict[str, str],
+    issues: list[ConfigIssue],
+    model_missing: bool = False,
+) -> Any:
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        for error in exc.errors():
+            ctx_error = (error.get("ctx") or {}).get("error")
+            if isinstance(ctx_error, _CrossFieldError):
+                for key, message in ctx_error.problems:
+                    section = key_sections.get(key, _default_section(model, key))
+                    issues.append(ConfigIssue(key=spelled_as.get(key, key), section=section, message=message))
+                continue
+            field = str(error["loc"][0]) if error["loc"] else "(config)"
+            if field == "pretrained_model_name_or_path" and error["type"] == "missing" and not model_missing:
+                continue  # already reported by resolve_model_reference
+            section = key_sections.get(field, _default_section(model, field))
+            issues.append(
+                ConfigIssue(key=spelled_as.get(field, field), section=section, message=_describe(error, values.get(field)))
+            )
+        return None
+
+
+def _default_section(model: type[BaseModel], field: str) -> str:
+    if model is JobSettings:
+        return JOB_SECTION
+    return field_section(field) if field in TRAIN_KEYS else TOP_LEVEL
+
+
+def _describe(error: Any, value: Any) -> str:
+    kind = error["type"]
+    if kind == "missing":
+        return "missing (required)"
+    message = str(error["msg"])
+    message = re.sub(r"^Value error, ", "", message)
+    if kind in ("value_error", "assertion_error"):
+        return message
+    return f"{message[0].lower()}{message[1:]} (got {value!r})"
+
+
+def _resolve_path(value: str, base_dir: Path) -> Path:
+    candidate = Path(value).expanduser()
+    return candidate if candidate.is_absolute() else (base_dir / candidate).resolve()
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
+
+
+def _is_remote_reference(value: str) -> bool:
+    return value.startswith(("https://", "http://")) or value in BUILTIN_MODELS
+
+
+def resolve_model_reference(value: str, base_dir: Path) -> str:
+    """Return the model reference with a local path made absolute; ValueError when a local path is missing."""
+    value = value.strip()
+    if not value:
+        raise ValueError("is empty")
+    if value.startswith("http://"):
+        raise ValueError("use an https:// URL")
+    if value.startswith("builtin:"):
+        if value not in BUILTIN_MODELS:
+            raise ValueError(f"unknown built-in model {value!r}; built-ins: {', '.join(BUILTIN_MODELS)}")
+        return value
+    if value.startswith("https://"):
+        return value
+    local = _resolve_path(value, base_dir)
+    if local.exists():
+        return str(local)
+    looks_local = (
+        value.startswith(("/", "./", "../", "~", "\\"))
+        or "\\" in value
+        or value.lower().endswith(MODEL_FILE_SUFFIXES)
+        or not HUB_ID.match(value)
+    )
+    if looks_local:
+        raise ValueError(
+            f"{local} does not exist. It must be a local .safetensors/.ckpt file or diffusers folder, "
+            "a Hugging Face hub id such as \"stable-diffusion-v1-5/stable-diffusion-v1-5\", or an https:// URL"
+        )
+    return value
+
+
+def model_source_kind(reference: str) -> Literal["builtin", "url", "local_file", "local_dir", "hub"]:
+    """How the trainer gets the base model: uploaded (local), fetched on the instance (url, hub), or built."""
+    if reference.startswith("builtin:"):
+        return "builtin"
+    if reference.startswith("https://"):
+        return "url"
+    path = Path(reference)
+    if path.is_absolute() and path.exists():
+        return "local_dir" if path.is_dir() else "local_file"
+    return "hub"

@@ -1,0 +1,169 @@
+"""The kohya DreamBooth folder layout: `train_data_dir/N_name/` holds images and same-stem captions.
+
+This module only lists and names things (standard library + pydantic): the laptop's `rentrain check`
+decodes and inspects the images on top of it, and the trainer loads them from the same listing.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+SUBSET_FOLDER = re.compile(r"^(\d+)_(.*)$")
+
+
+class ImageItem(BaseModel):
+    path: Path
+    caption_path: Path | None
+
+
+class Subset(BaseModel):
+    folder: Path
+    repeats: int
+    class_tokens: str
+    is_reg: bool
+    images: list[ImageItem]
+
+
+class LayoutProblem(BaseModel):
+    severity: Literal["error", "warning"]
+    path: Path
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+class DatasetLayout(BaseModel):
+    subsets: list[Subset]
+    problems: list[LayoutProblem]
+
+    @property
+    def errors(self) -> list[LayoutProblem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    def train_subsets(self) -> list[Subset]:
+        return [s for s in self.subsets if not s.is_reg]
+
+    def reg_subsets(self) -> list[Subset]:
+        return [s for s in self.subsets if s.is_reg]
+
+
+class CaptionError(ValueError):
+    pass
+
+
+def scan_layout(train_data_dir: Path, caption_extension: str, reg_data_dir: Path | None = None) -> DatasetLayout:
+    """List the subsets of the training (and regularisation) folders, with every layout problem found."""
+    subsets: list[Subset] = []
+    problems: list[LayoutProblem] = []
+    roots = [(train_data_dir, False)] + ([(reg_data_dir, True)] if reg_data_dir is not None else [])
+    for root, is_reg in roots:
+        _scan_root(root, is_reg, caption_extension, subsets, problems)
+    if not any(s.images for s in subsets if not s.is_reg) and not any(p.severity == "error" for p in problems):
+        problems.append(LayoutProblem(severity="error", path=train_data_dir, message="no training images found"))
+    return DatasetLayout(subsets=subsets, problems=problems)
+
+
+def _scan_root(
+    root: Path, is_reg: bool, caption_extension: str, subsets: list[Subset], problems: list[LayoutProblem]
+) -> None:
+    key = "reg_data_dir" if is_reg else "train_data_dir"
+    if not root.exists():
+        problems.append(LayoutProblem(severity="error", path=root, message=f"{key} does not exist"))
+        return
+    if not root.is_dir():
+        problems.append(LayoutProblem(severity="error", path=root, message=f"{key} is not a folder"))
+        return
+    loose_images = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if loose_images:
+        problems.append(
+            LayoutProblem(
+                severity="error" if not folders else "warning",
+                path=root,
+                message=f"{len(loose_images)} image(s) directly in {key} are not used: {key} must be the parent "
+                "of folders named N_name (N = repeats), e.g. 10_mychar/",
+            )
+        )
+    for folder in folders:
+        match = SUBSET_FOLDER.match(folder.name)
+        if not match:
+            problems.append(
+                LayoutProblem(
+                    severity="error",
+                    path=folder,
+                    message="folder name must start with the repeat count and an underscore, e.g. 10_"
+                    f"{folder.name}",
+                )
+            )
+            continue
+        repeats = int(match.group(1))
+        if repeats < 1:
+            problems.append(LayoutProblem(severity="error", path=folder, message="repeat count must be at least 1"))
+            continue
+        images = [
+            ImageItem(path=path, caption_path=_caption_path(path, caption_extension))
+            for path in sorted(folder.iterdir())
+            if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+        ]
+        if not images:
+            problems.append(LayoutProblem(severity="warning", path=folder, message="no images in this folder"))
+        subsets.append(
+            Subset(folder=folder, repeats=repeats, class_tokens=match.group(2), is_reg=is_reg, images=images)
+        )
+
+
+def _caption_path(image: Path, caption_extension: str) -> Path | None:
+    candidate = image.with_suffix(caption_extension)
+    return candidate if candidate.is_file() else None
+
+
+def read_caption(path: Path) -> str:
+    """kohya's rule: UTF-8, the first non-empty line, stripped. An empty file is an error, as in kohya."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CaptionError(f"{path}: caption is not UTF-8 text") from None
+    except OSError as exc:
+        raise CaptionError(f"{path}: caption cannot be read: {exc.strerror}") from None
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()
+    raise CaptionError(f"{path}: caption file is empty (delete it to use the folder name instead)")
+
+
+def caption_for(item: ImageItem, subset: Subset) -> str:
+    """The caption kohya trains with: the caption file's, or the folder's class tokens when there is none."""
+    if item.caption_path is not None:
+        return read_caption(item.caption_path)
+    return subset.class_tokens
+
+
+def balanced_reg_repeats(layout: DatasetLayout) -> dict[Path, int]:
+    """kohya raises regularisation repeats round-robin until reg samples >= training samples per epoch."""
+    train_samples = sum(len(s.images) * s.repeats for s in layout.train_subsets())
+    repeats: dict[Path, int] = {}
+    reg_items = [(s, item) for s in layout.reg_subsets() for item in s.images]
+    if not reg_items:
+        return repeats
+    count = 0
+    first_loop = True
+    per_image: dict[Path, int] = {}
+    while count < train_samples:
+        for subset, item in reg_items:
+            if first_loop:
+                per_image[item.path] = subset.repeats
+                count += subset.repeats
+            else:
+                per_image[item.path] += 1
+                count += 1
+            if count >= train_samples:
+                break
+        first_loop = False
+    repeats.update(per_image)
+    return repeats

@@ -1,0 +1,3 @@
+from rentrain.cli import main
+
+main()
