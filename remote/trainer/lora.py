@@ -1,0 +1,424 @@
+"""kohya-compatible LoRA: module selection, injection, naming and the .safetensors writer.
+
+The modules are kohya's own design (networks/lora.py LoRAModule): a ``lora_down`` and a ``lora_up``
+layer per target, added to the target's output times ``multiplier * alpha / dim``. They hook the
+target's ``forward`` instead of replacing the module, so the base model's module paths and state dict
+stay as they were, and the network's own state dict IS the kohya file layout:
+``{kohya_name}.lora_down.weight``, ``{kohya_name}.lora_up.weight``, ``{kohya_name}.alpha``.
+
+Selection (TRAINER.md §1.1): in the UNet, every Linear and 1x1 Conv2d inside a ``Transformer2DModel``
+(plus, with conv_dim, every Conv2d inside ResnetBlock2D / Downsample2D / Upsample2D: 3x3 convs get
+conv_dim, the block's Linear and 1x1 convs network_dim); in each text encoder, every Linear inside
+CLIPAttention / CLIPMLP.
+
+Naming (§1.2, §1.7): SD 1.x/2.x keep diffusers block names (kohya's own UNet for them is
+diffusers-shaped); SDXL uses kohya's SGM names (input_blocks / middle_block / output_blocks), with the
+resnet and sampler layers renamed to their SGM spelling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+UNET_TARGETS = ("Transformer2DModel",)
+UNET_CONV_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+TE_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
+
+
+class LoRAModule(nn.Module):
+    """kohya's LoRAModule: out = org(x) + up(down(x)) * multiplier * alpha / dim."""
+
+    def __init__(self, name: str, org_module: nn.Module, dim: int, alpha: float, multiplier: float = 1.0):
+        super().__init__()
+        self.lora_name = name
+        self.lora_dim = dim
+        if isinstance(org_module, nn.Conv2d):
+            self.lora_down = nn.Conv2d(
+                org_module.in_channels, dim, org_module.kernel_size, org_module.stride, org_module.padding, bias=False
+            )
+            self.lora_up = nn.Conv2d(dim, org_module.out_channels, (1, 1), (1, 1), bias=False)
+        else:
+            self.lora_down = nn.Linear(org_module.in_features, dim, bias=False)
+            self.lora_up = nn.Linear(dim, org_module.out_features, bias=False)
+        if alpha is None or alpha == 0:
+            alpha = dim
+        self.register_buffer("alpha", torch.tensor(float(alpha)))
+        self.scale = float(alpha) / dim
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        self.multiplier = multiplier
+        self._org = [org_module]  # a list, so it is not registered as a submodule
+        self.org_forward = None
+
+    def apply_to(self) -> None:
+        org = self._org[0]
+        self.org_forward = org.forward
+        org.forward = self.forward
+
+    def restore(self) -> None:
+        if self.org_forward is not None:
+            self._org[0].forward = self.org_forward
+            self.org_forward = None
+
+    def forward(self, x, *args, **kwargs):
+        out = self.org_forward(x, *args, **kwargs)
+        if self.multiplier == 0:
+            return out
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_down.weight.dtype)
+        lora = self.lora_up(self.lora_down(x))
+        return out + (lora * (self.multiplier * self.scale)).to(out.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Naming
+
+
+def _sgm_resnet_inner(rest: str) -> str:
+    return (
+        rest.replace("conv1", "in_layers.2", 1)
+        .replace("time_emb_proj", "emb_layers.1", 1)
+        .replace("conv2", "out_layers.3", 1)
+        .replace("conv_shortcut", "skip_connection", 1)
+    )
+
+
+def diffusers_to_sgm(path: str, layers_per_block: int, up_has_attention: dict[int, bool] | None = None) -> str:
+    """A diffusers UNet module path -> the SGM/LDM path kohya's SDXL UNet uses (TRAINER.md §1.2)."""
+    n = layers_per_block + 1
+    m = re.match(r"down_blocks\.(\d+)\.(attentions|resnets)\.(\d+)\.(.*)$", path)
+    if m:
+        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        inner = 1 if kind == "attentions" else 0
+        if kind == "resnets":
+            rest = _sgm_resnet_inner(rest)
+        return f"input_blocks.{i * n + j + 1}.{inner}.{rest}"
+    m = re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv$", path)
+    if m:
+        return f"input_blocks.{(int(m[1]) + 1) * n}.0.op"
+    m = re.match(r"mid_block\.attentions\.0\.(.*)$", path)
+    if m:
+        return f"middle_block.1.{m[1]}"
+    m = re.match(r"mid_block\.resnets\.(\d+)\.(.*)$", path)
+    if m:
+        return f"middle_block.{0 if m[1] == '0' else 2}.{_sgm_resnet_inner(m[2])}"
+    m = re.match(r"up_blocks\.(\d+)\.(attentions|resnets)\.(\d+)\.(.*)$", path)
+    if m:
+        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        inner = 1 if kind == "attentions" else 0
+        if kind == "resnets":
+            rest = _sgm_resnet_inner(rest)
+        return f"output_blocks.{i * n + j}.{inner}.{rest}"
+    m = re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv$", path)
+    if m:
+        i = int(m[1])
+        has_attention = (up_has_attention or {}).get(i, False)
+        return f"output_blocks.{i * n + n - 1}.{2 if has_attention else 1}.conv"
+    raise ValueError(f"no SGM name for UNet module {path!r}")
+
+
+def _module_path(root: nn.Module, parent_name: str, child_name: str, child: nn.Module) -> str:
+    path = f"{parent_name}.{child_name}" if child_name else parent_name
+    # diffusers' Downsample2D registers one conv as both Conv2d_0 and conv; kohya's UNet calls it conv.
+    if path.endswith("Conv2d_0"):
+        path = path[: -len("Conv2d_0")] + "conv"
+    return path
+
+
+def select_unet_targets(unet: nn.Module, family: str, conv_dim: int | None) -> list[tuple[str, nn.Module, bool]]:
+    """[(kohya_name, module, is_3x3_conv)] for the UNet, in kohya's order."""
+    parents = UNET_TARGETS + (UNET_CONV_TARGETS if conv_dim else ())
+    layers_per_block = _layers_per_block(unet)
+    up_has_attention = _up_blocks_with_attention(unet)
+    found: list[tuple[str, nn.Module, bool]] = []
+    seen: set[int] = set()
+    for parent_name, parent in unet.named_modules():
+        if parent.__class__.__name__ not in parents:
+            continue
+        for child_name, child in parent.named_modules():
+            is_linear = isinstance(child, nn.Linear)
+            is_conv = isinstance(child, nn.Conv2d)
+            if not (is_linear or is_conv) or id(child) in seen:
+                continue
+            is_1x1 = is_conv and tuple(child.kernel_size) == (1, 1)
+            if is_conv and not is_1x1 and not conv_dim:
+                continue
+            seen.add(id(child))
+            path = _module_path(unet, parent_name, child_name, child)
+            if family == "sdxl":
+                path = diffusers_to_sgm(path, layers_per_block, up_has_attention)
+            found.append(("lora_unet_" + path.replace(".", "_"), child, is_conv and not is_1x1))
+    return found
+
+
+def select_te_targets(text_encoders: list[nn.Module]) -> list[tuple[str, nn.Module, bool]]:
+    found: list[tuple[str, nn.Module, bool]] = []
+    for index, encoder in enumerate(text_encoders):
+        prefix = "lora_te" if len(text_encoders) == 1 else f"lora_te{index + 1}"
+        root = getattr(encoder, "text_model", encoder)  # transformers 5's CLIPTextModel has no text_model
+        for parent_name, parent in root.named_modules():
+            if parent.__class__.__name__ not in TE_TARGETS:
+                continue
+            for child_name, child in parent.named_modules():
+                if isinstance(child, nn.Linear):
+                    path = f"text_model.{parent_name}.{child_name}"
+                    found.append((f"{prefix}_{path.replace('.', '_')}", child, False))
+    return found
+
+
+def _layers_per_block(unet: nn.Module) -> int:
+    config = getattr(unet, "config", None)
+    value = getattr(config, "layers_per_block", 2) if config is not None else 2
+    if isinstance(value, (list, tuple)):
+        value = value[0]
+    return int(value)
+
+
+def _up_blocks_with_attention(unet: nn.Module) -> dict[int, bool]:
+    blocks = getattr(unet, "up_blocks", None)
+    if blocks is None:
+        return {}
+    return {i: getattr(block, "attentions", None) is not None for i, block in enumerate(blocks)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The network
+
+
+class LoRANetwork(nn.Module):
+    """All LoRA modules of one run. Its state_dict() keys are exactly the kohya file's keys."""
+
+    def __init__(
+        self,
+        unet: nn.Module | None,
+        text_encoders: list[nn.Module],
+        family: str,
+        dim: int,
+        alpha: float,
+        conv_dim: int | None = None,
+        conv_alpha: float | None = None,
+    ):
+        super().__init__()
+        self.family = family
+        self.dim = dim
+        self.alpha = alpha
+        self.conv_dim = conv_dim
+        self.conv_alpha = conv_alpha
+        self.unet_names: list[str] = []
+        self.te_names: list[str] = []
+        targets_unet = select_unet_targets(unet, family, conv_dim) if unet is not None else []
+        targets_te = select_te_targets(text_encoders) if text_encoders else []
+        for names, targets in ((self.te_names, targets_te), (self.unet_names, targets_unet)):
+            for name, module, is_conv3 in targets:
+                if is_conv3:
+                    lora = LoRAModule(name, module, conv_dim, conv_alpha if conv_alpha is not None else 1.0)
+                else:
+                    lora = LoRAModule(name, module, dim, alpha)
+                self.add_module(name, lora)
+                names.append(name)
+
+    def loras(self) -> Iterable[LoRAModule]:
+        for name in self.te_names + self.unet_names:
+            yield getattr(self, name)
+
+    def apply_to(self) -> None:
+        for lora in self.loras():
+            lora.apply_to()
+
+    def restore(self) -> None:
+        for lora in self.loras():
+            lora.restore()
+
+    def set_multiplier(self, multiplier: float) -> None:
+        for lora in self.loras():
+            lora.multiplier = multiplier
+
+    def param_groups(self, unet_lr: float, text_encoder_lr: float) -> list[dict]:
+        """kohya's prepare_optimizer_params: one group per part; a part with lr 0 is left out."""
+        groups = []
+        te = [p for name in self.te_names for p in getattr(self, name).parameters()]
+        un = [p for name in self.unet_names for p in getattr(self, name).parameters()]
+        if te and text_encoder_lr:
+            groups.append({"params": te, "lr": text_encoder_lr, "name": "text_encoder"})
+        if un and unet_lr:
+            groups.append({"params": un, "lr": unet_lr, "name": "unet"})
+        return groups
+
+    def kohya_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        out = {}
+        for key, value in self.state_dict().items():
+            value = value.detach().to("cpu").contiguous()
+            if dtype is not None:
+                value = value.to(dtype)
+            out[key] = value
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing the file
+
+
+def safetensors_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+    """kohya's precalculate_safetensors_hashes: (sshs_model_hash, sshs_legacy_hash).
+
+    The model hash is the sha256 of the tensor data (everything after the JSON header), which does not
+    depend on the metadata, so it equals what A1111 computes from the final file.
+    """
+    from safetensors.torch import save
+
+    data = save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header_len = int.from_bytes(data[:8], "little")
+    model_hash = hashlib.sha256(data[8 + header_len :]).hexdigest()
+    legacy = hashlib.sha256(data[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8]
+    return model_hash, legacy
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+SAVE_DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def save_kohya(network: LoRANetwork, path: Path, metadata: dict[str, str], save_precision: str | None) -> str:
+    """Write the kohya .safetensors (atomically) and return its sha256."""
+    from safetensors.torch import save_file
+
+    tensors = network.kohya_state_dict(SAVE_DTYPES[save_precision])
+    metadata = {k: str(v) for k, v in metadata.items()}
+    model_hash, legacy_hash = safetensors_hashes(tensors, metadata)
+    metadata["sshs_model_hash"] = model_hash
+    metadata["sshs_legacy_hash"] = legacy_hash
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return file_sha256(path)
+
+
+def load_kohya_into(network: LoRANetwork, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    own = network.state_dict()
+    missing = set(own) - set(state)
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} LoRA tensors missing, e.g. {sorted(missing)[0]}")
+    network.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items() if k in own})
+
+
+BASE_MODEL_VERSION = {
+    ("sd15", False): "sd_v1",
+    ("sd15", True): "sd_v1_v",
+    ("sd2", False): "sd_v2",
+    ("sd2", True): "sd_v2_v",
+    ("sdxl", False): "sdxl_base_v1-0",
+    ("sdxl", True): "sdxl_base_v1-0",
+}
+
+
+def build_metadata(cfg, family: str, info: dict) -> dict[str, str]:
+    """kohya's ss_* metadata (train_network.py) for what this run did, plus SAI modelspec keys."""
+    v_pred = bool(cfg.v_parameterization)
+    name = cfg.output_name or "last"
+    resolution = f"({cfg.resolution[0]}, {cfg.resolution[1]})"
+    meta: dict[str, object] = {
+        "ss_session_id": info.get("session_id", 0),
+        "ss_training_started_at": info.get("started_at", 0),
+        "ss_training_finished_at": info.get("finished_at", ""),
+        "ss_output_name": name,
+        "ss_learning_rate": cfg.learning_rate,
+        "ss_text_encoder_lr": cfg.effective_text_encoder_lr,
+        "ss_unet_lr": cfg.effective_unet_lr,
+        "ss_num_train_images": info.get("num_train_images", 0),
+        "ss_num_reg_images": info.get("num_reg_images", 0),
+        "ss_num_batches_per_epoch": info.get("batches_per_epoch", 0),
+        "ss_num_epochs": info.get("epochs", 0),
+        "ss_epoch": info.get("epoch", 0),
+        "ss_steps": info.get("step", 0),
+        "ss_max_train_steps": info.get("total_steps", 0),
+        "ss_gradient_checkpointing": cfg.gradient_checkpointing,
+        "ss_gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "ss_lr_warmup_steps": info.get("warmup_steps", 0),
+        "ss_lr_scheduler": cfg.lr_scheduler,
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": cfg.network_dim,
+        "ss_network_alpha": cfg.scale_alpha,
+        "ss_network_dropout": None,
+        "ss_mixed_precision": cfg.mixed_precision,
+        "ss_full_fp16": cfg.full_fp16,
+        "ss_v2": family == "sd2",
+        "ss_base_model_version": BASE_MODEL_VERSION[(family, v_pred)],
+        "ss_clip_skip": cfg.clip_skip,
+        "ss_max_token_length": cfg.max_token_length,
+        "ss_cache_latents": True,
+        "ss_seed": info.get("seed"),
+        "ss_lowram": False,
+        "ss_noise_offset": cfg.noise_offset,
+        "ss_min_snr_gamma": cfg.min_snr_gamma,
+        "ss_optimizer": info.get("optimizer", ""),
+        "ss_max_grad_norm": cfg.max_grad_norm,
+        "ss_caption_dropout_rate": cfg.caption_dropout_rate,
+        "ss_caption_dropout_every_n_epochs": cfg.caption_dropout_every_n_epochs,
+        "ss_caption_tag_dropout_rate": cfg.caption_tag_dropout_rate,
+        "ss_prior_loss_weight": cfg.prior_loss_weight,
+        "ss_batch_size_per_device": cfg.batch_size,
+        "ss_total_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps,
+        "ss_resolution": resolution,
+        "ss_color_aug": False,
+        "ss_flip_aug": cfg.flip_aug,
+        "ss_random_crop": False,
+        "ss_shuffle_caption": cfg.shuffle_caption,
+        "ss_enable_bucket": cfg.enable_bucket,
+        "ss_bucket_no_upscale": cfg.bucket_no_upscale,
+        "ss_min_bucket_reso": cfg.min_bucket_reso,
+        "ss_max_bucket_reso": cfg.max_bucket_reso,
+        "ss_keep_tokens": cfg.keep_tokens,
+        "ss_dataset_dirs": json.dumps(info.get("dataset_dirs", {})),
+        "ss_reg_dataset_dirs": json.dumps(info.get("reg_dataset_dirs", {})),
+        "ss_tag_frequency": json.dumps(info.get("tag_frequency", {})),
+        "ss_bucket_info": json.dumps(info.get("bucket_info", {})),
+        "ss_sd_model_name": info.get("sd_model_name", ""),
+        "ss_training_comment": "trained with rentrain",
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": {
+            "sd15": "stable-diffusion-v1/lora",
+            "sd2": "stable-diffusion-v2-768-v/lora" if v_pred else "stable-diffusion-v2-512/lora",
+            "sdxl": "stable-diffusion-xl-v1-base/lora",
+        }[family],
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
+        if family == "sdxl"
+        else "diffusers",
+        "modelspec.title": name,
+        "modelspec.resolution": f"{cfg.resolution[0]}x{cfg.resolution[1]}",
+        "modelspec.prediction_type": "v" if v_pred else "epsilon",
+    }
+    if cfg.network_args:
+        meta["ss_network_args"] = json.dumps(
+            {k.strip(): v.strip() for k, _, v in (a.partition("=") for a in cfg.network_args)}
+        )
+    if cfg.clip_skip is not None:
+        meta["modelspec.encoder_layer"] = cfg.clip_skip
+    for key in ("sd_model_hash", "new_sd_model_hash"):
+        if info.get(key):
+            meta[f"ss_{key}"] = info[key]
+    return {k: str(v) for k, v in meta.items()}
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return dict(handle.metadata() or {})

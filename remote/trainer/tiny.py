@@ -1,0 +1,104 @@
+"""Built-in tiny models: small, randomly initialised SD 1.5- and SDXL-shaped models, built in code.
+
+They have the real architectures' structure (kohya's module selection and naming apply unchanged) and a
+real CLIP BPE tokenizer, but only ~1-3 M parameters, so the bundled example trains on a CPU in seconds.
+Built deterministically from a fixed seed, so every machine builds the same weights. They show the
+pipeline working; they do not make useful LoRAs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .tokenizers import BOS_ID, EOS_ID, clip_tokenizer
+
+TINY_SEED = 1234
+
+
+def _text_config(**overrides):
+    from transformers import CLIPTextConfig
+
+    values = dict(
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        vocab_size=49408,
+        max_position_embeddings=77,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=EOS_ID,
+        projection_dim=32,
+        layer_norm_eps=1e-5,
+    )
+    values.update(overrides)
+    return CLIPTextConfig(**values)
+
+
+def _vae(scaling_factor: float):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+    )
+
+
+def tiny_unet_config(family: str) -> dict:
+    common = dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+    if family == "sd15":
+        return {**common, "cross_attention_dim": 32, "attention_head_dim": 8}
+    if family == "sdxl":
+        return {
+            **common,
+            "attention_head_dim": (2, 4),
+            "use_linear_projection": True,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 8,
+            "transformer_layers_per_block": (1, 2),
+            "projection_class_embeddings_input_dim": 6 * 8 + 32,
+            "cross_attention_dim": 64,
+        }
+    raise ValueError(f"no tiny model for family {family!r}")
+
+
+def build_tiny(family: str) -> dict:
+    """Components of a tiny pipeline: unet, vae, text_encoders, tokenizers (all float32, eval mode)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(TINY_SEED)
+        unet = UNet2DConditionModel(**tiny_unet_config(family))
+        torch.manual_seed(TINY_SEED + 1)
+        vae = _vae(0.18215 if family == "sd15" else 0.13025)
+        torch.manual_seed(TINY_SEED + 2)
+        te1 = CLIPTextModel(_text_config())
+        encoders = [te1]
+        tokenizers = [clip_tokenizer()]
+        if family == "sdxl":
+            torch.manual_seed(TINY_SEED + 3)
+            encoders.append(CLIPTextModelWithProjection(_text_config()))
+            tokenizers.append(clip_tokenizer(pad_token="!"))
+    finally:
+        torch.random.set_rng_state(state)
+    for module in [unet, vae, *encoders]:
+        module.eval()
+    return {"unet": unet, "vae": vae, "text_encoders": encoders, "tokenizers": tokenizers}
