@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from rentrain import __version__
-from rentrain.commands import check, init
+from rentrain.commands import check, init, run
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -16,3 +16,4 @@ def main() -> None:
 
 main.add_command(check.check)
 main.add_command(init.init)
+main.add_command(run.run)
