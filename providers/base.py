@@ -1,0 +1,223 @@
+"""What every GPU market adapter offers the rest of rentrain: offers, instances, typed errors.
+
+Prices are USD per hour for the whole machine (all GPUs, plus the disk we will ask for); VRAM is GB
+per GPU; reliability is 0..1, or None when the provider publishes none. Nothing here waits: the job
+runner polls `get`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+LABEL_PREFIX = "rentrain-"
+
+InstanceStatus = Literal["provisioning", "running", "stopped", "exited", "gone"]
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+class ProviderError(Exception):
+    """A provider said no, or could not be reached. `message` is the provider's own text, key-free."""
+
+    def __init__(self, provider: str, message: str, status: int | None = None):
+        self.provider = provider
+        self.message = message
+        self.status = status
+        where = f"{provider} (HTTP {status})" if status else provider
+        super().__init__(f"{where}: {message}")
+
+
+class AuthError(ProviderError):
+    """The API key is missing, wrong, revoked, or lacks a permission."""
+
+
+class OfferGone(ProviderError):
+    """The offer was taken or withdrawn between search and create: try the next one."""
+
+
+class NoCapacity(ProviderError):
+    """The provider has no machine for this request right now: try the next offer."""
+
+
+class RateLimited(ProviderError):
+    """Too many requests, still refused after bounded retries."""
+
+    def __init__(self, provider: str, message: str, status: int | None = 429, retry_after: float | None = None):
+        super().__init__(provider, message, status)
+        self.retry_after = retry_after
+
+
+class InsufficientFunds(ProviderError):
+    """The account balance is too low to rent: stop, do not try other offers."""
+
+
+class ProviderDown(ProviderError):
+    """Server errors, timeouts, refused connections."""
+
+
+class NotFound(ProviderError):
+    """No such instance (already destroyed, or never ours)."""
+
+
+class Unsupported(ProviderError):
+    """The provider cannot do this at all; the message says why and what to use instead."""
+
+
+class BadRequest(ProviderError):
+    """The provider rejected the request as malformed or not allowed now; retrying the same call cannot help."""
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+class Requirements(BaseModel):
+    """What an offer must satisfy. Checks on a field the provider does not publish pass (unknown is not 'bad')."""
+
+    gpu_count: int = Field(1, ge=1)
+    min_vram_gb: float = Field(24, gt=0)
+    min_reliability: float = Field(0.98, ge=0, le=1)
+    min_cuda: float | None = 12.1
+    verified_only: bool = True
+    include_interruptible: bool = False
+    max_price_per_hour: float | None = Field(None, gt=0)
+    gpu_models: list[str] = Field(default_factory=list, description="Normalised names; empty means any.")
+    disk_gb: int = Field(40, ge=8, description="Disk we will create; every price includes it.")
+    min_download_mbps: float | None = None
+
+
+class Offer(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    provider: str
+    offer_id: str
+    gpu_model: str = Field(description='Normalised across providers, e.g. "RTX 4090".')
+    gpu_name_raw: str = Field(description="What the provider calls it (sent back on create).")
+    gpu_count: int
+    vram_gb: float = Field(description="Per GPU.")
+    price_per_hour: float = Field(description="USD/h, whole machine, including the disk we will ask for.")
+    reliability: float | None = None
+    download_mbps: float | None = None
+    location: str | None = None
+    verified: bool | None = None
+    max_cuda: float | None = None
+    interruptible: bool = False
+    availability: str | None = Field(None, description="Provider's stock level when it has one (RunPod: NONE..HIGH).")
+    cloud: str | None = Field(None, description="RunPod: COMMUNITY or SECURE.")
+    bid_price_per_hour: float | None = Field(None, description="Vast bid offers: the current minimum bid.")
+
+
+class SshEndpoint(BaseModel):
+    host: str
+    port: int
+    user: str = "root"
+    via: Literal["direct", "proxy"] = "direct"
+
+    @property
+    def target(self) -> str:
+        return f"{self.user}@{self.host}"
+
+
+class Instance(BaseModel):
+    provider: str
+    id: str
+    label: str | None
+    status: InstanceStatus
+    provider_status: str | None = Field(None, description="The provider's own word for the state.")
+    status_message: str | None = None
+    ssh: SshEndpoint | None = Field(None, description="An endpoint that allows scp/rsync; None until there is one.")
+    price_per_hour: float | None = None
+    started_at: datetime | None = None
+    gpu_model: str | None = None
+
+
+class LaunchSpec(BaseModel):
+    """Everything `create` needs besides the offer."""
+
+    job_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    image: str
+    disk_gb: int = Field(ge=8)
+    ssh_public_key: str = Field(min_length=16)
+    env: dict[str, str] = Field(default_factory=dict)
+    onstart: str | None = Field(None, description="Shell run at boot, where the provider supports it.")
+
+    @property
+    def label(self) -> str:
+        return f"{LABEL_PREFIX}{self.job_id}"
+
+
+class HttpCall(BaseModel):
+    """One HTTP request, written with shell `$VARS` the instance has; no secret values, only their names."""
+
+    method: str
+    url: str
+    headers: dict[str, str] = Field(default_factory=dict)
+    body: str | None = None
+
+    def curl(self) -> str:
+        """A shell command; the `$VARS` expand on the instance, so no secret is ever written down."""
+        parts = ["curl", "-fsS", "--max-time", "30", "-X", self.method]
+        for name, value in self.headers.items():
+            parts += ["-H", _double_quoted(f"{name}: {value}")]
+        if self.body is not None:
+            parts += ["-H", _double_quoted("Content-Type: application/json"), "--data", _double_quoted(self.body)]
+        parts.append(_double_quoted(self.url))
+        return " ".join(parts)
+
+
+def _double_quoted(text: str) -> str:
+    """Shell double quotes: $VARS expand, nothing else does."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("`", "\\`") + '"'
+
+
+class SelfDestructRecipe(BaseModel):
+    """How code running ON the instance ends (or stops) its own instance with the credentials it was given.
+
+    Try the calls in order until one succeeds; `cli_fallback` is a last resort.
+    """
+
+    provider: str
+    env_vars: list[str] = Field(description="Variables the instance must see (export them for SSH sessions too).")
+    destroy: list[HttpCall]
+    stop: list[HttpCall]
+    cli_fallback_destroy: str | None = None
+    cli_fallback_stop: str | None = None
+    notes: str = ""
+
+
+class ProviderInfo(BaseModel):
+    name: str
+    display_name: str
+    can_search: bool = True
+    can_provision: bool = True
+    runs_onstart: bool = Field(True, description="LaunchSpec.onstart is honoured at boot.")
+    unavailable_reason: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------- protocol
+
+
+@runtime_checkable
+class Provider(Protocol):
+    info: ProviderInfo
+
+    def search(self, requirements: Requirements) -> list[Offer]: ...
+
+    def create(self, offer: Offer, launch: LaunchSpec) -> Instance: ...
+
+    def get(self, instance_id: str) -> Instance: ...
+
+    def list_instances(self, label_prefix: str = LABEL_PREFIX) -> list[Instance]: ...
+
+    def stop(self, instance_id: str) -> None: ...
+
+    def destroy(self, instance_id: str) -> None: ...
+
+    def forget_ssh_key(self, public_key: str) -> None:
+        """Undo what `create` registered on the account for this key (no-op where nothing was registered)."""
+        ...
+
+    def self_destroy_recipe(self) -> SelfDestructRecipe: ...

@@ -1,0 +1,314 @@
+"""RunPod, REST v2 (PROVIDERS.md §2). v1 is retired; GraphQL (retiring early 2027) is only the in-pod
+self-destroy fallback.
+
+RunPod has no offer marketplace: the catalog gives one list price per GPU type per cloud (COMMUNITY,
+SECURE) and a stock level; the scheduler picks the host. So one Offer per GPU type per cloud, and no
+per-host reliability (shown as unknown, never invented).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import requests
+from pydantic import BaseModel, ConfigDict
+
+from providers.base import (
+    LABEL_PREFIX,
+    AuthError,
+    BadRequest,
+    HttpCall,
+    Instance,
+    InstanceStatus,
+    InsufficientFunds,
+    LaunchSpec,
+    NoCapacity,
+    NotFound,
+    Offer,
+    OfferGone,
+    ProviderError,
+    ProviderInfo,
+    Requirements,
+    SelfDestructRecipe,
+    SshEndpoint,
+    Unsupported,
+)
+from providers.gpu_names import normalise_gpu_name
+from providers.http import ApiClient, RetryPolicy
+
+NAME = "runpod"
+DEFAULT_BASE_URL = "https://api.runpod.io"
+BASE_URL_ENV = "RENTRAIN_RUNPOD_URL"
+CLOUDS = ("COMMUNITY", "SECURE")
+
+# Container disk, $/GB/month while running (docs pods/pricing.mdx); 730 h per month.
+CONTAINER_DISK_USD_PER_GB_MONTH = 0.10
+HOURS_PER_MONTH = 730
+
+_STATUS: dict[str, InstanceStatus] = {
+    "PROVISIONING": "provisioning",
+    "STARTING": "provisioning",
+    "RUNNING": "running",
+    "EXITED": "stopped",
+    "ERROR": "exited",
+    "TERMINATED": "gone",
+}
+
+
+class CatalogGpu(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    name: str | None = None
+    memory: float
+    secure: bool = True
+    community: bool = True
+    price: dict[str, float | None] = {}
+    maxCount: dict[str, int | None] = {}
+    availability: str | None = None
+    dataCenters: list[dict[str, Any]] = []
+    cudaVersions: list[str | float] = []
+
+
+class PodSshDirect(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    host: str
+    port: int
+    username: str = "root"
+
+
+class Pod(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    name: str | None = None
+    status: str
+    cost: float | None = None
+    gpu: dict[str, Any] | None = None
+    ssh: dict[str, Any] | None = None
+    startedAt: datetime | None = None
+
+
+class RunPodProvider:
+    info = ProviderInfo(name=NAME, display_name="RunPod", runs_onstart=False)
+
+    def __init__(
+        self,
+        api_key: str,
+        base_url: str | None = None,
+        *,
+        session: requests.Session | None = None,
+        sleep: Callable[[float], None] | None = None,
+        policy: RetryPolicy | None = None,
+    ):
+        self.base_url = (base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL).rstrip("/")
+        extra: dict[str, Any] = {"sleep": sleep} if sleep else {}
+        self._api = ApiClient(NAME, self.base_url, api_key, classify=_classify, policy=policy, session=session, **extra)
+
+    def __repr__(self) -> str:
+        return f"RunPodProvider(base_url={self.base_url!r})"
+
+    # ------------------------------------------------------------------------------------------ offers
+
+    def search(self, requirements: Requirements) -> list[Offer]:
+        offers: list[Offer] = []
+        for cloud in CLOUDS:
+            params: dict[str, Any] = {
+                "include": "AVAILABILITY",
+                "product": "POD",
+                "cloud": cloud,
+                "count": requirements.gpu_count,
+            }
+            if requirements.min_cuda is not None:
+                params["minCudaVersion"] = f"{requirements.min_cuda:g}"
+            data = self._api.json("GET", "/v2/catalog/gpus", endpoint="catalog", idempotent=True, params=params)
+            for item in (data or {}).get("gpus") or []:
+                offer = _offer(CatalogGpu.model_validate(item), cloud, requirements)
+                if offer is not None:
+                    offers.append(offer)
+        return offers
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+
+    def create(self, offer: Offer, launch: LaunchSpec) -> Instance:
+        if launch.onstart:
+            raise Unsupported(
+                NAME,
+                "RunPod v2 has no boot hook that keeps the image's own start script (which starts sshd); "
+                "start the watchdog over SSH instead",
+            )
+        if offer.cloud not in CLOUDS:
+            raise BadRequest(NAME, f"offer {offer.offer_id} is not a RunPod catalog offer")
+        self._register_ssh_key(launch.ssh_public_key)
+        body = {
+            "name": launch.label,
+            "image": launch.image,
+            "gpu": {"id": offer.gpu_name_raw, "count": offer.gpu_count},
+            "cloud": offer.cloud,
+            "disk": launch.disk_gb,
+            "ports": ["22/tcp"],
+            "startSsh": True,
+            # both names: the v2 spec says PUBLIC_KEY, use-ssh.mdx says SSH_PUBLIC_KEY
+            "env": {**launch.env, "PUBLIC_KEY": launch.ssh_public_key, "SSH_PUBLIC_KEY": launch.ssh_public_key},
+        }
+        data = self._api.json("POST", "/v2/pods", endpoint="create", idempotent=False, json=body)
+        return _instance(Pod.model_validate(data))
+
+    def get(self, instance_id: str) -> Instance:
+        data = self._api.json("GET", f"/v2/pods/{instance_id}", endpoint="get", idempotent=True)
+        return _instance(Pod.model_validate(data))
+
+    def list_instances(self, label_prefix: str = LABEL_PREFIX) -> list[Instance]:
+        data = self._api.json("GET", "/v2/pods", endpoint="list", idempotent=True)
+        pods = [_instance(Pod.model_validate(item)) for item in (data or {}).get("pods") or []]
+        return [p for p in pods if (p.label or "").startswith(label_prefix)]
+
+    def stop(self, instance_id: str) -> None:
+        self._api.json(
+            "POST", f"/v2/pods/{instance_id}/action", endpoint="action", idempotent=True, json={"action": "stop"}
+        )
+
+    def destroy(self, instance_id: str) -> None:
+        self._api.json("DELETE", f"/v2/pods/{instance_id}", endpoint="destroy", idempotent=True)
+
+    # ------------------------------------------------------------------------------------------ ssh keys
+
+    def account_ssh_keys(self) -> list[str]:
+        data = self._api.json("GET", "/v2/account/ssh-keys", endpoint="ssh_keys", idempotent=True)
+        return list((data or {}).get("keys") or [])
+
+    def _register_ssh_key(self, public_key: str) -> None:
+        """PUT replaces the whole set: read, add ours, write back everything that was there."""
+        keys = self.account_ssh_keys()
+        if any(_same_key(k, public_key) for k in keys):
+            return
+        self._write_keys([*keys, public_key.strip()])
+
+    def forget_ssh_key(self, public_key: str) -> None:
+        keys = self.account_ssh_keys()
+        kept = [k for k in keys if not _same_key(k, public_key)]
+        if len(kept) != len(keys):
+            self._write_keys(kept)
+
+    def _write_keys(self, keys: list[str]) -> None:
+        self._api.json("PUT", "/v2/account/ssh-keys", endpoint="ssh_keys", idempotent=True, json={"keys": keys})
+
+    # ------------------------------------------------------------------------------------------ in-pod
+
+    def self_destroy_recipe(self) -> SelfDestructRecipe:
+        auth = {"Authorization": "Bearer $RUNPOD_API_KEY"}
+        pod_url = f"{self.base_url}/v2/pods/$RUNPOD_POD_ID"
+        graphql = f"{self.base_url}/graphql"
+        terminate = json.dumps({"query": 'mutation { podTerminate(input:{podId:"$RUNPOD_POD_ID"}) }'})
+        stop = json.dumps({"query": 'mutation { podStop(input:{podId:"$RUNPOD_POD_ID"}) { id desiredStatus } }'})
+        return SelfDestructRecipe(
+            provider=NAME,
+            env_vars=["RUNPOD_POD_ID", "RUNPOD_API_KEY"],
+            destroy=[
+                HttpCall(method="DELETE", url=pod_url, headers=auth),
+                HttpCall(method="POST", url=graphql, headers=auth, body=terminate),
+            ],
+            stop=[
+                HttpCall(method="POST", url=f"{pod_url}/action", headers=auth, body=json.dumps({"action": "stop"})),
+                HttpCall(method="POST", url=graphql, headers=auth, body=stop),
+            ],
+            cli_fallback_destroy="runpodctl remove pod $RUNPOD_POD_ID",
+            cli_fallback_stop="runpodctl stop pod $RUNPOD_POD_ID",
+            notes=(
+                "RUNPOD_API_KEY inside a pod is pod-scoped; whether v2 accepts it is not documented, hence the "
+                "GraphQL fallback (retires early 2027) and then the preinstalled runpodctl. Minimal images need "
+                "ca-certificates for TLS. A finished main process restarts the pod rather than stopping it: "
+                "end it explicitly."
+            ),
+        )
+
+
+def _offer(gpu: CatalogGpu, cloud: str, req: Requirements) -> Offer | None:
+    key = cloud.lower()
+    in_cloud = gpu.community if cloud == "COMMUNITY" else gpu.secure
+    per_gpu = gpu.price.get(key)
+    max_count = gpu.maxCount.get(key)
+    if not in_cloud or not per_gpu or (max_count is not None and max_count < req.gpu_count):
+        return None
+    disk_per_hour = req.disk_gb * CONTAINER_DISK_USD_PER_GB_MONTH / HOURS_PER_MONTH
+    return Offer(
+        provider=NAME,
+        offer_id=f"{cloud}/{gpu.id}",
+        gpu_model=normalise_gpu_name(gpu.name or gpu.id),
+        gpu_name_raw=gpu.id,
+        gpu_count=req.gpu_count,
+        vram_gb=gpu.memory,
+        price_per_hour=round(per_gpu * req.gpu_count + disk_per_hour, 4),
+        reliability=None,
+        download_mbps=None,
+        location=_locations(gpu.dataCenters),
+        verified=None,
+        max_cuda=_max_cuda(gpu.cudaVersions),
+        interruptible=False,
+        availability=gpu.availability,
+        cloud=cloud,
+    )
+
+
+def _locations(data_centers: list[dict[str, Any]]) -> str | None:
+    names = [dc.get("id") or dc.get("name") for dc in data_centers if dc.get("availability", "NONE") != "NONE"]
+    names = [n for n in names if n]
+    if not names:
+        return None
+    return names[0] if len(names) == 1 else f"{names[0]} +{len(names) - 1}"
+
+
+def _max_cuda(versions: list[str | float]) -> float | None:
+    numbers = []
+    for version in versions:
+        try:
+            numbers.append(float(version))
+        except (TypeError, ValueError):
+            continue
+    return max(numbers) if numbers else None
+
+
+def _instance(pod: Pod) -> Instance:
+    direct = (pod.ssh or {}).get("direct")
+    ssh = None
+    if direct:
+        endpoint = PodSshDirect.model_validate(direct)
+        ssh = SshEndpoint(host=endpoint.host, port=endpoint.port, user=endpoint.username, via="direct")
+    gpu_id = (pod.gpu or {}).get("id")
+    return Instance(
+        provider=NAME,
+        id=pod.id,
+        label=pod.name,
+        status=_STATUS.get(pod.status, "provisioning"),
+        provider_status=pod.status,
+        # the proxy (ssh.runpod.io) is an interactive shell only: no scp/rsync, so it is not offered here
+        ssh=ssh,
+        price_per_hour=pod.cost,
+        started_at=pod.startedAt,
+        gpu_model=normalise_gpu_name(gpu_id) if gpu_id else None,
+    )
+
+
+def _same_key(a: str, b: str) -> bool:
+    """Same key type and body; the trailing comment does not matter."""
+    return a.split()[:2] == b.split()[:2]
+
+
+def _classify(status: int, message: str, endpoint: str) -> ProviderError:
+    if status == 401:
+        return AuthError(NAME, message, status)
+    if status == 402:
+        return InsufficientFunds(NAME, message, status)
+    if status == 403:
+        # on create: "pool not accessible", skip this candidate; elsewhere: a key without the permission
+        return OfferGone(NAME, message, status) if endpoint == "create" else AuthError(NAME, message, status)
+    if status == 404:
+        return NotFound(NAME, message, status)
+    if status == 400 and endpoint == "create":
+        # a rule violation or no capacity; RunPod gives capacity no machine-readable code
+        return NoCapacity(NAME, message, status)
+    return BadRequest(NAME, message, status)

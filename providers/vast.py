@@ -1,0 +1,325 @@
+"""Vast.ai, REST /api/v0 (PROVIDERS.md §1). One offer = one host's ask; `id` is what create rents."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+import requests
+from pydantic import BaseModel, ConfigDict
+
+from providers.base import (
+    LABEL_PREFIX,
+    AuthError,
+    BadRequest,
+    HttpCall,
+    Instance,
+    InstanceStatus,
+    InsufficientFunds,
+    LaunchSpec,
+    NotFound,
+    Offer,
+    OfferGone,
+    ProviderError,
+    ProviderInfo,
+    Requirements,
+    SelfDestructRecipe,
+    SshEndpoint,
+)
+from providers.gpu_names import normalise_gpu_name, vast_wire_names
+from providers.http import ApiClient, RetryPolicy
+
+NAME = "vast"
+DEFAULT_BASE_URL = "https://console.vast.ai/api/v0"
+BASE_URL_ENV = "RENTRAIN_VAST_URL"
+
+# What the official CLI sends for `--ssh --direct` (note "direc"): vastai/cli/commands/instances.py::get_runtype
+RUNTYPE_SSH_DIRECT = "ssh_direc ssh_proxy"
+SEARCH_LIMIT = 64
+
+# Documented minimum intervals (spec `x-rate-limit`), used as the first backoff step after a 429
+ENDPOINT_INTERVAL_S = {
+    "search": 6.0,  # "10 per minute per IP"
+    "create": 4.5,
+    "get": 2.0,
+    "list": 2.0,
+    "destroy": 3.0,
+    "attach_ssh": 1.0,
+    "manage": 1.0,
+}
+
+# actual_status -> ours. exited/unknown/offline never become running again (vastai/SKILL.md)
+_STATUS: dict[str | None, InstanceStatus] = {
+    None: "provisioning",
+    "created": "provisioning",
+    "loading": "provisioning",
+    "rebooting": "provisioning",
+    "running": "running",
+    "stopped": "stopped",
+    "frozen": "stopped",
+    "exited": "exited",
+    "unknown": "exited",
+    "offline": "exited",
+}
+
+
+class VastOffer(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: int
+    gpu_name: str
+    num_gpus: int
+    gpu_ram: float  # MB per GPU
+    dph_total: float
+    reliability: float | None = None
+    reliability2: float | None = None
+    inet_down: float | None = None
+    cuda_max_good: float | None = None
+    geolocation: str | None = None
+    verification: str | None = None
+    min_bid: float | None = None
+
+
+class VastInstance(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: int
+    actual_status: str | None = None
+    intended_status: str | None = None
+    status_msg: str | None = None
+    label: str | None = None
+    ssh_host: str | None = None
+    ssh_port: int | None = None
+    public_ipaddr: str | None = None
+    ports: dict[str, Any] | list[Any] | None = None
+    gpu_name: str | None = None
+    dph_total: float | None = None
+    start_date: float | None = None
+
+
+class VastProvider:
+    info = ProviderInfo(name=NAME, display_name="Vast.ai")
+
+    def __init__(
+        self,
+        api_key: str,
+        base_url: str | None = None,
+        *,
+        session: requests.Session | None = None,
+        sleep: Callable[[float], None] | None = None,
+        policy: RetryPolicy | None = None,
+    ):
+        self.base_url = (base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL).rstrip("/")
+        extra: dict[str, Any] = {"sleep": sleep} if sleep else {}
+        self._api = ApiClient(
+            NAME,
+            self.base_url,
+            api_key,
+            classify=_classify,
+            policy=policy or RetryPolicy(endpoint_base_delay_s=dict(ENDPOINT_INTERVAL_S)),
+            session=session,
+            **extra,
+        )
+
+    def __repr__(self) -> str:
+        return f"VastProvider(base_url={self.base_url!r})"
+
+    # ------------------------------------------------------------------------------------------ offers
+
+    def search(self, requirements: Requirements) -> list[Offer]:
+        offers = self._search(requirements, "on-demand")
+        if requirements.include_interruptible:
+            offers += self._search(requirements, "bid")
+        return offers
+
+    def _search(self, req: Requirements, offer_type: str) -> list[Offer]:
+        body = search_query(req, offer_type)
+        data = self._api.json("POST", "/bundles/", endpoint="search", idempotent=True, json=body)
+        raw = (data or {}).get("offers") or []
+        if isinstance(raw, dict):  # the spec's example shows one object; clients read a list
+            raw = [raw]
+        return [_offer(VastOffer.model_validate(item), offer_type == "bid") for item in raw]
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+
+    def create(self, offer: Offer, launch: LaunchSpec) -> Instance:
+        body: dict[str, Any] = {
+            "client_id": "me",
+            "image": launch.image,
+            "disk": launch.disk_gb,
+            "runtype": RUNTYPE_SSH_DIRECT,
+            "env": dict(launch.env),
+            "label": launch.label,
+            "cancel_unavail": True,  # a host that cannot start us answers 410 instead of leaving a stopped instance
+        }
+        if launch.onstart:
+            body["onstart"] = launch.onstart
+        if offer.interruptible:
+            body["price"] = offer.bid_price_per_hour
+        data = self._api.json("PUT", f"/asks/{offer.offer_id}/", endpoint="create", idempotent=False, json=body)
+        if not data or not data.get("success", True) or "new_contract" not in data:
+            raise ProviderError(NAME, f"create answered without an instance id: {_safe_keys(data)}")
+        instance_id = str(data["new_contract"])
+        try:
+            self._api.json(
+                "POST", f"/instances/{instance_id}/ssh/", endpoint="attach_ssh", idempotent=False,
+                json={"ssh_key": launch.ssh_public_key},
+            )
+        except ProviderError as exc:
+            # an instance we cannot log into only costs money
+            try:
+                self.destroy(instance_id)
+            except ProviderError as cleanup:
+                raise type(exc)(
+                    NAME, f"{exc.message}; destroying instance {instance_id} failed too: {cleanup.message}", exc.status
+                ) from None
+            raise
+        return Instance(
+            provider=NAME,
+            id=instance_id,
+            label=launch.label,
+            status="provisioning",
+            price_per_hour=offer.price_per_hour,
+            gpu_model=offer.gpu_model,
+        )
+
+    def get(self, instance_id: str) -> Instance:
+        data = self._api.json(
+            "GET", f"/instances/{instance_id}/", endpoint="get", idempotent=True, params={"owner": "me"}
+        )
+        raw = (data or {}).get("instances")
+        if not raw:
+            raise NotFound(NAME, f"instance {instance_id} not found", 404)
+        return _instance(VastInstance.model_validate(raw))
+
+    def list_instances(self, label_prefix: str = LABEL_PREFIX) -> list[Instance]:
+        data = self._api.json("GET", "/instances/", endpoint="list", idempotent=True, params={"owner": "me"})
+        found = [_instance(VastInstance.model_validate(item)) for item in (data or {}).get("instances") or []]
+        return [i for i in found if (i.label or "").startswith(label_prefix)]
+
+    def stop(self, instance_id: str) -> None:
+        self._api.json(
+            "PUT", f"/instances/{instance_id}/", endpoint="manage", idempotent=True, json={"state": "stopped"}
+        )
+
+    def destroy(self, instance_id: str) -> None:
+        self._api.json("DELETE", f"/instances/{instance_id}/", endpoint="destroy", idempotent=True, json={})
+
+    def forget_ssh_key(self, public_key: str) -> None:
+        """Nothing to undo: the key was attached to one instance only, and goes with it."""
+
+    def self_destroy_recipe(self) -> SelfDestructRecipe:
+        url = f"{self.base_url}/instances/$CONTAINER_ID/"
+        auth = {"Authorization": "Bearer $CONTAINER_API_KEY"}
+        return SelfDestructRecipe(
+            provider=NAME,
+            env_vars=["CONTAINER_ID", "CONTAINER_API_KEY"],
+            destroy=[HttpCall(method="DELETE", url=url, headers=auth, body="{}")],
+            stop=[HttpCall(method="PUT", url=url, headers=auth, body=json.dumps({"state": "stopped"}))],
+            cli_fallback_destroy="vastai destroy instance $CONTAINER_ID --api-key $CONTAINER_API_KEY -y",
+            cli_fallback_stop="vastai stop instance $CONTAINER_ID --api-key $CONTAINER_API_KEY",
+            notes=(
+                "Vast sets CONTAINER_ID and CONTAINER_API_KEY (a key limited to this instance) in the container's "
+                "environment but not always in SSH sessions: export them from onstart, e.g. "
+                "`env | grep -E '^(CONTAINER_ID|CONTAINER_API_KEY)=' >> /etc/environment`. "
+                "A stopped instance still bills its storage: destroy once results are home."
+            ),
+        )
+
+
+def search_query(req: Requirements, offer_type: str = "on-demand") -> dict[str, Any]:
+    """The POST /bundles/ body. gpu_ram is MB per GPU on the wire; dph_total includes allocated_storage GB."""
+    query: dict[str, Any] = {
+        "rentable": {"eq": True},
+        "rented": {"eq": False},
+        "external": {"eq": False},
+        "num_gpus": {"eq": req.gpu_count},
+        "gpu_ram": {"gte": round(req.min_vram_gb * 1000)},
+        "reliability": {"gte": req.min_reliability},
+        "direct_port_count": {"gte": 1},
+        "order": [["dph_total", "asc"]],
+        "type": offer_type,
+        "allocated_storage": req.disk_gb,
+        "limit": SEARCH_LIMIT,
+    }
+    if req.verified_only:
+        query["verified"] = {"eq": True}
+    if req.min_cuda is not None:
+        query["cuda_max_good"] = {"gte": req.min_cuda}
+    if req.max_price_per_hour is not None:
+        query["dph_total"] = {"lte": req.max_price_per_hour}
+    if req.min_download_mbps is not None:
+        query["inet_down"] = {"gte": req.min_download_mbps}
+    if req.gpu_models:
+        query["gpu_name"] = {"in": [wire for model in req.gpu_models for wire in vast_wire_names(model)]}
+    return query
+
+
+def _offer(raw: VastOffer, interruptible: bool) -> Offer:
+    reliability = raw.reliability if raw.reliability is not None else raw.reliability2
+    return Offer(
+        provider=NAME,
+        offer_id=str(raw.id),
+        gpu_model=normalise_gpu_name(raw.gpu_name),
+        gpu_name_raw=raw.gpu_name,
+        gpu_count=raw.num_gpus,
+        vram_gb=round(raw.gpu_ram / 1024, 1),  # "24 GB" cards report 24564-24576 MB
+        price_per_hour=raw.dph_total,
+        reliability=reliability,
+        download_mbps=raw.inet_down,
+        location=raw.geolocation,
+        verified=None if raw.verification is None else raw.verification == "verified",
+        max_cuda=raw.cuda_max_good,
+        interruptible=interruptible,
+        availability="available",
+        bid_price_per_hour=raw.min_bid if interruptible else None,
+    )
+
+
+def _instance(raw: VastInstance) -> Instance:
+    return Instance(
+        provider=NAME,
+        id=str(raw.id),
+        label=raw.label,
+        status=_STATUS.get(raw.actual_status, "provisioning"),
+        provider_status=raw.actual_status,
+        status_message=raw.status_msg,
+        ssh=_ssh_endpoint(raw),
+        price_per_hour=raw.dph_total,
+        started_at=datetime.fromtimestamp(raw.start_date, tz=timezone.utc) if raw.start_date else None,
+        gpu_model=normalise_gpu_name(raw.gpu_name) if raw.gpu_name else None,
+    )
+
+
+def _ssh_endpoint(raw: VastInstance) -> SshEndpoint | None:
+    """As the official CLI's ssh-url: the direct 22/tcp mapping if any, else Vast's SSH proxy."""
+    if raw.actual_status != "running":
+        return None
+    if isinstance(raw.ports, dict) and raw.public_ipaddr:
+        mappings = raw.ports.get("22/tcp") or []
+        if mappings and mappings[0].get("HostPort"):
+            return SshEndpoint(host=raw.public_ipaddr.strip(), port=int(mappings[0]["HostPort"]), via="direct")
+    if raw.ssh_host and raw.ssh_port:
+        return SshEndpoint(host=raw.ssh_host, port=raw.ssh_port, via="proxy")
+    return None
+
+
+def _classify(status: int, message: str, endpoint: str) -> ProviderError:
+    lowered = message.lower()
+    if status in (401, 403):
+        return AuthError(NAME, message, status)
+    if status == 402 or "insufficient" in lowered:  # Vast documents no error shape for an empty balance
+        return InsufficientFunds(NAME, message, status)
+    if endpoint == "create" and (status in (404, 410) or "no_such_ask" in lowered):
+        return OfferGone(NAME, message, status)
+    if status == 404:
+        return NotFound(NAME, message, status)
+    return BadRequest(NAME, message, status)
+
+
+def _safe_keys(data: Any) -> str:
+    # never echo instance_api_key back
+    return ", ".join(sorted(data)) if isinstance(data, dict) else type(data).__name__

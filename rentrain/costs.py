@@ -1,0 +1,313 @@
+"""What a job costs on an offer: (training time + setup overhead) x the offer's all-in $/h.
+
+Every number below carries its source and kind:
+- "published": a figure someone reported, with the reference (mostly 2023 kohya reports, collected in
+  the project's trainer research notes, TRAINER.md §6);
+- "derived": computed from a published figure of the same GPU at other settings (the rule is in the source);
+- "scaled": derived from a published figure of the reference GPU by bf16 tensor TFLOPS (rule below);
+- "measured": measured by rentrain's own benchmark (none yet: the benchmark replaces rows of SPEED_TABLE);
+- "assumed": an engineering guess, stated as such.
+
+To replace a number after a benchmark, edit the one row in SPEED_TABLE (kind "measured", source = the
+benchmark run). Nothing else needs to change.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel
+
+from providers.base import Offer
+
+ModelFamily = Literal["sd15", "sdxl", "tiny"]
+SpeedKind = Literal["published", "derived", "scaled", "measured", "assumed"]
+
+
+@dataclass(frozen=True)
+class Figure:
+    value: float
+    kind: SpeedKind
+    source: str
+
+
+# Reference settings per family: the step times in SPEED_TABLE are for these; other settings are scaled.
+REFERENCE_RESOLUTION: dict[ModelFamily, int] = {"sd15": 512, "sdxl": 1024, "tiny": 64}
+
+# ------------------------------------------------------------------------------------------------------
+# The speed table: seconds per optimizer step, LoRA, bf16/fp16, latents cached, no gradient checkpointing.
+# Key: (GPU model, family, batch size). One row per number.
+# ------------------------------------------------------------------------------------------------------
+_SD15_3090TI = (
+    "derived from kohya-ss/sd-scripts#326 (RTX 3090 Ti, SD1.5 LoRA 768x768 batch 3, ~1.11 it/s = 0.90 s/step): "
+    "x (512/768)^2 pixels = 0.40 s at batch 3, then the batch rule below"
+)
+SPEED_TABLE: dict[tuple[str, ModelFamily, int], Figure] = {
+    ("RTX 3090 Ti", "sd15", 1): Figure(0.20, "derived", _SD15_3090TI),
+    ("RTX 3090 Ti", "sd15", 2): Figure(0.30, "derived", _SD15_3090TI),
+    ("RTX 3090 Ti", "sd15", 4): Figure(0.50, "derived", _SD15_3090TI),
+    ("RTX 3090 Ti", "sdxl", 1): Figure(
+        1.12, "published", "kohya-ss/sd-scripts#827: RTX 3090 Ti, SDXL LoRA 1024x1024 batch 1, 1.12 s/it (2023-09)"
+    ),
+    ("RTX 3090", "sdxl", 1): Figure(1.23, "published", "bmaltais/kohya_ss#1288: RTX 3090, SDXL LoRA 1024x1024, 1.23 s/it"),
+    ("RTX 4090", "sdxl", 1): Figure(
+        1.17,
+        "published",
+        "bmaltais/kohya_ss#1288: RTX 4090, SDXL LoRA 1024x1024 bf16, 1.13-1.21 s/it (2023-09, Windows; the same "
+        "thread reports Windows drivers of the time slowing the 4090, so a Linux benchmark should replace this)",
+    ),
+    ("RTX 3060", "sdxl", 1): Figure(2.4, "published", "bmaltais/kohya_ss#1288: RTX 3060, SDXL LoRA, 2.4 s/it"),
+}
+
+# The GPU whose rows are scaled to GPUs without a row of their own.
+REFERENCE_GPU = "RTX 3090 Ti"
+
+# Dense 16-bit (fp16/bf16) tensor TFLOPS from NVIDIA's architecture whitepapers and datasheets
+# (datasheets quote sparse figures: halved here). GeForce cards are listed at their FP16-accumulate rate
+# (their FP32-accumulate rate is half): at the FP32-accumulate rate an RTX A5000 would out-rank a 3090,
+# which is not what SD users see. Recalled from those documents, not re-read in this repo's stored sources.
+BF16_TFLOPS: dict[str, Figure] = {
+    "RTX 3090": Figure(142.0, "published", "NVIDIA Ampere GA102 whitepaper, RTX 3090"),
+    "RTX 3090 Ti": Figure(160.0, "scaled", "RTX 3090's 142 x SMs x boost clock (84 x 1.86 GHz vs 82 x 1.695 GHz)"),
+    "RTX 4090": Figure(330.3, "published", "NVIDIA Ada Lovelace whitepaper, RTX 4090"),
+    "RTX 5090": Figure(419.0, "published", "NVIDIA Blackwell GB202 whitepaper, RTX 5090"),
+    "RTX A5000": Figure(111.1, "published", "NVIDIA RTX A5000 datasheet (222.2 sparse)"),
+    "RTX A6000": Figure(154.8, "published", "NVIDIA RTX A6000 datasheet (309.7 sparse)"),
+    "RTX 6000 Ada": Figure(364.2, "published", "NVIDIA RTX 6000 Ada datasheet (1457 FP8 sparse / 4)"),
+    "RTX 5000 Ada": Figure(261.0, "published", "NVIDIA RTX 5000 Ada datasheet (1044 FP8 sparse / 4)"),
+    "A10": Figure(125.0, "published", "NVIDIA A10 datasheet (250 sparse)"),
+    "A30": Figure(165.0, "published", "NVIDIA A30 datasheet (330 sparse)"),
+    "A40": Figure(149.7, "published", "NVIDIA A40 datasheet (299.4 sparse)"),
+    "L4": Figure(121.0, "published", "NVIDIA L4 datasheet (242 sparse)"),
+    "L40": Figure(181.0, "published", "NVIDIA L40 datasheet (362 sparse)"),
+    "L40S": Figure(362.0, "published", "NVIDIA L40S datasheet (733 sparse)"),
+    "A100 PCIe": Figure(312.0, "published", "NVIDIA A100 datasheet"),
+    "A100 SXM": Figure(312.0, "published", "NVIDIA A100 datasheet"),
+    "H100 PCIe": Figure(756.0, "published", "NVIDIA H100 datasheet (PCIe)"),
+    "H100 SXM": Figure(989.0, "published", "NVIDIA H100 datasheet (SXM)"),
+    "H100 NVL": Figure(835.0, "published", "NVIDIA H100 NVL datasheet"),
+    "H200": Figure(989.0, "published", "NVIDIA H200 datasheet"),
+}
+
+# Step time ~ (reference TFLOPS / GPU TFLOPS) ** TFLOPS_EXPONENT. Below 1 because a LoRA step at small
+# batch does not saturate the tensor cores: the 4090 / 3090 Ti SDXL pair above differs far less than
+# their TFLOPS do.
+TFLOPS_EXPONENT = Figure(0.5, "assumed", "sub-linear scaling; the published 4090 vs 3090 Ti SDXL pair shows ~1x, TFLOPS 2x")
+
+# Step time at batch b, from the batch-1 time: t1 x (1 + (b - 1) x marginal).
+BATCH_MARGINAL: dict[ModelFamily, Figure] = {
+    "sd15": Figure(0.5, "assumed", "each extra 512px image costs half a batch-1 step (small images underuse the GPU)"),
+    "sdxl": Figure(
+        0.22, "published", "bmaltais/kohya_ss#1288: RTX 4090 SDXL batch 8 at 3 s/it vs batch 1 at ~1.17 s/it"
+    ),
+    "tiny": Figure(0.1, "assumed", "a tiny UNet is launch-overhead bound"),
+}
+
+TINY_SECONDS_PER_STEP = Figure(
+    0.05, "assumed", "builtin tiny models: a few ms of GPU work per step; dominated by Python overhead"
+)
+GRADIENT_CHECKPOINTING_FACTOR = Figure(1.3, "assumed", "recomputes the forward pass in backward: roughly +30%")
+
+# ------------------------------------------------------------------------------------------------------
+# Setup overhead: billed at the same rate as training.
+# ------------------------------------------------------------------------------------------------------
+OVERHEAD: dict[str, Figure] = {
+    "boot_s": Figure(300.0, "published", "Vast hello-world.mdx: an instance boots in 1-5 min (upper end taken)"),
+    "bootstrap_s": Figure(180.0, "assumed", "installing the trainer's Python dependencies on a fresh image"),
+    "cache_s_per_image": Figure(0.15, "assumed", "VAE-encoding one image to latents, once"),
+    "finish_s": Figure(60.0, "assumed", "final upload check, result download and destroy"),
+    "default_download_mbps": Figure(
+        500.0, "assumed", "used when the provider publishes no bandwidth (RunPod); Vast offers carry inet_down"
+    ),
+    "max_effective_download_mbps": Figure(2000.0, "assumed", "model hubs rarely serve one file faster"),
+    "user_upload_mbps": Figure(40.0, "assumed", "a typical home uplink, for the dataset and a local base model"),
+}
+
+# Base model download sizes, GB.
+MODEL_DOWNLOAD_GB: dict[ModelFamily, Figure] = {
+    "sd15": Figure(2.1, "published", "runwayml v1-5-pruned-emaonly fp16 safetensors, ~2.1 GB"),
+    "sdxl": Figure(6.9, "published", "stabilityai sd_xl_base_1.0.safetensors, 6.94 GB"),
+    "tiny": Figure(0.0, "published", "builtin: generated on the instance"),
+}
+
+SECONDS_PER_HOUR = 3600.0
+
+
+class SpeedEstimate(BaseModel):
+    seconds_per_step: float
+    kind: SpeedKind
+    source: str
+
+
+class JobProfile(BaseModel):
+    """What the cost depends on, taken from the config and the dataset."""
+
+    family: ModelFamily
+    steps: int
+    batch_size: int = 1
+    resolution: tuple[int, int] = (512, 512)
+    gradient_checkpointing: bool = False
+    gradient_accumulation_steps: int = 1
+    images: int = 0
+    dataset_bytes: int = 0
+    local_model_bytes: int = 0  # uploaded from the user's machine instead of downloaded on the instance
+
+
+class JobEstimate(BaseModel):
+    steps: int
+    seconds_per_step: float
+    speed_kind: SpeedKind
+    speed_source: str
+    train_hours: float
+    overhead_hours: float
+    total_hours: float
+    price_per_hour: float
+    cost_usd: float
+
+
+def guess_model_family(model: str, sdxl: bool | None) -> ModelFamily:
+    """From the config: `sdxl` if set, else the model reference (an SDXL checkpoint nearly always says 'xl')."""
+    if model.startswith("builtin:tiny"):
+        return "tiny"
+    if sdxl is not None:
+        return "sdxl" if sdxl else "sd15"
+    name = Path(model).name.lower() if not model.startswith("https://") else model.lower()
+    return "sdxl" if ("xl" in name or "pony" in name or "illustrious" in name) else "sd15"
+
+
+def seconds_per_step(gpu_model: str, profile: JobProfile) -> SpeedEstimate | None:
+    """None when nothing is known about this GPU (no row, no TFLOPS figure)."""
+    batch1 = _batch1_or_row(gpu_model, profile)
+    if batch1 is None:
+        return None
+    seconds, kind, source = batch1
+    pixels = profile.resolution[0] * profile.resolution[1]
+    reference = REFERENCE_RESOLUTION[profile.family] ** 2
+    if profile.family != "tiny" and pixels != reference:
+        seconds *= pixels / reference
+        source += f"; x {pixels / reference:.2f} for {profile.resolution[0]}x{profile.resolution[1]} pixels"
+    if profile.gradient_checkpointing:
+        seconds *= GRADIENT_CHECKPOINTING_FACTOR.value
+        source += f"; x {GRADIENT_CHECKPOINTING_FACTOR.value} gradient checkpointing"
+    if profile.gradient_accumulation_steps > 1:
+        seconds *= profile.gradient_accumulation_steps
+        source += f"; x {profile.gradient_accumulation_steps} accumulated batches per step"
+    return SpeedEstimate(seconds_per_step=seconds, kind=kind, source=source)
+
+
+def _batch1_or_row(gpu_model: str, profile: JobProfile) -> tuple[float, SpeedKind, str] | None:
+    family, batch = profile.family, profile.batch_size
+    if family == "tiny":
+        return _at_batch(TINY_SECONDS_PER_STEP.value, family, batch), "assumed", TINY_SECONDS_PER_STEP.source
+    own = _batch_from_rows(gpu_model, family, batch)
+    if own is not None:
+        return own
+    ref = _batch_from_rows(REFERENCE_GPU, family, batch)
+    gpu_tflops, ref_tflops = BF16_TFLOPS.get(gpu_model), BF16_TFLOPS[REFERENCE_GPU]
+    if ref is None or gpu_tflops is None:
+        return None
+    factor = (ref_tflops.value / gpu_tflops.value) ** TFLOPS_EXPONENT.value
+    source = (
+        f"scaled from {REFERENCE_GPU} by bf16 TFLOPS ({ref_tflops.value:g} -> {gpu_tflops.value:g}, "
+        f"^{TFLOPS_EXPONENT.value:g}): {ref[2]}"
+    )
+    return ref[0] * factor, "scaled", source
+
+
+def _batch_from_rows(gpu_model: str, family: ModelFamily, batch: int) -> tuple[float, SpeedKind, str] | None:
+    """This GPU's own rows at another batch size: interpolated, or from batch 1 by the batch rule."""
+    rows = sorted((b, fig) for (g, f, b), fig in SPEED_TABLE.items() if g == gpu_model and f == family)
+    if not rows:
+        return None
+    exact = SPEED_TABLE.get((gpu_model, family, batch))
+    if exact is not None:
+        return exact.value, exact.kind, exact.source
+    below = [(b, fig) for b, fig in rows if b < batch]
+    above = [(b, fig) for b, fig in rows if b > batch]
+    if below and above:
+        (b0, f0), (b1, f1) = below[-1], above[0]
+        value = f0.value + (f1.value - f0.value) * (batch - b0) / (b1 - b0)
+        return value, f0.kind, f"{f0.source}; interpolated to batch {batch}"
+    nearest_b, nearest = below[-1] if below else above[0]
+    t1 = nearest.value / (1 + (nearest_b - 1) * BATCH_MARGINAL[family].value)
+    return _at_batch(t1, family, batch), nearest.kind, f"{nearest.source}; batch rule to batch {batch}"
+
+
+def _at_batch(t1: float, family: ModelFamily, batch: int) -> float:
+    return t1 * (1 + (batch - 1) * BATCH_MARGINAL[family].value)
+
+
+def overhead_seconds(profile: JobProfile, download_mbps: float | None) -> dict[str, float]:
+    """Each part of the setup and teardown time, in seconds."""
+    mbps = min(download_mbps or OVERHEAD["default_download_mbps"].value, OVERHEAD["max_effective_download_mbps"].value)
+    uplink = OVERHEAD["user_upload_mbps"].value
+    model_gb = 0.0 if profile.local_model_bytes else MODEL_DOWNLOAD_GB[profile.family].value
+    return {
+        "boot": OVERHEAD["boot_s"].value,
+        "bootstrap": OVERHEAD["bootstrap_s"].value,
+        "model_download": model_gb * 8000 / mbps,
+        "upload": (profile.dataset_bytes + profile.local_model_bytes) * 8 / (uplink * 1e6),
+        "latent_cache": profile.images * OVERHEAD["cache_s_per_image"].value,
+        "finish": OVERHEAD["finish_s"].value,
+    }
+
+
+def estimate_job(profile: JobProfile, offer: Offer) -> JobEstimate | None:
+    """Training on one GPU (the trainer is single-process) plus overhead, at the offer's all-in rate."""
+    speed = seconds_per_step(offer.gpu_model, profile)
+    if speed is None:
+        return None
+    train_h = profile.steps * speed.seconds_per_step / SECONDS_PER_HOUR
+    overhead_h = sum(overhead_seconds(profile, offer.download_mbps).values()) / SECONDS_PER_HOUR
+    total_h = train_h + overhead_h
+    return JobEstimate(
+        steps=profile.steps,
+        seconds_per_step=speed.seconds_per_step,
+        speed_kind=speed.kind,
+        speed_source=speed.source,
+        train_hours=train_h,
+        overhead_hours=overhead_h,
+        total_hours=total_h,
+        price_per_hour=offer.price_per_hour,
+        cost_usd=math.ceil(total_h * offer.price_per_hour * 1000) / 1000,
+    )
+
+
+def profile_from_config(config_path: str | Path) -> JobProfile:
+    """Read the config and count the dataset's steps exactly as the trainer will (rentrain.dataset_check)."""
+    from remote.config import load_config
+    from rentrain.dataset_check import inspect_dataset
+
+    loaded = load_config(config_path)
+    train = loaded.train
+    report = inspect_dataset(train)
+    if report.step_plan is None:
+        problems = "; ".join(str(f.message) for f in report.findings if f.severity == "error") or "no images found"
+        raise ValueError(f"cannot count training steps: {problems}")
+    images = sum(s.images for s in report.subsets)
+    dataset_bytes = _folder_bytes(train.train_data_dir) + (_folder_bytes(train.reg_data_dir) if train.reg_data_dir else 0)
+    model = train.pretrained_model_name_or_path
+    local_model = Path(model)
+    local_model_bytes = 0
+    if local_model.is_absolute() and local_model.exists():
+        local_model_bytes = local_model.stat().st_size if local_model.is_file() else _folder_bytes(local_model)
+    return JobProfile(
+        family=guess_model_family(model, train.sdxl),
+        steps=report.step_plan.total_steps,
+        batch_size=train.batch_size,
+        resolution=train.resolution,
+        gradient_checkpointing=train.gradient_checkpointing,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        images=images,
+        dataset_bytes=dataset_bytes,
+        local_model_bytes=local_model_bytes,
+    )
+
+
+def _folder_bytes(folder: Path | None) -> int:
+    if folder is None or not folder.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
