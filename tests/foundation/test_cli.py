@@ -93,3 +93,23 @@ def test_init_sdxl_starter_loads(tmp_path: Path) -> None:
     assert data["config_errors"] == []
     assert data["config"]["sdxl"] is True and data["config"]["resolution"] == [1024, 1024]
     assert data["config"]["text_encoder_lr"] == 0
+
+
+def test_the_cli_never_imports_torch() -> None:
+    code = (
+        "import sys, rentrain.cli, rentrain.commands.check, rentrain.commands.run, rentrain.progress; "
+        "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules); "
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+
+
+def test_core_dependencies_exclude_the_training_stack() -> None:
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    core = " ".join(project["dependencies"]).lower()
+    for heavy in ("torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbytes"):
+        assert heavy not in core
+        assert any(heavy in dep for dep in project["optional-dependencies"]["train"])
