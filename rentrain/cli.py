@@ -6,6 +6,7 @@ import click
 
 from rentrain import __version__
 from rentrain.commands import check, init, run
+from rentrain.commands import estimate, offers
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,3 +18,5 @@ def main() -> None:
 main.add_command(check.check)
 main.add_command(init.init)
 main.add_command(run.run)
+main.add_command(offers.offers)
+main.add_command(estimate.estimate)

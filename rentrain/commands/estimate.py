@@ -1,0 +1,127 @@
+"""`rentrain estimate`: what this job costs on the best offer of each provider and of each GPU model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from rentrain.commands.offers import (
+    PROVIDER_CHOICES,
+    describe_profile,
+    describe_requirements,
+    load_job,
+    money,
+    provider_label,
+)
+from rentrain.costs import BF16_TFLOPS, JobProfile, overhead_seconds, seconds_per_step
+from rentrain.offers import RankedOffer, find_offers, provider_names, requirements_from
+
+
+def best_per(ranked: list[RankedOffer], key: str) -> list[RankedOffer]:
+    """The first (cheapest) offer for each provider, or each GPU model, keeping the ranking order."""
+    seen: dict[str, RankedOffer] = {}
+    for item in ranked:
+        group = item.offer.provider if key == "provider" else item.offer.gpu_model
+        seen.setdefault(group, item)
+    return list(seen.values())
+
+
+def offline_rows(profile: JobProfile) -> list[dict[str, Any]]:
+    """Training time per known GPU model when no provider answered: hours, no price."""
+    overhead_h = sum(overhead_seconds(profile, None).values()) / 3600
+    rows = []
+    for gpu in BF16_TFLOPS:
+        speed = seconds_per_step(gpu, profile)
+        if speed is None:
+            continue
+        hours = profile.steps * speed.seconds_per_step / 3600 + overhead_h
+        rows.append({"gpu": gpu, "seconds_per_step": speed.seconds_per_step, "speed_kind": speed.kind, "hours": hours})
+    return sorted(rows, key=lambda r: r["hours"])
+
+
+@click.command()
+@click.option("--config", "config", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Training config.")
+@click.option("--provider", "providers", multiple=True, type=click.Choice(PROVIDER_CHOICES, case_sensitive=False),
+              help="Provider to ask (repeatable). Default: all.")
+@click.option("--gpu", "gpus", multiple=True, help="GPU model to consider (repeatable).")
+@click.option("--max-price", type=float, default=None, help="Skip offers above this USD per hour.")
+@click.option("--include-interruptible", is_flag=True, default=None, help="Also consider interruptible offers.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def estimate(
+    config: Path,
+    providers: tuple[str, ...],
+    gpus: tuple[str, ...],
+    max_price: float | None,
+    include_interruptible: bool | None,
+    as_json: bool,
+) -> None:
+    """Estimate steps, hours and cost of the job on the best offer of each provider and each GPU model."""
+    job, profile = load_job(config)
+    assert profile is not None
+    req = requirements_from(
+        job, gpu_models=list(gpus) or None, max_price_per_hour=max_price, include_interruptible=include_interruptible or None
+    )
+    search = find_offers(provider_names(providers), req, profile)
+    by_provider = best_per(search.ranked, "provider")
+    by_gpu = best_per(search.ranked, "gpu")
+    overhead = overhead_seconds(profile, None)
+    if as_json:
+        payload = {
+            "job": profile.model_dump(),
+            "requirements": req.model_dump(),
+            "overhead_seconds_default": overhead,
+            "best_per_provider": [_row(i) for i in by_provider],
+            "best_per_gpu": [_row(i) for i in by_gpu],
+            "notes": [n.model_dump() for n in search.notes],
+            "without_prices": offline_rows(profile) if not search.ranked else [],
+        }
+        click.echo(json.dumps(payload, indent=2, default=str))
+        return
+
+    console = Console()
+    console.print(f"Job: {describe_profile(profile)}", highlight=False)
+    console.print(f"Requirements: {describe_requirements(req)}", highlight=False)
+    console.print(
+        "Setup overhead (billed): " + ", ".join(f"{k.replace('_', ' ')} {v / 60:.1f} min" for k, v in overhead.items() if v),
+        highlight=False,
+    )
+    console.print(_table("Best offer per provider", by_provider, search.notes))
+    console.print(_table("Best offer per GPU model", by_gpu, []))
+    if not search.ranked:
+        table = Table(title="No live prices: training time per GPU model")
+        for column in ("GPU", "s/step", "basis", "est. hours"):
+            table.add_column(column, justify="right" if column != "GPU" else "left")
+        for row in offline_rows(profile):
+            table.add_row(row["gpu"], f"{row['seconds_per_step']:.3f}", row["speed_kind"], f"{row['hours']:.2f}")
+        console.print(table)
+
+
+def _row(item: RankedOffer) -> dict[str, Any]:
+    return {**item.offer.model_dump(), "estimate": item.estimate.model_dump() if item.estimate else None}
+
+
+def _table(title: str, items: list[RankedOffer], notes: list[Any]) -> Table:
+    table = Table(title=title)
+    for column in ("provider", "GPU", "$/h", "steps", "s/step", "est. hours", "est. cost"):
+        table.add_column(column, justify="left" if column in ("provider", "GPU") else "right", overflow="fold")
+    for item in items:
+        est = item.estimate
+        table.add_row(
+            provider_label(item.offer),
+            item.offer.gpu_model,
+            money(item.offer.price_per_hour),
+            str(est.steps) if est else "?",
+            f"{est.seconds_per_step:.3f} ({est.speed_kind})" if est else "no speed figure",
+            f"{est.total_hours:.2f}" if est else "?",
+            money(est.cost_usd if est else None, 2),
+        )
+    for note in notes:
+        table.add_row(note.provider, ("no offers: " if note.kind == "unsupported" else "failed: ") + note.message,
+                      "", "", "", "", "", style="dim" if note.kind == "unsupported" else "yellow")
+    return table

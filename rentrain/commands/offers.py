@@ -1,0 +1,165 @@
+"""`rentrain offers`: which provider and card trains this LoRA for the least money."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from providers import registry
+from providers.base import Offer, Requirements
+from rentrain.costs import JobProfile
+from rentrain.offers import OfferSearch, RankedOffer, find_offers, provider_names, requirements_from
+
+PROVIDER_CHOICES = ["all", *registry.MARKETS]
+
+
+def load_job(config: Path | None) -> tuple[Any | None, JobProfile | None]:
+    """The config's [rentrain] settings and the job profile (steps counted from the dataset), or (None, None)."""
+    if config is None:
+        return None, None
+    from remote.config import ConfigError, load_config
+    from rentrain.costs import profile_from_config
+
+    try:
+        job = load_config(config).job
+        profile = profile_from_config(config)
+    except (ConfigError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    return job, profile
+
+
+def describe_requirements(req: Requirements) -> str:
+    parts = [
+        f"{req.gpu_count} GPU" + ("s" if req.gpu_count > 1 else ""),
+        f">= {req.min_vram_gb:g} GB VRAM",
+        f"reliability >= {req.min_reliability:g} where known",
+    ]
+    if req.min_cuda is not None:
+        parts.append(f"CUDA >= {req.min_cuda:g}")
+    if req.verified_only:
+        parts.append("verified hosts")
+    if req.max_price_per_hour is not None:
+        parts.append(f"<= ${req.max_price_per_hour:g}/h")
+    if req.gpu_models:
+        parts.append("GPU in " + ", ".join(req.gpu_models))
+    parts.append("interruptible included" if req.include_interruptible else "on-demand only")
+    parts.append(f"{req.disk_gb} GB disk priced in")
+    return "; ".join(parts)
+
+
+def describe_profile(profile: JobProfile) -> str:
+    w, h = profile.resolution
+    return (
+        f"{profile.steps} steps, {profile.family} at {w}x{h}, batch {profile.batch_size}, {profile.images} images"
+    )
+
+
+def provider_label(offer: Offer) -> str:
+    return f"{offer.provider} {offer.cloud.lower()}" if offer.cloud else offer.provider
+
+
+def money(value: float | None, digits: int = 3) -> str:
+    return "?" if value is None else f"${value:.{digits}f}"
+
+
+def offers_table(search: OfferSearch, with_estimates: bool, title: str | None = None) -> Table:
+    table = Table(title=title, show_lines=False)
+    table.add_column("provider")
+    table.add_column("GPU", overflow="fold")
+    table.add_column("$/h", justify="right")
+    table.add_column("reliability", justify="right")
+    table.add_column("location", overflow="fold")
+    table.add_column("download", justify="right")
+    table.add_column("est. hours", justify="right")
+    table.add_column("est. cost", justify="right")
+    for item in search.ranked:
+        offer = item.offer
+        gpu = f"{offer.gpu_count}x {offer.gpu_model}" if offer.gpu_count > 1 else offer.gpu_model
+        if offer.interruptible:
+            gpu += " (interruptible)"
+        table.add_row(
+            provider_label(offer),
+            f"{gpu} {offer.vram_gb:g} GB",
+            money(offer.price_per_hour),
+            "unknown" if offer.reliability is None else f"{offer.reliability:.3f}",
+            offer.location or "unknown",
+            "unknown" if offer.download_mbps is None else f"{offer.download_mbps:.0f} Mbps",
+            _hours(item) if with_estimates else "-",
+            money(item.estimate.cost_usd if item.estimate else None, 2) if with_estimates else "-",
+        )
+    for note in search.notes:
+        style = "yellow" if note.kind == "error" else "dim"
+        prefix = "failed: " if note.kind == "error" else "no offers: "
+        table.add_row(note.provider, prefix + note.message, "", "", "", "", "", "", style=style)
+    return table
+
+
+def _hours(item: RankedOffer) -> str:
+    return "?" if item.estimate is None else f"{item.estimate.total_hours:.2f}"
+
+
+def search_json(search: OfferSearch, req: Requirements, profile: JobProfile | None) -> dict[str, Any]:
+    return {
+        "requirements": req.model_dump(),
+        "job": profile.model_dump() if profile else None,
+        "considered": search.considered,
+        "offers": [
+            {**item.offer.model_dump(), "estimate": item.estimate.model_dump() if item.estimate else None}
+            for item in search.ranked
+        ],
+        "notes": [note.model_dump() for note in search.notes],
+    }
+
+
+@click.command()
+@click.option("--config", "config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Training config: rank by estimated total job cost and take GPU needs from its [rentrain] table.")
+@click.option("--provider", "providers", multiple=True, type=click.Choice(PROVIDER_CHOICES, case_sensitive=False),
+              help="Provider to ask (repeatable). Default: all.")
+@click.option("--gpu", "gpus", multiple=True, help='GPU model to consider, e.g. "RTX 4090" or 4090 (repeatable).')
+@click.option("--min-vram", type=float, default=None, help="Minimum GB of memory per GPU (default 24).")
+@click.option("--max-price", type=float, default=None, help="Skip offers above this USD per hour.")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Rows to show.")
+@click.option("--include-interruptible", is_flag=True, default=None, help="Also show interruptible (bid/spot) offers.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def offers(
+    config: Path | None,
+    providers: tuple[str, ...],
+    gpus: tuple[str, ...],
+    min_vram: float | None,
+    max_price: float | None,
+    limit: int,
+    include_interruptible: bool | None,
+    as_json: bool,
+) -> None:
+    """Compare GPU offers across providers, cheapest first.
+
+    With --config, offers are ranked by the estimated cost of the whole job (steps counted from the
+    dataset x seconds per step on that GPU + setup overhead, x $/h); without it, by $/h.
+    """
+    job, profile = load_job(config)
+    req = requirements_from(
+        job,
+        gpu_models=list(gpus) or None,
+        min_vram_gb=min_vram,
+        max_price_per_hour=max_price,
+        include_interruptible=include_interruptible or None,
+    )
+    search = find_offers(provider_names(providers), req, profile)
+    search = search.model_copy(update={"ranked": search.ranked[:limit]})
+    if as_json:
+        click.echo(json.dumps(search_json(search, req, profile), indent=2, default=str))
+        return
+    console = Console()
+    console.print(f"Requirements: {describe_requirements(req)}", highlight=False)
+    if profile:
+        console.print(f"Job: {describe_profile(profile)}", highlight=False)
+    title = f"{len(search.ranked)} offers" + (" by estimated job cost" if profile else " by $/h")
+    console.print(offers_table(search, with_estimates=profile is not None, title=title))
+    if not search.ranked and any(n.kind == "error" for n in search.notes):
+        raise SystemExit(1)

@@ -1,0 +1,149 @@
+"""All providers' offers -> requirements filter -> ranked by estimated total job cost (or $/h).
+
+The job runner calls `find_offers(...)` and rents `ranked[0]`, then the next on failure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from providers import registry
+from providers.gpu_names import normalise_gpu_name
+from providers.base import Offer, Provider, ProviderError, Requirements, Unsupported
+from rentrain.costs import JobEstimate, JobProfile, estimate_job
+from rentrain.credentials import CredentialsError, open_provider
+
+# The RunPod catalog's stock level: NONE means the scheduler has nothing to place us on.
+NO_STOCK = "NONE"
+VRAM_TOLERANCE_GB = 0.5  # cards report a little under nominal (a "24 GB" card: 23.99 GiB on Vast)
+
+
+class ProviderNote(BaseModel):
+    """A provider that gave no offers, and why: shown as a row, never a crash."""
+
+    provider: str
+    kind: Literal["unsupported", "error"]
+    message: str
+
+
+class RankedOffer(BaseModel):
+    offer: Offer
+    estimate: JobEstimate | None = None
+
+
+class OfferSearch(BaseModel):
+    ranked: list[RankedOffer]
+    notes: list[ProviderNote]
+    considered: int  # offers returned before filtering
+
+
+def requirements_from(job: Any | None = None, **overrides: Any) -> Requirements:
+    """Requirements from a config's [rentrain] table (JobSettings), then CLI overrides (None = not given)."""
+    values: dict[str, Any] = {}
+    if job is not None:
+        values = {
+            "gpu_count": job.gpu_count,
+            "min_vram_gb": job.min_vram_gb,
+            "min_reliability": job.min_reliability,
+            "min_cuda": job.min_cuda,
+            "verified_only": job.verified_only,
+            "include_interruptible": job.include_interruptible,
+            "max_price_per_hour": job.max_price_per_hour,
+            "gpu_models": list(job.gpu),
+            "disk_gb": job.disk_gb,
+        }
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Requirements(**values)
+
+
+def query_providers(
+    names: Iterable[str],
+    requirements: Requirements,
+    opener: Callable[[str], Provider] = open_provider,
+) -> tuple[list[Offer], list[ProviderNote]]:
+    """Ask every provider at once. A provider that fails becomes a note; the others still answer."""
+    names = list(names)
+
+    def ask(name: str) -> list[Offer] | ProviderNote:
+        try:
+            provider = opener(name)
+            if not provider.info.can_search:
+                return ProviderNote(provider=name, kind="unsupported", message=provider.info.unavailable_reason or "")
+            return provider.search(requirements)
+        except Unsupported as exc:
+            return ProviderNote(provider=name, kind="unsupported", message=exc.message)
+        except ProviderError as exc:
+            return ProviderNote(provider=name, kind="error", message=f"{type(exc).__name__}: {exc.message}")
+        except CredentialsError as exc:
+            return ProviderNote(provider=name, kind="error", message=str(exc))
+
+    offers: list[Offer] = []
+    notes: list[ProviderNote] = []
+    with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
+        for result in pool.map(ask, names):
+            if isinstance(result, ProviderNote):
+                notes.append(result)
+            else:
+                offers.extend(result)
+    return offers, notes
+
+
+def meets(offer: Offer, req: Requirements) -> bool:
+    """The requirements, checked on our side for every provider. An unknown value passes its check."""
+    if offer.gpu_count != req.gpu_count:
+        return False
+    if offer.vram_gb < req.min_vram_gb - VRAM_TOLERANCE_GB:
+        return False
+    if offer.reliability is not None and offer.reliability < req.min_reliability:
+        return False
+    if req.min_cuda is not None and offer.max_cuda is not None and offer.max_cuda < req.min_cuda:
+        return False
+    if req.verified_only and offer.verified is False:
+        return False
+    if offer.interruptible and not req.include_interruptible:
+        return False
+    if req.max_price_per_hour is not None and offer.price_per_hour > req.max_price_per_hour:
+        return False
+    if req.gpu_models and offer.gpu_model not in req.gpu_models:
+        return False
+    if req.min_download_mbps is not None and offer.download_mbps is not None and offer.download_mbps < req.min_download_mbps:
+        return False
+    return offer.availability != NO_STOCK
+
+
+def rank(offers: Iterable[Offer], profile: JobProfile | None = None) -> list[RankedOffer]:
+    """Cheapest first: by estimated job cost with a profile (offers without an estimate last), else by $/h."""
+    ranked = [RankedOffer(offer=o, estimate=estimate_job(profile, o) if profile else None) for o in offers]
+
+    def key(item: RankedOffer) -> tuple[Any, ...]:
+        reliability = item.offer.reliability if item.offer.reliability is not None else 0.0
+        if profile is not None:
+            cost = item.estimate.cost_usd if item.estimate else float("inf")
+            return (cost, item.offer.price_per_hour, -reliability, item.offer.provider, item.offer.offer_id)
+        return (item.offer.price_per_hour, -reliability, item.offer.provider, item.offer.offer_id)
+
+    return sorted(ranked, key=key)
+
+
+def find_offers(
+    names: Iterable[str],
+    requirements: Requirements,
+    profile: JobProfile | None = None,
+    opener: Callable[[str], Provider] = open_provider,
+) -> OfferSearch:
+    requirements = requirements.model_copy(update={"gpu_models": [normalise_gpu_name(g) for g in requirements.gpu_models]})
+    offers, notes = query_providers(names, requirements, opener)
+    suitable = [o for o in offers if meets(o, requirements)]
+    return OfferSearch(ranked=rank(suitable, profile), notes=notes, considered=len(offers))
+
+
+def provider_names(choice: Iterable[str] | None) -> list[str]:
+    """--provider values -> adapter names; empty or 'all' means every market."""
+    chosen = [c.lower() for c in (choice or [])]
+    if not chosen or "all" in chosen:
+        return list(registry.MARKETS)
+    return list(dict.fromkeys(chosen))
