@@ -1,0 +1,299 @@
+"""The job ledger: SQLite under ~/.local/state/rentrain. Every state change is written here before it
+is acted on, so `status`, `attach`, `fetch` and `down` work after the client was killed.
+
+No secret is ever stored here: API keys stay in the credentials file or the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from rentrain.paths import state_dir
+
+JobState = Literal[
+    "planned",
+    "intent_recorded",
+    "creating",
+    "waiting_ssh",
+    "syncing",
+    "bootstrapping",
+    "watchdog",
+    "training",
+    "following",
+    "fetching",
+    "destroying",
+    "closed",
+]
+OPEN_STATES: tuple[JobState, ...] = (
+    "intent_recorded",
+    "creating",
+    "waiting_ssh",
+    "syncing",
+    "bootstrapping",
+    "watchdog",
+    "training",
+    "following",
+    "fetching",
+    "destroying",
+)
+Outcome = Literal["succeeded", "failed", "cancelled"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    config_path TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    label TEXT NOT NULL,
+    state TEXT NOT NULL,
+    outcome TEXT,
+    output_dir TEXT NOT NULL,
+    remote_dir TEXT,
+    total_steps INTEGER,
+    last_step INTEGER NOT NULL DEFAULT 0,
+    events_offset INTEGER NOT NULL DEFAULT 0,
+    result_path TEXT,
+    result_sha256 TEXT,
+    error TEXT,
+    client_pid INTEGER,
+    client_seen_at REAL,
+    settings_json TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS transitions (
+    job_id TEXT NOT NULL REFERENCES jobs(id),
+    at REAL NOT NULL,
+    from_state TEXT,
+    to_state TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS instances (
+    job_id TEXT NOT NULL REFERENCES jobs(id),
+    provider TEXT NOT NULL,
+    instance_id TEXT,
+    offer_id TEXT NOT NULL,
+    host_id TEXT,
+    gpu TEXT NOT NULL,
+    usd_per_hour REAL NOT NULL,
+    ssh_host TEXT,
+    ssh_port INTEGER,
+    ssh_user TEXT,
+    host_key TEXT,
+    created_at REAL NOT NULL,
+    running_at REAL,
+    ended_at REAL,
+    end_reason TEXT,
+    PRIMARY KEY (job_id, offer_id, created_at)
+);
+CREATE TABLE IF NOT EXISTS failed_hosts (
+    provider TEXT NOT NULL,
+    host_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    reason TEXT NOT NULL
+);
+"""
+
+
+class JobRecord(BaseModel):
+    id: str
+    created_at: float
+    config_path: str
+    provider: str
+    label: str
+    state: JobState
+    outcome: Outcome | None = None
+    output_dir: str
+    remote_dir: str | None = None
+    total_steps: int | None = None
+    last_step: int = 0
+    events_offset: int = 0
+    result_path: str | None = None
+    result_sha256: str | None = None
+    error: str | None = None
+    client_pid: int | None = None
+    client_seen_at: float | None = None
+    settings_json: str = "{}"
+
+    @property
+    def is_open(self) -> bool:
+        return self.state in OPEN_STATES
+
+
+class InstanceRecord(BaseModel):
+    job_id: str
+    provider: str
+    instance_id: str | None = None
+    offer_id: str
+    host_id: str | None = None
+    gpu: str
+    usd_per_hour: float
+    ssh_host: str | None = None
+    ssh_port: int | None = None
+    ssh_user: str | None = None
+    host_key: str | None = None
+    created_at: float
+    running_at: float | None = None
+    ended_at: float | None = None
+    end_reason: str | None = None
+
+    def billed_seconds(self, now: float | None = None) -> float:
+        end = self.ended_at if self.ended_at is not None else (now if now is not None else time.time())
+        return max(0.0, end - self.created_at) if self.instance_id else 0.0
+
+    def cost(self, now: float | None = None) -> float:
+        return self.usd_per_hour * self.billed_seconds(now) / 3600
+
+
+class Transition(BaseModel):
+    job_id: str
+    at: float
+    from_state: str | None
+    to_state: str
+    detail: str
+
+
+class Ledger:
+    def __init__(self, path: Path | None = None):
+        self.path = path or state_dir() / "ledger.sqlite3"
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        db = sqlite3.connect(self.path, timeout=30)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(SCHEMA)
+        finally:
+            db.close()
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        finally:
+            db.close()
+
+    def create_job(self, job: JobRecord) -> None:
+        row = job.model_dump()
+        with self._connect() as db:
+            db.execute(
+                f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})", tuple(row.values())
+            )
+            db.execute(
+                "INSERT INTO transitions VALUES (?, ?, NULL, ?, ?)", (job.id, job.created_at, job.state, "job created")
+            )
+
+    def transition(self, job_id: str, to_state: JobState, detail: str = "", **fields: Any) -> JobRecord:
+        """Record the move to `to_state` (and any field updates) in one transaction; returns the new record."""
+        unknown = set(fields) - set(JobRecord.model_fields)
+        if unknown:
+            raise ValueError(f"unknown job fields: {sorted(unknown)}")
+        with self._connect() as db:
+            current = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if current is None:
+                raise KeyError(job_id)
+            updates = {"state": to_state, **fields}
+            db.execute(
+                f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in updates)} WHERE id = ?",
+                (*updates.values(), job_id),
+            )
+            db.execute(
+                "INSERT INTO transitions VALUES (?, ?, ?, ?, ?)", (job_id, time.time(), current["state"], to_state, detail)
+            )
+        return self.job(job_id)
+
+    def update_job(self, job_id: str, **fields: Any) -> None:
+        """Progress fields that are not state changes (last step, events offset, heartbeat)."""
+        unknown = set(fields) - set(JobRecord.model_fields)
+        if unknown or "state" in fields:
+            raise ValueError(f"not updatable here: {sorted(unknown | ({'state'} & set(fields)))}")
+        with self._connect() as db:
+            db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?", (*fields.values(), job_id))
+
+    def job(self, job_id: str) -> JobRecord:
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise KeyError(job_id)
+        return JobRecord(**dict(row))
+
+    def find_job(self, prefix: str) -> JobRecord:
+        """A job by its id or a unique prefix of it."""
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM jobs WHERE id LIKE ? ORDER BY created_at", (prefix + "%",)).fetchall()
+        if not rows:
+            raise KeyError(f"no job {prefix!r}")
+        if len(rows) > 1:
+            raise KeyError(f"{prefix!r} matches {len(rows)} jobs: {', '.join(r['id'] for r in rows)}")
+        return JobRecord(**dict(rows[0]))
+
+    def jobs(self, open_only: bool = False) -> list[JobRecord]:
+        query = "SELECT * FROM jobs"
+        if open_only:
+            query += f" WHERE state IN ({', '.join('?' for _ in OPEN_STATES)})"
+        with self._connect() as db:
+            rows = db.execute(query + " ORDER BY created_at", OPEN_STATES if open_only else ()).fetchall()
+        return [JobRecord(**dict(r)) for r in rows]
+
+    def transitions(self, job_id: str) -> list[Transition]:
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM transitions WHERE job_id = ? ORDER BY rowid", (job_id,)).fetchall()
+        return [Transition(**dict(r)) for r in rows]
+
+    def add_instance(self, instance: InstanceRecord) -> None:
+        row = instance.model_dump()
+        with self._connect() as db:
+            db.execute(
+                f"INSERT INTO instances ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})", tuple(row.values())
+            )
+
+    def update_instance(self, job_id: str, offer_id: str, created_at: float, **fields: Any) -> None:
+        unknown = set(fields) - set(InstanceRecord.model_fields)
+        if unknown:
+            raise ValueError(f"unknown instance fields: {sorted(unknown)}")
+        with self._connect() as db:
+            db.execute(
+                f"UPDATE instances SET {', '.join(f'{k} = ?' for k in fields)} "
+                "WHERE job_id = ? AND offer_id = ? AND created_at = ?",
+                (*fields.values(), job_id, offer_id, created_at),
+            )
+
+    def instances(self, job_id: str | None = None, live_only: bool = False) -> list[InstanceRecord]:
+        query = "SELECT * FROM instances WHERE 1 = 1"
+        params: list[Any] = []
+        if job_id is not None:
+            query += " AND job_id = ?"
+            params.append(job_id)
+        if live_only:
+            query += " AND ended_at IS NULL"
+        with self._connect() as db:
+            rows = db.execute(query + " ORDER BY created_at", params).fetchall()
+        return [InstanceRecord(**dict(r)) for r in rows]
+
+    def job_cost(self, job_id: str, now: float | None = None) -> float:
+        return sum(i.cost(now) for i in self.instances(job_id))
+
+    def record_failed_host(self, provider: str, host_id: str, reason: str) -> None:
+        with self._connect() as db:
+            db.execute("INSERT INTO failed_hosts VALUES (?, ?, ?, ?)", (provider, host_id, time.time(), reason))
+
+    def failed_hosts(self, provider: str) -> set[str]:
+        with self._connect() as db:
+            rows = db.execute("SELECT DISTINCT host_id FROM failed_hosts WHERE provider = ?", (provider,)).fetchall()
+        return {r["host_id"] for r in rows}
+
+
+def settings_of(job: JobRecord) -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(job.settings_json)
+    return loaded

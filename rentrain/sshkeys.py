@@ -1,0 +1,43 @@
+"""A fresh ed25519 SSH key per job, kept 0600 under the state folder and never reused."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import BaseModel
+
+from rentrain.paths import state_dir
+
+
+class JobKey(BaseModel):
+    private_path: Path
+    public_line: str  # "ssh-ed25519 AAAA... rentrain-<job>"
+
+
+def job_key_dir(job_id: str) -> Path:
+    return state_dir() / "jobs" / job_id
+
+
+def create_job_key(job_id: str) -> JobKey:
+    folder = job_key_dir(job_id)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_path = folder / "id_ed25519"
+    key = Ed25519PrivateKey.generate()
+    private_bytes = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    descriptor = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(private_bytes)
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    public_line = f"{public.decode()} rentrain-{job_id}"
+    (folder / "id_ed25519.pub").write_text(public_line + "\n")
+    return JobKey(private_path=private_path, public_line=public_line)
+
+
+def load_job_key(job_id: str) -> JobKey:
+    folder = job_key_dir(job_id)
+    return JobKey(private_path=folder / "id_ed25519", public_line=(folder / "id_ed25519.pub").read_text().strip())
