@@ -103,10 +103,11 @@ class RunPodProvider:
         *,
         session: requests.Session | None = None,
         sleep: Callable[[float], None] | None = None,
+        clock: Callable[[], float] | None = None,
         policy: RetryPolicy | None = None,
     ):
         self.base_url = (base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL).rstrip("/")
-        extra: dict[str, Any] = {"sleep": sleep} if sleep else {}
+        extra: dict[str, Any] = {k: v for k, v in (("sleep", sleep), ("clock", clock)) if v is not None}
         self._api = ApiClient(NAME, self.base_url, api_key, classify=_classify, policy=policy, session=session, **extra)
 
     def __repr__(self) -> str:
