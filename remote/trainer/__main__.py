@@ -1,0 +1,94 @@
+"""``python -m remote.trainer CONFIG.toml [--resume STATE_DIR | --resume last]``
+
+stdout carries the event protocol only (remote/events.py): one JSON object per line, also appended to
+<output_dir>/events.jsonl. Everything else (library warnings, progress bars) goes to stderr.
+Exit status: 0 done, 2 config/model/data error, 3 out of memory, 130 stopped (state saved), 1 other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from remote.events import EVENTS_FILE, ErrorEvent, EventWriter
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m remote.trainer", description="Train a kohya-format LoRA.")
+    parser.add_argument("config", type=Path, help="the training TOML (rentrain / kohya keys)")
+    parser.add_argument(
+        "--resume",
+        metavar="STATE_DIR",
+        help="continue from a *-state folder written with a checkpoint, or 'last' for the newest in output_dir",
+    )
+    args = parser.parse_args(argv)
+
+    events_out = sys.stdout
+    sys.stdout = sys.stderr  # libraries print; only events go to the real stdout
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    writer = EventWriter(None, stream=events_out)
+    try:
+        from remote.config import ConfigError, load_config
+
+        try:
+            loaded = load_config(args.config)
+        except ConfigError as exc:
+            writer.emit(ErrorEvent(kind="config", message=str(exc)))
+            return 2
+        cfg = loaded.train
+        writer.log_path = Path(cfg.output_dir) / EVENTS_FILE
+        return _train(cfg, writer, args.resume)
+    finally:
+        sys.stdout = events_out
+
+
+def _train(cfg, writer: EventWriter, resume: str | None) -> int:
+    try:
+        import torch
+
+        from .data import DataError
+        from .loop import OutputExistsError, Stopped, train
+        from .models import ModelError
+        from .optim import OptimizerError
+        from .state import ResumeError
+    except ImportError as exc:
+        writer.emit(ErrorEvent(kind="internal", message=f"the trainer's dependencies are missing: {exc}"))
+        return 1
+    try:
+        train(cfg, writer, resume=resume)
+        return 0
+    except (OutputExistsError, OptimizerError, ResumeError) as exc:
+        writer.emit(ErrorEvent(kind="config", message=str(exc)))
+        return 2
+    except ModelError as exc:
+        writer.emit(ErrorEvent(kind="model", message=str(exc)))
+        return 2
+    except DataError as exc:
+        writer.emit(ErrorEvent(kind="data", message=str(exc)))
+        return 2
+    except Stopped as exc:
+        writer.emit(ErrorEvent(kind="interrupted", message=str(exc)))
+        return 130
+    except torch.OutOfMemoryError as exc:
+        writer.emit(
+            ErrorEvent(
+                kind="out_of_memory",
+                message=f"{exc}. Lower batch_size or network_dim, or set gradient_checkpointing = true "
+                "or mixed_precision = \"bf16\"",
+            )
+        )
+        return 3
+    except KeyboardInterrupt:
+        writer.emit(ErrorEvent(kind="interrupted", message="interrupted before a state could be saved"))
+        return 130
+    except Exception as exc:  # noqa: BLE001 - reported as an event, with the traceback on stderr
+        traceback.print_exc()
+        writer.emit(ErrorEvent(kind="internal", message=f"{type(exc).__name__}: {exc}"))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""The training data, kohya's way: images in buckets, repeats from folder names, processed captions,
+latents cached on disk (keyed by image content, bucket and VAE) and batches that never mix buckets.
+
+Every random choice (batch order, caption shuffle/dropout, flips) is a pure function of the run's seed
+and the position in the run, so a resumed run draws exactly what the uninterrupted run drew.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from remote.buckets import BucketPlanner, StepPlan, plan_steps
+from remote.dataset import CaptionError, DatasetLayout, balanced_reg_repeats, caption_for, scan_layout
+
+from .tokenizers import cache_root
+
+
+class DataError(Exception):
+    """The dataset cannot be trained on; the message names the file or folder."""
+
+
+@dataclass
+class ImageRecord:
+    path: Path
+    caption: str  # the caption file's text (or the folder's class tokens), before caption options
+    repeats: int
+    is_reg: bool
+    original_size: tuple[int, int]  # (w, h) after EXIF orientation
+    bucket: tuple[int, int]  # (w, h)
+    resized: tuple[int, int]  # (w, h) before the centre crop
+    crop_ltrb: tuple[float, float, float, float]
+    content_hash: str = ""
+    latent: torch.Tensor | None = None
+    latent_flipped: torch.Tensor | None = None
+    subset: str = ""
+
+
+@dataclass
+class Dataset:
+    records: list[ImageRecord]
+    plan: StepPlan
+    buckets: dict[tuple[int, int], list[int]] = field(default_factory=dict)  # bucket -> record index per repeat
+
+
+def open_image(path: Path):
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            return image.convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for a bad file
+        raise DataError(f"{path}: cannot read the image: {exc}") from exc
+
+
+def crop_ltrb(bucket: tuple[int, int], image_size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """kohya's BucketManager.get_crop_ltrb (SDXL's crop conditioning; a letterbox-style offset)."""
+    bucket_ar = bucket[0] / bucket[1]
+    image_ar = image_size[0] / image_size[1]
+    if bucket_ar > image_ar:
+        resized_w, resized_h = bucket[1] * image_ar, bucket[1]
+    else:
+        resized_w, resized_h = bucket[0], bucket[0] / image_ar
+    left = (bucket[0] - resized_w) // 2
+    top = (bucket[1] - resized_h) // 2
+    return left, top, left + resized_w, top + resized_h
+
+
+def load_pixels(record: ImageRecord) -> torch.Tensor:
+    """The image scaled to cover its bucket and centre-cropped, as a [3, H, W] tensor in [-1, 1]."""
+    from PIL import Image
+
+    image = open_image(record.path)
+    if image.size != record.resized:
+        enlarge = record.resized[0] > image.size[0] or record.resized[1] > image.size[1]
+        resample = Image.Resampling.LANCZOS if enlarge else Image.Resampling.BOX  # BOX ~ cv2 INTER_AREA
+        image = image.resize(record.resized, resample=resample)
+    width, height = image.size
+    left = (width - record.bucket[0]) // 2 if width > record.bucket[0] else 0
+    top = (height - record.bucket[1]) // 2 if height > record.bucket[1] else 0
+    image = image.crop((left, top, left + record.bucket[0], top + record.bucket[1]))
+    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(record.bucket[1], record.bucket[0], 3)
+    return data.permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def planner_for(cfg) -> BucketPlanner:
+    return BucketPlanner(
+        tuple(cfg.resolution),
+        cfg.enable_bucket,
+        cfg.min_bucket_reso,
+        cfg.max_bucket_reso,
+        cfg.bucket_reso_steps,
+        cfg.bucket_no_upscale,
+    )
+
+
+def build_dataset(cfg, layout: DatasetLayout | None = None) -> Dataset:
+    """Scan the kohya layout, size every image into its bucket and count steps with remote.buckets."""
+    if layout is None:
+        layout = scan_layout(cfg.train_data_dir, cfg.caption_extension, cfg.reg_data_dir)
+    if layout.errors:
+        raise DataError("; ".join(str(p) for p in layout.errors))
+    planner = planner_for(cfg)
+    reg_repeats = balanced_reg_repeats(layout)
+    records: list[ImageRecord] = []
+    for subset in layout.subsets:
+        for item in subset.images:
+            try:
+                caption = caption_for(item, subset)
+            except CaptionError as exc:
+                raise DataError(str(exc)) from exc
+            image = open_image(item.path)
+            size = image.size
+            choice = planner.assign(*size)
+            repeats = reg_repeats.get(item.path, subset.repeats) if subset.is_reg else subset.repeats
+            records.append(
+                ImageRecord(
+                    path=item.path,
+                    caption=caption,
+                    repeats=repeats,
+                    is_reg=subset.is_reg,
+                    original_size=size,
+                    bucket=tuple(choice.bucket),
+                    resized=tuple(choice.resized),
+                    crop_ltrb=crop_ltrb(tuple(choice.bucket), size),
+                    subset=subset.folder.name,
+                )
+            )
+    buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for index, record in enumerate(records):
+        buckets[record.bucket].extend([index] * record.repeats)
+    plan = plan_steps(
+        (r.bucket for r in records for _ in range(r.repeats)),
+        cfg.batch_size,
+        cfg.gradient_accumulation_steps,
+        cfg.max_train_epochs,
+        cfg.max_train_steps,
+    )
+    return Dataset(records=records, plan=plan, buckets=dict(sorted(buckets.items())))
+
+
+def epoch_batches(dataset: Dataset, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """kohya's per-epoch order: shuffle each bucket's items and the batch order with seed + epoch."""
+    rng = random.Random(seed + epoch)
+    batches: list[list[int]] = []
+    for _, items in dataset.buckets.items():
+        items = list(items)
+        rng.shuffle(items)
+        for start in range(0, len(items), batch_size):
+            batches.append(items[start : start + batch_size])
+    rng.shuffle(batches)
+    return batches
+
+
+# ---------------------------------------------------------------------------------------------------
+# Captions
+
+
+def captions_are_static(cfg) -> bool:
+    return not (
+        cfg.shuffle_caption or cfg.caption_dropout_rate or cfg.caption_dropout_every_n_epochs or cfg.caption_tag_dropout_rate
+    )
+
+
+def base_caption(cfg, caption: str) -> str:
+    if cfg.caption_prefix:
+        caption = cfg.caption_prefix + " " + caption
+    if cfg.caption_suffix:
+        caption = caption + " " + cfg.caption_suffix
+    return caption
+
+
+def process_caption(cfg, caption: str, rng: random.Random, epoch: int) -> str:
+    """kohya's process_caption: prefix/suffix, dropout, keep_tokens + shuffle + tag dropout, ", " join.
+
+    ``epoch`` is 1-based, as kohya's current_epoch.
+    """
+    caption = base_caption(cfg, caption)
+    dropped = cfg.caption_dropout_rate > 0 and rng.random() < cfg.caption_dropout_rate
+    dropped = dropped or (cfg.caption_dropout_every_n_epochs > 0 and epoch % cfg.caption_dropout_every_n_epochs == 0)
+    if dropped:
+        return ""
+    if cfg.shuffle_caption or cfg.caption_tag_dropout_rate > 0:
+        tokens = [t.strip() for t in caption.strip().split(cfg.caption_separator)]
+        tokens = [t for t in tokens if t]
+        fixed, flex = tokens[: cfg.keep_tokens], tokens[cfg.keep_tokens :]
+        if cfg.shuffle_caption:
+            rng.shuffle(flex)
+        if cfg.caption_tag_dropout_rate > 0:
+            flex = [t for t in flex if rng.random() >= cfg.caption_tag_dropout_rate]
+        caption = ", ".join(fixed + flex)
+    return caption
+
+
+def caption_rng(seed: int, epoch: int, batch_index: int, slot: int) -> random.Random:
+    return random.Random(f"caption:{seed}:{epoch}:{batch_index}:{slot}")
+
+
+def tag_frequency(records: list[ImageRecord]) -> dict[str, dict[str, int]]:
+    """kohya's ss_tag_frequency: per subset folder, how many captions hold each comma-separated tag."""
+    out: dict[str, Counter] = defaultdict(Counter)
+    for record in records:
+        for tag in {t.strip() for t in record.caption.split(",") if t.strip()}:
+            out[record.subset][tag] += 1
+    return {k: dict(v) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Latent cache
+
+
+def vae_fingerprint(vae: torch.nn.Module) -> str:
+    """A cheap content hash of the VAE's weights, so cached latents are never reused across VAEs."""
+    digest = hashlib.sha256()
+    for name, tensor in vae.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        sample = torch.cat([flat[:64], flat[-64:]]).to("cpu", torch.float32)
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def latent_cache_dir() -> Path:
+    return cache_root() / "latents"
+
+
+def cache_latents(
+    dataset: Dataset, vae, scaling_factor: float, device: torch.device, flip: bool, batch_size: int = 8
+) -> tuple[int, int]:
+    """Fill record.latent (and latent_flipped) from the disk cache, encoding only what is missing.
+
+    Returns (encoded, reused). Latents are encoded with the VAE in float32 and sampled with a generator
+    seeded from the cache key, so the same image always gives the same latent.
+    """
+    from safetensors.torch import load_file, save_file
+
+    folder = latent_cache_dir() / vae_fingerprint(vae)
+    folder.mkdir(parents=True, exist_ok=True)
+    missing: dict[tuple[int, int], list[tuple[ImageRecord, Path]]] = defaultdict(list)
+    reused = 0
+    for record in dataset.records:
+        record.content_hash = record.content_hash or file_hash(record.path)
+        key = f"{record.content_hash}_{record.bucket[0]}x{record.bucket[1]}_{record.resized[0]}x{record.resized[1]}"
+        path = folder / f"{key}.safetensors"
+        if path.is_file():
+            try:
+                data = load_file(str(path))
+                if not flip or "flipped" in data:
+                    record.latent = data["latent"]
+                    record.latent_flipped = data.get("flipped")
+                    reused += 1
+                    continue
+            except Exception:  # noqa: BLE001 - a torn cache file is simply recomputed
+                pass
+        missing[record.bucket].append((record, path))
+    encoded = 0
+    vae_dtype = next(vae.parameters()).dtype
+    vae.to(device, torch.float32)
+    try:
+        for _, items in missing.items():
+            for start in range(0, len(items), batch_size):
+                chunk = items[start : start + batch_size]
+                pixels = torch.stack([load_pixels(r) for r, _ in chunk]).to(device)
+                views = [pixels, pixels.flip(-1)] if flip else [pixels]
+                outs = []
+                with torch.no_grad():
+                    for view in views:
+                        dist = vae.encode(view).latent_dist
+                        latents = []
+                        for row, (record, _) in enumerate(chunk):
+                            gen = torch.Generator(device=device).manual_seed(int(record.content_hash[:12], 16))
+                            noise = torch.randn(dist.mean[row].shape, generator=gen, device=device)
+                            latents.append(dist.mean[row] + dist.std[row] * noise)
+                        latent = torch.stack(latents) * scaling_factor
+                        outs.append(torch.nan_to_num(latent, nan=0.0).to("cpu", torch.float32))
+                for row, (record, path) in enumerate(chunk):
+                    record.latent = outs[0][row].contiguous()
+                    tensors = {"latent": record.latent}
+                    if flip:
+                        record.latent_flipped = outs[1][row].contiguous()
+                        tensors["flipped"] = record.latent_flipped
+                    tmp = path.with_name(path.name + ".tmp")
+                    save_file(tensors, str(tmp))
+                    tmp.replace(path)
+                    encoded += 1
+    finally:
+        vae.to("cpu", vae_dtype)
+    return encoded, reused
+
+
+def expected_batches(plan: StepPlan) -> int:
+    return plan.batches_per_epoch
+
+
+def samples_per_second(batch: int, seconds: float) -> float:
+    return batch / seconds if seconds > 0 else math.inf

@@ -1,0 +1,506 @@
+"""The training run, top to bottom: set up, cache, loop over epochs and batches, save, sample.
+
+All randomness of a step (noise, timesteps, caption shuffles, flips) comes from generators seeded
+with the run's seed and the step's position, and each epoch's batch order from seed + epoch (as
+kohya). A resumed run therefore draws exactly what the uninterrupted run drew.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import secrets
+import signal
+import time
+import uuid
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from remote.events import (
+    CheckpointEvent,
+    DoneEvent,
+    EpochEvent,
+    EventWriter,
+    SampleEvent,
+    StartEvent,
+    StepEvent,
+)
+
+from . import data as data_mod
+from .lora import LoRANetwork, build_metadata, save_kohya
+from .models import ModelBundle, encode, load_model, sdxl_time_ids, tokenize
+from .optim import make_optimizer, make_scheduler
+from .samples import sample_grid
+from .state import Position, ResumeError, find_latest_state, load_state, save_state, state_dir_name
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class OutputExistsError(Exception):
+    """The final file exists already; rentrain never overwrites a finished LoRA."""
+
+
+class Stopped(Exception):
+    """The run was asked to stop (SIGTERM/SIGINT); a resumable state was saved."""
+
+
+@dataclass
+class Run:
+    cfg: object
+    bundle: ModelBundle
+    dataset: data_mod.Dataset
+    network: LoRANetwork
+    optimizer: object
+    scheduler: object
+    scaler: object
+    device: torch.device
+    dtype: torch.dtype
+    seed: int
+    name: str
+    output_dir: Path
+    writer: EventWriter
+    noise_scheduler: object = None
+    text_cache: dict = field(default_factory=dict)
+    position: Position | None = None
+    losses: list = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+    stop_requested: bool = False
+
+
+def pick_device() -> torch.device:
+    wanted = os.environ.get("RENTRAIN_DEVICE")
+    if wanted:
+        return torch.device(wanted)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def step_generator(device: torch.device, seed: int, *position: int) -> torch.Generator:
+    value = seed
+    for part in position:
+        value = (value * 1_000_003 + part + 1) % (2**62)
+    return torch.Generator(device=device).manual_seed(value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Set-up
+
+
+def output_names(cfg) -> str:
+    return cfg.output_name or "last"
+
+
+def final_path(cfg) -> Path:
+    return Path(cfg.output_dir) / f"{output_names(cfg)}.safetensors"
+
+
+def setup(cfg, writer: EventWriter, resume: Path | None) -> Run:
+    device = pick_device()
+    dtype = DTYPES[cfg.mixed_precision]
+    output_dir = Path(cfg.output_dir)
+    final = final_path(cfg)
+    if final.exists() and resume is None:
+        raise OutputExistsError(
+            f"{final} already exists: rentrain does not overwrite a finished LoRA. Set another output_name, "
+            "move the file away, or resume an unfinished run with --resume"
+        )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    seed = cfg.seed if cfg.seed is not None else secrets.randbelow(2**31)
+    if resume is not None:  # the seed is part of the state
+        from .state import read_position
+
+        seed = read_position(resume).seed
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    bundle = load_model(cfg)
+    dataset = data_mod.build_dataset(cfg)
+
+    # LoRA only where a learning rate is set (kohya: text_encoder_lr = 0 -> no text-encoder LoRA).
+    unet_lr, te_lr = cfg.effective_unet_lr, cfg.effective_text_encoder_lr
+    network = LoRANetwork(
+        bundle.unet if unet_lr > 0 else None,
+        bundle.text_encoders if te_lr > 0 else [],
+        bundle.family,
+        cfg.network_dim,
+        cfg.scale_alpha,
+        cfg.conv_dim,
+        cfg.conv_alpha,
+    )
+    network.apply_to()
+
+    # The frozen base runs in the mixed-precision dtype; the LoRA stays fp32 unless full_fp16/bf16.
+    bundle.unet.to(device, dtype)
+    for encoder in bundle.text_encoders:
+        encoder.to(device, dtype)
+    lora_dtype = dtype if (cfg.full_fp16 or cfg.full_bf16) else torch.float32
+    network.to(device, lora_dtype)
+    if cfg.gradient_checkpointing:
+        bundle.unet.enable_gradient_checkpointing()
+        bundle.unet.train()
+        if te_lr > 0:
+            for encoder in bundle.text_encoders:
+                encoder.gradient_checkpointing_enable()
+                encoder.train()
+
+    groups = network.param_groups(unet_lr, te_lr)
+    optimizer, optimizer_label = make_optimizer(
+        cfg.optimizer_type, groups, unet_lr or te_lr, cfg.optimizer_args, device
+    )
+    total = dataset.plan.total_steps
+    warmup = cfg.warmup_steps_for(total)
+    scheduler = make_scheduler(
+        optimizer, cfg.lr_scheduler, warmup, total, cfg.lr_scheduler_num_cycles, cfg.lr_scheduler_power
+    )
+    use_scaler = dtype == torch.float16 and not cfg.full_fp16
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler) if use_scaler else None
+
+    run = Run(
+        cfg=cfg,
+        bundle=bundle,
+        dataset=dataset,
+        network=network,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        device=device,
+        dtype=dtype,
+        seed=seed,
+        name=output_names(cfg),
+        output_dir=output_dir,
+        writer=writer,
+        noise_scheduler=bundle.noise_scheduler(),
+    )
+    run.info = {
+        "session_id": uuid.uuid4().int % (2**31),
+        "started_at": time.time(),
+        "seed": seed,
+        "optimizer": optimizer_label,
+        "warmup_steps": warmup,
+        "total_steps": total,
+        "epochs": dataset.plan.epochs,
+        "batches_per_epoch": dataset.plan.batches_per_epoch,
+        "num_train_images": sum(r.repeats for r in dataset.records if not r.is_reg),
+        "num_reg_images": sum(r.repeats for r in dataset.records if r.is_reg),
+        "tag_frequency": data_mod.tag_frequency(dataset.records),
+        "dataset_dirs": {
+            r.subset: {"n_repeats": r.repeats, "img_count": sum(1 for x in dataset.records if x.subset == r.subset)}
+            for r in dataset.records
+            if not r.is_reg
+        },
+        "bucket_info": {"buckets": dataset.plan.bucket_samples},
+        **bundle.info,
+    }
+    run.position = Position(
+        step=0,
+        epoch=0,
+        batch=0,
+        seed=seed,
+        total_steps=total,
+        steps_per_epoch=dataset.plan.steps_per_epoch,
+        batches_per_epoch=dataset.plan.batches_per_epoch,
+        batch_size=cfg.batch_size,
+        model=cfg.pretrained_model_name_or_path,
+        family=bundle.family,
+    )
+    return run
+
+
+def prepare_caches(run: Run) -> None:
+    cfg, bundle = run.cfg, run.bundle
+    data_mod.cache_latents(run.dataset, bundle.vae, bundle.scaling_factor, run.device, cfg.flip_aug)
+    if not cfg.trains_text_encoder and data_mod.captions_are_static(cfg):
+        captions = sorted({data_mod.base_caption(cfg, r.caption) for r in run.dataset.records})
+        with torch.no_grad(), autocast(run):
+            for start in range(0, len(captions), 32):
+                chunk = captions[start : start + 32]
+                context, pooled = encode(bundle, tokenize(bundle, chunk, cfg.max_token_length), cfg.clip_skip)
+                for i, caption in enumerate(chunk):
+                    run.text_cache[caption] = (context[i], None if pooled is None else pooled[i])
+
+
+def autocast(run: Run):
+    if run.dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(run.device.type, dtype=run.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One step
+
+
+def conditioning(run: Run, records, epoch: int, batch_index: int):
+    """(context, pooled) for a batch: from the text-encoder cache, or encoded now (with grad if trained)."""
+    cfg = run.cfg
+    if run.text_cache:
+        pairs = [run.text_cache[data_mod.base_caption(cfg, r.caption)] for r in records]
+        context = torch.stack([p[0] for p in pairs])
+        pooled = torch.stack([p[1] for p in pairs]) if pairs[0][1] is not None else None
+        return context, pooled
+    captions = [
+        data_mod.process_caption(cfg, r.caption, data_mod.caption_rng(run.seed, epoch, batch_index, slot), epoch + 1)
+        for slot, r in enumerate(records)
+    ]
+    ids = tokenize(run.bundle, captions, cfg.max_token_length)
+    grad = torch.enable_grad() if cfg.trains_text_encoder else torch.no_grad()
+    with grad:
+        return encode(run.bundle, ids, cfg.clip_skip)
+
+
+def batch_loss(run: Run, batch: list[int], epoch: int, batch_index: int) -> torch.Tensor:
+    """The loss of one batch, kohya's train_network.process_batch."""
+    cfg, device = run.cfg, run.device
+    records = [run.dataset.records[i] for i in batch]
+    gen = step_generator(device, run.seed, epoch, batch_index)
+    flips = [False] * len(records)
+    if cfg.flip_aug:
+        flip_gen = random.Random(f"flip:{run.seed}:{epoch}:{batch_index}")
+        flips = [flip_gen.random() < 0.5 for _ in records]
+    latents = torch.stack([r.latent_flipped if f else r.latent for r, f in zip(records, flips)]).to(device)
+
+    with autocast(run):
+        context, pooled = conditioning(run, records, epoch, batch_index)
+
+    noise = torch.randn(latents.shape, generator=gen, device=device)
+    if cfg.noise_offset:
+        noise = noise + cfg.noise_offset * torch.randn(
+            (latents.shape[0], latents.shape[1], 1, 1), generator=gen, device=device
+        )
+    timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=gen, device=device)
+    sched = run.noise_scheduler
+    noisy = sched.add_noise(latents, noise, timesteps)
+
+    kwargs = {}
+    if run.bundle.family == "sdxl":
+        original = [(r.original_size[1], r.original_size[0]) for r in records]
+        crops = []
+        for r, f in zip(records, flips):
+            left, top, right, _ = r.crop_ltrb
+            crops.append((int(top), int(r.bucket[0] - right if f else left)))
+        target = [(r.bucket[1], r.bucket[0]) for r in records]
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": pooled.to(device),
+            "time_ids": sdxl_time_ids(original, crops, target).to(device),
+        }
+    with autocast(run):
+        prediction = run.bundle.unet(noisy, timesteps, encoder_hidden_states=context, **kwargs).sample
+
+    target = sched.get_velocity(latents, noise, timesteps) if run.bundle.v_prediction else noise
+    loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
+    weights = torch.tensor([cfg.prior_loss_weight if r.is_reg else 1.0 for r in records], device=device)
+    loss = loss * weights
+    if cfg.min_snr_gamma:
+        alphas = sched.alphas_cumprod.to(device)[timesteps]
+        snr = alphas / (1 - alphas)
+        clipped = torch.clamp(snr, max=cfg.min_snr_gamma)
+        loss = loss * (clipped / (snr + 1) if run.bundle.v_prediction else clipped / snr)
+    return loss.mean()
+
+
+def optimizer_step(run: Run) -> None:
+    params = [p for group in run.optimizer.param_groups for p in group["params"]]
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)
+    if run.cfg.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, run.cfg.max_grad_norm)
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_checkpoint(run: Run, epoch: int, step: int, by_epoch: bool, epoch_order) -> None:
+    name = run.name
+    stem = f"{name}-{epoch:06d}" if by_epoch else f"{name}-step{step:08d}"
+    path = run.output_dir / f"{stem}.safetensors"
+    metadata = build_metadata(run.cfg, run.bundle.family, {**run.info, "epoch": epoch, "step": step})
+    digest = save_kohya(run.network, path, metadata, run.cfg.save_precision)
+    folder = run.output_dir / state_dir_name(name, step=step, epoch=epoch if by_epoch else None)
+    save_state(folder, run.position, run.network, run.optimizer, run.scheduler, run.scaler, epoch_order, run.losses)
+    run.writer.emit(CheckpointEvent(path=str(path), sha256=digest, epoch=epoch, step=step, state_dir=str(folder)))
+    if by_epoch and run.cfg.save_last_n_epochs and run.cfg.save_every_n_epochs:
+        old = epoch - run.cfg.save_every_n_epochs * run.cfg.save_last_n_epochs
+        if old > 0:
+            (run.output_dir / f"{name}-{old:06d}.safetensors").unlink(missing_ok=True)
+            import shutil
+
+            shutil.rmtree(run.output_dir / state_dir_name(name, epoch=old), ignore_errors=True)
+
+
+def save_samples(run: Run, label: str, epoch: int, step: int, final: bool = False) -> None:
+    if not run.cfg.sample_prompts:
+        return
+    path = run.output_dir / "samples" / f"{label}.png"
+    written = sample_grid(run, path, f"{label}  epoch {epoch}  step {step}")
+    if written is not None:
+        run.writer.emit(SampleEvent(path=str(written), epoch=epoch, step=step, final=final))
+
+
+def _every(n: int | None, value: int) -> bool:
+    return bool(n) and value % n == 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg, writer: EventWriter, resume: Path | str | None = None, stop_after_step: int | None = None) -> Path:
+    """Run the whole training; returns the final LoRA path. ``stop_after_step`` is for tests."""
+    wall_start = time.time()
+    if resume == "last":
+        resume = find_latest_state(Path(cfg.output_dir))
+        if resume is None:
+            raise ResumeError(f"--resume last: no *-state folder in {cfg.output_dir}")
+    resume = Path(resume) if resume is not None else None
+    run = setup(cfg, writer, resume)
+    prepare_caches(run)
+
+    epoch_order = None
+    if resume is not None:
+        saved = load_state(resume, run.position, run.network, run.optimizer, run.scheduler, run.scaler)
+        run.position = Position(**saved["position"])
+        run.losses = list(saved.get("losses", []))
+        epoch_order = saved["epoch_order"]
+
+    plan = run.dataset.plan
+    pos = run.position
+    device_name = str(run.device)
+    if run.device.type == "cuda":
+        device_name += f" ({torch.cuda.get_device_name(run.device)})"
+    writer.emit(
+        StartEvent(
+            total_steps=plan.total_steps,
+            epochs=plan.epochs,
+            steps_per_epoch=plan.steps_per_epoch,
+            samples_per_epoch=plan.samples_per_epoch,
+            batch_size=cfg.batch_size,
+            model_family=run.bundle.family,
+            model=cfg.pretrained_model_name_or_path,
+            device=device_name,
+            dtype=str(run.dtype).removeprefix("torch."),
+            resumed_from_step=pos.step,
+            trainable_parameters=sum(p.numel() for p in run.network.parameters()),
+            output_dir=str(run.output_dir),
+        )
+    )
+
+    previous_handlers = _install_stop_handlers(run)
+    accumulate = cfg.gradient_accumulation_steps
+    try:
+        while pos.step < plan.total_steps and pos.epoch < plan.epochs:
+            epoch = pos.epoch
+            order = epoch_order if epoch_order is not None else data_mod.epoch_batches(
+                run.dataset, cfg.batch_size, run.seed, epoch
+            )
+            epoch_order = None
+            epoch_losses = []
+            while pos.batch < len(order) and pos.step < plan.total_steps:
+                t0 = time.perf_counter()
+                group = order[pos.batch : pos.batch + accumulate]
+                step_loss = 0.0
+                samples = 0
+                for offset, batch in enumerate(group):
+                    loss = batch_loss(run, batch, epoch, pos.batch + offset)
+                    scaled = loss / len(group)
+                    (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
+                    step_loss += loss.item() / len(group)
+                    samples += len(batch)
+                optimizer_step(run)
+                pos.batch += len(group)
+                pos.step += 1
+                run.losses.append(step_loss)
+                epoch_losses.append(step_loss)
+                seconds = time.perf_counter() - t0
+                lrs = {g.get("name"): g["lr"] for g in run.optimizer.param_groups}
+                writer.emit(
+                    StepEvent(
+                        step=pos.step,
+                        total_steps=plan.total_steps,
+                        epoch=epoch + 1,
+                        loss=step_loss,
+                        lr=lrs.get("unet", lrs.get("text_encoder", 0.0)),
+                        lr_text_encoder=lrs.get("text_encoder"),
+                        seconds_per_step=seconds,
+                        samples_per_second=samples / seconds if seconds > 0 else 0.0,
+                        gpu_memory_gb=(torch.cuda.max_memory_allocated(run.device) / 2**30)
+                        if run.device.type == "cuda"
+                        else None,
+                    )
+                )
+                if pos.batch >= len(order):  # the epoch's last step: the state points at the next epoch
+                    pos.epoch, pos.batch = epoch + 1, 0
+                state_order = order if pos.epoch == epoch else None
+                if pos.step < plan.total_steps and _every(cfg.save_every_n_steps, pos.step):
+                    save_checkpoint(run, epoch + 1, pos.step, by_epoch=False, epoch_order=state_order)
+                if pos.step < plan.total_steps and _every(cfg.sample_every_n_steps, pos.step):
+                    save_samples(run, f"{run.name}-step{pos.step:08d}", epoch + 1, pos.step)
+                if run.stop_requested or (stop_after_step is not None and pos.step >= stop_after_step):
+                    folder = run.output_dir / state_dir_name(run.name, step=pos.step)
+                    save_state(folder, pos, run.network, run.optimizer, run.scheduler, run.scaler, state_order, run.losses)
+                    raise Stopped(f"stopped after step {pos.step}; resume with --resume {folder}")
+                if pos.epoch != epoch:
+                    break
+            if pos.epoch == epoch:  # max_train_steps ended inside this epoch
+                break
+            writer.emit(EpochEvent(epoch=epoch + 1, step=pos.step, mean_loss=sum(epoch_losses) / max(1, len(epoch_losses))))
+            done_epochs = epoch + 1
+            if done_epochs < plan.epochs and pos.step < plan.total_steps:
+                if _every(cfg.save_every_n_epochs, done_epochs):
+                    save_checkpoint(run, done_epochs, pos.step, by_epoch=True, epoch_order=None)
+                if _every(cfg.sample_every_n_epochs, done_epochs):
+                    save_samples(run, f"{run.name}-{done_epochs:06d}", done_epochs, pos.step)
+    finally:
+        _restore_handlers(previous_handlers)
+
+    final = final_path(cfg)
+    last_epoch = min(plan.epochs, max(1, math.ceil(pos.step / max(1, plan.steps_per_epoch))))
+    run.info["finished_at"] = time.time()
+    metadata = build_metadata(cfg, run.bundle.family, {**run.info, "epoch": last_epoch, "step": pos.step})
+    digest = save_kohya(run.network, final, metadata, cfg.save_precision)
+    save_samples(run, run.name, last_epoch, pos.step, final=True)
+    writer.emit(
+        DoneEvent(
+            path=str(final),
+            sha256=digest,
+            step=pos.step,
+            epoch=last_epoch,
+            wall_seconds=time.time() - wall_start,
+            final_loss=run.losses[-1] if run.losses else None,
+        )
+    )
+    return final
+
+
+def _install_stop_handlers(run: Run):
+    """SIGTERM/SIGINT finish the current step, save a state and stop (a spot instance being reclaimed)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def request_stop(signum, frame):  # noqa: ARG001
+        if run.stop_requested:
+            raise KeyboardInterrupt
+        run.stop_requested = True
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous[sig] = signal.signal(sig, request_stop)
+    return previous
+
+
+def _restore_handlers(previous) -> None:
+    if previous:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

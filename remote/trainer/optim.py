@@ -1,0 +1,125 @@
+"""Optimizers and learning-rate schedules, with kohya's names and meanings."""
+
+from __future__ import annotations
+
+import ast
+import math
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+
+class OptimizerError(Exception):
+    """The optimizer cannot run here; the message names an alternative."""
+
+
+def parse_optimizer_args(items: list[str]) -> dict:
+    """kohya's optimizer_args: ["weight_decay=0.01", "betas=0.9,0.999"] -> {"weight_decay": 0.01, "betas": (0.9, 0.999)}."""
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        value = value.strip()
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parsed = {"true": True, "false": False}.get(value.lower(), value)
+        out[key.strip()] = parsed
+    return out
+
+
+def make_optimizer(name: str, param_groups: list[dict], lr: float, args: list[str], device: torch.device):
+    """(optimizer, ss_optimizer string). ``lr`` is the default for groups without their own."""
+    kwargs = parse_optimizer_args(args)
+    lower = name.lower()
+    if lower == "adamw":
+        cls = torch.optim.AdamW
+    elif lower in ("adamw8bit", "lion8bit"):
+        if device.type != "cuda":
+            raise OptimizerError(
+                f"{name} (bitsandbytes) needs a CUDA GPU; on {device.type} use optimizer_type = "
+                f"\"{'AdamW' if lower == 'adamw8bit' else 'Lion'}\""
+            )
+        try:
+            import bitsandbytes as bnb
+        except Exception as exc:  # noqa: BLE001 - a broken install raises anything
+            raise OptimizerError(
+                f"{name} needs bitsandbytes, which cannot be imported here ({exc}); "
+                "use optimizer_type = \"AdamW\" or install bitsandbytes"
+            ) from exc
+        cls = bnb.optim.AdamW8bit if lower == "adamw8bit" else bnb.optim.Lion8bit
+    elif lower == "lion":
+        try:
+            from lion_pytorch import Lion as cls
+        except ImportError as exc:
+            raise OptimizerError("Lion needs the lion-pytorch package (pip install lion-pytorch); or use AdamW") from exc
+    elif lower == "prodigy":
+        try:
+            from prodigyopt import Prodigy as cls
+        except ImportError as exc:
+            raise OptimizerError("Prodigy needs the prodigyopt package (pip install prodigyopt); or use AdamW") from exc
+    elif lower == "adafactor":
+        from transformers.optimization import Adafactor as cls
+
+        kwargs.setdefault("scale_parameter", False)
+        kwargs.setdefault("relative_step", False)
+        kwargs.setdefault("warmup_init", False)
+    else:
+        raise OptimizerError(f"unknown optimizer {name!r}")
+    optimizer = cls(param_groups, lr=lr, **kwargs)
+    label = f"{cls.__module__}.{cls.__name__}" + (f"({','.join(args)})" if args else "")
+    return optimizer, label
+
+
+def lr_lambda(name: str, warmup: int, total: int, num_cycles: int = 1, power: float = 1.0, base_lr: float = 1.0):
+    """The multiplier of the base LR at step s, as transformers'/diffusers' schedules define it."""
+
+    def constant(step: int) -> float:
+        return 1.0
+
+    def constant_with_warmup(step: int) -> float:
+        return step / max(1, warmup) if step < warmup else 1.0
+
+    def linear(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    def cosine(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+
+    def cosine_with_restarts(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        if progress >= 1.0:
+            return 0.0
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((num_cycles * progress) % 1.0))))
+
+    def polynomial(step: int) -> float:
+        lr_end_ratio = min(1e-7 / base_lr, 1.0)  # transformers' default lr_end = 1e-7, absolute
+        if step < warmup:
+            return step / max(1, warmup)
+        if step > total:
+            return lr_end_ratio
+        remaining = 1 - (step - warmup) / max(1, total - warmup)
+        return (1 - lr_end_ratio) * remaining**power + lr_end_ratio
+
+    table = {
+        "constant": constant,
+        "constant_with_warmup": constant_with_warmup,
+        "linear": linear,
+        "cosine": cosine,
+        "cosine_with_restarts": cosine_with_restarts,
+        "polynomial": polynomial,
+    }
+    if name not in table:
+        raise ValueError(f"unknown lr_scheduler {name!r}")
+    return table[name]
+
+
+def make_scheduler(optimizer, name: str, warmup: int, total: int, num_cycles: int = 1, power: float = 1.0) -> LambdaLR:
+    base_lr = optimizer.defaults.get("lr") or 1.0
+    return LambdaLR(optimizer, lr_lambda(name, warmup, total, num_cycles, power, base_lr))

@@ -1,0 +1,196 @@
+"""Sample grids: each prompt x seed (rows) at each LoRA weight (columns), one labelled PNG per checkpoint.
+
+The same check users do by hand in A1111 (``<lora:name:0.5>`` ... ``<lora:name:1>``), done on the
+rented GPU before it is given back. Images come from diffusers' SD / SDXL pipelines with a DDIM
+sampler; prompts are encoded with the trainer's own (kohya) text conditioning, so clip_skip means what
+it means in training. The LoRA multiplier applies to the UNet and the text encoder(s), as in A1111.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .models import ModelBundle, encode, tokenize
+
+
+@dataclass
+class SamplePrompt:
+    prompt: str
+    negative: str = ""
+
+
+def read_prompts(value) -> list[SamplePrompt]:
+    """A list of prompts, or a kohya prompt file (one per line; ``--n negative`` is read, other options ignored)."""
+    if value is None:
+        return []
+    if isinstance(value, (str, Path)) and not isinstance(value, list):
+        lines = Path(value).read_text(encoding="utf-8").splitlines()
+    else:
+        lines = list(value)
+    prompts = []
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = re.split(r"\s--(?=[a-z]+\s)", " " + line)
+        prompt = parts[0].strip()
+        negative = ""
+        for option in parts[1:]:
+            key, _, rest = option.partition(" ")
+            if key == "n":
+                negative = rest.strip()
+        if prompt:
+            prompts.append(SamplePrompt(prompt, negative))
+    return prompts
+
+
+def _ddim(bundle: ModelBundle):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction" if bundle.v_prediction else "epsilon",
+    )
+
+
+def _pipeline(bundle: ModelBundle):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if bundle.family == "sdxl":
+        pipe = StableDiffusionXLPipeline(
+            vae=bundle.vae,
+            text_encoder=bundle.text_encoders[0],
+            text_encoder_2=bundle.text_encoders[1],
+            tokenizer=bundle.tokenizers[0],
+            tokenizer_2=bundle.tokenizers[1],
+            unet=bundle.unet,
+            scheduler=_ddim(bundle),
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=bundle.vae,
+            text_encoder=bundle.text_encoders[0],
+            tokenizer=bundle.tokenizers[0],
+            unet=bundle.unet,
+            scheduler=_ddim(bundle),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def render_images(
+    bundle: ModelBundle,
+    network,
+    prompts: list[SamplePrompt],
+    weights: list[float],
+    seeds: list[int],
+    steps: int,
+    guidance: float,
+    size: tuple[int, int],
+    device: torch.device,
+    dtype: torch.dtype,
+    clip_skip: int | None = None,
+    max_token_length: int | None = None,
+):
+    """[[PIL image per weight] per (prompt, seed)]. Leaves the network's multiplier at 1.0."""
+    pipe = _pipeline(bundle)
+    vae_device = next(bundle.vae.parameters()).device
+    bundle.vae.to(device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    rows = []
+    try:
+        for prompt in prompts:
+            for seed in seeds:
+                row = []
+                for weight in weights:
+                    network.set_multiplier(weight)
+                    with torch.no_grad(), autocast:
+                        ids = tokenize(bundle, [prompt.prompt, prompt.negative], max_token_length)
+                        context, pooled = encode(bundle, ids, clip_skip)
+                        kwargs = dict(prompt_embeds=context[:1], negative_prompt_embeds=context[1:])
+                        if pooled is not None:
+                            kwargs.update(pooled_prompt_embeds=pooled[:1], negative_pooled_prompt_embeds=pooled[1:])
+                        generator = torch.Generator(device=device).manual_seed(int(seed))
+                        image = pipe(
+                            num_inference_steps=steps,
+                            guidance_scale=guidance,
+                            width=size[0],
+                            height=size[1],
+                            generator=generator,
+                            output_type="pil",
+                            **kwargs,
+                        ).images[0]
+                    row.append(image)
+                rows.append(row)
+    finally:
+        network.set_multiplier(1.0)
+        bundle.vae.to(vae_device)
+    return rows
+
+
+def make_grid(rows, prompts: list[SamplePrompt], seeds: list[int], weights: list[float], title: str):
+    """One PNG: a title line, a header with the LoRA weights, a label column with prompt and seed."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    cell_w, cell_h = rows[0][0].size
+    font = ImageFont.load_default()
+    label_w = 200
+    header_h = 36
+    width = label_w + cell_w * len(weights)
+    height = header_h + cell_h * len(rows)
+    grid = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((4, 2), title, fill="black", font=font)
+    for col, weight in enumerate(weights):
+        draw.text((label_w + col * cell_w + 4, 20), f"weight {weight:g}", fill="black", font=font)
+    labels = [(p, s) for p in prompts for s in seeds]
+    for index, (row, (prompt, seed)) in enumerate(zip(rows, labels)):
+        top = header_h + index * cell_h
+        text = prompt.prompt
+        lines = [text[i : i + 30] for i in range(0, min(len(text), 30 * max(1, cell_h // 12 - 1)), 30)]
+        draw.multiline_text((4, top + 2), "\n".join(lines + [f"seed {seed}"]), fill="black", font=font)
+        for col, image in enumerate(row):
+            grid.paste(image, (label_w + col * cell_w, top))
+    return grid
+
+
+def sample_grid(run, path: Path, title: str) -> Path | None:
+    """Render and save one grid for the run's current weights. None when no prompts are configured."""
+    cfg = run.cfg
+    prompts = read_prompts(cfg.sample_prompts)
+    if not prompts:
+        return None
+    rows = render_images(
+        run.bundle,
+        run.network,
+        prompts,
+        list(cfg.sample_weights),
+        list(cfg.sample_seeds),
+        cfg.sample_steps,
+        cfg.sample_guidance_scale,
+        tuple(cfg.resolution),
+        run.device,
+        run.dtype,
+        cfg.clip_skip,
+        cfg.max_token_length,
+    )
+    grid = make_grid(rows, prompts, list(cfg.sample_seeds), list(cfg.sample_weights), title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    grid.save(tmp)
+    tmp.replace(path)
+    return path
