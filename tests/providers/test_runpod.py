@@ -1,0 +1,279 @@
+"""RunPod REST v2 adapter against the documented shapes (PROVIDERS.md §2)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from datetime import datetime, timezone
+
+import pytest
+import responses
+from responses import matchers
+
+from providers.base import (
+    AuthError,
+    BadRequest,
+    InsufficientFunds,
+    LaunchSpec,
+    NoCapacity,
+    NotFound,
+    OfferGone,
+    ProviderDown,
+    RateLimited,
+    Requirements,
+    Unsupported,
+)
+from providers.runpod import RunPodProvider
+
+from .conftest import RUNPOD_KEY, RUNPOD_URL, SSH_KEY, FakeClock, body, load
+
+CATALOG = f"{RUNPOD_URL}/v2/catalog/gpus"
+KEYS = f"{RUNPOD_URL}/v2/account/ssh-keys"
+PODS = f"{RUNPOD_URL}/v2/pods"
+USER_KEYS = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIUserLaptopKey me@laptop", "ssh-rsa AAAAB3NzaC1yc2EAAAADAQUserDesktop me@desk"]
+LAUNCH = LaunchSpec(job_id="job42", image="runpod/pytorch:1.0.2-cu1281-torch280-ubuntu2404", disk_gb=40,
+                    ssh_public_key=SSH_KEY, env={"RENTRAIN_JOB": "job42"})
+
+
+def _catalog(mocked, min_cuda="12.1", count=1):
+    for cloud, fixture in (("COMMUNITY", "runpod_catalog_community.json"), ("SECURE", "runpod_catalog_secure.json")):
+        params = {"include": "AVAILABILITY", "product": "POD", "cloud": cloud, "count": str(count)}
+        if min_cuda:
+            params["minCudaVersion"] = min_cuda
+        mocked.add(responses.GET, CATALOG, json=load(fixture), match=[matchers.query_param_matcher(params)])
+
+
+def _offers(mocked, runpod, req=None):
+    _catalog(mocked)
+    return runpod.search(req or Requirements(disk_gb=40))
+
+
+def test_catalog_gives_one_offer_per_gpu_type_per_cloud(mocked, runpod):
+    offers = _offers(mocked, runpod)
+    assert mocked.calls[0].request.headers["Authorization"] == f"Bearer {RUNPOD_KEY}"
+    assert sorted((o.cloud, o.gpu_model) for o in offers) == [
+        ("COMMUNITY", "RTX 3090"),
+        ("COMMUNITY", "RTX 4090"),
+        ("COMMUNITY", "RTX A4000"),
+        ("SECURE", "RTX 4090"),
+        ("SECURE", "RTX A5000"),
+    ]
+    community_4090 = next(o for o in offers if o.cloud == "COMMUNITY" and o.gpu_model == "RTX 4090")
+    assert community_4090.gpu_name_raw == "NVIDIA GeForce RTX 4090"
+    assert community_4090.offer_id == "COMMUNITY/NVIDIA GeForce RTX 4090"
+    assert community_4090.vram_gb == 24
+    # list price per GPU plus 40 GB container disk at $0.10/GB-month
+    assert community_4090.price_per_hour == pytest.approx(0.31 + 40 * 0.10 / 730, abs=1e-4)
+    assert community_4090.availability == "HIGH"
+    assert community_4090.location == "US-KS-2 +1"
+
+
+def test_reliability_is_unknown_never_invented(mocked, runpod):
+    offers = _offers(mocked, runpod)
+    assert all(o.reliability is None and o.download_mbps is None and o.verified is None for o in offers)
+
+
+def test_out_of_stock_is_reported_as_such(mocked, runpod):
+    offers = _offers(mocked, runpod)
+    assert next(o for o in offers if o.gpu_model == "RTX 3090").availability == "NONE"
+
+
+def test_multi_gpu_price_and_max_count(mocked, runpod):
+    _catalog(mocked, count=8)
+    offers = runpod.search(Requirements(gpu_count=8, disk_gb=40))
+    # community 4090 allows 4 at most; secure allows 8
+    assert [(o.cloud, o.gpu_model) for o in offers if o.gpu_model == "RTX 4090"] == [("SECURE", "RTX 4090")]
+    secure = next(o for o in offers if o.gpu_model == "RTX 4090")
+    assert secure.gpu_count == 8
+    assert secure.price_per_hour == pytest.approx(8 * 0.44 + 40 * 0.1 / 730, abs=1e-4)
+
+
+def test_create_merges_our_key_into_the_account_keys_and_sends_the_documented_body(mocked, runpod):
+    offer = next(o for o in _offers(mocked, runpod) if o.cloud == "COMMUNITY" and o.gpu_model == "RTX 4090")
+    mocked.add(responses.GET, KEYS, json={"keys": USER_KEYS})
+    mocked.add(responses.PUT, KEYS, json={"keys": [*USER_KEYS, SSH_KEY]})
+    mocked.add(responses.POST, PODS, status=201, json=load("runpod_pod_created.json"))
+    instance = runpod.create(offer, LAUNCH)
+
+    put = next(c for c in mocked.calls if c.request.method == "PUT")
+    assert body(put) == {"keys": [*USER_KEYS, SSH_KEY]}  # the user's keys survive the full replacement
+    sent = body(mocked.calls[-1])
+    assert sent == {
+        "name": "rentrain-job42",
+        "image": LAUNCH.image,
+        "gpu": {"id": "NVIDIA GeForce RTX 4090", "count": 1},
+        "cloud": "COMMUNITY",
+        "disk": 40,
+        "ports": ["22/tcp"],
+        "startSsh": True,
+        "env": {"RENTRAIN_JOB": "job42", "PUBLIC_KEY": SSH_KEY, "SSH_PUBLIC_KEY": SSH_KEY},
+    }
+    assert instance.id == "7h9k2m4n6p"
+    assert instance.status == "provisioning"
+    assert instance.ssh is None  # ssh.direct is null until the pod runs; the proxy allows no rsync
+    assert instance.label == "rentrain-job42"
+
+
+def test_create_does_not_rewrite_keys_when_ours_is_already_there(mocked, runpod):
+    offer = _offers(mocked, runpod)[0]
+    mocked.add(responses.GET, KEYS, json={"keys": [*USER_KEYS, SSH_KEY.rsplit(" ", 1)[0] + " other-comment"]})
+    mocked.add(responses.POST, PODS, status=201, json=load("runpod_pod_created.json"))
+    runpod.create(offer, LAUNCH)
+    assert not any(c.request.method == "PUT" for c in mocked.calls)
+
+
+def test_forget_ssh_key_keeps_every_other_key(mocked, runpod):
+    mocked.add(responses.GET, KEYS, json={"keys": [USER_KEYS[0], SSH_KEY, USER_KEYS[1]]})
+    mocked.add(responses.PUT, KEYS, json={"keys": USER_KEYS}, match=[matchers.json_params_matcher({"keys": USER_KEYS})])
+    runpod.forget_ssh_key(SSH_KEY)
+
+
+def test_onstart_is_refused_rather_than_silently_dropped(runpod):
+    offer_launch = LAUNCH.model_copy(update={"onstart": "echo hi"})
+    assert runpod.info.runs_onstart is False
+    with pytest.raises(Unsupported, match="over SSH"):
+        runpod.create(_any_offer(), offer_launch)
+
+
+def _any_offer():
+    from providers.base import Offer
+
+    return Offer(provider="runpod", offer_id="COMMUNITY/NVIDIA GeForce RTX 4090", gpu_model="RTX 4090",
+                 gpu_name_raw="NVIDIA GeForce RTX 4090", gpu_count=1, vram_gb=24, price_per_hour=0.31, cloud="COMMUNITY")
+
+
+@pytest.mark.parametrize(
+    ("status", "problem", "error"),
+    [
+        (400, {"title": "Bad Request", "status": 400, "detail": "There are no longer any instances available with the requested specifications."}, NoCapacity),
+        (402, {"title": "Payment Required", "status": 402, "detail": "Insufficient balance: at least one hour of credit is required"}, InsufficientFunds),
+        (403, {"title": "Forbidden", "status": 403, "detail": "GPU pool not accessible"}, OfferGone),
+        (401, {"title": "Unauthorized", "status": 401, "detail": "invalid api key"}, AuthError),
+        (422, {"title": "Unprocessable Entity", "status": 422, "detail": "request body invalid",
+               "errors": [{"detail": "unevaluated property 'foo'"}]}, BadRequest),
+    ],
+)
+def test_create_errors_are_typed_and_never_retried(mocked, runpod, clock: FakeClock, status, problem, error):
+    mocked.add(responses.GET, KEYS, json={"keys": [SSH_KEY]})
+    mocked.add(responses.POST, PODS, status=status, json=problem, content_type="application/problem+json")
+    with pytest.raises(error) as caught:
+        runpod.create(_any_offer(), LAUNCH)
+    assert problem["detail"] in caught.value.message
+    assert caught.value.status == status
+    assert sum(1 for c in mocked.calls if c.request.method == "POST") == 1
+    assert clock.sleeps == []
+
+
+def test_422_detail_lists_the_field_errors(mocked, runpod):
+    mocked.add(responses.GET, KEYS, json={"keys": [SSH_KEY]})
+    mocked.add(responses.POST, PODS, status=422, json={"title": "Unprocessable Entity", "status": 422,
+                                                        "errors": [{"detail": "unevaluated property 'foo'"}]})
+    with pytest.raises(BadRequest, match="unevaluated property 'foo'"):
+        runpod.create(_any_offer(), LAUNCH)
+
+
+def test_retry_after_is_honoured(mocked, runpod, clock: FakeClock):
+    mocked.add(
+        responses.GET, f"{PODS}/7h9k2m4n6p", status=429, headers={"Retry-After": "12"},
+        json={"title": "Too Many Requests", "status": 429, "detail": "rate limit exceeded for the minute window"},
+    )
+    mocked.add(responses.GET, f"{PODS}/7h9k2m4n6p", json=load("runpod_pod_running.json"))
+    assert runpod.get("7h9k2m4n6p").status == "running"
+    assert clock.sleeps == [12.0]
+
+
+def test_create_retries_a_429_with_retry_after(mocked, runpod, clock: FakeClock):
+    mocked.add(responses.GET, KEYS, json={"keys": [SSH_KEY]})
+    mocked.add(responses.POST, PODS, status=429, headers={"Retry-After": "3"},
+               json={"title": "Too Many Requests", "status": 429, "detail": "slow down"})
+    mocked.add(responses.POST, PODS, status=201, json=load("runpod_pod_created.json"))
+    assert runpod.create(_any_offer(), LAUNCH).id == "7h9k2m4n6p"
+    assert clock.sleeps == [3.0]
+
+
+def test_a_long_retry_after_is_raised_not_slept(mocked, runpod, clock: FakeClock):
+    mocked.add(responses.GET, f"{PODS}/x", status=429, headers={"Retry-After": "3600"},
+               json={"title": "Too Many Requests", "status": 429, "detail": "rate limit exceeded for the hour window"})
+    with pytest.raises(RateLimited) as caught:
+        runpod.get("x")
+    assert caught.value.retry_after == 3600
+    assert clock.sleeps == []
+
+
+def test_server_errors_retry_reads_then_give_up(mocked, runpod, clock: FakeClock):
+    for _ in range(5):
+        mocked.add(responses.GET, f"{PODS}/x", status=503, json={"title": "Service Unavailable", "status": 503, "detail": "maintenance"})
+    with pytest.raises(ProviderDown, match="maintenance"):
+        runpod.get("x")
+    assert len(mocked.calls) == 5
+    assert len(clock.sleeps) == 4
+
+
+def test_get_running_pod_uses_ssh_direct(mocked, runpod):
+    mocked.add(responses.GET, f"{PODS}/7h9k2m4n6p", json=load("runpod_pod_running.json"))
+    pod = runpod.get("7h9k2m4n6p")
+    assert pod.status == "running"
+    assert pod.ssh is not None
+    assert (pod.ssh.host, pod.ssh.port, pod.ssh.user, pod.ssh.via) == ("195.26.233.3", 34446, "root", "direct")
+    assert pod.price_per_hour == 0.31
+    assert pod.started_at == datetime(2026, 6, 1, 12, 1, 30, tzinfo=timezone.utc)
+    assert pod.gpu_model == "RTX 4090"
+
+
+@pytest.mark.parametrize(
+    ("status", "ours"),
+    [("PROVISIONING", "provisioning"), ("STARTING", "provisioning"), ("RUNNING", "running"),
+     ("EXITED", "stopped"), ("ERROR", "exited"), ("TERMINATED", "gone")],
+)
+def test_pod_status_is_normalised(mocked, runpod, status, ours):
+    raw = load("runpod_pod_running.json")
+    raw["status"] = status
+    mocked.add(responses.GET, f"{PODS}/7h9k2m4n6p", json=raw)
+    assert runpod.get("7h9k2m4n6p").status == ours
+
+
+def test_get_unknown_pod_is_not_found(mocked, runpod):
+    mocked.add(responses.GET, f"{PODS}/nope", status=404, json={"title": "Not Found", "status": 404, "detail": "pod not found"})
+    with pytest.raises(NotFound, match="pod not found"):
+        runpod.get("nope")
+
+
+def test_list_keeps_only_our_pods(mocked, runpod):
+    mocked.add(responses.GET, PODS, json=load("runpod_pods.json"))
+    found = runpod.list_instances()
+    assert [(p.id, p.status) for p in found] == [("7h9k2m4n6p", "running"), ("a1b2c3d4e5", "stopped")]
+
+
+def test_stop_and_terminate(mocked, runpod):
+    stopped = {**load("runpod_pod_running.json"), "status": "EXITED"}
+    mocked.add(responses.POST, f"{PODS}/7h9k2m4n6p/action", json=stopped,
+               match=[matchers.json_params_matcher({"action": "stop"})])
+    mocked.add(responses.DELETE, f"{PODS}/7h9k2m4n6p", status=204)
+    runpod.stop("7h9k2m4n6p")
+    runpod.destroy("7h9k2m4n6p")
+    assert [c.request.method for c in mocked.calls] == ["POST", "DELETE"]
+
+
+def test_stop_in_a_state_that_forbids_it_is_a_bad_request(mocked, runpod):
+    mocked.add(responses.POST, f"{PODS}/p/action", status=409, json={"title": "Conflict", "status": 409, "detail": "action stop not allowed in status EXITED"})
+    with pytest.raises(BadRequest, match="not allowed"):
+        runpod.stop("p")
+
+
+def test_self_destroy_recipe_v2_first_then_graphql(tmp_path):
+    recipe = RunPodProvider(RUNPOD_KEY, RUNPOD_URL).self_destroy_recipe()
+    assert recipe.env_vars == ["RUNPOD_POD_ID", "RUNPOD_API_KEY"]
+    assert RUNPOD_KEY not in recipe.model_dump_json()
+    env = {"RUNPOD_POD_ID": "7h9k2m4n6p", "RUNPOD_API_KEY": "pod-scoped-key", "PATH": "/usr/bin:/bin"}
+
+    def run(command: str) -> list[str]:
+        script = 'curl() { printf "%s\\n" "$@"; }\n' + command
+        return subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, check=True).stdout.splitlines()
+
+    v2 = run(recipe.destroy[0].curl())
+    assert "DELETE" in v2 and f"{RUNPOD_URL}/v2/pods/7h9k2m4n6p" in v2 and "Authorization: Bearer pod-scoped-key" in v2
+    graphql = run(recipe.destroy[1].curl())
+    assert f"{RUNPOD_URL}/graphql" in graphql
+    sent = json.loads(graphql[graphql.index("--data") + 1])
+    assert sent == {"query": 'mutation { podTerminate(input:{podId:"7h9k2m4n6p"}) }'}
+    assert recipe.cli_fallback_destroy == "runpodctl remove pod $RUNPOD_POD_ID"
