@@ -1,0 +1,204 @@
+"""The remote watchdog: deadline, budget and idle paths, stop-vs-destroy, fallbacks, no secret written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from remote.watchdog import FETCHED, HEARTBEAT, LOG, TRAINER_PID, Watchdog
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self.fail_first = 0
+
+
+@pytest.fixture
+def api() -> Iterator[tuple[str, Recorder]]:
+    recorder = Recorder()
+
+    class Handler(BaseHTTPRequestHandler):
+        def _handle(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length).decode() if length else None
+            recorder.calls.append(
+                {"method": self.command, "path": self.path, "auth": self.headers.get("Authorization"), "body": body}
+            )
+            status = 500 if recorder.fail_first > 0 else 200
+            recorder.fail_first -= 1
+            self.send_response(status)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        do_DELETE = do_PUT = do_POST = _handle
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}", recorder
+    server.shutdown()
+
+
+def _recipe(base: str) -> dict[str, Any]:
+    url = f"{base}/instances/$CONTAINER_ID/"
+    auth = {"Authorization": "Bearer $CONTAINER_API_KEY"}
+    return {
+        "provider": "vast",
+        "env_vars": ["CONTAINER_ID", "CONTAINER_API_KEY"],
+        "destroy": [
+            {"method": "DELETE", "url": url, "headers": auth, "body": "{}"},
+            {"method": "POST", "url": f"{base}/fallback/$CONTAINER_ID", "headers": auth, "body": None},
+        ],
+        "stop": [{"method": "PUT", "url": url, "headers": auth, "body": json.dumps({"state": "stopped"})}],
+        "cli_fallback_destroy": None,
+        "cli_fallback_stop": None,
+    }
+
+
+class FakeClock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def _watchdog(job_dir: Path, settings: dict[str, Any], clock: FakeClock) -> Watchdog:
+    job_dir.mkdir(parents=True, exist_ok=True)
+    (job_dir / "watchdog.json").write_text(json.dumps(settings))
+    return Watchdog(job_dir, settings, clock=clock, sleep=clock.sleep)
+
+
+@pytest.fixture(autouse=True)
+def _instance_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONTAINER_ID", "4242")
+    monkeypatch.setenv("CONTAINER_API_KEY", "instance-secret-key")
+
+
+def _log(job_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (job_dir / LOG).read_text().splitlines()]
+
+
+def test_deadline_destroys_through_the_instance_key(tmp_path: Path, api: tuple[str, Recorder]) -> None:
+    base, recorder = api
+    clock = FakeClock(1000.0)
+    dog = _watchdog(tmp_path, {"started_at": 1000.0, "max_hours": 1, "usd_per_hour": 0.5, "recipe": _recipe(base), "poll_seconds": 60}, clock)
+    dog.run()
+    assert clock.now == pytest.approx(1000.0 + 3600)
+    assert recorder.calls == [{"method": "DELETE", "path": "/instances/4242/", "auth": "Bearer instance-secret-key", "body": "{}"}]
+    assert "instance-secret-key" not in (tmp_path / LOG).read_text()
+    assert "instance-secret-key" not in (tmp_path / "watchdog.json").read_text()
+    assert any(entry["action"] == "destroy" and "deadline" in entry["reason"] for entry in _log(tmp_path))
+
+
+def test_budget_ends_the_instance_when_spent(tmp_path: Path, api: tuple[str, Recorder]) -> None:
+    base, recorder = api
+    clock = FakeClock(0.0)
+    # $2/h and a $0.50 budget: 15 minutes
+    dog = _watchdog(tmp_path, {"started_at": 0.0, "max_cost": 0.5, "usd_per_hour": 2.0, "recipe": _recipe(base), "poll_seconds": 30}, clock)
+    dog.run()
+    assert clock.now == pytest.approx(900.0)
+    assert [c["method"] for c in recorder.calls] == ["DELETE"]
+
+
+def test_idle_after_training_ended_but_not_while_client_beats(tmp_path: Path, api: tuple[str, Recorder]) -> None:
+    base, recorder = api
+    clock = FakeClock(10_000.0)
+    dog = _watchdog(tmp_path, {"started_at": 10_000.0, "idle_timeout_seconds": 600, "recipe": _recipe(base)}, clock)
+    output = tmp_path / "output"
+    output.mkdir()
+    (output / "events.jsonl").write_text(json.dumps({"event": "step", "step": 1}) + "\n")
+    clock.now += 5000
+    assert dog.reason_to_end() is None  # training still going: the client may come back
+    (output / "events.jsonl").write_text(
+        json.dumps({"event": "step", "step": 1}) + "\n" + json.dumps({"event": "done", "path": "x"}) + "\n"
+    )
+    (tmp_path / HEARTBEAT).touch()
+    os.utime(tmp_path / HEARTBEAT, (clock.now - 100, clock.now - 100))
+    assert dog.reason_to_end() is None  # client seen 100 s ago
+    clock.now += 600
+    reason = dog.reason_to_end()
+    assert reason is not None and reason.startswith("idle")
+    (tmp_path / FETCHED).touch()
+    assert dog.end_instance(reason)
+    assert [c["method"] for c in recorder.calls] == ["DELETE"]
+
+
+def test_unfetched_results_stop_instead_of_destroy(tmp_path: Path, api: tuple[str, Recorder]) -> None:
+    base, recorder = api
+    clock = FakeClock(0.0)
+    dog = _watchdog(tmp_path, {"started_at": 0.0, "max_hours": 0.01, "recipe": _recipe(base)}, clock)
+    (tmp_path / "output").mkdir()
+    (tmp_path / "output" / "lora-000001.safetensors").write_bytes(b"w")
+    dog.run()
+    assert [(c["method"], c["body"]) for c in recorder.calls] == [("PUT", json.dumps({"state": "stopped"}))]
+
+
+def test_failing_call_falls_back_then_retries(tmp_path: Path, api: tuple[str, Recorder]) -> None:
+    base, recorder = api
+    recorder.fail_first = 3  # DELETE, fallback POST, then DELETE again fail; the 4th call succeeds
+    clock = FakeClock(0.0)
+    dog = _watchdog(tmp_path, {"started_at": 0.0, "max_hours": 0.01, "recipe": _recipe(base), "poll_seconds": 10}, clock)
+    dog.run()
+    assert [c["method"] for c in recorder.calls] == ["DELETE", "POST", "DELETE", "POST"]
+    assert recorder.calls[1]["path"] == "/fallback/4242"
+
+
+def test_missing_variable_is_logged_not_sent(tmp_path: Path, api: tuple[str, Recorder]) -> None:
+    base, recorder = api
+    clock = FakeClock(0.0)
+    dog = _watchdog(tmp_path, {"started_at": 0.0, "max_hours": 0.01, "recipe": _recipe(base)}, clock)
+    dog.environment = lambda: {"CONTAINER_ID": "4242"}  # the key is in neither this environment nor PID 1's
+    assert dog.end_instance("test") is False
+    assert recorder.calls == []
+    assert any("CONTAINER_API_KEY" in entry.get("detail", "") for entry in _log(tmp_path))
+
+
+def test_running_trainer_is_stopped_with_sigterm_first(tmp_path: Path, api: tuple[str, Recorder]) -> None:
+    base, recorder = api
+    marker = tmp_path / "got_sigterm"
+    script = (
+        "import signal, sys, time, pathlib\n"
+        f"signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path({str(marker)!r}).write_text('x'), sys.exit(0)))\n"
+        "time.sleep(60)\n"
+    )
+    trainer = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    time.sleep(0.3)
+    (tmp_path / TRAINER_PID).write_text(str(trainer.pid))
+    dog = Watchdog(tmp_path, {"started_at": time.time() - 7200, "max_hours": 1, "recipe": _recipe(base)})
+    assert dog.end_instance("deadline") is True
+    trainer.wait(timeout=10)
+    assert marker.exists()
+    assert [c["method"] for c in recorder.calls] == ["DELETE"]
+
+
+def test_ssh_provider_only_stops_the_trainer(tmp_path: Path) -> None:
+    clock = FakeClock(0.0)
+    dog = _watchdog(tmp_path, {"started_at": 0.0, "max_hours": 0.01, "recipe": None}, clock)
+    dog.run()
+    assert [entry["action"] for entry in _log(tmp_path)][-1] == "trainer_stopped"
+
+
+def test_watchdog_runs_with_the_standard_library_only(tmp_path: Path) -> None:
+    code = "import sys; sys.path.insert(0, 'remote'); import watchdog; print(sorted(m for m in sys.modules if m.split('.')[0] in ('pydantic', 'rentrain', 'providers', 'torch')))"
+    completed = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], check=False)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "[]"
