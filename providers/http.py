@@ -111,6 +111,8 @@ class ApiClient:
                 if retry_after is not None and retry_after > self.policy.max_retry_after_s:
                     raise RateLimited(self.provider, message, 429, retry_after)
                 if attempt == self.policy.max_attempts or not self._schedule_retry(endpoint, attempt, waited, retry_after):
+                    # the next call to this endpoint, whoever makes it, still keeps its distance
+                    self._paced_until[endpoint] = self._clock() + self._delay(endpoint, attempt, retry_after)
                     raise RateLimited(self.provider, f"{message} (gave up after {attempt} tries)", 429, retry_after)
                 continue
             if status in RETRYABLE_GATEWAY and idempotent and attempt < self.policy.max_attempts:
@@ -149,17 +151,20 @@ class ApiClient:
 
     def _schedule_retry(self, endpoint: str, attempt: int, waited: float, retry_after: float | None) -> bool:
         """Set the wait before the next attempt (the attempt sleeps it); False when the wait budget is spent."""
-        if retry_after is not None:
-            delay = retry_after
-        else:
-            base = self.policy.endpoint_base_delay_s.get(endpoint, self.policy.base_delay_s)
-            ceiling = min(self.policy.max_delay_s, base * 2 ** (attempt - 1))
-            delay = ceiling / 2 + self._jitter() * ceiling / 2
+        delay = self._delay(endpoint, attempt, retry_after)
         if waited + delay > self.policy.max_total_wait_s:
             return False
         # the retry, and any other call to this endpoint meanwhile (e.g. the runner's next poll), waits
         self._paced_until[endpoint] = self._clock() + delay
         return True
+
+
+    def _delay(self, endpoint: str, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, self.policy.max_retry_after_s)
+        base = self.policy.endpoint_base_delay_s.get(endpoint, self.policy.base_delay_s)
+        ceiling = min(self.policy.max_delay_s, base * 2 ** (attempt - 1))
+        return ceiling / 2 + self._jitter() * ceiling / 2
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -192,10 +197,14 @@ def extract_message(response: requests.Response) -> str:
     for candidate in (error, body.get("title"), body.get("msg"), body.get("message"), body.get("detail")):
         if isinstance(candidate, str) and candidate and not any(candidate in p for p in parts):
             parts.append(candidate)
+    text = ": ".join(parts)
     details = body.get("errors")
-    if isinstance(details, list):
-        parts.extend(str(item.get("detail") or item.get("message") or item) if isinstance(item, dict) else str(item) for item in details)
-    return ("; ".join(parts) or str(body))[:MAX_MESSAGE_CHARS]
+    if isinstance(details, list) and details:
+        listed = "; ".join(
+            str(item.get("detail") or item.get("message") or item) if isinstance(item, dict) else str(item) for item in details
+        )
+        text = f"{text} ({listed})" if text else listed
+    return (text or str(body))[:MAX_MESSAGE_CHARS]
 
 
 def _describe(exc: requests.RequestException) -> str:
