@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import pytest
+
+from remote.trainer.models import ModelError, check_family, detect_family_from_keys
+from remote.trainer.tokenizers import clip_tokenizer
+
+
+def test_tokenizer_matches_openai_clip_ids():
+    tok = clip_tokenizer()
+    assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert len(tok) == 49408 and tok.model_max_length == 77
+    padded = tok("a cat", padding="max_length", max_length=77).input_ids
+    assert padded[-1] == 49407
+    tok2 = clip_tokenizer(pad_token="!")
+    assert tok2("a cat", padding="max_length", max_length=77).input_ids[-1] == 0
+
+
+def test_family_from_single_file_keys():
+    sd1 = ["model.diffusion_model.input_blocks.0.0.weight", "cond_stage_model.transformer.text_model.embeddings.x"]
+    sd2 = ["model.diffusion_model.input_blocks.0.0.weight", "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"]
+    sdxl = ["model.diffusion_model.input_blocks.0.0.weight", "conditioner.embedders.0.transformer.text_model.x",
+            "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"]
+    assert detect_family_from_keys(sd1) == "sd15"
+    assert detect_family_from_keys(sd2) == "sd2"
+    assert detect_family_from_keys(sdxl) == "sdxl"
+    with pytest.raises(ModelError, match="not a Stable Diffusion checkpoint"):
+        detect_family_from_keys(["unet.down_blocks.0.weight"])
+
+
+def test_single_file_family_read_from_safetensors(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from remote.trainer.models import checkpoint_keys
+
+    path = tmp_path / "m.safetensors"
+    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2)}, str(path))
+    assert detect_family_from_keys(checkpoint_keys(path)) == "sdxl"
+    ckpt = tmp_path / "m.ckpt"
+    torch.save({"state_dict": {"cond_stage_model.model.ln_final.weight": torch.zeros(2)}}, ckpt)
+    assert detect_family_from_keys(checkpoint_keys(ckpt)) == "sd2"
+
+
+class _Cfg:
+    def __init__(self, **kw):
+        self.sdxl = kw.get("sdxl")
+        self.v2 = kw.get("v2", False)
+        self.v_parameterization = kw.get("v_parameterization", False)
+        self.pretrained_model_name_or_path = "/models/x.safetensors"
+
+
+def test_family_mismatch_messages_say_what_was_found():
+    with pytest.raises(ModelError, match="sdxl = true, but .* is an SD 1.x model"):
+        check_family(_Cfg(sdxl=True), "sd15")
+    with pytest.raises(ModelError, match="is an SDXL model"):
+        check_family(_Cfg(sdxl=False), "sdxl")
+    with pytest.raises(ModelError, match="v2 = true, but .* is an SDXL model"):
+        check_family(_Cfg(v2=True), "sdxl")
+    assert "SD 2.x" in check_family(_Cfg(), "sd2")[0]
+    assert check_family(_Cfg(), "sd15") == []
+
+
+def test_builtin_sdxl_with_sdxl_false_is_an_error(make_config):
+    from remote.trainer.models import load_model
+
+    _, cfg = make_config(pretrained_model_name_or_path="builtin:tiny-sdxl", sdxl=False)
+    with pytest.raises(ModelError, match="SDXL"):
+        load_model(cfg)
+
+
+def test_diffusers_folder_loads_and_is_detected(tmp_path, make_config):
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    from remote.trainer.models import load_model
+    from remote.trainer.tiny import build_tiny
+
+    parts = build_tiny("sd15")
+    pipe = StableDiffusionPipeline(
+        vae=parts["vae"], text_encoder=parts["text_encoders"][0], tokenizer=parts["tokenizers"][0],
+        unet=parts["unet"], scheduler=DDPMScheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    folder = tmp_path / "model"
+    pipe.save_pretrained(folder)
+    _, cfg = make_config(pretrained_model_name_or_path=str(folder))
+    bundle = load_model(cfg)
+    assert bundle.family == "sd15" and bundle.info["sd_model_name"] == "model"
+    assert bundle.tokenizers[0]("a cat").input_ids == [49406, 320, 2368, 49407]
