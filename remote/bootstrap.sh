@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# Prepares a rented machine for the trainer. Idempotent: a second run skips what is done.
+#
+#   bash bootstrap.sh JOB_DIR [MODEL_REFERENCE]
+#
+# Phases, each reported as one JSON line in JOB_DIR/bootstrap.jsonl with its duration:
+#   python    find a Python >= 3.10 (the image's; a PyTorch CUDA image is the default)
+#   packages  install what the image lacks from remote/requirements.txt (uv when present, else pip);
+#             torch is kept as the image has it
+#   gpu       one torch call: the GPU's name and memory (RENTRAIN_ALLOW_CPU=1 accepts a CPU-only host)
+#   model     a Hugging Face hub id or https URL is fetched into JOB_DIR/model/ (runs in the background
+#             while the client uploads the dataset; the trainer waits for JOB_DIR/model/.ready)
+set -uo pipefail
+
+JOB_DIR=${1:?usage: bootstrap.sh JOB_DIR [MODEL_REFERENCE]}
+MODEL=${2:-}
+PAYLOAD_DIR=$(cd "$(dirname "$0")/.." && pwd)
+EVENTS="$JOB_DIR/bootstrap.jsonl"
+mkdir -p "$JOB_DIR"
+
+now() { date +%s%3N; }  # milliseconds
+json_escape() { printf '%s' "$1" | sed 's/\\/\\\\/g; s/"/\\"/g' | tr '\n\r\t' '   '; }
+phase() {  # name ok started_ms detail
+    local ms=$(($(now) - $3))
+    printf '{"event":"phase","time":%s,"name":"%s","ok":%s,"seconds":%d.%03d,"detail":"%s"}\n' \
+        "$(date +%s)" "$1" "$2" $((ms / 1000)) $((ms % 1000)) "$(json_escape "$4")" >>"$EVENTS"
+}
+fail() {  # name started_ms detail
+    phase "$1" false "$2" "$3"
+    exit 1
+}
+
+# --- python
+start=$(now)
+PYTHON=""
+for candidate in python3 python; do
+    if command -v "$candidate" >/dev/null 2>&1 &&
+        "$candidate" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' 2>/dev/null; then
+        PYTHON=$(command -v "$candidate")
+        break
+    fi
+done
+[ -n "$PYTHON" ] || fail python "$start" "no Python 3.10+ on this image"
+echo "$PYTHON" >"$JOB_DIR/python"
+phase python true "$start" "$("$PYTHON" --version 2>&1) at $PYTHON"
+
+# --- packages
+start=$(now)
+REQUIREMENTS="$PAYLOAD_DIR/remote/requirements.txt"
+STAMP="$JOB_DIR/.packages-$(sha256sum "$REQUIREMENTS" | cut -c1-16)"
+if [ -f "$STAMP" ]; then
+    phase packages true "$start" "already installed"
+else
+    missing=$("$PYTHON" - "$REQUIREMENTS" <<'EOF'
+import importlib.metadata as md, re, sys
+from pathlib import Path
+missing = []
+for line in Path(sys.argv[1]).read_text().splitlines():
+    line = line.split("#")[0].strip()
+    if not line:
+        continue
+    name = re.split(r"[<>=!~;\[ ]", line, maxsplit=1)[0]
+    try:
+        md.version(name)
+    except md.PackageNotFoundError:
+        missing.append(line)
+print("\n".join(missing))
+EOF
+)
+    if [ -z "$missing" ]; then
+        detail="the image has everything"
+    else
+        mapfile -t packages <<<"$missing"
+        if command -v uv >/dev/null 2>&1; then
+            installer=(uv pip install --python "$PYTHON" --system)
+        else
+            installer=("$PYTHON" -m pip install --no-input --disable-pip-version-check)
+        fi
+        if ! "${installer[@]}" "${packages[@]}" >"$JOB_DIR/packages.log" 2>&1; then
+            fail packages "$start" "install failed: $(tail -n 5 "$JOB_DIR/packages.log")"
+        fi
+        detail="installed: ${packages[*]}"
+    fi
+    touch "$STAMP"
+    phase packages true "$start" "$detail"
+fi
+
+# --- gpu
+start=$(now)
+if ! gpu=$("$PYTHON" -c '
+import os, sys, torch
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    torch.zeros(1, device="cuda").add_(1)
+    print(f"{torch.cuda.device_count()} x {p.name}, {p.total_memory / 2**30:.1f} GiB, torch {torch.__version__}, CUDA {torch.version.cuda}")
+elif os.environ.get("RENTRAIN_ALLOW_CPU") == "1":
+    print(f"CPU only (allowed), torch {torch.__version__}")
+else:
+    sys.exit("torch sees no GPU: the driver, the image or the host is broken")
+' 2>&1); then
+    fail gpu "$start" "$gpu"
+fi
+phase gpu true "$start" "$gpu"
+
+# --- model (background; the trainer waits for .ready)
+case "$MODEL" in
+    https://*|*/*)
+        if [ ! -f "$JOB_DIR/model/.ready" ] && [[ "$MODEL" != /* ]]; then
+            mkdir -p "$JOB_DIR/model"
+            (
+                start=$(now)
+                if "$PYTHON" "$PAYLOAD_DIR/remote/fetch_model.py" "$MODEL" "$JOB_DIR/model" >"$JOB_DIR/model.log" 2>&1; then
+                    touch "$JOB_DIR/model/.ready"
+                    phase model true "$start" "$MODEL"
+                else
+                    echo failed >"$JOB_DIR/model/.failed"
+                    phase model false "$start" "$(tail -n 3 "$JOB_DIR/model.log")"
+                fi
+            ) </dev/null >/dev/null 2>&1 &
+        fi
+        ;;
+esac
+exit 0
