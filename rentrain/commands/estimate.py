@@ -16,6 +16,8 @@ from rentrain.commands.offers import (
     describe_requirements,
     load_job,
     money,
+    note_cells,
+    print_notes,
     provider_label,
 )
 from rentrain.costs import BF16_TFLOPS, JobProfile, overhead_seconds, seconds_per_step
@@ -93,6 +95,7 @@ def estimate(
     )
     console.print(_table("Best offer per provider", by_provider, search.notes))
     console.print(_table("Best offer per GPU model", by_gpu, []))
+    print_notes(console, search.notes)
     if not search.ranked:
         table = Table(title="No live prices: training time per GPU model")
         for column in ("GPU", "s/step", "basis", "est. hours"):
@@ -122,6 +125,5 @@ def _table(title: str, items: list[RankedOffer], notes: list[Any]) -> Table:
             money(est.cost_usd if est else None, 2),
         )
     for note in notes:
-        table.add_row(note.provider, ("no offers: " if note.kind == "unsupported" else "failed: ") + note.message,
-                      "", "", "", "", "", style="dim" if note.kind == "unsupported" else "yellow")
+        table.add_row(*note_cells(note, 7))
     return table

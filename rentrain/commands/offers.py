@@ -9,11 +9,12 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from providers import registry
 from providers.base import Offer, Requirements
 from rentrain.costs import JobProfile
-from rentrain.offers import OfferSearch, RankedOffer, find_offers, provider_names, requirements_from
+from rentrain.offers import OfferSearch, ProviderNote, RankedOffer, find_offers, provider_names, requirements_from
 
 PROVIDER_CHOICES = ["all", *registry.MARKETS]
 
@@ -69,8 +70,8 @@ def money(value: float | None, digits: int = 3) -> str:
 
 def offers_table(search: OfferSearch, with_estimates: bool, title: str | None = None) -> Table:
     table = Table(title=title, show_lines=False)
-    table.add_column("provider")
-    table.add_column("GPU", overflow="fold")
+    table.add_column("provider", no_wrap=True)
+    table.add_column("GPU", no_wrap=True)
     table.add_column("$/h", justify="right")
     table.add_column("reliability", justify="right")
     table.add_column("location", overflow="fold")
@@ -93,10 +94,21 @@ def offers_table(search: OfferSearch, with_estimates: bool, title: str | None = 
             money(item.estimate.cost_usd if item.estimate else None, 2) if with_estimates else "-",
         )
     for note in search.notes:
-        style = "yellow" if note.kind == "error" else "dim"
-        prefix = "failed: " if note.kind == "error" else "no offers: "
-        table.add_row(note.provider, prefix + note.message, "", "", "", "", "", "", style=style)
+        table.add_row(*note_cells(note, 8))
     return table
+
+
+def note_cells(note: ProviderNote, width: int) -> list[Any]:
+    """A provider without offers, as a short table row; the full reason is printed under the table."""
+    label = "failed (see below)" if note.kind == "error" else "no offers (see below)"
+    style = "yellow" if note.kind == "error" else "dim"
+    return [Text(note.provider, style=style), Text(label, style=style), *([""] * (width - 2))]
+
+
+def print_notes(console: Console, notes: list[ProviderNote]) -> None:
+    for note in notes:
+        prefix = "failed" if note.kind == "error" else "no offers"
+        console.print(Text.assemble((f"{note.provider} ({prefix}): ", "bold"), note.message))
 
 
 def _hours(item: RankedOffer) -> str:
@@ -161,5 +173,6 @@ def offers(
         console.print(f"Job: {describe_profile(profile)}", highlight=False)
     title = f"{len(search.ranked)} offers" + (" by estimated job cost" if profile else " by $/h")
     console.print(offers_table(search, with_estimates=profile is not None, title=title))
+    print_notes(console, search.notes)
     if not search.ranked and any(n.kind == "error" for n in search.notes):
         raise SystemExit(1)

@@ -1,0 +1,271 @@
+"""Comparing offers: concurrent query, requirement filter, ranking, and the `offers` / `estimate` commands."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import responses
+from click.testing import CliRunner
+from responses import matchers
+
+from providers.base import Offer, ProviderDown, ProviderInfo, Requirements
+from rentrain.cli import main
+from rentrain.costs import JobProfile
+from rentrain.offers import find_offers, meets, query_providers, rank, requirements_from
+
+from .conftest import RUNPOD_KEY, RUNPOD_URL, VAST_KEY, VAST_URL, load
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tiny" / "config.toml"
+
+
+def offer(**kw) -> Offer:
+    base = dict(provider="vast", offer_id="1", gpu_model="RTX 3090", gpu_name_raw="RTX 3090", gpu_count=1, vram_gb=24.0,
+                price_per_hour=0.2, reliability=0.99, verified=True, max_cuda=12.4, download_mbps=500)
+    base.update(kw)
+    return Offer(**base)
+
+
+# ------------------------------------------------------------------------------------------ filtering
+
+
+@pytest.mark.parametrize(
+    ("change", "kept"),
+    [
+        ({}, True),
+        ({"vram_gb": 23.99}, True),  # a "24 GB" card reporting a little under
+        ({"vram_gb": 16}, False),
+        ({"reliability": 0.95}, False),
+        ({"reliability": None}, True),  # unknown is not bad
+        ({"max_cuda": 11.8}, False),
+        ({"max_cuda": None}, True),
+        ({"verified": False}, False),
+        ({"verified": None}, True),
+        ({"gpu_count": 2}, False),
+        ({"interruptible": True}, False),
+        ({"price_per_hour": 0.9}, False),
+        ({"availability": "NONE"}, False),
+        ({"availability": "LOW"}, True),
+        ({"gpu_model": "RTX 4090"}, False),
+    ],
+)
+def test_requirements(change, kept):
+    req = Requirements(max_price_per_hour=0.5, gpu_models=["RTX 3090"])
+    assert meets(offer(**change), req) is kept
+
+
+def test_interruptible_allowed_when_asked():
+    assert meets(offer(interruptible=True), Requirements(include_interruptible=True))
+
+
+def test_requirements_from_config_then_flags():
+    from remote.config import load_config
+
+    job = load_config(EXAMPLE).job
+    req = requirements_from(job, max_price_per_hour=0.5, gpu_models=None)
+    assert (req.min_vram_gb, req.min_reliability, req.min_cuda, req.verified_only, req.disk_gb) == (24, 0.98, 12.1, True, 40)
+    assert req.max_price_per_hour == 0.5
+    assert requirements_from(None, min_vram_gb=48).min_vram_gb == 48
+
+
+# ------------------------------------------------------------------------------------------ ranking
+
+
+def test_rank_by_price_without_a_job():
+    offers = [offer(offer_id="a", price_per_hour=0.3), offer(offer_id="b", price_per_hour=0.1),
+              offer(offer_id="c", price_per_hour=0.1, reliability=0.999)]
+    assert [r.offer.offer_id for r in rank(offers)] == ["c", "b", "a"]
+
+
+def test_rank_by_job_cost_can_prefer_a_dearer_faster_card():
+    profile = JobProfile(family="sdxl", steps=10_000, batch_size=1, resolution=(1024, 1024))
+    slow_cheap = offer(offer_id="3090", gpu_model="RTX 3090", price_per_hour=0.30)
+    fast_dear = offer(offer_id="h100", gpu_model="H100 SXM", price_per_hour=0.50)
+    unknown = offer(offer_id="mystery", gpu_model="Imaginary RTX 9999", price_per_hour=0.01)
+    ranked = rank([slow_cheap, unknown, fast_dear], profile)
+    assert [r.offer.offer_id for r in ranked] == ["h100", "3090", "mystery"]  # no speed figure: last
+    assert ranked[0].estimate.cost_usd < ranked[1].estimate.cost_usd
+    assert ranked[2].estimate is None
+
+
+# ------------------------------------------------------------------------------------------ querying
+
+
+class FakeProvider:
+    def __init__(self, name, offers=None, error=None):
+        self.info = ProviderInfo(name=name, display_name=name)
+        self._offers, self._error = offers or [], error
+
+    def search(self, requirements):
+        if self._error:
+            raise self._error
+        return self._offers
+
+
+def test_one_failing_provider_is_a_note_not_a_crash():
+    providers = {
+        "vast": FakeProvider("vast", [offer()]),
+        "runpod": FakeProvider("runpod", error=ProviderDown("runpod", "503 maintenance", 503)),
+    }
+    offers, notes = query_providers(["vast", "runpod", "gpuflow"], Requirements(), opener=lambda n: providers.get(n) or _real(n))
+    assert [o.offer_id for o in offers] == ["1"]
+    assert [(n.provider, n.kind) for n in notes] == [("runpod", "error"), ("gpuflow", "unsupported")]
+    assert "503 maintenance" in notes[0].message
+
+
+def _real(name):
+    from rentrain.credentials import open_provider
+
+    return open_provider(name)
+
+
+def test_missing_key_is_a_note():
+    search = find_offers(["vast"], Requirements())
+    assert search.ranked == []
+    assert search.notes[0].kind == "error" and "VAST_API_KEY" in search.notes[0].message
+
+
+def test_providers_are_asked_concurrently():
+    import threading
+
+    barrier = threading.Barrier(2, timeout=5)
+
+    class Waiting(FakeProvider):
+        def search(self, requirements):
+            barrier.wait()  # only returns if both searches run at the same time
+            return [offer(provider=self.info.name)]
+
+    offers, notes = query_providers(["vast", "runpod"], Requirements(), opener=lambda n: Waiting(n))
+    assert sorted(o.provider for o in offers) == ["runpod", "vast"] and notes == []
+
+
+# ------------------------------------------------------------------------------------------ the commands
+
+
+def record_markets(mocked, runpod_status=200):
+    mocked.add(responses.POST, f"{VAST_URL}/bundles/", json=load("vast_bundles.json"))
+    for cloud, fixture in (("COMMUNITY", "runpod_catalog_community.json"), ("SECURE", "runpod_catalog_secure.json")):
+        params = {"include": "AVAILABILITY", "product": "POD", "cloud": cloud, "count": "1", "minCudaVersion": "12.1"}
+        if runpod_status == 200:
+            mocked.add(responses.GET, f"{RUNPOD_URL}/v2/catalog/gpus", json=load(fixture), match=[matchers.query_param_matcher(params)])
+    if runpod_status != 200:
+        mocked.add(responses.GET, f"{RUNPOD_URL}/v2/catalog/gpus", status=runpod_status,
+                   json={"title": "Unauthorized", "status": runpod_status, "detail": "invalid api key"})
+
+
+@pytest.fixture
+def markets(monkeypatch):
+    monkeypatch.setenv("VAST_API_KEY", VAST_KEY)
+    monkeypatch.setenv("RUNPOD_API_KEY", RUNPOD_KEY)
+    monkeypatch.setenv("RENTRAIN_VAST_URL", VAST_URL)
+    monkeypatch.setenv("RENTRAIN_RUNPOD_URL", RUNPOD_URL)
+    monkeypatch.setenv("COLUMNS", "200")
+
+
+EXPECTED_ORDER = [  # cheapest job first; the tiny example's steps cost the same on every card
+    ("vast", "3001"),
+    ("runpod", "SECURE/NVIDIA RTX A5000"),
+    ("runpod", "COMMUNITY/NVIDIA GeForce RTX 4090"),
+    ("vast", "4001"),
+    ("runpod", "SECURE/NVIDIA GeForce RTX 4090"),
+]
+
+
+def test_offers_with_config_prints_a_sorted_table(mocked, markets, caplog):
+    caplog.set_level(logging.DEBUG)
+    record_markets(mocked)
+    result = CliRunner().invoke(main, ["offers", "--config", str(EXAMPLE)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    rows = [line for line in lines if line.startswith("│")]
+    cells = [[c.strip() for c in row.strip("│").split("│")] for row in rows]
+    assert [c[0] for c in cells] == ["vast", "runpod secure", "runpod community", "vast", "runpod secure", "gpuflow"]
+    assert cells[0][1:4] == ["RTX 3090 24 GB", "$0.168", "0.991"]
+    assert cells[1][3] == "unknown"  # RunPod publishes no reliability
+    assert cells[0][5] == "610 Mbps"
+    costs = [float(c[7].lstrip("$")) for c in cells[:5]]
+    assert costs == sorted(costs)
+    assert cells[5][1] == "no offers (see below)"
+    assert "gpuflow (no offers): GPUFlow has no renter API" in " ".join(result.output.split())
+    assert "200 steps" in result.output
+    for secret in (VAST_KEY, RUNPOD_KEY):
+        assert secret not in result.output and secret not in caplog.text
+
+
+def test_offers_json_is_ranked_with_estimates(mocked, markets):
+    record_markets(mocked)
+    result = CliRunner().invoke(main, ["offers", "--config", str(EXAMPLE), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert [(o["provider"], o["offer_id"]) for o in data["offers"]] == EXPECTED_ORDER
+    assert all(o["estimate"]["steps"] == 200 for o in data["offers"])
+    assert data["job"]["steps"] == 200
+    assert data["notes"][0]["provider"] == "gpuflow"
+
+
+def test_offers_without_config_sorts_by_price_and_applies_flags(mocked, markets):
+    record_markets(mocked)
+    result = CliRunner().invoke(main, ["offers", "--json", "--max-price", "0.4", "--limit", "2"])
+    data = json.loads(result.output)
+    assert [o["price_per_hour"] for o in data["offers"]] == sorted(o["price_per_hour"] for o in data["offers"])
+    assert len(data["offers"]) == 2
+    assert all(o["estimate"] is None for o in data["offers"])
+    assert body_of_vast_search(mocked)["dph_total"] == {"lte": 0.4}
+
+
+def body_of_vast_search(mocked):
+    return json.loads(next(c for c in mocked.calls if "bundles" in c.request.url).request.body)
+
+
+def test_gpu_flag_is_normalised_and_sent(mocked, markets):
+    record_markets(mocked)
+    result = CliRunner().invoke(main, ["offers", "--json", "--gpu", "4090"])
+    data = json.loads(result.output)
+    assert {o["gpu_model"] for o in data["offers"]} == {"RTX 4090"}
+    assert body_of_vast_search(mocked)["gpu_name"] == {"in": ["RTX 4090"]}
+
+
+def test_a_failing_provider_is_a_warning_row(mocked, markets, caplog):
+    caplog.set_level(logging.DEBUG)
+    record_markets(mocked, runpod_status=401)
+    result = CliRunner().invoke(main, ["offers", "--provider", "vast", "--provider", "runpod"])
+    assert result.exit_code == 0, result.output
+    assert "runpod (failed): AuthError: Unauthorized: invalid api key" in " ".join(result.output.split())
+    assert "$0.168" in result.output
+    for secret in (VAST_KEY, RUNPOD_KEY):
+        assert secret not in result.output and secret not in caplog.text
+
+
+def test_gpuflow_only(markets):
+    result = CliRunner().invoke(main, ["offers", "--provider", "gpuflow"])
+    assert result.exit_code == 0
+    assert "gpuflow" in result.output and "no renter API" in result.output
+
+
+def test_estimate_best_per_provider_and_gpu(mocked, markets):
+    record_markets(mocked)
+    result = CliRunner().invoke(main, ["estimate", "--config", str(EXAMPLE), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert [(o["provider"], o["offer_id"]) for o in data["best_per_provider"]] == [("vast", "3001"), ("runpod", "SECURE/NVIDIA RTX A5000")]
+    assert [o["gpu_model"] for o in data["best_per_gpu"]] == ["RTX 3090", "RTX A5000", "RTX 4090"]
+    assert data["best_per_gpu"][2]["offer_id"] == "COMMUNITY/NVIDIA GeForce RTX 4090"
+    assert data["job"]["steps"] == 200
+
+
+def test_estimate_table_without_keys_still_gives_hours(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    result = CliRunner().invoke(main, ["estimate", "--config", str(EXAMPLE)])
+    assert result.exit_code == 0, result.output
+    assert "No live prices" in result.output and "RTX 4090" in result.output
+    assert "VAST_API_KEY" in result.output  # the note says where the key goes
+
+
+def test_bad_config_is_a_clean_error(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[training]\nno_such_key = 1\n")
+    result = CliRunner().invoke(main, ["offers", "--config", str(bad)])
+    assert result.exit_code != 0
+    assert "no_such_key" in result.output
