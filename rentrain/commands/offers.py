@@ -71,7 +71,7 @@ def money(value: float | None, digits: int = 3) -> str:
 def offers_table(search: OfferSearch, with_estimates: bool, title: str | None = None) -> Table:
     table = Table(title=title, show_lines=False)
     table.add_column("provider", no_wrap=True)
-    table.add_column("GPU", no_wrap=True)
+    table.add_column("GPU")
     table.add_column("$/h", justify="right")
     table.add_column("reliability", justify="right")
     table.add_column("location", overflow="fold")
@@ -100,7 +100,7 @@ def offers_table(search: OfferSearch, with_estimates: bool, title: str | None = 
 
 def note_cells(note: ProviderNote, width: int) -> list[Any]:
     """A provider without offers, as a short table row; the full reason is printed under the table."""
-    label = "failed (see below)" if note.kind == "error" else "no offers (see below)"
+    label = "failed*" if note.kind == "error" else "no offers*"
     style = "yellow" if note.kind == "error" else "dim"
     return [Text(note.provider, style=style), Text(label, style=style), *([""] * (width - 2))]
 
@@ -108,7 +108,7 @@ def note_cells(note: ProviderNote, width: int) -> list[Any]:
 def print_notes(console: Console, notes: list[ProviderNote]) -> None:
     for note in notes:
         prefix = "failed" if note.kind == "error" else "no offers"
-        console.print(Text.assemble((f"{note.provider} ({prefix}): ", "bold"), note.message))
+        console.print(Text.assemble((f"* {note.provider} ({prefix}): ", "bold"), note.message))
 
 
 def _hours(item: RankedOffer) -> str:

@@ -187,8 +187,8 @@ def test_offers_with_config_prints_a_sorted_table(mocked, markets, caplog):
     assert cells[0][5] == "610 Mbps"
     costs = [float(c[7].lstrip("$")) for c in cells[:5]]
     assert costs == sorted(costs)
-    assert cells[5][1] == "no offers (see below)"
-    assert "gpuflow (no offers): GPUFlow has no renter API" in " ".join(result.output.split())
+    assert cells[5][1] == "no offers*"
+    assert "* gpuflow (no offers): GPUFlow has no renter API" in " ".join(result.output.split())
     assert "200 steps" in result.output
     for secret in (VAST_KEY, RUNPOD_KEY):
         assert secret not in result.output and secret not in caplog.text
@@ -232,7 +232,7 @@ def test_a_failing_provider_is_a_warning_row(mocked, markets, caplog):
     record_markets(mocked, runpod_status=401)
     result = CliRunner().invoke(main, ["offers", "--provider", "vast", "--provider", "runpod"])
     assert result.exit_code == 0, result.output
-    assert "runpod (failed): AuthError: Unauthorized: invalid api key" in " ".join(result.output.split())
+    assert "* runpod (failed): AuthError: Unauthorized: invalid api key" in " ".join(result.output.split())
     assert "$0.168" in result.output
     for secret in (VAST_KEY, RUNPOD_KEY):
         assert secret not in result.output and secret not in caplog.text
