@@ -1,0 +1,111 @@
+"""The cost model: speed table lookups, scaling rules, overhead, and the job profile from a config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from providers.base import Offer
+from rentrain import costs
+from rentrain.costs import JobProfile, estimate_job, guess_model_family, overhead_seconds, profile_from_config, seconds_per_step
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tiny" / "config.toml"
+
+
+def sdxl(**kw) -> JobProfile:
+    return JobProfile(**{"family": "sdxl", "steps": 1000, "batch_size": 1, "resolution": (1024, 1024), **kw})
+
+
+def sd15(**kw) -> JobProfile:
+    return JobProfile(**{"family": "sd15", "steps": 1000, "batch_size": 1, "resolution": (512, 512), **kw})
+
+
+@pytest.mark.parametrize(
+    ("model", "sdxl_flag", "family"),
+    [
+        ("builtin:tiny-sd15", None, "tiny"),
+        ("builtin:tiny-sdxl", None, "tiny"),
+        ("stabilityai/stable-diffusion-xl-base-1.0", None, "sdxl"),
+        ("/models/ponyDiffusionV6.safetensors", None, "sdxl"),
+        ("stable-diffusion-v1-5/stable-diffusion-v1-5", None, "sd15"),
+        ("/models/realisticVision.safetensors", True, "sdxl"),
+        ("/models/some_xl_name.safetensors", False, "sd15"),
+    ],
+)
+def test_model_family_guess(model, sdxl_flag, family):
+    assert guess_model_family(model, sdxl_flag) == family
+
+
+def test_published_row_is_used_as_is():
+    speed = seconds_per_step("RTX 3090", sdxl())
+    assert speed.seconds_per_step == 1.23 and speed.kind == "published" and "kohya_ss#1288" in speed.source
+
+
+def test_unlisted_gpu_is_scaled_by_tflops_from_the_reference():
+    speed = seconds_per_step("H100 SXM", sdxl())
+    ref = costs.SPEED_TABLE[("RTX 3090 Ti", "sdxl", 1)].value
+    expected = ref * (costs.BF16_TFLOPS["RTX 3090 Ti"].value / costs.BF16_TFLOPS["H100 SXM"].value) ** costs.TFLOPS_EXPONENT.value
+    assert speed.kind == "scaled"
+    assert speed.seconds_per_step == pytest.approx(expected)
+    assert "scaled from RTX 3090 Ti by bf16 TFLOPS" in speed.source
+
+
+def test_faster_cards_are_faster_and_unknown_cards_have_no_figure():
+    assert seconds_per_step("H100 SXM", sd15()).seconds_per_step < seconds_per_step("RTX 3090", sd15()).seconds_per_step
+    assert seconds_per_step("RTX A5000", sd15()).seconds_per_step > seconds_per_step("RTX 3090", sd15()).seconds_per_step
+    assert seconds_per_step("Imaginary RTX 9999", sd15()) is None
+
+
+def test_batch_sizes_interpolate_and_extrapolate():
+    at = {b: seconds_per_step("RTX 3090 Ti", sd15(batch_size=b)).seconds_per_step for b in (1, 2, 3, 4, 8)}
+    assert (at[1], at[2], at[4]) == (0.20, 0.30, 0.50)  # table rows
+    assert at[3] == pytest.approx(0.40)  # between the 2 and 4 rows
+    assert at[8] > at[4]
+    assert seconds_per_step("RTX 3090", sdxl(batch_size=8)).seconds_per_step == pytest.approx(1.23 * (1 + 7 * 0.22))
+
+
+def test_resolution_checkpointing_and_accumulation_scale_the_step():
+    base = seconds_per_step("RTX 3090", sdxl()).seconds_per_step
+    assert seconds_per_step("RTX 3090", sdxl(resolution=(768, 768))).seconds_per_step == pytest.approx(base * 0.5625)
+    assert seconds_per_step("RTX 3090", sdxl(gradient_checkpointing=True)).seconds_per_step == pytest.approx(base * 1.3)
+    assert seconds_per_step("RTX 3090", sdxl(gradient_accumulation_steps=4)).seconds_per_step == pytest.approx(base * 4)
+
+
+def test_every_number_has_a_kind_and_a_source():
+    tables = [costs.SPEED_TABLE, costs.BF16_TFLOPS, costs.BATCH_MARGINAL, costs.OVERHEAD, costs.MODEL_DOWNLOAD_GB]
+    figures = [f for table in tables for f in table.values()]
+    figures += [costs.TFLOPS_EXPONENT, costs.TINY_SECONDS_PER_STEP, costs.GRADIENT_CHECKPOINTING_FACTOR]
+    for figure in figures:
+        assert figure.kind in ("published", "derived", "scaled", "measured", "assumed")
+        assert len(figure.source) > 10
+
+
+def test_overhead_uses_the_offer_bandwidth_for_the_model_download():
+    slow = overhead_seconds(sdxl(), 100)["model_download"]
+    fast = overhead_seconds(sdxl(), 1000)["model_download"]
+    assert slow == pytest.approx(6.9 * 8000 / 100)
+    assert fast == pytest.approx(slow / 10)
+    assert overhead_seconds(sdxl(local_model_bytes=10**9), 1000)["model_download"] == 0  # uploaded instead
+    assert overhead_seconds(sdxl(local_model_bytes=10**9), 1000)["upload"] == pytest.approx(10**9 * 8 / 40e6)
+
+
+def test_estimate_is_rate_times_training_plus_overhead():
+    offer = Offer(provider="vast", offer_id="1", gpu_model="RTX 3090", gpu_name_raw="RTX 3090", gpu_count=1, vram_gb=24,
+                  price_per_hour=0.5, download_mbps=800)
+    profile = sdxl(steps=3600)
+    est = estimate_job(profile, offer)
+    train_h = 3600 * 1.23 / 3600
+    overhead_h = sum(overhead_seconds(profile, 800).values()) / 3600
+    assert est.train_hours == pytest.approx(train_h)
+    assert est.overhead_hours == pytest.approx(overhead_h)
+    assert est.cost_usd == pytest.approx((train_h + overhead_h) * 0.5, abs=0.001)
+
+
+def test_profile_from_the_example_config():
+    profile = profile_from_config(EXAMPLE)
+    # 20 images x 10 repeats / batch 2 = 100 steps per epoch, 2 epochs
+    assert profile.steps == 200
+    assert profile.family == "tiny"
+    assert profile.batch_size == 2 and profile.images == 20
+    assert profile.dataset_bytes > 0
