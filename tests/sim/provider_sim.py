@@ -1,0 +1,386 @@
+"""A local GPU market for end-to-end tests: HTTP on 127.0.0.1 speaking the Vast (REST v0) and RunPod
+(REST v2) shapes the adapters use, whose instances are real sshd processes on loopback ports.
+
+Reach it through the adapters' base-URL overrides:
+    RENTRAIN_VAST_URL   = <base>/vast/api/v0
+    RENTRAIN_RUNPOD_URL = <base>/runpod
+
+Billing is by the second from create to destroy (stopped instances bill `storage_per_hour`). Faults are
+switched on per test: offers that are gone at create, hosts whose SSH never comes up, 429 and 5xx storms,
+and a host that dies mid-run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from tests.sim.sshd import SshdInstance
+
+VAST_KEY = "sim-vast-account-key"
+RUNPOD_KEY = "sim-runpod-account-key"
+
+
+@dataclass
+class SimOffer:
+    provider: str  # "vast" or "runpod"
+    offer_id: str  # vast: ask id; runpod: the GPU type id
+    gpu_name: str
+    price_per_hour: float
+    vram_gb: float = 24
+    reliability: float = 0.995
+    inet_down: float = 800.0
+    gone: bool = False  # create answers "no such ask" / no capacity
+    never_reachable: bool = False  # the instance runs but sshd never comes up
+
+
+@dataclass
+class SimInstance:
+    id: str
+    provider: str
+    offer: SimOffer
+    label: str
+    price_per_hour: float
+    created_at: float
+    instance_key: str
+    sshd: SshdInstance
+    state: str = "loading"  # loading, running, stopped, exited, destroyed
+    ended_at: float | None = None
+    stopped_at: float | None = None
+    events: list[str] = field(default_factory=list)
+
+    def billed_cost(self, storage_per_hour: float, now: float | None = None) -> float:
+        now = now if now is not None else time.time()
+        end = self.ended_at if self.ended_at is not None else now
+        running_until = self.stopped_at if self.stopped_at is not None else end
+        running = max(0.0, running_until - self.created_at)
+        stopped = max(0.0, end - running_until)
+        return (running * self.price_per_hour + stopped * storage_per_hour) / 3600
+
+
+class ProviderSimulator:
+    def __init__(
+        self,
+        root: Path,
+        offers: list[SimOffer],
+        instance_env: dict[str, str] | None = None,
+        boot_seconds: float = 0.3,
+        storage_per_hour: float = 0.01,
+    ):
+        self.root = root
+        self.offers = {(o.provider, o.offer_id): o for o in offers}
+        self.instance_env = instance_env or {}
+        self.boot_seconds = boot_seconds
+        self.storage_per_hour = storage_per_hour
+        self.instances: dict[str, SimInstance] = {}
+        self.runpod_account_keys: list[str] = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIUsersOwnKey user@laptop"]
+        self.requests: list[tuple[str, str]] = []
+        self.storm: list[int] = []  # status codes to answer the next requests with (429, 500, ...)
+        self._lock = threading.RLock()
+        self._next_id = 1000
+        self._server: ThreadingHTTPServer | None = None
+
+    # ------------------------------------------------------------------ lifecycle of the simulator
+
+    def start(self) -> str:
+        simulator = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _dispatch(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                try:
+                    body = json.loads(raw) if raw else None
+                except ValueError:
+                    body = None
+                status, payload, headers = simulator.handle(
+                    self.command, self.path, self.headers.get("Authorization", ""), body
+                )
+                data = b"" if payload is None else json.dumps(payload).encode()
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _dispatch
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self.base_url
+
+    @property
+    def base_url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.server_port}"
+
+    @property
+    def vast_url(self) -> str:
+        return f"{self.base_url}/vast/api/v0"
+
+    @property
+    def runpod_url(self) -> str:
+        return f"{self.base_url}/runpod"
+
+    def shutdown(self) -> None:
+        for instance in list(self.instances.values()):
+            instance.sshd.kill()
+        if self._server is not None:
+            self._server.shutdown()
+
+    # ------------------------------------------------------------------ what tests look at
+
+    def live_instances(self) -> list[SimInstance]:
+        return [i for i in self.instances.values() if i.state not in ("destroyed",)]
+
+    def total_billed(self) -> float:
+        return sum(i.billed_cost(self.storage_per_hour) for i in self.instances.values())
+
+    def kill_host(self, instance_id: str) -> None:
+        """The host dies mid-run: every process on it ends, SSH is gone, the provider says exited."""
+        with self._lock:
+            instance = self.instances[instance_id]
+            instance.state = "exited"
+        instance.sshd.kill()
+
+    # ------------------------------------------------------------------ HTTP
+
+    def handle(self, method: str, path: str, auth: str, body: Any) -> tuple[int, Any, dict[str, str]]:
+        with self._lock:
+            self.requests.append((method, path))
+            if self.storm:
+                status = self.storm.pop(0)
+                headers = {"Retry-After": "0"} if status == 429 and path.startswith("/runpod") else {}
+                return status, {"detail": "API requests too frequent"} if status == 429 else {"error": "down"}, headers
+            route = path.split("?", 1)[0]
+            if route.startswith("/vast/api/v0"):
+                return self._vast(method, route[len("/vast/api/v0") :], auth, body)
+            if route.startswith("/runpod"):
+                return self._runpod(method, route[len("/runpod") :], auth, body)
+            return 404, {"error": "no such route"}, {}
+
+    def _authorised(self, auth: str, account_key: str, instance_id: str | None = None) -> bool:
+        token = auth.removeprefix("Bearer ").strip()
+        if token == account_key:
+            return True
+        instance = self.instances.get(instance_id or "")
+        return instance is not None and token == instance.instance_key
+
+    # ------------------------------------------------------------------ Vast
+
+    def _vast(self, method: str, route: str, auth: str, body: Any) -> tuple[int, Any, dict[str, str]]:
+        match = re.fullmatch(r"/instances/(\d+)/(ssh/)?", route)
+        instance_id = match.group(1) if match else None
+        if not self._authorised(auth, VAST_KEY, instance_id):
+            return 401, {"success": False, "error": "auth_error", "msg": "Invalid user key"}, {}
+        if method == "POST" and route == "/bundles/":
+            offers = [self._vast_offer(o) for (p, _), o in self.offers.items() if p == "vast"]
+            return 200, {"offers": offers}, {}
+        ask = re.fullmatch(r"/asks/(\w+)/", route)
+        if method == "PUT" and ask:
+            offer = self.offers.get(("vast", ask.group(1)))
+            if offer is None or offer.gone:
+                return 404, {"success": False, "error": "no_such_ask", "msg": "Instance type no longer available."}, {}
+            instance = self._create("vast", offer, body.get("label") or "", body.get("env") or {})
+            return 200, {"success": True, "new_contract": int(instance.id), "instance_api_key": instance.instance_key}, {}
+        if method == "GET" and route == "/instances/":
+            return 200, {"instances": [self._vast_instance(i) for i in self.live_instances()]}, {}
+        if instance_id is None:
+            return 404, {"success": False, "error": "not_found", "msg": route}, {}
+        instance = self.instances.get(instance_id)
+        if instance is None or instance.state == "destroyed":
+            if method == "GET":
+                return 200, {"instances": None}, {}
+            return 404, {"success": False, "error": "no_such_instance", "msg": f"instance {instance_id}"}, {}
+        if method == "POST" and match and match.group(2):
+            instance.sshd.authorized_key = body["ssh_key"]
+            self._write_keys(instance)
+            return 200, {"success": True, "msg": "SSH key attached successfully"}, {}
+        if method == "GET":
+            return 200, {"instances": self._vast_instance(instance)}, {}
+        if method == "PUT" and body and body.get("state") == "stopped":
+            self._stop(instance)
+            return 200, {"success": True}, {}
+        if method == "DELETE":
+            self._destroy(instance)
+            return 200, {"success": True}, {}
+        return 400, {"success": False, "error": "invalid_args", "msg": "unsupported"}, {}
+
+    def _vast_offer(self, offer: SimOffer) -> dict[str, Any]:
+        return {
+            "id": int(offer.offer_id),
+            "ask_contract_id": int(offer.offer_id),
+            "machine_id": int(offer.offer_id) * 10,
+            "gpu_name": offer.gpu_name,
+            "num_gpus": 1,
+            "gpu_ram": offer.vram_gb * 1024,
+            "dph_total": offer.price_per_hour,
+            "reliability": offer.reliability,
+            "reliability2": offer.reliability,
+            "inet_down": offer.inet_down,
+            "cuda_max_good": 12.4,
+            "geolocation": "Loopback, LO",
+            "verification": "verified",
+            "direct_port_count": 4,
+            "disk_space": 100,
+        }
+
+    def _vast_instance(self, instance: SimInstance) -> dict[str, Any]:
+        status = {"loading": "loading", "running": "running", "stopped": "stopped", "exited": "exited"}[instance.state]
+        running = instance.state == "running"
+        return {
+            "id": int(instance.id),
+            "label": instance.label,
+            "actual_status": status,
+            "intended_status": "running",
+            "status_msg": None,
+            "public_ipaddr": "127.0.0.1" if running else None,
+            "ports": {"22/tcp": [{"HostIp": "0.0.0.0", "HostPort": str(instance.sshd.port)}]} if running else {},
+            "ssh_host": None,
+            "ssh_port": None,
+            "dph_total": instance.price_per_hour,
+            "start_date": instance.created_at,
+            "gpu_name": instance.offer.gpu_name,
+        }
+
+    # ------------------------------------------------------------------ RunPod
+
+    def _runpod(self, method: str, route: str, auth: str, body: Any) -> tuple[int, Any, dict[str, str]]:
+        match = re.fullmatch(r"/v2/pods/(\w+)(/action)?", route)
+        pod_id = match.group(1) if match else None
+        if not self._authorised(auth, RUNPOD_KEY, pod_id):
+            return 401, {"title": "Unauthorized", "status": 401, "detail": "invalid api key"}, {}
+        if method == "GET" and route == "/v2/catalog/gpus":
+            gpus = [self._runpod_gpu(o) for (p, _), o in self.offers.items() if p == "runpod"]
+            return 200, {"gpus": gpus}, {}
+        if route == "/v2/account/ssh-keys":
+            if method == "PUT":
+                self.runpod_account_keys = list(body["keys"])
+            return 200, {"keys": self.runpod_account_keys}, {}
+        if method == "POST" and route == "/v2/pods":
+            offer = self.offers.get(("runpod", body["gpu"]["id"]))
+            if offer is None or offer.gone:
+                return 400, {"title": "Bad Request", "status": 400, "detail": "There are no instances available"}, {}
+            env = body.get("env") or {}
+            instance = self._create("runpod", offer, body.get("name") or "", env)
+            instance.sshd.authorized_key = env.get("PUBLIC_KEY", "")
+            self._write_keys(instance)
+            return 201, self._pod(instance), {}
+        if method == "GET" and route == "/v2/pods":
+            return 200, {"pods": [self._pod(i) for i in self.live_instances()]}, {}
+        instance = self.instances.get(pod_id or "")
+        if instance is None or instance.state == "destroyed":
+            return 404, {"title": "Not Found", "status": 404, "detail": f"pod {pod_id} not found"}, {}
+        if method == "GET":
+            return 200, self._pod(instance), {}
+        if method == "POST" and match and match.group(2):
+            if body.get("action") == "stop":
+                self._stop(instance)
+                return 200, self._pod(instance), {}
+            if body.get("action") == "terminate":
+                self._destroy(instance)
+                return 204, None, {}
+        if method == "DELETE":
+            self._destroy(instance)
+            return 204, None, {}
+        return 422, {"title": "Unprocessable", "status": 422, "detail": "unsupported"}, {}
+
+    def _runpod_gpu(self, offer: SimOffer) -> dict[str, Any]:
+        return {
+            "id": offer.offer_id,
+            "name": offer.gpu_name,
+            "memory": offer.vram_gb,
+            "secure": False,
+            "community": True,
+            "price": {"community": offer.price_per_hour, "secure": None},
+            "maxCount": {"community": 4, "secure": 0},
+            "availability": "HIGH",
+            "dataCenters": [{"id": "LO-1", "name": "Loopback", "availability": "HIGH"}],
+            "cudaVersions": ["12.4"],
+        }
+
+    def _pod(self, instance: SimInstance) -> dict[str, Any]:
+        status = {"loading": "STARTING", "running": "RUNNING", "stopped": "EXITED", "exited": "ERROR"}[instance.state]
+        running = instance.state == "running"
+        return {
+            "id": instance.id,
+            "name": instance.label,
+            "status": status,
+            "cost": instance.price_per_hour if running else 0,
+            "gpu": {"id": instance.offer.offer_id, "count": 1},
+            "ssh": {"direct": {"host": "127.0.0.1", "port": instance.sshd.port, "username": instance.sshd.user}}
+            if running
+            else {"direct": None},
+            "startedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(instance.created_at)),
+        }
+
+    # ------------------------------------------------------------------ instances
+
+    def _create(self, provider: str, offer: SimOffer, label: str, env: dict[str, str]) -> SimInstance:
+        self._next_id += 1
+        instance_id = str(self._next_id)
+        instance_key = f"sim-instance-key-{instance_id}"
+        provider_env = (
+            {"CONTAINER_ID": instance_id, "CONTAINER_API_KEY": instance_key}
+            if provider == "vast"
+            else {"RUNPOD_POD_ID": instance_id, "RUNPOD_API_KEY": instance_key}
+        )
+        sshd = SshdInstance(self.root / f"{provider}-{instance_id}", "", env={**self.instance_env, **provider_env})
+        instance = SimInstance(
+            id=instance_id,
+            provider=provider,
+            offer=offer,
+            label=label,
+            price_per_hour=offer.price_per_hour,
+            created_at=time.time(),
+            instance_key=instance_key,
+            sshd=sshd,
+        )
+        self.instances[instance_id] = instance
+        if not offer.never_reachable:
+            threading.Timer(self.boot_seconds, self._boot, args=(instance,)).start()
+        return instance
+
+    def _boot(self, instance: SimInstance) -> None:
+        with self._lock:
+            if instance.state != "loading":
+                return
+            instance.sshd.start()
+            instance.state = "running"
+
+    def _write_keys(self, instance: SimInstance) -> None:
+        instance.sshd.root.mkdir(parents=True, exist_ok=True)
+        (instance.sshd.root / "authorized_keys").write_text(instance.sshd.authorized_key + "\n")
+
+    def _stop(self, instance: SimInstance) -> None:
+        instance.sshd.kill()
+        instance.state = "stopped"
+        instance.stopped_at = time.time()
+
+    def _destroy(self, instance: SimInstance) -> None:
+        instance.sshd.kill()
+        instance.state = "destroyed"
+        instance.ended_at = time.time()
+        if instance.stopped_at is None:
+            instance.stopped_at = instance.ended_at
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 30, interval: float = 0.1) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
