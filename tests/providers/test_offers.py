@@ -269,3 +269,20 @@ def test_bad_config_is_a_clean_error(tmp_path):
     result = CliRunner().invoke(main, ["offers", "--config", str(bad)])
     assert result.exit_code != 0
     assert "no_such_key" in result.output
+
+
+def test_include_interruptible_flag_adds_bid_offers(mocked, markets):
+    record_markets(mocked)
+    mocked.add(responses.POST, f"{VAST_URL}/bundles/", json=load("vast_bundles_bid.json"))
+    result = CliRunner().invoke(main, ["offers", "--json", "--include-interruptible"])
+    data = json.loads(result.output)
+    assert [json.loads(c.request.body)["type"] for c in mocked.calls if "bundles" in c.request.url] == ["on-demand", "bid"]
+    cheapest = data["offers"][0]
+    assert (cheapest["offer_id"], cheapest["interruptible"], cheapest["price_per_hour"]) == ("3001", True, 0.106)
+
+
+def test_without_the_flag_the_config_decides(mocked, markets):
+    record_markets(mocked)
+    result = CliRunner().invoke(main, ["offers", "--json"])
+    assert all(not o["interruptible"] for o in json.loads(result.output)["offers"])
+    assert [json.loads(c.request.body)["type"] for c in mocked.calls if "bundles" in c.request.url] == ["on-demand"]
