@@ -125,7 +125,7 @@ class RunPodProvider:
                 "count": requirements.gpu_count,
             }
             if requirements.min_cuda is not None:
-                params["minCudaVersion"] = f"{requirements.min_cuda:g}"
+                params["minCudaVersion"] = _cuda(requirements.min_cuda)
             data = self._api.json("GET", "/v2/catalog/gpus", endpoint="catalog", idempotent=True, params=params)
             for item in (data or {}).get("gpus") or []:
                 offer = _offer(CatalogGpu.model_validate(item), cloud, requirements)
@@ -145,10 +145,13 @@ class RunPodProvider:
         if offer.cloud not in CLOUDS:
             raise BadRequest(NAME, f"offer {offer.offer_id} is not a RunPod catalog offer")
         self._register_ssh_key(launch.ssh_public_key)
+        gpu: dict[str, Any] = {"id": offer.gpu_name_raw, "count": offer.gpu_count}
+        if launch.min_cuda is not None:
+            gpu["minCudaVersion"] = _cuda(launch.min_cuda)  # the scheduler picks the host, so it must know
         body = {
             "name": launch.label,
             "image": launch.image,
-            "gpu": {"id": offer.gpu_name_raw, "count": offer.gpu_count},
+            "gpu": gpu,
             "cloud": offer.cloud,
             "disk": launch.disk_gb,
             "ports": ["22/tcp"],
@@ -292,6 +295,10 @@ def _instance(pod: Pod) -> Instance:
         started_at=pod.startedAt,
         gpu_model=normalise_gpu_name(gpu_id) if gpu_id else None,
     )
+
+
+def _cuda(version: float) -> str:
+    return f"{version:.1f}"  # "12.1", as the catalog lists CUDA versions
 
 
 def _same_key(a: str, b: str) -> bool:

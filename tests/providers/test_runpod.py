@@ -114,6 +114,13 @@ def test_create_merges_our_key_into_the_account_keys_and_sends_the_documented_bo
     assert instance.label == "rentrain-job42"
 
 
+def test_create_passes_the_minimum_cuda_to_the_scheduler(mocked, runpod):
+    mocked.add(responses.GET, KEYS, json={"keys": [SSH_KEY]})
+    mocked.add(responses.POST, PODS, status=201, json=load("runpod_pod_created.json"))
+    runpod.create(_any_offer(), LAUNCH.model_copy(update={"min_cuda": 12.0}))
+    assert body(mocked.calls[-1])["gpu"] == {"id": "NVIDIA GeForce RTX 4090", "count": 1, "minCudaVersion": "12.0"}
+
+
 def test_create_does_not_rewrite_keys_when_ours_is_already_there(mocked, runpod):
     offer = _offers(mocked, runpod)[0]
     mocked.add(responses.GET, KEYS, json={"keys": [*USER_KEYS, SSH_KEY.rsplit(" ", 1)[0] + " other-comment"]})
