@@ -18,15 +18,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import requests
-from pydantic import SecretStr
+from pydantic import BaseModel, SecretStr, ValidationError
 
 from providers.base import ProviderDown, ProviderError, RateLimited
 
 RETRYABLE_GATEWAY = frozenset({502, 503, 504})
 MAX_MESSAGE_CHARS = 500
+
+M = TypeVar("M", bound=BaseModel)
 
 # classify(status, message, endpoint) -> the error to raise for a non-2xx answer that is not retried
 Classifier = Callable[[int, str, str], ProviderError]
@@ -165,6 +167,16 @@ class ApiClient:
         base = self.policy.endpoint_base_delay_s.get(endpoint, self.policy.base_delay_s)
         ceiling = min(self.policy.max_delay_s, base * 2 ** (attempt - 1))
         return ceiling / 2 + self._jitter() * ceiling / 2
+
+
+def parse_model(provider: str, model: type[M], data: Any) -> M:
+    """Validate an answer; a shape we do not understand is the provider's fault, reported without its values."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "(answer)"
+        raise ProviderDown(provider, f"unexpected {model.__name__} in the answer: {where}: {first['msg']}") from None
 
 
 def parse_retry_after(value: str | None) -> float | None:

@@ -38,7 +38,7 @@ from providers.base import (
     Unsupported,
 )
 from providers.gpu_names import normalise_gpu_name
-from providers.http import ApiClient, RetryPolicy
+from providers.http import ApiClient, RetryPolicy, parse_model
 
 NAME = "runpod"
 DEFAULT_BASE_URL = "https://api.runpod.io"
@@ -128,7 +128,7 @@ class RunPodProvider:
                 params["minCudaVersion"] = _cuda(requirements.min_cuda)
             data = self._api.json("GET", "/v2/catalog/gpus", endpoint="catalog", idempotent=True, params=params)
             for item in (data or {}).get("gpus") or []:
-                offer = _offer(CatalogGpu.model_validate(item), cloud, requirements)
+                offer = _offer(parse_model(NAME, CatalogGpu, item), cloud, requirements)
                 if offer is not None:
                     offers.append(offer)
         return offers
@@ -160,15 +160,15 @@ class RunPodProvider:
             "env": {**launch.env, "PUBLIC_KEY": launch.ssh_public_key, "SSH_PUBLIC_KEY": launch.ssh_public_key},
         }
         data = self._api.json("POST", "/v2/pods", endpoint="create", idempotent=False, json=body)
-        return _instance(Pod.model_validate(data))
+        return _instance(parse_model(NAME, Pod, data))
 
     def get(self, instance_id: str) -> Instance:
         data = self._api.json("GET", f"/v2/pods/{instance_id}", endpoint="get", idempotent=True)
-        return _instance(Pod.model_validate(data))
+        return _instance(parse_model(NAME, Pod, data))
 
     def list_instances(self, label_prefix: str = LABEL_PREFIX) -> list[Instance]:
         data = self._api.json("GET", "/v2/pods", endpoint="list", idempotent=True)
-        pods = [_instance(Pod.model_validate(item)) for item in (data or {}).get("pods") or []]
+        pods = [_instance(parse_model(NAME, Pod, item)) for item in (data or {}).get("pods") or []]
         return [p for p in pods if (p.label or "").startswith(label_prefix)]
 
     def stop(self, instance_id: str) -> None:
@@ -280,7 +280,7 @@ def _instance(pod: Pod) -> Instance:
     direct = (pod.ssh or {}).get("direct")
     ssh = None
     if direct:
-        endpoint = PodSshDirect.model_validate(direct)
+        endpoint = parse_model(NAME, PodSshDirect, direct)
         ssh = SshEndpoint(host=endpoint.host, port=endpoint.port, user=endpoint.username, via="direct")
     gpu_id = (pod.gpu or {}).get("id")
     return Instance(

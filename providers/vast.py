@@ -30,7 +30,7 @@ from providers.base import (
     SshEndpoint,
 )
 from providers.gpu_names import normalise_gpu_name, vast_wire_names
-from providers.http import ApiClient, RetryPolicy
+from providers.http import ApiClient, RetryPolicy, parse_model
 
 NAME = "vast"
 DEFAULT_BASE_URL = "https://console.vast.ai/api/v0"
@@ -142,7 +142,7 @@ class VastProvider:
         raw = (data or {}).get("offers") or []
         if isinstance(raw, dict):  # the spec's example shows one object; clients read a list
             raw = [raw]
-        return [_offer(VastOffer.model_validate(item), offer_type == "bid") for item in raw]
+        return [_offer(parse_model(NAME, VastOffer, item), offer_type == "bid") for item in raw]
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -161,7 +161,7 @@ class VastProvider:
         if offer.interruptible:
             body["price"] = offer.bid_price_per_hour
         data = self._api.json("PUT", f"/asks/{offer.offer_id}/", endpoint="create", idempotent=False, json=body)
-        if not data or not data.get("success", True) or "new_contract" not in data:
+        if not isinstance(data, dict) or not data.get("success", True) or "new_contract" not in data:
             raise ProviderError(NAME, f"create answered without an instance id: {_safe_keys(data)}")
         instance_id = str(data["new_contract"])
         try:
@@ -194,11 +194,11 @@ class VastProvider:
         raw = (data or {}).get("instances")
         if not raw:
             raise NotFound(NAME, f"instance {instance_id} not found", 404)
-        return _instance(VastInstance.model_validate(raw))
+        return _instance(parse_model(NAME, VastInstance, raw))
 
     def list_instances(self, label_prefix: str = LABEL_PREFIX) -> list[Instance]:
         data = self._api.json("GET", "/instances/", endpoint="list", idempotent=True, params={"owner": "me"})
-        found = [_instance(VastInstance.model_validate(item)) for item in (data or {}).get("instances") or []]
+        found = [_instance(parse_model(NAME, VastInstance, item)) for item in (data or {}).get("instances") or []]
         return [i for i in found if (i.label or "").startswith(label_prefix)]
 
     def stop(self, instance_id: str) -> None:

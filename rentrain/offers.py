@@ -12,8 +12,8 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from providers import registry
-from providers.gpu_names import normalise_gpu_name
 from providers.base import Offer, Provider, ProviderError, Requirements, Unsupported
+from providers.gpu_names import normalise_gpu_name
 from rentrain.costs import JobEstimate, JobProfile, estimate_job
 from rentrain.credentials import CredentialsError, open_provider
 

@@ -284,3 +284,9 @@ def test_self_destroy_recipe_v2_first_then_graphql(tmp_path):
     sent = json.loads(graphql[graphql.index("--data") + 1])
     assert sent == {"query": 'mutation { podTerminate(input:{podId:"7h9k2m4n6p"}) }'}
     assert recipe.cli_fallback_destroy == "runpodctl remove pod $RUNPOD_POD_ID"
+
+
+def test_an_unexpected_answer_shape_is_a_provider_error(mocked, runpod):
+    mocked.add(responses.GET, f"{PODS}/p", json={"id": "p", "status": "RUNNING", "startedAt": "not a date"})
+    with pytest.raises(ProviderDown, match="unexpected Pod in the answer: startedAt"):
+        runpod.get("p")

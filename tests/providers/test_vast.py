@@ -300,3 +300,9 @@ def test_self_destroy_recipe_runs_as_shell_without_secrets(tmp_path):
         env={"CONTAINER_ID": "7", "CONTAINER_API_KEY": "k"}, capture_output=True, text=True, check=True,
     ).stdout.splitlines()
     assert "PUT" in stop and '{"state": "stopped"}' in stop
+
+
+def test_an_unexpected_offer_shape_is_a_provider_error(mocked, vast):
+    mocked.add(responses.POST, f"{VAST_URL}/bundles/", json={"offers": [{"id": 1, "gpu_name": "RTX 4090"}]})
+    with pytest.raises(ProviderDown, match="unexpected VastOffer in the answer: num_gpus"):
+        vast.search(Requirements())
