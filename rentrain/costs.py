@@ -189,9 +189,11 @@ def seconds_per_step(gpu_model: str, profile: JobProfile) -> SpeedEstimate | Non
     if profile.family != "tiny" and pixels != reference:
         seconds *= pixels / reference
         source += f"; x {pixels / reference:.2f} for {profile.resolution[0]}x{profile.resolution[1]} pixels"
+        kind = _derived(kind)
     if profile.gradient_checkpointing:
         seconds *= GRADIENT_CHECKPOINTING_FACTOR.value
         source += f"; x {GRADIENT_CHECKPOINTING_FACTOR.value} gradient checkpointing"
+        kind = _derived(kind)
     if profile.gradient_accumulation_steps > 1:
         seconds *= profile.gradient_accumulation_steps
         source += f"; x {profile.gradient_accumulation_steps} accumulated batches per step"
@@ -230,10 +232,15 @@ def _batch_from_rows(gpu_model: str, family: ModelFamily, batch: int) -> tuple[f
     if below and above:
         (b0, f0), (b1, f1) = below[-1], above[0]
         value = f0.value + (f1.value - f0.value) * (batch - b0) / (b1 - b0)
-        return value, f0.kind, f"{f0.source}; interpolated to batch {batch}"
+        return value, _derived(f0.kind), f"{f0.source}; interpolated to batch {batch}"
     nearest_b, nearest = below[-1] if below else above[0]
     t1 = nearest.value / (1 + (nearest_b - 1) * BATCH_MARGINAL[family].value)
-    return _at_batch(t1, family, batch), nearest.kind, f"{nearest.source}; batch rule to batch {batch}"
+    return _at_batch(t1, family, batch), _derived(nearest.kind), f"{nearest.source}; batch rule to batch {batch}"
+
+
+def _derived(kind: SpeedKind) -> SpeedKind:
+    """A published or measured figure moved to other settings by a rule is no longer the figure itself."""
+    return "derived" if kind in ("published", "measured") else kind
 
 
 def _at_batch(t1: float, family: ModelFamily, batch: int) -> float:
