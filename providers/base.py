@@ -196,6 +196,7 @@ class ProviderInfo(BaseModel):
     can_provision: bool = True
     runs_onstart: bool = Field(True, description="LaunchSpec.onstart is honoured at boot.")
     unavailable_reason: str | None = None
+    unavailable_summary: str | None = Field(None, description="A few words of the reason, for a table cell.")
 
 
 # ---------------------------------------------------------------------------------------------- protocol

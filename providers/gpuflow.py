@@ -45,6 +45,7 @@ class GpuFlowProvider:
         can_provision=False,
         runs_onstart=False,
         unavailable_reason=REASON,
+        unavailable_summary="no renter API or SSH",
     )
 
     def __init__(self, api_key: str | None = None, base_url: str | None = None):

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from providers import registry
 from providers.base import Offer, Provider, ProviderError, Requirements, Unsupported
@@ -28,6 +28,7 @@ class ProviderNote(BaseModel):
     provider: str
     kind: Literal["unsupported", "error"]
     message: str
+    summary: str = Field(description="A few words for a table cell; `message` has the whole reason.")
 
 
 class RankedOffer(BaseModel):
@@ -69,17 +70,20 @@ def query_providers(
     names = list(names)
 
     def ask(name: str) -> list[Offer] | ProviderNote:
+        provider: Provider | None = None
         try:
             provider = opener(name)
             if not provider.info.can_search:
-                return ProviderNote(provider=name, kind="unsupported", message=provider.info.unavailable_reason or "")
+                raise Unsupported(name, provider.info.unavailable_reason or "cannot list offers")
             return provider.search(requirements)
         except Unsupported as exc:
-            return ProviderNote(provider=name, kind="unsupported", message=exc.message)
+            summary = (provider.info.unavailable_summary if provider else None) or "not supported"
+            return ProviderNote(provider=name, kind="unsupported", message=exc.message, summary=summary)
         except ProviderError as exc:
-            return ProviderNote(provider=name, kind="error", message=f"{type(exc).__name__}: {exc.message}")
+            kind = type(exc).__name__
+            return ProviderNote(provider=name, kind="error", message=f"{kind}: {exc.message}", summary=kind)
         except CredentialsError as exc:
-            return ProviderNote(provider=name, kind="error", message=str(exc))
+            return ProviderNote(provider=name, kind="error", message=str(exc), summary="no API key")
 
     offers: list[Offer] = []
     notes: list[ProviderNote] = []

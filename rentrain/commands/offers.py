@@ -100,7 +100,7 @@ def offers_table(search: OfferSearch, with_estimates: bool, title: str | None = 
 
 def note_cells(note: ProviderNote, width: int) -> list[Any]:
     """A provider without offers, as a short table row; the full reason is printed under the table."""
-    label = "failed*" if note.kind == "error" else "no offers*"
+    label = f"failed: {note.summary}*" if note.kind == "error" else f"no offers: {note.summary}*"
     style = "yellow" if note.kind == "error" else "dim"
     return [Text(note.provider, style=style), Text(label, style=style), *([""] * (width - 2))]
 

@@ -125,6 +125,7 @@ def test_missing_key_is_a_note():
     search = find_offers(["vast"], Requirements())
     assert search.ranked == []
     assert search.notes[0].kind == "error" and "VAST_API_KEY" in search.notes[0].message
+    assert search.notes[0].summary == "no API key"
 
 
 def test_providers_are_asked_concurrently():
@@ -187,7 +188,7 @@ def test_offers_with_config_prints_a_sorted_table(mocked, markets, caplog):
     assert cells[0][5] == "610 Mbps"
     costs = [float(c[7].lstrip("$")) for c in cells[:5]]
     assert costs == sorted(costs)
-    assert cells[5][1] == "no offers*"
+    assert cells[5][1] == "no offers: no renter API or SSH*"
     assert "* gpuflow (no offers): GPUFlow has no renter API" in " ".join(result.output.split())
     assert "200 steps" in result.output
     for secret in (VAST_KEY, RUNPOD_KEY):
@@ -232,6 +233,7 @@ def test_a_failing_provider_is_a_warning_row(mocked, markets, caplog):
     record_markets(mocked, runpod_status=401)
     result = CliRunner().invoke(main, ["offers", "--provider", "vast", "--provider", "runpod"])
     assert result.exit_code == 0, result.output
+    assert "failed: AuthError*" in result.output
     assert "* runpod (failed): AuthError: Unauthorized: invalid api key" in " ".join(result.output.split())
     assert "$0.168" in result.output
     for secret in (VAST_KEY, RUNPOD_KEY):
