@@ -61,3 +61,12 @@ def test_registry_leaves_room_for_the_runner_providers():
         registry._FACTORIES.pop("local-test")
     with pytest.raises(ValueError, match="unknown provider"):
         registry.create_provider("nope")
+
+
+@pytest.mark.parametrize("name", ["vast", "runpod", "gpuflow"])
+def test_every_market_adapter_implements_the_provider_protocol(name):
+    from providers.base import Provider
+
+    adapter = registry.create_provider(name, api_key="k")
+    assert isinstance(adapter, Provider)
+    assert adapter.info.name == name
