@@ -4,7 +4,8 @@
 #   bash bootstrap.sh JOB_DIR [MODEL_REFERENCE]
 #
 # Phases, each reported as one JSON line in JOB_DIR/bootstrap.jsonl with its duration:
-#   python    find a Python >= 3.10 (the image's; a PyTorch CUDA image is the default)
+#   python    find a Python >= 3.10: $RENTRAIN_PYTHON when the host sets it (a conda env on a machine
+#             rented by hand), else the image's (a PyTorch CUDA image is the default)
 #   packages  install what the image lacks from remote/requirements.txt (uv when present, else pip);
 #             torch is kept as the image has it
 #   gpu       one torch call: the GPU's name and memory (RENTRAIN_ALLOW_CPU=1 accepts a CPU-only host)
@@ -33,7 +34,7 @@ fail() {  # name started_ms detail
 # --- python
 start=$(now)
 PYTHON=""
-for candidate in python3 python; do
+for candidate in ${RENTRAIN_PYTHON:-} python3 python; do
     if command -v "$candidate" >/dev/null 2>&1 &&
         "$candidate" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' 2>/dev/null; then
         PYTHON=$(command -v "$candidate")

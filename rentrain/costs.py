@@ -17,11 +17,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel
 
 from providers.base import Offer
+
+if TYPE_CHECKING:
+    from remote.config import TrainConfig
+    from rentrain.dataset_check import DatasetReport
 
 ModelFamily = Literal["sd15", "sdxl", "tiny"]
 SpeedKind = Literal["published", "derived", "scaled", "measured", "assumed"]
@@ -289,8 +293,11 @@ def profile_from_config(config_path: str | Path) -> JobProfile:
     from rentrain.dataset_check import inspect_dataset
 
     loaded = load_config(config_path)
-    train = loaded.train
-    report = inspect_dataset(train)
+    return profile_from_check(loaded.train, inspect_dataset(loaded.train))
+
+
+def profile_from_check(train: TrainConfig, report: DatasetReport) -> JobProfile:
+    """The cost profile of a config whose dataset was already inspected."""
     if report.step_plan is None:
         problems = "; ".join(str(f.message) for f in report.findings if f.severity == "error") or "no images found"
         raise ValueError(f"cannot count training steps: {problems}")

@@ -62,6 +62,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     events_offset INTEGER NOT NULL DEFAULT 0,
     result_path TEXT,
     result_sha256 TEXT,
+    last_state_path TEXT,
     error TEXT,
     client_pid INTEGER,
     client_seen_at REAL,
@@ -116,6 +117,7 @@ class JobRecord(BaseModel):
     events_offset: int = 0
     result_path: str | None = None
     result_sha256: str | None = None
+    last_state_path: str | None = None  # the newest resumable training state fetched home
     error: str | None = None
     client_pid: int | None = None
     client_seen_at: float | None = None

@@ -273,6 +273,45 @@ class Remote:
         partial.rename(local_path)
         return local_path
 
+    def read_from(self, remote_path: str, offset: int, max_bytes: int = 4 << 20) -> bytes:
+        """Bytes of a remote file from `offset` on (b"" when it does not exist yet)."""
+        sftp = self.sftp()
+        try:
+            with sftp.open(remote_path, "rb") as handle:
+                handle.seek(offset)
+                return bytes(handle.read(max_bytes))
+        except FileNotFoundError:
+            return b""
+        finally:
+            sftp.close()
+
+    def download_tree(self, remote_dir: str, remote_root: str, local_dir: Path, scratch: Path) -> Path:
+        """Copy a folder the remote side named (checked to lie inside remote_root) into local_dir."""
+        check_remote_path(remote_dir, remote_root)
+        local_dir.mkdir(parents=True, exist_ok=True)
+        if shutil.which("rsync") and self.has_command("rsync"):
+            command = ["rsync", "-a", "--partial", "-e", shlex.join(self.ssh_command(scratch))]
+            command += [f"{self.endpoint.user}@{self.endpoint.host}:{remote_dir}/", f"{local_dir}/"]
+            _run_rsync(command)
+            return local_dir
+        sftp = self.sftp()
+        try:
+            self._sftp_get_tree(sftp, remote_dir, local_dir)
+        finally:
+            sftp.close()
+        return local_dir
+
+    def _sftp_get_tree(self, sftp: paramiko.SFTPClient, remote_dir: str, local_dir: Path) -> None:
+        for entry in sftp.listdir_attr(remote_dir):
+            if not SAFE_NAME.match(entry.filename):
+                raise UnsafeRemotePath(f"{remote_dir}/{entry.filename!r} has an unexpected file name")
+            source = posixpath.join(remote_dir, entry.filename)
+            if entry.st_mode is not None and stat.S_ISDIR(entry.st_mode):
+                (local_dir / entry.filename).mkdir(exist_ok=True)
+                self._sftp_get_tree(sftp, source, local_dir / entry.filename)
+            elif entry.st_mode is not None and stat.S_ISREG(entry.st_mode):
+                sftp.get(source, str(local_dir / entry.filename))
+
     def remote_size(self, remote_path: str) -> int | None:
         sftp = self.sftp()
         try:

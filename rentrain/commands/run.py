@@ -1,37 +1,79 @@
-"""`rentrain run CONFIG`: check, then train (on this machine with --provider local)."""
+"""`rentrain run CONFIG`: check, price, rent, train, fetch, destroy (or train here with --provider local)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import time
 from pathlib import Path
+from types import FrameType
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
-from remote.config import KNOWN_PROVIDERS
+from providers import registry
+from providers.base import Unsupported
+from remote.config import KNOWN_PROVIDERS, LoadedConfig
 from rentrain.commands.check import print_check, run_check
+from rentrain.costs import profile_from_check
+from rentrain.credentials import CredentialsError, open_provider
+from rentrain.job import DetachRequested, JobFailed, JobRunner, RunSettings, new_job_id
+from rentrain.ledger import JobRecord, Ledger
 from rentrain.local_run import LocalTrainingUnavailable, ensure_training_stack, run_trainer
+from rentrain.offers import RankedOffer, find_offers, requirements_from
 from rentrain.progress import RunProgress
+from rentrain.sshkeys import JobKey, create_job_key
+from rentrain.transport import SshEndpoint, TransportError
+
+# Tuning knobs for slow networks (and fast tests); the defaults suit real providers.
+TIMING_ENV = {
+    "poll_seconds": "RENTRAIN_POLL_SECONDS",
+    "ssh_wait_seconds": "RENTRAIN_SSH_WAIT_SECONDS",
+    "ssh_lost_seconds": "RENTRAIN_SSH_LOST_SECONDS",
+    "watchdog_poll_seconds": "RENTRAIN_WATCHDOG_POLL_SECONDS",
+}
 
 
 @click.command()
 @click.argument("config", type=click.Path(path_type=Path))
-@click.option(
-    "--provider",
-    type=click.Choice(KNOWN_PROVIDERS, case_sensitive=False),
-    help="Where to train. Default: [rentrain] provider in the config.",
-)
-@click.option(
-    "--resume",
-    type=click.Path(path_type=Path, exists=True, file_okay=False),
-    help="Continue from a checkpoint's state folder (<output_dir>/<name>-<epoch>-state).",
-)
-def run(config: Path, provider: str | None, resume: Path | None) -> None:
-    """Check CONFIG and its dataset, then train the LoRA.
+@click.option("--provider", type=click.Choice(KNOWN_PROVIDERS, case_sensitive=False), help="Default: [rentrain] provider.")
+@click.option("--host", help="With --provider ssh: user@host[:port] of a machine you rented by hand.")
+@click.option("--identity", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="With --provider ssh: your SSH key.")
+@click.option("--max-cost", type=click.FloatRange(min=0, min_open=True), help="USD budget for the job; checked before renting, enforced on the instance.")
+@click.option("--max-hours", type=click.FloatRange(min=0, min_open=True), help="Hard deadline, enforced on the instance.")
+@click.option("--idle-timeout", type=click.FloatRange(min=0, min_open=True), help="Minutes without this client after training ends before the instance ends itself.")
+@click.option("--gpu", "gpus", multiple=True, help="Only these GPU models (repeatable).")
+@click.option("--max-offers", type=click.IntRange(min=1), help="Offers to try when hosts fail.")
+@click.option("--max-retries", type=click.IntRange(min=0), help="Times to resume on a new instance after a host dies.")
+@click.option("--detach", is_flag=True, help="Return once training has started; `rentrain attach JOB` follows it later.")
+@click.option("--yes", "-y", is_flag=True, help="Rent without asking.")
+@click.option("--resume", type=click.Path(path_type=Path, exists=True, file_okay=False), help="--provider local: continue from a checkpoint's state folder.")
+def run(
+    config: Path,
+    provider: str | None,
+    host: str | None,
+    identity: Path | None,
+    max_cost: float | None,
+    max_hours: float | None,
+    idle_timeout: float | None,
+    gpus: tuple[str, ...],
+    max_offers: int | None,
+    max_retries: int | None,
+    detach: bool,
+    yes: bool,
+    resume: Path | None,
+) -> None:
+    """Check CONFIG and its dataset, rent the offer with the lowest estimated total cost, train the LoRA,
+    bring checkpoints and the result home, and destroy the instance.
 
-    Nothing starts when the check finds an error.
+    Nothing is rented when the check finds an error. Ctrl-C asks whether to destroy the instance or to
+    detach; SIGTERM and SIGHUP detach (the instance's watchdog keeps guarding it).
     """
     console = Console()
+    if provider:
+        _refuse_if_impossible(provider.lower())
     result, loaded = run_check(config)
     if not result.ok or loaded is None:
         print_check(result, loaded, console)
@@ -39,11 +81,42 @@ def run(config: Path, provider: str | None, resume: Path | None) -> None:
     chosen = (provider or loaded.job.provider or "").lower()
     if not chosen:
         raise click.UsageError("say where to train: --provider local|vast|runpod|ssh, or provider in [rentrain]")
-    if chosen != "local":
-        raise click.ClickException(
-            f"--provider {chosen}: renting is not built into `run` yet; only --provider local trains today. "
-            "`rentrain check` validates the job on this machine."
-        )
+    _refuse_if_impossible(chosen)
+    plan = result.dataset.step_plan if result.dataset else None
+    if plan is not None:
+        console.print(f"{loaded.path}: {plan.total_steps} steps ({plan.epochs} epochs of {plan.steps_per_epoch})")
+    if chosen == "local":
+        _run_local(loaded, console, resume)
+        return
+    settings = RunSettings(
+        provider=chosen,
+        max_cost=max_cost if max_cost is not None else loaded.job.max_cost,
+        max_hours=max_hours if max_hours is not None else loaded.job.max_hours,
+        idle_timeout_minutes=idle_timeout if idle_timeout is not None else loaded.job.idle_timeout_minutes,
+        max_offers=max_offers if max_offers is not None else loaded.job.max_offers,
+        max_retries=max_retries if max_retries is not None else loaded.job.max_retries,
+        image=loaded.job.image,
+        disk_gb=loaded.job.disk_gb,
+        **{field: float(os.environ[name]) for field, name in TIMING_ENV.items() if name in os.environ},
+    )
+    final = loaded.train.output_dir / f"{loaded.train.output_name or 'last'}.safetensors"
+    if final.exists():
+        raise click.ClickException(f"{final} already exists and rentrain never overwrites a result: move it away or change output_name")
+    if chosen == "ssh":
+        _run_on_host(loaded, settings, host or loaded.job.host, identity, detach, console)
+        return
+    _run_rented(loaded, settings, result.dataset, gpus, detach, yes, console)
+
+
+def _refuse_if_impossible(name: str) -> None:
+    try:
+        registry.ensure_can_run(name)
+    except Unsupported as exc:
+        click.echo(exc.message, err=True)
+        sys.exit(2)
+
+
+def _run_local(loaded: LoadedConfig, console: Console, resume: Path | None) -> None:
     try:
         ensure_training_stack()
     except LocalTrainingUnavailable as exc:
@@ -51,12 +124,7 @@ def run(config: Path, provider: str | None, resume: Path | None) -> None:
     train = loaded.train
     final = train.output_dir / f"{train.output_name or 'last'}.safetensors"
     if final.exists() and resume is None:
-        raise click.ClickException(
-            f"{final} already exists and rentrain never overwrites a result: move it away or change output_name"
-        )
-    plan = result.dataset.step_plan if result.dataset else None
-    if plan is not None:
-        console.print(f"{loaded.path}: {plan.total_steps} steps ({plan.epochs} epochs of {plan.steps_per_epoch})")
+        raise click.ClickException(f"{final} already exists and rentrain never overwrites a result: move it away or change output_name")
     with RunProgress(console) as view:
         try:
             exit_code = run_trainer(loaded.path, train.output_dir, view, resume)
@@ -68,3 +136,162 @@ def run(config: Path, provider: str | None, resume: Path | None) -> None:
             console.print(f"[red]the trainer exited with code {exit_code}[/]; see {train.output_dir / 'trainer.log'}")
         sys.exit(1)
     console.print(f"LoRA: {view.done.path}")
+
+
+def _new_job(ledger: Ledger, loaded: LoadedConfig, provider: str, settings: RunSettings, total_steps: int | None) -> JobRecord:
+    job_id = new_job_id()
+    job = JobRecord(
+        id=job_id,
+        created_at=time.time(),
+        config_path=str(loaded.path),
+        provider=provider,
+        label=f"rentrain-{job_id}",
+        state="planned",
+        output_dir=str(loaded.train.output_dir),
+        total_steps=total_steps,
+        client_pid=os.getpid(),
+        settings_json=settings.model_dump_json(),
+    )
+    ledger.create_job(job)
+    return job
+
+
+def _run_rented(
+    loaded: LoadedConfig,
+    settings: RunSettings,
+    report: object,
+    gpus: tuple[str, ...],
+    detach: bool,
+    yes: bool,
+    console: Console,
+) -> None:
+    try:
+        provider = open_provider(settings.provider)
+    except CredentialsError as exc:
+        raise click.ClickException(str(exc)) from None
+    profile = profile_from_check(loaded.train, report)  # type: ignore[arg-type]
+    requirements = requirements_from(loaded.job, gpu_models=list(gpus) or None)
+    search = find_offers([settings.provider], requirements, profile, opener=lambda _name: provider)
+    for note in search.notes:
+        console.print(f"[yellow]{settings.provider}[/]: {escape(note.message)}")
+    if not search.ranked:
+        raise click.ClickException(
+            f"no {settings.provider} offer meets the requirements ({search.considered} offers seen); "
+            "`rentrain offers --config CONFIG` shows what is out there"
+        )
+    best = search.ranked[0]
+    _show_choice(best, console)
+    if settings.max_cost is not None and best.estimate is not None and best.estimate.cost_usd > settings.max_cost:
+        raise click.ClickException(
+            f"the estimate ${best.estimate.cost_usd:.2f} is above the budget ${settings.max_cost:.2f}; nothing was rented"
+        )
+    if not yes and not click.confirm("Rent it and start?", default=True):
+        raise click.Abort()
+    ledger = Ledger()
+    job = _new_job(ledger, loaded, settings.provider, settings, profile.steps)
+    console.print(f"job [bold]{job.id}[/] (instance label {job.label})")
+    key = create_job_key(job.id)
+    with RunProgress(console, usd_per_hour=best.offer.price_per_hour) as view:
+        runner = JobRunner(ledger, job, loaded, provider, settings, key, view, console.print)
+        _drive(runner, console, lambda: runner.run([r.offer for r in search.ranked], detach_after_start=detach))
+
+
+def _run_on_host(
+    loaded: LoadedConfig, settings: RunSettings, host: str | None, identity: Path | None, detach: bool, console: Console
+) -> None:
+    if not host:
+        raise click.UsageError("--provider ssh needs --host user@host[:port] (or host in [rentrain])")
+    endpoint = parse_host(host)
+    key_path = identity or _default_identity()
+    settings = settings.model_copy(update={"identity": str(key_path)})
+    ledger = Ledger()
+    job = _new_job(ledger, loaded, "ssh", settings, None)
+    console.print(f"job [bold]{job.id}[/] on {endpoint.user}@{endpoint.host}:{endpoint.port}")
+    with RunProgress(console) as view:
+        runner = JobRunner(ledger, job, loaded, None, settings, JobKey(private_path=key_path, public_line=""), view, console.print)
+        _drive(runner, console, lambda: runner.run_on_host(endpoint, key_path, detach_after_start=detach))
+
+
+def parse_host(text: str) -> SshEndpoint:
+    user, _, rest = text.rpartition("@")
+    host, _, port = rest.partition(":")
+    if not host or (port and not port.isdigit()):
+        raise click.BadParameter(f"expected user@host[:port], got {text!r}", param_hint="--host")
+    return SshEndpoint(host=host, port=int(port or 22), user=user or "root")
+
+
+def _default_identity() -> Path:
+    for name in ("id_ed25519", "id_ecdsa", "id_rsa"):
+        candidate = Path.home() / ".ssh" / name
+        if candidate.exists():
+            return candidate
+    raise click.UsageError("no SSH key in ~/.ssh: give one with --identity")
+
+
+def _show_choice(best: RankedOffer, console: Console) -> None:
+    offer = best.offer
+    where = f", {offer.location}" if offer.location else ""
+    line = f"best offer: {offer.gpu_count}x {offer.gpu_model} on {offer.provider}{where} at ${offer.price_per_hour:.3f}/h"
+    if best.estimate is not None:
+        e = best.estimate
+        line += (
+            f"; estimated {e.total_hours:.2f} h ({e.train_hours:.2f} training + {e.overhead_hours:.2f} setup), "
+            f"about ${e.cost_usd:.2f}"
+        )
+    console.print(escape(line))
+
+
+def _drive(runner: JobRunner, console: Console, body: object) -> None:
+    """Run the job with Ctrl-C asking, and SIGTERM/SIGHUP detaching."""
+
+    def detach_on_signal(signum: int, _frame: FrameType | None) -> None:
+        raise DetachRequested(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, detach_on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        while True:
+            try:
+                outcome = body()  # type: ignore[operator]
+                break
+            except KeyboardInterrupt:
+                if _ask_destroy(console):
+                    _destroy_now(runner, console)
+                    sys.exit(130)
+                raise DetachRequested("Ctrl-C") from None
+    except DetachRequested as exc:
+        runner.ledger.update_job(runner.job.id, client_pid=None)
+        console.print(
+            f"detached ({exc}): job {runner.job.id} goes on under its watchdog. "
+            f"Follow it with: rentrain attach {runner.job.id}"
+        )
+        return
+    except (JobFailed, TransportError) as exc:
+        console.print(f"[bold red]job {runner.job.id} failed[/]: {escape(str(exc))}")
+        sys.exit(1)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if outcome != "succeeded":
+        console.print(f"[bold red]job {runner.job.id} {outcome}[/]: {escape(runner.job.error or '')}")
+        sys.exit(1)
+    console.print(f"[bold green]LoRA[/]: {runner.job.result_path}  (cost ${runner.ledger.job_cost(runner.job.id):.4f})")
+
+
+def _ask_destroy(console: Console) -> bool:
+    if not sys.stdin.isatty():
+        return False
+    console.print()
+    answer = click.prompt(
+        "Stop the job and destroy the instance [d], or detach and let it run [a]?",
+        type=click.Choice(["d", "a"]),
+        default="a",
+    )
+    return answer == "d"
+
+
+def _destroy_now(runner: JobRunner, console: Console) -> None:
+    live = [i for i in runner.ledger.instances(runner.job.id) if i.ended_at is None]
+    for record in live:
+        runner.destroy_instance(record, "stopped by the user (Ctrl-C)")
+    runner.ledger.transition(runner.job.id, "closed", "stopped by the user", outcome="cancelled")
+    console.print("instance destroyed; checkpoints fetched so far are in the output folder")

@@ -1,0 +1,168 @@
+"""The job's folder on the rented machine, and the shell commands that act on it (all built with shlex.quote).
+
+    <workdir>/rentrain/<job-id>/
+        payload/remote/      the trainer, bootstrap and watchdog (this repo's remote/ package)
+        dataset/  reg/       the kohya image folders
+        model/               an uploaded base model, or one fetched there
+        config.toml          the training config with these paths
+        output/              events.jsonl, checkpoints, states, samples, the final LoRA
+        trainer.pid  watchdog.json  heartbeat  fetched  bootstrap.jsonl
+
+<workdir> is $RENTRAIN_WORKDIR when set, else /workspace when writable (the volume on RunPod and the
+usual data disk on Vast), else $HOME.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import shlex
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from pydantic import BaseModel
+
+import remote
+from remote.config import TrainConfig, model_source_kind
+
+WORKDIR_PROBE = (
+    'd="${RENTRAIN_WORKDIR:-}"; '
+    'if [ -z "$d" ]; then if [ -d /workspace ] && [ -w /workspace ]; then d=/workspace; else d="$HOME"; fi; fi; '
+    'echo "$d"'
+)
+
+
+class RemoteLayout(BaseModel):
+    root: str
+
+    def _join(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    @property
+    def payload(self) -> str:
+        return self._join("payload")
+
+    @property
+    def dataset(self) -> str:
+        return self._join("dataset")
+
+    @property
+    def reg(self) -> str:
+        return self._join("reg")
+
+    @property
+    def model(self) -> str:
+        return self._join("model")
+
+    @property
+    def output(self) -> str:
+        return self._join("output")
+
+    @property
+    def config(self) -> str:
+        return self._join("config.toml")
+
+    @property
+    def events(self) -> str:
+        return self._join("output", "events.jsonl")
+
+    @property
+    def trainer_log(self) -> str:
+        return self._join("trainer.log")
+
+    @property
+    def trainer_pid(self) -> str:
+        return self._join("trainer.pid")
+
+    @property
+    def heartbeat(self) -> str:
+        return self._join("heartbeat")
+
+    @property
+    def fetched(self) -> str:
+        return self._join("fetched")
+
+    @property
+    def bootstrap_events(self) -> str:
+        return self._join("bootstrap.jsonl")
+
+    @property
+    def bootstrap_exit(self) -> str:
+        return self._join("bootstrap.exit")
+
+    @property
+    def watchdog_settings(self) -> str:
+        return self._join("watchdog.json")
+
+    @property
+    def watchdog_log(self) -> str:
+        return self._join("watchdog.jsonl")
+
+    @property
+    def sample_prompts(self) -> str:
+        return self._join("sample_prompts.txt")
+
+
+def job_root(workdir: str, job_id: str) -> str:
+    return posixpath.join(workdir.rstrip("/") or "/", "rentrain", job_id)
+
+
+def payload_source() -> Path:
+    """The remote/ package this client ships: the same code that the tests run."""
+    return Path(remote.__file__).resolve().parent
+
+
+def remote_model_reference(train: TrainConfig, layout: RemoteLayout) -> str:
+    reference = train.pretrained_model_name_or_path
+    kind = model_source_kind(reference)
+    if kind == "local_file":
+        return posixpath.join(layout.model, Path(reference).name)
+    if kind == "local_dir":
+        return layout.model
+    if kind == "url":
+        return posixpath.join(layout.model, reference.rstrip("/").rsplit("/", 1)[-1])
+    return reference  # hub id (prefetched into the hub cache by bootstrap) or builtin
+
+
+def remote_train_config(train: TrainConfig, layout: RemoteLayout) -> str:
+    """The training config as the instance must read it: the same settings, the instance's paths."""
+    values: dict[str, Any] = train.model_dump(mode="json", exclude_none=True)
+    values["pretrained_model_name_or_path"] = remote_model_reference(train, layout)
+    values["train_data_dir"] = layout.dataset
+    values["output_dir"] = layout.output
+    if train.reg_data_dir is not None:
+        values["reg_data_dir"] = layout.reg
+    if isinstance(train.sample_prompts, Path):
+        values["sample_prompts"] = layout.sample_prompts
+    if train.vae is not None and Path(train.vae).is_absolute():
+        values["vae"] = posixpath.join(layout.model, "vae", Path(train.vae).name)
+    return tomli_w.dumps(values)
+
+
+def detached(command: str, log: str, pid_file: str | None = None) -> str:
+    """Start `command` in its own session, immune to the SSH connection ending; optionally record its pid."""
+    record = f" echo $! > {shlex.quote(pid_file)};" if pid_file else ""
+    return f"setsid nohup sh -c {shlex.quote(command)} > {shlex.quote(log)} 2>&1 < /dev/null &{record}"
+
+
+def bootstrap_command(layout: RemoteLayout, model_reference: str) -> str:
+    script = posixpath.join(layout.payload, "remote", "bootstrap.sh")
+    inner = f"bash {shlex.quote(script)} {shlex.quote(layout.root)} {shlex.quote(model_reference)}; echo $? > {shlex.quote(layout.bootstrap_exit)}"
+    return f"rm -f {shlex.quote(layout.bootstrap_exit)}; " + detached(inner, posixpath.join(layout.root, "bootstrap.log"))
+
+
+def watchdog_command(layout: RemoteLayout, python: str) -> str:
+    script = posixpath.join(layout.payload, "remote", "watchdog.py")
+    already = f"[ -f {shlex.quote(layout.root)}/watchdog.pid ] && kill -0 $(cat {shlex.quote(layout.root)}/watchdog.pid) 2>/dev/null"
+    start = detached(f"exec {shlex.quote(python)} {shlex.quote(script)} {shlex.quote(layout.root)}", posixpath.join(layout.root, "watchdog.log"))
+    return f"{already} || {{ {start} }}"
+
+
+def trainer_command(layout: RemoteLayout, python: str, resume: str | None) -> str:
+    arguments = [python, "-m", "remote.trainer", layout.config] + (["--resume", resume] if resume else [])
+    run = f"cd {shlex.quote(layout.root)} && PYTHONPATH={shlex.quote(layout.payload)} exec {shlex.join(arguments)}"
+    return detached(run, layout.trainer_log, layout.trainer_pid)
+
+
+def is_alive_command(pid_file: str) -> str:
+    return f"kill -0 $(cat {shlex.quote(pid_file)} 2>/dev/null) 2>/dev/null"
