@@ -48,6 +48,7 @@ class StartEvent(_Event):
     resumed_from_step: int = Field(0, description="0 for a fresh run, else the step the run resumed after.")
     trainable_parameters: int = 0
     output_dir: str = ""
+    warnings: list[str] = Field(default_factory=list, description="Things the user should know, e.g. a model/config mismatch.")
 
 
 class StepEvent(_Event):

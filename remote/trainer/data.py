@@ -47,6 +47,7 @@ class Dataset:
     records: list[ImageRecord]
     plan: StepPlan
     buckets: dict[tuple[int, int], list[int]] = field(default_factory=dict)  # bucket -> record index per repeat
+    warnings: list[str] = field(default_factory=list)
 
 
 def open_image(path: Path):
@@ -143,7 +144,8 @@ def build_dataset(cfg, layout: DatasetLayout | None = None) -> Dataset:
         cfg.max_train_epochs,
         cfg.max_train_steps,
     )
-    return Dataset(records=records, plan=plan, buckets=dict(sorted(buckets.items())))
+    warnings = [str(p) for p in layout.problems if p.severity == "warning"]
+    return Dataset(records=records, plan=plan, buckets=dict(sorted(buckets.items())), warnings=warnings)
 
 
 def epoch_batches(dataset: Dataset, batch_size: int, seed: int, epoch: int) -> list[list[int]]:

@@ -193,6 +193,7 @@ def setup(cfg, writer: EventWriter, resume: Path | None) -> Run:
             if not r.is_reg
         },
         "bucket_info": {"buckets": dataset.plan.bucket_samples},
+        "warnings": dataset.warnings,
         **bundle.info,
     }
     run.position = Position(
@@ -392,6 +393,7 @@ def train(cfg, writer: EventWriter, resume: Path | str | None = None, stop_after
             resumed_from_step=pos.step,
             trainable_parameters=sum(p.numel() for p in run.network.parameters()),
             output_dir=str(run.output_dir),
+            warnings=run.bundle.warnings + run.info.get("warnings", []),
         )
     )
 

@@ -196,14 +196,12 @@ def _load_single_file(path: Path, cfg) -> tuple[str, dict]:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     family = detect_family_from_keys(checkpoint_keys(path))
-    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-    kwargs = {}
-    if family == "sd2" and cfg.v_parameterization:
-        kwargs["prediction_type"] = "v_prediction"
-    try:
-        pipe = cls.from_single_file(str(path), safety_checker=None, requires_safety_checker=False, **kwargs)
-    except TypeError:
-        pipe = cls.from_single_file(str(path), **kwargs)
+    # diffusers reads the architecture config from the hub (reachable on the rented machine); the
+    # prediction type is ours to set (the training schedule is built from the config, not the file).
+    if family == "sdxl":
+        pipe = StableDiffusionXLPipeline.from_single_file(str(path))
+    else:
+        pipe = StableDiffusionPipeline.from_single_file(str(path), safety_checker=None, requires_safety_checker=False)
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else [])
     return family, {"unet": pipe.unet, "vae": pipe.vae, "text_encoders": encoders, "tokenizers": tokenizers}
