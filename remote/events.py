@@ -102,6 +102,7 @@ class ErrorEvent(_Event):
     event: Literal["error"] = "error"
     kind: ErrorKind
     message: str
+    state_dir: str | None = Field(None, description="kind=interrupted: the state saved on the way out (--resume it).")
 
 
 Event = Annotated[

@@ -70,7 +70,8 @@ def _train(cfg, writer: EventWriter, resume: str | None) -> int:
         writer.emit(ErrorEvent(kind="data", message=str(exc)))
         return 2
     except Stopped as exc:
-        writer.emit(ErrorEvent(kind="interrupted", message=str(exc)))
+        state = str(exc.state_dir) if exc.state_dir is not None else None
+        writer.emit(ErrorEvent(kind="interrupted", message=str(exc), state_dir=state))
         return 130
     except torch.OutOfMemoryError as exc:
         writer.emit(

@@ -46,7 +46,11 @@ class OutputExistsError(Exception):
 
 
 class Stopped(Exception):
-    """The run was asked to stop (SIGTERM/SIGINT); a resumable state was saved."""
+    """The run was asked to stop (SIGTERM/SIGINT); a resumable state was saved in ``state_dir``."""
+
+    def __init__(self, message: str, state_dir: Path | None = None):
+        super().__init__(message)
+        self.state_dir = state_dir
 
 
 @dataclass
@@ -450,7 +454,7 @@ def train(cfg, writer: EventWriter, resume: Path | str | None = None, stop_after
                 if run.stop_requested or (stop_after_step is not None and pos.step >= stop_after_step):
                     folder = run.output_dir / state_dir_name(run.name, step=pos.step)
                     save_state(folder, pos, run.network, run.optimizer, run.scheduler, run.scaler, state_order, run.losses)
-                    raise Stopped(f"stopped after step {pos.step}; resume with --resume {folder}")
+                    raise Stopped(f"stopped after step {pos.step}; resume with --resume {folder}", folder)
                 if pos.epoch != epoch:
                     break
             if pos.epoch == epoch:  # max_train_steps ended inside this epoch

@@ -122,6 +122,7 @@ def test_sigterm_saves_a_state_and_resume_finishes(tmp_path, make_config):
     assert proc.wait(timeout=120) == 130
     error = lines[-1]
     assert error["event"] == "error" and error["kind"] == "interrupted" and "--resume" in error["message"]
+    assert Path(error["state_dir"], "state.json").is_file()
     stopped_at = max(line["step"] for line in lines if line["event"] == "step")
     assert stopped_at < 30
     resumed = subprocess.run(
