@@ -25,7 +25,8 @@ from pydantic import BaseModel, SecretStr, ValidationError
 
 from providers.base import ProviderDown, ProviderError, RateLimited
 
-RETRYABLE_GATEWAY = frozenset({502, 503, 504})
+# RunPod: "5xx: retry the same candidate"; Vast's SDK retries 502-504. Only idempotent calls are retried.
+RETRYABLE_GATEWAY = frozenset({500, 502, 503, 504})
 MAX_MESSAGE_CHARS = 500
 
 M = TypeVar("M", bound=BaseModel)

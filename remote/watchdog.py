@@ -209,6 +209,7 @@ class Watchdog:
             self.log("trainer_stopped", reason=reason, detail="no provider to end: the machine stays as it is")
             return True
         action = "stop" if self.results_not_fetched() else "destroy"
+        self.log("ending", intent=action, reason=reason)  # a successful call may end this process before it logs
         env = self.environment()
         for call in recipe.get(action) or []:
             ok, detail = http_call(call, env)

@@ -529,6 +529,7 @@ class JobRunner:
                 tail = session.remote.read_from(session.layout.events, self.events_offset)
                 if tail.strip():
                     continue
+                self._check_host(session, time.time(), RuntimeError("the trainer is gone"), grace=False)
                 log = session.remote.run(f"tail -n 20 {shlex.quote(session.layout.trainer_log)}", check=False).stdout
                 return ErrorEvent(kind="internal", message=f"the trainer exited without a result:\n{log.strip()}")
             self.sleep(self.settings.poll_seconds)
@@ -547,7 +548,8 @@ class JobRunner:
     def _trainer_alive(self, session: Session) -> bool:
         return session.remote.run(is_alive_command(session.layout.trainer_pid), check=False).exit_code == 0
 
-    def _check_host(self, session: Session, lost_since: float, error: Exception) -> None:
+    def _check_host(self, session: Session, lost_since: float, error: Exception, grace: bool = True) -> None:
+        """Raise HostLost when the provider says the instance is down, or SSH has been gone too long."""
         if self.provider is not None and session.record.instance_id is not None:
             try:
                 instance = self.provider.get(session.record.instance_id)
@@ -557,7 +559,7 @@ class JobRunner:
                 raise HostLost(f"instance {session.record.instance_id} no longer exists") from None
             except ProviderError:
                 pass
-        if time.time() - lost_since >= self.settings.ssh_lost_seconds:
+        if grace and time.time() - lost_since >= self.settings.ssh_lost_seconds:
             raise HostLost(f"no SSH for {time.time() - lost_since:.0f} s ({error})")
 
     def _check_budget(self, session: Session) -> None:

@@ -160,7 +160,8 @@ def watchdog_command(layout: RemoteLayout, python: str) -> str:
 
 def trainer_command(layout: RemoteLayout, python: str, resume: str | None) -> str:
     arguments = [python, "-m", "remote.trainer", layout.config] + (["--resume", resume] if resume else [])
-    run = f"cd {shlex.quote(layout.root)} && PYTHONPATH={shlex.quote(layout.payload)} exec {shlex.join(arguments)}"
+    # events go to output/events.jsonl; stdout (the same events) is not needed, stderr is the log
+    run = f"cd {shlex.quote(layout.root)} && PYTHONPATH={shlex.quote(layout.payload)} exec {shlex.join(arguments)} > /dev/null"
     return detached(run, layout.trainer_log, layout.trainer_pid)
 
 

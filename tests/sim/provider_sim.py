@@ -83,6 +83,9 @@ class ProviderSimulator:
         self.runpod_account_keys: list[str] = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIUsersOwnKey user@laptop"]
         self.requests: list[tuple[str, str]] = []
         self.storm: list[int] = []  # status codes to answer the next requests with (429, 500, ...)
+        # (method, path regex, status, act_first): the next matching request answers `status`; with
+        # act_first the request is carried out before the error is returned (a gateway timing out late)
+        self.faults: list[tuple[str, str, int, bool]] = []
         self._lock = threading.RLock()
         self._next_id = 1000
         self._server: ThreadingHTTPServer | None = None
@@ -165,6 +168,14 @@ class ProviderSimulator:
                 headers = {"Retry-After": "0"} if status == 429 and path.startswith("/runpod") else {}
                 return status, {"detail": "API requests too frequent"} if status == 429 else {"error": "down"}, headers
             route = path.split("?", 1)[0]
+            for fault in self.faults:
+                fault_method, pattern, status, act_first = fault
+                if fault_method == method and re.search(pattern, route):
+                    self.faults.remove(fault)
+                    if act_first:
+                        self.handle(method, path, auth, body)
+                        self.requests.pop()
+                    return status, {"error": "bad gateway"}, {}
             if route.startswith("/vast/api/v0"):
                 return self._vast(method, route[len("/vast/api/v0") :], auth, body)
             if route.startswith("/runpod"):

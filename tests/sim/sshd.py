@@ -24,6 +24,26 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def descendants(root: int) -> list[int]:
+    """Every process below `root` in the process tree, now."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry.name))
+    found: list[int] = []
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 class SshdInstance:
     def __init__(self, root: Path, authorized_key: str, env: dict[str, str] | None = None, port: int | None = None):
         self.root = root
@@ -83,10 +103,17 @@ LogLevel ERROR
         raise RuntimeError("sshd did not start listening")
 
     def stop_sshd(self) -> None:
-        """Drop SSH only: the instance's processes go on (an SSH outage, not a dead host)."""
+        """Drop SSH only: the listener and every open connection end; detached processes go on (an SSH
+        outage, not a dead host)."""
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
+            sessions = descendants(self.process.pid)
+            self.process.kill()
             self.process.wait(timeout=10)
+            for pid in sessions:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         self.process = None
 
     def processes(self) -> list[int]:
