@@ -121,7 +121,7 @@ def setup(cfg, writer: EventWriter, resume: Path | None) -> Run:
 
     torch.manual_seed(seed)
     random.seed(seed)
-    bundle = load_model(cfg)
+    bundle = load_model(cfg, dtype)
     dataset = data_mod.build_dataset(cfg)
 
     # LoRA only where a learning rate is set (kohya: text_encoder_lr = 0 -> no text-encoder LoRA).

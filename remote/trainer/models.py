@@ -127,7 +127,8 @@ def check_family(cfg, family: str) -> list[str]:
 # Loading
 
 
-def load_model(cfg, device: torch.device | None = None) -> ModelBundle:
+def load_model(cfg, dtype: torch.dtype = torch.float32) -> ModelBundle:
+    """Load the base model; the UNet and text encoders of folder/hub models are read in ``dtype``."""
     from remote.config import model_source_kind
 
     reference = cfg.pretrained_model_name_or_path
@@ -139,7 +140,7 @@ def load_model(cfg, device: torch.device | None = None) -> ModelBundle:
         parts = build_tiny(family)
         info = {"sd_model_name": reference}
     elif kind in ("local_dir", "hub"):
-        family, parts = _load_diffusers(reference, kind)
+        family, parts = _load_diffusers(reference, kind, dtype)
         info = {"sd_model_name": Path(reference).name if kind == "local_dir" else reference}
     else:
         path = Path(reference) if kind == "local_file" else _download(reference)
@@ -162,7 +163,7 @@ def load_model(cfg, device: torch.device | None = None) -> ModelBundle:
     return bundle
 
 
-def _load_diffusers(reference: str, kind: str) -> tuple[str, dict]:
+def _load_diffusers(reference: str, kind: str, dtype: torch.dtype = torch.float32) -> tuple[str, dict]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -179,13 +180,15 @@ def _load_diffusers(reference: str, kind: str) -> tuple[str, dict]:
         except Exception as exc:  # noqa: BLE001 - the hub's errors are many; the message says which
             raise ModelError(f"cannot fetch {reference} from the Hugging Face hub: {exc}") from exc
     family = detect_family_of_folder(index)
-    unet = UNet2DConditionModel.from_pretrained(reference, subfolder="unet")
-    vae = AutoencoderKL.from_pretrained(reference, subfolder="vae")
-    te1 = CLIPTextModel.from_pretrained(reference, subfolder="text_encoder")
+    unet = UNet2DConditionModel.from_pretrained(reference, subfolder="unet", torch_dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(reference, subfolder="vae", torch_dtype=torch.float32)
+    te1 = CLIPTextModel.from_pretrained(reference, subfolder="text_encoder", torch_dtype=dtype)
     tok1 = CLIPTokenizer.from_pretrained(reference, subfolder="tokenizer")
     encoders, tokenizers = [te1], [tok1]
     if family == "sdxl":
-        encoders.append(CLIPTextModelWithProjection.from_pretrained(reference, subfolder="text_encoder_2"))
+        encoders.append(
+            CLIPTextModelWithProjection.from_pretrained(reference, subfolder="text_encoder_2", torch_dtype=dtype)
+        )
         tokenizers.append(CLIPTokenizer.from_pretrained(reference, subfolder="tokenizer_2"))
     else:
         family = "sd2" if te1.config.hidden_size == 1024 else "sd15"
