@@ -243,7 +243,7 @@ def latent_cache_dir() -> Path:
 
 
 def cache_latents(
-    dataset: Dataset, vae, scaling_factor: float, device: torch.device, flip: bool, batch_size: int = 8
+    dataset: Dataset, vae, scaling_factor: float, device: torch.device, flip: bool, batch_size: int | None = None
 ) -> tuple[int, int]:
     """Fill record.latent (and latent_flipped) from the disk cache, encoding only what is missing.
 
@@ -275,9 +275,11 @@ def cache_latents(
     vae_dtype = next(vae.parameters()).dtype
     vae.to(device, torch.float32)
     try:
-        for _, items in missing.items():
-            for start in range(0, len(items), batch_size):
-                chunk = items[start : start + batch_size]
+        for bucket, items in missing.items():
+            # the fp32 VAE's activations are large: 4 images at 512x512, 1 at 1024x1024
+            size = batch_size or max(1, (4 * 512 * 512) // (bucket[0] * bucket[1]))
+            for start in range(0, len(items), size):
+                chunk = items[start : start + size]
                 pixels = torch.stack([load_pixels(r) for r, _ in chunk]).to(device)
                 views = [pixels, pixels.flip(-1)] if flip else [pixels]
                 outs = []

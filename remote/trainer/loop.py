@@ -218,6 +218,9 @@ def setup(cfg, writer: EventWriter, resume: Path | None) -> Run:
 def prepare_caches(run: Run) -> None:
     cfg, bundle = run.cfg, run.bundle
     data_mod.cache_latents(run.dataset, bundle.vae, bundle.scaling_factor, run.device, cfg.flip_aug)
+    if run.device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(run.device)  # step events report training memory, not the VAE's
     if not cfg.trains_text_encoder and data_mod.captions_are_static(cfg):
         captions = sorted({data_mod.base_caption(cfg, r.caption) for r in run.dataset.records})
         with torch.no_grad(), autocast(run):

@@ -149,3 +149,26 @@ def test_network_on_meta_has_kohya_tensor_layout():
     assert shapes["lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight"] == (320, 4, 1, 1)
     assert shapes["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"] == (4, 768)
     assert shapes["lora_te_text_model_encoder_layers_0_mlp_fc1.alpha"] == ()
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_exported_full_architecture_file_has_exactly_kohyas_keys(tmp_path, family, sd15_names, sdxl_names):
+    """The LoRA of the real architectures (base on the meta device, LoRA tensors real), written to disk."""
+    from safetensors import safe_open
+
+    from remote.trainer.lora import save_kohya
+
+    if family == "sd15":
+        unet, tes = _meta_unet(SD15_UNET), [_meta_te(CLIP_L)]
+        names = sd15_names[0] + sd15_names[1]
+    else:
+        unet, tes = sdxl_names[2], [_meta_te(CLIP_L), _meta_te(CLIP_BIGG, True)]
+        names = sdxl_names[0] + sdxl_names[1]
+    net = LoRANetwork(unet, tes, family, dim=1, alpha=1)
+    path = tmp_path / "full.safetensors"
+    save_kohya(net, path, {"ss_network_dim": "1"}, "fp16")
+    with safe_open(str(path), "pt") as handle:
+        keys = set(handle.keys())
+    expected = {f"{n}.{suffix}" for n in names for suffix in ("lora_down.weight", "lora_up.weight", "alpha")}
+    assert keys == expected
+    assert len(keys) == 3 * (264 if family == "sd15" else 722 + 72 + 192)
