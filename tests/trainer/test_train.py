@@ -25,10 +25,12 @@ def _run(cfg, **kw):
     return final, read_events(log)
 
 
-def test_loss_falls_when_overfitting_two_images(make_config):
+@pytest.mark.parametrize("model", ["builtin:tiny-sd15", "builtin:tiny-sdxl"])
+def test_loss_falls_when_overfitting_two_images(make_config, model):
     _, cfg = make_config(
         sizes=[(64, 64), (64, 64)], repeats=1, max_train_steps=80, learning_rate=1e-2, text_encoder_lr=0,
         network_dim=8, network_alpha=8, network_args=["conv_dim=8", "conv_alpha=8"],
+        pretrained_model_name_or_path=model,
     )
     _, events = _run(cfg)
     losses = [e.loss for e in events if e.event == "step"]
@@ -45,13 +47,15 @@ RESUME_KEYS = dict(
 )
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, make_config):
-    _, cfg = make_config(**RESUME_KEYS)  # 4 images x 2 repeats, batch 2 -> 4 batches, 2 steps/epoch, 6 steps
+@pytest.mark.parametrize("model,stops", [("builtin:tiny-sd15", (1, 2, 3, 5)), ("builtin:tiny-sdxl", (3,))])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, make_config, model, stops):
+    # 4 images x 2 repeats, batch 2 -> 4 batches, 2 steps/epoch, 6 steps
+    _, cfg = make_config(**RESUME_KEYS, pretrained_model_name_or_path=model)
     reference, events = _run(cfg)
     assert [e.step for e in events if e.event == "checkpoint"] == [3]
     expected = load_file(str(reference))
 
-    for stop_at in (1, 2, 3, 5):
+    for stop_at in stops:
         out = tmp_path / f"resumed-{stop_at}"
         resumed_cfg = cfg.model_copy(update={"output_dir": out})
         with pytest.raises(Stopped):
@@ -145,6 +149,7 @@ def test_sdxl_tiny_trains_samples_and_exports(make_config):
     _, cfg = make_config(
         pretrained_model_name_or_path="builtin:tiny-sdxl", max_train_steps=3, text_encoder_lr=0,
         sample_prompts=["rtoy, a red circle"], sample_steps=2, sample_seeds=[1], sample_weights=[0.5, 1.0],
+        sample_every_n_steps=2,
     )
     final, events = _run(cfg)
     start = events[0]
@@ -153,7 +158,8 @@ def test_sdxl_tiny_trains_samples_and_exports(make_config):
     assert keys and all(k.startswith("lora_unet_") for k in keys)  # text_encoder_lr = 0: UNet only
     assert any(k.startswith("lora_unet_input_blocks_4_1_") for k in keys)
     assert read_metadata(final)["ss_base_model_version"] == "sdxl_base_v1-0"
-    assert [e.event for e in events].count("sample") == 1
+    samples = [e for e in events if e.event == "sample"]
+    assert [(Path(e.path).name, e.final) for e in samples] == [("t-step00000002.png", False), ("t.png", True)]
 
 
 @pytest.mark.parametrize(
