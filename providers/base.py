@@ -216,6 +216,10 @@ class Provider(Protocol):
 
     def stop(self, instance_id: str) -> None: ...
 
+    def start(self, instance_id: str) -> None:
+        """Start a stopped instance again (to fetch results the watchdog kept by stopping it)."""
+        ...
+
     def destroy(self, instance_id: str) -> None: ...
 
     def forget_ssh_key(self, public_key: str) -> None:

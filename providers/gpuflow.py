@@ -69,6 +69,9 @@ class GpuFlowProvider:
     def stop(self, instance_id: str) -> None:
         raise Unsupported(NAME, REFUSAL)
 
+    def start(self, instance_id: str) -> None:
+        raise Unsupported(NAME, REFUSAL)
+
     def destroy(self, instance_id: str) -> None:
         raise Unsupported(NAME, REFUSAL)
 

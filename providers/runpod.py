@@ -45,8 +45,10 @@ DEFAULT_BASE_URL = "https://api.runpod.io"
 BASE_URL_ENV = "RENTRAIN_RUNPOD_URL"
 CLOUDS = ("COMMUNITY", "SECURE")
 
-# Container disk, $/GB/month while running (docs pods/pricing.mdx); 730 h per month.
+# Container disk and volume, $/GB/month while running (docs pods/pricing.mdx); 730 h per month.
 CONTAINER_DISK_USD_PER_GB_MONTH = 0.10
+VOLUME_USD_PER_GB_MONTH = 0.10
+VOLUME_PATH = "/workspace"
 HOURS_PER_MONTH = 730
 
 _STATUS: dict[str, InstanceStatus] = {
@@ -154,6 +156,8 @@ class RunPodProvider:
             "gpu": gpu,
             "cloud": offer.cloud,
             "disk": launch.disk_gb,
+            # the job's folder lives on a volume: a stopped pod erases its container disk but keeps this
+            "mounts": {"persistent": {"size": max(10, launch.disk_gb), "path": VOLUME_PATH}},
             "ports": ["22/tcp"],
             "startSsh": True,
             # both names: the v2 spec says PUBLIC_KEY, use-ssh.mdx says SSH_PUBLIC_KEY
@@ -174,6 +178,11 @@ class RunPodProvider:
     def stop(self, instance_id: str) -> None:
         self._api.json(
             "POST", f"/v2/pods/{instance_id}/action", endpoint="action", idempotent=True, json={"action": "stop"}
+        )
+
+    def start(self, instance_id: str) -> None:
+        self._api.json(
+            "POST", f"/v2/pods/{instance_id}/action", endpoint="action", idempotent=True, json={"action": "start"}
         )
 
     def destroy(self, instance_id: str) -> None:
@@ -238,7 +247,8 @@ def _offer(gpu: CatalogGpu, cloud: str, req: Requirements) -> Offer | None:
     max_count = gpu.maxCount.get(key)
     if not in_cloud or not per_gpu or (max_count is not None and max_count < req.gpu_count):
         return None
-    disk_per_hour = req.disk_gb * CONTAINER_DISK_USD_PER_GB_MONTH / HOURS_PER_MONTH
+    volume_gb = max(10, req.disk_gb)
+    disk_per_hour = (req.disk_gb * CONTAINER_DISK_USD_PER_GB_MONTH + volume_gb * VOLUME_USD_PER_GB_MONTH) / HOURS_PER_MONTH
     return Offer(
         provider=NAME,
         offer_id=f"{cloud}/{gpu.id}",

@@ -206,6 +206,11 @@ class VastProvider:
             "PUT", f"/instances/{instance_id}/", endpoint="manage", idempotent=True, json={"state": "stopped"}
         )
 
+    def start(self, instance_id: str) -> None:
+        self._api.json(
+            "PUT", f"/instances/{instance_id}/", endpoint="manage", idempotent=True, json={"state": "running"}
+        )
+
     def destroy(self, instance_id: str) -> None:
         self._api.json("DELETE", f"/instances/{instance_id}/", endpoint="destroy", idempotent=True, json={})
 

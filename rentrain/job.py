@@ -198,22 +198,53 @@ class JobRunner:
         session = Session(record=record, remote=remote, layout=RemoteLayout(root=job_root(workdir, self.job.id)))
         return self.train_on(session, detach_after_start)
 
-    def reattach(self, key_path: Path) -> Session:
-        """The session of a job whose client went away, from the ledger: same host, same pinned host key."""
+    def reattach(self, key_path: Path) -> Session | None:
+        """The session of a job whose client went away: same instance, same pinned host key. A stopped
+        instance (the watchdog keeping unfetched results) is started again. None when the instance is gone."""
         live = [i for i in self.ledger.instances(self.job.id) if i.ended_at is None and i.ssh_host]
         if not live or not self.job.remote_dir:
             raise JobFailed(f"job {self.job.id} has no running instance to attach to (state {self.job.state})")
         record = live[-1]
         assert record.ssh_port is not None and record.ssh_user is not None
         endpoint = SshEndpoint(host=record.ssh_host or "", port=record.ssh_port, user=record.ssh_user)
+        if self.provider is not None and record.instance_id is not None:
+            current = self._current_endpoint(record)
+            if current is None:
+                self._end_instance_record(record, "gone when the client came back")
+                return None
+            endpoint = current
         remote = Remote(endpoint, key_path, record.host_key, on_first_key=lambda key: self._pin(record, key))
         session = Session(record=record, remote=remote, layout=RemoteLayout(root=self.job.remote_dir))
         try:
             remote.connect_with_retries(attempts=3)
-            session.python = remote.run(f"cat {shlex.quote(posixpath.join(session.layout.root, 'python'))}", check=False).stdout.strip() or "python3"
+            python_file = shlex.quote(posixpath.join(session.layout.root, "python"))
+            session.python = remote.run(f"cat {python_file}", check=False).stdout.strip() or "python3"
         except SshUnavailable:
             pass  # follow() tells a dead host from a slow network
         return session
+
+    def _current_endpoint(self, record: InstanceRecord) -> SshEndpoint | None:
+        """Where the instance answers SSH now (a restart may move its port); starts it when stopped."""
+        assert self.provider is not None and record.instance_id is not None
+        try:
+            instance = self.provider.get(record.instance_id)
+        except NotFound:
+            return None
+        if instance.status in ("exited", "gone"):
+            return None
+        if instance.status == "stopped":
+            self.say(f"instance {instance.id} was stopped by its watchdog to keep unfetched results; starting it")
+            self.provider.start(instance.id)
+        if instance.status != "running" or instance.ssh is None:
+            endpoint = self._wait_for_ssh(instance)
+            if endpoint is None:
+                return None
+        else:
+            endpoint = SshEndpoint(host=instance.ssh.host, port=instance.ssh.port, user=instance.ssh.user)
+        self.ledger.update_instance(
+            record.job_id, record.offer_id, record.created_at, ssh_host=endpoint.host, ssh_port=endpoint.port
+        )
+        return endpoint
 
     def continue_on(self, session: Session) -> Outcome:
         """Finish a job from wherever its client stopped."""

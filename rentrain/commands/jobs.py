@@ -159,8 +159,14 @@ def attach(job_id: str) -> None:
             session = runner.reattach(key.private_path)
         except JobFailed as exc:
             raise click.ClickException(str(exc)) from None
-        console.print(f"attached to job {job.id} on {session.remote.endpoint.host}:{session.remote.endpoint.port}")
+        if session is None:
+            if runner.provider is None:
+                raise click.ClickException(f"job {job.id}'s machine is not reachable")
+            console.print(f"job {job.id}'s instance is gone; resuming from {job.last_state_path or 'the start'} on a new one")
+        else:
+            console.print(f"attached to job {job.id} on {session.remote.endpoint.host}:{session.remote.endpoint.port}")
         if runner.provider is None:
+            assert session is not None
             _drive(runner, console, lambda: runner.continue_on(session))
             return
         offers = _fresh_offers(runner)
@@ -197,6 +203,8 @@ def logs(job_id: str, lines: int) -> None:
     with RunProgress(console) as view:
         runner, key = _runner(ledger, job, view, console)
     session = runner.reattach(key.private_path)
+    if session is None:
+        raise click.ClickException(f"job {job.id}'s instance is gone and no log was saved")
     try:
         layout = session.layout
         text = session.remote.run(f"tail -n {int(lines)} {shlex.quote(layout.trainer_log)}", check=False).stdout
@@ -224,6 +232,8 @@ def fetch(job_id: str) -> None:
             session = runner.reattach(key.private_path)
         except JobFailed as exc:
             raise click.ClickException(str(exc)) from None
+        if session is None:
+            raise click.ClickException(f"job {job.id}'s instance is gone; what was fetched is in {job.output_dir}")
         fetched = _fetch_everything(runner, session)
     console.print(f"{fetched} file(s) in {job.output_dir}")
 

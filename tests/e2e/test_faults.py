@@ -188,8 +188,14 @@ def test_watchdog_idle_stops_a_finished_job_whose_results_are_not_home(
     assert instance.billed_cost(market.storage_per_hour) > 0
     status = client.run("status")
     assert "detached" in status.stdout
+    # the client comes back: the instance is started again, the result fetched, the instance destroyed
     job_id = str(_job_state(client)["id"])
-    down = client.run("down", job_id, "--yes")
-    assert down.returncode == 0
+    attached = client.run("attach", job_id)
+    assert attached.returncode == 0, attached.stdout + attached.stderr
+    assert "stopped by its watchdog to keep unfetched results; starting it" in attached.stdout
+    output = tmp_path / "job" / "output"
+    assert (output / "e2e.safetensors").exists()
     assert market.live_instances() == []
-    assert _job_state(client)["state"] == "closed"
+    assert _job_state(client)["outcome"] == "succeeded"
+    # the ledger counts the stopped time at the full price: an upper bound of what was billed
+    assert client.ledger_cost() >= market.total_billed()

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from safetensors import safe_open
 
 from tests.e2e.conftest import Client, events_of, write_job
-from tests.sim.provider_sim import ProviderSimulator
+from tests.sim.provider_sim import ProviderSimulator, wait_until
+from tests.sim.sshd import SshdInstance
 
 
 def _assert_nothing_billing(market: ProviderSimulator, client: Client) -> None:
@@ -39,3 +45,52 @@ def test_run_trains_fetches_and_destroys(tmp_path: Path, market: ProviderSimulat
     assert job["result_sha256"] == hashlib.sha256(final.read_bytes()).hexdigest()
     assert "setup gpu: ok" in result.stdout
     _assert_nothing_billing(market, client)
+
+
+def test_ssh_provider_runs_on_a_machine_rented_by_hand(tmp_path: Path, client: Client) -> None:
+    identity = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(identity)], check=True)
+    machine = SshdInstance(
+        tmp_path / "my-box",
+        identity.with_suffix(".pub").read_text().strip(),
+        env={"RENTRAIN_PYTHON": sys.executable, "RENTRAIN_ALLOW_CPU": "1", "HF_HUB_OFFLINE": "1"},
+    )
+    machine.start()
+    try:
+        config = write_job(tmp_path / "job")
+        host = f"{machine.user}@127.0.0.1:{machine.port}"
+        result = client.run("run", str(config), "--provider", "ssh", "--host", host, "--identity", str(identity))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert (tmp_path / "job" / "output" / "e2e.safetensors").exists()
+        job = client.jobs()[-1]
+        assert job["outcome"] == "succeeded"
+        assert client.instances()[-1]["host_key"] == machine.host_key_line()
+        # nothing of ours keeps running on the user's machine: trainer done, watchdog ended
+        time.sleep(0.5)
+        assert machine.processes() == []
+    finally:
+        machine.kill()
+
+
+def test_sigterm_detaches_and_attach_finishes(tmp_path: Path, market: ProviderSimulator, client: Client) -> None:
+    config = write_job(tmp_path / "job", images=8, repeats=10, epochs=2)
+    process = client.start("run", str(config), "--provider", "runpod", "--yes")
+    assert wait_until(lambda: _last_step(client) >= 2, timeout=120)
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, out
+    assert "detached (SIGTERM)" in out
+    assert len(market.live_instances()) == 1
+    job_id = str(client.jobs()[-1]["id"])
+    attached = client.run("attach", job_id)
+    assert attached.returncode == 0, attached.stdout + attached.stderr
+    assert market.live_instances() == []
+    assert client.jobs()[-1]["outcome"] == "succeeded"
+
+
+def _last_step(client: Client) -> int:
+    try:
+        jobs = client.jobs()
+    except sqlite3.OperationalError:
+        return 0
+    return int(jobs[-1]["last_step"] or 0) if jobs else 0  # type: ignore[arg-type]

@@ -62,8 +62,8 @@ def test_catalog_gives_one_offer_per_gpu_type_per_cloud(mocked, runpod):
     assert community_4090.gpu_name_raw == "NVIDIA GeForce RTX 4090"
     assert community_4090.offer_id == "COMMUNITY/NVIDIA GeForce RTX 4090"
     assert community_4090.vram_gb == 24
-    # list price per GPU plus 40 GB container disk at $0.10/GB-month
-    assert community_4090.price_per_hour == pytest.approx(0.31 + 40 * 0.10 / 730, abs=1e-4)
+    # list price per GPU plus 40 GB container disk and a 40 GB volume, each at $0.10/GB-month
+    assert community_4090.price_per_hour == pytest.approx(0.31 + 2 * 40 * 0.10 / 730, abs=1e-4)
     assert community_4090.availability == "HIGH"
     assert community_4090.location == "US-KS-2 +1"
 
@@ -85,7 +85,7 @@ def test_multi_gpu_price_and_max_count(mocked, runpod):
     assert [(o.cloud, o.gpu_model) for o in offers if o.gpu_model == "RTX 4090"] == [("SECURE", "RTX 4090")]
     secure = next(o for o in offers if o.gpu_model == "RTX 4090")
     assert secure.gpu_count == 8
-    assert secure.price_per_hour == pytest.approx(8 * 0.44 + 40 * 0.1 / 730, abs=1e-4)
+    assert secure.price_per_hour == pytest.approx(8 * 0.44 + 2 * 40 * 0.1 / 730, abs=1e-4)
 
 
 def test_create_merges_our_key_into_the_account_keys_and_sends_the_documented_body(mocked, runpod):
@@ -104,6 +104,7 @@ def test_create_merges_our_key_into_the_account_keys_and_sends_the_documented_bo
         "gpu": {"id": "NVIDIA GeForce RTX 4090", "count": 1},
         "cloud": "COMMUNITY",
         "disk": 40,
+        "mounts": {"persistent": {"size": 40, "path": "/workspace"}},
         "ports": ["22/tcp"],
         "startSsh": True,
         "env": {"RENTRAIN_JOB": "job42", "PUBLIC_KEY": SSH_KEY, "SSH_PUBLIC_KEY": SSH_KEY},
@@ -290,3 +291,11 @@ def test_an_unexpected_answer_shape_is_a_provider_error(mocked, runpod):
     mocked.add(responses.GET, f"{PODS}/p", json={"id": "p", "status": "RUNNING", "startedAt": "not a date"})
     with pytest.raises(ProviderDown, match="unexpected Pod in the answer: startedAt"):
         runpod.get("p")
+
+
+def test_start_and_stop_use_the_pod_action(mocked, runpod):
+    mocked.add(responses.POST, f"{PODS}/7h9k2m4n6p/action", json=load("runpod_pod_created.json"))
+    mocked.add(responses.POST, f"{PODS}/7h9k2m4n6p/action", json=load("runpod_pod_created.json"))
+    runpod.stop("7h9k2m4n6p")
+    runpod.start("7h9k2m4n6p")
+    assert [body(c) for c in mocked.calls] == [{"action": "stop"}, {"action": "start"}]

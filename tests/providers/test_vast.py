@@ -228,9 +228,16 @@ def test_stop_and_destroy(mocked, vast):
         match=[matchers.json_params_matcher({"state": "stopped"})],
     )
     mocked.add(responses.DELETE, f"{VAST_URL}/instances/7770001/", json={"success": True})
+    mocked.add(
+        responses.PUT,
+        f"{VAST_URL}/instances/7770001/",
+        json={"success": True},
+        match=[matchers.json_params_matcher({"state": "running"})],
+    )
     vast.stop("7770001")
     vast.destroy("7770001")
-    assert [c.request.method for c in mocked.calls] == ["PUT", "DELETE"]
+    vast.start("7770001")
+    assert [c.request.method for c in mocked.calls] == ["PUT", "DELETE", "PUT"]
 
 
 def test_destroy_unknown_instance_is_not_found(mocked, vast):

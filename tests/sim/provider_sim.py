@@ -53,16 +53,14 @@ class SimInstance:
     sshd: SshdInstance
     state: str = "loading"  # loading, running, stopped, exited, destroyed
     ended_at: float | None = None
-    stopped_at: float | None = None
-    events: list[str] = field(default_factory=list)
+    stopped: list[tuple[float, float | None]] = field(default_factory=list)  # (stopped at, started again at)
 
     def billed_cost(self, storage_per_hour: float, now: float | None = None) -> float:
-        now = now if now is not None else time.time()
-        end = self.ended_at if self.ended_at is not None else now
-        running_until = self.stopped_at if self.stopped_at is not None else end
-        running = max(0.0, running_until - self.created_at)
-        stopped = max(0.0, end - running_until)
-        return (running * self.price_per_hour + stopped * storage_per_hour) / 3600
+        """Full price while it exists, storage only while stopped."""
+        end = self.ended_at if self.ended_at is not None else (now if now is not None else time.time())
+        stopped = sum((restart if restart is not None else end) - since for since, restart in self.stopped)
+        total = max(0.0, end - self.created_at)
+        return ((total - stopped) * self.price_per_hour + stopped * storage_per_hour) / 3600
 
 
 class ProviderSimulator:
@@ -224,6 +222,9 @@ class ProviderSimulator:
         if method == "PUT" and body and body.get("state") == "stopped":
             self._stop(instance)
             return 200, {"success": True}, {}
+        if method == "PUT" and body and body.get("state") == "running":
+            self._start(instance)
+            return 200, {"success": True}, {}
         if method == "DELETE":
             self._destroy(instance)
             return 200, {"success": True}, {}
@@ -299,6 +300,9 @@ class ProviderSimulator:
         if method == "POST" and match and match.group(2):
             if body.get("action") == "stop":
                 self._stop(instance)
+                return 200, self._pod(instance), {}
+            if body.get("action") == "start":
+                self._start(instance)
                 return 200, self._pod(instance), {}
             if body.get("action") == "terminate":
                 self._destroy(instance)
@@ -377,15 +381,21 @@ class ProviderSimulator:
 
     def _stop(self, instance: SimInstance) -> None:
         instance.sshd.kill()
+        if instance.state != "stopped":
+            instance.stopped.append((time.time(), None))
         instance.state = "stopped"
-        instance.stopped_at = time.time()
+
+    def _start(self, instance: SimInstance) -> None:
+        if instance.state != "stopped":
+            return
+        instance.stopped[-1] = (instance.stopped[-1][0], time.time())
+        instance.state = "loading"
+        threading.Timer(self.boot_seconds, self._boot, args=(instance,)).start()
 
     def _destroy(self, instance: SimInstance) -> None:
         instance.sshd.kill()
         instance.state = "destroyed"
         instance.ended_at = time.time()
-        if instance.stopped_at is None:
-            instance.stopped_at = instance.ended_at
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 30, interval: float = 0.1) -> bool:
