@@ -29,7 +29,9 @@ class Subset(BaseModel):
     images: list[ImageItem]
 
 
-class LayoutProblem(BaseModel):
+class Finding(BaseModel):
+    """A problem found in the dataset, naming the file or folder it concerns."""
+
     severity: Literal["error", "warning"]
     path: Path
     message: str
@@ -40,10 +42,10 @@ class LayoutProblem(BaseModel):
 
 class DatasetLayout(BaseModel):
     subsets: list[Subset]
-    problems: list[LayoutProblem]
+    problems: list[Finding]
 
     @property
-    def errors(self) -> list[LayoutProblem]:
+    def errors(self) -> list[Finding]:
         return [p for p in self.problems if p.severity == "error"]
 
     def train_subsets(self) -> list[Subset]:
@@ -60,30 +62,30 @@ class CaptionError(ValueError):
 def scan_layout(train_data_dir: Path, caption_extension: str, reg_data_dir: Path | None = None) -> DatasetLayout:
     """List the subsets of the training (and regularisation) folders, with every layout problem found."""
     subsets: list[Subset] = []
-    problems: list[LayoutProblem] = []
+    problems: list[Finding] = []
     roots = [(train_data_dir, False)] + ([(reg_data_dir, True)] if reg_data_dir is not None else [])
     for root, is_reg in roots:
         _scan_root(root, is_reg, caption_extension, subsets, problems)
     if not any(s.images for s in subsets if not s.is_reg) and not any(p.severity == "error" for p in problems):
-        problems.append(LayoutProblem(severity="error", path=train_data_dir, message="no training images found"))
+        problems.append(Finding(severity="error", path=train_data_dir, message="no training images found"))
     return DatasetLayout(subsets=subsets, problems=problems)
 
 
 def _scan_root(
-    root: Path, is_reg: bool, caption_extension: str, subsets: list[Subset], problems: list[LayoutProblem]
+    root: Path, is_reg: bool, caption_extension: str, subsets: list[Subset], problems: list[Finding]
 ) -> None:
     key = "reg_data_dir" if is_reg else "train_data_dir"
     if not root.exists():
-        problems.append(LayoutProblem(severity="error", path=root, message=f"{key} does not exist"))
+        problems.append(Finding(severity="error", path=root, message=f"{key} does not exist"))
         return
     if not root.is_dir():
-        problems.append(LayoutProblem(severity="error", path=root, message=f"{key} is not a folder"))
+        problems.append(Finding(severity="error", path=root, message=f"{key} is not a folder"))
         return
     loose_images = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if loose_images:
         problems.append(
-            LayoutProblem(
+            Finding(
                 severity="error" if not folders else "warning",
                 path=root,
                 message=f"{len(loose_images)} image(s) directly in {key} are not used: {key} must be the parent "
@@ -94,7 +96,7 @@ def _scan_root(
         match = SUBSET_FOLDER.match(folder.name)
         if not match:
             problems.append(
-                LayoutProblem(
+                Finding(
                     severity="error",
                     path=folder,
                     message="folder name must start with the repeat count and an underscore, e.g. 10_"
@@ -104,7 +106,7 @@ def _scan_root(
             continue
         repeats = int(match.group(1))
         if repeats < 1:
-            problems.append(LayoutProblem(severity="error", path=folder, message="repeat count must be at least 1"))
+            problems.append(Finding(severity="error", path=folder, message="repeat count must be at least 1"))
             continue
         images = [
             ImageItem(path=path, caption_path=_caption_path(path, caption_extension))
@@ -112,7 +114,7 @@ def _scan_root(
             if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
         ]
         if not images:
-            problems.append(LayoutProblem(severity="warning", path=folder, message="no images in this folder"))
+            problems.append(Finding(severity="warning", path=folder, message="no images in this folder"))
         subsets.append(
             Subset(folder=folder, repeats=repeats, class_tokens=match.group(2), is_reg=is_reg, images=images)
         )

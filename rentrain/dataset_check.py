@@ -12,8 +12,6 @@ from collections import defaultdict
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Literal
-
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
 
@@ -22,6 +20,7 @@ from remote.config import TrainConfig
 from remote.dataset import (
     IMAGE_EXTENSIONS,
     CaptionError,
+    Finding,
     ImageItem,
     Subset,
     balanced_reg_repeats,
@@ -33,15 +32,6 @@ MIN_RECOMMENDED_IMAGES = 15
 EXIF_ORIENTATION = 0x0112
 ROTATING_ORIENTATIONS = {5, 6, 7, 8}
 PIL_FORMAT_EXTENSIONS = {"PNG": (".png",), "JPEG": (".jpg", ".jpeg"), "WEBP": (".webp",), "BMP": (".bmp",)}
-
-
-class Finding(BaseModel):
-    severity: Literal["error", "warning"]
-    path: Path
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.message}"
 
 
 class ImageInfo(BaseModel):
@@ -82,7 +72,7 @@ class DatasetReport(BaseModel):
 
 def inspect_dataset(train: TrainConfig) -> DatasetReport:
     layout = scan_layout(train.train_data_dir, train.caption_extension, train.reg_data_dir)
-    findings = [Finding(severity=p.severity, path=p.path, message=p.message) for p in layout.problems]
+    findings = list(layout.problems)
 
     items = [(subset, item) for subset in layout.subsets for item in subset.images]
     with ThreadPoolExecutor(max_workers=4) as pool:

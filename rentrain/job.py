@@ -12,7 +12,8 @@ import posixpath
 import secrets
 import shlex
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -248,17 +249,25 @@ class JobRunner:
 
     def continue_on(self, session: Session) -> Outcome:
         """Finish a job from wherever its client stopped."""
-        try:
+        with self._destroy_on_failure(session):
             if self.job.state in ("intent_recorded", "creating", "waiting_ssh", "syncing", "bootstrapping", "watchdog"):
                 self.prepare(session)
             if self.job.state == "destroying":
                 self.destroy(session, "finishing an interrupted destroy")
-                self._close(self.job.outcome or "succeeded" if self.job.result_path else "failed", "destroyed on attach")
-                return self.job.outcome or "failed"
+                outcome: Outcome = "succeeded" if self.job.result_path else "failed"
+                self._close(outcome, "destroyed on attach")
+                return outcome
             if self.job.state == "fetching":
                 self.job = self.ledger.transition(self.job.id, "following", "re-reading events on attach")
                 self.events_offset = 0
             return self.follow_to_end(session)
+
+    @contextmanager
+    def _destroy_on_failure(self, session: Session) -> Iterator[None]:
+        """Anything unexpected: keep the trainer's log, destroy the instance, close the job, re-raise.
+        Detaching and a lost host are not failures of the job."""
+        try:
+            yield
         except (DetachRequested, HostLost):
             raise
         except Exception as exc:
@@ -363,19 +372,11 @@ class JobRunner:
     # ------------------------------------------------------------------ one instance, start to end
 
     def train_on(self, session: Session, detach_after_start: bool = False) -> Outcome:
-        try:
+        with self._destroy_on_failure(session):
             self.prepare(session)
             if detach_after_start:
                 raise DetachRequested("--detach")
             return self.follow_to_end(session)
-        except (DetachRequested, HostLost):
-            raise
-        except Exception as exc:
-            self.fetch_logs(session)
-            self.destroy(session, f"{type(exc).__name__}: {exc}")
-            if self.job.state != "closed":
-                self._close("failed", f"{type(exc).__name__}: {exc}")
-            raise
 
     def follow_to_end(self, session: Session) -> Outcome:
         try:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel
 
@@ -32,18 +32,8 @@ JobState = Literal[
     "destroying",
     "closed",
 ]
-OPEN_STATES: tuple[JobState, ...] = (
-    "intent_recorded",
-    "creating",
-    "waiting_ssh",
-    "syncing",
-    "bootstrapping",
-    "watchdog",
-    "training",
-    "following",
-    "fetching",
-    "destroying",
-)
+# Between recording the intent to rent and closing: an instance may exist.
+OPEN_STATES: tuple[JobState, ...] = tuple(s for s in get_args(JobState) if s not in ("planned", "closed"))
 Outcome = Literal["succeeded", "failed", "cancelled"]
 
 SCHEMA = """

@@ -104,6 +104,13 @@ def _runner(ledger: Ledger, job: JobRecord, view: RunProgress, console: Console)
     return JobRunner(ledger, job, loaded, provider, settings, key, view, console.print), key
 
 
+def _reattach(runner: JobRunner, key: JobKey) -> Session | None:
+    try:
+        return runner.reattach(key.private_path)
+    except JobFailed as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 @click.command()
 @click.option("--all", "show_all", is_flag=True, help="Also list closed jobs beyond the last ten.")
 def status(show_all: bool) -> None:
@@ -155,10 +162,7 @@ def attach(job_id: str) -> None:
     started = live[-1].created_at if live else None
     with RunProgress(console, usd_per_hour=price, billing_started=started) as view:
         runner, key = _runner(ledger, job, view, console)
-        try:
-            session = runner.reattach(key.private_path)
-        except JobFailed as exc:
-            raise click.ClickException(str(exc)) from None
+        session = _reattach(runner, key)
         if session is None:
             if runner.provider is None:
                 raise click.ClickException(f"job {job.id}'s machine is not reachable")
@@ -202,7 +206,7 @@ def logs(job_id: str, lines: int) -> None:
     console = Console()
     with RunProgress(console) as view:
         runner, key = _runner(ledger, job, view, console)
-    session = runner.reattach(key.private_path)
+    session = _reattach(runner, key)
     if session is None:
         raise click.ClickException(f"job {job.id}'s instance is gone and no log was saved")
     try:
@@ -228,10 +232,7 @@ def fetch(job_id: str) -> None:
     job = _job(ledger, job_id)
     with RunProgress(console) as view:
         runner, key = _runner(ledger, job, view, console)
-        try:
-            session = runner.reattach(key.private_path)
-        except JobFailed as exc:
-            raise click.ClickException(str(exc)) from None
+        session = _reattach(runner, key)
         if session is None:
             raise click.ClickException(f"job {job.id}'s instance is gone; what was fetched is in {job.output_dir}")
         fetched = _fetch_everything(runner, session)
