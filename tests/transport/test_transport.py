@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pwd
+import shutil
 import shlex
 from collections.abc import Iterator
 from pathlib import Path
@@ -157,3 +158,35 @@ def test_commands_with_hostile_names_stay_quoted(instance: tuple[SshdInstance, P
     assert (sim.workdir / "x; touch pwned").is_dir()
     login_home = Path(pwd.getpwuid(os.getuid()).pw_dir)
     assert not (login_home / "pwned").exists() and not (sim.workdir / "pwned").exists()
+
+
+def test_rsync_that_loses_its_connection_is_retried(instance: tuple[SshdInstance, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first rsync dies as a dropped SSH connection does (exit 255); the retry completes the copy."""
+    sim, key_path = instance
+    shim_dir = tmp_path / "shim"
+    shim_dir.mkdir()
+    marker = tmp_path / "failed-once"
+    real_rsync = shutil.which("rsync")
+    (shim_dir / "rsync").write_text(
+        f"#!/bin/sh\nif [ ! -e {marker} ]; then touch {marker}; echo 'connection reset' >&2; exit 255; fi\nexec {real_rsync} \"$@\"\n"
+    )
+    (shim_dir / "rsync").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shim_dir}:{os.environ['PATH']}")
+    monkeypatch.setattr("rentrain.transport.time.sleep", lambda _s: None)
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "big.bin").write_bytes(os.urandom(1 << 20))
+    remote = _remote(sim, key_path)
+    remote.run("true")
+    target = str(sim.workdir / "dataset")
+    remote.upload_tree(source, target, tmp_path)
+    assert marker.exists()
+    assert _tree(Path(target)) == _tree(source)
+
+
+def test_rsync_gives_up_on_a_permanent_error(instance: tuple[SshdInstance, Path], tmp_path: Path) -> None:
+    sim, key_path = instance
+    remote = _remote(sim, key_path)
+    remote.run("true")
+    with pytest.raises(TransportError, match="rsync failed"):
+        remote.upload_tree(tmp_path / "does-not-exist", str(sim.workdir / "x"), tmp_path)
