@@ -359,6 +359,60 @@ def _every(n: int | None, value: int) -> bool:
     return bool(n) and value % n == 0
 
 
+def train_step(run: Run, group: list[list[int]], epoch: int, first_batch: int) -> tuple[float, int, float]:
+    """One optimizer step over ``group`` (gradient accumulation). Returns (mean loss, images, seconds)."""
+    t0 = time.perf_counter()
+    total, images = 0.0, 0
+    for offset, batch in enumerate(group):
+        loss = batch_loss(run, batch, epoch, first_batch + offset) / len(group)
+        (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
+        total += loss.item()
+        images += len(batch)
+    optimizer_step(run)
+    return total, images, time.perf_counter() - t0
+
+
+def emit_step(run: Run, loss: float, images: int, seconds: float, epoch: int) -> None:
+    lrs = {group.get("name"): group["lr"] for group in run.optimizer.param_groups}
+    memory = torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda" else None
+    run.writer.emit(
+        StepEvent(
+            step=run.position.step,
+            total_steps=run.position.total_steps,
+            epoch=epoch + 1,
+            loss=loss,
+            lr=lrs.get("unet", lrs.get("text_encoder", 0.0)),
+            lr_text_encoder=lrs.get("text_encoder"),
+            seconds_per_step=seconds,
+            samples_per_second=images / seconds if seconds > 0 else 0.0,
+            gpu_memory_gb=memory,
+        )
+    )
+
+
+def after_step(run: Run, epoch: int, order_in_progress) -> None:
+    """Step checkpoints and samples (never after the last step: the final file and grid follow)."""
+    step, cfg = run.position.step, run.cfg
+    if step >= run.position.total_steps:
+        return
+    if _every(cfg.save_every_n_steps, step):
+        save_checkpoint(run, epoch + 1, step, by_epoch=False, epoch_order=order_in_progress)
+    if _every(cfg.sample_every_n_steps, step):
+        save_samples(run, f"{run.name}-step{step:08d}", epoch + 1, step)
+
+
+def end_of_epoch(run: Run, done_epochs: int, losses: list[float]) -> None:
+    """The epoch event, then epoch checkpoints and samples (kohya: not after the last epoch)."""
+    step, cfg = run.position.step, run.cfg
+    run.writer.emit(EpochEvent(epoch=done_epochs, step=step, mean_loss=sum(losses) / max(1, len(losses))))
+    if done_epochs >= run.dataset.plan.epochs or step >= run.position.total_steps:
+        return
+    if _every(cfg.save_every_n_epochs, done_epochs):
+        save_checkpoint(run, done_epochs, step, by_epoch=True, epoch_order=None)
+    if _every(cfg.sample_every_n_epochs, done_epochs):
+        save_samples(run, f"{run.name}-{done_epochs:06d}", done_epochs, step)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The loop
 
@@ -405,70 +459,30 @@ def train(cfg, writer: EventWriter, resume: Path | str | None = None, stop_after
     )
 
     previous_handlers = _install_stop_handlers(run)
-    accumulate = cfg.gradient_accumulation_steps
     try:
         while pos.step < plan.total_steps and pos.epoch < plan.epochs:
             epoch = pos.epoch
-            order = epoch_order if epoch_order is not None else data_mod.epoch_batches(
-                run.dataset, cfg.batch_size, run.seed, epoch
-            )
+            order = epoch_order or data_mod.epoch_batches(run.dataset, cfg.batch_size, run.seed, epoch)
             epoch_order = None
-            epoch_losses = []
-            while pos.batch < len(order) and pos.step < plan.total_steps:
-                t0 = time.perf_counter()
-                group = order[pos.batch : pos.batch + accumulate]
-                step_loss = 0.0
-                samples = 0
-                for offset, batch in enumerate(group):
-                    loss = batch_loss(run, batch, epoch, pos.batch + offset)
-                    scaled = loss / len(group)
-                    (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
-                    step_loss += loss.item() / len(group)
-                    samples += len(batch)
-                optimizer_step(run)
+            epoch_losses: list[float] = []
+            while pos.epoch == epoch and pos.step < plan.total_steps:
+                group = order[pos.batch : pos.batch + cfg.gradient_accumulation_steps]
+                loss, images, seconds = train_step(run, group, epoch, pos.batch)
                 pos.batch += len(group)
                 pos.step += 1
-                run.losses.append(step_loss)
-                epoch_losses.append(step_loss)
-                seconds = time.perf_counter() - t0
-                lrs = {g.get("name"): g["lr"] for g in run.optimizer.param_groups}
-                writer.emit(
-                    StepEvent(
-                        step=pos.step,
-                        total_steps=plan.total_steps,
-                        epoch=epoch + 1,
-                        loss=step_loss,
-                        lr=lrs.get("unet", lrs.get("text_encoder", 0.0)),
-                        lr_text_encoder=lrs.get("text_encoder"),
-                        seconds_per_step=seconds,
-                        samples_per_second=samples / seconds if seconds > 0 else 0.0,
-                        gpu_memory_gb=(torch.cuda.max_memory_allocated(run.device) / 2**30)
-                        if run.device.type == "cuda"
-                        else None,
-                    )
-                )
-                if pos.batch >= len(order):  # the epoch's last step: the state points at the next epoch
+                if pos.batch >= len(order):  # the epoch's last step: the position moves to the next epoch
                     pos.epoch, pos.batch = epoch + 1, 0
-                state_order = order if pos.epoch == epoch else None
-                if pos.step < plan.total_steps and _every(cfg.save_every_n_steps, pos.step):
-                    save_checkpoint(run, epoch + 1, pos.step, by_epoch=False, epoch_order=state_order)
-                if pos.step < plan.total_steps and _every(cfg.sample_every_n_steps, pos.step):
-                    save_samples(run, f"{run.name}-step{pos.step:08d}", epoch + 1, pos.step)
+                run.losses.append(loss)
+                epoch_losses.append(loss)
+                emit_step(run, loss, images, seconds, epoch)
+                order_in_progress = order if pos.epoch == epoch else None
+                after_step(run, epoch, order_in_progress)
+                if pos.epoch != epoch:
+                    end_of_epoch(run, epoch + 1, epoch_losses)
                 if run.stop_requested or (stop_after_step is not None and pos.step >= stop_after_step):
                     folder = run.output_dir / state_dir_name(run.name, step=pos.step)
-                    save_state(folder, pos, run.network, run.optimizer, run.scheduler, run.scaler, state_order, run.losses)
+                    save_state(folder, pos, run.network, run.optimizer, run.scheduler, run.scaler, order_in_progress, run.losses)
                     raise Stopped(f"stopped after step {pos.step}; resume with --resume {folder}", folder)
-                if pos.epoch != epoch:
-                    break
-            if pos.epoch == epoch:  # max_train_steps ended inside this epoch
-                break
-            writer.emit(EpochEvent(epoch=epoch + 1, step=pos.step, mean_loss=sum(epoch_losses) / max(1, len(epoch_losses))))
-            done_epochs = epoch + 1
-            if done_epochs < plan.epochs and pos.step < plan.total_steps:
-                if _every(cfg.save_every_n_epochs, done_epochs):
-                    save_checkpoint(run, done_epochs, pos.step, by_epoch=True, epoch_order=None)
-                if _every(cfg.sample_every_n_epochs, done_epochs):
-                    save_samples(run, f"{run.name}-{done_epochs:06d}", done_epochs, pos.step)
     finally:
         _restore_handlers(previous_handlers)
 

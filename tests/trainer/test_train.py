@@ -43,7 +43,7 @@ RESUME_KEYS = dict(
     max_train_steps=None, max_train_epochs=3, repeats=2, shuffle_caption=True, keep_tokens=1, flip_aug=True,
     noise_offset=0.05, caption_dropout_rate=0.2, lr_scheduler="cosine_with_restarts", lr_warmup_steps=2,
     lr_scheduler_num_cycles=2, gradient_accumulation_steps=2, save_every_n_steps=3, min_snr_gamma=5.0,
-    text_encoder_lr=5e-4, clip_skip=2,
+    text_encoder_lr=5e-4, clip_skip=2, save_every_n_epochs=1,
 )
 
 
@@ -52,7 +52,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, make_co
     # 4 images x 2 repeats, batch 2 -> 4 batches, 2 steps/epoch, 6 steps
     _, cfg = make_config(**RESUME_KEYS, pretrained_model_name_or_path=model)
     reference, events = _run(cfg)
-    assert [e.step for e in events if e.event == "checkpoint"] == [3]
+    assert [(e.step, e.epoch) for e in events if e.event == "checkpoint"] == [(2, 1), (3, 2), (4, 2)]
     expected = load_file(str(reference))
 
     for stop_at in stops:
@@ -61,6 +61,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, make_co
         with pytest.raises(Stopped):
             _run(resumed_cfg, stop_after_step=stop_at)
         assert not (out / "t.safetensors").exists()
+        if stop_at >= 2:  # stopped on an epoch's last step: that epoch's checkpoint was still written
+            assert (out / "t-000001.safetensors").is_file()
         final, events = _run(resumed_cfg, resume="last")
         assert events[-1].event == "done" and events[-1].step == 6
         start = [e for e in events if e.event == "start"][-1]
