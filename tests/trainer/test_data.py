@@ -142,3 +142,11 @@ def test_empty_caption_file_is_a_data_error(make_config):
     next(cfg.train_data_dir.rglob("*.txt")).write_text("\n")
     with pytest.raises(data_mod.DataError, match="empty"):
         data_mod.build_dataset(cfg)
+
+
+def test_unreadable_image_is_a_data_error_naming_the_file(make_config):
+    _, cfg = make_config()
+    bad = next(cfg.train_data_dir.rglob("*.png"))
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(data_mod.DataError, match=bad.name):
+        data_mod.build_dataset(cfg)

@@ -87,3 +87,13 @@ def test_diffusers_folder_loads_and_is_detected(tmp_path, make_config):
     bundle = load_model(cfg)
     assert bundle.family == "sd15" and bundle.info["sd_model_name"] == "model"
     assert bundle.tokenizers[0]("a cat").input_ids == [49406, 320, 2368, 49407]
+
+
+def test_folder_without_model_index_is_a_model_error(tmp_path, make_config):
+    from remote.trainer.models import load_model
+
+    folder = tmp_path / "not_a_model"
+    folder.mkdir()
+    _, cfg = make_config(pretrained_model_name_or_path=str(folder))
+    with pytest.raises(ModelError, match="model_index.json"):
+        load_model(cfg)
