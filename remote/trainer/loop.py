@@ -218,9 +218,6 @@ def setup(cfg, writer: EventWriter, resume: Path | None) -> Run:
 def prepare_caches(run: Run) -> None:
     cfg, bundle = run.cfg, run.bundle
     data_mod.cache_latents(run.dataset, bundle.vae, bundle.scaling_factor, run.device, cfg.flip_aug)
-    if run.device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(run.device)  # step events report training memory, not the VAE's
     if not cfg.trains_text_encoder and data_mod.captions_are_static(cfg):
         captions = sorted({data_mod.base_caption(cfg, r.caption) for r in run.dataset.records})
         with torch.no_grad(), autocast(run):
@@ -229,6 +226,11 @@ def prepare_caches(run: Run) -> None:
                 context, pooled = encode(bundle, tokenize(bundle, chunk, cfg.max_token_length), cfg.clip_skip)
                 for i, caption in enumerate(chunk):
                     run.text_cache[caption] = (context[i], None if pooled is None else pooled[i])
+        for encoder in bundle.text_encoders:  # not needed again until samples are drawn
+            encoder.to("cpu")
+    if run.device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(run.device)  # step events report training memory, not the VAE's
 
 
 def autocast(run: Run):

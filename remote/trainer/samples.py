@@ -109,7 +109,10 @@ def render_images(
     """[[PIL image per weight] per (prompt, seed)]. Leaves the network's multiplier at 1.0."""
     pipe = _pipeline(bundle)
     vae_device = next(bundle.vae.parameters()).device
+    te_devices = [next(te.parameters()).device for te in bundle.text_encoders]
     bundle.vae.to(device)
+    for encoder in bundle.text_encoders:
+        encoder.to(device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     rows = []
     try:
@@ -139,6 +142,8 @@ def render_images(
     finally:
         network.set_multiplier(1.0)
         bundle.vae.to(vae_device)
+        for encoder, where in zip(bundle.text_encoders, te_devices):
+            encoder.to(where)
     return rows
 
 
