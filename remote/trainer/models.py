@@ -128,25 +128,35 @@ def check_family(cfg, family: str) -> list[str]:
 
 
 def load_model(cfg, dtype: torch.dtype = torch.float32) -> ModelBundle:
-    """Load the base model; the UNet and text encoders of folder/hub models are read in ``dtype``."""
+    """Load the base model; the UNet and text encoders of folder/hub models are read in ``dtype``.
+
+    The family is read first (cheaply: key names, model_index.json, the text encoder's config) and
+    checked against the config before the weights are loaded.
+    """
     from remote.config import model_source_kind
 
     reference = cfg.pretrained_model_name_or_path
     kind = model_source_kind(reference)
     if kind == "builtin":
-        from .tiny import build_tiny
-
         family = "sdxl" if reference.endswith("sdxl") else "sd15"
-        parts = build_tiny(family)
         info = {"sd_model_name": reference}
     elif kind in ("local_dir", "hub"):
-        family, parts = _load_diffusers(reference, kind, dtype)
+        family = _folder_family(reference, kind)
         info = {"sd_model_name": Path(reference).name if kind == "local_dir" else reference}
     else:
         path = Path(reference) if kind == "local_file" else _download(reference)
-        family, parts = _load_single_file(path, cfg)
+        family = detect_family_from_keys(checkpoint_keys(path))
         info = {"sd_model_name": path.name, **_model_hashes(path)}
     warnings = check_family(cfg, family)
+
+    if kind == "builtin":
+        from .tiny import build_tiny
+
+        parts = build_tiny(family)
+    elif kind in ("local_dir", "hub"):
+        parts = _load_diffusers(reference, family, dtype)
+    else:
+        parts = _load_single_file(path, family)
     if cfg.vae:
         parts["vae"] = _load_vae(cfg.vae)
     bundle = ModelBundle(
@@ -163,51 +173,56 @@ def load_model(cfg, dtype: torch.dtype = torch.float32) -> ModelBundle:
     return bundle
 
 
-def _load_diffusers(reference: str, kind: str, dtype: torch.dtype = torch.float32) -> tuple[str, dict]:
+def _folder_file(reference: str, kind: str, name: str) -> dict:
+    if kind == "local_dir":
+        path = Path(reference) / name
+        if not path.is_file():
+            raise ModelError(f"{reference} has no {name}: not a diffusers model folder")
+        return json.loads(path.read_text())
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(Path(hf_hub_download(reference, name)).read_text())
+    except Exception as exc:  # noqa: BLE001 - the hub's errors are many; the message says which
+        raise ModelError(f"cannot fetch {name} of {reference} from the Hugging Face hub: {exc}") from exc
+
+
+def _folder_family(reference: str, kind: str) -> str:
+    """SDXL from model_index.json; otherwise SD 2.x when the text encoder is 1024 wide (OpenCLIP-H)."""
+    if detect_family_of_folder(_folder_file(reference, kind, "model_index.json")) == "sdxl":
+        return "sdxl"
+    text_config = _folder_file(reference, kind, "text_encoder/config.json")
+    return "sd2" if text_config.get("hidden_size") == 1024 else "sd15"
+
+
+def _load_diffusers(reference: str, family: str, dtype: torch.dtype = torch.float32) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    if kind == "local_dir":
-        index_path = Path(reference) / "model_index.json"
-        if not index_path.is_file():
-            raise ModelError(f"{reference} is a folder without model_index.json: not a diffusers model folder")
-        index = json.loads(index_path.read_text())
-    else:
-        from huggingface_hub import hf_hub_download
-
-        try:
-            index = json.loads(Path(hf_hub_download(reference, "model_index.json")).read_text())
-        except Exception as exc:  # noqa: BLE001 - the hub's errors are many; the message says which
-            raise ModelError(f"cannot fetch {reference} from the Hugging Face hub: {exc}") from exc
-    family = detect_family_of_folder(index)
     unet = UNet2DConditionModel.from_pretrained(reference, subfolder="unet", torch_dtype=dtype)
     vae = AutoencoderKL.from_pretrained(reference, subfolder="vae", torch_dtype=torch.float32)
-    te1 = CLIPTextModel.from_pretrained(reference, subfolder="text_encoder", torch_dtype=dtype)
-    tok1 = CLIPTokenizer.from_pretrained(reference, subfolder="tokenizer")
-    encoders, tokenizers = [te1], [tok1]
+    encoders = [CLIPTextModel.from_pretrained(reference, subfolder="text_encoder", torch_dtype=dtype)]
+    tokenizers = [CLIPTokenizer.from_pretrained(reference, subfolder="tokenizer")]
     if family == "sdxl":
         encoders.append(
             CLIPTextModelWithProjection.from_pretrained(reference, subfolder="text_encoder_2", torch_dtype=dtype)
         )
         tokenizers.append(CLIPTokenizer.from_pretrained(reference, subfolder="tokenizer_2"))
-    else:
-        family = "sd2" if te1.config.hidden_size == 1024 else "sd15"
-    return family, {"unet": unet, "vae": vae, "text_encoders": encoders, "tokenizers": tokenizers}
+    return {"unet": unet, "vae": vae, "text_encoders": encoders, "tokenizers": tokenizers}
 
 
-def _load_single_file(path: Path, cfg) -> tuple[str, dict]:
+def _load_single_file(path: Path, family: str) -> dict:
+    """diffusers' from_single_file; it reads the architecture config from the hub (reachable on the
+    rented machine). The prediction type is not taken from it: the training schedule follows the config."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    family = detect_family_from_keys(checkpoint_keys(path))
-    # diffusers reads the architecture config from the hub (reachable on the rented machine); the
-    # prediction type is ours to set (the training schedule is built from the config, not the file).
     if family == "sdxl":
         pipe = StableDiffusionXLPipeline.from_single_file(str(path))
     else:
         pipe = StableDiffusionPipeline.from_single_file(str(path), safety_checker=None, requires_safety_checker=False)
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else [])
-    return family, {"unet": pipe.unet, "vae": pipe.vae, "text_encoders": encoders, "tokenizers": tokenizers}
+    return {"unet": pipe.unet, "vae": pipe.vae, "text_encoders": encoders, "tokenizers": tokenizers}
 
 
 def _load_vae(reference: str):

@@ -97,3 +97,39 @@ def test_folder_without_model_index_is_a_model_error(tmp_path, make_config):
     _, cfg = make_config(pretrained_model_name_or_path=str(folder))
     with pytest.raises(ModelError, match="model_index.json"):
         load_model(cfg)
+
+
+def test_single_file_family_is_checked_before_loading_and_hashes_recorded(tmp_path, make_config, monkeypatch):
+    """The plumbing around diffusers' from_single_file (which needs the hub for configs, so is faked here)."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import save_file
+
+    from remote.trainer import models
+    from remote.trainer.tiny import build_tiny
+
+    path = tmp_path / "my_sdxl.safetensors"
+    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(4)}, str(path))
+    calls = []
+
+    def fake_from_single_file(cls, source, **kwargs):
+        calls.append(source)
+        parts = build_tiny("sdxl")
+
+        class Pipe:
+            unet, vae = parts["unet"], parts["vae"]
+            text_encoder, text_encoder_2 = parts["text_encoders"]
+            tokenizer, tokenizer_2 = parts["tokenizers"]
+
+        return Pipe
+
+    monkeypatch.setattr(StableDiffusionXLPipeline, "from_single_file", classmethod(fake_from_single_file))
+    _, wrong = make_config(pretrained_model_name_or_path=str(path), sdxl=False)
+    with pytest.raises(ModelError, match="is an SDXL model"):
+        models.load_model(wrong)
+    assert calls == []  # refused before any weights were loaded
+    _, cfg = make_config(pretrained_model_name_or_path=str(path))
+    bundle = models.load_model(cfg)
+    assert bundle.family == "sdxl" and calls == [str(path)]
+    assert bundle.info["sd_model_name"] == "my_sdxl.safetensors"
+    assert len(bundle.info["sd_model_hash"]) == 8 and len(bundle.info["new_sd_model_hash"]) == 64
