@@ -152,21 +152,27 @@ def make_grid(rows, prompts: list[SamplePrompt], seeds: list[int], weights: list
     from PIL import Image, ImageDraw, ImageFont
 
     cell_w, cell_h = rows[0][0].size
-    font = ImageFont.load_default()
-    label_w = 200
-    header_h = 36
+    size = max(12, cell_h // 24)  # labels readable at 64 px and at 1024 px
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        font = ImageFont.load_default()
+    chars = max(16, int(cell_w * 0.6 / (size * 0.6)))
+    label_w = int(chars * size * 0.6) + 8
+    header_h = 3 * size
     width = label_w + cell_w * len(weights)
     height = header_h + cell_h * len(rows)
     grid = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(grid)
     draw.text((4, 2), title, fill="black", font=font)
     for col, weight in enumerate(weights):
-        draw.text((label_w + col * cell_w + 4, 20), f"weight {weight:g}", fill="black", font=font)
+        draw.text((label_w + col * cell_w + 4, int(1.6 * size)), f"weight {weight:g}", fill="black", font=font)
     labels = [(p, s) for p in prompts for s in seeds]
+    max_lines = max(1, cell_h // int(size * 1.25) - 1)
     for index, (row, (prompt, seed)) in enumerate(zip(rows, labels)):
         top = header_h + index * cell_h
         text = prompt.prompt
-        lines = [text[i : i + 30] for i in range(0, min(len(text), 30 * max(1, cell_h // 12 - 1)), 30)]
+        lines = [text[i : i + chars] for i in range(0, len(text), chars)][:max_lines]
         draw.multiline_text((4, top + 2), "\n".join(lines + [f"seed {seed}"]), fill="black", font=font)
         for col, image in enumerate(row):
             grid.paste(image, (label_w + col * cell_w, top))
