@@ -61,6 +61,19 @@ def open_image(path: Path):
         raise DataError(f"{path}: cannot read the image: {exc}") from exc
 
 
+def image_size(path: Path) -> tuple[int, int]:
+    """(w, h) as shown, i.e. after EXIF orientation, read from the header without decoding the pixels."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1)
+    except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for a bad file
+        raise DataError(f"{path}: cannot read the image: {exc}") from exc
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
 def crop_ltrb(bucket: tuple[int, int], image_size: tuple[int, int]) -> tuple[float, float, float, float]:
     """kohya's BucketManager.get_crop_ltrb (SDXL's crop conditioning; a letterbox-style offset)."""
     bucket_ar = bucket[0] / bucket[1]
@@ -117,8 +130,7 @@ def build_dataset(cfg, layout: DatasetLayout | None = None) -> Dataset:
                 caption = caption_for(item, subset)
             except CaptionError as exc:
                 raise DataError(str(exc)) from exc
-            image = open_image(item.path)
-            size = image.size
+            size = image_size(item.path)
             choice = planner.assign(*size)
             repeats = reg_repeats.get(item.path, subset.repeats) if subset.is_reg else subset.repeats
             records.append(
