@@ -1,0 +1,308 @@
+"""Trainer speed and memory on a GPU, through the real trainer code path.
+
+For each case it builds a randomly initialised, full-size SD 1.5 or SDXL model as a diffusers folder
+(the real architectures from their configs; no weights are downloaded), writes a synthetic dataset and a
+training config, runs `python -m remote.trainer CONFIG` as a user would, and reads its events:
+
+    start-up s   process start -> first step event (model load, latent and text caching included)
+    ms/step      steady state: wall time between step events after the warm-up steps
+    samples/s    batch size / steady-state seconds per step
+    TFLOP/s      the step's FLOP count (FLOP_PER_STEP, with its source) / seconds per step
+    % of peak    against PEAK_BF16_TFLOPS of the GPU
+    peak GiB     the trainer's own peak-allocated report
+
+    python bench/train_speed.py [--cases sd15,sd15-unet,sdxl] [--steps N] [--workdir DIR] [--cap-gib G]
+    python bench/train_speed.py --tiny          # smoke test on CPU with the built-in tiny model
+
+--cap-gib caps the process's GPU memory (torch.cuda.set_per_process_memory_fraction) to act like a
+smaller card. Results are printed as one Markdown table; bench/RESULTS.md records them with the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Counted with torch.utils.flop_counter.FlopCounterMode on these exact settings (issue "Trainer speed and
+# memory", measured on an H200): forward + backward of one training step.
+FLOP_PER_STEP = {"sd15": 7.50e12, "sdxl": 30.0e12}
+PEAK_BF16_TFLOPS = {"H200": 790.0, "H100": 790.0}  # dense bf16 matrix products measured on the lent H200
+
+
+@dataclass
+class Case:
+    name: str
+    family: str  # sd15 | sdxl
+    resolution: int
+    batch_size: int
+    train_text_encoder: bool
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def flop_per_step(self) -> float | None:
+        # the published count is for the text encoder trained (SD 1.5) / UNet only (SDXL) at these sizes
+        if self.family == "sd15" and self.resolution == 512 and self.batch_size == 4 and self.train_text_encoder:
+            return FLOP_PER_STEP["sd15"]
+        if self.family == "sdxl" and self.resolution == 1024 and self.batch_size == 2 and not self.train_text_encoder:
+            return FLOP_PER_STEP["sdxl"]
+        return None
+
+
+CASES = {
+    "sd15": Case("SD 1.5 512px b4, UNet+TE", "sd15", 512, 4, True),
+    "sd15-unet": Case("SD 1.5 512px b4, UNet only", "sd15", 512, 4, False),
+    "sdxl": Case("SDXL 1024px b2, UNet only", "sdxl", 1024, 2, False),
+}
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+def build_model(family: str, folder: Path) -> Path:
+    """A random-initialised full-size diffusers folder, saved in fp16 (the trainer casts as configured)."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from remote.trainer.tokenizers import clip_tokenizer
+
+    if (folder / "model_index.json").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    clip_l = CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, bos_token_id=49406, eos_token_id=49407,
+    )
+    with torch.device(device):
+        if family == "sd15":
+            unet = UNet2DConditionModel(
+                sample_size=64, cross_attention_dim=768, attention_head_dim=8, layers_per_block=2,
+                block_out_channels=(320, 640, 1280, 1280),
+                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            )
+            encoders = {"text_encoder": CLIPTextModel(clip_l)}
+            index_class, scaling = "StableDiffusionPipeline", 0.18215
+        else:
+            unet = UNet2DConditionModel(
+                sample_size=128, cross_attention_dim=2048, layers_per_block=2, block_out_channels=(320, 640, 1280),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+                addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+            )
+            big_g = CLIPTextConfig(
+                vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                max_position_embeddings=77, hidden_act="gelu", projection_dim=1280, bos_token_id=49406,
+                eos_token_id=49407,
+            )
+            encoders = {"text_encoder": CLIPTextModel(clip_l), "text_encoder_2": CLIPTextModelWithProjection(big_g)}
+            index_class, scaling = "StableDiffusionXLPipeline", 0.13025
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=scaling,
+        )
+    unet.half().save_pretrained(folder / "unet")
+    vae.half().save_pretrained(folder / "vae")
+    for name, encoder in encoders.items():
+        encoder.half().save_pretrained(folder / name)
+    clip_tokenizer().save_pretrained(folder / "tokenizer")
+    if family == "sdxl":
+        clip_tokenizer(pad_token="!").save_pretrained(folder / "tokenizer_2")
+    DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").save_pretrained(folder / "scheduler")
+    index = {"_class_name": index_class, "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    del unet, vae, encoders
+    return folder
+
+
+def build_dataset(folder: Path, resolution: int, images: int = 50) -> Path:
+    """Smooth random colour fields with short captions: decodable, distinct, the right size."""
+    import numpy as np
+    from PIL import Image
+
+    subset = folder / f"{resolution}" / "1_bench"
+    if subset.exists():
+        return subset.parent
+    subset.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(images):
+        small = rng.integers(0, 255, size=(8, 8, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((resolution, resolution), Image.BICUBIC).save(subset / f"img_{i:03d}.png")
+        (subset / f"img_{i:03d}.txt").write_text(f"bench photo number {i}, colour field")
+    return subset.parent
+
+
+def write_config(
+    path: Path, case: Case, model: Path | str, dataset: Path, output: Path, steps: int, precision: str = "bf16"
+) -> Path:
+    te_lr = 5e-5 if case.train_text_encoder else 0
+    lines = [
+        f'pretrained_model_name_or_path = "{model}"',
+        f'train_data_dir = "{dataset}"',
+        f"resolution = {case.resolution}",
+        f"batch_size = {case.batch_size}",
+        f'output_dir = "{output}"',
+        'output_name = "bench"',
+        f"max_train_steps = {steps}",
+        "learning_rate = 1e-4",
+        f"text_encoder_lr = {te_lr}",
+        "network_dim = 32",
+        "network_alpha = 16",
+        'optimizer_type = "AdamW"',
+        f'mixed_precision = "{precision}"',
+        "seed = 1",
+    ]
+    lines += [f"{key} = {json.dumps(value)}" for key, value in case.extra.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+@dataclass
+class Result:
+    case: str
+    ms_per_step: float
+    samples_per_s: float
+    tflops: float | None
+    percent_of_peak: float | None
+    peak_gib: float | None
+    startup_s: float
+    steps: int
+    error: str | None = None
+
+
+def run_case(case: Case, config: Path, warmup: int, cap_gib: float | None, gpu: str) -> Result:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "remote.trainer", str(config)]
+    if cap_gib:
+        # act like a smaller card: cap this process's GPU memory, then run the trainer's main module
+        launcher = (
+            "import sys, runpy, torch; "
+            f"torch.cuda.set_per_process_memory_fraction({cap_gib} * 2**30 / torch.cuda.get_device_properties(0).total_memory); "
+            "sys.argv = ['remote.trainer', sys.argv[1]]; runpy.run_module('remote.trainer', run_name='__main__')"
+        )
+        command = [sys.executable, "-c", launcher, str(config)]
+    started = time.time()
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    events = [json.loads(line) for line in completed.stdout.splitlines() if line.startswith("{")]
+    steps = [e for e in events if e["event"] == "step"]
+    errors = [e for e in events if e["event"] == "error"]
+    if errors or len(steps) <= warmup + 1:
+        message = errors[0]["message"] if errors else completed.stderr[-800:]
+        return Result(case.name, 0, 0, None, None, None, 0, len(steps), error=message)
+    steady = steps[warmup:]
+    seconds = (steady[-1]["time"] - steady[0]["time"]) / (len(steady) - 1)
+    flop = case.flop_per_step
+    tflops = flop / seconds / 1e12 if flop else None
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), None)
+    memory = [s["gpu_memory_gb"] for s in steps if s.get("gpu_memory_gb") is not None]
+    return Result(
+        case=case.name,
+        ms_per_step=seconds * 1000,
+        samples_per_s=case.batch_size / seconds,
+        tflops=tflops,
+        percent_of_peak=100 * tflops / peak if tflops and peak else None,
+        peak_gib=max(memory) if memory else None,
+        startup_s=steps[0]["time"] - started,
+        steps=len(steps),
+    )
+
+
+def table(results: list[Result]) -> str:
+    def number(value: float | None, digits: int) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    rows = [
+        "| case | ms/step | samples/s | TFLOP/s | % of bf16 peak | peak GiB | start-up s | steps |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if r.error:
+            rows.append(f"| {r.case} | failed: {r.error.splitlines()[0][:120]} | | | | | | {r.steps} |")
+            continue
+        rows.append(
+            f"| {r.case} | {r.ms_per_step:.1f} | {r.samples_per_s:.1f} | {number(r.tflops, 0)} | "
+            f"{number(r.percent_of_peak, 1)} | {number(r.peak_gib, 2)} | {r.startup_s:.1f} | {r.steps} |"
+        )
+    return "\n".join(rows)
+
+
+def environment() -> str:
+    import torch
+
+    lines = [f"python {platform.python_version()}, torch {torch.__version__}"]
+    for name in ("diffusers", "transformers", "peft"):
+        try:
+            module = __import__(name)
+            lines.append(f"{name} {module.__version__}")
+        except ImportError:
+            pass
+    if torch.cuda.is_available():
+        lines.append(f"GPU {torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}")
+        try:
+            driver = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+            ).stdout.strip()
+            lines.append(f"driver {driver}")
+        except OSError:
+            pass
+    return ", ".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default="sd15,sd15-unet,sdxl")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/rentrain-bench"))
+    parser.add_argument("--cap-gib", type=float, default=None)
+    parser.add_argument("--tiny", action="store_true", help="smoke test on CPU with builtin:tiny-sd15")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    results = []
+    if args.tiny:
+        case = Case("tiny SD 1.5 64px b2 (CPU smoke test)", "sd15", 64, 2, True)
+        dataset = build_dataset(args.workdir / "data", 64, images=8)
+        output = args.workdir / f"out-tiny-{int(time.time())}"
+        config = write_config(args.workdir / "tiny.toml", case, "builtin:tiny-sd15", dataset, output, args.steps, "no")
+        results.append(run_case(case, config, args.warmup, None, gpu))
+    else:
+        for key in args.cases.split(","):
+            case = CASES[key]
+            model = build_model(case.family, args.workdir / f"model-{case.family}")
+            dataset = build_dataset(args.workdir / "data", case.resolution)
+            output = args.workdir / f"out-{key}-{int(time.time())}"
+            config = write_config(args.workdir / f"{key}.toml", case, model, dataset, output, args.steps)
+            result = run_case(case, config, args.warmup, args.cap_gib, gpu)
+            print(f"{key}: {result}", file=sys.stderr, flush=True)
+            results.append(result)
+    print(environment())
+    print(table(results))
+    if args.json:
+        args.json.write_text(json.dumps([r.__dict__ for r in results], indent=1))
+    return 0 if all(r.error is None for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
