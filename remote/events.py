@@ -17,7 +17,6 @@ Use :func:`parse_event` to turn a line back into the right model.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Annotated, Literal, TextIO, Union
@@ -155,7 +154,3 @@ class EventWriter:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.log_path, "a", encoding="utf-8") as handle:
                 handle.write(line + "\n")
-
-
-def dumps(event: _Event) -> str:
-    return json.dumps(event.model_dump(), separators=(",", ":"))

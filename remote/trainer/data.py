@@ -8,7 +8,6 @@ and the position in the run, so a resumed run draws exactly what the uninterrupt
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -318,11 +317,3 @@ def cache_latents(
     finally:
         vae.to("cpu", vae_dtype)
     return encoded, reused
-
-
-def expected_batches(plan: StepPlan) -> int:
-    return plan.batches_per_epoch
-
-
-def samples_per_second(batch: int, seconds: float) -> float:
-    return batch / seconds if seconds > 0 else math.inf

@@ -125,7 +125,7 @@ def diffusers_to_sgm(path: str, layers_per_block: int, up_has_attention: dict[in
     raise ValueError(f"no SGM name for UNet module {path!r}")
 
 
-def _module_path(root: nn.Module, parent_name: str, child_name: str, child: nn.Module) -> str:
+def _module_path(parent_name: str, child_name: str) -> str:
     path = f"{parent_name}.{child_name}" if child_name else parent_name
     # diffusers' Downsample2D registers one conv as both Conv2d_0 and conv; kohya's UNet calls it conv.
     if path.endswith("Conv2d_0"):
@@ -152,7 +152,7 @@ def select_unet_targets(unet: nn.Module, family: str, conv_dim: int | None) -> l
             if is_conv and not is_1x1 and not conv_dim:
                 continue
             seen.add(id(child))
-            path = _module_path(unet, parent_name, child_name, child)
+            path = _module_path(parent_name, child_name)
             if family == "sdxl":
                 path = diffusers_to_sgm(path, layers_per_block, up_has_attention)
             found.append(("lora_unet_" + path.replace(".", "_"), child, is_conv and not is_1x1))
