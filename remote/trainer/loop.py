@@ -439,6 +439,7 @@ def train(cfg, writer: EventWriter, resume: Path | str | None = None, stop_after
 
     plan = run.dataset.plan
     pos = run.position
+    previous_handlers = _install_stop_handlers(run)  # before the start event: a client may stop us on it
     device_name = str(run.device)
     if run.device.type == "cuda":
         device_name += f" ({torch.cuda.get_device_name(run.device)})"
@@ -460,7 +461,6 @@ def train(cfg, writer: EventWriter, resume: Path | str | None = None, stop_after
         )
     )
 
-    previous_handlers = _install_stop_handlers(run)
     try:
         while pos.step < plan.total_steps and pos.epoch < plan.epochs:
             epoch = pos.epoch

@@ -108,7 +108,7 @@ def test_regularisation_images_balance_and_weight(tmp_path, make_config):
 
 
 def test_sigterm_saves_a_state_and_resume_finishes(tmp_path, make_config):
-    config, cfg = make_config(max_train_steps=30)
+    config, cfg = make_config(max_train_steps=60)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "remote.trainer", str(config)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -117,18 +117,18 @@ def test_sigterm_saves_a_state_and_resume_finishes(tmp_path, make_config):
     lines = []
     for line in proc.stdout:
         lines.append(json.loads(line))
-        if lines[-1]["event"] == "step" and lines[-1]["step"] == 3:
+        if lines[-1]["event"] == "start":  # the run cannot have finished yet, however slow this reader is
             proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 130
+    assert proc.wait(timeout=600) == 130
     error = lines[-1]
     assert error["event"] == "error" and error["kind"] == "interrupted" and "--resume" in error["message"]
     assert Path(error["state_dir"], "state.json").is_file()
     stopped_at = max(line["step"] for line in lines if line["event"] == "step")
-    assert stopped_at < 30
+    assert 1 <= stopped_at < 60
     resumed = subprocess.run(
         [sys.executable, "-m", "remote.trainer", str(config), "--resume", "last"], capture_output=True, text=True,
-        env=env, timeout=300,
+        env=env, timeout=600,
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     events = [json.loads(line) for line in resumed.stdout.splitlines()]
-    assert events[0]["resumed_from_step"] == stopped_at and events[-1]["event"] == "done" and events[-1]["step"] == 30
+    assert events[0]["resumed_from_step"] == stopped_at and events[-1]["event"] == "done" and events[-1]["step"] == 60
