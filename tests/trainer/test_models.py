@@ -133,3 +133,20 @@ def test_single_file_family_is_checked_before_loading_and_hashes_recorded(tmp_pa
     assert bundle.family == "sdxl" and calls == [str(path)]
     assert bundle.info["sd_model_name"] == "my_sdxl.safetensors"
     assert len(bundle.info["sd_model_hash"]) == 8 and len(bundle.info["new_sd_model_hash"]) == 64
+
+
+def test_folder_family_from_model_index_and_text_encoder_width(tmp_path):
+    import json
+
+    from remote.trainer.models import _folder_family
+
+    def folder(name, class_name, hidden):
+        path = tmp_path / name
+        (path / "text_encoder").mkdir(parents=True)
+        (path / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
+        (path / "text_encoder" / "config.json").write_text(json.dumps({"hidden_size": hidden}))
+        return str(path)
+
+    assert _folder_family(folder("a", "StableDiffusionPipeline", 768), "local_dir") == "sd15"
+    assert _folder_family(folder("b", "StableDiffusionPipeline", 1024), "local_dir") == "sd2"
+    assert _folder_family(folder("c", "StableDiffusionXLPipeline", 768), "local_dir") == "sdxl"
