@@ -100,7 +100,7 @@ def test_cli_runs_the_example_and_speaks_the_protocol(tmp_path):
     env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
         [sys.executable, "-m", "remote.trainer", str(config)], capture_output=True, text=True, env=env, cwd=tmp_path,
-        timeout=300,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines()]  # stdout is nothing but events
@@ -126,7 +126,7 @@ def test_cli_runs_the_example_and_speaks_the_protocol(tmp_path):
     assert grid.width > 4 * 64 and grid.height > 64
 
     again = subprocess.run(
-        [sys.executable, "-m", "remote.trainer", str(config)], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-m", "remote.trainer", str(config)], capture_output=True, text=True, env=env, timeout=600
     )
     assert again.returncode == 2
     error = json.loads(again.stdout.splitlines()[-1])
@@ -138,7 +138,7 @@ def test_cli_reports_config_errors_as_events(tmp_path):
     config.write_text('pretrained_model_name_or_path = "builtin:tiny-sd15"\ntrain_data_dir = "."\nlearnin_rate = 1\n')
     proc = subprocess.run(
         [sys.executable, "-m", "remote.trainer", str(config)], capture_output=True, text=True,
-        env={**__import__("os").environ, "PYTHONPATH": str(REPO)}, timeout=120,
+        env={**__import__("os").environ, "PYTHONPATH": str(REPO)}, timeout=300,
     )
     assert proc.returncode == 2
     event = json.loads(proc.stdout.splitlines()[-1])
