@@ -362,16 +362,21 @@ def _every(n: int | None, value: int) -> bool:
 
 
 def train_step(run: Run, group: list[list[int]], epoch: int, first_batch: int) -> tuple[float, int, float]:
-    """One optimizer step over ``group`` (gradient accumulation). Returns (mean loss, images, seconds)."""
+    """One optimizer step over ``group`` (gradient accumulation). Returns (mean loss, images, seconds).
+
+    As accelerate does for kohya, each batch's loss is divided by gradient_accumulation_steps, also in
+    an epoch's last, shorter group.
+    """
     t0 = time.perf_counter()
     total, images = 0.0, 0
     for offset, batch in enumerate(group):
-        loss = batch_loss(run, batch, epoch, first_batch + offset) / len(group)
-        (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
+        loss = batch_loss(run, batch, epoch, first_batch + offset)
+        scaled = loss / run.cfg.gradient_accumulation_steps
+        (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
         total += loss.item()
         images += len(batch)
     optimizer_step(run)
-    return total, images, time.perf_counter() - t0
+    return total / len(group), images, time.perf_counter() - t0
 
 
 def emit_step(run: Run, loss: float, images: int, seconds: float, epoch: int) -> None:
