@@ -188,7 +188,8 @@ class Result:
 
 
 def run_case(case: Case, config: Path, warmup: int, cap_gib: float | None, gpu: str) -> Result:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "remote.trainer", str(config)]
     if cap_gib:
         # act like a smaller card: cap this process's GPU memory, then run the trainer's main module

@@ -64,6 +64,18 @@ SPEED_TABLE: dict[tuple[str, ModelFamily, int], Figure] = {
         "thread reports Windows drivers of the time slowing the 4090, so a Linux benchmark should replace this)",
     ),
     ("RTX 3060", "sdxl", 1): Figure(2.4, "published", "bmaltais/kohya_ss#1288: RTX 3060, SDXL LoRA, 2.4 s/it"),
+    ("H200", "sd15", 4): Figure(
+        0.240,
+        "measured",
+        "bench/RESULTS.md 2026-11-29: H200, this trainer (eager), full-size SD 1.5, 512px batch 4, UNet + TE LoRA "
+        "dim 32, bf16, AdamW",
+    ),
+    ("H200", "sdxl", 2): Figure(
+        0.538,
+        "measured",
+        "bench/RESULTS.md 2026-11-29: H200, this trainer (eager), full-size SDXL, 1024px batch 2, UNet LoRA dim 32, "
+        "bf16, AdamW",
+    ),
 }
 
 # The GPU whose rows are scaled to GPUs without a row of their own.
