@@ -97,6 +97,14 @@ class Session:
     python: str = "python3"
 
 
+def budget_reached(ledger: Ledger, job_id: str, max_cost: float | None) -> str | None:
+    """The client's meter: a message once the job's billed time x price reaches the budget."""
+    if max_cost is None:
+        return None
+    spent = ledger.job_cost(job_id)
+    return f"budget reached: ${spent:.2f} of ${max_cost:.2f}" if spent >= max_cost else None
+
+
 def new_job_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 
@@ -407,9 +415,9 @@ class JobRunner:
         fetch_on_instance = model_source_kind(train.pretrained_model_name_or_path) in ("hub", "url")
         self._move("bootstrapping", "in parallel with the dataset upload")
         remote.run(bootstrap_command(layout, train.pretrained_model_name_or_path if fetch_on_instance else ""))
-        remote.upload_tree(train.train_data_dir, layout.dataset, self.scratch)
+        self._upload(session, train.train_data_dir, layout.dataset, "dataset")
         if train.reg_data_dir is not None:
-            remote.upload_tree(train.reg_data_dir, layout.reg, self.scratch)
+            self._upload(session, train.reg_data_dir, layout.reg, "regularisation images")
         self._upload_model(session)
         if isinstance(train.sample_prompts, Path):
             sftp = remote.sftp()
@@ -428,6 +436,15 @@ class JobRunner:
         self.events_offset = 0
         self.ledger.update_job(self.job.id, events_offset=0, remote_dir=layout.root)
         remote.run(trainer_command(layout, session.python, resume))
+
+    def _upload(self, session: Session, local: Path, remote_dir: str, what: str) -> None:
+        files = [p for p in local.rglob("*") if p.is_file()]
+        size = sum(p.stat().st_size for p in files)
+        started = time.time()
+        self.say(f"uploading the {what}: {len(files)} files, {size / 1e6:.1f} MB")
+        session.remote.upload_tree(local, remote_dir, self.scratch)
+        seconds = max(time.time() - started, 1e-3)
+        self.say(f"uploaded the {what} in {seconds:.1f} s ({size / 1e6 / seconds:.1f} MB/s, checksummed)")
 
     def _write_remote_file(self, session: Session, path: str, text: str) -> None:
         sftp = session.remote.sftp()
@@ -595,11 +612,9 @@ class JobRunner:
             raise HostLost(f"no SSH for {time.time() - lost_since:.0f} s ({error})")
 
     def _check_budget(self, session: Session) -> None:
-        if self.settings.max_cost is None:
-            return
-        spent = self.ledger.job_cost(self.job.id)
-        if spent >= self.settings.max_cost:
-            raise BudgetReached(f"budget reached: ${spent:.2f} of ${self.settings.max_cost:.2f}")
+        over = budget_reached(self.ledger, self.job.id, self.settings.max_cost)
+        if over:
+            raise BudgetReached(over)
 
     def _on_event(self, session: Session, event: Event, line: bytes) -> DoneEvent | ErrorEvent | None:
         self.view.handle(event)

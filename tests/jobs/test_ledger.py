@@ -88,3 +88,16 @@ def test_ledger_file_is_plain_sqlite_without_secrets(tmp_path: Path) -> None:
     ledger.create_job(_job())
     columns = {row[1] for table in ("jobs", "instances") for row in sqlite3.connect(tmp_path / "l.sqlite3").execute(f"PRAGMA table_info({table})")}
     assert not any("key" in c and c != "host_key" for c in columns)
+
+
+def test_the_client_meter_stops_a_job_at_its_budget(tmp_path: Path) -> None:
+    """The in-flight budget guard: the ledger's running cost reaching --max-cost ends the job."""
+    from rentrain.job import budget_reached
+
+    ledger = Ledger(tmp_path / "l.sqlite3")
+    ledger.create_job(_job())
+    started = time.time() - 1800  # half an hour ago, at $1/h: $0.50 so far
+    ledger.add_instance(InstanceRecord(job_id="j1", provider="vast", instance_id="9", offer_id="o", gpu="A", usd_per_hour=1.0, created_at=started))
+    assert budget_reached(ledger, "j1", None) is None
+    assert budget_reached(ledger, "j1", 0.60) is None
+    assert budget_reached(ledger, "j1", 0.45) == "budget reached: $0.50 of $0.45"
