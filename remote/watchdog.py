@@ -76,11 +76,25 @@ def http_call(call: dict[str, Any], env: dict[str, str], timeout: float = 30) ->
     request = urllib.request.Request(url, data=data, headers=headers, method=call["method"])
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return 200 <= response.status < 300, f"HTTP {response.status}"
+            answer = response.read(65536)
+            if not 200 <= response.status < 300:
+                return False, f"HTTP {response.status}"
+            return _says_success(answer), f"HTTP {response.status}"
     except urllib.error.HTTPError as exc:
         return False, f"HTTP {exc.code}"
     except (urllib.error.URLError, OSError) as exc:
         return False, f"network error: {exc}"
+
+
+def _says_success(body: bytes) -> bool:
+    """A 2xx whose JSON body says {"success": false} (Vast's error shape) or carries GraphQL errors failed."""
+    try:
+        data = json.loads(body) if body.strip() else None
+    except ValueError:
+        return True
+    if isinstance(data, dict):
+        return data.get("success", True) is not False and not data.get("errors")
+    return True
 
 
 def cli_call(command: str | None, env: dict[str, str]) -> tuple[bool, str]:
@@ -107,14 +121,19 @@ class Watchdog:
         self.settings = settings
         self.clock = clock
         self.sleep = sleep
-        self.started_at = float(settings["started_at"])
+        self.started_at = float(settings["started_at"])  # billing start: deadline and budget count from here
+        self.watch_started = clock()  # the client's silence is counted from here at the earliest
         self.events_offset = 0
         self.training_ended = False
+        self.failed_stops = 0
 
     def log(self, action: str, **fields: Any) -> None:
         line = json.dumps({"event": "watchdog", "time": self.clock(), "action": action, **fields})
-        with (self.job_dir / LOG).open("a", encoding="utf-8") as handle:
-            handle.write(line + "\n")
+        try:
+            with (self.job_dir / LOG).open("a", encoding="utf-8") as handle:
+                handle.write(line + "\n")
+        except OSError:
+            pass  # a full disk must not stop the watchdog from ending the instance
 
     def cost_so_far(self) -> float:
         return (self.clock() - self.started_at) / 3600 * float(self.settings.get("usd_per_hour") or 0)
@@ -135,8 +154,11 @@ class Watchdog:
             return False
         except PermissionError:
             return True
-        stat = Path(f"/proc/{pid}/stat")
-        return not (stat.exists() and stat.read_text().split(") ")[-1].startswith("Z"))
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[-1]
+        except OSError:
+            return True  # no /proc here (or it just ended): kill -0 said it exists
+        return not state.startswith("Z")
 
     def _scan_events(self) -> None:
         path = self.job_dir / self.settings.get("events_file", "output/events.jsonl")
@@ -160,19 +182,20 @@ class Watchdog:
         try:
             last = (self.job_dir / HEARTBEAT).stat().st_mtime
         except OSError:
-            last = self.started_at
-        return self.clock() - max(last, self.started_at)
+            last = self.watch_started
+        return self.clock() - max(last, self.watch_started)
 
     def reason_to_end(self) -> str | None:
         max_hours = self.settings.get("max_hours")
-        if max_hours and self.clock() - self.started_at >= float(max_hours) * 3600:
+        if max_hours is not None and self.clock() - self.started_at >= float(max_hours) * 3600:
             return f"deadline: {max_hours} h reached"
         max_cost = self.settings.get("max_cost")
-        if max_cost and self.cost_so_far() >= float(max_cost):
+        if max_cost is not None and self.cost_so_far() >= float(max_cost):
             return f"budget: ${self.cost_so_far():.2f} of ${float(max_cost):.2f} spent"
         self._scan_events()
         trainer_started = self.trainer_pid() is not None
-        ended = self.training_ended or (trainer_started and not self.trainer_alive())
+        # no trainer at all counts as ended too: the client went away before it could start one
+        ended = self.training_ended or not trainer_started or not self.trainer_alive()
         idle = float(self.settings.get("idle_timeout_seconds") or 1200)
         if ended and self.client_silent_for() >= idle:
             return f"idle: training ended and no client for {self.client_silent_for():.0f} s"
@@ -208,7 +231,7 @@ class Watchdog:
         if recipe is None:
             self.log("trainer_stopped", reason=reason, detail="no provider to end: the machine stays as it is")
             return True
-        action = "stop" if self.results_not_fetched() else "destroy"
+        action = "stop" if self.results_not_fetched() and self.failed_stops < 3 else "destroy"
         self.log("ending", intent=action, reason=reason)  # a successful call may end this process before it logs
         env = self.environment()
         for call in recipe.get(action) or []:
@@ -218,19 +241,32 @@ class Watchdog:
                 return True
         ok, detail = cli_call(recipe.get(f"cli_fallback_{action}"), env)
         self.log(action, reason=reason, method="cli", ok=ok, detail=detail)
+        if not ok and action == "stop":
+            self.failed_stops += 1  # after three rounds: destroy rather than bill on
         return ok
 
-    def run(self) -> None:
+    def run(self, max_rounds: int | None = None) -> None:
+        """Watch until the instance is ended. A call that 'succeeded' ends this process with the instance;
+        if the process is still here a while later, the instance is not ended: call again."""
         poll = float(self.settings.get("poll_seconds") or 15)
         self.log("started", pid=os.getpid(), settings={k: v for k, v in self.settings.items() if k != "recipe"})
-        while True:
-            reason = self.reason_to_end()
-            if reason is not None:
-                retry = poll
-                while not self.end_instance(reason):
-                    self.sleep(retry)  # billing goes on while we fail: never give up, but do not hammer
-                    retry = min(retry * 2, 300)
-                return
+        retry = poll
+        next_try = 0.0
+        rounds = 0
+        while max_rounds is None or rounds < max_rounds:
+            try:
+                reason = self.reason_to_end()
+                if reason is not None and self.clock() >= next_try:
+                    rounds += 1
+                    if self.end_instance(reason):
+                        if self.settings.get("recipe") is None:
+                            return  # nothing to end but the trainer: done
+                        next_try = self.clock() + 300
+                    else:
+                        next_try = self.clock() + retry  # billing goes on while we fail: retry, but do not hammer
+                        retry = min(retry * 2, 300)
+            except Exception as exc:  # noqa: BLE001 - the watchdog must outlive any one bad poll
+                self.log("error", detail=f"{type(exc).__name__}: {exc}")
             self.sleep(poll)
 
 

@@ -37,19 +37,26 @@ from rentrain.ledger import InstanceRecord, JobRecord, JobState, Ledger
 from rentrain.paths import state_dir
 from rentrain.progress import RunProgress
 from rentrain.remote_job import (
-    WORKDIR_PROBE,
     RemoteLayout,
     bootstrap_command,
     is_alive_command,
     job_root,
     payload_source,
+    probe_workdir,
     remote_model_reference,
     remote_train_config,
     trainer_command,
     watchdog_command,
 )
 from rentrain.sshkeys import JobKey
-from rentrain.transport import Remote, SshEndpoint, SshUnavailable, TransportError, check_remote_path
+from rentrain.transport import (
+    NETWORK_ERRORS,
+    Remote,
+    SshEndpoint,
+    SshUnavailable,
+    TransportError,
+    check_remote_path,
+)
 
 Outcome = Literal["succeeded", "failed", "cancelled"]
 
@@ -136,6 +143,7 @@ class JobRunner:
         self.output_dir = Path(job.output_dir)
         self.events_offset = job.events_offset
         self.last_heartbeat = 0.0
+        self.detach_requested: str | None = None  # set by signal handlers; acted on once the watchdog runs
 
     # ------------------------------------------------------------------ ledger helpers
 
@@ -176,6 +184,13 @@ class JobRunner:
                 self.ledger.record_failed_host(self.settings.provider, session.record.offer_id, f"lost mid-run: {exc}")
                 self.destroy(session, f"host lost: {exc}")
                 session = None
+                self.job = self.ledger.job(self.job.id)
+                if self.job.state == "closed":
+                    raise JobFailed(f"job {self.job.id} was closed meanwhile ({self.job.outcome}); not renting again") from None
+                spent = self._out_of_time_or_money()
+                if spent:
+                    self._close("failed", spent)
+                    raise JobFailed(f"{spent}; not renting again (the watchdog may have ended the instance for it)") from None
                 if retries > self.settings.max_retries:
                     self._close("failed", f"gave up after {retries} lost hosts")
                     raise JobFailed(f"gave up after {retries} lost hosts; last: {exc}") from None
@@ -183,6 +198,19 @@ class JobRunner:
                 self.say(f"resuming from {self.job.last_state_path or 'the start'} on the next offer")
         self._close("failed", f"no instance could be started ({tried} offers tried)")
         raise JobFailed(f"no instance could be started ({tried} offers tried); see rentrain offers")
+
+    def _out_of_time_or_money(self) -> str | None:
+        over = budget_reached(self.ledger, self.job.id, self.settings.max_cost)
+        if over:
+            return over
+        if self.settings.max_hours is not None and time.time() - self.job_started_at() >= self.settings.max_hours * 3600:
+            return f"deadline reached: {self.settings.max_hours} h since the first instance"
+        return None
+
+    def job_started_at(self) -> float:
+        """When the job's first instance was asked for: --max-hours counts from here, across instances."""
+        instances = [i for i in self.ledger.instances(self.job.id) if i.instance_id or i.provider == "ssh"]
+        return instances[0].created_at if instances else time.time()
 
     def run_on_host(self, endpoint: SshEndpoint, key_path: Path, detach_after_start: bool = False) -> Outcome:
         """--provider ssh: the same pipeline on a machine rented by hand; nothing to create or destroy."""
@@ -203,23 +231,24 @@ class JobRunner:
             record.job_id, record.offer_id, record.created_at,
             running_at=time.time(), ssh_host=endpoint.host, ssh_port=endpoint.port, ssh_user=endpoint.user,
         )
-        workdir = remote.run(WORKDIR_PROBE).stdout.strip()
-        session = Session(record=record, remote=remote, layout=RemoteLayout(root=job_root(workdir, self.job.id)))
+        session = Session(record=record, remote=remote, layout=RemoteLayout(root=job_root(probe_workdir(remote), self.job.id)))
         return self.train_on(session, detach_after_start)
 
-    def reattach(self, key_path: Path) -> Session | None:
+    def reattach(self, key_path: Path, start_stopped: bool = True) -> Session | None:
         """The session of a job whose client went away: same instance, same pinned host key. A stopped
-        instance (the watchdog keeping unfetched results) is started again. None when the instance is gone."""
+        instance (the watchdog keeping unfetched results) is started again when `start_stopped`, and gets
+        a watchdog again. None when the instance is gone (it is destroyed if anything of it is left)."""
         live = [i for i in self.ledger.instances(self.job.id) if i.ended_at is None and i.ssh_host]
         if not live or not self.job.remote_dir:
             raise JobFailed(f"job {self.job.id} has no running instance to attach to (state {self.job.state})")
         record = live[-1]
         assert record.ssh_port is not None and record.ssh_user is not None
         endpoint = SshEndpoint(host=record.ssh_host or "", port=record.ssh_port, user=record.ssh_user)
+        restarted = False
         if self.provider is not None and record.instance_id is not None:
-            current = self._current_endpoint(record)
+            current, restarted = self._current_endpoint(record, start_stopped)
             if current is None:
-                self._end_instance_record(record, "gone when the client came back")
+                self.destroy_instance(record, "unusable when the client came back")
                 return None
             endpoint = current
         remote = Remote(endpoint, key_path, record.host_key, on_first_key=lambda key: self._pin(record, key))
@@ -228,32 +257,50 @@ class JobRunner:
             remote.connect_with_retries(attempts=3)
             python_file = shlex.quote(posixpath.join(session.layout.root, "python"))
             session.python = remote.run(f"cat {python_file}", check=False).stdout.strip() or "python3"
-        except SshUnavailable:
+            if restarted:
+                self._guard_restarted(session)
+        except (*NETWORK_ERRORS, TransportError):
             pass  # follow() tells a dead host from a slow network
         return session
 
-    def _current_endpoint(self, record: InstanceRecord) -> SshEndpoint | None:
-        """Where the instance answers SSH now (a restart may move its port); starts it when stopped."""
+    def _guard_restarted(self, session: Session) -> None:
+        """A restarted instance has no watchdog: start one that only watches for the client going away
+        (its deadline and budget were what stopped it)."""
+        self._heartbeat(session, force=True)
+        settings = {**self._watchdog_settings(session), "started_at": time.time(), "max_hours": None, "max_cost": None}
+        self._write_remote_file(session, session.layout.watchdog_settings, json.dumps(settings))
+        session.remote.run(f"rm -f {shlex.quote(posixpath.join(session.layout.root, 'watchdog.pid'))}")
+        session.remote.run(watchdog_command(session.layout, session.python))
+
+    def _current_endpoint(self, record: InstanceRecord, start_stopped: bool) -> tuple[SshEndpoint | None, bool]:
+        """Where the instance answers SSH now (a restart may move its port), and whether it was started."""
         assert self.provider is not None and record.instance_id is not None
         try:
             instance = self.provider.get(record.instance_id)
         except NotFound:
-            return None
+            return None, False
         if instance.status in ("exited", "gone"):
-            return None
+            return None, False
+        started = False
         if instance.status == "stopped":
+            if not start_stopped:
+                raise JobFailed(
+                    f"instance {instance.id} is stopped (its watchdog kept the results): `rentrain attach {self.job.id}` "
+                    f"starts it, fetches and destroys; `rentrain down {self.job.id}` destroys it"
+                )
             self.say(f"instance {instance.id} was stopped by its watchdog to keep unfetched results; starting it")
             self.provider.start(instance.id)
+            started = True
         if instance.status != "running" or instance.ssh is None:
             endpoint = self._wait_for_ssh(instance)
             if endpoint is None:
-                return None
+                return None, started
         else:
             endpoint = SshEndpoint(host=instance.ssh.host, port=instance.ssh.port, user=instance.ssh.user)
         self.ledger.update_instance(
             record.job_id, record.offer_id, record.created_at, ssh_host=endpoint.host, ssh_port=endpoint.port
         )
-        return endpoint
+        return endpoint, started
 
     def continue_on(self, session: Session) -> Outcome:
         """Finish a job from wherever its client stopped."""
@@ -315,8 +362,7 @@ class JobRunner:
             return None
         except ProviderError as exc:
             self.say(f"[yellow]creating on offer {offer.offer_id} failed[/]: {exc.message}; taking the next")
-            self._end_instance_record(record, f"create failed: {exc.message}")
-            self._adopt_by_label(record)
+            self._adopt_by_label(record, f"create failed: {exc.message}")
             return None
         record = record.model_copy(update={"instance_id": instance.id})
         self.ledger.update_instance(record.job_id, record.offer_id, record.created_at, instance_id=instance.id)
@@ -330,31 +376,35 @@ class JobRunner:
         remote = Remote(endpoint, self.key.private_path, None, on_first_key=lambda key: self._pin(record, key))
         try:
             remote.connect_with_retries(attempts=max(2, int(self.settings.ssh_wait_seconds // 5)), max_delay=5)
-        except (SshUnavailable, TransportError) as exc:
-            self.say(f"[yellow]instance {instance.id} accepts no SSH login[/]: {exc}")
-            self.ledger.record_failed_host(self.settings.provider, offer.offer_id, f"SSH login failed: {exc}")
+            self.ledger.update_instance(
+                record.job_id, record.offer_id, record.created_at,
+                running_at=time.time(), ssh_host=endpoint.host, ssh_port=endpoint.port, ssh_user=endpoint.user,
+            )
+            root = job_root(probe_workdir(remote), self.job.id)
+        except (*NETWORK_ERRORS, TransportError) as exc:
+            self.say(f"[yellow]instance {instance.id} is not usable over SSH[/]: {exc}")
+            self.ledger.record_failed_host(self.settings.provider, offer.offer_id, f"SSH failed: {exc}")
             remote.close()
-            self.destroy_instance(record, "SSH login failed")
+            self.destroy_instance(record, f"SSH failed: {exc}")
             return None
-        self.ledger.update_instance(
-            record.job_id, record.offer_id, record.created_at,
-            running_at=time.time(), ssh_host=endpoint.host, ssh_port=endpoint.port, ssh_user=endpoint.user,
-        )
-        workdir = remote.run(WORKDIR_PROBE).stdout.strip()
-        return Session(record=record, remote=remote, layout=RemoteLayout(root=job_root(workdir, self.job.id)))
+        return Session(record=record, remote=remote, layout=RemoteLayout(root=root))
 
     def _pin(self, record: InstanceRecord, host_key: str) -> None:
         self.ledger.update_instance(record.job_id, record.offer_id, record.created_at, host_key=host_key)
 
-    def _adopt_by_label(self, record: InstanceRecord) -> None:
-        """A create that failed on the wire may still have made a machine: find it by label and end it."""
+    def _adopt_by_label(self, record: InstanceRecord, reason: str) -> None:
+        """A create that failed on the wire may still have made a machine: find it by label and end it.
+        The record stays open (so `rentrain down` keeps looking) until the provider says nothing is there."""
         assert self.provider is not None
         try:
             for instance in self.provider.list_instances(f"rentrain-{self.job.id}"):
                 self.provider.destroy(instance.id)
                 self.say(f"destroyed instance {instance.id} that the failed create left behind")
         except ProviderError as exc:
-            self.say(f"[red]could not check for a half-created instance[/]: {exc.message}; run rentrain down {self.job.id}")
+            raise JobFailed(
+                f"could not check for a half-created instance ({exc.message}); run: rentrain down {self.job.id}"
+            ) from None
+        self._end_instance_record(record, reason)
 
     def _wait_for_ssh(self, instance: Instance) -> SshEndpoint | None:
         assert self.provider is not None
@@ -382,9 +432,14 @@ class JobRunner:
     def train_on(self, session: Session, detach_after_start: bool = False) -> Outcome:
         with self._destroy_on_failure(session):
             self.prepare(session)
-            if detach_after_start:
-                raise DetachRequested("--detach")
+            if detach_after_start or self.detach_requested:
+                raise DetachRequested(self.detach_requested or "--detach")
             return self.follow_to_end(session)
+
+    @property
+    def guarded(self) -> bool:
+        """Whether the instance's watchdog runs: only then may the client go away."""
+        return self.job.state in ("training", "following", "fetching")
 
     def follow_to_end(self, session: Session) -> Outcome:
         try:
@@ -408,7 +463,7 @@ class JobRunner:
     def prepare(self, session: Session) -> None:
         remote, layout = session.remote, session.layout
         train = self.loaded.train
-        self._move("syncing", f"to {layout.root}")
+        self._move("syncing", f"to {layout.root}", remote_dir=layout.root, events_offset=0)
         remote.run(f"mkdir -p {shlex.quote(layout.root)} {shlex.quote(layout.output)} {shlex.quote(layout.model)}")
         remote.upload_tree(payload_source(), posixpath.join(layout.payload, "remote"), self.scratch, exclude=("__pycache__", "*.pyc"))
         model_reference = remote_model_reference(train, layout)
@@ -500,7 +555,10 @@ class JobRunner:
             self.say(f"setup {phase.get('name')}: {mark} in {phase.get('seconds', 0):.1f} s ({phase.get('detail', '')})")
         if code != "0":
             failed = next((p for p in phases if not p.get("ok")), {"name": "bootstrap", "detail": f"exit {code}"})
-            raise JobFailed(f"setup failed in phase {failed.get('name')}: {failed.get('detail')}")
+            message = f"setup failed in phase {failed.get('name')}: {failed.get('detail')}"
+            if failed.get("name") in ("python", "packages", "gpu"):
+                raise HostLost(f"a broken host: {message}")  # the next offer may well work
+            raise JobFailed(message)
         if model_fetched:
             self._await_model(session)
         return remote.run(f"cat {shlex.quote(posixpath.join(layout.root, 'python'))}").stdout.strip() or "python3"
@@ -524,7 +582,7 @@ class JobRunner:
     def _watchdog_settings(self, session: Session) -> dict[str, object]:
         recipe: SelfDestructRecipe | None = self.provider.self_destroy_recipe() if self.provider is not None else None
         return {
-            "started_at": session.record.created_at,
+            "started_at": self.job_started_at() if session.record.instance_id else session.record.created_at,
             "usd_per_hour": session.record.usd_per_hour,
             "max_hours": self.settings.max_hours,
             "max_cost": self._remaining_budget(session),
@@ -550,46 +608,53 @@ class JobRunner:
         self._move("following")
         lost_since: float | None = None
         while True:
+            if self.detach_requested:
+                raise DetachRequested(self.detach_requested)
             try:
-                chunk = session.remote.read_from(session.layout.events, self.events_offset)
-                self._heartbeat(session)
+                final = self._follow_once(session)
                 lost_since = None
-            except (SshUnavailable, OSError, EOFError) as exc:
+            except (*NETWORK_ERRORS, TransportError) as exc:
                 lost_since = lost_since or time.time()
                 self._check_host(session, lost_since, exc)
                 self.sleep(self.settings.poll_seconds)
                 continue
-            complete = chunk[: chunk.rfind(b"\n") + 1]
-            for line in complete.splitlines():
-                if not line.strip():
-                    continue
-                try:
-                    event = parse_event(line)
-                except ValueError:
-                    continue
-                final = self._on_event(session, event, line)
-                if final is not None:
-                    self._advance(len(complete))
-                    return final
-            self._advance(len(complete))
+            if final is not None:
+                return final
             self._check_budget(session)
-            if not complete and not self._trainer_alive(session):
-                # the trainer ended without a final event: read once more, then report what it said
-                tail = session.remote.read_from(session.layout.events, self.events_offset)
-                if tail.strip():
-                    continue
-                self._check_host(session, time.time(), RuntimeError("the trainer is gone"), grace=False)
-                log = session.remote.run(f"tail -n 20 {shlex.quote(session.layout.trainer_log)}", check=False).stdout
-                return ErrorEvent(kind="internal", message=f"the trainer exited without a result:\n{log.strip()}")
             self.sleep(self.settings.poll_seconds)
+
+    def _follow_once(self, session: Session) -> DoneEvent | ErrorEvent | None:
+        """Read and handle the complete new event lines; notice a trainer that ended without a result."""
+        chunk = session.remote.read_from(session.layout.events, self.events_offset)
+        self._heartbeat(session)
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        for line in complete.splitlines(keepends=True):
+            final = None
+            try:
+                event = parse_event(line)
+            except ValueError:
+                event = None
+            if event is not None:
+                final = self._on_event(session, event, line)
+            self._advance(len(line))
+            if final is not None:
+                return final
+        if complete or self._trainer_alive(session):
+            return None
+        # the trainer is gone: one more read for a line written as it ended, then report what it said
+        if b"\n" in session.remote.read_from(session.layout.events, self.events_offset):
+            return None
+        self._check_host(session, time.time(), RuntimeError("the trainer is gone"), grace=False)
+        log = session.remote.run(f"tail -n 20 {shlex.quote(session.layout.trainer_log)}", check=False).stdout
+        return ErrorEvent(kind="internal", message=f"the trainer exited without a result:\n{log.strip()}")
 
     def _advance(self, consumed: int) -> None:
         if consumed:
             self.events_offset += consumed
             self.ledger.update_job(self.job.id, events_offset=self.events_offset)
 
-    def _heartbeat(self, session: Session) -> None:
-        if time.time() - self.last_heartbeat >= 10:
+    def _heartbeat(self, session: Session, force: bool = False) -> None:
+        if force or time.time() - self.last_heartbeat >= 10:
             session.remote.run(f"touch {shlex.quote(session.layout.heartbeat)}")
             self.last_heartbeat = time.time()
             self.ledger.update_job(self.job.id, client_seen_at=self.last_heartbeat)
@@ -617,6 +682,7 @@ class JobRunner:
             raise BudgetReached(over)
 
     def _on_event(self, session: Session, event: Event, line: bytes) -> DoneEvent | ErrorEvent | None:
+        """Show the event, keep it in the local events.jsonl, fetch what it announces."""
         self.view.handle(event)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with (self.output_dir / EVENTS_FILE).open("ab") as copy:
@@ -638,6 +704,9 @@ class JobRunner:
         return path
 
     def _fetch_checkpoint(self, session: Session, event: CheckpointEvent) -> None:
+        if session.remote.remote_size(check_remote_path(event.path, session.layout.output)) is None:
+            self.say(f"checkpoint {posixpath.basename(event.path)} is no longer on the instance (save_last_n_epochs)")
+            return
         self._fetch_file(session, event.path, self.output_dir / posixpath.basename(event.path), event.sha256)
         if event.state_dir:
             name = posixpath.basename(check_remote_path(event.state_dir, session.layout.output))
@@ -656,8 +725,8 @@ class JobRunner:
             text = session.remote.run(f"tail -n 200 {shlex.quote(session.layout.trainer_log)}", check=False).stdout
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / f"trainer-{self.job.id}.log").write_text(text)
-        except TransportError:
-            pass
+        except Exception as exc:  # noqa: BLE001 - keeping a log must never stop the destroy that follows
+            self.say(f"[yellow]could not keep the trainer's log[/]: {exc}")
 
     def _stop_trainer(self, session: Session) -> None:
         pid_file = shlex.quote(session.layout.trainer_pid)
@@ -687,8 +756,11 @@ class JobRunner:
     def destroy_instance(self, record: InstanceRecord, reason: str) -> None:
         """Destroy and confirm with the provider that it is gone; the ledger keeps the real cost."""
         self._move("destroying", reason)
-        if self.provider is None or record.instance_id is None:
+        if self.provider is None:
             self._end_instance_record(record, reason)
+            return
+        if record.instance_id is None:
+            self._adopt_by_label(record, reason)
             return
         for attempt in range(6):
             try:
@@ -701,6 +773,7 @@ class JobRunner:
                 continue
             if self._confirmed_gone(record.instance_id):
                 self._end_instance_record(record, reason)
+                self._forget_key()
                 self.say(f"instance {record.instance_id} destroyed; job cost so far ${self.ledger.job_cost(self.job.id):.4f}")
                 return
             self.sleep(min(30, 2**attempt))
@@ -708,6 +781,16 @@ class JobRunner:
             f"instance {record.instance_id} could not be confirmed destroyed: it may still bill. "
             f"Run: rentrain down {self.job.id}"
         )
+
+    def _forget_key(self) -> None:
+        """Where the job's key went onto the account (RunPod), take it off: it would reach future pods."""
+        assert self.provider is not None
+        if not self.key.public_line or self.ledger.instances(self.job.id, live_only=True):
+            return
+        try:
+            self.provider.forget_ssh_key(self.key.public_line)
+        except ProviderError as exc:
+            self.say(f"[yellow]could not remove the job's SSH key from the account[/]: {exc.message}")
 
     def _confirmed_gone(self, instance_id: str) -> bool:
         assert self.provider is not None

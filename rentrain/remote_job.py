@@ -15,6 +15,7 @@ usual data disk on Vast), else $HOME.
 from __future__ import annotations
 
 import posixpath
+import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,25 @@ from pydantic import BaseModel
 
 import remote
 from remote.config import TrainConfig, model_source_kind
+from rentrain.transport import Remote, TransportError
 
 WORKDIR_PROBE = (
     'd="${RENTRAIN_WORKDIR:-}"; '
     'if [ -z "$d" ]; then if [ -d /workspace ] && [ -w /workspace ]; then d=/workspace; else d="$HOME"; fi; fi; '
     'echo "$d"'
 )
+
+
+SAFE_ABSOLUTE_PATH = re.compile(r"^/[A-Za-z0-9._/+-]*$")
+
+
+def probe_workdir(remote: Remote) -> str:
+    """The folder jobs go in on this host; the last line only, so a chatty shell start-up file cannot
+    smuggle text into every later command."""
+    lines = [line.strip() for line in remote.run(WORKDIR_PROBE).stdout.splitlines() if line.strip()]
+    if not lines or not SAFE_ABSOLUTE_PATH.match(lines[-1]) or ".." in lines[-1].split("/"):
+        raise TransportError(f"the instance named no usable work folder (got {lines[-1:]!r})")
+    return lines[-1]
 
 
 class RemoteLayout(BaseModel):
@@ -162,8 +176,12 @@ def trainer_command(layout: RemoteLayout, python: str, resume: str | None) -> st
     arguments = [python, "-m", "remote.trainer", layout.config] + (["--resume", resume] if resume else [])
     # events go to output/events.jsonl; stdout (the same events) is not needed, stderr is the log
     run = f"cd {shlex.quote(layout.root)} && PYTHONPATH={shlex.quote(layout.payload)} exec {shlex.join(arguments)} > /dev/null"
-    return detached(run, layout.trainer_log, layout.trainer_pid)
+    # a retried SSH command must not start a second trainer
+    return f"{is_alive_command(layout.trainer_pid)} || {{ {detached(run, layout.trainer_log, layout.trainer_pid)} }}"
 
 
 def is_alive_command(pid_file: str) -> str:
-    return f"kill -0 $(cat {shlex.quote(pid_file)} 2>/dev/null) 2>/dev/null"
+    """True while the pid in pid_file runs; a zombie (exited, not reaped by a container's PID 1) is not alive."""
+    pid = f"$(cat {shlex.quote(pid_file)} 2>/dev/null)"
+    return f'p={pid}; [ -n "$p" ] && kill -0 "$p" 2>/dev/null && ! grep -q "^[0-9]* (.*) Z" /proc/"$p"/stat 2>/dev/null'
+

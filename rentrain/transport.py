@@ -221,7 +221,9 @@ class Remote:
         """Copy local_dir's contents into remote_dir: rsync when both ends have it, else SFTP."""
         self.run(f"mkdir -p {shlex.quote(remote_dir)}")
         if shutil.which("rsync") and self.has_command("rsync"):
-            command = ["rsync", "-a", "--partial", "--checksum", "--delete-excluded"]
+            # --copy-links: a symlink in the user's folder (or a staged base model) uploads as the file it
+            # points to; --protect-args: remote paths reach rsync on the far side without a shell
+            command = ["rsync", "-a", "--copy-links", "--protect-args", "--partial", "--checksum", "--delete-excluded"]
             command += [f"--exclude={pattern}" for pattern in exclude]
             command += ["-e", shlex.join(self.ssh_command(scratch))]
             command += [f"{local_dir}/", f"{self.endpoint.user}@{self.endpoint.host}:{remote_dir}/"]
@@ -257,8 +259,8 @@ class Remote:
         Written to a .part file and renamed once its sha256 matches; an existing file is never overwritten."""
         check_remote_path(remote_path, remote_root)
         if local_path.exists():
-            if expected_sha256 and sha256_of(local_path) == expected_sha256:
-                return local_path
+            if expected_sha256 is None or sha256_of(local_path) == expected_sha256:
+                return local_path  # already home (a sample grid has no hash: same job, same name)
             raise TransportError(f"{local_path} exists and differs; rentrain never overwrites a file")
         local_path.parent.mkdir(parents=True, exist_ok=True)
         partial = local_path.with_name(local_path.name + ".part")
@@ -290,7 +292,8 @@ class Remote:
         check_remote_path(remote_dir, remote_root)
         local_dir.mkdir(parents=True, exist_ok=True)
         if shutil.which("rsync") and self.has_command("rsync"):
-            command = ["rsync", "-a", "--partial", "-e", shlex.join(self.ssh_command(scratch))]
+            # --no-links: a host cannot plant a symlink here that a later upload would follow
+            command = ["rsync", "-a", "--no-links", "--protect-args", "--partial", "-e", shlex.join(self.ssh_command(scratch))]
             command += [f"{self.endpoint.user}@{self.endpoint.host}:{remote_dir}/", f"{local_dir}/"]
             _run_rsync(command)
             return local_dir
@@ -324,12 +327,12 @@ class Remote:
 
 
 def check_remote_path(remote_path: str, remote_root: str) -> str:
-    """A path the remote host sent: absolute, normalised, inside remote_root, with a plain file name."""
+    """A path the remote host sent: absolute, normalised, inside remote_root, every name below it plain."""
     normalised = posixpath.normpath(remote_path)
     root = posixpath.normpath(remote_root)
-    if not normalised.startswith(root + "/") or ".." in normalised.split("/"):
+    if not normalised.startswith(root + "/") or ".." in remote_path.split("/"):
         raise UnsafeRemotePath(f"{remote_path!r} is outside the job folder {remote_root!r}")
-    if not SAFE_NAME.match(posixpath.basename(normalised)):
+    if not all(SAFE_NAME.match(part) for part in normalised[len(root) + 1 :].split("/")):
         raise UnsafeRemotePath(f"{remote_path!r} has an unexpected file name")
     return normalised
 

@@ -104,9 +104,9 @@ def _runner(ledger: Ledger, job: JobRecord, view: RunProgress, console: Console)
     return JobRunner(ledger, job, loaded, provider, settings, key, view, console.print), key
 
 
-def _reattach(runner: JobRunner, key: JobKey) -> Session | None:
+def _reattach(runner: JobRunner, key: JobKey, start_stopped: bool = False) -> Session | None:
     try:
-        return runner.reattach(key.private_path)
+        return runner.reattach(key.private_path, start_stopped=start_stopped)
     except JobFailed as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -162,7 +162,7 @@ def attach(job_id: str) -> None:
     started = live[-1].created_at if live else None
     with RunProgress(console, usd_per_hour=price, billing_started=started) as view:
         runner, key = _runner(ledger, job, view, console)
-        session = _reattach(runner, key)
+        session = _reattach(runner, key, start_stopped=True)
         if session is None:
             if runner.provider is None:
                 raise click.ClickException(f"job {job.id}'s machine is not reachable")

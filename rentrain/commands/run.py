@@ -19,7 +19,7 @@ from remote.config import KNOWN_PROVIDERS, LoadedConfig
 from rentrain.commands.check import print_check, run_check
 from rentrain.costs import profile_from_check
 from rentrain.credentials import CredentialsError, open_provider
-from rentrain.job import DetachRequested, JobFailed, JobRunner, RunSettings, new_job_id
+from rentrain.job import DetachRequested, HostLost, JobFailed, JobRunner, RunSettings, new_job_id
 from rentrain.ledger import JobRecord, Ledger
 from rentrain.local_run import LocalTrainingUnavailable, ensure_training_stack, run_trainer
 from rentrain.offers import RankedOffer, find_offers, requirements_from
@@ -99,13 +99,26 @@ def run(
         disk_gb=loaded.job.disk_gb,
         **{field: float(os.environ[name]) for field, name in TIMING_ENV.items() if name in os.environ},
     )
-    final = loaded.train.output_dir / f"{loaded.train.output_name or 'last'}.safetensors"
-    if final.exists():
-        raise click.ClickException(f"{final} already exists and rentrain never overwrites a result: move it away or change output_name")
+    _refuse_to_overwrite(loaded)
     if chosen == "ssh":
         _run_on_host(loaded, settings, host or loaded.job.host, identity, detach, console)
         return
     _run_rented(loaded, settings, result.dataset, gpus, detach, yes, console)
+
+
+def _refuse_to_overwrite(loaded: LoadedConfig) -> None:
+    """The run writes <name>.safetensors and <name>-NNNNNN.safetensors: none may exist already."""
+    train = loaded.train
+    name = train.output_name or "last"
+    existing = sorted(train.output_dir.glob(f"{name}.safetensors")) + sorted(train.output_dir.glob(f"{name}-*.safetensors"))
+    if not train.output_name:
+        existing += sorted(train.output_dir.glob("epoch-*.safetensors"))
+    if existing:
+        names = ", ".join(p.name for p in existing[:3]) + (" ..." if len(existing) > 3 else "")
+        raise click.ClickException(
+            f"{train.output_dir} already holds {names}; rentrain never overwrites a result: move them away or "
+            "change output_name"
+        )
 
 
 def _refuse_if_impossible(name: str) -> None:
@@ -122,9 +135,8 @@ def _run_local(loaded: LoadedConfig, console: Console, resume: Path | None) -> N
     except LocalTrainingUnavailable as exc:
         raise click.ClickException(str(exc)) from None
     train = loaded.train
-    final = train.output_dir / f"{train.output_name or 'last'}.safetensors"
-    if final.exists() and resume is None:
-        raise click.ClickException(f"{final} already exists and rentrain never overwrites a result: move it away or change output_name")
+    if resume is None:
+        _refuse_to_overwrite(loaded)
     with RunProgress(console) as view:
         try:
             exit_code = run_trainer(loaded.path, train.output_dir, view, resume)
@@ -242,22 +254,25 @@ def _show_choice(best: RankedOffer, console: Console) -> None:
 
 
 def _drive(runner: JobRunner, console: Console, body: object) -> None:
-    """Run the job with Ctrl-C asking, and SIGTERM/SIGHUP detaching."""
+    """Run the job. SIGTERM/SIGHUP detach once the instance's watchdog runs (the runner checks at safe
+    points); Ctrl-C asks, or destroys when setup has not reached the watchdog yet."""
 
     def detach_on_signal(signum: int, _frame: FrameType | None) -> None:
-        raise DetachRequested(signal.Signals(signum).name)
+        runner.detach_requested = signal.Signals(signum).name
 
     previous = {sig: signal.signal(sig, detach_on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        while True:
-            try:
-                outcome = body()  # type: ignore[operator]
-                break
-            except KeyboardInterrupt:
-                if _ask_destroy(console):
-                    _destroy_now(runner, console)
-                    sys.exit(130)
-                raise DetachRequested("Ctrl-C") from None
+        try:
+            outcome = body()  # type: ignore[operator]
+        except KeyboardInterrupt:
+            if not runner.guarded:
+                console.print("\nstopped during setup: the instance has no watchdog yet, so it is destroyed")
+                _destroy_now(runner, console)
+                sys.exit(130)
+            if _ask_destroy(console):
+                _destroy_now(runner, console)
+                sys.exit(130)
+            raise DetachRequested("Ctrl-C") from None
     except DetachRequested as exc:
         runner.ledger.update_job(runner.job.id, client_pid=None)
         console.print(
@@ -265,7 +280,7 @@ def _drive(runner: JobRunner, console: Console, body: object) -> None:
             f"Follow it with: rentrain attach {runner.job.id}"
         )
         return
-    except (JobFailed, TransportError) as exc:
+    except (JobFailed, TransportError, HostLost) as exc:
         console.print(f"[bold red]job {runner.job.id} failed[/]: {escape(str(exc))}")
         sys.exit(1)
     finally:
@@ -278,20 +293,29 @@ def _drive(runner: JobRunner, console: Console, body: object) -> None:
 
 
 def _ask_destroy(console: Console) -> bool:
+    """Destroy (True) or detach (False). Without a terminal to ask: detach, the watchdog guards it.
+    A second Ctrl-C at the question destroys."""
     if not sys.stdin.isatty():
         return False
     console.print()
-    answer = click.prompt(
-        "Stop the job and destroy the instance [d], or detach and let it run [a]?",
-        type=click.Choice(["d", "a"]),
-        default="a",
-    )
+    try:
+        answer = click.prompt(
+            "Stop the job and destroy the instance [d], or detach and let it run [a]?",
+            type=click.Choice(["d", "a"]),
+            default="a",
+        )
+    except (click.Abort, KeyboardInterrupt):
+        return True
     return answer == "d"
 
 
 def _destroy_now(runner: JobRunner, console: Console) -> None:
-    live = [i for i in runner.ledger.instances(runner.job.id) if i.ended_at is None]
-    for record in live:
-        runner.destroy_instance(record, "stopped by the user (Ctrl-C)")
+    reason = "stopped by the user (Ctrl-C)"
+    if runner.provider is None:  # a machine rented by hand: end our processes there
+        session = runner.reattach(runner.key.private_path) if runner.job.remote_dir else None
+        if session is not None:
+            runner.destroy(session, reason)
+    for record in [i for i in runner.ledger.instances(runner.job.id) if i.ended_at is None]:
+        runner.destroy_instance(record, reason)
     runner.ledger.transition(runner.job.id, "closed", "stopped by the user", outcome="cancelled")
     console.print("instance destroyed; checkpoints fetched so far are in the output folder")

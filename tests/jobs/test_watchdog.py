@@ -81,9 +81,20 @@ class FakeClock:
         self.now += seconds
 
 
-def _watchdog(job_dir: Path, settings: dict[str, Any], clock: FakeClock) -> Watchdog:
+@pytest.fixture
+def trainer_pid() -> Iterator[int]:
+    """A stand-in trainer: a process of its own session that the watchdog may signal."""
+    process = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    yield process.pid
+    process.kill()
+    process.wait()
+
+
+def _watchdog(job_dir: Path, settings: dict[str, Any], clock: FakeClock, trainer: int | None = None) -> Watchdog:
     job_dir.mkdir(parents=True, exist_ok=True)
     (job_dir / "watchdog.json").write_text(json.dumps(settings))
+    if trainer is not None:
+        (job_dir / TRAINER_PID).write_text(str(trainer))
     return Watchdog(job_dir, settings, clock=clock, sleep=clock.sleep)
 
 
@@ -97,32 +108,32 @@ def _log(job_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (job_dir / LOG).read_text().splitlines()]
 
 
-def test_deadline_destroys_through_the_instance_key(tmp_path: Path, api: tuple[str, Recorder]) -> None:
+def test_deadline_destroys_through_the_instance_key(tmp_path: Path, api: tuple[str, Recorder], trainer_pid: int) -> None:
     base, recorder = api
     clock = FakeClock(1000.0)
-    dog = _watchdog(tmp_path, {"started_at": 1000.0, "max_hours": 1, "usd_per_hour": 0.5, "recipe": _recipe(base), "poll_seconds": 60}, clock)
-    dog.run()
-    assert clock.now == pytest.approx(1000.0 + 3600)
+    dog = _watchdog(tmp_path, {"started_at": 1000.0, "max_hours": 1, "usd_per_hour": 0.5, "recipe": _recipe(base), "poll_seconds": 60}, clock, trainer=trainer_pid)
+    dog.run(max_rounds=1)
+    assert 3600 <= clock.now - 1000.0 <= 3600 + 2 * 60
     assert recorder.calls == [{"method": "DELETE", "path": "/instances/4242/", "auth": "Bearer instance-secret-key", "body": "{}"}]
     assert "instance-secret-key" not in (tmp_path / LOG).read_text()
     assert "instance-secret-key" not in (tmp_path / "watchdog.json").read_text()
     assert any(entry["action"] == "destroy" and "deadline" in entry["reason"] for entry in _log(tmp_path))
 
 
-def test_budget_ends_the_instance_when_spent(tmp_path: Path, api: tuple[str, Recorder]) -> None:
+def test_budget_ends_the_instance_when_spent(tmp_path: Path, api: tuple[str, Recorder], trainer_pid: int) -> None:
     base, recorder = api
     clock = FakeClock(0.0)
     # $2/h and a $0.50 budget: 15 minutes
-    dog = _watchdog(tmp_path, {"started_at": 0.0, "max_cost": 0.5, "usd_per_hour": 2.0, "recipe": _recipe(base), "poll_seconds": 30}, clock)
-    dog.run()
-    assert clock.now == pytest.approx(900.0)
+    dog = _watchdog(tmp_path, {"started_at": 0.0, "max_cost": 0.5, "usd_per_hour": 2.0, "recipe": _recipe(base), "poll_seconds": 30}, clock, trainer=trainer_pid)
+    dog.run(max_rounds=1)
+    assert 900 <= clock.now <= 900 + 2 * 30
     assert [c["method"] for c in recorder.calls] == ["DELETE"]
 
 
-def test_idle_after_training_ended_but_not_while_client_beats(tmp_path: Path, api: tuple[str, Recorder]) -> None:
+def test_idle_after_training_ended_but_not_while_client_beats(tmp_path: Path, api: tuple[str, Recorder], trainer_pid: int) -> None:
     base, recorder = api
     clock = FakeClock(10_000.0)
-    dog = _watchdog(tmp_path, {"started_at": 10_000.0, "idle_timeout_seconds": 600, "recipe": _recipe(base)}, clock)
+    dog = _watchdog(tmp_path, {"started_at": 10_000.0, "idle_timeout_seconds": 600, "recipe": _recipe(base)}, clock, trainer=trainer_pid)
     output = tmp_path / "output"
     output.mkdir()
     (output / "events.jsonl").write_text(json.dumps({"event": "step", "step": 1}) + "\n")
@@ -142,22 +153,22 @@ def test_idle_after_training_ended_but_not_while_client_beats(tmp_path: Path, ap
     assert [c["method"] for c in recorder.calls] == ["DELETE"]
 
 
-def test_unfetched_results_stop_instead_of_destroy(tmp_path: Path, api: tuple[str, Recorder]) -> None:
+def test_unfetched_results_stop_instead_of_destroy(tmp_path: Path, api: tuple[str, Recorder], trainer_pid: int) -> None:
     base, recorder = api
     clock = FakeClock(0.0)
-    dog = _watchdog(tmp_path, {"started_at": 0.0, "max_hours": 0.01, "recipe": _recipe(base)}, clock)
+    dog = _watchdog(tmp_path, {"started_at": 0.0, "max_hours": 0.01, "recipe": _recipe(base)}, clock, trainer=trainer_pid)
     (tmp_path / "output").mkdir()
     (tmp_path / "output" / "lora-000001.safetensors").write_bytes(b"w")
-    dog.run()
+    dog.run(max_rounds=1)
     assert [(c["method"], c["body"]) for c in recorder.calls] == [("PUT", json.dumps({"state": "stopped"}))]
 
 
-def test_failing_call_falls_back_then_retries(tmp_path: Path, api: tuple[str, Recorder]) -> None:
+def test_failing_call_falls_back_then_retries(tmp_path: Path, api: tuple[str, Recorder], trainer_pid: int) -> None:
     base, recorder = api
     recorder.fail_first = 3  # DELETE, fallback POST, then DELETE again fail; the 4th call succeeds
     clock = FakeClock(0.0)
-    dog = _watchdog(tmp_path, {"started_at": 0.0, "max_hours": 0.01, "recipe": _recipe(base), "poll_seconds": 10}, clock)
-    dog.run()
+    dog = _watchdog(tmp_path, {"started_at": 0.0, "max_hours": 0.01, "recipe": _recipe(base), "poll_seconds": 10}, clock, trainer=trainer_pid)
+    dog.run(max_rounds=2)
     assert [c["method"] for c in recorder.calls] == ["DELETE", "POST", "DELETE", "POST"]
     assert recorder.calls[1]["path"] == "/fallback/4242"
 
@@ -202,3 +213,50 @@ def test_watchdog_runs_with_the_standard_library_only(tmp_path: Path) -> None:
     completed = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], check=False)
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.strip() == "[]"
+
+
+def test_a_success_that_did_not_end_the_instance_is_tried_again(tmp_path: Path, api: tuple[str, Recorder], trainer_pid: int) -> None:
+    base, recorder = api
+    clock = FakeClock(0.0)
+    dog = _watchdog(tmp_path, {"started_at": 0.0, "max_hours": 0.01, "recipe": _recipe(base), "poll_seconds": 60}, clock, trainer=trainer_pid)
+    dog.run(max_rounds=2)  # the fake provider says OK but this process lives on: the instance was not ended
+    assert [c["method"] for c in recorder.calls] == ["DELETE", "DELETE"]
+    assert clock.now >= 36 + 300
+
+
+def test_a_json_failure_body_is_not_success(tmp_path: Path) -> None:
+    from remote.watchdog import _says_success
+
+    assert _says_success(b'{"success": true}') and _says_success(b"") and _says_success(b"{}")
+    assert not _says_success(b'{"success": false, "error": "invalid_args"}')
+    assert not _says_success(b'{"errors": [{"message": "not allowed"}]}')
+
+
+def test_stops_that_keep_failing_turn_into_a_destroy(tmp_path: Path, api: tuple[str, Recorder], trainer_pid: int) -> None:
+    base, recorder = api
+    recorder.fail_first = 3  # three stop rounds fail
+    clock = FakeClock(0.0)
+    dog = _watchdog(tmp_path, {"started_at": 0.0, "max_hours": 0.01, "recipe": _recipe(base), "poll_seconds": 5}, clock, trainer=trainer_pid)
+    (tmp_path / "output").mkdir()
+    (tmp_path / "output" / "lora-000001.safetensors").write_bytes(b"w")
+    dog.run(max_rounds=4)
+    assert [c["method"] for c in recorder.calls] == ["PUT", "PUT", "PUT", "DELETE"]
+
+
+def test_a_client_that_never_started_the_trainer_counts_as_gone(tmp_path: Path, api: tuple[str, Recorder]) -> None:
+    base, recorder = api
+    clock = FakeClock(0.0)
+    dog = _watchdog(tmp_path, {"started_at": 0.0, "idle_timeout_seconds": 600, "recipe": _recipe(base), "poll_seconds": 60}, clock)
+    assert dog.reason_to_end() is None
+    clock.now += 600
+    reason = dog.reason_to_end()
+    assert reason is not None and reason.startswith("idle")
+
+
+def test_a_full_disk_does_not_stop_the_watchdog(tmp_path: Path, api: tuple[str, Recorder], trainer_pid: int) -> None:
+    base, recorder = api
+    clock = FakeClock(0.0)
+    dog = _watchdog(tmp_path, {"started_at": 0.0, "max_hours": 0.01, "recipe": _recipe(base)}, clock, trainer=trainer_pid)
+    (tmp_path / LOG).mkdir()  # appending to the log now fails with an OSError
+    dog.run(max_rounds=1)
+    assert [c["method"] for c in recorder.calls] == ["DELETE"]

@@ -128,6 +128,8 @@ def test_download_checks_name_hash_and_never_overwrites(instance: tuple[SshdInst
     remote.download(str(job_dir / "lora-000001.safetensors"), str(job_dir), local, digest)
     assert local.read_bytes() == payload
     assert remote.download(str(job_dir / "lora-000001.safetensors"), str(job_dir), local, digest) == local
+    # a sample grid has no hash: already home means nothing to do, and the file is untouched
+    assert remote.download(str(job_dir / "lora-000001.safetensors"), str(job_dir), local, None) == local
     with pytest.raises(TransportError, match="sha256 mismatch"):
         remote.download(str(job_dir / "lora-000001.safetensors"), str(job_dir), tmp_path / "other.safetensors", "0" * 64)
     assert not (tmp_path / "other.safetensors").exists()
@@ -139,7 +141,16 @@ def test_download_checks_name_hash_and_never_overwrites(instance: tuple[SshdInst
 
 @pytest.mark.parametrize(
     "path",
-    ["/work/job/../../etc/passwd", "/etc/passwd", "/work/jobx/a.safetensors", "/work/job/-rf", "/work/job/a;rm.x", "relative"],
+    [
+        "/work/job/../../etc/passwd",
+        "/etc/passwd",
+        "/work/jobx/a.safetensors",
+        "/work/job/-rf",
+        "/work/job/a;rm.x",
+        "relative",
+        "/work/job/a b;x/$(id)/state",
+        "/work/job/out/../out/a.safetensors",
+    ],
 )
 def test_unsafe_remote_paths_are_refused(path: str) -> None:
     with pytest.raises(UnsafeRemotePath):
@@ -190,3 +201,31 @@ def test_rsync_gives_up_on_a_permanent_error(instance: tuple[SshdInstance, Path]
     remote.run("true")
     with pytest.raises(TransportError, match="rsync failed"):
         remote.upload_tree(tmp_path / "does-not-exist", str(sim.workdir / "x"), tmp_path)
+
+
+def test_downloaded_trees_bring_no_symlinks(instance: tuple[SshdInstance, Path], tmp_path: Path) -> None:
+    """A host cannot plant a link that a later upload (resume on the next host) would follow."""
+    sim, key_path = instance
+    state = sim.workdir / "job" / "output" / "lora-000001-state"
+    state.mkdir(parents=True)
+    (state / "lora.safetensors").write_bytes(b"weights")
+    (state / "steal").symlink_to(Path.home() / ".config" / "rentrain" / "credentials.toml")
+    remote = _remote(sim, key_path)
+    local = remote.download_tree(str(state), str(sim.workdir / "job" / "output"), tmp_path / "states" / "s", tmp_path)
+    assert (local / "lora.safetensors").read_bytes() == b"weights"
+    assert not (local / "steal").exists() and not (local / "steal").is_symlink()
+
+
+def test_upload_follows_the_users_own_symlinks(instance: tuple[SshdInstance, Path], tmp_path: Path) -> None:
+    sim, key_path = instance
+    real = tmp_path / "elsewhere" / "model.safetensors"
+    real.parent.mkdir()
+    real.write_bytes(b"base model")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "model.safetensors").symlink_to(real)
+    remote = _remote(sim, key_path)
+    remote.run("true")
+    remote.upload_tree(staging, str(sim.workdir / "model"), tmp_path)
+    uploaded = sim.workdir / "model" / "model.safetensors"
+    assert not uploaded.is_symlink() and uploaded.read_bytes() == b"base model"
