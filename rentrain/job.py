@@ -451,7 +451,14 @@ class JobRunner:
             self._close("failed", str(exc))
             return "failed"
         if isinstance(final, DoneEvent):
-            self.fetch_outputs(session, final)
+            try:
+                self.fetch_outputs(session, final)
+            except (*NETWORK_ERRORS, TransportError) as exc:
+                # the instance holds the only copy: leave it to its watchdog, which stops (not destroys) it
+                raise DetachRequested(
+                    f"the result could not be fetched ({exc}); the instance keeps it. Try again with "
+                    f"rentrain attach {self.job.id}"
+                ) from None
             self.destroy(session, "training done and results home")
             self._close("succeeded", f"{final.path} fetched", result_path=str(self.output_dir / posixpath.basename(final.path)))
             return "succeeded"
@@ -699,9 +706,16 @@ class JobRunner:
 
     # ------------------------------------------------------------------ fetching
 
-    def _fetch_file(self, session: Session, remote_path: str, local: Path, sha256: str | None) -> Path:
-        path = session.remote.download(remote_path, session.layout.output, local, sha256)
-        return path
+    def _fetch_file(self, session: Session, remote_path: str, local: Path, sha256: str | None, attempts: int = 3) -> Path:
+        for attempt in range(1, attempts + 1):
+            try:
+                return session.remote.download(remote_path, session.layout.output, local, sha256)
+            except (*NETWORK_ERRORS, TransportError) as exc:
+                if attempt == attempts or "never overwrites" in str(exc):
+                    raise
+                self.say(f"[yellow]fetching {posixpath.basename(remote_path)} failed ({exc}); again[/]")
+                self.sleep(2**attempt)
+        raise AssertionError("unreachable")
 
     def _fetch_checkpoint(self, session: Session, event: CheckpointEvent) -> None:
         if session.remote.remote_size(check_remote_path(event.path, session.layout.output)) is None:

@@ -199,3 +199,26 @@ def test_watchdog_idle_stops_a_finished_job_whose_results_are_not_home(
     assert _job_state(client)["outcome"] == "succeeded"
     # the ledger counts the stopped time at the full price: an upper bound of what was billed
     assert client.ledger_cost() >= market.total_billed()
+
+
+def test_ctrl_c_during_setup_destroys_and_after_it_detaches(tmp_path: Path, market: ProviderSimulator, client: Client) -> None:
+    """Without a terminal to ask: before the watchdog runs, Ctrl-C destroys; once it runs, Ctrl-C detaches."""
+    config = write_job(tmp_path / "early", images=8, repeats=10, epochs=2)
+    process = client.start("run", str(config), "--provider", "vast", "--yes")
+    assert wait_until(lambda: _job_state(client).get("state") in ("waiting_ssh", "syncing", "bootstrapping"), timeout=60)
+    process.send_signal(signal.SIGINT)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, out
+    assert "no watchdog yet, so it is destroyed" in out
+    assert market.live_instances() == []
+    assert _job_state(client)["outcome"] == "cancelled"
+
+    config = write_job(tmp_path / "late", images=8, repeats=10, epochs=2)
+    process = client.start("run", str(config), "--provider", "vast", "--yes")
+    assert wait_until(lambda: int(_job_state(client).get("last_step") or 0) >= 2, timeout=120)
+    process.send_signal(signal.SIGINT)
+    out, _ = process.communicate(timeout=60)
+    assert process.returncode == 0 and "detached (Ctrl-C)" in out, out
+    assert len(market.live_instances()) == 1
+    assert client.run("down", str(_job_state(client)["id"]), "--yes").returncode == 0
+    assert market.live_instances() == []
