@@ -1,0 +1,121 @@
+"""Where a training step's time goes: torch.profiler around a few steady-state steps of the real trainer.
+
+The trainer runs unchanged; this script wraps `remote.trainer.loop.train_step` from outside, so the
+profiling stays beside the loop, not in it.
+
+    python bench/profile_step.py --case sd15 [--skip 15] [--steps 5] [--workdir DIR] [--out FILE]
+
+Writes: wall ms per step, GPU kernel ms per step, kernel launches per step, and the busiest operators.
+"""
+
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.train_speed import CASES, build_dataset, build_model, write_config  # noqa: E402
+
+KERNEL_KINDS = (
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_generated_fort_native_sdpa")),
+    ("gemm", ("gemm", "matmul", "cutlass", "sm90_xmma", "nvjet", "cublas")),
+    ("convolution", ("conv", "implicit", "winograd", "cudnn")),
+    ("copy / cast / layout", ("copy", "cast", "to_copy", "nchwtonhwc", "nhwctonchw", "transpose", "elementwise_kernel_with_index")),
+    ("normalisation", ("norm", "welford")),
+    ("optimizer", ("adam", "multi_tensor")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    for kind, needles in KERNEL_KINDS:
+        if any(n in lowered for n in needles):
+            return kind
+    return "other elementwise / reduction"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", default="sd15", choices=sorted(CASES))
+    parser.add_argument("--skip", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/rentrain-bench"))
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import remote.trainer.loop as loop
+
+    case = CASES[args.case]
+    model = build_model(case.family, args.workdir / f"model-{case.family}")
+    dataset = build_dataset(args.workdir / "data", case.resolution)
+    config = write_config(
+        args.workdir / f"profile-{args.case}.toml",
+        case,
+        model,
+        dataset,
+        args.workdir / f"out-profile-{args.case}-{int(time.time())}",
+        args.skip + args.steps + 1,
+    )
+
+    original = loop.train_step
+    state: dict[str, object] = {"count": 0}
+
+    def profiled_step(*step_args, **step_kwargs):  # type: ignore[no-untyped-def]
+        state["count"] = int(state["count"]) + 1  # type: ignore[arg-type]
+        if state["count"] == args.skip + 1:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            state["profiler"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            state["profiler"].__enter__()  # type: ignore[attr-defined]
+            state["started"] = time.perf_counter()
+        result = original(*step_args, **step_kwargs)
+        if state["count"] == args.skip + args.steps:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            state["wall"] = time.perf_counter() - float(state["started"])  # type: ignore[arg-type]
+            state["profiler"].__exit__(None, None, None)  # type: ignore[attr-defined]
+        return result
+
+    loop.train_step = profiled_step
+    sys.argv = ["remote.trainer", str(config)]
+    try:
+        runpy.run_module("remote.trainer", run_name="__main__")
+    except SystemExit:
+        pass
+    profiler = state.get("profiler")
+    if profiler is None:
+        print("the run ended before the profiled steps", file=sys.stderr)
+        return 1
+    events = profiler.events()  # type: ignore[attr-defined]
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_ms = sum(e.device_time for e in kernels) / 1000 / args.steps
+    by_kind: dict[str, float] = {}
+    for e in kernels:
+        by_kind[kernel_kind(e.name)] = by_kind.get(kernel_kind(e.name), 0.0) + e.device_time / 1000 / args.steps
+    lines = [
+        f"case: {case.name}; {args.steps} steps profiled after {args.skip}",
+        f"wall per step: {float(state['wall']) / args.steps * 1000:.1f} ms",  # type: ignore[arg-type]
+        f"GPU kernel time per step: {gpu_ms:.1f} ms",
+        f"kernel launches per step: {len(kernels) / args.steps:.0f}",
+        "GPU time by kind (ms per step):",
+        *[f"  {kind}: {ms:.1f}" for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1])],
+        "",
+        profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=60),  # type: ignore[attr-defined]
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
