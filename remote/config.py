@@ -195,10 +195,14 @@ class TrainConfig(BaseModel):
     network_args: list[str] = _training("conv_dim=N and conv_alpha=X add LoRA to 3x3 convolutions.", [])
     network_train_unet_only: bool = _training("Train the UNet LoRA only.", False)
     network_train_text_encoder_only: bool = _training("Train the text-encoder LoRA only.", False)
-    optimizer_type: str = _training(f"One of {', '.join(OPTIMIZERS)} (any case).", "AdamW")
+    optimizer_type: str = _training(
+        f"One of {', '.join(OPTIMIZERS)} (any case). Adafactor runs with a fixed learning rate "
+        "(relative_step=False, scale_parameter=False), unlike kohya's bare default.",
+        "AdamW",
+    )
     optimizer_args: list[str] = _training("Extra optimizer arguments: [\"weight_decay=0.01\", \"betas=0.9,0.99\"].", [])
     mixed_precision: Literal["no", "fp16", "bf16"] = _training("Compute precision of the frozen model.", "no")
-    full_fp16: bool = _training("Keep the LoRA weights in fp16 too (kohya's full_fp16).", False)
+    full_fp16: bool = _training("Not supported (kohya's full_fp16); use bf16 with full_bf16.", False)
     full_bf16: bool = _training("Keep the LoRA weights in bf16 too (kohya's full_bf16).", False)
     save_precision: Literal["float", "fp16", "bf16"] | None = _training(
         "dtype of saved files (unset: as trained, fp32).", None
@@ -400,8 +404,14 @@ class TrainConfig(BaseModel):
             problems.append(("network_train_text_encoder_only", "set, but the text encoder learning rate is 0"))
         if self.lr_scheduler == "constant" and self.lr_warmup_steps:
             problems.append(("lr_warmup_steps", "warm-up needs lr_scheduler = \"constant_with_warmup\" or a decaying one"))
-        if self.full_fp16 and self.mixed_precision != "fp16":
-            problems.append(("full_fp16", "needs mixed_precision = \"fp16\""))
+        if self.full_fp16:
+            problems.append(
+                (
+                    "full_fp16",
+                    "not supported: fp16 LoRA weights need kohya's patched loss scaler; use mixed_precision = "
+                    "\"fp16\" without it, or mixed_precision = \"bf16\" with full_bf16 = true",
+                )
+            )
         if self.full_bf16 and self.mixed_precision != "bf16":
             problems.append(("full_bf16", "needs mixed_precision = \"bf16\""))
         if problems:
@@ -443,7 +453,7 @@ class TrainConfig(BaseModel):
 
     def warmup_steps_for(self, total_steps: int) -> int:
         if isinstance(self.lr_warmup_steps, float) and self.lr_warmup_steps < 1:
-            return math.ceil(self.lr_warmup_steps * total_steps)
+            return int(self.lr_warmup_steps * total_steps)  # kohya rounds down
         return int(self.lr_warmup_steps)
 
 

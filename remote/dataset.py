@@ -147,10 +147,11 @@ def caption_for(item: ImageItem, subset: Subset) -> str:
 
 
 def balanced_reg_repeats(layout: DatasetLayout) -> dict[Path, int]:
-    """kohya raises regularisation repeats round-robin until reg samples >= training samples per epoch."""
+    """kohya raises regularisation repeats round-robin until reg samples >= training samples per epoch.
+    Every reg image is in the map; 0 means kohya never adds it ("some of reg images are not used")."""
     train_samples = sum(len(s.images) * s.repeats for s in layout.train_subsets())
-    repeats: dict[Path, int] = {}
     reg_items = [(s, item) for s in layout.reg_subsets() for item in s.images]
+    repeats: dict[Path, int] = {item.path: 0 for _, item in reg_items}
     if not reg_items:
         return repeats
     count = 0
@@ -169,3 +170,8 @@ def balanced_reg_repeats(layout: DatasetLayout) -> dict[Path, int]:
         first_loop = False
     repeats.update(per_image)
     return repeats
+
+
+def repeats_of(item: ImageItem, subset: Subset, reg_repeats: dict[Path, int]) -> int:
+    """Samples of this image per epoch: the folder's repeats, or for reg images kohya's balanced count."""
+    return reg_repeats.get(item.path, 0) if subset.is_reg else subset.repeats

@@ -25,6 +25,7 @@ from remote.dataset import (
     Subset,
     balanced_reg_repeats,
     read_caption,
+    repeats_of,
     scan_layout,
 )
 
@@ -99,9 +100,20 @@ def inspect_dataset(train: TrainConfig) -> DatasetReport:
             )
         )
 
+    reg_repeats = balanced_reg_repeats(layout)
+    unused = [path for path, n in reg_repeats.items() if n == 0]
+    if unused:
+        findings.append(
+            Finding(
+                severity="warning",
+                path=train.reg_data_dir or train.train_data_dir,
+                message=f"{len(unused)} regularisation image(s) are not used: as in kohya, reg images are added only "
+                "until they match the training images per epoch",
+            )
+        )
     subsets = [_subset_report(subset, infos) for subset in layout.subsets]
     has_errors = any(f.severity == "error" for f in findings)
-    step_plan = None if has_errors else count_steps(train, layout.subsets, infos, balanced_reg_repeats(layout))
+    step_plan = None if has_errors else count_steps(train, layout.subsets, infos, reg_repeats)
     return DatasetReport(subsets=subsets, findings=findings, step_plan=step_plan)
 
 
@@ -120,7 +132,7 @@ def count_steps(
     for subset in subsets:
         for item in subset.images:
             info = infos[item.path]
-            repeats = reg_repeats.get(item.path, subset.repeats) if subset.is_reg else subset.repeats
+            repeats = repeats_of(item, subset, reg_repeats)
             samples.extend([planner.assign(info.width, info.height).bucket] * repeats)
     return plan_steps(
         samples,

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from remote.buckets import BucketPlanner, StepPlan, plan_steps
-from remote.dataset import CaptionError, DatasetLayout, balanced_reg_repeats, caption_for, scan_layout
+from remote.dataset import CaptionError, DatasetLayout, balanced_reg_repeats, caption_for, repeats_of, scan_layout
 
 from .tokenizers import cache_root
 
@@ -125,13 +125,15 @@ def build_dataset(cfg, layout: DatasetLayout | None = None) -> Dataset:
     records: list[ImageRecord] = []
     for subset in layout.subsets:
         for item in subset.images:
+            repeats = repeats_of(item, subset, reg_repeats)
+            if repeats == 0:
+                continue  # a reg image kohya never adds: reg samples already match the training samples
             try:
                 caption = caption_for(item, subset)
             except CaptionError as exc:
                 raise DataError(str(exc)) from exc
             size = image_size(item.path)
             choice = planner.assign(*size)
-            repeats = reg_repeats.get(item.path, subset.repeats) if subset.is_reg else subset.repeats
             records.append(
                 ImageRecord(
                     path=item.path,
@@ -263,7 +265,7 @@ def cache_latents(
     """
     from safetensors.torch import load_file, save_file
 
-    folder = latent_cache_dir() / vae_fingerprint(vae)
+    folder = latent_cache_dir() / f"{vae_fingerprint(vae)}-{scaling_factor:g}"
     folder.mkdir(parents=True, exist_ok=True)
     missing: dict[tuple[int, int], list[tuple[ImageRecord, Path]]] = defaultdict(list)
     reused = 0

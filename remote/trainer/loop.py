@@ -148,7 +148,9 @@ def setup(cfg, writer: EventWriter, resume: Path | None) -> Run:
         bundle.unet.train()
         if te_lr > 0:
             for encoder in bundle.text_encoders:
-                encoder.gradient_checkpointing_enable()
+                # non-reentrant: with frozen embeddings as its input, reentrant checkpointing (transformers
+                # 4.x's default) cuts the graph and the text-encoder LoRA gets no gradient
+                encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 encoder.train()
 
     groups = network.param_groups(unet_lr, te_lr)
@@ -331,7 +333,7 @@ def optimizer_step(run: Run) -> None:
 
 
 def save_checkpoint(run: Run, epoch: int, step: int, by_epoch: bool, epoch_order) -> None:
-    name = run.name
+    name = run.cfg.output_name or "epoch"  # kohya: epoch-000001.safetensors ... last.safetensors
     stem = f"{name}-{epoch:06d}" if by_epoch else f"{name}-step{step:08d}"
     path = run.output_dir / f"{stem}.safetensors"
     metadata = build_metadata(run.cfg, run.bundle.family, {**run.info, "epoch": epoch, "step": step})

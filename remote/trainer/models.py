@@ -40,7 +40,8 @@ class ModelBundle:
 
     @property
     def scaling_factor(self) -> float:
-        return float(self.vae.config.scaling_factor)
+        """kohya's latent scale, fixed by family: a separate VAE file's own config may carry SD1's value."""
+        return 0.13025 if self.family == "sdxl" else 0.18215
 
     def noise_scheduler(self):
         """kohya's training schedule: SD's DDPM betas (scaled_linear 0.00085..0.012, 1000 steps)."""

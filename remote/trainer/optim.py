@@ -60,6 +60,14 @@ def make_optimizer(name: str, param_groups: list[dict], lr: float, args: list[st
     elif lower == "adafactor":
         from transformers.optimization import Adafactor as cls
 
+        # The usual SDXL recipe (a fixed learning rate under our scheduler). kohya's bare default is relative
+        # step sizes, which replace the learning rate and its scheduler: not supported, said plainly.
+        if kwargs.get("relative_step") is True:
+            raise OptimizerError(
+                "Adafactor with relative_step=True (kohya's default when optimizer_args omit it) is not supported: "
+                "rentrain trains Adafactor with a fixed learning rate and your lr_scheduler "
+                "(relative_step=False, scale_parameter=False, warmup_init=False)"
+            )
         kwargs.setdefault("scale_parameter", False)
         kwargs.setdefault("relative_step", False)
         kwargs.setdefault("warmup_init", False)

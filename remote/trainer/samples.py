@@ -128,15 +128,19 @@ def render_images(
                         if pooled is not None:
                             kwargs.update(pooled_prompt_embeds=pooled[:1], negative_pooled_prompt_embeds=pooled[1:])
                         generator = torch.Generator(device=device).manual_seed(int(seed))
-                        image = pipe(
+                        latents = pipe(
                             num_inference_steps=steps,
                             guidance_scale=guidance,
                             width=size[0],
                             height=size[1],
                             generator=generator,
-                            output_type="pil",
+                            output_type="latent",
                             **kwargs,
-                        ).images[0]
+                        ).images
+                    # decode in float32, outside autocast: SDXL's VAE gives NaNs (black images) in fp16
+                    with torch.no_grad():
+                        decoded = bundle.vae.decode(latents.float() / bundle.scaling_factor, return_dict=False)[0]
+                    image = pipe.image_processor.postprocess(decoded, output_type="pil")[0]
                     row.append(image)
                 rows.append(row)
     finally:

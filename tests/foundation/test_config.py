@@ -131,7 +131,7 @@ cache_latents = true
         ("caption_extension = \"txt\"", "dataset", "must start with a dot"),
         ("max_token_length = 100", "model", "must be 75, 150 or 225"),
         ("lr_warmup_steps = \"lots\"", "training", "lr_warmup_steps in [training]"),
-        ("full_fp16 = true", "training", "full_fp16 in [training]: needs mixed_precision = \"fp16\""),
+        ("full_fp16 = true", "training", "full_fp16 in [training]: not supported"),
     ],
 )
 def test_bad_value_names_key_and_section(tmp_path: Path, line: str, section: str, expected: str) -> None:
@@ -179,6 +179,8 @@ def test_warmup_with_constant_scheduler_is_contradictory(tmp_path: Path) -> None
 def test_warmup_percent_and_fraction(tmp_path: Path) -> None:
     text = TUTORIAL_CONFIG.replace("lr_warmup_steps = 100", 'lr_warmup_steps = "10%"')
     assert load_config(write_config(tmp_path, text)).train.warmup_steps_for(300) == 30
+    text = TUTORIAL_CONFIG.replace("lr_warmup_steps = 100", "lr_warmup_steps = 0.07")
+    assert load_config(write_config(tmp_path, text)).train.warmup_steps_for(100) == 7  # kohya's int(), not ceil
 
 
 def test_missing_local_model_names_the_alternatives(tmp_path: Path) -> None:

@@ -184,3 +184,15 @@ def test_hidden_folders_are_ignored(tmp_path: Path) -> None:
     make_dataset(tmp_path / "dataset", [(512, 512)] * 20)
     (tmp_path / "dataset" / ".ipynb_checkpoints").mkdir()
     assert _check(tmp_path).errors == []
+
+
+def test_surplus_regularisation_images_are_not_used(tmp_path: Path) -> None:
+    # 10 images x 10 repeats = 100 training samples; 500 reg images x 1: kohya adds only the first 100
+    make_dataset(tmp_path / "dataset", [(64, 64)] * 10, repeats=10)
+    make_dataset(tmp_path / "reg", [(64, 64)] * 500, repeats=1, name="dog")
+    text = TUTORIAL_CONFIG.replace('train_data_dir = "./dataset"', 'train_data_dir = "./dataset"\nreg_data_dir = "./reg"')
+    text = text.replace("resolution = 512", "resolution = 64").replace("min_bucket_reso = 256", "min_bucket_reso = 64")
+    report = inspect_dataset(load_config(write_config(tmp_path, text)).train)
+    plan = report.step_plan
+    assert plan is not None and plan.samples_per_epoch == 200
+    assert any("400 regularisation image(s) are not used" in f.message for f in report.warnings)

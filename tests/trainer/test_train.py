@@ -202,3 +202,22 @@ def test_gradient_checkpointing_gives_the_same_gradients(make_config, tmp_path):
     b, _ = _run(checkpointed)
     ta, tb = load_file(str(a)), load_file(str(b))
     assert max((ta[k] - tb[k]).abs().max().item() for k in ta) < 1e-5
+
+
+def test_default_names_are_kohyas_when_output_name_is_unset(make_config):
+    """kohya: epoch-000001.safetensors for checkpoints, last.safetensors at the end."""
+    _, cfg = make_config(output_name=None, max_train_steps=None, max_train_epochs=2, save_every_n_epochs=1)
+    final, _events = _run(cfg)
+    assert final.name == "last.safetensors"
+    assert (cfg.output_dir / "epoch-000001.safetensors").is_file()
+    assert not list(cfg.output_dir.glob("last-*.safetensors"))
+
+
+def test_sdxl_latent_scale_comes_from_the_family_not_the_vae_file(make_config):
+    """A separate SDXL VAE file loads with SD1's config (scaling 0.18215); kohya scales SDXL by 0.13025."""
+    from remote.trainer.models import load_model
+
+    _, cfg = make_config(pretrained_model_name_or_path="builtin:tiny-sdxl")
+    bundle = load_model(cfg)
+    bundle.vae.register_to_config(scaling_factor=0.18215)
+    assert bundle.scaling_factor == 0.13025
