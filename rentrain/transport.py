@@ -8,7 +8,6 @@ blocks a new instance; a blanket "accept" lets anyone on a reused port in).
 from __future__ import annotations
 
 import base64
-import hashlib
 import posixpath
 import re
 import shlex
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import paramiko
 from pydantic import BaseModel
+
+from remote.hashing import file_sha256
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 NETWORK_ERRORS = (paramiko.SSHException, OSError, EOFError, socket.timeout)
@@ -259,7 +260,7 @@ class Remote:
         Written to a .part file and renamed once its sha256 matches; an existing file is never overwritten."""
         check_remote_path(remote_path, remote_root)
         if local_path.exists():
-            if expected_sha256 is None or sha256_of(local_path) == expected_sha256:
+            if expected_sha256 is None or file_sha256(local_path) == expected_sha256:
                 return local_path  # already home (a sample grid has no hash: same job, same name)
             raise TransportError(f"{local_path} exists and differs; rentrain never overwrites a file")
         local_path.parent.mkdir(parents=True, exist_ok=True)
@@ -269,7 +270,7 @@ class Remote:
             sftp.get(remote_path, str(partial))
         finally:
             sftp.close()
-        if expected_sha256 and sha256_of(partial) != expected_sha256:
+        if expected_sha256 and file_sha256(partial) != expected_sha256:
             partial.unlink()
             raise TransportError(f"{remote_path}: sha256 mismatch after download")
         partial.rename(local_path)
@@ -336,13 +337,6 @@ def check_remote_path(remote_path: str, remote_root: str) -> str:
         raise UnsafeRemotePath(f"{remote_path!r} has an unexpected file name")
     return normalised
 
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _b64(text: str) -> bytes:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from remote.hashing import file_sha256
 from remote.buckets import BucketPlanner, StepPlan, plan_steps
 from remote.dataset import CaptionError, DatasetLayout, balanced_reg_repeats, caption_for, repeats_of, scan_layout
 
@@ -243,13 +244,6 @@ def vae_fingerprint(vae: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def latent_cache_dir() -> Path:
     return cache_root() / "latents"
@@ -270,7 +264,7 @@ def cache_latents(
     missing: dict[tuple[int, int], list[tuple[ImageRecord, Path]]] = defaultdict(list)
     reused = 0
     for record in dataset.records:
-        record.content_hash = record.content_hash or file_hash(record.path)
+        record.content_hash = record.content_hash or file_sha256(record.path)
         key = f"{record.content_hash}_{record.bucket[0]}x{record.bucket[1]}_{record.resized[0]}x{record.resized[1]}"
         path = folder / f"{key}.safetensors"
         if path.is_file():

@@ -26,6 +26,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+
+from remote.hashing import file_sha256
 from torch import nn
 
 UNET_TARGETS = ("Transformer2DModel",)
@@ -280,13 +282,6 @@ def safetensors_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     legacy = hashlib.sha256(data[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8]
     return model_hash, legacy
 
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 SAVE_DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
