@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from remote.hashing import file_sha256
 from remote.buckets import BucketPlanner, StepPlan, plan_steps
 from remote.dataset import CaptionError, DatasetLayout, balanced_reg_repeats, caption_for, repeats_of, scan_layout
+from remote.hashing import file_sha256
 
 from .tokenizers import cache_root
 
