@@ -128,6 +128,41 @@ TINY_SECONDS_PER_STEP = Figure(
 GRADIENT_CHECKPOINTING_FACTOR = Figure(1.3, "assumed", "recomputes the forward pass in backward: roughly +30%")
 
 # ------------------------------------------------------------------------------------------------------
+# Several GPUs (`--gpus N`): data parallel (DDP under `accelerate launch`), each rank its own batch.
+# A step then trains N x batch_size samples, so an epoch has ceil(batches / (N x accumulation)) steps
+# (kohya's count under accelerate), and each step takes the single-GPU step time / efficiency: the gradient
+# all-reduce, and every rank waiting for the slowest. Job time ~ single-GPU time / (N x efficiency).
+#
+# ASSUMED, NOT MEASURED: rentrain has had no multi-GPU machine to measure on. The figures follow what
+# published DDP scaling reports show for models whose gradients are small next to their compute (a LoRA's
+# gradients are megabytes): near-linear on NVLink/NVSwitch boards, somewhat less over PCIe. Replace a row
+# with kind "measured" after a benchmark, as for SPEED_TABLE. Counts between the rows interpolate linearly.
+# ------------------------------------------------------------------------------------------------------
+Interconnect = Literal["pcie", "nvlink"]
+
+# SXM boards: every GPU of the machine on NVLink / NVSwitch. Every other card (GeForce, RTX workstation,
+# PCIe datacenter cards) counts as PCIe.
+NVLINK_GPUS: frozenset[str] = frozenset({"A100 SXM", "H100 SXM", "H200"})
+
+_PCIE_RISK = (
+    "consumer cards often run without GPU peer-to-peer on rented multi-GPU hosts (NCCL then copies through "
+    "host memory: cortwave.github.io/posts/multi-gpu saw 4x RTX 4090 DDP barely match one card for a 1.7B "
+    "model); LoRA gradients are far smaller, hence a modest loss here"
+)
+DATA_PARALLEL_EFFICIENCY: dict[Interconnect, dict[int, Figure]] = {
+    "pcie": {
+        2: Figure(0.90, "assumed", f"DDP over PCIe, 2 ranks: all-reduce + slowest-rank wait ~10% of a step; {_PCIE_RISK}"),
+        4: Figure(0.85, "assumed", f"DDP over PCIe, 4 ranks: ~15% of a step; {_PCIE_RISK}"),
+        8: Figure(0.80, "assumed", f"DDP over PCIe, 8 ranks (often two PCIe switches or sockets): ~20%; {_PCIE_RISK}"),
+    },
+    "nvlink": {
+        2: Figure(0.95, "assumed", "DDP on an NVLink/NVSwitch (SXM) board, 2 ranks: the all-reduce is near free"),
+        4: Figure(0.93, "assumed", "DDP on an NVLink/NVSwitch (SXM) board, 4 ranks"),
+        8: Figure(0.90, "assumed", "DDP on an NVLink/NVSwitch (SXM) board, 8 ranks: the slowest-rank wait grows with N"),
+    },
+}
+
+# ------------------------------------------------------------------------------------------------------
 # Setup overhead: billed at the same rate as training.
 # ------------------------------------------------------------------------------------------------------
 OVERHEAD: dict[str, Figure] = {
@@ -158,11 +193,23 @@ class SpeedEstimate(BaseModel):
     source: str
 
 
+class ScalingEstimate(BaseModel):
+    gpus: int
+    interconnect: Interconnect
+    efficiency: float
+    kind: SpeedKind | None  # None for one GPU: nothing is scaled
+    source: str
+
+
 class JobProfile(BaseModel):
     """What the cost depends on, taken from the config and the dataset."""
 
     family: ModelFamily
-    steps: int
+    steps: int  # optimizer steps on one GPU
+    # Set when max_train_epochs fixes the length: with N GPUs an epoch then has fewer steps (steps_on).
+    # Unset when max_train_steps does: the step count stays and each step trains N x batch_size samples.
+    epochs: int | None = None
+    batches_per_epoch: int | None = None
     batch_size: int = 1
     resolution: tuple[int, int] = (512, 512)
     gradient_checkpointing: bool = False
@@ -174,9 +221,11 @@ class JobProfile(BaseModel):
 
 class JobEstimate(BaseModel):
     steps: int
-    seconds_per_step: float
+    seconds_per_step: float  # with several GPUs: the one-GPU step time / the scaling efficiency
     speed_kind: SpeedKind
     speed_source: str
+    gpus: int = 1
+    scaling: ScalingEstimate | None = None  # several GPUs only
     train_hours: float
     overhead_hours: float
     total_hours: float
@@ -278,19 +327,64 @@ def overhead_seconds(profile: JobProfile, download_mbps: float | None) -> dict[s
     }
 
 
+def interconnect_of(gpu_model: str) -> Interconnect:
+    return "nvlink" if gpu_model in NVLINK_GPUS else "pcie"
+
+
+def scaling_efficiency(gpu_model: str, gpus: int) -> ScalingEstimate:
+    """The data-parallel efficiency of `gpus` cards of this model in one machine (1.0 for one card)."""
+    return interconnect_efficiency(interconnect_of(gpu_model), gpus)
+
+
+def interconnect_efficiency(interconnect: Interconnect, gpus: int) -> ScalingEstimate:
+    """DATA_PARALLEL_EFFICIENCY's row for `gpus`, or the line between the rows around it."""
+    if gpus == 1:
+        return ScalingEstimate(gpus=1, interconnect=interconnect, efficiency=1.0, kind=None, source="one GPU: no scaling")
+    rows = DATA_PARALLEL_EFFICIENCY[interconnect]
+    exact = rows.get(gpus)
+    if exact is not None:
+        return ScalingEstimate(gpus=gpus, interconnect=interconnect, efficiency=exact.value, kind=exact.kind, source=exact.source)
+    counts = sorted(rows)
+    below = max((c for c in counts if c < gpus), default=counts[0])
+    above = min((c for c in counts if c > gpus), default=counts[-1])
+    low, high = rows[below], rows[above]
+    value = low.value + (high.value - low.value) * (gpus - below) / (above - below) if above != below else low.value
+    source = f"interpolated between the {below}- and {above}-GPU rows: {low.source}"
+    return ScalingEstimate(gpus=gpus, interconnect=interconnect, efficiency=value, kind=_derived(low.kind), source=source)
+
+
+def steps_per_epoch(batches_per_epoch: int, gpus: int, gradient_accumulation_steps: int = 1) -> int:
+    """Optimizer steps per epoch with `gpus` data-parallel ranks: ceil(batches / ranks / accumulation), as
+    kohya counts under accelerate (each rank gets ceil(batches / ranks) batches, the last ones padded)."""
+    return math.ceil(batches_per_epoch / (gpus * gradient_accumulation_steps))
+
+
+def steps_on(profile: JobProfile, gpus: int) -> int:
+    """The job's optimizer steps with `gpus` ranks: fewer per epoch when epochs fix the length."""
+    if gpus == 1 or profile.epochs is None or profile.batches_per_epoch is None:
+        return profile.steps
+    return profile.epochs * steps_per_epoch(profile.batches_per_epoch, gpus, profile.gradient_accumulation_steps)
+
+
 def estimate_job(profile: JobProfile, offer: Offer) -> JobEstimate | None:
-    """Training on one GPU (the trainer is single-process) plus overhead, at the offer's all-in rate."""
+    """Training on all the offer's GPUs (one data-parallel rank each) plus overhead, at its all-in rate."""
     speed = seconds_per_step(offer.gpu_model, profile)
     if speed is None:
         return None
-    train_h = profile.steps * speed.seconds_per_step / SECONDS_PER_HOUR
+    gpus = offer.gpu_count
+    scaling = scaling_efficiency(offer.gpu_model, gpus)
+    step_seconds = speed.seconds_per_step / scaling.efficiency
+    steps = steps_on(profile, gpus)
+    train_h = steps * step_seconds / SECONDS_PER_HOUR
     overhead_h = sum(overhead_seconds(profile, offer.download_mbps).values()) / SECONDS_PER_HOUR
     total_h = train_h + overhead_h
     return JobEstimate(
-        steps=profile.steps,
-        seconds_per_step=speed.seconds_per_step,
+        steps=steps,
+        seconds_per_step=step_seconds,
         speed_kind=speed.kind,
         speed_source=speed.source,
+        gpus=gpus,
+        scaling=scaling if gpus > 1 else None,
         train_hours=train_h,
         overhead_hours=overhead_h,
         total_hours=total_h,
@@ -320,9 +414,12 @@ def profile_from_check(train: TrainConfig, report: DatasetReport) -> JobProfile:
     local_model_bytes = 0
     if local_model.is_absolute() and local_model.exists():
         local_model_bytes = local_model.stat().st_size if local_model.is_file() else _folder_bytes(local_model)
+    plan = report.step_plan
     return JobProfile(
         family=guess_model_family(model, train.sdxl),
-        steps=report.step_plan.total_steps,
+        steps=plan.total_steps,
+        epochs=plan.epochs if train.max_train_epochs is not None else None,
+        batches_per_epoch=plan.batches_per_epoch if train.max_train_epochs is not None else None,
         batch_size=train.batch_size,
         resolution=train.resolution,
         gradient_checkpointing=train.gradient_checkpointing,
