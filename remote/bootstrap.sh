@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # Prepares a rented machine for the trainer. Idempotent: a second run skips what is done.
 #
-#   bash bootstrap.sh JOB_DIR [MODEL_REFERENCE]
+#   bash bootstrap.sh JOB_DIR [MODEL_REFERENCE] [GPUS]
 #
 # Phases, each reported as one JSON line in JOB_DIR/bootstrap.jsonl with its duration:
 #   python    find a Python >= 3.10: $RENTRAIN_PYTHON when the host sets it (a conda env on a machine
 #             rented by hand), else the image's (a PyTorch CUDA image is the default)
 #   packages  install what the image lacks from remote/requirements.txt (uv when present, else pip);
 #             torch is kept as the image has it
-#   gpu       one torch call: the GPU's name and memory (RENTRAIN_ALLOW_CPU=1 accepts a CPU-only host)
+#   gpu       one torch call: the GPU's name and memory (RENTRAIN_ALLOW_CPU=1 accepts a CPU-only host);
+#             a host where torch sees fewer than GPUS GPUs (default 1) fails here, before any training
 #   model     a Hugging Face hub id or https URL is fetched into JOB_DIR/model/ (runs in the background
 #             while the client uploads the dataset; the trainer waits for JOB_DIR/model/.ready)
 set -uo pipefail
 
-JOB_DIR=${1:?usage: bootstrap.sh JOB_DIR [MODEL_REFERENCE]}
+JOB_DIR=${1:?usage: bootstrap.sh JOB_DIR [MODEL_REFERENCE] [GPUS]}
 MODEL=${2:-}
+GPUS=${3:-1}
 PAYLOAD_DIR=$(cd "$(dirname "$0")/.." && pwd)
 EVENTS="$JOB_DIR/bootstrap.jsonl"
 mkdir -p "$JOB_DIR"
@@ -90,15 +92,20 @@ fi
 start=$(now)
 if ! gpu=$("$PYTHON" -c '
 import os, sys, torch
+wanted = int(sys.argv[1])
 if torch.cuda.is_available():
+    count = torch.cuda.device_count()
+    if count < wanted:
+        sys.exit(f"torch sees {count} GPU(s), the job needs {wanted}: the host or its container is short of GPUs")
     p = torch.cuda.get_device_properties(0)
-    torch.zeros(1, device="cuda").add_(1)
-    print(f"{torch.cuda.device_count()} x {p.name}, {p.total_memory / 2**30:.1f} GiB, torch {torch.__version__}, CUDA {torch.version.cuda}")
+    for index in range(wanted):
+        torch.zeros(1, device=f"cuda:{index}").add_(1)
+    print(f"{count} x {p.name}, {p.total_memory / 2**30:.1f} GiB, torch {torch.__version__}, CUDA {torch.version.cuda}")
 elif os.environ.get("RENTRAIN_ALLOW_CPU") == "1":
-    print(f"CPU only (allowed), torch {torch.__version__}")
+    print(f"CPU only (allowed), torch {torch.__version__}" + (f", {wanted} CPU processes" if wanted > 1 else ""))
 else:
     sys.exit("torch sees no GPU: the driver, the image or the host is broken")
-' 2>&1); then
+' "$GPUS" 2>&1); then
     fail gpu "$start" "$gpu"
 fi
 phase gpu true "$start" "$gpu"

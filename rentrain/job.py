@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from providers.base import (
     Instance,
@@ -76,6 +76,9 @@ class RunSettings(BaseModel):
     poll_seconds: float = 5
     watchdog_poll_seconds: float = 15
     identity: str | None = None  # --provider ssh: the user's own key for the machine rented by hand
+    # GPUs per instance asked for (--gpus, else [rentrain] gpu_count): replacement offers are searched with
+    # it. Each instance's own count (the processes the trainer runs there) is in its ledger record.
+    gpus: int = Field(1, ge=1, le=8)
 
 
 class JobFailed(Exception):
@@ -102,6 +105,11 @@ class Session:
     remote: Remote
     layout: RemoteLayout
     python: str = "python3"
+
+    @property
+    def gpus(self) -> int:
+        """The trainer's data-parallel processes on this instance: one per GPU it was rented with."""
+        return self.record.gpu_count
 
 
 def budget_reached(ledger: Ledger, job_id: str, max_cost: float | None) -> str | None:
@@ -218,7 +226,8 @@ class JobRunner:
             job_id=self.job.id,
             provider="ssh",
             offer_id=f"{endpoint.user}@{endpoint.host}:{endpoint.port}",
-            gpu="machine rented by hand",
+            gpu="machine rented by hand" if self.settings.gpus == 1 else f"{self.settings.gpus} GPUs, machine rented by hand",
+            gpu_count=self.settings.gpus,
             usd_per_hour=0.0,
             created_at=time.time(),
         )
@@ -345,6 +354,7 @@ class JobRunner:
             provider=offer.provider,
             offer_id=offer.offer_id,
             gpu=f"{offer.gpu_count}x {offer.gpu_model}",
+            gpu_count=offer.gpu_count,
             usd_per_hour=offer.price_per_hour,
             created_at=time.time(),
         )
@@ -476,7 +486,7 @@ class JobRunner:
         model_reference = remote_model_reference(train, layout)
         fetch_on_instance = model_source_kind(train.pretrained_model_name_or_path) in ("hub", "url")
         self._move("bootstrapping", "in parallel with the dataset upload")
-        remote.run(bootstrap_command(layout, train.pretrained_model_name_or_path if fetch_on_instance else ""))
+        remote.run(bootstrap_command(layout, train.pretrained_model_name_or_path if fetch_on_instance else "", session.gpus))
         self._upload(session, train.train_data_dir, layout.dataset, "dataset")
         if train.reg_data_dir is not None:
             self._upload(session, train.reg_data_dir, layout.reg, "regularisation images")
@@ -493,11 +503,12 @@ class JobRunner:
         self._move("watchdog")
         self._write_remote_file(session, layout.watchdog_settings, json.dumps(self._watchdog_settings(session)))
         remote.run(watchdog_command(layout, session.python))
-        self._move("training", f"resume from {resume}" if resume else "fresh start")
+        on = f" on {session.gpus} GPUs (data parallel)" if session.gpus > 1 else ""
+        self._move("training", (f"resume from {resume}" if resume else "fresh start") + on)
         remote.run(f"rm -f {shlex.quote(layout.events)}")
         self.events_offset = 0
         self.ledger.update_job(self.job.id, events_offset=0, remote_dir=layout.root)
-        remote.run(trainer_command(layout, session.python, resume))
+        remote.run(trainer_command(layout, session.python, resume, session.gpus))
 
     def _upload(self, session: Session, local: Path, remote_dir: str, what: str) -> None:
         files = [p for p in local.rglob("*") if p.is_file()]

@@ -72,6 +72,7 @@ CREATE TABLE IF NOT EXISTS instances (
     offer_id TEXT NOT NULL,
     host_id TEXT,
     gpu TEXT NOT NULL,
+    gpu_count INTEGER NOT NULL DEFAULT 1,
     usd_per_hour REAL NOT NULL,
     ssh_host TEXT,
     ssh_port INTEGER,
@@ -90,6 +91,10 @@ CREATE TABLE IF NOT EXISTS failed_hosts (
     reason TEXT NOT NULL
 );
 """
+# Columns added after a table's first release: a ledger written by an older rentrain gets them on open.
+ADDED_COLUMNS: dict[str, dict[str, str]] = {
+    "instances": {"gpu_count": "INTEGER NOT NULL DEFAULT 1"},
+}
 
 
 class JobRecord(BaseModel):
@@ -125,7 +130,8 @@ class InstanceRecord(BaseModel):
     offer_id: str
     host_id: str | None = None
     gpu: str
-    usd_per_hour: float
+    gpu_count: int = 1  # data-parallel trainer processes on this instance: a relaunch there uses as many
+    usd_per_hour: float  # the whole instance, all its GPUs
     ssh_host: str | None = None
     ssh_port: int | None = None
     ssh_user: str | None = None
@@ -161,6 +167,15 @@ class Ledger:
             db.executescript(SCHEMA)
         finally:
             db.close()
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        with self._connect() as db:  # one writer at a time: two clients opening an old ledger add each column once
+            for table, columns in ADDED_COLUMNS.items():
+                present = {row["name"] for row in db.execute(f"PRAGMA table_info({table})")}
+                for name, declaration in columns.items():
+                    if name not in present:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:

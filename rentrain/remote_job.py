@@ -25,6 +25,7 @@ from pydantic import BaseModel
 
 import remote
 from remote.config import TrainConfig, model_source_kind
+from rentrain.multigpu import trainer_argv
 from rentrain.transport import Remote, TransportError
 
 WORKDIR_PROBE = (
@@ -159,9 +160,11 @@ def detached(command: str, log: str, pid_file: str | None = None) -> str:
     return f"setsid nohup sh -c {shlex.quote(command)} > {shlex.quote(log)} 2>&1 < /dev/null &{record}"
 
 
-def bootstrap_command(layout: RemoteLayout, model_reference: str) -> str:
+def bootstrap_command(layout: RemoteLayout, model_reference: str, gpus: int) -> str:
+    """bootstrap.sh JOB_DIR MODEL GPUS: its gpu phase fails a host where torch sees fewer than `gpus` GPUs."""
     script = posixpath.join(layout.payload, "remote", "bootstrap.sh")
-    inner = f"bash {shlex.quote(script)} {shlex.quote(layout.root)} {shlex.quote(model_reference)}; echo $? > {shlex.quote(layout.bootstrap_exit)}"
+    arguments = shlex.join(["bash", script, layout.root, model_reference, str(gpus)])
+    inner = f"{arguments}; echo $? > {shlex.quote(layout.bootstrap_exit)}"
     return f"rm -f {shlex.quote(layout.bootstrap_exit)}; " + detached(inner, posixpath.join(layout.root, "bootstrap.log"))
 
 
@@ -172,8 +175,11 @@ def watchdog_command(layout: RemoteLayout, python: str) -> str:
     return f"{already} || {{ {start} }}"
 
 
-def trainer_command(layout: RemoteLayout, python: str, resume: str | None) -> str:
-    arguments = [python, "-m", "remote.trainer", layout.config] + (["--resume", resume] if resume else [])
+def trainer_command(layout: RemoteLayout, python: str, resume: str | None, gpus: int) -> str:
+    """Start the trainer detached: one process, or `gpus` data-parallel ranks under `accelerate launch`
+    (rentrain.multigpu.trainer_argv). The pid file holds the launcher's pid, the leader of the process group
+    that the client and the watchdog signal, so every rank is stopped with it."""
+    arguments = trainer_argv(python, layout.config, resume, gpus)
     # events go to output/events.jsonl; stdout (the same events) is not needed, stderr is the log
     run = f"cd {shlex.quote(layout.root)} && PYTHONPATH={shlex.quote(layout.payload)} exec {shlex.join(arguments)} > /dev/null"
     # a retried SSH command must not start a second trainer

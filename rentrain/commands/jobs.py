@@ -183,7 +183,9 @@ def _fresh_offers(runner: JobRunner) -> list:
         report = inspect_dataset(runner.loaded.train)
         profile = profile_from_check(runner.loaded.train, report)
         assert runner.provider is not None
-        search = find_offers([runner.settings.provider], requirements_from(runner.loaded.job), profile, opener=lambda _n: runner.provider)
+        # the GPU count the job was started with (--gpus), not whatever the config says now
+        requirements = requirements_from(runner.loaded.job, gpu_count=runner.settings.gpus)
+        search = find_offers([runner.settings.provider], requirements, profile, opener=lambda _n: runner.provider)
         return [r.offer for r in search.ranked]
     except (ProviderError, ValueError):
         return []
