@@ -14,13 +14,16 @@ from rentrain.commands.offers import (
     PROVIDER_CHOICES,
     describe_profile,
     describe_requirements,
+    gpu_label,
+    gpus_option,
     load_job,
     money,
     note_cells,
     print_notes,
     provider_label,
+    scaling_note,
 )
-from rentrain.costs import BF16_TFLOPS, JobProfile, overhead_seconds, seconds_per_step
+from rentrain.costs import BF16_TFLOPS, JobProfile, overhead_seconds, scaling_efficiency, seconds_per_step, steps_on
 from rentrain.offers import RankedOffer, find_offers, provider_names, requirements_from
 
 
@@ -33,16 +36,18 @@ def best_per(ranked: list[RankedOffer], key: str) -> list[RankedOffer]:
     return list(seen.values())
 
 
-def offline_rows(profile: JobProfile) -> list[dict[str, Any]]:
-    """Training time per known GPU model when no provider answered: hours, no price."""
+def offline_rows(profile: JobProfile, gpus: int = 1) -> list[dict[str, Any]]:
+    """Training time per known GPU model (with `gpus` of it) when no provider answered: hours, no price."""
     overhead_h = sum(overhead_seconds(profile, None).values()) / 3600
     rows = []
     for gpu in BF16_TFLOPS:
         speed = seconds_per_step(gpu, profile)
         if speed is None:
             continue
-        hours = profile.steps * speed.seconds_per_step / 3600 + overhead_h
-        rows.append({"gpu": gpu, "seconds_per_step": speed.seconds_per_step, "speed_kind": speed.kind, "hours": hours})
+        step_s = speed.seconds_per_step / scaling_efficiency(gpu, gpus).efficiency
+        hours = steps_on(profile, gpus) * step_s / 3600 + overhead_h
+        label = gpu if gpus == 1 else f"{gpus}x {gpu}"
+        rows.append({"gpu": label, "seconds_per_step": step_s, "speed_kind": speed.kind, "hours": hours})
     return sorted(rows, key=lambda r: r["hours"])
 
 
@@ -54,20 +59,29 @@ def offline_rows(profile: JobProfile) -> list[dict[str, Any]]:
 @click.option("--gpu", "gpus", multiple=True, help="GPU model to consider (repeatable).")
 @click.option("--max-price", type=float, default=None, help="Skip offers above this USD per hour.")
 @click.option("--include-interruptible", is_flag=True, default=None, help="Also consider interruptible offers.")
+@gpus_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def estimate(
     config: Path,
     providers: tuple[str, ...],
     gpus: tuple[str, ...],
+    gpu_count: int | None,
     max_price: float | None,
     include_interruptible: bool | None,
     as_json: bool,
 ) -> None:
-    """Estimate steps, hours and cost of the job on the best offer of each provider and each GPU model."""
+    """Estimate steps, hours and cost of the job on the best offer of each provider and each GPU model.
+
+    With several GPUs (--gpus N), the speed-up is an assumed data-parallel scaling, and the output says so.
+    """
     job, profile = load_job(config)
     assert profile is not None
     req = requirements_from(
-        job, gpu_models=list(gpus) or None, max_price_per_hour=max_price, include_interruptible=include_interruptible or None
+        job,
+        gpu_models=list(gpus) or None,
+        max_price_per_hour=max_price,
+        include_interruptible=include_interruptible or None,
+        gpu_count=gpu_count,
     )
     search = find_offers(provider_names(providers), req, profile)
     by_provider = best_per(search.ranked, "provider")
@@ -81,13 +95,14 @@ def estimate(
             "best_per_provider": [_row(i) for i in by_provider],
             "best_per_gpu": [_row(i) for i in by_gpu],
             "notes": [n.model_dump() for n in search.notes],
-            "without_prices": offline_rows(profile) if not search.ranked else [],
+            "without_prices": offline_rows(profile, req.gpu_count) if not search.ranked else [],
+            "scaling_note": scaling_note(req.gpu_count, search.ranked),
         }
         click.echo(json.dumps(payload, indent=2, default=str))
         return
 
     console = Console()
-    console.print(f"Job: {describe_profile(profile)}", highlight=False)
+    console.print(f"Job: {describe_profile(profile, req.gpu_count)}", highlight=False)
     console.print(f"Requirements: {describe_requirements(req)}", highlight=False)
     console.print(
         "Setup overhead (billed): " + ", ".join(f"{k.replace('_', ' ')} {v / 60:.1f} min" for k, v in overhead.items() if v),
@@ -100,9 +115,12 @@ def estimate(
         table = Table(title="No live prices: training time per GPU model")
         for column in ("GPU", "s/step", "basis", "est. hours"):
             table.add_column(column, justify="right" if column != "GPU" else "left")
-        for row in offline_rows(profile):
+        for row in offline_rows(profile, req.gpu_count):
             table.add_row(row["gpu"], f"{row['seconds_per_step']:.3f}", row["speed_kind"], f"{row['hours']:.2f}")
         console.print(table)
+    note = scaling_note(req.gpu_count, search.ranked)
+    if note:
+        console.print(note, highlight=False)
 
 
 def _row(item: RankedOffer) -> dict[str, Any]:
@@ -117,7 +135,7 @@ def _table(title: str, items: list[RankedOffer], notes: list[Any]) -> Table:
         est = item.estimate
         table.add_row(
             provider_label(item.offer),
-            item.offer.gpu_model,
+            gpu_label(item.offer),
             money(item.offer.price_per_hour),
             str(est.steps) if est else "?",
             f"{est.seconds_per_step:.3f} ({est.speed_kind})" if est else "no speed figure",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import click
 from rich.console import Console
@@ -13,10 +13,52 @@ from rich.text import Text
 
 from providers import registry
 from providers.base import Offer, Requirements
-from rentrain.costs import JobProfile
+from rentrain.costs import Interconnect, JobProfile, interconnect_efficiency, steps_on
+from rentrain.multigpu import MAX_GPUS, MIN_GPUS, GpuCountError, check_gpu_count
 from rentrain.offers import OfferSearch, ProviderNote, RankedOffer, find_offers, provider_names, requirements_from
 
 PROVIDER_CHOICES = ["all", *registry.MARKETS]
+
+
+def _check_gpus(_ctx: click.Context, _param: click.Parameter, value: int | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return check_gpu_count(value)
+    except GpuCountError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def gpus_option(command: Any) -> Any:
+    """--gpus N, shared by offers, estimate and run."""
+    return click.option(
+        "--gpus",
+        "gpu_count",
+        type=int,
+        default=None,
+        metavar="N",
+        callback=_check_gpus,
+        help=f"GPUs per instance, {MIN_GPUS} to {MAX_GPUS}: offers with N GPUs, trained data parallel "
+        "(N x batch_size per step). Overrides [rentrain] gpu_count.",
+    )(command)
+
+
+def scaling_note(gpus: int, items: list[RankedOffer] | None = None) -> str | None:
+    """Say that the several-GPU speed-up is assumed, with the efficiencies the estimates used (both
+    interconnects' without estimates)."""
+    if gpus == 1:
+        return None
+    scalings = [i.estimate.scaling for i in items or [] if i.estimate is not None and i.estimate.scaling is not None]
+    if not scalings:
+        scalings = [interconnect_efficiency(link, gpus) for link in get_args(Interconnect)]
+    used = sorted({(s.interconnect, s.efficiency) for s in scalings})
+    efficiencies = ", ".join(f"{link} {efficiency:.2f}" for link, efficiency in used)
+    return (
+        f"{gpus} GPUs, data parallel: steps per epoch / {gpus}, each step / the scaling efficiency ({efficiencies}), "
+        f"so time ~ one GPU's / ({gpus} x efficiency). The efficiency is ASSUMED from published DDP scaling, not "
+        "measured by rentrain (rentrain.costs.DATA_PARALLEL_EFFICIENCY); consumer cards without GPU peer-to-peer "
+        "may scale worse."
+    )
 
 
 def load_job(config: Path | None) -> tuple[Any | None, JobProfile | None]:
@@ -53,11 +95,19 @@ def describe_requirements(req: Requirements) -> str:
     return "; ".join(parts)
 
 
-def describe_profile(profile: JobProfile) -> str:
+def describe_profile(profile: JobProfile, gpus: int = 1) -> str:
     w, h = profile.resolution
-    return (
-        f"{profile.steps} steps, {profile.family} at {w}x{h}, batch {profile.batch_size}, {profile.images} images"
-    )
+    steps = f"{profile.steps} steps"
+    if gpus > 1:
+        steps = f"{steps_on(profile, gpus)} steps on {gpus} GPUs ({profile.steps} on one)"
+        batch = f"batch {profile.batch_size} per GPU = {gpus * profile.batch_size} per step"
+    else:
+        batch = f"batch {profile.batch_size}"
+    return f"{steps}, {profile.family} at {w}x{h}, {batch}, {profile.images} images"
+
+
+def gpu_label(offer: Offer) -> str:
+    return f"{offer.gpu_count}x {offer.gpu_model}" if offer.gpu_count > 1 else offer.gpu_model
 
 
 def provider_label(offer: Offer) -> str:
@@ -80,7 +130,7 @@ def offers_table(search: OfferSearch, with_estimates: bool, title: str | None = 
     table.add_column("est. cost", justify="right")
     for item in search.ranked:
         offer = item.offer
-        gpu = f"{offer.gpu_count}x {offer.gpu_model}" if offer.gpu_count > 1 else offer.gpu_model
+        gpu = gpu_label(offer)
         if offer.interruptible:
             gpu += " (interruptible)"
         table.add_row(
@@ -138,11 +188,13 @@ def search_json(search: OfferSearch, req: Requirements, profile: JobProfile | No
 @click.option("--max-price", type=float, default=None, help="Skip offers above this USD per hour.")
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Rows to show.")
 @click.option("--include-interruptible", is_flag=True, default=None, help="Also show interruptible (bid/spot) offers.")
+@gpus_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def offers(
     config: Path | None,
     providers: tuple[str, ...],
     gpus: tuple[str, ...],
+    gpu_count: int | None,
     min_vram: float | None,
     max_price: float | None,
     limit: int,
@@ -161,6 +213,7 @@ def offers(
         min_vram_gb=min_vram,
         max_price_per_hour=max_price,
         include_interruptible=include_interruptible or None,
+        gpu_count=gpu_count,
     )
     search = find_offers(provider_names(providers), req, profile)
     search = search.model_copy(update={"ranked": search.ranked[:limit]})
@@ -170,9 +223,12 @@ def offers(
     console = Console()
     console.print(f"Requirements: {describe_requirements(req)}", highlight=False)
     if profile:
-        console.print(f"Job: {describe_profile(profile)}", highlight=False)
+        console.print(f"Job: {describe_profile(profile, req.gpu_count)}", highlight=False)
     title = f"{len(search.ranked)} offers" + (" by estimated job cost" if profile else " by $/h")
     console.print(offers_table(search, with_estimates=profile is not None, title=title))
+    note = scaling_note(req.gpu_count, search.ranked) if profile else None
+    if note:
+        console.print(note, highlight=False)
     print_notes(console, search.notes)
     if not search.ranked and any(n.kind == "error" for n in search.notes):
         raise SystemExit(1)

@@ -17,11 +17,13 @@ from providers import registry
 from providers.base import Unsupported
 from remote.config import KNOWN_PROVIDERS, LoadedConfig
 from rentrain.commands.check import print_check, run_check
-from rentrain.costs import profile_from_check
+from rentrain.commands.offers import gpus_option, scaling_note
+from rentrain.costs import profile_from_check, steps_on
 from rentrain.credentials import CredentialsError, open_provider
 from rentrain.job import DetachRequested, HostLost, JobFailed, JobRunner, RunSettings, new_job_id
 from rentrain.ledger import JobRecord, Ledger
 from rentrain.local_run import LocalTrainingUnavailable, ensure_training_stack, run_trainer
+from rentrain.multigpu import GpuCountError, describe_data_parallel, local_cuda_devices, local_gpus_note, plan_with_gpus
 from rentrain.offers import RankedOffer, find_offers, requirements_from
 from rentrain.progress import RunProgress
 from rentrain.sshkeys import JobKey, create_job_key
@@ -45,6 +47,7 @@ TIMING_ENV = {
 @click.option("--max-hours", type=click.FloatRange(min=0, min_open=True), help="Hard deadline, enforced on the instance.")
 @click.option("--idle-timeout", type=click.FloatRange(min=0, min_open=True), help="Minutes without this client after training ends before the instance ends itself.")
 @click.option("--gpu", "gpus", multiple=True, help="Only these GPU models (repeatable).")
+@gpus_option
 @click.option("--max-offers", type=click.IntRange(min=1), help="Offers to try when hosts fail.")
 @click.option("--max-retries", type=click.IntRange(min=0), help="Times to resume on a new instance after a host dies.")
 @click.option("--detach", is_flag=True, help="Return once training has started; `rentrain attach JOB` follows it later.")
@@ -59,6 +62,7 @@ def run(
     max_hours: float | None,
     idle_timeout: float | None,
     gpus: tuple[str, ...],
+    gpu_count: int | None,
     max_offers: int | None,
     max_retries: int | None,
     detach: bool,
@@ -82,11 +86,15 @@ def run(
     if not chosen:
         raise click.UsageError("say where to train: --provider local|vast|runpod|ssh, or provider in [rentrain]")
     _refuse_if_impossible(chosen)
+    gpu_total = gpu_count or loaded.job.gpu_count
     plan = result.dataset.step_plan if result.dataset else None
     if plan is not None:
+        plan = plan_with_gpus(plan, loaded.train, gpu_total)
         console.print(f"{loaded.path}: {plan.total_steps} steps ({plan.epochs} epochs of {plan.steps_per_epoch})")
+    if gpu_total > 1:
+        console.print(describe_data_parallel(gpu_total, loaded.train.batch_size) + " (README: Several GPUs)")
     if chosen == "local":
-        _run_local(loaded, console, resume)
+        _run_local(loaded, console, resume, gpu_total)
         return
     settings = RunSettings(
         provider=chosen,
@@ -97,6 +105,7 @@ def run(
         max_retries=max_retries if max_retries is not None else loaded.job.max_retries,
         image=loaded.job.image,
         disk_gb=loaded.job.disk_gb,
+        gpus=gpu_total,
         **{field: float(os.environ[name]) for field, name in TIMING_ENV.items() if name in os.environ},
     )
     _refuse_to_overwrite(loaded)
@@ -129,17 +138,24 @@ def _refuse_if_impossible(name: str) -> None:
         sys.exit(2)
 
 
-def _run_local(loaded: LoadedConfig, console: Console, resume: Path | None) -> None:
+def _run_local(loaded: LoadedConfig, console: Console, resume: Path | None, gpus: int) -> None:
     try:
-        ensure_training_stack()
+        ensure_training_stack(gpus)
     except LocalTrainingUnavailable as exc:
         raise click.ClickException(str(exc)) from None
+    if gpus > 1:
+        try:
+            note = local_gpus_note(gpus, local_cuda_devices())
+        except GpuCountError as exc:
+            raise click.ClickException(str(exc)) from None
+        if note:
+            console.print(f"[yellow]{escape(note)}[/]")
     train = loaded.train
     if resume is None:
         _refuse_to_overwrite(loaded)
     with RunProgress(console) as view:
         try:
-            exit_code = run_trainer(loaded.path, train.output_dir, view, resume)
+            exit_code = run_trainer(loaded.path, train.output_dir, view, resume, gpus)
         except KeyboardInterrupt:
             console.print("interrupted: the trainer stopped; its last checkpoint's state folder resumes it (--resume)")
             sys.exit(130)
@@ -182,7 +198,7 @@ def _run_rented(
     except CredentialsError as exc:
         raise click.ClickException(str(exc)) from None
     profile = profile_from_check(loaded.train, report)  # type: ignore[arg-type]
-    requirements = requirements_from(loaded.job, gpu_models=list(gpus) or None)
+    requirements = requirements_from(loaded.job, gpu_models=list(gpus) or None, gpu_count=settings.gpus)
     search = find_offers([settings.provider], requirements, profile, opener=lambda _name: provider)
     for note in search.notes:
         console.print(f"[yellow]{settings.provider}[/]: {escape(note.message)}")
@@ -200,7 +216,7 @@ def _run_rented(
     if not yes and not click.confirm("Rent it and start?", default=True):
         raise click.Abort()
     ledger = Ledger()
-    job = _new_job(ledger, loaded, settings.provider, settings, profile.steps)
+    job = _new_job(ledger, loaded, settings.provider, settings, steps_on(profile, best.offer.gpu_count))
     console.print(f"job [bold]{job.id}[/] (instance label {job.label})")
     key = create_job_key(job.id)
     with RunProgress(console, usd_per_hour=best.offer.price_per_hour) as view:
@@ -251,6 +267,9 @@ def _show_choice(best: RankedOffer, console: Console) -> None:
             f"about ${e.cost_usd:.2f}"
         )
     console.print(escape(line))
+    note = scaling_note(offer.gpu_count, [best])
+    if note:
+        console.print(escape(note), highlight=False)
 
 
 def _drive(runner: JobRunner, console: Console, body: object) -> None:
