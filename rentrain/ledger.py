@@ -186,7 +186,10 @@ class Ledger:
             yield db
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # a Ctrl-C can land inside COMMIT after it finished: nothing is left to roll back then, and a
+            # failing ROLLBACK must not hide the KeyboardInterrupt
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
         finally:
             db.close()

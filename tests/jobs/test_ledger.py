@@ -101,3 +101,21 @@ def test_the_client_meter_stops_a_job_at_its_budget(tmp_path: Path) -> None:
     assert budget_reached(ledger, "j1", None) is None
     assert budget_reached(ledger, "j1", 0.60) is None
     assert budget_reached(ledger, "j1", 0.45) == "budget reached: $0.50 of $0.45"
+
+
+def test_an_interrupt_after_the_commit_stays_an_interrupt(tmp_path: Path) -> None:
+    """Ctrl-C can land inside COMMIT once it is done: the KeyboardInterrupt must reach the CLI's handler,
+    not a 'cannot rollback' error."""
+    ledger = Ledger(tmp_path / "l.sqlite3")
+    ledger.create_job(_job())
+    with pytest.raises(KeyboardInterrupt):
+        with ledger._connect() as db:
+            db.execute("UPDATE jobs SET last_step = 7 WHERE id = 'j1'")
+            db.execute("COMMIT")
+            raise KeyboardInterrupt
+    assert ledger.job("j1").last_step == 7
+    with pytest.raises(RuntimeError):
+        with ledger._connect() as db:
+            db.execute("UPDATE jobs SET last_step = 9 WHERE id = 'j1'")
+            raise RuntimeError("rolled back")
+    assert ledger.job("j1").last_step == 7
