@@ -135,7 +135,8 @@ GRADIENT_CHECKPOINTING_FACTOR = Figure(1.3, "assumed", "recomputes the forward p
 #
 # ASSUMED, NOT MEASURED: rentrain has had no multi-GPU machine to measure on. The figures follow what
 # published DDP scaling reports show for models whose gradients are small next to their compute (a LoRA's
-# gradients are megabytes): near-linear on NVLink/NVSwitch boards, somewhat less over PCIe. Replace a row
+# are tens of MB for SD 1.5, a few hundred for SDXL at dim 32): near-linear on NVLink/NVSwitch boards,
+# somewhat less over PCIe. Replace a row
 # with kind "measured" after a benchmark, as for SPEED_TABLE. Counts between the rows interpolate linearly.
 # ------------------------------------------------------------------------------------------------------
 Interconnect = Literal["pcie", "nvlink"]
