@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.train_speed import CASES, build_dataset, build_model, write_config  # noqa: E402
+from bench.train_speed import CASES, PATCHES, build_dataset, build_model, write_config  # noqa: E402
 
 KERNEL_KINDS = (
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_generated_fort_native_sdpa")),
@@ -46,6 +46,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/rentrain-bench"))
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--patch", dest="patches", action="append", default=[], choices=sorted(PATCHES))
     args = parser.parse_args()
 
     import torch
@@ -64,6 +65,25 @@ def main() -> int:
         args.workdir / f"out-profile-{args.case}-{int(time.time())}",
         args.skip + args.steps + 1,
     )
+
+    for name in args.patches:
+        exec(PATCHES[name], {"L": loop, "torch": torch})  # noqa: S102 - the bench's own experiment patches
+
+    # host time per phase of the step, measured around the trainer's own functions
+    host: dict[str, float] = {}
+
+    def timed(name: str, function):  # type: ignore[no-untyped-def]
+        def wrapper(*a, **k):  # type: ignore[no-untyped-def]
+            started = time.perf_counter()
+            try:
+                return function(*a, **k)
+            finally:
+                if "started" in state and "wall" not in state:
+                    host[name] = host.get(name, 0.0) + time.perf_counter() - started
+        return wrapper
+
+    for name in ("batch_inputs", "optimizer_step", "emit_step", "after_step"):
+        setattr(loop, name, timed(name, getattr(loop, name)))
 
     original = loop.train_step
     state: dict[str, object] = {"count": 0}
@@ -95,7 +115,12 @@ def main() -> int:
         print("the run ended before the profiled steps", file=sys.stderr)
         return 1
     events = profiler.events()  # type: ignore[attr-defined]
-    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    # GPU-side ranges of user annotations (Optimizer.step#AdamW.step, ...) are not kernels
+    kernels = [
+        e for e in events
+        if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+        and "#" not in e.name
+    ]
     gpu_ms = sum(e.device_time for e in kernels) / 1000 / args.steps
     by_kind: dict[str, float] = {}
     for e in kernels:
@@ -105,6 +130,8 @@ def main() -> int:
         f"wall per step: {float(state['wall']) / args.steps * 1000:.1f} ms",  # type: ignore[arg-type]
         f"GPU kernel time per step: {gpu_ms:.1f} ms",
         f"kernel launches per step: {len(kernels) / args.steps:.0f}",
+        "host time per step in the trainer's phases (ms): "
+        + ", ".join(f"{k} {v / args.steps * 1000:.2f}" for k, v in host.items()),
         "GPU time by kind (ms per step):",
         *[f"  {kind}: {ms:.1f}" for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1])],
         "",

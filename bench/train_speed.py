@@ -13,6 +13,7 @@ training config, runs `python -m remote.trainer CONFIG` as a user would, and rea
 
     python bench/train_speed.py [--cases sd15,sd15-unet,sdxl] [--steps N] [--workdir DIR] [--cap-gib G]
     python bench/train_speed.py --tiny          # smoke test on CPU with the built-in tiny model
+    python bench/train_speed.py --cases sd15 --set cuda_graphs=false --patch autocast   # the old eager path
 
 --cap-gib caps the process's GPU memory (torch.cuda.set_per_process_memory_fraction) to act like a
 smaller card. Results are printed as one Markdown table; bench/RESULTS.md records them with the command.
@@ -28,7 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,26 +188,56 @@ class Result:
     error: str | None = None
 
 
-def run_case(case: Case, config: Path, warmup: int, cap_gib: float | None, gpu: str) -> Result:
+# Experiment switches, applied from outside the trainer (the trainer itself has no such knobs):
+PATCHES = {
+    # the pre-speed-work compute: autocast around a bf16 model (float32 norms and casts)
+    "autocast": "L.uses_autocast = lambda run: run.dtype != torch.float32",
+    # the UNet's weights and activations in NHWC
+    "channels_last": (
+        "_setup = L.setup\n"
+        "def setup(*a, **k):\n"
+        "    run = _setup(*a, **k)\n"
+        "    run.bundle.unet.to(memory_format=torch.channels_last)\n"
+        "    return run\n"
+        "L.setup = setup"
+    ),
+}
+
+
+def trainer_command(config: Path, cap_gib: float | None = None, patches: tuple[str, ...] = ()) -> list[str]:
+    """`python -m remote.trainer CONFIG`, or the same through a launcher that caps GPU memory (to act like a
+    smaller card) and applies experiment patches."""
+    if not cap_gib and not patches:
+        return [sys.executable, "-m", "remote.trainer", str(config)]
+    lines = ["import sys, runpy, torch", "import remote.trainer.loop as L"]
+    if cap_gib:
+        lines.append(
+            f"torch.cuda.set_per_process_memory_fraction({cap_gib} * 2**30 / torch.cuda.get_device_properties(0).total_memory)"
+        )
+    lines += [PATCHES[name] for name in patches]
+    lines += ["sys.argv = ['remote.trainer', sys.argv[1]]", "runpy.run_module('remote.trainer', run_name='__main__', alter_sys=True)"]
+    return [sys.executable, "-c", "\n".join(lines), str(config)]
+
+
+def run_case(
+    case: Case, config: Path, warmup: int, cap_gib: float | None, gpu: str, patches: tuple[str, ...] = ()
+) -> Result:
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "remote.trainer", str(config)]
-    if cap_gib:
-        # act like a smaller card: cap this process's GPU memory, then run the trainer's main module
-        launcher = (
-            "import sys, runpy, torch; "
-            f"torch.cuda.set_per_process_memory_fraction({cap_gib} * 2**30 / torch.cuda.get_device_properties(0).total_memory); "
-            "sys.argv = ['remote.trainer', sys.argv[1]]; runpy.run_module('remote.trainer', run_name='__main__')"
-        )
-        command = [sys.executable, "-c", launcher, str(config)]
+    command = trainer_command(config, cap_gib, patches)
     started = time.time()
     completed = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     events = [json.loads(line) for line in completed.stdout.splitlines() if line.startswith("{")]
+    for line in completed.stderr.splitlines():
+        if "CUDA graph" in line or "Error" in line:
+            print(f"  trainer: {line[:400]}", file=sys.stderr, flush=True)
     steps = [e for e in events if e["event"] == "step"]
     errors = [e for e in events if e["event"] == "error"]
     if errors or len(steps) <= warmup + 1:
         message = errors[0]["message"] if errors else completed.stderr[-800:]
         return Result(case.name, 0, 0, None, None, None, 0, len(steps), error=message)
+    start = next((e for e in events if e["event"] == "start"), {})
+    print(f"  trainer set-up: {start.get('setup_seconds')}; choices: {start.get('choices')}", file=sys.stderr, flush=True)
     steady = steps[warmup:]
     seconds = (steady[-1]["time"] - steady[0]["time"]) / (len(steady) - 1)
     flop = case.flop_per_step
@@ -223,6 +254,14 @@ def run_case(case: Case, config: Path, warmup: int, cap_gib: float | None, gpu: 
         startup_s=steps[0]["time"] - started,
         steps=len(steps),
     )
+
+
+def parse_override(item: str) -> tuple[str, object]:
+    key, _, value = item.partition("=")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
 
 
 def table(results: list[Result]) -> str:
@@ -275,7 +314,13 @@ def main() -> int:
     parser.add_argument("--cap-gib", type=float, default=None)
     parser.add_argument("--tiny", action="store_true", help="smoke test on CPU with builtin:tiny-sd15")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every case, e.g. cuda_graphs=false (repeatable)")
+    parser.add_argument("--patch", dest="patches", action="append", default=[], choices=sorted(PATCHES),
+                        help="experiment patch applied from outside the trainer (repeatable)")
     args = parser.parse_args()
+    overrides = dict(parse_override(item) for item in args.overrides)
+    label = ", ".join([f"{k}={v}" for k, v in overrides.items()] + args.patches)
     sys.path.insert(0, str(REPO))
 
     import torch
@@ -291,11 +336,13 @@ def main() -> int:
     else:
         for key in args.cases.split(","):
             case = CASES[key]
+            if label:
+                case = replace(case, name=f"{case.name} [{label}]", extra={**case.extra, **overrides})
             model = build_model(case.family, args.workdir / f"model-{case.family}")
             dataset = build_dataset(args.workdir / "data", case.resolution)
             output = args.workdir / f"out-{key}-{int(time.time())}"
             config = write_config(args.workdir / f"{key}.toml", case, model, dataset, output, args.steps)
-            result = run_case(case, config, args.warmup, args.cap_gib, gpu)
+            result = run_case(case, config, args.warmup, args.cap_gib, gpu, tuple(args.patches))
             print(f"{key}: {result}", file=sys.stderr, flush=True)
             results.append(result)
     print(environment())

@@ -48,6 +48,10 @@ class StartEvent(_Event):
     trainable_parameters: int = 0
     output_dir: str = ""
     warnings: list[str] = Field(default_factory=list, description="Things the user should know, e.g. a model/config mismatch.")
+    choices: list[str] = Field(default_factory=list, description="What the trainer chose for speed and memory, and why.")
+    setup_seconds: dict[str, float] = Field(
+        default_factory=dict, description="Seconds spent loading the model and filling the caches (latents_encoded: images encoded)."
+    )
 
 
 class StepEvent(_Event):

@@ -68,6 +68,8 @@ class RunProgress:
                 f"{event.total_steps} steps, {event.epochs} epochs{resumed}",
                 highlight=False,
             )
+            for choice in event.choices:
+                self.console.print(f"  {escape(choice)}", highlight=False)
             self.task = self.progress.add_task(
                 "train",
                 total=event.total_steps,

@@ -12,10 +12,12 @@ import os
 import random
 import secrets
 import signal
+import sys
 import time
 import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,6 +34,7 @@ from remote.events import (
 )
 
 from . import data as data_mod
+from .graphs import StepGraphs, StepInputs
 from .lora import LoRANetwork, build_metadata, save_kohya
 from .models import ModelBundle, encode, load_model, sdxl_time_ids, tokenize
 from .optim import make_optimizer, make_scheduler
@@ -74,6 +77,8 @@ class Run:
     losses: list = field(default_factory=list)
     info: dict = field(default_factory=dict)
     stop_requested: bool = False
+    graphs: StepGraphs | None = None
+    choices: list[str] = field(default_factory=list)
 
 
 def pick_device() -> torch.device:
@@ -181,6 +186,16 @@ def setup(cfg, writer: EventWriter, resume: Path | None) -> Run:
         writer=writer,
         noise_scheduler=bundle.noise_scheduler(),
     )
+    run.choices.append(
+        "compute: " + ("bf16 throughout (frozen model and activations), LoRA weights fp32" if dtype == torch.bfloat16 and not cfg.full_bf16
+                       else "autocast fp16" if uses_autocast(run) else str(dtype).removeprefix("torch."))
+    )
+    if device.type == "cuda" and cfg.cuda_graphs:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        run.graphs = StepGraphs(partial(backward_pass, run), params, on_disable=lambda why: print(why, file=sys.stderr, flush=True))
+        run.choices.append("CUDA graphs: on (one per batch shape, captured the second time a shape is seen)")
+    elif device.type == "cuda":
+        run.choices.append("CUDA graphs: off (cuda_graphs = false)")
     run.info = {
         "session_id": uuid.uuid4().int % (2**31),
         "started_at": time.time(),
@@ -217,9 +232,15 @@ def setup(cfg, writer: EventWriter, resume: Path | None) -> Run:
     return run
 
 
-def prepare_caches(run: Run) -> None:
+def prepare_caches(run: Run) -> dict[str, float]:
+    """Latents (disk-cached) and, when the text encoders are frozen, their outputs. Returns timings."""
     cfg, bundle = run.cfg, run.bundle
-    data_mod.cache_latents(run.dataset, bundle.vae, bundle.scaling_factor, run.device, cfg.flip_aug)
+    started = time.perf_counter()
+    encoded, _ = data_mod.cache_latents(run.dataset, bundle.vae, bundle.scaling_factor, run.device, cfg.flip_aug)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    timings = {"cache_latents": time.perf_counter() - started, "latents_encoded": float(encoded)}
+    started = time.perf_counter()
     if not cfg.trains_text_encoder and data_mod.captions_are_static(cfg):
         captions = sorted({data_mod.base_caption(cfg, r.caption) for r in run.dataset.records})
         with torch.no_grad(), autocast(run):
@@ -233,38 +254,46 @@ def prepare_caches(run: Run) -> None:
     if run.device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(run.device)  # step events report training memory, not the VAE's
+    timings["cache_text"] = time.perf_counter() - started
+    return timings
+
+
+def uses_autocast(run: Run) -> bool:
+    """fp16 runs under autocast (float32 where fp16 could overflow). bf16 has float32's range: the frozen
+    model and its activations stay bf16 without autocast's float32 round trips (norms accumulate in
+    float32 inside their kernels), and the LoRA casts its weights to bf16 where autocast would have."""
+    return run.dtype == torch.float16
 
 
 def autocast(run: Run):
-    if run.dtype == torch.float32:
+    if not uses_autocast(run):
         return nullcontext()
-    return torch.autocast(run.device.type, dtype=run.dtype)
+    # no weight-cast cache: it is not valid across CUDA-graph replays, and each weight is used once a step
+    return torch.autocast(run.device.type, dtype=run.dtype, cache_enabled=False)
 
 
 # ---------------------------------------------------------------------------------------------------
 # One step
 
 
-def conditioning(run: Run, records, epoch: int, batch_index: int):
-    """(context, pooled) for a batch: from the text-encoder cache, or encoded now (with grad if trained)."""
+def conditioning(run: Run, records, epoch: int, batch_index: int) -> dict:
+    """The batch's text conditioning: cached (context, pooled) tensors, or token ids to encode in the step."""
     cfg = run.cfg
     if run.text_cache:
         pairs = [run.text_cache[data_mod.base_caption(cfg, r.caption)] for r in records]
-        context = torch.stack([p[0] for p in pairs])
-        pooled = torch.stack([p[1] for p in pairs]) if pairs[0][1] is not None else None
-        return context, pooled
+        context = torch.stack([p[0] for p in pairs]).to(run.dtype)
+        pooled = torch.stack([p[1] for p in pairs]).to(run.dtype) if pairs[0][1] is not None else None
+        return {"context": context, "pooled": pooled}
     captions = [
         data_mod.process_caption(cfg, r.caption, data_mod.caption_rng(run.seed, epoch, batch_index, slot), epoch + 1)
         for slot, r in enumerate(records)
     ]
     ids = tokenize(run.bundle, captions, cfg.max_token_length)
-    grad = torch.enable_grad() if cfg.trains_text_encoder else torch.no_grad()
-    with grad:
-        return encode(run.bundle, ids, cfg.clip_skip)
+    return {"token_ids": [i.to(run.device) for i in ids]}
 
 
-def batch_loss(run: Run, batch: list[int], epoch: int, batch_index: int) -> torch.Tensor:
-    """The loss of one batch, kohya's train_network.process_batch."""
+def batch_inputs(run: Run, batch: list[int], epoch: int, batch_index: int) -> StepInputs:
+    """Everything random or host-side about one batch (kohya's train_network.process_batch, first half)."""
     cfg, device = run.cfg, run.device
     records = [run.dataset.records[i] for i in batch]
     gen = step_generator(device, run.seed, epoch, batch_index)
@@ -274,19 +303,14 @@ def batch_loss(run: Run, batch: list[int], epoch: int, batch_index: int) -> torc
         flips = [flip_gen.random() < 0.5 for _ in records]
     latents = torch.stack([r.latent_flipped if f else r.latent for r, f in zip(records, flips)]).to(device)
 
-    with autocast(run):
-        context, pooled = conditioning(run, records, epoch, batch_index)
-
     noise = torch.randn(latents.shape, generator=gen, device=device)
     if cfg.noise_offset:
         noise = noise + cfg.noise_offset * torch.randn(
             (latents.shape[0], latents.shape[1], 1, 1), generator=gen, device=device
         )
     timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=gen, device=device)
-    sched = run.noise_scheduler
-    noisy = sched.add_noise(latents, noise, timesteps)
-
-    kwargs = {}
+    weights = torch.tensor([cfg.prior_loss_weight if r.is_reg else 1.0 for r in records], device=device)
+    time_ids = None
     if run.bundle.family == "sdxl":
         original = [(r.original_size[1], r.original_size[0]) for r in records]
         crops = []
@@ -294,23 +318,59 @@ def batch_loss(run: Run, batch: list[int], epoch: int, batch_index: int) -> torc
             left, top, right, _ = r.crop_ltrb
             crops.append((int(top), int(r.bucket[0] - right if f else left)))
         target = [(r.bucket[1], r.bucket[0]) for r in records]
-        kwargs["added_cond_kwargs"] = {
-            "text_embeds": pooled.to(device),
-            "time_ids": sdxl_time_ids(original, crops, target).to(device),
-        }
-    with autocast(run):
-        prediction = run.bundle.unet(noisy, timesteps, encoder_hidden_states=context, **kwargs).sample
+        time_ids = sdxl_time_ids(original, crops, target).to(device)
+    return StepInputs(
+        latents=latents,
+        noise=noise,
+        timesteps=timesteps,
+        weights=weights,
+        time_ids=time_ids,
+        **conditioning(run, records, epoch, batch_index),
+    )
 
-    target = sched.get_velocity(latents, noise, timesteps) if run.bundle.v_prediction else noise
+
+def inputs_loss(run: Run, inputs: StepInputs) -> torch.Tensor:
+    """The loss of one batch from its inputs (process_batch, second half): device work only, no host sync,
+    so that it can be captured in a CUDA graph."""
+    cfg, bundle = run.cfg, run.bundle
+    context, pooled = inputs.context, inputs.pooled
+    if inputs.token_ids is not None:
+        grad = torch.enable_grad() if cfg.trains_text_encoder else torch.no_grad()
+        with grad, autocast(run):
+            context, pooled = encode(bundle, inputs.token_ids, cfg.clip_skip)
+    sched = run.noise_scheduler
+    latents, noise, timesteps = inputs.latents, inputs.noise, inputs.timesteps
+    noisy = sched.add_noise(latents, noise, timesteps)
+    kwargs = {}
+    if bundle.family == "sdxl":
+        kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(run.dtype), "time_ids": inputs.time_ids}
+    with autocast(run):
+        prediction = bundle.unet(
+            noisy.to(run.dtype), timesteps, encoder_hidden_states=context.to(run.dtype), **kwargs
+        ).sample
+
+    target = sched.get_velocity(latents, noise, timesteps) if bundle.v_prediction else noise
     loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
-    weights = torch.tensor([cfg.prior_loss_weight if r.is_reg else 1.0 for r in records], device=device)
-    loss = loss * weights
+    loss = loss * inputs.weights
     if cfg.min_snr_gamma:
-        alphas = sched.alphas_cumprod.to(device)[timesteps]
+        alphas = sched.alphas_cumprod.to(run.device)[timesteps]
         snr = alphas / (1 - alphas)
         clipped = torch.clamp(snr, max=cfg.min_snr_gamma)
-        loss = loss * (clipped / (snr + 1) if run.bundle.v_prediction else clipped / snr)
+        loss = loss * (clipped / (snr + 1) if bundle.v_prediction else clipped / snr)
     return loss.mean()
+
+
+def batch_loss(run: Run, batch: list[int], epoch: int, batch_index: int) -> torch.Tensor:
+    """The loss of one batch, kohya's train_network.process_batch."""
+    return inputs_loss(run, batch_inputs(run, batch, epoch, batch_index))
+
+
+def backward_pass(run: Run, inputs: StepInputs) -> torch.Tensor:
+    """Loss and backward of one micro-batch; gradients add up in place. Returns the loss, detached."""
+    loss = inputs_loss(run, inputs)
+    scaled = loss / run.cfg.gradient_accumulation_steps
+    (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
+    return loss.detach()
 
 
 def optimizer_step(run: Run) -> None:
@@ -325,7 +385,8 @@ def optimizer_step(run: Run) -> None:
     else:
         run.optimizer.step()
     run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    # captured graphs accumulate into the same gradient tensors every step
+    run.optimizer.zero_grad(set_to_none=run.graphs is None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -370,15 +431,15 @@ def train_step(run: Run, group: list[list[int]], epoch: int, first_batch: int) -
     an epoch's last, shorter group.
     """
     t0 = time.perf_counter()
-    total, images = 0.0, 0
+    losses, images = [], 0
     for offset, batch in enumerate(group):
-        loss = batch_loss(run, batch, epoch, first_batch + offset)
-        scaled = loss / run.cfg.gradient_accumulation_steps
-        (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
-        total += loss.item()
+        inputs = batch_inputs(run, batch, epoch, first_batch + offset)
+        loss = run.graphs.backward(inputs) if run.graphs is not None else backward_pass(run, inputs)
+        losses.append(loss)
         images += len(batch)
     optimizer_step(run)
-    return total / len(group), images, time.perf_counter() - t0
+    mean = float(torch.stack(losses).mean())  # the step's one wait for the GPU
+    return mean, images, time.perf_counter() - t0
 
 
 def emit_step(run: Run, loss: float, images: int, seconds: float, epoch: int) -> None:
@@ -434,8 +495,10 @@ def train(cfg, writer: EventWriter, resume: Path | str | None = None, stop_after
         if resume is None:
             raise ResumeError(f"--resume last: no *-state folder in {cfg.output_dir}")
     resume = Path(resume) if resume is not None else None
+    started = time.perf_counter()
     run = setup(cfg, writer, resume)
-    prepare_caches(run)
+    timings = {"load_model": time.perf_counter() - started, **prepare_caches(run)}
+    timings = {key: round(value, 3) for key, value in timings.items()}
 
     epoch_order = None
     if resume is not None:
@@ -465,6 +528,8 @@ def train(cfg, writer: EventWriter, resume: Path | str | None = None, stop_after
             trainable_parameters=sum(p.numel() for p in run.network.parameters()),
             output_dir=str(run.output_dir),
             warnings=run.bundle.warnings + run.info.get("warnings", []),
+            choices=run.choices,
+            setup_seconds=timings,
         )
     )
 

@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from remote.hashing import file_sha256
@@ -74,9 +75,12 @@ class LoRAModule(nn.Module):
         out = self.org_forward(x, *args, **kwargs)
         if self.multiplier == 0:
             return out
-        if not torch.is_autocast_enabled(x.device.type):
-            x = x.to(self.lora_down.weight.dtype)
-        lora = self.lora_up(self.lora_down(x))
+        # in the input's dtype, as autocast would: fp32 weights are cast to a bf16/fp16 input's dtype
+        down, up = self.lora_down.weight.to(x.dtype), self.lora_up.weight.to(x.dtype)
+        if isinstance(self.lora_down, nn.Conv2d):
+            lora = F.conv2d(F.conv2d(x, down, None, self.lora_down.stride, self.lora_down.padding), up)
+        else:
+            lora = F.linear(F.linear(x, down), up)
         return out + (lora * (self.multiplier * self.scale)).to(out.dtype)
 
 

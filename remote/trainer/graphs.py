@@ -1,0 +1,142 @@
+"""Replaying the forward and backward pass of a training step as a CUDA graph.
+
+An eager step of SD 1.5 launches about 8,000 small kernels; the GPU waits on the host for most of the
+step. Captured once per input shape, the same kernels replay from one launch. What stays eager is what
+needs the host anyway and is cheap to launch: the batch's random draws and token ids (so the fast path
+draws exactly what the eager path draws), and the optimizer step (one fused kernel per group, any
+optimizer, loss scaling included).
+
+A shape is captured the second time it is seen: its first batch runs eagerly and serves as the warm-up
+that capture needs (cuDNN/cuBLAS plans, lazy buffers such as the loss scale). All graphs share one memory
+pool, so bucketed datasets cost the memory of their largest shape, not the sum; past ``max_graphs``
+shapes, new shapes run eagerly. A capture that fails (an operation that syncs with the host) turns the
+graphs off for the rest of the run and says why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+
+import torch
+
+
+@dataclass
+class StepInputs:
+    """The tensors one micro-batch feeds the step: latents and their noise draws, and the conditioning
+    (cached text-encoder outputs, or token ids when the text encoders run in the step)."""
+
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    weights: torch.Tensor
+    context: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+    token_ids: list[torch.Tensor] | None = None
+
+    def tensors(self) -> list[tuple[str, torch.Tensor]]:
+        named = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                named.append((f.name, value))
+            elif isinstance(value, list):
+                named += [(f"{f.name}.{i}", t) for i, t in enumerate(value)]
+        return named
+
+    def shape_key(self) -> tuple:
+        return tuple((name, tuple(t.shape), t.dtype) for name, t in self.tensors())
+
+    def clone(self) -> StepInputs:
+        values = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                value = value.clone()
+            elif isinstance(value, list):
+                value = [t.clone() for t in value]
+            values[f.name] = value
+        return StepInputs(**values)
+
+    def copy_from(self, other: StepInputs) -> None:
+        for (_, mine), (_, theirs) in zip(self.tensors(), other.tensors(), strict=True):
+            mine.copy_(theirs, non_blocking=True)
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    inputs: StepInputs
+    loss: torch.Tensor
+
+
+@dataclass
+class StepGraphs:
+    """Runs ``backward_pass(inputs) -> detached loss`` through one CUDA graph per input shape.
+
+    The gradients of ``params`` must stay allocated between steps (zero them in place, never set them to
+    None): a captured graph adds into the tensors that existed when it was captured.
+    """
+
+    backward_pass: Callable[[StepInputs], torch.Tensor]
+    params: list[torch.nn.Parameter]
+    max_graphs: int = 32
+    graphs: dict[tuple, _Captured] = field(default_factory=dict)
+    seen: set[tuple] = field(default_factory=set)
+    disabled: str | None = None
+    captured_shapes: int = 0
+    eager_steps: int = 0
+    on_disable: Callable[[str], None] | None = None
+    _pool: object = None
+    _side: torch.cuda.Stream | None = None
+
+    def __post_init__(self) -> None:
+        for param in self.params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+
+    def backward(self, inputs: StepInputs) -> torch.Tensor:
+        key = inputs.shape_key()
+        captured = self.graphs.get(key)
+        if captured is None and self.disabled is None and key in self.seen and len(self.graphs) < self.max_graphs:
+            captured = self._capture(key, inputs)
+        if captured is None:
+            self.seen.add(key)
+            return self._eager(inputs)
+        captured.inputs.copy_from(inputs)
+        captured.graph.replay()
+        return captured.loss.clone()  # the next replay of this shape overwrites captured.loss
+
+    def _eager(self, inputs: StepInputs) -> torch.Tensor:
+        """An eager step on a side stream: the warm-up capture needs happens on a stream other than the
+        one being captured."""
+        self.eager_steps += 1
+        if self._side is None:
+            self._side = torch.cuda.Stream()
+        main = torch.cuda.current_stream()
+        self._side.wait_stream(main)
+        with torch.cuda.stream(self._side):
+            loss = self.backward_pass(inputs)
+        main.wait_stream(self._side)
+        return loss
+
+    def _capture(self, key: tuple, inputs: StepInputs) -> _Captured | None:
+        static = inputs.clone()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                loss = self.backward_pass(static)
+        except Exception as exc:  # noqa: BLE001 - any capture failure means: run this job eagerly
+            self.disabled = f"CUDA graph capture failed, training continues without graphs ({type(exc).__name__}: {exc})"
+            self.graphs.clear()
+            torch.cuda.synchronize()
+            if self.on_disable is not None:
+                self.on_disable(self.disabled)
+            return None
+        if self._pool is None:
+            self._pool = graph.pool()
+        captured = _Captured(graph, static, loss)
+        self.graphs[key] = captured
+        self.captured_shapes += 1
+        return captured
