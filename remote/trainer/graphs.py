@@ -140,3 +140,46 @@ class StepGraphs:
         self.graphs[key] = captured
         self.captured_shapes += 1
         return captured
+
+
+@dataclass
+class OptimizerGraph:
+    """Replays ``apply_gradients`` (clip, optimizer step, zero the gradients) as one CUDA graph.
+
+    With ~500-1,500 LoRA tensors the optimizer's Python bookkeeping costs 10-40 ms of host time a step,
+    longer than the GPU work it launches. It needs an optimizer whose step is capturable with its learning
+    rates in device tensors (torch AdamW, fused and capturable), and gradients that stay allocated. The
+    first step runs eagerly: it creates the optimizer state that the graph then updates in place.
+    """
+
+    apply_gradients: Callable[[], None]
+    calls: int = 0
+    graph: torch.cuda.CUDAGraph | None = None
+    disabled: str | None = None
+    on_disable: Callable[[str], None] | None = None
+
+    def step(self) -> None:
+        self.calls += 1
+        if self.graph is None and self.disabled is None and self.calls > 1:
+            self._capture()
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.apply_gradients()
+        torch.cuda.current_stream().wait_stream(side)
+
+    def _capture(self) -> None:
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.apply_gradients()
+        except Exception as exc:  # noqa: BLE001 - any capture failure means: step the optimizer eagerly
+            self.disabled = f"CUDA graph capture of the optimizer failed, it steps eagerly ({type(exc).__name__}: {exc})"
+            torch.cuda.synchronize()
+            if self.on_disable is not None:
+                self.on_disable(self.disabled)
+            return
+        self.graph = graph

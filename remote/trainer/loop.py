@@ -34,10 +34,10 @@ from remote.events import (
 )
 
 from . import data as data_mod
-from .graphs import StepGraphs, StepInputs
+from .graphs import OptimizerGraph, StepGraphs, StepInputs
 from .lora import LoRANetwork, build_metadata, save_kohya
 from .models import ModelBundle, encode, load_model, sdxl_time_ids, tokenize
-from .optim import make_optimizer, make_scheduler
+from .optim import is_graphable, make_optimizer, make_scheduler, place_learning_rates
 from .samples import sample_grid
 from .state import Position, ResumeError, find_latest_state, load_state, save_state, state_dir_name
 
@@ -78,6 +78,7 @@ class Run:
     info: dict = field(default_factory=dict)
     stop_requested: bool = False
     graphs: StepGraphs | None = None
+    optimizer_graph: OptimizerGraph | None = None
     choices: list[str] = field(default_factory=list)
 
 
@@ -144,6 +145,8 @@ def setup(cfg, writer: EventWriter, resume: Path | None) -> Run:
 
     # The frozen base runs in the mixed-precision dtype; the LoRA stays fp32 unless full_fp16/bf16.
     bundle.unet.to(device, dtype)
+    if device.type == "cuda":  # cuDNN's convolutions run NHWC; an NCHW model pays a layout copy per call
+        bundle.unet.to(memory_format=torch.channels_last)
     for encoder in bundle.text_encoders:
         encoder.to(device, dtype)
     lora_dtype = dtype if (cfg.full_fp16 or cfg.full_bf16) else torch.float32
@@ -158,16 +161,17 @@ def setup(cfg, writer: EventWriter, resume: Path | None) -> Run:
                 encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 encoder.train()
 
+    use_graphs = device.type == "cuda" and cfg.cuda_graphs
+    use_scaler = dtype == torch.float16 and not cfg.full_fp16
     groups = network.param_groups(unet_lr, te_lr)
     optimizer, optimizer_label = make_optimizer(
-        cfg.optimizer_type, groups, unet_lr or te_lr, cfg.optimizer_args, device
+        cfg.optimizer_type, groups, unet_lr or te_lr, cfg.optimizer_args, device, graphable=use_graphs and not use_scaler
     )
     total = dataset.plan.total_steps
     warmup = cfg.warmup_steps_for(total)
     scheduler = make_scheduler(
         optimizer, cfg.lr_scheduler, warmup, total, cfg.lr_scheduler_num_cycles, cfg.lr_scheduler_power
     )
-    use_scaler = dtype == torch.float16 and not cfg.full_fp16
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler) if use_scaler else None
 
     run = Run(
@@ -190,10 +194,15 @@ def setup(cfg, writer: EventWriter, resume: Path | None) -> Run:
         "compute: " + ("bf16 throughout (frozen model and activations), LoRA weights fp32" if dtype == torch.bfloat16 and not cfg.full_bf16
                        else "autocast fp16" if uses_autocast(run) else str(dtype).removeprefix("torch."))
     )
-    if device.type == "cuda" and cfg.cuda_graphs:
+    if use_graphs:
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        run.graphs = StepGraphs(partial(backward_pass, run), params, on_disable=lambda why: print(why, file=sys.stderr, flush=True))
+        run.graphs = StepGraphs(partial(backward_pass, run), params, on_disable=_warn)
         run.choices.append("CUDA graphs: on (one per batch shape, captured the second time a shape is seen)")
+        if is_graphable(optimizer):
+            run.optimizer_graph = OptimizerGraph(partial(apply_gradients, run), on_disable=_warn)
+            run.choices.append("optimizer step: in a CUDA graph (fused, capturable AdamW)")
+        else:
+            run.choices.append(f"optimizer step: eager ({optimizer_label}{' with loss scaling' if use_scaler else ''} is not graphed)")
     elif device.type == "cuda":
         run.choices.append("CUDA graphs: off (cuda_graphs = false)")
     run.info = {
@@ -373,7 +382,20 @@ def backward_pass(run: Run, inputs: StepInputs) -> torch.Tensor:
     return loss.detach()
 
 
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def optimizer_step(run: Run) -> None:
+    if run.optimizer_graph is not None:
+        run.optimizer_graph.step()
+    else:
+        apply_gradients(run)
+    run.scheduler.step()
+
+
+def apply_gradients(run: Run) -> None:
+    """Unscale, clip, step, and zero the gradients (in place when graphs add into them)."""
     params = [p for group in run.optimizer.param_groups for p in group["params"]]
     if run.scaler is not None:
         run.scaler.unscale_(run.optimizer)
@@ -384,7 +406,6 @@ def optimizer_step(run: Run) -> None:
         run.scaler.update()
     else:
         run.optimizer.step()
-    run.scheduler.step()
     # captured graphs accumulate into the same gradient tensors every step
     run.optimizer.zero_grad(set_to_none=run.graphs is None)
 
@@ -443,7 +464,7 @@ def train_step(run: Run, group: list[list[int]], epoch: int, first_batch: int) -
 
 
 def emit_step(run: Run, loss: float, images: int, seconds: float, epoch: int) -> None:
-    lrs = {group.get("name"): group["lr"] for group in run.optimizer.param_groups}
+    lrs = {group.get("name"): float(group["lr"]) for group in run.optimizer.param_groups}
     memory = torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda" else None
     run.writer.emit(
         StepEvent(
@@ -506,6 +527,7 @@ def train(cfg, writer: EventWriter, resume: Path | str | None = None, stop_after
         run.position = Position(**saved["position"])
         run.losses = list(saved.get("losses", []))
         epoch_order = saved["epoch_order"]
+        place_learning_rates(run.optimizer, run.device)
 
     plan = run.dataset.plan
     pos = run.position

@@ -81,7 +81,7 @@ class LoRAModule(nn.Module):
             lora = F.conv2d(F.conv2d(x, down, None, self.lora_down.stride, self.lora_down.padding), up)
         else:
             lora = F.linear(F.linear(x, down), up)
-        return out + (lora * (self.multiplier * self.scale)).to(out.dtype)
+        return torch.add(out, lora.to(out.dtype), alpha=self.multiplier * self.scale)  # one kernel, not two
 
 
 # ---------------------------------------------------------------------------------------------------

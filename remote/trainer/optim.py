@@ -27,14 +27,22 @@ def parse_optimizer_args(items: list[str]) -> dict:
     return out
 
 
-def make_optimizer(name: str, param_groups: list[dict], lr: float, args: list[str], device: torch.device):
-    """(optimizer, ss_optimizer string). ``lr`` is the default for groups without their own."""
+def make_optimizer(
+    name: str, param_groups: list[dict], lr: float, args: list[str], device: torch.device, graphable: bool = False
+):
+    """(optimizer, ss_optimizer string). ``lr`` is the default for groups without their own.
+
+    ``graphable``: where the optimizer can be stepped inside a CUDA graph (torch AdamW on CUDA), make it
+    so: fused, capturable, learning rates in device tensors (see ``is_graphable``).
+    """
     kwargs = parse_optimizer_args(args)
     lower = name.lower()
     if lower == "adamw":
         cls = torch.optim.AdamW
         if device.type == "cuda":
             kwargs.setdefault("fused", True)  # one kernel for all ~800 LoRA tensors instead of several each
+            if graphable and kwargs["fused"]:
+                kwargs.setdefault("capturable", True)
     elif lower in ("adamw8bit", "lion8bit"):
         if device.type != "cuda":
             raise OptimizerError(
@@ -76,8 +84,34 @@ def make_optimizer(name: str, param_groups: list[dict], lr: float, args: list[st
     else:
         raise OptimizerError(f"unknown optimizer {name!r}")
     optimizer = cls(param_groups, lr=lr, **kwargs)
+    place_learning_rates(optimizer, device)
     label = f"{cls.__module__}.{cls.__name__}" + (f"({','.join(args)})" if args else "")
     return optimizer, label
+
+
+def is_graphable(optimizer) -> bool:
+    """torch AdamW, fused and capturable: its step reads everything, the learning rates included, from
+    device tensors, so a CUDA graph of it replays correctly as the schedule changes the rates."""
+    return isinstance(optimizer, torch.optim.AdamW) and bool(
+        optimizer.defaults.get("capturable") and optimizer.defaults.get("fused")
+    )
+
+
+def place_learning_rates(optimizer, device: torch.device) -> None:
+    """Learning rates as device tensors for a graphable optimizer (the scheduler then fills them in place),
+    plain floats for every other; also after loading a saved state, which may hold either."""
+    graphable = is_graphable(optimizer)
+    for group in optimizer.param_groups:
+        value = float(group["lr"])
+        group.setdefault("initial_lr", value)  # the scheduler's base rate stays a float
+        if isinstance(group["initial_lr"], torch.Tensor):
+            group["initial_lr"] = float(group["initial_lr"])
+        if graphable:
+            if isinstance(group["lr"], torch.Tensor) and group["lr"].device == device:
+                continue
+            group["lr"] = torch.tensor(value, dtype=torch.float32, device=device)
+        else:
+            group["lr"] = value
 
 
 def lr_lambda(name: str, warmup: int, total: int, num_cycles: int = 1, power: float = 1.0, base_lr: float = 1.0):

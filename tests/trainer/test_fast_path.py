@@ -1,0 +1,103 @@
+"""The pieces of the fast path that run anywhere: bf16 without autocast, graphable learning rates, step inputs.
+
+The CUDA graphs themselves need a GPU; bench/fast_path_check.py compares them with the eager path there.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import remote.trainer.loop as loop
+from remote.events import EventWriter, read_events
+from remote.trainer.graphs import StepInputs
+from remote.trainer.lora import LoRAModule
+from remote.trainer.optim import is_graphable, make_optimizer, make_scheduler, place_learning_rates
+
+
+def _inputs(batch: int = 2, size: int = 8) -> StepInputs:
+    return StepInputs(
+        latents=torch.randn(batch, 4, size, size),
+        noise=torch.randn(batch, 4, size, size),
+        timesteps=torch.randint(0, 1000, (batch,)),
+        weights=torch.ones(batch),
+        token_ids=[torch.randint(0, 100, (batch, 1, 77))],
+    )
+
+
+def test_step_inputs_key_is_the_shapes_and_copy_fills_the_static_buffers():
+    a, b = _inputs(), _inputs()
+    assert a.shape_key() == b.shape_key()
+    assert a.shape_key() != _inputs(batch=1).shape_key()
+    assert a.shape_key() != _inputs(size=16).shape_key()
+    static = a.clone()
+    assert static.latents.data_ptr() != a.latents.data_ptr()
+    static.copy_from(b)
+    for (_, mine), (_, theirs) in zip(static.tensors(), b.tensors()):
+        assert torch.equal(mine, theirs)
+    assert not torch.equal(static.noise, a.noise)
+
+
+def test_lora_in_bf16_without_autocast_matches_autocast_and_trains_fp32_weights():
+    torch.manual_seed(0)
+    base = nn.Linear(32, 16).to(torch.bfloat16)
+    lora = LoRAModule("lora_unet_x", base, dim=4, alpha=2)
+    nn.init.normal_(lora.lora_up.weight)
+    lora.apply_to()
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = base(x)
+    direct = base(x)
+    assert direct.dtype == torch.bfloat16
+    torch.testing.assert_close(direct, expected, rtol=0, atol=0)
+    direct.float().sum().backward()
+    assert lora.lora_up.weight.dtype == torch.float32 and lora.lora_up.weight.grad is not None
+
+
+def test_graphable_optimizer_keeps_one_lr_tensor_that_the_schedule_fills():
+    params = [nn.Parameter(torch.randn(4))]
+    optimizer, _ = make_optimizer("AdamW", [{"params": params, "lr": 1e-3}], 1e-3, [], torch.device("cpu"), graphable=True)
+    assert not is_graphable(optimizer)  # capturable needs CUDA: on CPU the rates stay floats
+    assert isinstance(optimizer.param_groups[0]["lr"], float)
+
+    optimizer.defaults.update(capturable=True, fused=True)  # as make_optimizer sets them on CUDA
+    assert is_graphable(optimizer)
+    place_learning_rates(optimizer, torch.device("cpu"))
+    rate = optimizer.param_groups[0]["lr"]
+    assert isinstance(rate, torch.Tensor)
+    scheduler = make_scheduler(optimizer, "linear", 0, 10)
+    for _ in range(3):
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] is rate  # filled in place: a captured graph reads this tensor
+    assert float(rate) == pytest.approx(1e-3 * 7 / 10)
+
+    saved = optimizer.state_dict()
+    saved["param_groups"][0]["lr"] = 5e-4  # a state written by a float-rate optimizer
+    optimizer.load_state_dict(saved)
+    place_learning_rates(optimizer, torch.device("cpu"))
+    assert isinstance(optimizer.param_groups[0]["lr"], torch.Tensor)
+    assert float(optimizer.param_groups[0]["lr"]) == pytest.approx(5e-4)
+
+
+def test_bf16_throughout_trains_like_autocast(make_config, monkeypatch):
+    """The tiny model trained 12 steps in bf16 with and without autocast: the same losses within bf16 noise."""
+
+    def losses(tag: str) -> list[float]:
+        _, cfg = make_config(max_train_steps=12, mixed_precision="bf16", seed=3, output_name=tag)
+        log = Path(cfg.output_dir) / f"{tag}.jsonl"
+        loop.train(cfg, EventWriter(log, stream=io.StringIO()))
+        events = read_events(log)
+        start = next(e for e in events if e.event == "start")
+        assert start.setup_seconds["latents_encoded"] >= 0 and start.choices
+        return [e.loss for e in events if e.event == "step"]
+
+    direct = losses("direct")
+    monkeypatch.setattr(loop, "uses_autocast", lambda run: True)
+    autocast = losses("autocast")
+    assert len(direct) == len(autocast) == 12
+    for a, b in zip(direct, autocast):
+        assert abs(a - b) <= 0.02 * abs(b) + 1e-3, (direct, autocast)
