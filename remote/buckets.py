@@ -111,14 +111,16 @@ def plan_steps(
     gradient_accumulation_steps: int = 1,
     max_train_epochs: int | None = None,
     max_train_steps: int | None = None,
+    processes: int = 1,
 ) -> StepPlan:
     """Count steps as kohya does: batches never mix buckets; epochs win over max_train_steps.
 
-    `bucket_of_each_sample` yields one bucket per image per repeat.
+    `bucket_of_each_sample` yields one bucket per image per repeat. With several data-parallel
+    processes, each optimizer step takes gradient_accumulation_steps batches per process.
     """
     counts = Counter(bucket_of_each_sample)
     batches = sum(math.ceil(n / batch_size) for n in counts.values())
-    steps_per_epoch = math.ceil(batches / gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(batches / (gradient_accumulation_steps * processes))
     if max_train_epochs is not None:
         epochs = max_train_epochs
         total = epochs * steps_per_epoch

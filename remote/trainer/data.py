@@ -115,7 +115,7 @@ def planner_for(cfg) -> BucketPlanner:
     )
 
 
-def build_dataset(cfg, layout: DatasetLayout | None = None) -> Dataset:
+def build_dataset(cfg, layout: DatasetLayout | None = None, processes: int = 1) -> Dataset:
     """Scan the kohya layout, size every image into its bucket and count steps with remote.buckets."""
     if layout is None:
         layout = scan_layout(cfg.train_data_dir, cfg.caption_extension, cfg.reg_data_dir)
@@ -157,6 +157,7 @@ def build_dataset(cfg, layout: DatasetLayout | None = None) -> Dataset:
         cfg.gradient_accumulation_steps,
         cfg.max_train_epochs,
         cfg.max_train_steps,
+        processes=processes,
     )
     warnings = [str(p) for p in layout.problems if p.severity == "warning"]
     return Dataset(records=records, plan=plan, buckets=dict(sorted(buckets.items())), warnings=warnings)

@@ -34,6 +34,7 @@ from remote.events import (
 )
 
 from . import data as data_mod
+from .distributed import Ranks, any_rank, barrier, broadcast_int, broadcast_parameters, init_ranks, sum_across, sum_gradients
 from .graphs import OptimizerGraph, StepGraphs, StepInputs
 from .lora import LoRANetwork, build_metadata, save_kohya
 from .models import ModelBundle, encode, load_model, sdxl_time_ids, tokenize
@@ -77,16 +78,22 @@ class Run:
     losses: list = field(default_factory=list)
     info: dict = field(default_factory=dict)
     stop_requested: bool = False
+    ranks: Ranks = field(default_factory=Ranks)
     graphs: StepGraphs | None = None
     optimizer_graph: OptimizerGraph | None = None
     choices: list[str] = field(default_factory=list)
 
 
-def pick_device() -> torch.device:
+def pick_device(ranks: Ranks | None = None) -> torch.device:
     wanted = os.environ.get("RENTRAIN_DEVICE")
     if wanted:
         return torch.device(wanted)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if ranks is not None and ranks.distributed:
+        torch.cuda.set_device(ranks.local_rank)
+        return torch.device("cuda", ranks.local_rank)
+    return torch.device("cuda")
 
 
 def step_generator(device: torch.device, seed: int, *position: int) -> torch.Generator:
@@ -108,8 +115,9 @@ def final_path(cfg) -> Path:
     return Path(cfg.output_dir) / f"{output_names(cfg)}.safetensors"
 
 
-def setup(cfg, writer: EventWriter, resume: Path | None) -> Run:
-    device = pick_device()
+def setup(cfg, writer: EventWriter, resume: Path | None, ranks: Ranks | None = None) -> Run:
+    ranks = ranks or Ranks()
+    device = pick_device(ranks)
     dtype = DTYPES[cfg.mixed_precision]
     output_dir = Path(cfg.output_dir)
     final = final_path(cfg)
@@ -119,7 +127,7 @@ def setup(cfg, writer: EventWriter, resume: Path | None) -> Run:
             "move the file away, or resume an unfinished run with --resume"
         )
     output_dir.mkdir(parents=True, exist_ok=True)
-    seed = cfg.seed if cfg.seed is not None else secrets.randbelow(2**31)
+    seed = broadcast_int(cfg.seed if cfg.seed is not None else secrets.randbelow(2**31), ranks)
     if resume is not None:  # the seed is part of the state
         from .state import read_position
 
@@ -128,7 +136,7 @@ def setup(cfg, writer: EventWriter, resume: Path | None) -> Run:
     torch.manual_seed(seed)
     random.seed(seed)
     bundle = load_model(cfg, dtype)
-    dataset = data_mod.build_dataset(cfg)
+    dataset = data_mod.build_dataset(cfg, processes=ranks.world)
 
     # LoRA only where a learning rate is set (kohya: text_encoder_lr = 0 -> no text-encoder LoRA).
     unet_lr, te_lr = cfg.effective_unet_lr, cfg.effective_text_encoder_lr
@@ -151,6 +159,7 @@ def setup(cfg, writer: EventWriter, resume: Path | None) -> Run:
         encoder.to(device, dtype)
     lora_dtype = dtype if (cfg.full_fp16 or cfg.full_bf16) else torch.float32
     network.to(device, lora_dtype)
+    broadcast_parameters(list(network.parameters()), ranks)
     if cfg.gradient_checkpointing:
         bundle.unet.enable_gradient_checkpointing()
         bundle.unet.train()
@@ -189,7 +198,13 @@ def setup(cfg, writer: EventWriter, resume: Path | None) -> Run:
         output_dir=output_dir,
         writer=writer,
         noise_scheduler=bundle.noise_scheduler(),
+        ranks=ranks,
     )
+    if ranks.distributed:
+        run.choices.append(
+            f"data parallel: {ranks.world} processes, {ranks.world} x batch_size = {ranks.world * cfg.batch_size} "
+            "images per step (x gradient_accumulation_steps)"
+        )
     run.choices.append(
         "compute: " + ("bf16 throughout (frozen model and activations), LoRA weights fp32" if dtype == torch.bfloat16 and not cfg.full_bf16
                        else "autocast fp16" if uses_autocast(run) else str(dtype).removeprefix("torch."))
@@ -237,6 +252,7 @@ def setup(cfg, writer: EventWriter, resume: Path | None) -> Run:
         batch_size=cfg.batch_size,
         model=cfg.pretrained_model_name_or_path,
         family=bundle.family,
+        processes=ranks.world,
     )
     return run
 
@@ -245,7 +261,11 @@ def prepare_caches(run: Run) -> dict[str, float]:
     """Latents (disk-cached) and, when the text encoders are frozen, their outputs. Returns timings."""
     cfg, bundle = run.cfg, run.bundle
     started = time.perf_counter()
+    if not run.ranks.main:  # rank 0 fills the shared disk cache; the others then read it
+        barrier(run.ranks)
     encoded, _ = data_mod.cache_latents(run.dataset, bundle.vae, bundle.scaling_factor, run.device, cfg.flip_aug)
+    if run.ranks.main:
+        barrier(run.ranks)
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
     timings = {"cache_latents": time.perf_counter() - started, "latents_encoded": float(encoded)}
@@ -377,7 +397,7 @@ def batch_loss(run: Run, batch: list[int], epoch: int, batch_index: int) -> torc
 def backward_pass(run: Run, inputs: StepInputs) -> torch.Tensor:
     """Loss and backward of one micro-batch; gradients add up in place. Returns the loss, detached."""
     loss = inputs_loss(run, inputs)
-    scaled = loss / run.cfg.gradient_accumulation_steps
+    scaled = loss / (run.cfg.gradient_accumulation_steps * run.ranks.world)
     (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
     return loss.detach()
 
@@ -387,6 +407,7 @@ def _warn(message: str) -> None:
 
 
 def optimizer_step(run: Run) -> None:
+    sum_gradients([p for group in run.optimizer.param_groups for p in group["params"]], run.ranks)
     if run.optimizer_graph is not None:
         run.optimizer_graph.step()
     else:
@@ -415,6 +436,8 @@ def apply_gradients(run: Run) -> None:
 
 
 def save_checkpoint(run: Run, epoch: int, step: int, by_epoch: bool, epoch_order) -> None:
+    if not run.ranks.main:
+        return
     name = run.cfg.output_name or "epoch"  # kohya: epoch-000001.safetensors ... last.safetensors
     stem = f"{name}-{epoch:06d}" if by_epoch else f"{name}-step{step:08d}"
     path = run.output_dir / f"{stem}.safetensors"
@@ -433,7 +456,7 @@ def save_checkpoint(run: Run, epoch: int, step: int, by_epoch: bool, epoch_order
 
 
 def save_samples(run: Run, label: str, epoch: int, step: int, final: bool = False) -> None:
-    if not run.cfg.sample_prompts:
+    if not run.cfg.sample_prompts or not run.ranks.main:
         return
     path = run.output_dir / "samples" / f"{label}.png"
     written = sample_grid(run, path, f"{label}  epoch {epoch}  step {step}")
@@ -446,21 +469,23 @@ def _every(n: int | None, value: int) -> bool:
 
 
 def train_step(run: Run, group: list[list[int]], epoch: int, first_batch: int) -> tuple[float, int, float]:
-    """One optimizer step over ``group`` (gradient accumulation). Returns (mean loss, images, seconds).
+    """One optimizer step over ``group``: gradient_accumulation_steps batches per process. Returns (mean loss
+    over the group's batches, images in the group, seconds).
 
-    As accelerate does for kohya, each batch's loss is divided by gradient_accumulation_steps, also in
-    an epoch's last, shorter group.
+    As accelerate does for kohya, each batch's loss is divided by gradient_accumulation_steps (and by the
+    number of processes, whose gradients are summed), also in an epoch's last, shorter group. Batch i of
+    the group runs on process i % processes, with the random draws of its position in the epoch.
     """
     t0 = time.perf_counter()
-    losses, images = [], 0
-    for offset, batch in enumerate(group):
-        inputs = batch_inputs(run, batch, epoch, first_batch + offset)
+    losses = []
+    for offset in range(run.ranks.rank, len(group), run.ranks.world):
+        inputs = batch_inputs(run, group[offset], epoch, first_batch + offset)
         loss = run.graphs.backward(inputs) if run.graphs is not None else backward_pass(run, inputs)
         losses.append(loss)
-        images += len(batch)
     optimizer_step(run)
-    mean = float(torch.stack(losses).mean())  # the step's one wait for the GPU
-    return mean, images, time.perf_counter() - t0
+    local = float(torch.stack(losses).sum()) if losses else 0.0  # the step's one wait for the GPU
+    total, count = sum_across([local, float(len(losses))], run.ranks)
+    return total / max(1.0, count), sum(len(batch) for batch in group), time.perf_counter() - t0
 
 
 def emit_step(run: Run, loss: float, images: int, seconds: float, epoch: int) -> None:
@@ -517,7 +542,10 @@ def train(cfg, writer: EventWriter, resume: Path | str | None = None, stop_after
             raise ResumeError(f"--resume last: no *-state folder in {cfg.output_dir}")
     resume = Path(resume) if resume is not None else None
     started = time.perf_counter()
-    run = setup(cfg, writer, resume)
+    ranks = init_ranks()
+    if not ranks.main:  # one writer: the other ranks' events would repeat rank 0's
+        writer = EventWriter(None, stream=open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the process
+    run = setup(cfg, writer, resume, ranks)
     timings = {"load_model": time.perf_counter() - started, **prepare_caches(run)}
     timings = {key: round(value, 3) for key, value in timings.items()}
 
@@ -528,6 +556,8 @@ def train(cfg, writer: EventWriter, resume: Path | str | None = None, stop_after
         run.losses = list(saved.get("losses", []))
         epoch_order = saved["epoch_order"]
         place_learning_rates(run.optimizer, run.device)
+        if saved["position"].get("processes", 1) != ranks.world:
+            replan_after_resume(run)
 
     plan = run.dataset.plan
     pos = run.position
@@ -562,7 +592,7 @@ def train(cfg, writer: EventWriter, resume: Path | str | None = None, stop_after
             epoch_order = None
             epoch_losses: list[float] = []
             while pos.epoch == epoch and pos.step < plan.total_steps:
-                group = order[pos.batch : pos.batch + cfg.gradient_accumulation_steps]
+                group = order[pos.batch : pos.batch + cfg.gradient_accumulation_steps * run.ranks.world]
                 loss, images, seconds = train_step(run, group, epoch, pos.batch)
                 pos.batch += len(group)
                 pos.step += 1
@@ -575,9 +605,11 @@ def train(cfg, writer: EventWriter, resume: Path | str | None = None, stop_after
                 after_step(run, epoch, order_in_progress)
                 if pos.epoch != epoch:
                     end_of_epoch(run, epoch + 1, epoch_losses)
-                if run.stop_requested or (stop_after_step is not None and pos.step >= stop_after_step):
+                stop = any_rank(run.stop_requested, run.ranks)
+                if stop or (stop_after_step is not None and pos.step >= stop_after_step):
                     folder = run.output_dir / state_dir_name(run.name, step=pos.step)
-                    save_state(folder, pos, run.network, run.optimizer, run.scheduler, run.scaler, order_in_progress, run.losses)
+                    if run.ranks.main:
+                        save_state(folder, pos, run.network, run.optimizer, run.scheduler, run.scaler, order_in_progress, run.losses)
                     raise Stopped(f"stopped after step {pos.step}; resume with --resume {folder}", folder)
     finally:
         _restore_handlers(previous_handlers)
@@ -585,6 +617,8 @@ def train(cfg, writer: EventWriter, resume: Path | str | None = None, stop_after
     final = final_path(cfg)
     last_epoch = min(plan.epochs, max(1, math.ceil(pos.step / max(1, plan.steps_per_epoch))))
     run.info["finished_at"] = time.time()
+    if not run.ranks.main:
+        return final
     metadata = build_metadata(cfg, run.bundle.family, {**run.info, "epoch": last_epoch, "step": pos.step})
     digest = save_kohya(run.network, final, metadata, cfg.save_precision)
     save_samples(run, run.name, last_epoch, pos.step, final=True)
@@ -599,6 +633,27 @@ def train(cfg, writer: EventWriter, resume: Path | str | None = None, stop_after
         )
     )
     return final
+
+
+def replan_after_resume(run: Run) -> None:
+    """A state saved with another number of processes: the batches left run at this run's rate. A run
+    measured in steps keeps its step count; a run measured in epochs gets the steps that finish them, and
+    its learning-rate schedule is laid over the new total from the step reached."""
+    pos, plan, cfg = run.position, run.dataset.plan, run.cfg
+    per_step = cfg.gradient_accumulation_steps * run.ranks.world
+    if cfg.max_train_epochs is not None or cfg.max_train_steps is None:
+        left_this_epoch = math.ceil((plan.batches_per_epoch - pos.batch) / per_step)
+        pos.total_steps = pos.step + left_this_epoch + (plan.epochs - pos.epoch - 1) * plan.steps_per_epoch
+        plan.total_steps = pos.total_steps
+        state = run.scheduler.state_dict()
+        run.scheduler = make_scheduler(
+            run.optimizer, cfg.lr_scheduler, cfg.warmup_steps_for(pos.total_steps), pos.total_steps,
+            cfg.lr_scheduler_num_cycles, cfg.lr_scheduler_power,
+        )
+        run.scheduler.last_epoch = state["last_epoch"] - 1
+        run.scheduler.step()
+    pos.processes = run.ranks.world
+    pos.steps_per_epoch = plan.steps_per_epoch
 
 
 def _install_stop_handlers(run: Run):

@@ -39,6 +39,7 @@ class Position:
     batch_size: int
     model: str
     family: str
+    processes: int = 1  # data-parallel processes the run had when saved
 
 
 def state_dir_name(name: str, step: int | None = None, epoch: int | None = None) -> str:
@@ -112,7 +113,10 @@ def load_state(folder: Path, expected: Position, network, optimizer, scheduler, 
     from safetensors.torch import load_file
 
     saved = read_position(folder)
-    for key in ("seed", "total_steps", "steps_per_epoch", "batches_per_epoch", "batch_size", "family"):
+    keys = ("seed", "total_steps", "steps_per_epoch", "batches_per_epoch", "batch_size", "family")
+    if saved.processes != expected.processes:  # steps are counted anew for the batches left
+        keys = ("seed", "batches_per_epoch", "batch_size", "family")
+    for key in keys:
         if getattr(saved, key) != getattr(expected, key):
             raise ResumeError(
                 f"{folder}: the state was saved with {key} = {getattr(saved, key)}, this config gives "
