@@ -57,7 +57,7 @@ IGNORED_KOHYA_KEYS: dict[str, str] = {
     "huggingface_repo_id": "rentrain does not upload to the Hugging Face hub",
     "async_upload": "rentrain does not upload to the Hugging Face hub",
     "shuffle_caption_separator": "use caption_separator",
-    "ddp_timeout": "single-process training",
+    "ddp_timeout": "rentrain's data-parallel runs use torch.distributed's default timeout",
     "vae_batch_size": "rentrain picks the VAE batch size",
 }
 
@@ -470,7 +470,7 @@ class JobSettings(BaseModel):
     provider: str | None = Field(None, description=f"One of {', '.join(KNOWN_PROVIDERS)}; --provider wins.")
     host: str | None = Field(None, description="For provider = \"ssh\": user@host[:port] of a machine rented by hand.")
     gpu: list[str] = Field([], description="GPU models to consider, such as [\"RTX 4090\", \"RTX 3090\"] (empty: any).")
-    gpu_count: int = Field(1, ge=1, le=8, description="GPUs per instance.")
+    gpu_count: int = Field(1, ge=1, le=8, description="GPUs per instance; N > 1 trains data parallel (N x batch_size images per step); --gpus wins.")
     min_vram_gb: float = Field(24, gt=0, description="Minimum memory per GPU, in GB.")
     min_reliability: float = Field(0.98, ge=0, le=1, description="Minimum host reliability where the provider has one.")
     min_cuda: float = Field(12.1, ge=0, description="Minimum CUDA version the host driver supports.")
