@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout = sys.stderr  # libraries print; only events go to the real stdout
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     writer = EventWriter(None, stream=events_out)
+    rank_zero = os.environ.get("RANK", "0") == "0"  # under accelerate launch, rank 0 alone reports
+    if not rank_zero:
+        writer = EventWriter(None, stream=open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the process
     try:
         from remote.config import ConfigError, load_config
 
@@ -39,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
             writer.emit(ErrorEvent(kind="config", message=str(exc)))
             return 2
         cfg = loaded.train
-        writer.log_path = Path(cfg.output_dir) / EVENTS_FILE
+        if rank_zero:
+            writer.log_path = Path(cfg.output_dir) / EVENTS_FILE
         return _train(cfg, writer, args.resume)
     finally:
         sys.stdout = events_out

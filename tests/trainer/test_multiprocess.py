@@ -54,6 +54,8 @@ def test_two_processes_train_what_one_process_trains_with_accumulation(make_conf
     two = _launch(_config(make_config, tmp_path, "two", max_train_steps=6), 2)
     one = _launch(_config(make_config, tmp_path, "one", max_train_steps=6, gradient_accumulation_steps=2), 1)
     assert [e["event"] for e in two].count("start") == 1 and two[-1]["event"] == "done"  # one writer
+    logged = (Path(two[-1]["path"]).parent / "events.jsonl").read_text().splitlines()
+    assert len(logged) == len(two) + len(one)  # both runs share output_dir; no rank but 0 logged
     assert any("data parallel: 2 processes" in c for c in two[0]["choices"])
     assert len(_steps(two)) == len(_steps(one)) == 6
     assert all(e["samples_per_second"] > 0 for e in _steps(two))
