@@ -47,6 +47,16 @@ def mocked() -> Any:
 
 
 @pytest.fixture
+def markets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both markets' keys and the recorded-response URLs, and a terminal wide enough for whole tables."""
+    monkeypatch.setenv("VAST_API_KEY", VAST_KEY)
+    monkeypatch.setenv("RUNPOD_API_KEY", RUNPOD_KEY)
+    monkeypatch.setenv("RENTRAIN_VAST_URL", VAST_URL)
+    monkeypatch.setenv("RENTRAIN_RUNPOD_URL", RUNPOD_URL)
+    monkeypatch.setenv("COLUMNS", "200")
+
+
+@pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
 

@@ -20,26 +20,11 @@ from rentrain.cli import main
 from rentrain.costs import JobProfile, estimate_job, overhead_seconds, profile_from_config, scaling_efficiency, steps_on
 from rentrain.multigpu import plan_with_gpus
 
-from .conftest import RUNPOD_KEY, RUNPOD_URL, VAST_KEY, VAST_URL, load
+from .conftest import RUNPOD_URL, VAST_URL, load
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tiny" / "config.toml"
 RUNPOD_PER_GPU_COMMUNITY_4090 = 0.31  # runpod_catalog_community.json
 DISK_PER_HOUR = 2 * 40 * 0.10 / 730  # a 40 GB container disk and a 40 GB volume at $0.10/GB-month
-
-
-@pytest.fixture
-def markets(monkeypatch):
-    monkeypatch.setenv("VAST_API_KEY", VAST_KEY)
-    monkeypatch.setenv("RUNPOD_API_KEY", RUNPOD_KEY)
-    monkeypatch.setenv("RENTRAIN_VAST_URL", VAST_URL)
-    monkeypatch.setenv("RENTRAIN_RUNPOD_URL", RUNPOD_URL)
-    monkeypatch.setenv("COLUMNS", "200")
-
-
-@pytest.fixture
-def mocked():
-    with responses.RequestsMock(assert_all_requests_are_fired=True) as rsps:
-        yield rsps
 
 
 def vast_machines(gpus: int) -> dict:

@@ -156,15 +156,6 @@ def record_markets(mocked, runpod_status=200):
                    json={"title": "Unauthorized", "status": runpod_status, "detail": "invalid api key"})
 
 
-@pytest.fixture
-def markets(monkeypatch):
-    monkeypatch.setenv("VAST_API_KEY", VAST_KEY)
-    monkeypatch.setenv("RUNPOD_API_KEY", RUNPOD_KEY)
-    monkeypatch.setenv("RENTRAIN_VAST_URL", VAST_URL)
-    monkeypatch.setenv("RENTRAIN_RUNPOD_URL", RUNPOD_URL)
-    monkeypatch.setenv("COLUMNS", "200")
-
-
 EXPECTED_ORDER = [  # cheapest job first; the tiny example's steps cost the same on every card
     ("vast", "3001"),
     ("runpod", "SECURE/NVIDIA RTX A5000"),
