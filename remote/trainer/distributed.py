@@ -30,10 +30,6 @@ class Ranks:
     def distributed(self) -> bool:
         return self.world > 1
 
-    def share(self, group: list) -> list:
-        """This rank's batches of a step: every world-th one, starting at its rank."""
-        return group[self.rank :: self.world]
-
 
 def init_ranks() -> Ranks:
     """The ranks of a launch (torchrun / accelerate launch set WORLD_SIZE); a plain process is rank 0 of 1."""

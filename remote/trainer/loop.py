@@ -82,6 +82,7 @@ class Run:
     graphs: StepGraphs | None = None
     optimizer_graph: OptimizerGraph | None = None
     choices: list[str] = field(default_factory=list)
+    params: list = field(default_factory=list)  # the trainable LoRA parameters, in optimizer order
 
 
 def pick_device(ranks: Ranks | None = None) -> torch.device:
@@ -205,13 +206,10 @@ def setup(cfg, writer: EventWriter, resume: Path | None, ranks: Ranks | None = N
             f"data parallel: {ranks.world} processes, {ranks.world} x batch_size = {ranks.world * cfg.batch_size} "
             "images per step (x gradient_accumulation_steps)"
         )
-    run.choices.append(
-        "compute: " + ("bf16 throughout (frozen model and activations), LoRA weights fp32" if dtype == torch.bfloat16 and not cfg.full_bf16
-                       else "autocast fp16" if uses_autocast(run) else str(dtype).removeprefix("torch."))
-    )
+    run.params = [p for group in optimizer.param_groups for p in group["params"]]
+    run.choices.append(f"compute: {compute_description(run)}")
     if use_graphs:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        run.graphs = StepGraphs(partial(backward_pass, run), params, on_disable=_warn)
+        run.graphs = StepGraphs(partial(backward_pass, run), run.params, on_disable=_warn)
         run.choices.append("CUDA graphs: on (one per batch shape, captured the second time a shape is seen)")
         if is_graphable(optimizer):
             run.optimizer_graph = OptimizerGraph(partial(apply_gradients, run), on_disable=_warn)
@@ -292,6 +290,15 @@ def uses_autocast(run: Run) -> bool:
     model and its activations stay bf16 without autocast's float32 round trips (norms accumulate in
     float32 inside their kernels), and the LoRA casts its weights to bf16 where autocast would have."""
     return run.dtype == torch.float16
+
+
+def compute_description(run: Run) -> str:
+    if uses_autocast(run):
+        return "fp16 under autocast, LoRA weights fp32"
+    if run.dtype == torch.bfloat16:
+        lora = "bf16 (full_bf16)" if run.cfg.full_bf16 else "fp32"
+        return f"bf16 throughout (frozen model and activations), LoRA weights {lora}"
+    return "float32"
 
 
 def autocast(run: Run):
@@ -389,11 +396,6 @@ def inputs_loss(run: Run, inputs: StepInputs) -> torch.Tensor:
     return loss.mean()
 
 
-def batch_loss(run: Run, batch: list[int], epoch: int, batch_index: int) -> torch.Tensor:
-    """The loss of one batch, kohya's train_network.process_batch."""
-    return inputs_loss(run, batch_inputs(run, batch, epoch, batch_index))
-
-
 def backward_pass(run: Run, inputs: StepInputs) -> torch.Tensor:
     """Loss and backward of one micro-batch; gradients add up in place. Returns the loss, detached."""
     loss = inputs_loss(run, inputs)
@@ -407,7 +409,7 @@ def _warn(message: str) -> None:
 
 
 def optimizer_step(run: Run) -> None:
-    sum_gradients([p for group in run.optimizer.param_groups for p in group["params"]], run.ranks)
+    sum_gradients(run.params, run.ranks)
     if run.optimizer_graph is not None:
         run.optimizer_graph.step()
     else:
@@ -417,11 +419,10 @@ def optimizer_step(run: Run) -> None:
 
 def apply_gradients(run: Run) -> None:
     """Unscale, clip, step, and zero the gradients (in place when graphs add into them)."""
-    params = [p for group in run.optimizer.param_groups for p in group["params"]]
     if run.scaler is not None:
         run.scaler.unscale_(run.optimizer)
     if run.cfg.max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(params, run.cfg.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(run.params, run.cfg.max_grad_norm)
     if run.scaler is not None:
         run.scaler.step(run.optimizer)
         run.scaler.update()
