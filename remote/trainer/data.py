@@ -8,6 +8,7 @@ and the position in the run, so a resumed run draws exactly what the uninterrupt
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -307,7 +308,7 @@ def cache_latents(
                     if flip:
                         record.latent_flipped = outs[1][row].contiguous()
                         tensors["flipped"] = record.latent_flipped
-                    tmp = path.with_name(path.name + ".tmp")
+                    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # jobs may share the cache
                     save_file(tensors, str(tmp))
                     tmp.replace(path)
                     encoded += 1

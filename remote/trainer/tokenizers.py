@@ -51,11 +51,12 @@ def build_vocab_files(target: Path, source: Path | None = None) -> Path:
     vocab = {token: index for index, token in enumerate(vocab_list)}
     assert len(vocab) == 49408 and vocab["<|endoftext|>"] == EOS_ID, len(vocab)
     target.mkdir(parents=True, exist_ok=True)
-    tmp = target / "vocab.json.tmp"
-    tmp.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (target / "merges.txt.tmp").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    os.replace(target / "merges.txt.tmp", target / "merges.txt")
-    os.replace(tmp, target / "vocab.json")
+    # per-process temporary names: the ranks of a multi-GPU run build the same cache at the same time
+    suffix = f".{os.getpid()}.tmp"
+    (target / f"vocab.json{suffix}").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (target / f"merges.txt{suffix}").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    os.replace(target / f"merges.txt{suffix}", target / "merges.txt")
+    os.replace(target / f"vocab.json{suffix}", target / "vocab.json")
     return target
 
 

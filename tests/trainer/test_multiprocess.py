@@ -32,7 +32,7 @@ def _launch(config: Path, processes: int, resume: Path | None = None) -> list[di
             "--main_process_port", str(_free_port()), *trainer,
         ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RENTRAIN_DEVICE": "cpu"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
     assert done.returncode == 0, done.stderr[-4000:]
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
