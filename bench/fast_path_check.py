@@ -1,8 +1,9 @@
 """Does the fast path train the same function? The real trainer, run four ways on the same seed and data.
 
-    eager + autocast   the trainer before the speed work: eager steps, autocast around a bf16 model
-    eager, bf16        bf16 throughout without autocast (cuda_graphs = false)
-    fast path          bf16 throughout, steps replayed as CUDA graphs (the default)
+    eager + autocast   the trainer before the speed work: eager steps, autocast around a bf16 model,
+                       the LoRA computed the plain way (the "unfused" patch)
+    eager, bf16        bf16 throughout without autocast (cuda_graphs = false), fused LoRA layers
+    fast path          bf16 throughout, fused LoRA layers, steps replayed as CUDA graphs (the default)
     eager, fp32        no mixed precision: how far bf16 itself is from exact arithmetic
 
 Each run trains SD 1.5 (full size, random weights; 512px, batch 4, UNet + text encoder LoRA) for --steps
@@ -31,7 +32,7 @@ sys.path.insert(0, str(REPO))
 from bench.train_speed import CASES, build_dataset, build_model, environment, trainer_command, write_config  # noqa: E402
 
 VARIANTS = (
-    ("eager + autocast (before)", {"cuda_graphs": False}, ("autocast",), "bf16"),
+    ("eager + autocast, plain LoRA (before)", {"cuda_graphs": False}, ("autocast", "unfused"), "bf16"),
     ("eager, bf16", {"cuda_graphs": False}, (), "bf16"),
     ("fast path (CUDA graphs, bf16)", {}, (), "bf16"),
     ("eager, fp32 (precision reference)", {"cuda_graphs": False}, (), "no"),

@@ -75,12 +75,12 @@ class _Captured:
 class StepGraphs:
     """Runs ``backward_pass(inputs) -> detached loss`` through one CUDA graph per input shape.
 
-    The gradients of ``params`` must stay allocated between steps (zero them in place, never set them to
-    None): a captured graph adds into the tensors that existed when it was captured.
+    The gradients must stay allocated between steps (zeroed in place, never set to None): a captured
+    graph adds into the tensors that existed when it was captured. The LoRA's flat gradient buffer
+    (lora_fused.py) is allocated once for the run.
     """
 
     backward_pass: Callable[[StepInputs], torch.Tensor]
-    params: list[torch.nn.Parameter]
     max_graphs: int = 32
     graphs: dict[tuple, _Captured] = field(default_factory=dict)
     seen: set[tuple] = field(default_factory=set)
@@ -90,11 +90,6 @@ class StepGraphs:
     on_disable: Callable[[str], None] | None = None
     _pool: object = None
     _side: torch.cuda.Stream | None = None
-
-    def __post_init__(self) -> None:
-        for param in self.params:
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
 
     def backward(self, inputs: StepInputs) -> torch.Tensor:
         key = inputs.shape_key()

@@ -31,6 +31,8 @@ from torch import nn
 
 from remote.hashing import file_sha256
 
+from .lora_fused import FlatBuffers, flatten_parameters, fused_forward, is_fusable
+
 UNET_TARGETS = ("Transformer2DModel",)
 UNET_CONV_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TE_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
@@ -60,6 +62,7 @@ class LoRAModule(nn.Module):
         self.multiplier = multiplier
         self._org = [org_module]  # a list, so it is not registered as a submodule
         self.org_forward = None
+        self.fused_views = None  # set by LoRANetwork.use_flat_buffers for fusable targets
 
     def apply_to(self) -> None:
         org = self._org[0]
@@ -72,6 +75,9 @@ class LoRAModule(nn.Module):
             self.org_forward = None
 
     def forward(self, x, *args, **kwargs):
+        if self.fused_views is not None and torch.is_grad_enabled() and not args and not kwargs:
+            scale = self.multiplier * self.scale
+            return fused_forward(self._org[0], x, self.lora_down.weight, self.lora_up.weight, self.fused_views, scale)
         out = self.org_forward(x, *args, **kwargs)
         if self.multiplier == 0:
             return out
@@ -220,6 +226,7 @@ class LoRANetwork(nn.Module):
         self.conv_alpha = conv_alpha
         self.unet_names: list[str] = []
         self.te_names: list[str] = []
+        self.flat: FlatBuffers | None = None
         targets_unet = select_unet_targets(unet, family, conv_dim) if unet is not None else []
         targets_te = select_te_targets(text_encoders) if text_encoders else []
         for names, targets in ((self.te_names, targets_te), (self.unet_names, targets_unet)):
@@ -243,6 +250,16 @@ class LoRANetwork(nn.Module):
         for lora in self.loras():
             lora.restore()
 
+    def use_flat_buffers(self, compute_dtype: torch.dtype) -> FlatBuffers:
+        """Training's layout (lora_fused.py): the parameters become views of one flat buffer, and each
+        Linear / 1x1-conv target runs fused with its LoRA in ``compute_dtype``. Call it after the last
+        ``.to()``: moving the network afterwards would detach the parameters from the buffer."""
+        self.flat, views = flatten_parameters(list(self.parameters()), compute_dtype)
+        for lora in self.loras():
+            if type(lora._org[0]) in (nn.Linear, nn.Conv2d) and is_fusable(lora._org[0]):
+                lora.fused_views = (views[id(lora.lora_down.weight)], views[id(lora.lora_up.weight)])
+        return self.flat
+
     def set_multiplier(self, multiplier: float) -> None:
         for lora in self.loras():
             lora.multiplier = multiplier
@@ -261,7 +278,7 @@ class LoRANetwork(nn.Module):
     def kohya_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         out = {}
         for key, value in self.state_dict().items():
-            value = value.detach().to("cpu").contiguous()
+            value = value.detach().to("cpu", copy=True)  # a copy: flat-buffer views share one storage
             if dtype is not None:
                 value = value.to(dtype)
             out[key] = value

@@ -57,7 +57,7 @@ def save_state(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}, str(tmp / "lora.safetensors"))
+    save_file(network.kohya_state_dict(), str(tmp / "lora.safetensors"))
     rng = {
         "torch": torch.random.get_rng_state(),
         "python": random.getstate(),
