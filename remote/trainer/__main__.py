@@ -53,6 +53,20 @@ def _train(cfg, writer: EventWriter, resume: str | None) -> int:
     try:
         import torch
 
+        from .distributed import leave
+    except ImportError as exc:
+        writer.emit(ErrorEvent(kind="internal", message=f"the trainer's dependencies are missing: {exc}"))
+        return 1
+    try:
+        return _train_and_report(cfg, writer, resume)
+    finally:
+        leave()
+
+
+def _train_and_report(cfg, writer: EventWriter, resume: str | None) -> int:
+    try:
+        import torch
+
         from .data import DataError
         from .loop import OutputExistsError, Stopped, train
         from .models import ModelError
@@ -76,7 +90,8 @@ def _train(cfg, writer: EventWriter, resume: str | None) -> int:
     except Stopped as exc:
         state = str(exc.state_dir) if exc.state_dir is not None else None
         writer.emit(ErrorEvent(kind="interrupted", message=str(exc), state_dir=state))
-        return 130
+        # under a launcher, another rank's non-zero exit gets rank 0 killed while it reports: rank 0 alone says 130
+        return 130 if os.environ.get("RANK", "0") == "0" else 0
     except torch.OutOfMemoryError as exc:
         writer.emit(
             ErrorEvent(

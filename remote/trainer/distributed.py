@@ -55,22 +55,17 @@ def broadcast_int(value: int, ranks: Ranks) -> int:
     return int(holder.item())
 
 
-def broadcast_parameters(params: list[torch.Tensor], ranks: Ranks) -> None:
-    """Start every rank from rank 0's LoRA initialisation."""
-    if not ranks.distributed:
-        return
-    for param in params:
-        torch.distributed.broadcast(param.data, src=0)
+def broadcast_parameters(flat: torch.Tensor, ranks: Ranks) -> None:
+    """Start every rank from rank 0's LoRA initialisation (``flat``: the buffer all parameters view)."""
+    if ranks.distributed:
+        torch.distributed.broadcast(flat, src=0)
 
 
-def sum_gradients(params: list[torch.nn.Parameter], ranks: Ranks) -> None:
-    """Sum every rank's gradients, in place (the loss is already divided by the number of ranks)."""
-    if not ranks.distributed:
-        return
-    grads = [p.grad for p in params]
-    flat = torch._utils._flatten_dense_tensors(grads)
-    torch.distributed.all_reduce(flat)
-    torch._foreach_copy_(grads, torch._utils._unflatten_dense_tensors(flat, grads))
+def sum_gradients(flat_grad: torch.Tensor, ranks: Ranks) -> None:
+    """Sum every rank's gradients, in place, in one all-reduce over the flat gradient buffer (the loss is
+    already divided by the number of ranks)."""
+    if ranks.distributed:
+        torch.distributed.all_reduce(flat_grad)
 
 
 def sum_across(values: list[float], ranks: Ranks) -> list[float]:
@@ -93,3 +88,11 @@ def any_rank(flag: bool, ranks: Ranks) -> bool:
 def barrier(ranks: Ranks) -> None:
     if ranks.distributed:
         torch.distributed.barrier()
+
+
+def leave() -> None:
+    """Tear the process group down before the process exits. A rank that exits with gloo's threads still
+    running can abort ("terminate called without an active exception"), and the launcher then kills the
+    other ranks, rank 0 included while it writes the final file."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
