@@ -150,25 +150,24 @@ def build_dataset(folder: Path, resolution: int, images: int = 50) -> Path:
 def write_config(
     path: Path, case: Case, model: Path | str, dataset: Path, output: Path, steps: int, precision: str = "bf16"
 ) -> Path:
-    te_lr = 5e-5 if case.train_text_encoder else 0
-    lines = [
-        f'pretrained_model_name_or_path = "{model}"',
-        f'train_data_dir = "{dataset}"',
-        f"resolution = {case.resolution}",
-        f"batch_size = {case.batch_size}",
-        f'output_dir = "{output}"',
-        'output_name = "bench"',
-        f"max_train_steps = {steps}",
-        "learning_rate = 1e-4",
-        f"text_encoder_lr = {te_lr}",
-        "network_dim = 32",
-        "network_alpha = 16",
-        'optimizer_type = "AdamW"',
-        f'mixed_precision = "{precision}"',
-        "seed = 1",
-    ]
-    lines += [f"{key} = {json.dumps(value)}" for key, value in case.extra.items()]
-    path.write_text("\n".join(lines) + "\n")
+    keys: dict[str, object] = {
+        "pretrained_model_name_or_path": str(model),
+        "train_data_dir": str(dataset),
+        "resolution": case.resolution,
+        "batch_size": case.batch_size,
+        "output_dir": str(output),
+        "output_name": "bench",
+        "max_train_steps": steps,
+        "learning_rate": 1e-4,
+        "text_encoder_lr": 5e-5 if case.train_text_encoder else 0,
+        "network_dim": 32,
+        "network_alpha": 16,
+        "optimizer_type": "AdamW",
+        "mixed_precision": precision,
+        "seed": 1,
+        **case.extra,  # --set overrides any of the above
+    }
+    path.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in keys.items()))
     return path
 
 
@@ -200,6 +199,17 @@ PATCHES = {
         "    run.bundle.unet.to(memory_format=torch.channels_last)\n"
         "    return run\n"
         "L.setup = setup"
+    ),
+    # the LoRA computed the plain way (casts, separate products and adds) on the flat buffers
+    "unfused": "import remote.trainer.lora as LR\nLR.is_fusable = lambda module: False",
+    # torch.compile of the UNet (inductor, default mode), inside the trainer's own CUDA graphs
+    "compile": (
+        "_setup_plain = L.setup\n"
+        "def setup_compiled(*a, **k):\n"
+        "    run = _setup_plain(*a, **k)\n"
+        "    run.bundle.unet.forward = torch.compile(run.bundle.unet.forward)\n"
+        "    return run\n"
+        "L.setup = setup_compiled"
     ),
 }
 
@@ -237,7 +247,12 @@ def run_case(
         message = errors[0]["message"] if errors else completed.stderr[-800:]
         return Result(case.name, 0, 0, None, None, None, 0, len(steps), error=message)
     start = next((e for e in events if e["event"] == "start"), {})
-    print(f"  trainer set-up: {start.get('setup_seconds')}; choices: {start.get('choices')}", file=sys.stderr, flush=True)
+    print(
+        f"  trainer: start event {start.get('time', started) - started:.1f} s after launch, first step "
+        f"{steps[0]['seconds_per_step']:.2f} s; set-up: {start.get('setup_seconds')}; choices: {start.get('choices')}",
+        file=sys.stderr,
+        flush=True,
+    )
     steady = steps[warmup:]
     seconds = (steady[-1]["time"] - steady[0]["time"]) / (len(steady) - 1)
     flop = case.flop_per_step

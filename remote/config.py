@@ -217,6 +217,13 @@ class TrainConfig(BaseModel):
         "(several times faster; rentrain's own key). false: plain eager steps.",
         True,
     )
+    fit_memory: bool = _training(
+        "On NVIDIA GPUs, when the configured batch would not fit the card's memory, pick the fastest setting "
+        "that does: the batch split into micro-batches (more gradient_accumulation_steps, same images per "
+        "step), gradient checkpointing, or for AdamW 8-bit optimizer state; the start event says what was "
+        "chosen (rentrain's own key). false: run exactly as configured.",
+        True,
+    )
     gradient_accumulation_steps: int = _training("Batches per optimizer step.", 1, ge=1)
     max_grad_norm: float = _training("Gradient clipping norm (0: off).", 1.0, ge=0)
     noise_offset: float | None = _training("Offset noise strength (0.05-0.1 typical).", None, ge=0)

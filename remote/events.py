@@ -50,7 +50,10 @@ class StartEvent(_Event):
     warnings: list[str] = Field(default_factory=list, description="Things the user should know, e.g. a model/config mismatch.")
     choices: list[str] = Field(default_factory=list, description="What the trainer chose for speed and memory, and why.")
     setup_seconds: dict[str, float] = Field(
-        default_factory=dict, description="Seconds spent loading the model and filling the caches (latents_encoded: images encoded)."
+        default_factory=dict, description=(
+            "Seconds of set-up: setup (everything before caching), load_weights (reading the model, part of "
+            "setup), cache_latents, cache_text; latents_encoded is the number of images encoded."
+        ),
     )
 
 

@@ -65,16 +65,16 @@ SPEED_TABLE: dict[tuple[str, ModelFamily, int], Figure] = {
     ),
     ("RTX 3060", "sdxl", 1): Figure(2.4, "published", "bmaltais/kohya_ss#1288: RTX 3060, SDXL LoRA, 2.4 s/it"),
     ("H200", "sd15", 4): Figure(
-        0.066,
+        0.059,
         "measured",
-        "bench/RESULTS.md 2026-11-29 (fast path): H200, this trainer (CUDA graphs, bf16), full-size SD 1.5, 512px "
-        "batch 4, UNet + TE LoRA dim 32, AdamW: 65.8 ms/step",
+        "bench/RESULTS.md 2026-11-29 (fused LoRA): H200, this trainer (CUDA graphs, bf16, fused LoRA layers), "
+        "full-size SD 1.5, 512px batch 4, UNet + TE LoRA dim 32, AdamW: 59.4 ms/step",
     ),
     ("H200", "sdxl", 2): Figure(
-        0.149,
+        0.135,
         "measured",
-        "bench/RESULTS.md 2026-11-29 (fast path): H200, this trainer (CUDA graphs, bf16), full-size SDXL, 1024px "
-        "batch 2, UNet LoRA dim 32, AdamW: 149.2 ms/step",
+        "bench/RESULTS.md 2026-11-29 (fused LoRA): H200, this trainer (CUDA graphs, bf16, fused LoRA layers), "
+        "full-size SDXL, 1024px batch 2, UNet LoRA dim 32, AdamW: 134.6 ms/step",
     ),
 }
 

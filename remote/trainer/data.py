@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,61 +258,92 @@ def cache_latents(
     """Fill record.latent (and latent_flipped) from the disk cache, encoding only what is missing.
 
     Returns (encoded, reused). Latents are encoded with the VAE in float32 and sampled with a generator
-    seeded from the cache key, so the same image always gives the same latent.
+    seeded from the cache key, so the same image always gives the same latent. Hashing, decoding and
+    writing run on worker threads (PIL and hashlib release the GIL): the next chunk's images are decoded
+    while the GPU encodes this one.
     """
-    from safetensors.torch import load_file, save_file
+    from concurrent.futures import ThreadPoolExecutor
 
     folder = latent_cache_dir() / f"{vae_fingerprint(vae)}-{scaling_factor:g}"
     folder.mkdir(parents=True, exist_ok=True)
-    missing: dict[tuple[int, int], list[tuple[ImageRecord, Path]]] = defaultdict(list)
-    reused = 0
-    for record in dataset.records:
-        record.content_hash = record.content_hash or file_sha256(record.path)
-        key = f"{record.content_hash}_{record.bucket[0]}x{record.bucket[1]}_{record.resized[0]}x{record.resized[1]}"
-        path = folder / f"{key}.safetensors"
-        if path.is_file():
-            try:
-                data = load_file(str(path))
-                if not flip or "flipped" in data:
-                    record.latent = data["latent"]
-                    record.latent_flipped = data.get("flipped")
-                    reused += 1
-                    continue
-            except Exception:  # noqa: BLE001 - a torn cache file is simply recomputed
-                pass
-        missing[record.bucket].append((record, path))
-    encoded = 0
-    vae_dtype = next(vae.parameters()).dtype
-    vae.to(device, torch.float32)
-    try:
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for record, digest in zip(dataset.records, pool.map(lambda r: r.content_hash or file_sha256(r.path), dataset.records)):
+            record.content_hash = digest
+        found = list(pool.map(lambda r: _read_cached_latent(folder, r, flip), dataset.records))
+        missing: dict[tuple[int, int], list[tuple[ImageRecord, Path]]] = defaultdict(list)
+        for record, (path, hit) in zip(dataset.records, found):
+            if not hit:
+                missing[record.bucket].append((record, path))
+        reused = len(dataset.records) - sum(len(items) for items in missing.values())
+        chunks = []
         for bucket, items in missing.items():
             # the fp32 VAE's activations are large: 4 images at 512x512, 1 at 1024x1024
             size = batch_size or max(1, (4 * 512 * 512) // (bucket[0] * bucket[1]))
-            for start in range(0, len(items), size):
-                chunk = items[start : start + size]
-                pixels = torch.stack([load_pixels(r) for r, _ in chunk]).to(device)
-                views = [pixels, pixels.flip(-1)] if flip else [pixels]
-                outs = []
-                with torch.no_grad():
-                    for view in views:
-                        dist = vae.encode(view).latent_dist
-                        latents = []
-                        for row, (record, _) in enumerate(chunk):
-                            gen = torch.Generator(device=device).manual_seed(int(record.content_hash[:12], 16))
-                            noise = torch.randn(dist.mean[row].shape, generator=gen, device=device)
-                            latents.append(dist.mean[row] + dist.std[row] * noise)
-                        latent = torch.stack(latents) * scaling_factor
-                        outs.append(torch.nan_to_num(latent, nan=0.0).to("cpu", torch.float32))
+            chunks += [items[start : start + size] for start in range(0, len(items), size)]
+        vae_dtype = next(vae.parameters()).dtype
+        vae.to(device, torch.float32)
+        writes = []
+        try:
+            decoded = pool.submit(_decode_chunk, chunks[0]) if chunks else None
+            for index, chunk in enumerate(chunks):
+                pixels = decoded.result().to(device)
+                if index + 1 < len(chunks):
+                    decoded = pool.submit(_decode_chunk, chunks[index + 1])
+                outs = _encode_views(vae, pixels, chunk, scaling_factor, device, flip)
                 for row, (record, path) in enumerate(chunk):
                     record.latent = outs[0][row].contiguous()
-                    tensors = {"latent": record.latent}
-                    if flip:
-                        record.latent_flipped = outs[1][row].contiguous()
-                        tensors["flipped"] = record.latent_flipped
-                    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # jobs may share the cache
-                    save_file(tensors, str(tmp))
-                    tmp.replace(path)
-                    encoded += 1
-    finally:
-        vae.to("cpu", vae_dtype)
-    return encoded, reused
+                    record.latent_flipped = outs[1][row].contiguous() if flip else None
+                    writes.append(pool.submit(_write_latent, path, record.latent, record.latent_flipped))
+        finally:
+            vae.to("cpu", vae_dtype)
+        for write in writes:
+            write.result()
+    return len(writes), reused
+
+
+def _read_cached_latent(folder: Path, record: ImageRecord, flip: bool) -> tuple[Path, bool]:
+    """(the record's cache file, whether it was read into the record)."""
+    from safetensors.torch import load_file
+
+    key = f"{record.content_hash}_{record.bucket[0]}x{record.bucket[1]}_{record.resized[0]}x{record.resized[1]}"
+    path = folder / f"{key}.safetensors"
+    if path.is_file():
+        try:
+            data = load_file(str(path))
+        except Exception:  # noqa: BLE001 - a torn cache file is simply recomputed
+            return path, False
+        if not flip or "flipped" in data:
+            record.latent = data["latent"]
+            record.latent_flipped = data.get("flipped")
+            return path, True
+    return path, False
+
+
+def _decode_chunk(chunk: list[tuple[ImageRecord, Path]]) -> torch.Tensor:
+    pixels = torch.stack([load_pixels(record) for record, _ in chunk])
+    return pixels.pin_memory() if torch.cuda.is_available() else pixels
+
+
+def _encode_views(vae, pixels: torch.Tensor, chunk, scaling_factor: float, device: torch.device, flip: bool) -> list[torch.Tensor]:
+    """[latents] or [latents, latents of the mirrored images], on the CPU in float32."""
+    outs = []
+    with torch.no_grad():
+        for view in [pixels, pixels.flip(-1)] if flip else [pixels]:
+            dist = vae.encode(view).latent_dist
+            latents = []
+            for row, (record, _) in enumerate(chunk):
+                gen = torch.Generator(device=device).manual_seed(int(record.content_hash[:12], 16))
+                noise = torch.randn(dist.mean[row].shape, generator=gen, device=device)
+                latents.append(dist.mean[row] + dist.std[row] * noise)
+            latent = torch.stack(latents) * scaling_factor
+            outs.append(torch.nan_to_num(latent, nan=0.0).to("cpu", torch.float32))
+    return outs
+
+
+def _write_latent(path: Path, latent: torch.Tensor, flipped: torch.Tensor | None) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {"latent": latent} if flipped is None else {"latent": latent, "flipped": flipped}
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # jobs, and duplicate images, share files
+    save_file(tensors, str(tmp))
+    tmp.replace(path)

@@ -34,6 +34,7 @@ from remote.events import (
 )
 
 from . import data as data_mod
+from . import memory
 from .distributed import Ranks, any_rank, barrier, broadcast_int, broadcast_parameters, init_ranks, sum_across, sum_gradients
 from .graphs import OptimizerGraph, StepGraphs, StepInputs
 from .lora import LoRANetwork, build_metadata, save_kohya
@@ -82,7 +83,7 @@ class Run:
     graphs: StepGraphs | None = None
     optimizer_graph: OptimizerGraph | None = None
     choices: list[str] = field(default_factory=list)
-    params: list = field(default_factory=list)  # the trainable LoRA parameters, in optimizer order
+    timings: dict[str, float] = field(default_factory=dict)  # set-up phases, seconds
 
 
 def pick_device(ranks: Ranks | None = None) -> torch.device:
@@ -136,7 +137,9 @@ def setup(cfg, writer: EventWriter, resume: Path | None, ranks: Ranks | None = N
 
     torch.manual_seed(seed)
     random.seed(seed)
-    bundle = load_model(cfg, dtype)
+    loading = time.perf_counter()
+    bundle = load_model(cfg, dtype, device)
+    load_seconds = time.perf_counter() - loading
     dataset = data_mod.build_dataset(cfg, processes=ranks.world)
 
     # LoRA only where a learning rate is set (kohya: text_encoder_lr = 0 -> no text-encoder LoRA).
@@ -151,6 +154,12 @@ def setup(cfg, writer: EventWriter, resume: Path | None, ranks: Ranks | None = N
         cfg.conv_alpha,
     )
     network.apply_to()
+    memory_choice = None
+    if device.type == "cuda" and cfg.fit_memory:
+        configured_batch = cfg.batch_size
+        cfg, memory_choice = fit_memory(cfg, bundle, dataset, network, device, dtype, resume)
+        if cfg.batch_size != configured_batch:  # batches and steps per epoch are planned anew
+            dataset = data_mod.build_dataset(cfg, processes=ranks.world)
 
     # The frozen base runs in the mixed-precision dtype; the LoRA stays fp32 unless full_fp16/bf16.
     bundle.unet.to(device, dtype)
@@ -160,7 +169,8 @@ def setup(cfg, writer: EventWriter, resume: Path | None, ranks: Ranks | None = N
         encoder.to(device, dtype)
     lora_dtype = dtype if (cfg.full_fp16 or cfg.full_bf16) else torch.float32
     network.to(device, lora_dtype)
-    broadcast_parameters(list(network.parameters()), ranks)
+    flat = network.use_flat_buffers(dtype)
+    broadcast_parameters(flat.master, ranks)
     if cfg.gradient_checkpointing:
         bundle.unet.enable_gradient_checkpointing()
         bundle.unet.train()
@@ -200,16 +210,18 @@ def setup(cfg, writer: EventWriter, resume: Path | None, ranks: Ranks | None = N
         writer=writer,
         noise_scheduler=bundle.noise_scheduler(),
         ranks=ranks,
+        timings={"load_weights": load_seconds},
     )
     if ranks.distributed:
         run.choices.append(
             f"data parallel: {ranks.world} processes, {ranks.world} x batch_size = {ranks.world * cfg.batch_size} "
             "images per step (x gradient_accumulation_steps)"
         )
-    run.params = [p for group in optimizer.param_groups for p in group["params"]]
     run.choices.append(f"compute: {compute_description(run)}")
+    if memory_choice:
+        run.choices.append(memory_choice)
     if use_graphs:
-        run.graphs = StepGraphs(partial(backward_pass, run), run.params, on_disable=_warn)
+        run.graphs = StepGraphs(partial(backward_pass, run), on_disable=_warn)
         run.choices.append("CUDA graphs: on (one per batch shape, captured the second time a shape is seen)")
         if is_graphable(optimizer):
             run.optimizer_graph = OptimizerGraph(partial(apply_gradients, run), on_disable=_warn)
@@ -253,6 +265,29 @@ def setup(cfg, writer: EventWriter, resume: Path | None, ranks: Ranks | None = N
         processes=ranks.world,
     )
     return run
+
+
+def fit_memory(cfg, bundle: ModelBundle, dataset, network: LoRANetwork, device, dtype, resume: Path | None):
+    """The config with the fastest setting that fits this GPU (memory.py), and what was chosen."""
+    text_on_gpu = cfg.trains_text_encoder or not data_mod.captions_are_static(cfg)
+    resident = [bundle.unet, *(bundle.text_encoders if text_on_gpu else [])]
+    bytes_per_value = torch.finfo(dtype).bits // 8
+    footprint = memory.Footprint(
+        family=bundle.family,
+        weights_gib=sum(p.numel() for m in resident for p in m.parameters()) * bytes_per_value / memory.GIB,
+        lora_params=sum(p.numel() for p in network.parameters()),
+        pixels=max(r.bucket[0] * r.bucket[1] for r in dataset.records),
+        activation_scale=bytes_per_value / 2,
+    )
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda index: 1.0)(index)
+    budget = memory.budget_from_device(torch.cuda.get_device_properties(index).total_memory, fraction)
+    resumed = None
+    if resume is not None:
+        from .state import read_position
+
+        resumed = read_position(resume).batch_size  # a resumed run keeps its micro-batch
+    return memory.fit_config(cfg, footprint, budget, resumed)
 
 
 def prepare_caches(run: Run) -> dict[str, float]:
@@ -398,9 +433,11 @@ def inputs_loss(run: Run, inputs: StepInputs) -> torch.Tensor:
 
 def backward_pass(run: Run, inputs: StepInputs) -> torch.Tensor:
     """Loss and backward of one micro-batch; gradients add up in place. Returns the loss, detached."""
+    run.network.flat.begin_micro_batch()
     loss = inputs_loss(run, inputs)
     scaled = loss / (run.cfg.gradient_accumulation_steps * run.ranks.world)
     (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
+    run.network.flat.end_micro_batch()
     return loss.detach()
 
 
@@ -409,7 +446,7 @@ def _warn(message: str) -> None:
 
 
 def optimizer_step(run: Run) -> None:
-    sum_gradients(run.params, run.ranks)
+    sum_gradients(run.network.flat.master_grad, run.ranks)
     if run.optimizer_graph is not None:
         run.optimizer_graph.step()
     else:
@@ -418,18 +455,17 @@ def optimizer_step(run: Run) -> None:
 
 
 def apply_gradients(run: Run) -> None:
-    """Unscale, clip, step, and zero the gradients (in place when graphs add into them)."""
+    """Unscale, clip, step, and zero the gradients (in place: graphs and the flat buffers add into them)."""
     if run.scaler is not None:
         run.scaler.unscale_(run.optimizer)
-    if run.cfg.max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(run.params, run.cfg.max_grad_norm)
+    if run.cfg.max_grad_norm:  # the flat buffer holds every LoRA gradient: one norm over all of them
+        torch.nn.utils.clip_grad_norm_([run.network.flat.master_grad], run.cfg.max_grad_norm)
     if run.scaler is not None:
         run.scaler.step(run.optimizer)
         run.scaler.update()
     else:
         run.optimizer.step()
-    # captured graphs accumulate into the same gradient tensors every step
-    run.optimizer.zero_grad(set_to_none=run.graphs is None)
+    run.network.flat.zero_grad()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -547,7 +583,8 @@ def train(cfg, writer: EventWriter, resume: Path | str | None = None, stop_after
     if not ranks.main:  # one writer: the other ranks' events would repeat rank 0's
         writer = EventWriter(None, stream=open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the process
     run = setup(cfg, writer, resume, ranks)
-    timings = {"load_model": time.perf_counter() - started, **prepare_caches(run)}
+    cfg = run.cfg  # memory planning may have split the batch or turned on checkpointing
+    timings = {"setup": time.perf_counter() - started, **run.timings, **prepare_caches(run)}
     timings = {key: round(value, 3) for key, value in timings.items()}
 
     epoch_order = None
@@ -611,6 +648,7 @@ def train(cfg, writer: EventWriter, resume: Path | str | None = None, stop_after
                     folder = run.output_dir / state_dir_name(run.name, step=pos.step)
                     if run.ranks.main:
                         save_state(folder, pos, run.network, run.optimizer, run.scheduler, run.scaler, order_in_progress, run.losses)
+                    barrier(run.ranks)  # no rank leaves (and gets the others killed) before the state is written
                     raise Stopped(f"stopped after step {pos.step}; resume with --resume {folder}", folder)
     finally:
         _restore_handlers(previous_handlers)

@@ -128,8 +128,9 @@ def check_family(cfg, family: str) -> list[str]:
 # Loading
 
 
-def load_model(cfg, dtype: torch.dtype = torch.float32) -> ModelBundle:
-    """Load the base model; the UNet and text encoders of folder/hub models are read in ``dtype``.
+def load_model(cfg, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> ModelBundle:
+    """Load the base model; the UNet and text encoders of folder/hub models are read in ``dtype``, and
+    straight onto ``device`` when it is a GPU (no CPU copy, the cast runs on the GPU).
 
     The family is read first (cheaply: key names, model_index.json, the text encoder's config) and
     checked against the config before the weights are loaded.
@@ -155,7 +156,7 @@ def load_model(cfg, dtype: torch.dtype = torch.float32) -> ModelBundle:
 
         parts = build_tiny(family)
     elif kind in ("local_dir", "hub"):
-        parts = _load_diffusers(reference, family, dtype)
+        parts = _load_diffusers(reference, family, dtype, device)
     else:
         parts = _load_single_file(path, family)
     if cfg.vae:
@@ -196,17 +197,18 @@ def _folder_family(reference: str, kind: str) -> str:
     return "sd2" if text_config.get("hidden_size") == 1024 else "sd15"
 
 
-def _load_diffusers(reference: str, family: str, dtype: torch.dtype = torch.float32) -> dict:
+def _load_diffusers(reference: str, family: str, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    unet = UNet2DConditionModel.from_pretrained(reference, subfolder="unet", torch_dtype=dtype)
-    vae = AutoencoderKL.from_pretrained(reference, subfolder="vae", torch_dtype=torch.float32)
-    encoders = [CLIPTextModel.from_pretrained(reference, subfolder="text_encoder", torch_dtype=dtype)]
+    place = {"device_map": str(device)} if device is not None and device.type == "cuda" else {}
+    unet = UNet2DConditionModel.from_pretrained(reference, subfolder="unet", torch_dtype=dtype, **place)
+    vae = AutoencoderKL.from_pretrained(reference, subfolder="vae", torch_dtype=torch.float32, **place)
+    encoders = [CLIPTextModel.from_pretrained(reference, subfolder="text_encoder", torch_dtype=dtype, **place)]
     tokenizers = [CLIPTokenizer.from_pretrained(reference, subfolder="tokenizer")]
     if family == "sdxl":
         encoders.append(
-            CLIPTextModelWithProjection.from_pretrained(reference, subfolder="text_encoder_2", torch_dtype=dtype)
+            CLIPTextModelWithProjection.from_pretrained(reference, subfolder="text_encoder_2", torch_dtype=dtype, **place)
         )
         tokenizers.append(CLIPTokenizer.from_pretrained(reference, subfolder="tokenizer_2"))
     return {"unet": unet, "vae": vae, "text_encoders": encoders, "tokenizers": tokenizers}

@@ -1,0 +1,154 @@
+"""Memory planning: estimates against the H200 measurements, and the setting chosen for smaller cards."""
+
+from __future__ import annotations
+
+import pytest
+
+from remote.trainer import data as data_mod
+from remote.trainer.memory import (
+    GIB,
+    Footprint,
+    Setting,
+    budget_from_device,
+    candidates,
+    estimate_gib,
+    fit_config,
+    plan_memory,
+)
+
+# Parameter counts of the real architectures (bench/train_speed.py builds them from these configs): UNet, CLIP-L,
+# and the LoRA at dim 32 on kohya's module set.
+SD15_UNET, SD15_TE, SD15_LORA_UNET_TE, SD15_LORA_UNET = 859_520_964, 123_060_480, 18_874_368, 13_565_952
+SDXL_UNET, SDXL_LORA = 2_567_463_684, 85_114_880
+
+
+def sd15(trains_te: bool = True, pixels: int = 512 * 512) -> Footprint:
+    weights = (SD15_UNET + (SD15_TE if trains_te else 0)) * 2 / GIB
+    return Footprint("sd15", weights, SD15_LORA_UNET_TE if trains_te else SD15_LORA_UNET, pixels)
+
+
+def sdxl(pixels: int = 1024 * 1024) -> Footprint:
+    return Footprint("sdxl", SDXL_UNET * 2 / GIB, SDXL_LORA, pixels)
+
+
+# (footprint, setting, peak GiB measured by bench/train_speed.py on the H200; bench/RESULTS.md)
+MEASURED = [
+    (sd15(), Setting(4, 1, False), 6.14),
+    (sd15(), Setting(2, 2, False), 4.08),
+    (sd15(), Setting(2, 1, False), 4.25),  # under a 12 GiB cap
+    (sd15(), Setting(4, 1, True), 3.27),
+    (sd15(trains_te=False), Setting(4, 1, False), 5.70),
+    (sdxl(), Setting(2, 1, False), 19.44),
+    (sdxl(), Setting(1, 2, False), 12.36),
+    (sdxl(), Setting(2, 1, True), 7.88),
+    (sdxl(), Setting(2, 2, False), 18.80),  # batch 4 planned under a 24 GiB cap
+]
+
+
+@pytest.mark.parametrize(("footprint", "setting", "measured"), MEASURED)
+def test_estimates_cover_the_measured_peaks_closely(footprint, setting, measured):
+    estimate = estimate_gib(footprint, setting)
+    assert measured <= estimate <= measured * 1.06, estimate
+
+
+def _card(gib: float) -> float:
+    return budget_from_device(int(gib * GIB))
+
+
+def test_the_issue_cases_run_as_configured():
+    for footprint, batch, card in ((sdxl(), 2, 24), (sd15(), 4, 24), (sd15(), 2, 12)):
+        configured = Setting(batch, 1, False)
+        plan = plan_memory(footprint, configured, _card(card), allow_8bit=True)
+        assert plan.setting == configured and plan.fits and plan.relative_time == 1.0
+        assert "as configured" in plan.describe(configured)
+
+
+def test_a_too_large_batch_is_split_where_splitting_is_faster_than_checkpointing():
+    configured = Setting(2, 1, False)
+    plan = plan_memory(sdxl(), configured, _card(16), allow_8bit=True)  # 19.6 GiB needed
+    assert plan.setting == Setting(1, 2, False) and plan.fits
+    assert plan.relative_time == pytest.approx(173.8 / 134.6, rel=0.01)
+    text = plan.describe(configured)
+    assert "split into 2 micro-batches of 1" in text and "gradient_accumulation_steps 1 -> 2" in text
+
+
+def test_checkpointing_when_even_one_image_does_not_fit():
+    plan = plan_memory(sdxl(), Setting(1, 1, False), _card(12), allow_8bit=True)
+    assert plan.setting == Setting(1, 1, True) and plan.fits
+    assert "gradient checkpointing on" in plan.describe(Setting(1, 1, False))
+
+
+def test_large_batches_prefer_checkpointing_when_it_is_cheaper_than_many_micro_batches():
+    plan = plan_memory(sdxl(), Setting(8, 1, False), _card(24), allow_8bit=True)
+    assert plan.fits and estimate_gib(sdxl(), plan.setting) <= _card(24)
+    options = [s for s in candidates(Setting(8, 1, False), allow_8bit=False) if estimate_gib(sdxl(), s) <= _card(24)]
+    from remote.trainer.memory import step_cost
+
+    assert plan.setting == min(options, key=lambda s: step_cost(sdxl(), s))
+    assert plan.setting.micro_batch * plan.setting.accumulation == 8  # same images per step
+
+
+def test_eight_bit_adam_only_when_nothing_else_fits():
+    tiny_card = estimate_gib(sdxl(), Setting(1, 1, True)) - 0.1  # just below the smallest fp32-state option
+    plan = plan_memory(sdxl(), Setting(1, 1, False), tiny_card, allow_8bit=True)
+    assert plan.setting == Setting(1, 1, True, adam_8bit=True) and plan.fits
+    refused = plan_memory(sdxl(), Setting(1, 1, False), tiny_card, allow_8bit=False)
+    assert not refused.fits and refused.setting == Setting(1, 1, True)
+    assert "may not fit" in refused.describe(Setting(1, 1, False))
+
+
+def test_a_resumed_run_keeps_its_micro_batch():
+    plan = plan_memory(sdxl(), Setting(4, 1, False), _card(80), allow_8bit=True, micro_batch=2)
+    assert plan.setting == Setting(2, 2, False)
+
+
+def test_fp32_activations_count_double():
+    bf16 = estimate_gib(sd15(), Setting(4, 1, False))
+    fp32 = Footprint("sd15", sd15().weights_gib, SD15_LORA_UNET_TE, 512 * 512, activation_scale=2.0)
+    assert estimate_gib(fp32, Setting(4, 1, False)) == pytest.approx(bf16 + 4 * 1.04, rel=1e-6)
+
+
+def test_fit_config_rewrites_batch_and_accumulation_and_the_plan_keeps_images_per_step(make_config):
+    _, cfg = make_config(batch_size=2, gradient_accumulation_steps=1, max_train_steps=None, max_train_epochs=2)
+    before = data_mod.build_dataset(cfg)
+    footprint = Footprint("sdxl", SDXL_UNET * 2 / GIB, SDXL_LORA, 1024 * 1024)
+    fitted, text = fit_config(cfg, footprint, _card(16))
+    assert (fitted.batch_size, fitted.gradient_accumulation_steps, fitted.gradient_checkpointing) == (1, 2, False)
+    assert cfg.batch_size == 2  # the user's config object is left alone
+    assert "split into 2 micro-batches" in text
+    after = data_mod.build_dataset(fitted)
+    assert after.plan.samples_per_epoch == before.plan.samples_per_epoch
+    assert after.plan.batches_per_epoch >= before.plan.batches_per_epoch
+    same, text = fit_config(cfg, footprint, _card(80))
+    assert same.batch_size == 2 and "as configured" in text
+
+
+def test_the_trainer_plans_from_the_cards_memory_and_its_cap(make_config, monkeypatch):
+    """loop.fit_memory reads the card's size and the process's memory fraction (what --cap-gib sets)."""
+    import torch
+
+    from remote.trainer import loop
+    from remote.trainer.lora import LoRANetwork
+    from remote.trainer.models import load_model
+
+    _, cfg = make_config(batch_size=4, sizes=[(64, 64)] * 4)
+    bundle = load_model(cfg)
+    dataset = data_mod.build_dataset(cfg)
+    network = LoRANetwork(bundle.unet, [], bundle.family, cfg.network_dim, cfg.scale_alpha)
+
+    class Properties:
+        total_memory = 24 * GIB
+
+    seen = {}
+
+    def fraction(device):
+        seen["device"] = device
+        return 0.5
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Properties())
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", fraction)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    # a tiny model fits anywhere: planned as configured, against half of the 24 GiB card
+    fitted, text = loop.fit_memory(cfg, bundle, dataset, network, torch.device("cuda"), torch.bfloat16, None)
+    assert seen["device"] == 0  # torch wants the index: a bare "cuda" device is refused there
+    assert fitted.batch_size == 4 and "of a 10.5 GiB budget; settings as configured" in text
