@@ -12,7 +12,7 @@ training config, runs `python -m remote.trainer CONFIG` as a user would, and rea
     peak GiB     the trainer's own peak-allocated report
 
     python bench/train_speed.py [--cases sd15,sd15-unet,sdxl] [--steps N] [--workdir DIR] [--cap-gib G]
-    python bench/train_speed.py --tiny          # smoke test on CPU with the built-in tiny model
+    python bench/train_speed.py --tiny [--precision fp16]   # smoke test with the built-in tiny model (CPU or GPU)
     python bench/train_speed.py --cases sd15 --set cuda_graphs=false --patch autocast   # the old eager path
 
 --cap-gib caps the process's GPU memory (torch.cuda.set_per_process_memory_fraction) to act like a
@@ -253,6 +253,7 @@ def run_case(
         file=sys.stderr,
         flush=True,
     )
+    print(f"  trainer: loss {steps[0]['loss']:.4f} at step 1 -> {steps[-1]['loss']:.4f} at step {len(steps)}", file=sys.stderr)
     steady = steps[warmup:]
     seconds = (steady[-1]["time"] - steady[0]["time"]) / (len(steady) - 1)
     flop = case.flop_per_step
@@ -327,7 +328,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/rentrain-bench"))
     parser.add_argument("--cap-gib", type=float, default=None)
-    parser.add_argument("--tiny", action="store_true", help="smoke test on CPU with builtin:tiny-sd15")
+    parser.add_argument("--tiny", action="store_true", help="smoke test with builtin:tiny-sd15 (on the GPU if there is one)")
+    parser.add_argument("--precision", default="no", choices=("no", "fp16", "bf16"), help="mixed_precision of --tiny")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every case, e.g. cuda_graphs=false (repeatable)")
@@ -343,10 +345,10 @@ def main() -> int:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     results = []
     if args.tiny:
-        case = Case("tiny SD 1.5 64px b2 (CPU smoke test)", "sd15", 64, 2, True)
+        case = Case(f"tiny SD 1.5 64px b2 ({gpu}, mixed_precision {args.precision})", "sd15", 64, 2, True, overrides)
         dataset = build_dataset(args.workdir / "data", 64, images=8)
         output = args.workdir / f"out-tiny-{int(time.time())}"
-        config = write_config(args.workdir / "tiny.toml", case, "builtin:tiny-sd15", dataset, output, args.steps, "no")
+        config = write_config(args.workdir / "tiny.toml", case, "builtin:tiny-sd15", dataset, output, args.steps, args.precision)
         results.append(run_case(case, config, args.warmup, None, gpu))
     else:
         for key in args.cases.split(","):

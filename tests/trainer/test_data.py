@@ -150,3 +150,34 @@ def test_unreadable_image_is_a_data_error_naming_the_file(make_config):
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     with pytest.raises(data_mod.DataError, match=bad.name):
         data_mod.build_dataset(cfg)
+
+
+def test_large_jpegs_decode_at_a_reduced_scale_that_still_covers_the_bucket(tmp_path, make_config):
+    """A rotated 2000x1500 photo for a 256px bucket: decoded at 1/4 scale (500x375, still larger than the
+    bucket's 256x192 resize), the same picture as a full decode within resampling differences."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "data" / "1_x"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    field = Image.fromarray(rng.integers(0, 255, size=(6, 8, 3), dtype=np.uint8)).resize((2000, 1500), Image.BICUBIC)
+    exif = field.getexif()
+    exif[0x0112] = 6
+    field.save(folder / "a.jpg", quality=95, exif=exif.tobytes())
+    _, cfg = make_config(resolution=256, enable_bucket=True, min_bucket_reso=64, max_bucket_reso=512)
+    record = data_mod.build_dataset(cfg).records[0]
+    assert record.original_size == (1500, 2000)  # as shown: portrait
+
+    drafted = data_mod.open_image(record.path, at_least=record.resized)
+    assert drafted.size[0] >= record.resized[0] and drafted.size[1] >= record.resized[1]
+    assert drafted.size[0] < 1500 / 2  # a reduced scale was used
+    pixels = data_mod.load_pixels(record)
+    assert tuple(pixels.shape) == (3, record.bucket[1], record.bucket[0])
+
+    full = data_mod.open_image(record.path).resize(record.resized, Image.Resampling.BOX)
+    left = (full.size[0] - record.bucket[0]) // 2
+    top = (full.size[1] - record.bucket[1]) // 2
+    reference = np.asarray(full.crop((left, top, left + record.bucket[0], top + record.bucket[1])), dtype=np.float32)
+    reference = reference / 127.5 - 1.0
+    assert float(np.abs(pixels.permute(1, 2, 0).numpy() - reference).mean()) < 0.02
