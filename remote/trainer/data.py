@@ -52,6 +52,10 @@ class Dataset:
     warnings: list[str] = field(default_factory=list)
 
 
+# Part of each latent cache key: latents made by an earlier way of turning files into pixels are not reused.
+PIXELS_VERSION = "p2"  # p2: JPEGs decoded at a reduced scale (open_image's at_least)
+
+
 def open_image(path: Path, at_least: tuple[int, int] | None = None):
     """The image as shown (EXIF-rotated), in RGB. With ``at_least`` (w, h as shown), a JPEG is decoded at
     the smallest of its built-in 1/2, 1/4, 1/8 scales that still covers that size: a camera photo bound for
@@ -60,7 +64,7 @@ def open_image(path: Path, at_least: tuple[int, int] | None = None):
 
     try:
         with Image.open(path) as image:
-            if at_least is not None and image.format == "JPEG":
+            if at_least is not None and image.format in ("JPEG", "MPO"):  # MPO: phones' multi-picture JPEG
                 rotated = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
                 image.draft("RGB", (at_least[1], at_least[0]) if rotated else at_least)
             image = ImageOps.exif_transpose(image)
@@ -311,7 +315,7 @@ def _read_cached_latent(folder: Path, record: ImageRecord, flip: bool) -> tuple[
     """(the record's cache file, whether it was read into the record)."""
     from safetensors.torch import load_file
 
-    key = f"{record.content_hash}_{record.bucket[0]}x{record.bucket[1]}_{record.resized[0]}x{record.resized[1]}"
+    key = f"{record.content_hash}_{record.bucket[0]}x{record.bucket[1]}_{record.resized[0]}x{record.resized[1]}_{PIXELS_VERSION}"
     path = folder / f"{key}.safetensors"
     if path.is_file():
         try:

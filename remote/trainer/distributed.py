@@ -76,6 +76,14 @@ def sum_across(values: list[float], ranks: Ranks) -> list[float]:
     return holder.tolist()
 
 
+def min_across(value: float, ranks: Ranks) -> float:
+    if not ranks.distributed:
+        return value
+    holder = torch.tensor([value], dtype=torch.float64, device=_group_device(ranks))
+    torch.distributed.all_reduce(holder, op=torch.distributed.ReduceOp.MIN)
+    return float(holder.item())
+
+
 def any_rank(flag: bool, ranks: Ranks) -> bool:
     """True on every rank when any rank has the flag set (a stop signal reaches ranks at different steps)."""
     if not ranks.distributed:

@@ -59,6 +59,28 @@ class StepInputs:
             values[f.name] = value
         return StepInputs(**values)
 
+    def split(self, micro_batch: int | None) -> list[StepInputs]:
+        """The batch as micro-batches of at most ``micro_batch`` images (all fields are batch-first). Each
+        part's loss weights are scaled by its share of the batch, so that the parts' mean losses add up to
+        the batch's mean loss and their gradients to its gradient."""
+        size = self.latents.shape[0]
+        if not micro_batch or micro_batch >= size:
+            return [self]
+        parts = []
+        for start in range(0, size, micro_batch):
+            stop = min(start + micro_batch, size)
+            values = {}
+            for f in fields(self):
+                value = getattr(self, f.name)
+                if isinstance(value, torch.Tensor):
+                    value = value[start:stop]
+                elif isinstance(value, list):
+                    value = [t[start:stop] for t in value]
+                values[f.name] = value
+            values["weights"] = values["weights"] * ((stop - start) / size)
+            parts.append(StepInputs(**values))
+        return parts
+
     def copy_from(self, other: StepInputs) -> None:
         for (_, mine), (_, theirs) in zip(self.tensors(), other.tensors(), strict=True):
             mine.copy_(theirs, non_blocking=True)

@@ -35,7 +35,17 @@ from remote.events import (
 
 from . import data as data_mod
 from . import memory
-from .distributed import Ranks, any_rank, barrier, broadcast_int, broadcast_parameters, init_ranks, sum_across, sum_gradients
+from .distributed import (
+    Ranks,
+    any_rank,
+    barrier,
+    broadcast_int,
+    broadcast_parameters,
+    init_ranks,
+    min_across,
+    sum_across,
+    sum_gradients,
+)
 from .graphs import OptimizerGraph, StepGraphs, StepInputs
 from .lora import LoRANetwork, build_metadata, save_kohya
 from .models import ModelBundle, encode, load_model, sdxl_time_ids, tokenize
@@ -84,6 +94,7 @@ class Run:
     optimizer_graph: OptimizerGraph | None = None
     choices: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # set-up phases, seconds
+    micro_batch: int | None = None  # images per forward/backward when memory planning splits batches
 
 
 def pick_device(ranks: Ranks | None = None) -> torch.device:
@@ -154,12 +165,9 @@ def setup(cfg, writer: EventWriter, resume: Path | None, ranks: Ranks | None = N
         cfg.conv_alpha,
     )
     network.apply_to()
-    memory_choice = None
+    memory_choice, micro_batch = None, None
     if device.type == "cuda" and cfg.fit_memory:
-        configured_batch = cfg.batch_size
-        cfg, memory_choice = fit_memory(cfg, bundle, dataset, network, device, dtype, resume)
-        if cfg.batch_size != configured_batch:  # batches and steps per epoch are planned anew
-            dataset = data_mod.build_dataset(cfg, processes=ranks.world)
+        cfg, micro_batch, memory_choice = fit_memory(cfg, bundle, dataset, network, device, dtype, resume, ranks)
 
     # The frozen base runs in the mixed-precision dtype; the LoRA stays fp32 unless full_fp16/bf16.
     bundle.unet.to(device, dtype)
@@ -211,6 +219,7 @@ def setup(cfg, writer: EventWriter, resume: Path | None, ranks: Ranks | None = N
         noise_scheduler=bundle.noise_scheduler(),
         ranks=ranks,
         timings={"load_weights": load_seconds},
+        micro_batch=micro_batch,
     )
     if ranks.distributed:
         run.choices.append(
@@ -263,12 +272,14 @@ def setup(cfg, writer: EventWriter, resume: Path | None, ranks: Ranks | None = N
         model=cfg.pretrained_model_name_or_path,
         family=bundle.family,
         processes=ranks.world,
+        optimizer_type=cfg.optimizer_type,
     )
     return run
 
 
-def fit_memory(cfg, bundle: ModelBundle, dataset, network: LoRANetwork, device, dtype, resume: Path | None):
-    """The config with the fastest setting that fits this GPU (memory.py), and what was chosen."""
+def fit_memory(cfg, bundle: ModelBundle, dataset, network: LoRANetwork, device, dtype, resume: Path | None, ranks: Ranks):
+    """The fastest setting that fits this GPU (memory.py): (config, micro-batch or None, what was chosen).
+    Every rank plans for the smallest budget among them, so that all make the same choice."""
     text_on_gpu = cfg.trains_text_encoder or not data_mod.captions_are_static(cfg)
     resident = [bundle.unet, *(bundle.text_encoders if text_on_gpu else [])]
     bytes_per_value = torch.finfo(dtype).bits // 8
@@ -281,13 +292,13 @@ def fit_memory(cfg, bundle: ModelBundle, dataset, network: LoRANetwork, device, 
     )
     index = device.index if device.index is not None else torch.cuda.current_device()
     fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda index: 1.0)(index)
-    budget = memory.budget_from_device(torch.cuda.get_device_properties(index).total_memory, fraction)
-    resumed = None
+    budget = min_across(memory.budget_from_device(torch.cuda.get_device_properties(index).total_memory, fraction), ranks)
+    resumed_optimizer = None
     if resume is not None:
         from .state import read_position
 
-        resumed = read_position(resume).batch_size  # a resumed run keeps its micro-batch
-    return memory.fit_config(cfg, footprint, budget, resumed)
+        resumed_optimizer = read_position(resume).optimizer_type or cfg.optimizer_type  # its state's format
+    return memory.fit_config(cfg, footprint, budget, resumed_optimizer)
 
 
 def prepare_caches(run: Run) -> dict[str, float]:
@@ -458,8 +469,8 @@ def apply_gradients(run: Run) -> None:
     """Unscale, clip, step, and zero the gradients (in place: graphs and the flat buffers add into them)."""
     if run.scaler is not None:
         run.scaler.unscale_(run.optimizer)
-    if run.cfg.max_grad_norm:  # the flat buffer holds every LoRA gradient: one norm over all of them
-        torch.nn.utils.clip_grad_norm_([run.network.flat.master_grad], run.cfg.max_grad_norm)
+    if run.cfg.max_grad_norm:
+        run.network.flat.clip_grad_norm_(run.cfg.max_grad_norm)
     if run.scaler is not None:
         run.scaler.step(run.optimizer)
         run.scaler.update()
@@ -517,8 +528,8 @@ def train_step(run: Run, group: list[list[int]], epoch: int, first_batch: int) -
     losses = []
     for offset in range(run.ranks.rank, len(group), run.ranks.world):
         inputs = batch_inputs(run, group[offset], epoch, first_batch + offset)
-        loss = run.graphs.backward(inputs) if run.graphs is not None else backward_pass(run, inputs)
-        losses.append(loss)
+        parts = [run.graphs.backward(part) if run.graphs is not None else backward_pass(run, part) for part in inputs.split(run.micro_batch)]
+        losses.append(parts[0] if len(parts) == 1 else torch.stack(parts).sum())
     optimizer_step(run)
     local = float(torch.stack(losses).sum()) if losses else 0.0  # the step's one wait for the GPU
     total, count = sum_across([local, float(len(losses))], run.ranks)

@@ -76,6 +76,8 @@ class LoRAModule(nn.Module):
 
     def forward(self, x, *args, **kwargs):
         if self.fused_views is not None and torch.is_grad_enabled() and not args and not kwargs:
+            # a Python number: a CUDA graph captures it. Training always runs at multiplier 1 (sampling,
+            # which changes it, runs without gradients and so not through here).
             scale = self.multiplier * self.scale
             return fused_forward(self._org[0], x, self.lora_down.weight, self.lora_up.weight, self.fused_views, scale)
         out = self.org_forward(x, *args, **kwargs)

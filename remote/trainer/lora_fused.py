@@ -54,6 +54,13 @@ class FlatBuffers:
     def zero_grad(self) -> None:
         self.master_grad.zero_()
 
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """torch.nn.utils.clip_grad_norm_ over every LoRA gradient at once (the flat buffer holds them all):
+        scale by max_norm / (norm + 1e-6) when that is below 1. No host sync, so it can be graph-captured."""
+        norm = torch.linalg.vector_norm(self.master_grad, dtype=torch.float32)
+        self.master_grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0).to(self.master_grad.dtype))
+        return norm
+
 
 def flatten_parameters(params: list[nn.Parameter], compute_dtype: torch.dtype) -> tuple[FlatBuffers, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
     """Move ``params`` into flat buffers (in place: each becomes a view of the master buffer, its gradient a

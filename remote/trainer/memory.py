@@ -1,9 +1,10 @@
 """Fitting a run into the GPU it has: the fastest setting whose estimated peak memory fits the card.
 
-The knobs, all of which train the same function: split each batch into micro-batches with gradient
-accumulation (the same gradient: each micro-batch's loss is divided by the accumulation), recompute
-activations in the backward pass (gradient checkpointing), and, as a last resort, 8-bit AdamW state
-(AdamW8bit instead of AdamW). Text-encoder outputs are cached whenever the text encoders are not trained.
+The knobs, all of which train the same function: run each batch as several micro-batches (the batch's
+inputs and random draws are made once and sliced; each slice's loss is weighted by its share of the batch,
+so the gradient is the batch's), recompute activations in the backward pass (gradient checkpointing), and,
+as a last resort, 8-bit AdamW state (AdamW8bit instead of AdamW). Batches, steps and the learning-rate
+schedule stay as configured. Text-encoder outputs are cached whenever the text encoders are not trained.
 
 Estimates are measured, not derived (bench/RESULTS.md, "Memory planning"): a run's peak is the weights it
 keeps on the GPU, the LoRA with its gradients and optimizer state, and activations proportional to the
@@ -13,6 +14,7 @@ run that fits its estimate has been measured to fit.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 GIB = 2**30
@@ -44,10 +46,14 @@ PROFILES["sd2"] = PROFILES["sd15"]  # same UNet layout; scaled by pixels (768px 
 
 @dataclass(frozen=True)
 class Setting:
-    micro_batch: int
-    accumulation: int  # total batches per optimizer step (the configured accumulation times the split)
+    batch: int  # the configured batch size (images per batch); never changed
+    micro_batch: int  # images per forward/backward; batch when not split
     checkpointing: bool
     adam_8bit: bool = False
+
+    @property
+    def micro_batches(self) -> int:
+        return math.ceil(self.batch / self.micro_batch)
 
 
 @dataclass(frozen=True)
@@ -68,8 +74,8 @@ class Plan:
         changes = []
         if s.micro_batch != configured.micro_batch:
             changes.append(
-                f"batch {configured.micro_batch} split into {s.accumulation // configured.accumulation} micro-batches "
-                f"of {s.micro_batch} (gradient_accumulation_steps {configured.accumulation} -> {s.accumulation}; same images per step)"
+                f"each batch of {s.batch} runs as {s.micro_batches} micro-batches of up to {s.micro_batch} "
+                "(same batches, random draws and gradient)"
             )
         if s.checkpointing and not configured.checkpointing:
             changes.append("gradient checkpointing on")
@@ -103,39 +109,33 @@ def estimate_gib(footprint: Footprint, setting: Setting) -> float:
 
 
 def step_cost(footprint: Footprint, setting: Setting) -> float:
-    """Relative time of one optimizer step (accumulation x micro-batch time)."""
+    """Relative time of one batch (its micro-batches' times)."""
     profile = PROFILES[footprint.family]
     scale = footprint.pixels / profile.reference_pixels
-    micro = profile.overhead_ms + profile.per_sample_ms * scale * setting.micro_batch
-    return setting.accumulation * micro * (profile.checkpointing_factor if setting.checkpointing else 1.0)
+    full, rest = divmod(setting.batch, setting.micro_batch)
+    sizes = [setting.micro_batch] * full + ([rest] if rest else [])
+    time = sum(profile.overhead_ms + profile.per_sample_ms * scale * size for size in sizes)
+    return time * (profile.checkpointing_factor if setting.checkpointing else 1.0)
 
 
-def candidates(configured: Setting, allow_8bit: bool, micro_batch: int | None = None) -> list[Setting]:
-    """Every setting that trains the same images per step: micro-batches that divide the batch, with and
-    without checkpointing (configured checkpointing stays on), then the same with 8-bit AdamW."""
-    batch = configured.micro_batch
-    sizes = [micro_batch] if micro_batch else [m for m in range(batch, 0, -1) if batch % m == 0]
+def candidates(configured: Setting, allow_8bit: bool) -> list[Setting]:
+    """Every micro-batch size with and without checkpointing (configured checkpointing stays on), then the
+    same with 8-bit AdamW."""
     found = []
     for adam_8bit in (False, True) if allow_8bit and not configured.adam_8bit else (configured.adam_8bit,):
-        for size in sizes:
+        for size in range(configured.batch, 0, -1):
             for checkpointing in (configured.checkpointing, True):
-                setting = Setting(size, configured.accumulation * (batch // size), checkpointing, adam_8bit)
+                setting = Setting(configured.batch, size, checkpointing, adam_8bit)
                 if setting not in found:
                     found.append(setting)
     return found
 
 
-def plan_memory(
-    footprint: Footprint,
-    configured: Setting,
-    budget_gib: float,
-    allow_8bit: bool,
-    micro_batch: int | None = None,
-) -> Plan:
-    """The fastest setting estimated to fit ``budget_gib``; 8-bit AdamW only when nothing else fits. With
-    ``micro_batch`` (a resumed run's), only that split is considered. When nothing fits, the smallest."""
+def plan_memory(footprint: Footprint, configured: Setting, budget_gib: float, allow_8bit: bool) -> Plan:
+    """The fastest setting estimated to fit ``budget_gib``; 8-bit AdamW only when nothing else fits. When
+    nothing fits, the smallest."""
     base = step_cost(footprint, configured)
-    options = candidates(configured, allow_8bit, micro_batch)
+    options = candidates(configured, allow_8bit)
     fitting = [s for s in options if estimate_gib(footprint, s) <= budget_gib]
     if fitting:
         plain = [s for s in fitting if s.adam_8bit == configured.adam_8bit] or fitting
@@ -150,21 +150,23 @@ def budget_from_device(total_bytes: int, fraction: float = 1.0) -> float:
     return total_bytes * fraction / GIB - HEADROOM_GIB
 
 
-def configured_setting(cfg) -> Setting:
-    return Setting(cfg.batch_size, cfg.gradient_accumulation_steps, cfg.gradient_checkpointing, cfg.optimizer_type.lower() == "adamw8bit")
+def bitsandbytes_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
 
 
-def fit_config(cfg, footprint: Footprint, budget_gib: float, resumed_micro_batch: int | None = None):
-    """(the config with the planned setting applied, the plan's one-line description)."""
-    configured = configured_setting(cfg)
-    micro_batch = resumed_micro_batch if resumed_micro_batch and cfg.batch_size % resumed_micro_batch == 0 else None
-    plan = plan_memory(footprint, configured, budget_gib, cfg.optimizer_type.lower() == "adamw", micro_batch)
+def fit_config(cfg, footprint: Footprint, budget_gib: float, resumed_optimizer: str | None = None):
+    """(the config with checkpointing / optimizer as planned, the micro-batch size or None, a one-line
+    description). A resumed run keeps the optimizer its state was saved with."""
+    if resumed_optimizer and resumed_optimizer.lower() == "adamw8bit" and cfg.optimizer_type.lower() == "adamw":
+        cfg = cfg.model_copy(update={"optimizer_type": "AdamW8bit"})
+    configured = Setting(cfg.batch_size, cfg.batch_size, cfg.gradient_checkpointing, cfg.optimizer_type.lower() == "adamw8bit")
+    allow_8bit = cfg.optimizer_type.lower() == "adamw" and not resumed_optimizer and bitsandbytes_available()
+    plan = plan_memory(footprint, configured, budget_gib, allow_8bit)
     s = plan.setting
-    update = {
-        "batch_size": s.micro_batch,
-        "gradient_accumulation_steps": s.accumulation,
-        "gradient_checkpointing": s.checkpointing,
-    }
+    update: dict[str, object] = {"gradient_checkpointing": s.checkpointing}
     if s.adam_8bit and not configured.adam_8bit:
         update["optimizer_type"] = "AdamW8bit"
-    return cfg.model_copy(update=update), plan.describe(configured)
+    micro_batch = s.micro_batch if s.micro_batch < s.batch else None
+    return cfg.model_copy(update=update), micro_batch, plan.describe(configured)

@@ -40,6 +40,7 @@ class Position:
     model: str
     family: str
     processes: int = 1  # data-parallel processes the run had when saved
+    optimizer_type: str = ""  # as trained (memory planning may have chosen AdamW8bit); "" in older states
 
 
 def state_dir_name(name: str, step: int | None = None, epoch: int | None = None) -> str:

@@ -101,3 +101,77 @@ def test_bf16_throughout_trains_like_autocast(make_config, monkeypatch):
     assert len(direct) == len(autocast) == 12
     for a, b in zip(direct, autocast):
         assert abs(a - b) <= 0.02 * abs(b) + 1e-3, (direct, autocast)
+
+
+def test_batches_split_into_micro_batches_train_the_same_function(make_config, monkeypatch):
+    """Memory planning's split: batch 3 run as micro-batches of 2 + 1 gives the same losses, steps and LoRA as
+    batch 3 at once (same draws; the parts' losses are weighted by their share of the batch)."""
+    from safetensors.torch import load_file
+
+    def run(tag: str, micro_batch: int | None):
+        _, cfg = make_config(max_train_steps=4, batch_size=3, sizes=[(64, 64)] * 6, seed=5, output_name=tag,
+                             text_encoder_lr=1e-3, max_grad_norm=0.01)
+        original = loop.setup
+
+        def setup(*args, **kwargs):
+            built = original(*args, **kwargs)
+            built.micro_batch = micro_batch
+            return built
+
+        monkeypatch.setattr(loop, "setup", setup)
+        log = Path(cfg.output_dir) / f"{tag}.jsonl"
+        final = loop.train(cfg, EventWriter(log, stream=io.StringIO()))
+        return [e.loss for e in read_events(log) if e.event == "step"], load_file(str(final))
+
+    whole, whole_lora = run("whole", None)
+    split, split_lora = run("split", 2)
+    assert len(whole) == len(split) == 4
+    assert split == pytest.approx(whole, rel=1e-5, abs=1e-7)
+    # float summation order only: Adam's normalised steps show it on near-zero gradients, ~1e-6 absolute
+    for key, value in whole_lora.items():
+        torch.testing.assert_close(split_lora[key], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
+    moved = sum(float((split_lora[k] - v).pow(2).sum()) for k, v in whole_lora.items() if k.endswith("weight"))
+    norm = sum(float(v.pow(2).sum()) for k, v in whole_lora.items() if k.endswith("weight"))
+    assert (moved / norm) ** 0.5 < 1e-5
+
+
+def test_step_inputs_split_weights_each_part_by_its_share():
+    inputs = _inputs(batch=3)
+    parts = inputs.split(2)
+    assert [p.latents.shape[0] for p in parts] == [2, 1]
+    assert [p.token_ids[0].shape[0] for p in parts] == [2, 1]
+    torch.testing.assert_close(torch.cat([p.weights for p in parts]), torch.tensor([2 / 3, 2 / 3, 1 / 3]))
+    assert inputs.split(None) == [inputs] and inputs.split(3) == [inputs]
+
+
+def test_gradient_clipping_scales_the_flat_gradients_like_torch():
+    """One norm over every LoRA gradient, as clip_grad_norm_ over the parameters computes it; the optimizer
+    then steps with the clipped gradient (SGD makes the step size show it)."""
+    from types import SimpleNamespace
+
+    from remote.trainer.lora import LoRANetwork
+
+    network = LoRANetwork(None, [], "sd15", dim=2, alpha=2)
+    for name in ("lora_unet_a", "lora_unet_b"):
+        module = LoRAModule(name, nn.Linear(4, 3), dim=2, alpha=2)
+        network.add_module(name, module)
+        network.unet_names.append(name)
+    flat = network.use_flat_buffers(torch.float32)
+    params = list(network.parameters())
+    for i, param in enumerate(params):
+        param.grad.fill_(float(i + 1))
+    expected = [p.grad.clone() for p in params]
+    twins = [nn.Parameter(torch.zeros_like(g)) for g in expected]
+    for twin, grad in zip(twins, expected):
+        twin.grad = grad.clone()
+    reference_norm = torch.nn.utils.clip_grad_norm_(twins, 0.5)  # torch's own, on ordinary parameters
+    scale = 0.5 / (float(reference_norm) + 1e-6)
+    assert scale < 0.1  # the gradients are far above the limit
+    before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    run = SimpleNamespace(scaler=None, cfg=SimpleNamespace(max_grad_norm=0.5), network=network, optimizer=optimizer)
+    loop.apply_gradients(run)
+    for param, old, grad, twin in zip(params, before, expected, twins):
+        torch.testing.assert_close(old - param.detach(), grad * scale)
+        torch.testing.assert_close(old - param.detach(), twin.grad)
+    assert float(flat.master_grad.abs().sum()) == 0.0  # zeroed for the next step, in place
