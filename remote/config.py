@@ -219,9 +219,9 @@ class TrainConfig(BaseModel):
     )
     fit_memory: bool = _training(
         "On NVIDIA GPUs, when the configured batch would not fit the card's memory, pick the fastest setting "
-        "that does: the batch split into micro-batches (more gradient_accumulation_steps, same images per "
-        "step), gradient checkpointing, or for AdamW 8-bit optimizer state; the start event says what was "
-        "chosen (rentrain's own key). false: run exactly as configured.",
+        "that does and trains the same function: each batch run as micro-batches (same batches, steps and "
+        "gradient), gradient checkpointing, or for AdamW 8-bit optimizer state; the start event says what "
+        "was chosen (rentrain's own key). false: run exactly as configured.",
         True,
     )
     gradient_accumulation_steps: int = _training("Batches per optimizer step.", 1, ge=1)
