@@ -20,6 +20,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from .memory import part_sizes
+
 
 @dataclass
 class StepInputs:
@@ -60,15 +62,16 @@ class StepInputs:
         return StepInputs(**values)
 
     def split(self, micro_batch: int | None) -> list[StepInputs]:
-        """The batch as micro-batches of at most ``micro_batch`` images (all fields are batch-first). Each
-        part's loss weights are scaled by its share of the batch, so that the parts' mean losses add up to
-        the batch's mean loss and their gradients to its gradient."""
+        """The batch as micro-batches of at most ``micro_batch`` images, as even as possible (all fields are
+        batch-first). Each part's loss weights are scaled by its share of the batch, so that the parts' mean
+        losses add up to the batch's mean loss and their gradients to its gradient."""
         size = self.latents.shape[0]
-        if not micro_batch or micro_batch >= size:
+        sizes = part_sizes(size, micro_batch)
+        if len(sizes) == 1:
             return [self]
-        parts = []
-        for start in range(0, size, micro_batch):
-            stop = min(start + micro_batch, size)
+        parts, start = [], 0
+        for part in sizes:
+            stop = start + part
             values = {}
             for f in fields(self):
                 value = getattr(self, f.name)
@@ -77,8 +80,9 @@ class StepInputs:
                 elif isinstance(value, list):
                     value = [t[start:stop] for t in value]
                 values[f.name] = value
-            values["weights"] = values["weights"] * ((stop - start) / size)
+            values["weights"] = values["weights"] * (part / size)
             parts.append(StepInputs(**values))
+            start = stop
         return parts
 
     def copy_from(self, other: StepInputs) -> None:

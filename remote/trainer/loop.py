@@ -141,10 +141,15 @@ def setup(cfg, writer: EventWriter, resume: Path | None, ranks: Ranks | None = N
         )
     output_dir.mkdir(parents=True, exist_ok=True)
     seed = broadcast_int(cfg.seed if cfg.seed is not None else secrets.randbelow(2**31), ranks)
-    if resume is not None:  # the seed is part of the state
+    optimizer_choice = None
+    if resume is not None:  # the seed is part of the state, and its optimizer state needs its optimizer
         from .state import read_position
 
-        seed = read_position(resume).seed
+        saved = read_position(resume)
+        seed = saved.seed
+        if saved.optimizer_type.lower() == "adamw8bit" and cfg.optimizer_type.lower() == "adamw":
+            cfg = cfg.model_copy(update={"optimizer_type": "AdamW8bit"})
+            optimizer_choice = "optimizer: AdamW8bit, as the resumed state was trained (memory planning chose it)"
 
     torch.manual_seed(seed)
     random.seed(seed)
@@ -227,8 +232,7 @@ def setup(cfg, writer: EventWriter, resume: Path | None, ranks: Ranks | None = N
             "images per step (x gradient_accumulation_steps)"
         )
     run.choices.append(f"compute: {compute_description(run)}")
-    if memory_choice:
-        run.choices.append(memory_choice)
+    run.choices += [c for c in (memory_choice, optimizer_choice) if c]
     if use_graphs:
         run.graphs = StepGraphs(partial(backward_pass, run), on_disable=_warn)
         run.choices.append("CUDA graphs: on (one per batch shape, captured the second time a shape is seen)")
@@ -293,12 +297,7 @@ def fit_memory(cfg, bundle: ModelBundle, dataset, network: LoRANetwork, device, 
     index = device.index if device.index is not None else torch.cuda.current_device()
     fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda index: 1.0)(index)
     budget = min_across(memory.budget_from_device(torch.cuda.get_device_properties(index).total_memory, fraction), ranks)
-    resumed_optimizer = None
-    if resume is not None:
-        from .state import read_position
-
-        resumed_optimizer = read_position(resume).optimizer_type or cfg.optimizer_type  # its state's format
-    return memory.fit_config(cfg, footprint, budget, resumed_optimizer)
+    return memory.fit_config(cfg, footprint, budget, resuming=resume is not None)
 
 
 def prepare_caches(run: Run) -> dict[str, float]:
@@ -602,6 +601,7 @@ def train(cfg, writer: EventWriter, resume: Path | str | None = None, stop_after
     if resume is not None:
         saved = load_state(resume, run.position, run.network, run.optimizer, run.scheduler, run.scaler)
         run.position = Position(**saved["position"])
+        run.position.optimizer_type = run.position.optimizer_type or cfg.optimizer_type  # states before it was kept
         run.losses = list(saved.get("losses", []))
         epoch_order = saved["epoch_order"]
         place_learning_rates(run.optimizer, run.device)

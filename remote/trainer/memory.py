@@ -53,7 +53,17 @@ class Setting:
 
     @property
     def micro_batches(self) -> int:
-        return math.ceil(self.batch / self.micro_batch)
+        return len(part_sizes(self.batch, self.micro_batch))
+
+
+def part_sizes(batch: int, micro_batch: int | None) -> list[int]:
+    """A batch as the fewest parts of at most ``micro_batch`` images, as even as possible (4 by 3: 2 + 2,
+    not 3 + 1: the same number of parts, a smaller peak, one shape to capture)."""
+    if not micro_batch or micro_batch >= batch:
+        return [batch]
+    parts = math.ceil(batch / micro_batch)
+    base, extra = divmod(batch, parts)
+    return [base + 1] * extra + [base] * (parts - extra)
 
 
 @dataclass(frozen=True)
@@ -74,7 +84,7 @@ class Plan:
         changes = []
         if s.micro_batch != configured.micro_batch:
             changes.append(
-                f"each batch of {s.batch} runs as {s.micro_batches} micro-batches of up to {s.micro_batch} "
+                f"each batch of {s.batch} runs as {s.micro_batches} micro-batches of up to {max(part_sizes(s.batch, s.micro_batch))} "
                 "(same batches, random draws and gradient)"
             )
         if s.checkpointing and not configured.checkpointing:
@@ -104,7 +114,7 @@ def lora_gib(params: int, adam_8bit: bool) -> float:
 def estimate_gib(footprint: Footprint, setting: Setting) -> float:
     profile = PROFILES[footprint.family]
     per_sample = profile.checkpointed_gib if setting.checkpointing else profile.activation_gib
-    activations = per_sample * setting.micro_batch * footprint.pixels / profile.reference_pixels * footprint.activation_scale
+    activations = per_sample * max(part_sizes(setting.batch, setting.micro_batch)) * footprint.pixels / profile.reference_pixels * footprint.activation_scale
     return footprint.weights_gib + lora_gib(footprint.lora_params, setting.adam_8bit) + activations
 
 
@@ -112,8 +122,7 @@ def step_cost(footprint: Footprint, setting: Setting) -> float:
     """Relative time of one batch (its micro-batches' times)."""
     profile = PROFILES[footprint.family]
     scale = footprint.pixels / profile.reference_pixels
-    full, rest = divmod(setting.batch, setting.micro_batch)
-    sizes = [setting.micro_batch] * full + ([rest] if rest else [])
+    sizes = part_sizes(setting.batch, setting.micro_batch)
     time = sum(profile.overhead_ms + profile.per_sample_ms * scale * size for size in sizes)
     return time * (profile.checkpointing_factor if setting.checkpointing else 1.0)
 
@@ -123,7 +132,7 @@ def candidates(configured: Setting, allow_8bit: bool) -> list[Setting]:
     same with 8-bit AdamW."""
     found = []
     for adam_8bit in (False, True) if allow_8bit and not configured.adam_8bit else (configured.adam_8bit,):
-        for size in range(configured.batch, 0, -1):
+        for size in sorted({max(part_sizes(configured.batch, m)) for m in range(1, configured.batch + 1)}, reverse=True):
             for checkpointing in (configured.checkpointing, True):
                 setting = Setting(configured.batch, size, checkpointing, adam_8bit)
                 if setting not in found:
@@ -151,18 +160,18 @@ def budget_from_device(total_bytes: int, fraction: float = 1.0) -> float:
 
 
 def bitsandbytes_available() -> bool:
-    import importlib.util
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken install raises anything
+        return False
+    return True
 
-    return importlib.util.find_spec("bitsandbytes") is not None
 
-
-def fit_config(cfg, footprint: Footprint, budget_gib: float, resumed_optimizer: str | None = None):
+def fit_config(cfg, footprint: Footprint, budget_gib: float, resuming: bool = False):
     """(the config with checkpointing / optimizer as planned, the micro-batch size or None, a one-line
-    description). A resumed run keeps the optimizer its state was saved with."""
-    if resumed_optimizer and resumed_optimizer.lower() == "adamw8bit" and cfg.optimizer_type.lower() == "adamw":
-        cfg = cfg.model_copy(update={"optimizer_type": "AdamW8bit"})
+    description). A resumed run keeps its optimizer (its saved state belongs to it)."""
     configured = Setting(cfg.batch_size, cfg.batch_size, cfg.gradient_checkpointing, cfg.optimizer_type.lower() == "adamw8bit")
-    allow_8bit = cfg.optimizer_type.lower() == "adamw" and not resumed_optimizer and bitsandbytes_available()
+    allow_8bit = cfg.optimizer_type.lower() == "adamw" and not resuming and bitsandbytes_available()
     plan = plan_memory(footprint, configured, budget_gib, allow_8bit)
     s = plan.setting
     update: dict[str, object] = {"gradient_checkpointing": s.checkpointing}

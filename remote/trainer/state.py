@@ -123,6 +123,11 @@ def load_state(folder: Path, expected: Position, network, optimizer, scheduler, 
                 f"{folder}: the state was saved with {key} = {getattr(saved, key)}, this config gives "
                 f"{getattr(expected, key)}; resume with the config the run started with"
             )
+    if saved.optimizer_type and saved.optimizer_type.lower() != expected.optimizer_type.lower():
+        raise ResumeError(
+            f"{folder}: the state was trained with optimizer_type = {saved.optimizer_type}, this config gives "
+            f"{expected.optimizer_type}; an optimizer's saved state cannot be used by another optimizer"
+        )
     lora = load_file(str(folder / "lora.safetensors"))
     own = network.state_dict()
     if set(lora) != set(own):

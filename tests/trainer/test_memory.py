@@ -71,6 +71,15 @@ def test_the_issue_cases_run_as_configured():
         assert "as configured" in plan.describe(configured)
 
 
+def test_batches_split_evenly_into_the_fewest_parts():
+    from remote.trainer.memory import part_sizes
+
+    assert part_sizes(4, 3) == [2, 2] and part_sizes(5, 2) == [2, 2, 1] and part_sizes(7, 3) == [3, 2, 2]
+    assert part_sizes(4, None) == [4] and part_sizes(4, 4) == [4] and part_sizes(3, 1) == [1, 1, 1]
+    # micro-batch 3 of a batch of 4 would be 2 + 2 anyway: the candidates are the distinct even splits
+    assert [s.micro_batch for s in candidates(Setting(4, 4, True), allow_8bit=False)] == [4, 2, 1]
+
+
 def test_a_too_large_batch_is_split_where_splitting_is_faster_than_checkpointing():
     configured = Setting(2, 2, False)
     plan = plan_memory(sdxl(), configured, _card(16), allow_8bit=True)  # 19.6 GiB needed
@@ -120,18 +129,43 @@ def test_fit_config_leaves_batches_alone_and_returns_the_micro_batch(make_config
     assert micro_batch is None and same.batch_size == 2 and "as configured" in text
 
 
-def test_a_resumed_run_keeps_the_optimizer_its_state_was_saved_with(make_config):
+def test_a_resumed_run_never_switches_to_eight_bit_state(make_config, monkeypatch):
+    from remote.trainer import memory
+
+    monkeypatch.setattr(memory, "bitsandbytes_available", lambda: True)
     _, cfg = make_config(batch_size=1, optimizer_type="AdamW")
     footprint = Footprint("sdxl", SDXL_UNET * 2 / GIB, SDXL_LORA, 1024 * 1024)
     squeezed = estimate_gib(footprint, Setting(1, 1, True)) - 0.1  # only 8-bit AdamW state would fit
     fitted, _, _ = fit_config(cfg, footprint, squeezed)
     assert fitted.optimizer_type == "AdamW8bit"
-    # resumed from an AdamW state: its moments cannot become 8-bit state
-    fitted, _, text = fit_config(cfg, footprint, squeezed, resumed_optimizer="AdamW")
+    fitted, _, text = fit_config(cfg, footprint, squeezed, resuming=True)  # AdamW moments cannot become 8-bit
     assert fitted.optimizer_type == "AdamW" and "may not fit" in text
-    # resumed from an AdamW8bit state on a large card: it stays 8-bit
-    fitted, _, _ = fit_config(cfg, footprint, _card(141), resumed_optimizer="AdamW8bit")
-    assert fitted.optimizer_type == "AdamW8bit"
+    monkeypatch.setattr(memory, "bitsandbytes_available", lambda: False)
+    fitted, _, _ = fit_config(cfg, footprint, squeezed)
+    assert fitted.optimizer_type == "AdamW"  # without bitsandbytes, never
+
+
+def test_a_state_resumes_only_with_the_optimizer_it_was_trained_with(make_config):
+    import io
+    import json
+    from pathlib import Path
+
+    from remote.events import EventWriter
+    from remote.trainer.loop import Stopped, train
+    from remote.trainer.state import ResumeError, find_latest_state
+
+    _, cfg = make_config(max_train_steps=4)
+    with pytest.raises(Stopped):
+        train(cfg, EventWriter(None, stream=io.StringIO()), stop_after_step=2)
+    state = find_latest_state(Path(cfg.output_dir))
+    written = json.loads((state / "state.json").read_text())
+    assert written["optimizer_type"] == "AdamW"
+    (state / "state.json").write_text(json.dumps({**written, "optimizer_type": "Lion"}))
+    with pytest.raises(ResumeError, match="trained with optimizer_type = Lion"):
+        train(cfg, EventWriter(None, stream=io.StringIO()), resume=state)
+    del written["optimizer_type"]  # a state from before the key: resumes as configured
+    (state / "state.json").write_text(json.dumps(written))
+    train(cfg, EventWriter(None, stream=io.StringIO()), resume=state)
 
 
 def test_the_trainer_plans_from_the_cards_memory_and_its_cap(make_config, monkeypatch):
