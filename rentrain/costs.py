@@ -215,6 +215,9 @@ class JobProfile(BaseModel):
     resolution: tuple[int, int] = (512, 512)
     gradient_checkpointing: bool = False
     gradient_accumulation_steps: int = 1
+    network_dim: int = 32
+    trains_text_encoder: bool = False
+    bytes_per_value: int = 2  # of the frozen model and activations: 4 without mixed precision
     images: int = 0
     dataset_bytes: int = 0
     local_model_bytes: int = 0  # uploaded from the user's machine instead of downloaded on the instance
@@ -367,11 +370,41 @@ def steps_on(profile: JobProfile, gpus: int) -> int:
     return profile.epochs * steps_per_epoch(profile.batches_per_epoch, gpus, profile.gradient_accumulation_steps)
 
 
-def estimate_job(profile: JobProfile, offer: Offer) -> JobEstimate | None:
-    """Training on all the offer's GPUs (one data-parallel rank each) plus overhead, at its all-in rate."""
-    speed = seconds_per_step(offer.gpu_model, profile)
-    if speed is None:
+def memory_fit(profile: JobProfile, vram_gb: float | None) -> tuple[float, str] | None:
+    """(step-time factor, note) of the trainer's memory planning on a card of ``vram_gb`` (remote/trainer/
+    memory.py: micro-batches or checkpointing where the batch does not fit); None when nothing fits."""
+    from remote.trainer.memory import Setting, budget_from_device, footprint_for, plan_memory
+
+    if profile.family not in ("sd15", "sdxl") or not vram_gb:
+        return 1.0, ""
+    pixels = profile.resolution[0] * profile.resolution[1]
+    footprint = footprint_for(profile.family, pixels, profile.network_dim, profile.trains_text_encoder, profile.bytes_per_value)
+    configured = Setting(profile.batch_size, profile.batch_size, profile.gradient_checkpointing)
+    plan = plan_memory(footprint, configured, budget_from_device(int(vram_gb * 2**30)), allow_8bit=False)
+    if not plan.fits:
         return None
+    if plan.setting == configured:
+        return 1.0, ""
+    how = []
+    if plan.setting.micro_batch != configured.micro_batch:
+        how.append(f"{plan.setting.micro_batches} micro-batches")
+    if plan.setting.checkpointing and not configured.checkpointing:
+        how.append("gradient checkpointing")
+    return plan.relative_time, f"; x {plan.relative_time:.2f} to fit {vram_gb:g} GB ({' and '.join(how)}, memory planning)"
+
+
+def estimate_job(profile: JobProfile, offer: Offer) -> JobEstimate | None:
+    """Training on all the offer's GPUs (one data-parallel rank each) plus overhead, at its all-in rate. None
+    when the GPU's speed is unknown or the job does not fit its memory even with memory planning."""
+    speed = seconds_per_step(offer.gpu_model, profile)
+    fit = memory_fit(profile, offer.vram_gb)
+    if speed is None or fit is None:
+        return None
+    factor, note = fit
+    if factor != 1.0:
+        speed = speed.model_copy(
+            update={"seconds_per_step": speed.seconds_per_step * factor, "source": speed.source + note, "kind": _derived(speed.kind)}
+        )
     gpus = offer.gpu_count
     scaling = scaling_efficiency(offer.gpu_model, gpus)
     step_seconds = speed.seconds_per_step / scaling.efficiency
@@ -425,6 +458,9 @@ def profile_from_check(train: TrainConfig, report: DatasetReport) -> JobProfile:
         resolution=train.resolution,
         gradient_checkpointing=train.gradient_checkpointing,
         gradient_accumulation_steps=train.gradient_accumulation_steps,
+        network_dim=train.network_dim,
+        trains_text_encoder=train.trains_text_encoder,
+        bytes_per_value=4 if train.mixed_precision == "no" else 2,
         images=images,
         dataset_bytes=dataset_bytes,
         local_model_bytes=local_model_bytes,

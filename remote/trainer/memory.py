@@ -179,3 +179,20 @@ def fit_config(cfg, footprint: Footprint, budget_gib: float, resuming: bool = Fa
         update["optimizer_type"] = "AdamW8bit"
     micro_batch = s.micro_batch if s.micro_batch < s.batch else None
     return cfg.model_copy(update=update), micro_batch, plan.describe(configured)
+
+
+# Parameter counts of the real architectures (the configs bench/train_speed.py builds), for planning before
+# a model is loaded, as the client's cost estimates do: UNet, text encoder(s), and LoRA parameters per unit
+# of network_dim on kohya's module set (UNet, text encoders).
+ARCHITECTURES = {
+    "sd15": (859_520_964, 123_060_480, 423_936, 165_888),
+    "sdxl": (2_567_463_684, 123_060_480 + 694_659_840, 2_659_840, 165_888 + 737_280),
+}
+
+
+def footprint_for(family: str, pixels: int, network_dim: int, trains_text_encoder: bool, bytes_per_value: int = 2) -> Footprint:
+    """The footprint of a run on the standard architecture of ``family`` (sd15 or sdxl)."""
+    unet, text, lora_unet, lora_text = ARCHITECTURES[family]
+    weights = unet + (text if trains_text_encoder else 0)
+    lora = network_dim * (lora_unet + (lora_text if trains_text_encoder else 0))
+    return Footprint(family, weights * bytes_per_value / GIB, lora, pixels, activation_scale=bytes_per_value / 2)

@@ -104,6 +104,26 @@ def test_estimate_is_rate_times_training_plus_overhead():
     assert est.cost_usd == pytest.approx((train_h + overhead_h) * 0.5, abs=0.001)
 
 
+def _card(vram_gb: float, gpu: str = "RTX 4090") -> Offer:
+    return Offer(provider="vast", offer_id=gpu, gpu_model=gpu, gpu_name_raw=gpu, gpu_count=1, vram_gb=vram_gb,
+                 price_per_hour=0.5, download_mbps=800)
+
+
+def test_cards_too_small_for_the_batch_are_estimated_with_the_trainers_memory_plan():
+    """SDXL batch 4 needs ~33 GiB: a 24 GB card runs it as 2 micro-batches (x1.17 by the H200 measurements),
+    a 48 GB card as configured; a card where nothing fits gets no estimate (ranked last)."""
+    big, small = estimate_job(sdxl(batch_size=4), _card(48, "RTX A6000")), estimate_job(sdxl(batch_size=4), _card(24, "RTX A6000"))
+    assert small.seconds_per_step == pytest.approx(big.seconds_per_step * 269.2 / 230.0, rel=0.01)
+    assert "to fit 24 GB (2 micro-batches, memory planning)" in small.speed_source
+    assert "memory planning" not in big.speed_source
+    assert estimate_job(sd15(batch_size=4), _card(24)).speed_source == seconds_per_step("RTX 4090", sd15(batch_size=4)).source
+    assert estimate_job(sdxl(batch_size=1), _card(8, "RTX 3060")) is None  # 6.4 GiB of weights and LoRA state alone
+    assert costs.memory_fit(sdxl(batch_size=1), 8) is None
+    assert costs.memory_fit(sd15(batch_size=12), 24) == (1.0, "")
+    fp32 = costs.memory_fit(sd15(batch_size=12, bytes_per_value=4), 24)
+    assert fp32 is not None and fp32[0] > 1.0  # fp32 doubles the activations: batch 12 no longer fits whole
+
+
 def test_profile_from_the_example_config():
     profile = profile_from_config(EXAMPLE)
     # 20 images x 10 repeats / batch 2 = 100 steps per epoch, 2 epochs

@@ -198,3 +198,12 @@ def test_the_trainer_plans_from_the_cards_memory_and_its_cap(make_config, monkey
     fitted, micro_batch, text = loop.fit_memory(cfg, bundle, dataset, network, torch.device("cuda"), torch.bfloat16, None, Ranks())
     assert seen["device"] == 0  # torch wants the index: a bare "cuda" device is refused there
     assert micro_batch is None and "of a 10.5 GiB budget; settings as configured" in text
+
+
+def test_the_clients_footprints_are_the_measured_architectures():
+    from remote.trainer.memory import footprint_for
+
+    assert footprint_for("sd15", 512 * 512, 32, True) == sd15()
+    assert footprint_for("sd15", 512 * 512, 32, False) == sd15(trains_te=False)
+    assert footprint_for("sdxl", 1024 * 1024, 32, False) == sdxl()
+    assert footprint_for("sdxl", 1024 * 1024, 16, False).lora_params == SDXL_LORA // 2
