@@ -527,7 +527,8 @@ def train_step(run: Run, group: list[list[int]], epoch: int, first_batch: int) -
     losses = []
     for offset in range(run.ranks.rank, len(group), run.ranks.world):
         inputs = batch_inputs(run, group[offset], epoch, first_batch + offset)
-        parts = [run.graphs.backward(part) if run.graphs is not None else backward_pass(run, part) for part in inputs.split(run.micro_batch)]
+        step = run.graphs.backward if run.graphs is not None else partial(backward_pass, run)
+        parts = [step(part) for part in inputs.split(run.micro_batch)]  # memory planning's micro-batches
         losses.append(parts[0] if len(parts) == 1 else torch.stack(parts).sum())
     optimizer_step(run)
     local = float(torch.stack(losses).sum()) if losses else 0.0  # the step's one wait for the GPU
@@ -593,7 +594,7 @@ def train(cfg, writer: EventWriter, resume: Path | str | None = None, stop_after
     if not ranks.main:  # one writer: the other ranks' events would repeat rank 0's
         writer = EventWriter(None, stream=open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the process
     run = setup(cfg, writer, resume, ranks)
-    cfg = run.cfg  # memory planning may have split the batch or turned on checkpointing
+    cfg = run.cfg  # memory planning may have turned on checkpointing or chosen 8-bit AdamW
     timings = {"setup": time.perf_counter() - started, **run.timings, **prepare_caches(run)}
     timings = {key: round(value, 3) for key, value in timings.items()}
 
