@@ -110,5 +110,17 @@ def _train_and_report(cfg, writer: EventWriter, resume: str | None) -> int:
         return 1
 
 
+def exit_process(code: int) -> None:
+    """Under a multi-process launcher, leave without the interpreter's teardown: there, gloo's threads can
+    abort the process ("terminate called without an active exception", seen about 1 run in 10), and the
+    launcher then kills the other ranks. By now every rank has passed the final barrier and everything
+    is written; only the streams need flushing."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -99,8 +99,7 @@ def barrier(ranks: Ranks) -> None:
 
 
 def leave() -> None:
-    """Tear the process group down before the process exits. A rank that exits with gloo's threads still
-    running can abort ("terminate called without an active exception"), and the launcher then kills the
-    other ranks, rank 0 included while it writes the final file."""
+    """Tear the process group down before the process exits (__main__.exit_process then skips the
+    interpreter's teardown, where gloo's threads can still abort a rank)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

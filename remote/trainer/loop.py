@@ -669,6 +669,7 @@ def train(cfg, writer: EventWriter, resume: Path | str | None = None, stop_after
     last_epoch = min(plan.epochs, max(1, math.ceil(pos.step / max(1, plan.steps_per_epoch))))
     run.info["finished_at"] = time.time()
     if not run.ranks.main:
+        barrier(run.ranks)  # no rank leaves before rank 0 has written the final file (see distributed.leave)
         return final
     metadata = build_metadata(cfg, run.bundle.family, {**run.info, "epoch": last_epoch, "step": pos.step})
     digest = save_kohya(run.network, final, metadata, cfg.save_precision)
@@ -683,6 +684,7 @@ def train(cfg, writer: EventWriter, resume: Path | str | None = None, stop_after
             final_loss=run.losses[-1] if run.losses else None,
         )
     )
+    barrier(run.ranks)
     return final
 
 
