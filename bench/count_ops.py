@@ -38,6 +38,7 @@ def count(unet_only: bool, plain: bool, where: str | None = None) -> tuple[Count
     from transformers import CLIPTextConfig, CLIPTextModel
 
     import remote.trainer.lora as lora_mod
+    from bench.train_speed import CLIP_L, SD15_UNET
     from remote.trainer.lora import LoRANetwork
 
     if plain:
@@ -61,16 +62,8 @@ def count(unet_only: bool, plain: bool, where: str | None = None) -> tuple[Count
             return func(*args, **(kwargs or {}))
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(
-            sample_size=64, cross_attention_dim=768, attention_head_dim=8, layers_per_block=2,
-            block_out_channels=(320, 640, 1280, 1280),
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        ).to(torch.bfloat16)
-        text = CLIPTextModel(CLIPTextConfig(
-            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
-        )).to(torch.bfloat16)
+        unet = UNet2DConditionModel(**SD15_UNET).to(torch.bfloat16)
+        text = CLIPTextModel(CLIPTextConfig(**CLIP_L)).to(torch.bfloat16)
         unet.requires_grad_(False)
         text.requires_grad_(False)
         network = LoRANetwork(unet, [] if unet_only else [text], "sd15", 32, 16)

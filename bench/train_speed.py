@@ -69,6 +69,19 @@ CASES = {
 # ------------------------------------------------------------------------------------------ models
 
 
+# The real architectures' configs (diffusers UNet2DConditionModel / transformers CLIPTextConfig keyword arguments).
+SD15_UNET = dict(
+    sample_size=64, cross_attention_dim=768, attention_head_dim=8, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+)
+CLIP_L = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, bos_token_id=49406, eos_token_id=49407,
+)
+
+
 def build_model(family: str, folder: Path) -> Path:
     """A random-initialised full-size diffusers folder, saved in fp16 (the trainer casts as configured)."""
     import torch
@@ -82,18 +95,10 @@ def build_model(family: str, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    clip_l = CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, bos_token_id=49406, eos_token_id=49407,
-    )
+    clip_l = CLIPTextConfig(**CLIP_L)
     with torch.device(device):
         if family == "sd15":
-            unet = UNet2DConditionModel(
-                sample_size=64, cross_attention_dim=768, attention_head_dim=8, layers_per_block=2,
-                block_out_channels=(320, 640, 1280, 1280),
-                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            )
+            unet = UNet2DConditionModel(**SD15_UNET)
             encoders = {"text_encoder": CLIPTextModel(clip_l)}
             index_class, scaling = "StableDiffusionPipeline", 0.18215
         else:

@@ -385,12 +385,8 @@ def memory_fit(profile: JobProfile, vram_gb: float | None) -> tuple[float, str] 
         return None
     if plan.setting == configured:
         return 1.0, ""
-    how = []
-    if plan.setting.micro_batch != configured.micro_batch:
-        how.append(f"{plan.setting.micro_batches} micro-batches")
-    if plan.setting.checkpointing and not configured.checkpointing:
-        how.append("gradient checkpointing")
-    return plan.relative_time, f"; x {plan.relative_time:.2f} to fit {vram_gb:g} GB ({' and '.join(how)}, memory planning)"
+    how = " and ".join(plan.changes(configured, short=True))
+    return plan.relative_time, f"; x {plan.relative_time:.2f} to fit {vram_gb:g} GB ({how}, memory planning)"
 
 
 def estimate_job(profile: JobProfile, offer: Offer) -> JobEstimate | None:

@@ -258,7 +258,7 @@ class LoRANetwork(nn.Module):
         ``.to()``: moving the network afterwards would detach the parameters from the buffer."""
         self.flat, views = flatten_parameters(list(self.parameters()), compute_dtype)
         for lora in self.loras():
-            if type(lora._org[0]) in (nn.Linear, nn.Conv2d) and is_fusable(lora._org[0]):
+            if is_fusable(lora._org[0]):
                 lora.fused_views = (views[id(lora.lora_down.weight)], views[id(lora.lora_up.weight)])
         return self.flat
 

@@ -126,11 +126,12 @@ class FusedLoRALinear(torch.autograd.Function):
 
 
 def is_fusable(module: nn.Module) -> bool:
-    """A Linear, or a 1x1 convolution with stride 1 and no padding (a Linear over the channels)."""
-    if isinstance(module, nn.Linear):
+    """A plain Linear, or a plain 1x1 convolution with stride 1 and no padding (a Linear over the channels).
+    Subclasses are left alone: their forward may do more than the fused layer does."""
+    if type(module) is nn.Linear:
         return True
     return (
-        isinstance(module, nn.Conv2d)
+        type(module) is nn.Conv2d
         and tuple(module.kernel_size) == (1, 1)
         and tuple(module.stride) == (1, 1)
         and tuple(module.padding) == (0, 0)

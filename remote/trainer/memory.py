@@ -55,6 +55,10 @@ class Setting:
     def micro_batches(self) -> int:
         return len(part_sizes(self.batch, self.micro_batch))
 
+    @property
+    def largest_part(self) -> int:
+        return max(part_sizes(self.batch, self.micro_batch))
+
 
 def part_sizes(batch: int, micro_batch: int | None) -> list[int]:
     """A batch as the fewest parts of at most ``micro_batch`` images, as even as possible (4 by 3: 2 + 2,
@@ -81,17 +85,20 @@ class Plan:
             head += " (it may not fit: this is the smallest setting)"
         if s == configured:
             return f"{head}; settings as configured"
-        changes = []
+        return f"{head}; to fit: {', '.join(self.changes(configured))} (step time x{self.relative_time:.2f}, estimated)"
+
+    def changes(self, configured: Setting, short: bool = False) -> list[str]:
+        s, changes = self.setting, []
         if s.micro_batch != configured.micro_batch:
             changes.append(
-                f"each batch of {s.batch} runs as {s.micro_batches} micro-batches of up to {max(part_sizes(s.batch, s.micro_batch))} "
-                "(same batches, random draws and gradient)"
+                f"{s.micro_batches} micro-batches" if short else f"each batch of {s.batch} runs as {s.micro_batches} "
+                f"micro-batches of up to {s.largest_part} (same batches, random draws and gradient)"
             )
         if s.checkpointing and not configured.checkpointing:
-            changes.append("gradient checkpointing on")
+            changes.append("gradient checkpointing" if short else "gradient checkpointing on")
         if s.adam_8bit and not configured.adam_8bit:
             changes.append("8-bit AdamW state")
-        return f"{head}; to fit: {', '.join(changes)} (step time x{self.relative_time:.2f}, estimated)"
+        return changes
 
 
 @dataclass(frozen=True)
@@ -114,7 +121,7 @@ def lora_gib(params: int, adam_8bit: bool) -> float:
 def estimate_gib(footprint: Footprint, setting: Setting) -> float:
     profile = PROFILES[footprint.family]
     per_sample = profile.checkpointed_gib if setting.checkpointing else profile.activation_gib
-    activations = per_sample * max(part_sizes(setting.batch, setting.micro_batch)) * footprint.pixels / profile.reference_pixels * footprint.activation_scale
+    activations = per_sample * setting.largest_part * footprint.pixels / profile.reference_pixels * footprint.activation_scale
     return footprint.weights_gib + lora_gib(footprint.lora_params, setting.adam_8bit) + activations
 
 
@@ -132,7 +139,8 @@ def candidates(configured: Setting, allow_8bit: bool) -> list[Setting]:
     same with 8-bit AdamW."""
     found = []
     for adam_8bit in (False, True) if allow_8bit and not configured.adam_8bit else (configured.adam_8bit,):
-        for size in sorted({max(part_sizes(configured.batch, m)) for m in range(1, configured.batch + 1)}, reverse=True):
+        sizes = {Setting(configured.batch, m, False).largest_part for m in range(1, configured.batch + 1)}
+        for size in sorted(sizes, reverse=True):
             for checkpointing in (configured.checkpointing, True):
                 setting = Setting(configured.batch, size, checkpointing, adam_8bit)
                 if setting not in found:

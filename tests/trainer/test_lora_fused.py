@@ -154,7 +154,7 @@ def _ops_for_one_linear(fused: bool) -> list[str]:
     x = torch.randn(8, 16, dtype=torch.bfloat16, requires_grad=True)
     with _CountOps() as counter:
         base(x).sum().backward()
-    return [op for op in counter.ops if op not in {"sum", "ones_like", "expand", "detach", "view", "t", "reshape", "_to_copy"} or op == "_to_copy" and not fused]
+    return [op for op in counter.ops if op not in {"sum", "ones_like", "expand", "detach", "view", "t", "reshape"}]
 
 
 def test_the_fused_layer_runs_fewer_operations_than_base_plus_plain_lora():
