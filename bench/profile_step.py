@@ -19,7 +19,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.train_speed import CASES, PATCHES, build_dataset, build_model, write_config  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+from bench.train_speed import CASES, PATCHES, build_dataset, build_model, parse_override, write_config  # noqa: E402
 
 KERNEL_KINDS = (
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_generated_fort_native_sdpa")),
@@ -39,6 +41,51 @@ def kernel_kind(name: str) -> str:
     return "other elementwise / reduction"
 
 
+GAP_CLASSES = ((5.0, "< 5 us"), (20.0, "5-20 us"), (200.0, "20-200 us"), (float("inf"), ">= 200 us"))
+
+
+def timeline(kernels) -> tuple[float, dict[str, tuple[int, float]]]:  # type: ignore[no-untyped-def]
+    """(microseconds the GPU ran at least one kernel, idle gaps between kernels by length: (count, us)).
+    Short gaps are the per-kernel start and drain of back-to-back kernels; long ones are the GPU waiting
+    for the host."""
+    intervals = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+    busy, gaps = 0.0, {label: (0, 0.0) for _, label in GAP_CLASSES}
+    current_start, current_end = intervals[0] if intervals else (0.0, 0.0)
+    for start, end in intervals[1:]:
+        if start > current_end:
+            busy += current_end - current_start
+            gap = start - current_end
+            label = next(label for limit, label in GAP_CLASSES if gap < limit)
+            count, total = gaps[label]
+            gaps[label] = (count + 1, total + gap)
+            current_start, current_end = start, end
+        else:
+            current_end = max(current_end, end)
+    busy += current_end - current_start
+    return busy, gaps
+
+
+def busiest(kernels, steps: int, rows: int = 25) -> list[str]:  # type: ignore[no-untyped-def]
+    totals: dict[str, list[float]] = {}
+    for e in kernels:
+        entry = totals.setdefault(e.name, [0.0, 0])
+        entry[0] += e.device_time
+        entry[1] += 1
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:rows]
+    return [
+        f"  {total / 1000 / steps:6.2f} ms {count / steps:6.0f}x  {kernel_kind(name):<28} {name[:220]}"
+        for name, (total, count) in ranked
+    ]
+
+
+def durations(kernels) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    classes = ((3.0, "< 3 us"), (10.0, "3-10 us"), (100.0, "10-100 us"), (float("inf"), ">= 100 us"))
+    counts = {label: 0 for _, label in classes}
+    for e in kernels:
+        counts[next(label for limit, label in classes if e.device_time < limit)] += 1
+    return counts
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", default="sd15", choices=sorted(CASES))
@@ -47,6 +94,8 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/rentrain-bench"))
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--patch", dest="patches", action="append", default=[], choices=sorted(PATCHES))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. cuda_graphs=false (eager: kernels attributed to their operators)")
     args = parser.parse_args()
 
     import torch
@@ -55,6 +104,7 @@ def main() -> int:
     import remote.trainer.loop as loop
 
     case = CASES[args.case]
+    case = replace(case, extra={**case.extra, **dict(parse_override(item) for item in args.overrides)})
     model = build_model(case.family, args.workdir / f"model-{case.family}")
     dataset = build_dataset(args.workdir / "data", case.resolution)
     config = write_config(
@@ -115,13 +165,15 @@ def main() -> int:
         print("the run ended before the profiled steps", file=sys.stderr)
         return 1
     events = profiler.events()  # type: ignore[attr-defined]
-    # GPU-side ranges of user annotations (Optimizer.step#AdamW.step, ...) are not kernels
+    # GPU-side ranges of user annotations (Optimizer.step#AdamW.step, ...) are not kernels; kernel names can
+    # hold a '#' too ("{lambda()#2}" in most elementwise and copy kernels), but always with a parenthesis
     kernels = [
         e for e in events
         if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
-        and "#" not in e.name
+        and not ("#" in e.name and "(" not in e.name)
     ]
     gpu_ms = sum(e.device_time for e in kernels) / 1000 / args.steps
+    busy, gaps = timeline(kernels)
     by_kind: dict[str, float] = {}
     for e in kernels:
         by_kind[kernel_kind(e.name)] = by_kind.get(kernel_kind(e.name), 0.0) + e.device_time / 1000 / args.steps
@@ -130,10 +182,18 @@ def main() -> int:
         f"wall per step: {float(state['wall']) / args.steps * 1000:.1f} ms",  # type: ignore[arg-type]
         f"GPU kernel time per step: {gpu_ms:.1f} ms",
         f"kernel launches per step: {len(kernels) / args.steps:.0f}",
+        f"GPU busy per step (union of kernel intervals; overlapping kernels counted once): {busy / 1000 / args.steps:.1f} ms",
+        "idle gaps between kernels per step: "
+        + ", ".join(f"{label}: {n / args.steps:.0f} gaps, {total / 1000 / args.steps:.1f} ms" for label, (n, total) in gaps.items()),
+        "kernels per step by duration: "
+        + ", ".join(f"{label}: {n / args.steps:.0f}" for label, n in durations(kernels).items()),
         "host time per step in the trainer's phases (ms): "
         + ", ".join(f"{k} {v / args.steps * 1000:.2f}" for k, v in host.items()),
         "GPU time by kind (ms per step):",
         *[f"  {kind}: {ms:.1f}" for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1])],
+        "",
+        "busiest kernels (ms per step, launches per step, kind, name):",
+        *busiest(kernels, args.steps),
         "",
         profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=60),  # type: ignore[attr-defined]
     ]

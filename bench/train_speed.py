@@ -5,7 +5,8 @@ For each case it builds a randomly initialised, full-size SD 1.5 or SDXL model a
 training config, runs `python -m remote.trainer CONFIG` as a user would, and reads its events:
 
     start-up s   process start -> first step event (model load, latent and text caching included)
-    ms/step      steady state: wall time between step events after the warm-up steps
+    ms/step      steady state: the median wall time between step events after the warm-up steps (the
+                 mean, which includes an epoch end's one-off costs, is printed on stderr)
     samples/s    batch size / steady-state seconds per step
     TFLOP/s      the step's FLOP count (FLOP_PER_STEP, with its source) / seconds per step
     % of peak    against PEAK_BF16_TFLOPS of the GPU
@@ -207,6 +208,23 @@ PATCHES = {
     ),
     # the LoRA computed the plain way (casts, separate products and adds) on the flat buffers
     "unfused": "import remote.trainer.lora as LR\nLR.is_fusable = lambda module: False",
+    # the UNet in NCHW (the trainer runs it channels_last on CUDA)
+    "nchw": (
+        "_setup_cl = L.setup\n"
+        "def setup_nchw(*a, **k):\n"
+        "    run = _setup_cl(*a, **k)\n"
+        "    run.bundle.unet.to(memory_format=torch.contiguous_format)\n"
+        "    return run\n"
+        "L.setup = setup_nchw"
+    ),
+    # the fused LoRA layers' products all on one stream (no side stream)
+    "serial": (
+        "import remote.trainer.lora as LR\n"
+        "_flat = LR.LoRANetwork.use_flat_buffers\n"
+        "LR.LoRANetwork.use_flat_buffers = lambda self, dtype, side_stream=False: _flat(self, dtype, False)"
+    ),
+    # each step finished (loss read, event written) before the next is prepared
+    "lockstep": "L.host_work_due = lambda *a, **k: True",
     # torch.compile of the UNet (inductor, default mode), inside the trainer's own CUDA graphs
     "compile": (
         "_setup_plain = L.setup\n"
@@ -260,7 +278,11 @@ def run_case(
     )
     print(f"  trainer: loss {steps[0]['loss']:.4f} at step 1 -> {steps[-1]['loss']:.4f} at step {len(steps)}", file=sys.stderr)
     steady = steps[warmup:]
-    seconds = (steady[-1]["time"] - steady[0]["time"]) / (len(steady) - 1)
+    # the median interval between step events: an epoch's end (a sync, a new batch shape captured as a graph)
+    # costs a few steps' time once; the mean over the window, printed beside it, includes those
+    intervals = [b["time"] - a["time"] for a, b in zip(steady, steady[1:])]
+    seconds = statistics.median(intervals)
+    print(f"  trainer: mean interval {1000 * statistics.mean(intervals):.1f} ms, median {1000 * seconds:.1f} ms", file=sys.stderr, flush=True)
     flop = case.flop_per_step
     tflops = flop / seconds / 1e12 if flop else None
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), None)
@@ -354,7 +376,7 @@ def main() -> int:
         dataset = build_dataset(args.workdir / "data", 64, images=8)
         output = args.workdir / f"out-tiny-{int(time.time())}"
         config = write_config(args.workdir / "tiny.toml", case, "builtin:tiny-sd15", dataset, output, args.steps, args.precision)
-        results.append(run_case(case, config, args.warmup, None, gpu))
+        results.append(run_case(case, config, args.warmup, None, gpu, tuple(args.patches)))
     else:
         for key in args.cases.split(","):
             case = CASES[key]

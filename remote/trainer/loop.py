@@ -95,6 +95,7 @@ class Run:
     choices: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # set-up phases, seconds
     micro_batch: int | None = None  # images per forward/backward when memory planning splits batches
+    last_finished: float | None = None  # perf_counter when the last step's work was done
 
 
 def pick_device(ranks: Ranks | None = None) -> torch.device:
@@ -182,7 +183,7 @@ def setup(cfg, writer: EventWriter, resume: Path | None, ranks: Ranks | None = N
         encoder.to(device, dtype)
     lora_dtype = dtype if (cfg.full_fp16 or cfg.full_bf16) else torch.float32
     network.to(device, lora_dtype)
-    flat = network.use_flat_buffers(dtype)
+    flat = network.use_flat_buffers(dtype, side_stream=device.type == "cuda")
     broadcast_parameters(flat.master, ranks)
     if cfg.gradient_checkpointing:
         bundle.unet.enable_gradient_checkpointing()
@@ -370,7 +371,7 @@ def conditioning(run: Run, records, epoch: int, batch_index: int) -> dict:
         for slot, r in enumerate(records)
     ]
     ids = tokenize(run.bundle, captions, cfg.max_token_length)
-    return {"token_ids": [i.to(run.device) for i in ids]}
+    return {"token_ids": [to_device(i, run.device) for i in ids]}
 
 
 def batch_inputs(run: Run, batch: list[int], epoch: int, batch_index: int) -> StepInputs:
@@ -382,7 +383,7 @@ def batch_inputs(run: Run, batch: list[int], epoch: int, batch_index: int) -> St
     if cfg.flip_aug:
         flip_gen = random.Random(f"flip:{run.seed}:{epoch}:{batch_index}")
         flips = [flip_gen.random() < 0.5 for _ in records]
-    latents = torch.stack([r.latent_flipped if f else r.latent for r, f in zip(records, flips)]).to(device)
+    latents = to_device(torch.stack([r.latent_flipped if f else r.latent for r, f in zip(records, flips)]), device)
 
     noise = torch.randn(latents.shape, generator=gen, device=device)
     if cfg.noise_offset:
@@ -390,7 +391,7 @@ def batch_inputs(run: Run, batch: list[int], epoch: int, batch_index: int) -> St
             (latents.shape[0], latents.shape[1], 1, 1), generator=gen, device=device
         )
     timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=gen, device=device)
-    weights = torch.tensor([cfg.prior_loss_weight if r.is_reg else 1.0 for r in records], device=device)
+    weights = to_device(torch.tensor([cfg.prior_loss_weight if r.is_reg else 1.0 for r in records]), device)
     time_ids = None
     if run.bundle.family == "sdxl":
         original = [(r.original_size[1], r.original_size[0]) for r in records]
@@ -399,7 +400,7 @@ def batch_inputs(run: Run, batch: list[int], epoch: int, batch_index: int) -> St
             left, top, right, _ = r.crop_ltrb
             crops.append((int(top), int(r.bucket[0] - right if f else left)))
         target = [(r.bucket[1], r.bucket[0]) for r in records]
-        time_ids = sdxl_time_ids(original, crops, target).to(device)
+        time_ids = to_device(sdxl_time_ids(original, crops, target), device)
     return StepInputs(
         latents=latents,
         noise=noise,
@@ -515,9 +516,40 @@ def _every(n: int | None, value: int) -> bool:
     return bool(n) and value % n == 0
 
 
-def train_step(run: Run, group: list[list[int]], epoch: int, first_batch: int) -> tuple[float, int, float]:
-    """One optimizer step over ``group``: gradient_accumulation_steps batches per process. Returns (mean loss
-    over the group's batches, images in the group, seconds).
+@dataclass
+class LaunchedStep:
+    """An optimizer step whose GPU work is queued: its loss arrives in ``loss`` (pinned host memory on CUDA)
+    once ``ready`` has passed."""
+
+    step: int
+    epoch: int
+    images: int
+    batches: int
+    started: float
+    loss: torch.Tensor
+    ready: torch.cuda.Event | None
+    lrs: dict[str | None, float]
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting for the GPU: a plain copy from pageable memory waits for
+    everything queued on the stream (the step before), a copy from pinned memory is queued behind it."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def host_learning_rates(run: Run) -> dict[str | None, float]:
+    """Each group's current learning rate, computed on the host (the groups' own may be device tensors
+    that only a wait for the GPU could read)."""
+    scheduler = run.scheduler
+    rates = [base * schedule(scheduler.last_epoch) for base, schedule in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    return {group.get("name"): rate for group, rate in zip(run.optimizer.param_groups, rates)}
+
+
+def train_step(run: Run, group: list[list[int]], epoch: int, first_batch: int) -> LaunchedStep:
+    """Queue one optimizer step over ``group``: gradient_accumulation_steps batches per process. Nothing here
+    waits for the GPU, so the next step can be prepared while this one runs (``finish_step`` reads it).
 
     As accelerate does for kohya, each batch's loss is divided by gradient_accumulation_steps (and by the
     number of processes, whose gradients are summed), also in an epoch's last, shorter group. Batch i of
@@ -531,26 +563,71 @@ def train_step(run: Run, group: list[list[int]], epoch: int, first_batch: int) -
         parts = [step(part) for part in inputs.split(run.micro_batch)]  # memory planning's micro-batches
         losses.append(parts[0] if len(parts) == 1 else torch.stack(parts).sum())
     optimizer_step(run)
-    local = float(torch.stack(losses).sum()) if losses else 0.0  # the step's one wait for the GPU
-    total, count = sum_across([local, float(len(losses))], run.ranks)
-    return total / max(1.0, count), sum(len(batch) for batch in group), time.perf_counter() - t0
+    loss = torch.stack(losses).sum().float() if losses else torch.zeros((), device=run.device)
+    ready = None
+    if run.device.type == "cuda":
+        loss = torch.empty((), dtype=torch.float32, pin_memory=True).copy_(loss, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+    return LaunchedStep(
+        step=run.position.step + 1,
+        epoch=epoch,
+        images=sum(len(batch) for batch in group),
+        batches=len(losses),
+        started=t0,
+        loss=loss,
+        ready=ready,
+        lrs=host_learning_rates(run),
+    )
 
 
-def emit_step(run: Run, loss: float, images: int, seconds: float, epoch: int) -> None:
-    lrs = {group.get("name"): float(group["lr"]) for group in run.optimizer.param_groups}
+def finish_step(run: Run, launched: LaunchedStep, losses: list[float]) -> None:
+    """Wait for a launched step, record its mean loss (over the group's batches, all processes) in the run's
+    and the epoch's ``losses``, and emit its step event. Its seconds are wall time since it started or since
+    the step before it finished, whichever is later: with steps overlapping, the steady-state time per step."""
+    if launched.ready is not None:
+        launched.ready.synchronize()
+    total, count = sum_across([float(launched.loss), float(launched.batches)], run.ranks)
+    loss = total / max(1.0, count)
+    done = time.perf_counter()
+    seconds = done - max(launched.started, run.last_finished or 0.0)
+    run.last_finished = done
+    run.losses.append(loss)
+    losses.append(loss)
+    emit_step(run, launched, loss, seconds)
+
+
+def emit_step(run: Run, launched: LaunchedStep, loss: float, seconds: float) -> None:
     memory = torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda" else None
+    lrs = launched.lrs
     run.writer.emit(
         StepEvent(
-            step=run.position.step,
+            step=launched.step,
             total_steps=run.position.total_steps,
-            epoch=epoch + 1,
+            epoch=launched.epoch + 1,
             loss=loss,
             lr=lrs.get("unet", lrs.get("text_encoder", 0.0)),
             lr_text_encoder=lrs.get("text_encoder"),
             seconds_per_step=seconds,
-            samples_per_second=images / seconds if seconds > 0 else 0.0,
+            samples_per_second=launched.images / seconds if seconds > 0 else 0.0,
             gpu_memory_gb=memory,
         )
+    )
+
+
+def host_work_due(run: Run, epoch: int, stop: bool, stop_after_step: int | None) -> bool:
+    """Whether the step just launched must finish before the next one starts: its event is followed by work
+    that reads the weights as they are after it (a checkpoint, samples, an epoch's end, a stop, the final
+    file), or it is a multi-process step (their collectives keep the ranks in step)."""
+    pos, cfg = run.position, run.cfg
+    return (
+        run.ranks.distributed
+        or stop
+        or (stop_after_step is not None and pos.step >= stop_after_step)
+        or pos.step >= pos.total_steps
+        or pos.epoch != epoch
+        or _every(cfg.save_every_n_steps, pos.step)
+        or _every(cfg.sample_every_n_steps, pos.step)
     )
 
 
@@ -641,21 +718,26 @@ def train(cfg, writer: EventWriter, resume: Path | str | None = None, stop_after
             order = epoch_order or data_mod.epoch_batches(run.dataset, cfg.batch_size, run.seed, epoch)
             epoch_order = None
             epoch_losses: list[float] = []
+            deferred: LaunchedStep | None = None  # launched, its event not yet emitted
             while pos.epoch == epoch and pos.step < plan.total_steps:
                 group = order[pos.batch : pos.batch + cfg.gradient_accumulation_steps * run.ranks.world]
-                loss, images, seconds = train_step(run, group, epoch, pos.batch)
+                launched = train_step(run, group, epoch, pos.batch)
                 pos.batch += len(group)
                 pos.step += 1
                 if pos.batch >= len(order):  # the epoch's last step: the position moves to the next epoch
                     pos.epoch, pos.batch = epoch + 1, 0
-                run.losses.append(loss)
-                epoch_losses.append(loss)
-                emit_step(run, loss, images, seconds, epoch)
+                if deferred is not None:  # the step before, finished while this one runs
+                    finish_step(run, deferred, epoch_losses)
+                    deferred = None
+                stop = any_rank(run.stop_requested, run.ranks)
+                if not host_work_due(run, epoch, stop, stop_after_step):
+                    deferred = launched
+                    continue
+                finish_step(run, launched, epoch_losses)
                 order_in_progress = order if pos.epoch == epoch else None
                 after_step(run, epoch, order_in_progress)
                 if pos.epoch != epoch:
                     end_of_epoch(run, epoch + 1, epoch_losses)
-                stop = any_rank(run.stop_requested, run.ranks)
                 if stop or (stop_after_step is not None and pos.step >= stop_after_step):
                     folder = run.output_dir / state_dir_name(run.name, step=pos.step)
                     if run.ranks.main:

@@ -63,6 +63,7 @@ class LoRAModule(nn.Module):
         self._org = [org_module]  # a list, so it is not registered as a submodule
         self.org_forward = None
         self.fused_views = None  # set by LoRANetwork.use_flat_buffers for fusable targets
+        self.fused_side = None
 
     def apply_to(self) -> None:
         org = self._org[0]
@@ -79,7 +80,9 @@ class LoRAModule(nn.Module):
             # a Python number: a CUDA graph captures it. Training always runs at multiplier 1 (sampling,
             # which changes it, runs without gradients and so not through here).
             scale = self.multiplier * self.scale
-            return fused_forward(self._org[0], x, self.lora_down.weight, self.lora_up.weight, self.fused_views, scale)
+            return fused_forward(
+                self._org[0], x, self.lora_down.weight, self.lora_up.weight, self.fused_views, scale, self.fused_side
+            )
         out = self.org_forward(x, *args, **kwargs)
         if self.multiplier == 0:
             return out
@@ -252,14 +255,16 @@ class LoRANetwork(nn.Module):
         for lora in self.loras():
             lora.restore()
 
-    def use_flat_buffers(self, compute_dtype: torch.dtype) -> FlatBuffers:
+    def use_flat_buffers(self, compute_dtype: torch.dtype, side_stream: bool = False) -> FlatBuffers:
         """Training's layout (lora_fused.py): the parameters become views of one flat buffer, and each
-        Linear / 1x1-conv target runs fused with its LoRA in ``compute_dtype``. Call it after the last
-        ``.to()``: moving the network afterwards would detach the parameters from the buffer."""
-        self.flat, views = flatten_parameters(list(self.parameters()), compute_dtype)
+        Linear / 1x1-conv target runs fused with its LoRA in ``compute_dtype`` (on CUDA with
+        ``side_stream``, its off-chain products on a second stream). Call it after the last ``.to()``:
+        moving the network afterwards would detach the parameters from the buffer."""
+        self.flat, views = flatten_parameters(list(self.parameters()), compute_dtype, side_stream)
         for lora in self.loras():
             if is_fusable(lora._org[0]):
                 lora.fused_views = (views[id(lora.lora_down.weight)], views[id(lora.lora_up.weight)])
+                lora.fused_side = self.flat.side_stream
         return self.flat
 
     def set_multiplier(self, multiplier: float) -> None:

@@ -13,6 +13,10 @@ for SD 1.5's 264 modules is most of the step's kernels. Here:
   adds onto the base output inside its matrix product, the backward adds the LoRA's input gradient onto
   the base's inside a product, and the LoRA gradients are accumulated inside their products. That is 3
   kernels forward and 5 backward for base and LoRA together; the base layer alone needs 2.
+- On CUDA the LoRA products that the next layer does not wait for run on a second stream (``SideStream``):
+  the down product beside the base product, and the gradient products beside the input gradient. Captured
+  in a CUDA graph they become parallel branches, so the chain each step waits on is 2 kernels forward and
+  2 backward per layer; the kernels are the same ones, so the results are identical.
 
 Only training steps take this path; without gradients (sampling) the LoRA computes from the fp32 master
 weights as before, so it never sees a stale copy.
@@ -27,6 +31,33 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class SideStream:
+    """A second CUDA stream for the fused layers' off-chain products.
+
+    ``side()`` runs a block on it after the work queued so far on the current stream; ``wait()`` makes the
+    current stream wait for it. The gradient products of a layer's backward are not waited for there: they
+    overlap with whatever runs next, and the tensors they read are held here until ``join()`` (at the next
+    layer's backward, and at the end of the micro-batch), so the caching allocator cannot hand their memory
+    to the current stream while the side stream still reads it.
+    """
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device)
+        self.held: list[torch.Tensor] = []
+
+    def side(self, after_current: bool = True):
+        if after_current:
+            self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        return torch.cuda.stream(self.stream)
+
+    def wait(self) -> None:
+        torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
+
+    def join(self) -> None:
+        self.wait()
+        self.held.clear()
+
+
 @dataclass
 class FlatBuffers:
     """One network's LoRA weights and gradients, each in one flat tensor."""
@@ -35,6 +66,7 @@ class FlatBuffers:
     master_grad: torch.Tensor
     compute: torch.Tensor
     compute_grad: torch.Tensor
+    side_stream: SideStream | None = None
 
     @property
     def separate_copy(self) -> bool:
@@ -48,6 +80,8 @@ class FlatBuffers:
 
     def end_micro_batch(self) -> None:
         """Add the micro-batch's gradient into the master gradients (which accumulate across micro-batches)."""
+        if self.side_stream is not None:
+            self.side_stream.join()
         if self.separate_copy:
             self.master_grad.add_(self.compute_grad)
 
@@ -62,10 +96,12 @@ class FlatBuffers:
         return norm
 
 
-def flatten_parameters(params: list[nn.Parameter], compute_dtype: torch.dtype) -> tuple[FlatBuffers, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+def flatten_parameters(
+    params: list[nn.Parameter], compute_dtype: torch.dtype, side_stream: bool = False
+) -> tuple[FlatBuffers, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
     """Move ``params`` into flat buffers (in place: each becomes a view of the master buffer, its gradient a
     view of the gradient buffer). Returns the buffers and, per parameter id, its (compute view, compute
-    gradient view)."""
+    gradient view). ``side_stream``: give the fused layers a second stream (CUDA only)."""
     device, dtype = params[0].device, params[0].dtype
     total = sum(p.numel() for p in params)
     master = torch.empty(total, device=device, dtype=dtype)
@@ -82,7 +118,8 @@ def flatten_parameters(params: list[nn.Parameter], compute_dtype: torch.dtype) -
         param.grad = master_grad[offset : offset + n].view(shape)
         views[id(param)] = (compute[offset : offset + n].view(shape), compute_grad[offset : offset + n].view(shape))
         offset += n
-    buffers = FlatBuffers(master, master_grad, compute, compute_grad)
+    side = SideStream(device) if side_stream and device.type == "cuda" else None
+    buffers = FlatBuffers(master, master_grad, compute, compute_grad, side)
     if separate:
         compute.copy_(master)
     return buffers, views
@@ -97,15 +134,22 @@ class FusedLoRALinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, master_down, master_up, weight, bias, down, up, grad_down, grad_up, scale):  # noqa: ARG004
+    def forward(ctx, x, master_down, master_up, weight, bias, down, up, grad_down, grad_up, scale, side):  # noqa: ARG004
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(down.dtype)
-        hidden = torch.mm(x2, down.t())
-        base = F.linear(x2, weight, bias)
-        out = torch.addmm(base, hidden, up.t(), alpha=scale)
+        if side is None:
+            hidden = torch.mm(x2, down.t())
+            out = F.linear(x2, weight, bias)
+        else:
+            hidden = x2.new_empty((x2.shape[0], down.shape[0]))  # allocated on the current stream
+            with side.side():
+                torch.mm(x2, down.t(), out=hidden)
+            out = F.linear(x2, weight, bias)
+            side.wait()
+        out.addmm_(hidden, up.t(), alpha=scale)  # in place: an out-of-place addmm first copies the base
         ctx.save_for_backward(x2, hidden, weight, down, up)
         ctx.grads = (grad_down, grad_up)
-        ctx.scale = scale
+        ctx.scale, ctx.side = scale, side
         ctx.x_shape, ctx.x_dtype = shape, x.dtype
         return out.view(*shape[:-1], out.shape[-1])
 
@@ -113,16 +157,30 @@ class FusedLoRALinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         x2, hidden, weight, down, up = ctx.saved_tensors
         grad_down, grad_up = ctx.grads
-        scale = ctx.scale
+        scale, side = ctx.scale, ctx.side
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(down.dtype)
-        grad_hidden = torch.mm(g, up)
-        grad_up.addmm_(g.t(), hidden, alpha=scale)
-        grad_down.addmm_(grad_hidden.t(), x2, alpha=scale)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(g, weight).addmm_(grad_hidden, down, alpha=scale)
+        needs_x = ctx.needs_input_grad[0]
+        if side is None:
+            grad_hidden = torch.mm(g, up)
+            grad_up.addmm_(g.t(), hidden, alpha=scale)
+            grad_down.addmm_(grad_hidden.t(), x2, alpha=scale)
+            grad_x = torch.mm(g, weight).addmm_(grad_hidden, down, alpha=scale) if needs_x else None
+        else:
+            side.join()  # the previous layer's gradient products
+            grad_hidden = g.new_empty((g.shape[0], up.shape[1]))
+            with side.side():
+                torch.mm(g, up, out=grad_hidden)
+            grad_x = torch.mm(g, weight) if needs_x else None
+            side.wait()
+            if grad_x is not None:
+                grad_x.addmm_(grad_hidden, down, alpha=scale)
+            with side.side(after_current=False):
+                grad_up.addmm_(g.t(), hidden, alpha=scale)
+                grad_down.addmm_(grad_hidden.t(), x2, alpha=scale)
+            side.held += [g, hidden, grad_hidden, x2]
+        if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
-        return grad_x, None, None, None, None, None, None, None, None, None
+        return grad_x, None, None, None, None, None, None, None, None, None, None
 
 
 def is_fusable(module: nn.Module) -> bool:
@@ -140,12 +198,15 @@ def is_fusable(module: nn.Module) -> bool:
     )
 
 
-def fused_forward(base: nn.Module, x: torch.Tensor, lora_down: nn.Parameter, lora_up: nn.Parameter, views, scale: float) -> torch.Tensor:
+def fused_forward(
+    base: nn.Module, x: torch.Tensor, lora_down: nn.Parameter, lora_up: nn.Parameter, views, scale: float,
+    side: SideStream | None = None,
+) -> torch.Tensor:
     """The base layer plus its LoRA through FusedLoRALinear; 1x1 convolutions run as a Linear over the
     channels (free on a channels_last tensor)."""
     (down, grad_down), (up, grad_up) = views
     if isinstance(base, nn.Linear):
-        return FusedLoRALinear.apply(x, lora_down, lora_up, base.weight, base.bias, down, up, grad_down, grad_up, scale)
+        return FusedLoRALinear.apply(x, lora_down, lora_up, base.weight, base.bias, down, up, grad_down, grad_up, scale, side)
     channels_last = x.permute(0, 2, 3, 1)
     out = FusedLoRALinear.apply(
         channels_last,
@@ -158,5 +219,6 @@ def fused_forward(base: nn.Module, x: torch.Tensor, lora_down: nn.Parameter, lor
         grad_down.view(down.shape[0], down.shape[1]),
         grad_up.view(up.shape[0], up.shape[1]),
         scale,
+        side,
     )
     return out.permute(0, 3, 1, 2)

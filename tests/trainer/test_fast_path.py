@@ -175,3 +175,52 @@ def test_gradient_clipping_scales_the_flat_gradients_like_torch():
         torch.testing.assert_close(old - param.detach(), grad * scale)
         torch.testing.assert_close(old - param.detach(), twin.grad)
     assert float(flat.master_grad.abs().sum()) == 0.0  # zeroed for the next step, in place
+
+
+def test_steps_overlap_except_where_host_work_reads_the_weights(make_config, monkeypatch):
+    # 4 images x 2 repeats at batch 2: 4 steps an epoch, 8 steps; a checkpoint after step 3, epochs end at 4 and 8
+    _, cfg = make_config(max_train_steps=None, max_train_epochs=2, save_every_n_steps=3, text_encoder_lr=0)
+    order: list[tuple[str, int]] = []
+    launch, finish = loop.train_step, loop.finish_step
+
+    def launched(run, *args):
+        step = launch(run, *args)
+        order.append(("launch", step.step))
+        return step
+
+    def finished(run, step, losses):
+        order.append(("finish", step.step))
+        finish(run, step, losses)
+
+    def checkpoint(run, epoch, step, **kw):
+        order.append(("checkpoint", step))
+
+    monkeypatch.setattr(loop, "train_step", launched)
+    monkeypatch.setattr(loop, "finish_step", finished)
+    monkeypatch.setattr(loop, "save_checkpoint", checkpoint)
+    log = Path(cfg.output_dir) / "events.jsonl"
+    loop.train(cfg, EventWriter(log, stream=io.StringIO()))
+    assert order == [
+        ("launch", 1), ("launch", 2), ("finish", 1), ("launch", 3), ("finish", 2), ("finish", 3), ("checkpoint", 3),
+        ("launch", 4), ("finish", 4),  # the epoch's end
+        ("launch", 5), ("launch", 6), ("finish", 5), ("finish", 6), ("checkpoint", 6),
+        ("launch", 7), ("launch", 8), ("finish", 7), ("finish", 8),  # the last step
+    ]
+    steps = [e for e in read_events(log) if e.event == "step"]
+    assert [e.step for e in steps] == list(range(1, 9))
+    assert [e.epoch for e in steps] == [1] * 4 + [2] * 4
+    assert all(e.seconds_per_step > 0 for e in steps)
+
+
+def test_host_learning_rates_follow_the_schedule_without_reading_device_tensors():
+    params = [nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))]
+    groups = [{"params": [params[0]], "lr": 1e-3, "name": "unet"}, {"params": [params[1]], "lr": 5e-4, "name": "text_encoder"}]
+    optimizer, _ = make_optimizer("AdamW", groups, 1e-3, [], torch.device("cpu"))
+    scheduler = make_scheduler(optimizer, "linear", 0, 10)
+    run = type("R", (), {"scheduler": scheduler, "optimizer": optimizer})()
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+        expected = {g["name"]: float(g["lr"]) for g in optimizer.param_groups}
+        assert loop.host_learning_rates(run) == pytest.approx(expected)
+    assert loop.host_learning_rates(run)["unet"] == pytest.approx(1e-3 * 7 / 10)

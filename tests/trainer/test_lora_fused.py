@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from remote.trainer.lora import LoRAModule, LoRANetwork, save_kohya
-from remote.trainer.lora_fused import FusedLoRALinear
+from remote.trainer.lora_fused import FusedLoRALinear, SideStream
 
 
 class _Block(nn.Module):
@@ -161,6 +162,9 @@ def test_the_fused_layer_runs_fewer_operations_than_base_plus_plain_lora():
     plain = _ops_for_one_linear(fused=False)
     fused = _ops_for_one_linear(fused=True)
     assert fused.count("_to_copy") == 0  # no weight or gradient casts
+    # the base's bias add is the only out-of-place addmm: on CUDA an out-of-place addmm onto a full-size
+    # matrix first copies it into its result, so the LoRA's up product adds in place
+    assert fused.count("addmm") == 1
     assert plain.count("_to_copy") >= 4
     assert len(fused) <= 8, fused
     assert len(plain) >= len(fused) + 6, (plain, fused)
@@ -173,7 +177,7 @@ def test_fused_function_without_bias_and_3d_input_matches_linear_algebra():
     down, up = torch.randn(2, 6), torch.randn(5, 2)
     grad_down, grad_up = torch.zeros_like(down), torch.zeros_like(up)
     master = torch.zeros(1, requires_grad=True)
-    out = FusedLoRALinear.apply(x, master, master, weight, None, down, up, grad_down, grad_up, 0.5)
+    out = FusedLoRALinear.apply(x, master, master, weight, None, down, up, grad_down, grad_up, 0.5, None)
     expected_fn = lambda x_, d, u: x_ @ weight.T + 0.5 * (x_ @ d.T) @ u.T  # noqa: E731
     d_ref, u_ref = down.clone().requires_grad_(True), up.clone().requires_grad_(True)
     x_ref = x.detach().clone().requires_grad_(True)
@@ -196,3 +200,47 @@ def test_one_by_one_convolution_in_either_memory_format(channels_last):
         x = x.contiguous(memory_format=torch.channels_last)
     fused.flat.begin_micro_batch()
     torch.testing.assert_close(fused_block.proj(x.requires_grad_(True)), block.proj(x))
+
+
+class _InlineSide(SideStream):
+    """The side-stream bookkeeping without CUDA: blocks run inline, the order of forks and waits is logged."""
+
+    def __init__(self):  # noqa: D107 - no CUDA stream
+        self.held = []
+        self.calls: list[str] = []
+
+    def side(self, after_current: bool = True):
+        self.calls.append("fork" if after_current else "side")
+        return nullcontext()
+
+    def wait(self) -> None:
+        self.calls.append("wait")
+
+
+def test_side_stream_path_computes_the_same_and_holds_its_inputs_until_the_micro_batch_ends():
+    _, _, fused_block, fused_network = _plain_and_fused()
+    _, _, serial_block, serial_network = _plain_and_fused()  # the same seed: the same weights
+    side = _InlineSide()
+    fused_network.flat.side_stream = side
+    for lora in fused_network.loras():
+        if lora.fused_views is not None:
+            lora.fused_side = side
+
+    torch.manual_seed(3)
+    x = torch.randn(2, 12, 3, 3)
+    outputs = []
+    for network, part in ((fused_network, fused_block), (serial_network, serial_block)):
+        network.flat.begin_micro_batch()
+        out = part(x)
+        out.square().mean().backward()
+        outputs.append(out.detach())
+        if network is fused_network:
+            assert len(side.held) == 4  # the last fused layer's gradient products are not yet joined
+        network.flat.end_micro_batch()
+    assert side.held == []
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    torch.testing.assert_close(fused_network.flat.master_grad, serial_network.flat.master_grad, rtol=0, atol=0)
+    # forward: fork, wait per fused layer; backward: join the layer before, fork, wait, side products
+    assert side.calls[:6] == ["fork", "wait"] * 3
+    assert side.calls[6:10] == ["wait", "fork", "wait", "side"]
+    assert side.calls[-1] == "wait"  # end_micro_batch's join
