@@ -1,9 +1,10 @@
-"""Does the fast path train the same function? The real trainer, run four ways on the same seed and data.
+"""Does the fast path train the same function? The real trainer, run five ways on the same seed and data.
 
     eager + autocast   the trainer before the speed work: eager steps, autocast around a bf16 model,
                        the LoRA computed the plain way (the "unfused" patch)
     eager, bf16        bf16 throughout without autocast (cuda_graphs = false), fused LoRA layers
     fast path          bf16 throughout, fused LoRA layers, steps replayed as CUDA graphs (the default)
+    ... PyTorch's GN   the same with PyTorch's GroupNorm instead of the channels_last kernels
     eager, fp32        no mixed precision: how far bf16 itself is from exact arithmetic
 
 Each run trains SD 1.5 (full size, random weights; 512px, batch 4, UNet + text encoder LoRA) for --steps
@@ -35,6 +36,7 @@ VARIANTS = (
     ("eager + autocast, plain LoRA (before)", {"cuda_graphs": False}, ("autocast", "unfused"), "bf16"),
     ("eager, bf16", {"cuda_graphs": False}, (), "bf16"),
     ("fast path (CUDA graphs, bf16)", {}, (), "bf16"),
+    ("fast path with PyTorch's GroupNorm", {}, ("nativegn",), "bf16"),
     ("eager, fp32 (precision reference)", {"cuda_graphs": False}, (), "no"),
 )
 

@@ -217,6 +217,8 @@ PATCHES = {
         "    return run\n"
         "L.setup = setup_nchw"
     ),
+    # PyTorch's GroupNorm (NCHW only: a layout copy before and after each) instead of the channels_last kernels
+    "nativegn": "L.use_channels_last_group_norm = lambda model: 0",
     # the fused LoRA layers' products all on one stream (no side stream)
     "serial": (
         "import remote.trainer.lora as LR\n"

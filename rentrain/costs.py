@@ -5,7 +5,7 @@ Every number below carries its source and kind:
   the project's trainer research notes, TRAINER.md §6);
 - "derived": computed from a published figure of the same GPU at other settings (the rule is in the source);
 - "scaled": derived from a published figure of the reference GPU by bf16 tensor TFLOPS (rule below);
-- "measured": measured by rentrain's own benchmark (none yet: the benchmark replaces rows of SPEED_TABLE);
+- "measured": measured by rentrain's own benchmark (bench/train_speed.py; the H200 rows);
 - "assumed": an engineering guess, stated as such.
 
 To replace a number after a benchmark, edit the one row in SPEED_TABLE (kind "measured", source = the
@@ -65,16 +65,18 @@ SPEED_TABLE: dict[tuple[str, ModelFamily, int], Figure] = {
     ),
     ("RTX 3060", "sdxl", 1): Figure(2.4, "published", "bmaltais/kohya_ss#1288: RTX 3060, SDXL LoRA, 2.4 s/it"),
     ("H200", "sd15", 4): Figure(
-        0.059,
+        0.0382,
         "measured",
-        "bench/RESULTS.md 2026-11-29 (fused LoRA): H200, this trainer (CUDA graphs, bf16, fused LoRA layers), "
-        "full-size SD 1.5, 512px batch 4, UNet + TE LoRA dim 32, AdamW: 59.4 ms/step",
+        "bench/RESULTS.md 2026-11-29 (fourth session): H200, this trainer (CUDA graphs, bf16, fused LoRA layers, "
+        "channels_last GroupNorm kernels, overlapped steps), full-size SD 1.5, 512px batch 4, UNet + TE LoRA dim "
+        "32, AdamW: 38.2 ms/step (median step interval)",
     ),
     ("H200", "sdxl", 2): Figure(
-        0.135,
+        0.1138,
         "measured",
-        "bench/RESULTS.md 2026-11-29 (fused LoRA): H200, this trainer (CUDA graphs, bf16, fused LoRA layers), "
-        "full-size SDXL, 1024px batch 2, UNet LoRA dim 32, AdamW: 134.6 ms/step",
+        "bench/RESULTS.md 2026-11-29 (fourth session): H200, this trainer (CUDA graphs, bf16, fused LoRA layers, "
+        "channels_last GroupNorm kernels, overlapped steps), full-size SDXL, 1024px batch 2, UNet LoRA dim 32, "
+        "AdamW: 113.8 ms/step (median step interval)",
     ),
 }
 

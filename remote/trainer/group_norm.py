@@ -1,0 +1,220 @@
+"""GroupNorm on channels_last activations, as Triton kernels that read and write channels_last memory.
+
+PyTorch's CUDA GroupNorm works on NCHW only: handed a channels_last tensor, it copies it to NCHW, and the
+convolution after it copies the result back; the backward does the same with the gradients. In the UNet,
+which runs channels_last for cuDNN, those layout copies were ~300 kernels and ~5 ms of a 45 ms SD 1.5
+step (bench/RESULTS.md). Here the statistics and the normalisation work on channels_last memory directly.
+
+Each (sample, group) is split across several programs so that the GPU is full even at batch 1-4 (32
+groups): the forward is one kernel for partial sums and one that combines them and normalises; the backward
+likewise (partial sums of the gradient, then the input gradient). Sums are taken in float32 around a
+shift (the group's first value), so the variance does not lose precision to a large mean.
+
+Only frozen GroupNorms take this path (the trainer's base model): the kernels compute no weight or bias
+gradients. Outside autocast only, because autocast runs GroupNorm in float32 and this keeps the input's
+dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from types import MethodType
+
+import torch
+from torch import nn
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU-only install; the trainer then keeps nn.GroupNorm's own path
+    triton = None
+
+BLOCK = 1024  # elements of one group a program handles per loop iteration
+MAX_SPLITS = 64  # programs per (sample, group), at most
+TARGET_PROGRAMS = 528  # about 4 per SM of an H100/H200: enough to keep every SM streaming
+
+if triton is not None:
+    _SHAPE_ARGS = ["HW", "C", "CG", "G", "S", "count", "chunk"]
+
+    @triton.jit
+    def _group_start(group, HW, C, CG, G):
+        """Memory offset of the group's first element (sample n, channel g*CG, pixel 0)."""
+        return (group // G).to(tl.int64) * HW * C + (group % G) * CG
+
+    @triton.jit
+    def _group_offsets(group, start, HW, C, CG, G, count, BLOCK: tl.constexpr):
+        """Elements ``start + 0..BLOCK`` of ``group`` (its flat index over HW x CG): memory offsets, channels,
+        and which are inside the group."""
+        index = start + tl.arange(0, BLOCK)
+        inside = index < count
+        channel = (group % G) * CG + index % CG
+        offsets = _group_start(group, HW, C, CG, G) + (index // CG).to(tl.int64) * C + index % CG
+        return offsets, channel, inside
+
+    @triton.jit(do_not_specialize=_SHAPE_ARGS)
+    def _partial_sums(X, PART, HW, C, CG, G, S, count, chunk, BLOCK: tl.constexpr):
+        """Program (group, split): the sum and the sum of squares of (x - shift) over its chunk."""
+        pid = tl.program_id(0)
+        group = pid // S
+        shift = tl.load(X + _group_start(group, HW, C, CG, G)).to(tl.float32)
+        total = tl.zeros([BLOCK], tl.float32)
+        squares = tl.zeros([BLOCK], tl.float32)
+        low = (pid % S) * chunk
+        for start in range(low, low + chunk, BLOCK):
+            offsets, _, inside = _group_offsets(group, start, HW, C, CG, G, count, BLOCK)
+            d = tl.load(X + offsets, mask=inside, other=0.0).to(tl.float32) - shift
+            d = tl.where(inside, d, 0.0)
+            total += d
+            squares += d * d
+        tl.store(PART + 2 * pid, tl.sum(total, 0))
+        tl.store(PART + 2 * pid + 1, tl.sum(squares, 0))
+
+    @triton.jit
+    def _group_sums(PART, group, S, MAX_S: tl.constexpr):
+        split = tl.arange(0, MAX_S)
+        mine = split < S
+        first = tl.sum(tl.load(PART + 2 * (group * S + split), mask=mine, other=0.0), 0)
+        second = tl.sum(tl.load(PART + 2 * (group * S + split) + 1, mask=mine, other=0.0), 0)
+        return first, second
+
+    @triton.jit(do_not_specialize=_SHAPE_ARGS)
+    def _normalize(
+        X, W, B, Y, PART, MEAN, RSTD, HW, C, CG, G, S, count, chunk, eps, BLOCK: tl.constexpr, MAX_S: tl.constexpr
+    ):
+        pid = tl.program_id(0)
+        group = pid // S
+        shift = tl.load(X + _group_start(group, HW, C, CG, G)).to(tl.float32)
+        total, squares = _group_sums(PART, group, S, MAX_S)
+        shifted_mean = total / count
+        variance = tl.maximum(squares / count - shifted_mean * shifted_mean, 0.0)
+        mean = shift + shifted_mean
+        rstd = 1.0 / tl.sqrt(variance + eps)
+        if pid % S == 0:
+            tl.store(MEAN + group, mean)
+            tl.store(RSTD + group, rstd)
+        low = (pid % S) * chunk
+        for start in range(low, low + chunk, BLOCK):
+            offsets, channel, inside = _group_offsets(group, start, HW, C, CG, G, count, BLOCK)
+            x = tl.load(X + offsets, mask=inside, other=0.0).to(tl.float32)
+            w = tl.load(W + channel, mask=inside, other=0.0).to(tl.float32)
+            b = tl.load(B + channel, mask=inside, other=0.0).to(tl.float32)
+            y = (x - mean) * rstd * w + b
+            tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=inside)
+
+    @triton.jit(do_not_specialize=_SHAPE_ARGS)
+    def _partial_gradient_sums(X, DY, W, MEAN, RSTD, PART, HW, C, CG, G, S, count, chunk, BLOCK: tl.constexpr):
+        """Program (group, split): sums of dy*w and of dy*w*x_hat over its chunk."""
+        pid = tl.program_id(0)
+        group = pid // S
+        mean = tl.load(MEAN + group)
+        rstd = tl.load(RSTD + group)
+        plain = tl.zeros([BLOCK], tl.float32)
+        weighted = tl.zeros([BLOCK], tl.float32)
+        low = (pid % S) * chunk
+        for start in range(low, low + chunk, BLOCK):
+            offsets, channel, inside = _group_offsets(group, start, HW, C, CG, G, count, BLOCK)
+            x = tl.load(X + offsets, mask=inside, other=0.0).to(tl.float32)
+            dy = tl.load(DY + offsets, mask=inside, other=0.0).to(tl.float32)
+            w = tl.load(W + channel, mask=inside, other=0.0).to(tl.float32)
+            gw = dy * w
+            plain += gw
+            weighted += gw * (x - mean) * rstd
+        tl.store(PART + 2 * pid, tl.sum(plain, 0))
+        tl.store(PART + 2 * pid + 1, tl.sum(weighted, 0))
+
+    @triton.jit(do_not_specialize=_SHAPE_ARGS)
+    def _input_gradient(
+        X, DY, W, MEAN, RSTD, PART, DX, HW, C, CG, G, S, count, chunk, BLOCK: tl.constexpr, MAX_S: tl.constexpr
+    ):
+        """dx = rstd * (dy*w - mean(dy*w) - x_hat * mean(dy*w*x_hat)), the means over the group."""
+        pid = tl.program_id(0)
+        group = pid // S
+        mean = tl.load(MEAN + group)
+        rstd = tl.load(RSTD + group)
+        plain, weighted = _group_sums(PART, group, S, MAX_S)
+        plain_mean = plain / count
+        weighted_mean = weighted / count
+        low = (pid % S) * chunk
+        for start in range(low, low + chunk, BLOCK):
+            offsets, channel, inside = _group_offsets(group, start, HW, C, CG, G, count, BLOCK)
+            x = tl.load(X + offsets, mask=inside, other=0.0).to(tl.float32)
+            dy = tl.load(DY + offsets, mask=inside, other=0.0).to(tl.float32)
+            w = tl.load(W + channel, mask=inside, other=0.0).to(tl.float32)
+            x_hat = (x - mean) * rstd
+            dx = rstd * (dy * w - plain_mean - x_hat * weighted_mean)
+            tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=inside)
+
+
+def _launch_shape(samples: int, groups: int, count: int) -> tuple[int, int]:
+    """(splits per group, elements per split: a multiple of BLOCK)."""
+    wanted = max(1, min(MAX_SPLITS, math.ceil(TARGET_PROGRAMS / (samples * groups))))
+    chunk = math.ceil(count / wanted / BLOCK) * BLOCK
+    return math.ceil(count / chunk), chunk
+
+
+class ChannelsLastGroupNorm(torch.autograd.Function):
+    """group_norm(x, groups, weight, bias, eps) for a 4-d channels_last x; no weight or bias gradients."""
+
+    @staticmethod
+    def forward(ctx, x, groups: int, weight, bias, eps: float):
+        n, c, h, w = x.shape
+        hw, cg = h * w, c // groups
+        count = hw * cg
+        splits, chunk = _launch_shape(n, groups, count)
+        out = torch.empty_like(x, memory_format=torch.channels_last)
+        part = torch.empty(n * groups * splits * 2, device=x.device, dtype=torch.float32)
+        mean = torch.empty(n * groups, device=x.device, dtype=torch.float32)
+        rstd = torch.empty_like(mean)
+        grid = (n * groups * splits,)
+        shape = (hw, c, cg, groups, splits, count, chunk)
+        _partial_sums[grid](x, part, *shape, BLOCK=BLOCK)
+        _normalize[grid](x, weight, bias, out, part, mean, rstd, *shape, eps, BLOCK=BLOCK, MAX_S=MAX_SPLITS)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.shape = shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, mean, rstd = ctx.saved_tensors
+        shape = ctx.shape
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+        grad_x = torch.empty_like(x, memory_format=torch.channels_last)
+        groups, splits = shape[3], shape[4]
+        part = torch.empty(mean.numel() * splits * 2, device=x.device, dtype=torch.float32)
+        grid = (mean.numel() * splits,)
+        _partial_gradient_sums[grid](x, grad_out, weight, mean, rstd, part, *shape, BLOCK=BLOCK)
+        _input_gradient[grid](x, grad_out, weight, mean, rstd, part, grad_x, *shape, BLOCK=BLOCK, MAX_S=MAX_SPLITS)
+        return grad_x, None, None, None, None
+
+
+def takes_kernel_path(module: nn.GroupNorm, x: torch.Tensor) -> bool:
+    """A frozen, affine GroupNorm on a channels_last 4-d tensor (outside autocast), on a device Triton runs
+    on (CUDA; the CPU under Triton's interpreter, for tests)."""
+    return (
+        module.affine
+        and not module.weight.requires_grad
+        and not module.bias.requires_grad
+        and x.dim() == 4
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and not torch.is_autocast_enabled(x.device.type)
+        and module.num_channels % module.num_groups == 0
+    )
+
+
+def _forward(self: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    if takes_kernel_path(self, x):
+        return ChannelsLastGroupNorm.apply(x, self.num_groups, self.weight, self.bias, self.eps)
+    return nn.GroupNorm.forward(self, x)
+
+
+def use_channels_last_group_norm(model: nn.Module) -> int:
+    """Route the plain nn.GroupNorm layers of ``model`` through the kernels (when Triton is installed).
+    Returns how many layers were routed."""
+    if triton is None:
+        return 0
+    routed = 0
+    for module in model.modules():
+        if type(module) is nn.GroupNorm:
+            module.forward = MethodType(_forward, module)
+            routed += 1
+    return routed

@@ -1,0 +1,95 @@
+"""The channels_last GroupNorm kernels compute PyTorch's group_norm and its input gradient.
+
+The kernels are Triton's; here they run on the CPU in Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1), which executes the same kernel code with NumPy. bench/fast_path_check.py compares whole
+training runs on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import remote.trainer.group_norm as kernels
+
+
+def _channels_last(*shape, dtype=torch.float32, scale=1.0, offset=0.0):
+    return (torch.randn(*shape) * scale + offset).to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+def _reference(x, groups, weight, bias, grad, eps=1e-5):
+    """group_norm and its input gradient in float64, NCHW."""
+    x64 = x.detach().double().contiguous().requires_grad_(True)
+    out = F.group_norm(x64, groups, weight.double(), bias.double(), eps)
+    out.backward(grad.double())
+    return out.detach(), x64.grad
+
+
+@pytest.mark.parametrize(
+    "shape,groups,offset",
+    [
+        ((2, 64, 8, 8), 32, 0.0),  # 2 channels a group
+        ((1, 40, 5, 7), 4, 0.0),  # 10 channels a group (not a power of two), odd spatial size
+        ((1, 32, 64, 64), 32, 100.0),  # 4,096 elements a group, split across programs; a mean of 100
+        ((3, 1280, 2, 2), 32, -3.0),  # 40 channels a group, few pixels
+    ],
+)
+def test_forward_and_input_gradient_match_group_norm(shape, groups, offset):
+    torch.manual_seed(0)
+    x = _channels_last(*shape, scale=2.0, offset=offset).requires_grad_(True)
+    weight, bias = torch.randn(shape[1]), torch.randn(shape[1])
+    out = kernels.ChannelsLastGroupNorm.apply(x, groups, weight, bias, 1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected_out, expected_grad = _reference(x, groups, weight, bias, grad)
+    torch.testing.assert_close(out.double(), expected_out, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(x.grad.double(), expected_grad, rtol=1e-4, atol=2e-5)
+
+
+def test_bf16_is_as_close_to_exact_as_pytorchs_own_bf16_group_norm():
+    torch.manual_seed(1)
+    x = _channels_last(2, 320, 32, 32, dtype=torch.bfloat16, scale=3.0, offset=1.0).requires_grad_(True)
+    weight, bias = torch.randn(320, dtype=torch.bfloat16), torch.randn(320, dtype=torch.bfloat16)
+    out = kernels.ChannelsLastGroupNorm.apply(x, 32, weight, bias, 1e-5)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected_out, expected_grad = _reference(x, 32, weight, bias, grad)
+
+    x_native = x.detach().contiguous().requires_grad_(True)
+    native = F.group_norm(x_native, 32, weight, bias, 1e-5)
+    native.backward(grad.contiguous())
+    ours_out, native_out = (out.double() - expected_out).abs().mean(), (native.double() - expected_out).abs().mean()
+    ours_grad, native_grad = (x.grad.double() - expected_grad).abs().mean(), (x_native.grad.double() - expected_grad).abs().mean()
+    # Triton's interpreter truncates float32 to bf16 where a GPU rounds to nearest, which doubles the
+    # rounding error of every stored value; within that, the kernels lose nothing (their sums are float32)
+    assert ours_out <= 2.2 * native_out, (ours_out, native_out)
+    assert ours_grad <= 2.2 * native_grad, (ours_grad, native_grad)
+
+
+def test_routed_layers_take_the_kernels_only_when_frozen_channels_last_and_outside_autocast():
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.SiLU(), nn.GroupNorm(4, 16))
+    assert kernels.use_channels_last_group_norm(model) == 2
+    norm = model[1]
+    x = _channels_last(2, 16, 6, 6)
+    assert not kernels.takes_kernel_path(norm, x)  # its weights still train
+    model.requires_grad_(False)
+    assert kernels.takes_kernel_path(norm, x)
+    assert not kernels.takes_kernel_path(norm, x.contiguous())  # NCHW: PyTorch's own kernel, no copies
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not kernels.takes_kernel_path(norm, x)  # autocast runs group_norm in float32
+    model.to(memory_format=torch.channels_last)
+    image = _channels_last(2, 8, 6, 6)
+    calls = []
+    original = kernels.ChannelsLastGroupNorm.apply
+    kernels.ChannelsLastGroupNorm.apply = lambda *a: calls.append(1) or original(*a)
+    try:
+        routed = model(image)
+    finally:
+        kernels.ChannelsLastGroupNorm.apply = original
+    assert len(calls) == 2
+    for layer in (model[1], model[3]):
+        del layer.forward  # back to nn.GroupNorm.forward
+    torch.testing.assert_close(routed, model(image), rtol=1e-5, atol=1e-5)
