@@ -65,11 +65,11 @@ SPEED_TABLE: dict[tuple[str, ModelFamily, int], Figure] = {
     ),
     ("RTX 3060", "sdxl", 1): Figure(2.4, "published", "bmaltais/kohya_ss#1288: RTX 3060, SDXL LoRA, 2.4 s/it"),
     ("H200", "sd15", 4): Figure(
-        0.0382,
+        0.0385,
         "measured",
         "bench/RESULTS.md 2026-11-29 (fourth session): H200, this trainer (CUDA graphs, bf16, fused LoRA layers, "
         "channels_last GroupNorm kernels, overlapped steps), full-size SD 1.5, 512px batch 4, UNet + TE LoRA dim "
-        "32, AdamW: 38.2 ms/step (median step interval)",
+        "32, AdamW: 38.5 ms/step (median step interval)",
     ),
     ("H200", "sdxl", 2): Figure(
         0.1138,

@@ -6,9 +6,10 @@ which runs channels_last for cuDNN, those layout copies were ~300 kernels and ~5
 step (bench/RESULTS.md). Here the statistics and the normalisation work on channels_last memory directly.
 
 Each (sample, group) is split across several programs so that the GPU is full even at batch 1-4 (32
-groups): the forward is one kernel for partial sums and one that combines them and normalises; the backward
-likewise (partial sums of the gradient, then the input gradient). Sums are taken in float32 around a
-shift (the group's first value), so the variance does not lose precision to a large mean.
+groups): the forward is one kernel for partial statistics and one that combines them and normalises; the
+backward likewise (partial sums of the gradient, then the input gradient). Statistics are float32
+Welford summaries (mean, sum of squared deviations, count), merged around the overall mean, so the
+variance keeps its precision whatever the mean and however far out any one value is.
 
 Only frozen GroupNorms take this path (the trainer's base model): the kernels compute no weight or bias
 gradients. Outside autocast only, because autocast runs GroupNorm in float32 and this keeps the input's
@@ -51,23 +52,48 @@ if triton is not None:
         offsets = _group_start(group, HW, C, CG, G) + (index // CG).to(tl.int64) * C + index % CG
         return offsets, channel, inside
 
+    @triton.jit
+    def _merge(mean, m2, n):
+        """One (mean, sum of squared deviations, count) from a vector of them: the total's squared deviations
+        are each part's own plus its count times its mean's squared distance from the overall mean."""
+        total = tl.sum(n, 0)
+        overall = tl.sum(n * mean, 0) / tl.maximum(total, 1.0)
+        apart = mean - overall
+        return overall, tl.sum(m2 + n * apart * apart, 0), total
+
     @triton.jit(do_not_specialize=_SHAPE_ARGS)
-    def _partial_sums(X, PART, HW, C, CG, G, S, count, chunk, BLOCK: tl.constexpr):
-        """Program (group, split): the sum and the sum of squares of (x - shift) over its chunk."""
+    def _partial_stats(X, PART, HW, C, CG, G, S, count, chunk, BLOCK: tl.constexpr):
+        """Program (group, split): mean, sum of squared deviations and count of its chunk (Welford per lane,
+        then the lanes merged), so the variance never subtracts two large numbers."""
         pid = tl.program_id(0)
         group = pid // S
-        shift = tl.load(X + _group_start(group, HW, C, CG, G)).to(tl.float32)
-        total = tl.zeros([BLOCK], tl.float32)
-        squares = tl.zeros([BLOCK], tl.float32)
+        mean = tl.zeros([BLOCK], tl.float32)
+        m2 = tl.zeros([BLOCK], tl.float32)
+        n = tl.zeros([BLOCK], tl.float32)
         low = (pid % S) * chunk
         for start in range(low, low + chunk, BLOCK):
             offsets, _, inside = _group_offsets(group, start, HW, C, CG, G, count, BLOCK)
-            d = tl.load(X + offsets, mask=inside, other=0.0).to(tl.float32) - shift
-            d = tl.where(inside, d, 0.0)
-            total += d
-            squares += d * d
-        tl.store(PART + 2 * pid, tl.sum(total, 0))
-        tl.store(PART + 2 * pid + 1, tl.sum(squares, 0))
+            x = tl.load(X + offsets, mask=inside, other=0.0).to(tl.float32)
+            n_new = n + tl.where(inside, 1.0, 0.0)
+            delta = tl.where(inside, x - mean, 0.0)
+            mean += delta / tl.maximum(n_new, 1.0)
+            m2 += tl.where(inside, delta * (x - mean), 0.0)
+            n = n_new
+        mean_all, m2_all, n_all = _merge(mean, m2, n)
+        tl.store(PART + 3 * pid, mean_all)
+        tl.store(PART + 3 * pid + 1, m2_all)
+        tl.store(PART + 3 * pid + 2, n_all)
+
+    @triton.jit
+    def _group_stats(PART, group, S, MAX_S: tl.constexpr):
+        """The group's (mean, sum of squared deviations, count), combined from its splits' summaries."""
+        split = tl.arange(0, MAX_S)
+        mine = split < S
+        at = PART + 3 * (group * S + split)
+        mean = tl.load(at, mask=mine, other=0.0)
+        m2 = tl.load(at + 1, mask=mine, other=0.0)
+        n = tl.load(at + 2, mask=mine, other=0.0)
+        return _merge(mean, m2, n)
 
     @triton.jit
     def _group_sums(PART, group, S, MAX_S: tl.constexpr):
@@ -83,12 +109,8 @@ if triton is not None:
     ):
         pid = tl.program_id(0)
         group = pid // S
-        shift = tl.load(X + _group_start(group, HW, C, CG, G)).to(tl.float32)
-        total, squares = _group_sums(PART, group, S, MAX_S)
-        shifted_mean = total / count
-        variance = tl.maximum(squares / count - shifted_mean * shifted_mean, 0.0)
-        mean = shift + shifted_mean
-        rstd = 1.0 / tl.sqrt(variance + eps)
+        mean, m2, _ = _group_stats(PART, group, S, MAX_S)
+        rstd = 1.0 / tl.sqrt(m2 / count + eps)
         if pid % S == 0:
             tl.store(MEAN + group, mean)
             tl.store(RSTD + group, rstd)
@@ -162,12 +184,12 @@ class ChannelsLastGroupNorm(torch.autograd.Function):
         count = hw * cg
         splits, chunk = _launch_shape(n, groups, count)
         out = torch.empty_like(x, memory_format=torch.channels_last)
-        part = torch.empty(n * groups * splits * 2, device=x.device, dtype=torch.float32)
+        part = torch.empty(n * groups * splits * 3, device=x.device, dtype=torch.float32)
         mean = torch.empty(n * groups, device=x.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
         grid = (n * groups * splits,)
         shape = (hw, c, cg, groups, splits, count, chunk)
-        _partial_sums[grid](x, part, *shape, BLOCK=BLOCK)
+        _partial_stats[grid](x, part, *shape, BLOCK=BLOCK)
         _normalize[grid](x, weight, bias, out, part, mean, rstd, *shape, eps, BLOCK=BLOCK, MAX_S=MAX_SPLITS)
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.shape = shape
@@ -187,16 +209,24 @@ class ChannelsLastGroupNorm(torch.autograd.Function):
         return grad_x, None, None, None, None
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
 def takes_kernel_path(module: nn.GroupNorm, x: torch.Tensor) -> bool:
-    """A frozen, affine GroupNorm on a channels_last 4-d tensor (outside autocast), on a device Triton runs
-    on (CUDA; the CPU under Triton's interpreter, for tests)."""
+    """A frozen, affine GroupNorm on a non-empty channels_last 4-d tensor (outside autocast), on a device
+    Triton runs on (CUDA; the CPU under Triton's interpreter, for tests)."""
     return (
         module.affine
         and not module.weight.requires_grad
         and not module.bias.requires_grad
         and x.dim() == 4
+        and x.numel() > 0
         and x.is_contiguous(memory_format=torch.channels_last)
-        and not torch.is_autocast_enabled(x.device.type)
+        and not _autocast_enabled(x.device.type)
         and module.num_channels % module.num_groups == 0
     )
 

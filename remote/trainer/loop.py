@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 import uuid
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -102,7 +102,10 @@ class Run:
 def pick_device(ranks: Ranks | None = None) -> torch.device:
     wanted = os.environ.get("RENTRAIN_DEVICE")
     if wanted:
-        return torch.device(wanted)
+        device = torch.device(wanted)
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # streams, events and graphs are made on the current device
+        return device
     if not torch.cuda.is_available():
         return torch.device("cpu")
     if ranks is not None and ranks.distributed:
@@ -451,11 +454,18 @@ def inputs_loss(run: Run, inputs: StepInputs) -> torch.Tensor:
 
 def backward_pass(run: Run, inputs: StepInputs) -> torch.Tensor:
     """Loss and backward of one micro-batch; gradients add up in place. Returns the loss, detached."""
-    run.network.flat.begin_micro_batch()
-    loss = inputs_loss(run, inputs)
-    scaled = loss / (run.cfg.gradient_accumulation_steps * run.ranks.world)
-    (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
-    run.network.flat.end_micro_batch()
+    flat = run.network.flat
+    flat.begin_micro_batch()
+    try:
+        loss = inputs_loss(run, inputs)
+        scaled = loss / (run.cfg.gradient_accumulation_steps * run.ranks.world)
+        (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
+    except BaseException:
+        if flat.side_stream is not None:  # a graph capture must not end with the side stream forked
+            with suppress(Exception):
+                flat.side_stream.join()
+        raise
+    flat.end_micro_batch()
     return loss.detach()
 
 
@@ -575,7 +585,7 @@ def train_step(run: Run, group: list[list[int]], epoch: int, first_batch: int) -
     if run.device.type == "cuda":
         loss = torch.empty((), dtype=torch.float32, pin_memory=True).copy_(loss, non_blocking=True)
         ready = torch.cuda.Event()
-        ready.record()
+        ready.record(torch.cuda.current_stream(run.device))
     return LaunchedStep(
         step=run.position.step + 1,
         epoch=epoch,
@@ -728,7 +738,13 @@ def train(cfg, writer: EventWriter, resume: Path | str | None = None, stop_after
             deferred: LaunchedStep | None = None  # launched, its event not yet emitted
             while pos.epoch == epoch and pos.step < plan.total_steps:
                 group = order[pos.batch : pos.batch + cfg.gradient_accumulation_steps * run.ranks.world]
-                launched = train_step(run, group, epoch, pos.batch)
+                try:
+                    launched = train_step(run, group, epoch, pos.batch)
+                except BaseException:
+                    if deferred is not None:  # its work is done: report it before the error
+                        with suppress(Exception):
+                            finish_step(run, deferred, epoch_losses)
+                    raise
                 pos.batch += len(group)
                 pos.step += 1
                 if pos.batch >= len(order):  # the epoch's last step: the position moves to the next epoch
@@ -745,6 +761,7 @@ def train(cfg, writer: EventWriter, resume: Path | str | None = None, stop_after
                 after_step(run, epoch, order_in_progress)
                 if pos.epoch != epoch:
                     end_of_epoch(run, epoch + 1, epoch_losses)
+                stop = any_rank(run.stop_requested, run.ranks)  # also a signal during the checkpoint or samples
                 if stop or (stop_after_step is not None and pos.step >= stop_after_step):
                     folder = run.output_dir / state_dir_name(run.name, step=pos.step)
                     if run.ranks.main:

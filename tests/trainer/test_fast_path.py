@@ -224,3 +224,35 @@ def test_host_learning_rates_follow_the_schedule_without_reading_device_tensors(
         expected = {g["name"]: float(g["lr"]) for g in optimizer.param_groups}
         assert loop.host_learning_rates(run) == pytest.approx(expected)
     assert loop.host_learning_rates(run)["unet"] == pytest.approx(1e-3 * 7 / 10)
+
+
+def test_a_failed_launch_still_reports_the_step_before_it(make_config, monkeypatch):
+    _, cfg = make_config(max_train_steps=8, text_encoder_lr=0)
+    launch = loop.train_step
+
+    def failing(run, group, epoch, first_batch):
+        if run.position.step == 2:  # launching step 3, with step 2 launched and not yet reported
+            raise RuntimeError("CUDA out of memory (stand-in)")
+        return launch(run, group, epoch, first_batch)
+
+    monkeypatch.setattr(loop, "train_step", failing)
+    log = Path(cfg.output_dir) / "events.jsonl"
+    with pytest.raises(RuntimeError, match="stand-in"):
+        loop.train(cfg, EventWriter(log, stream=io.StringIO()))
+    assert [e.step for e in read_events(log) if e.event == "step"] == [1, 2]
+
+
+def test_a_stop_signal_during_a_checkpoint_stops_at_that_step(make_config, monkeypatch):
+    _, cfg = make_config(max_train_steps=8, save_every_n_steps=3, text_encoder_lr=0)
+    checkpoint = loop.save_checkpoint
+
+    def checkpoint_then_signal(run, *args, **kwargs):
+        checkpoint(run, *args, **kwargs)
+        run.stop_requested = True  # SIGTERM while the checkpoint was written
+
+    monkeypatch.setattr(loop, "save_checkpoint", checkpoint_then_signal)
+    log = Path(cfg.output_dir) / "events.jsonl"
+    with pytest.raises(loop.Stopped) as stopped:
+        loop.train(cfg, EventWriter(log, stream=io.StringIO()))
+    assert stopped.value.state_dir.name.endswith("step00000003-state")
+    assert [e.step for e in read_events(log) if e.event == "step"] == [1, 2, 3]

@@ -32,7 +32,7 @@ def _reference(x, groups, weight, bias, grad, eps=1e-5):
     [
         ((2, 64, 8, 8), 32, 0.0),  # 2 channels a group
         ((1, 40, 5, 7), 4, 0.0),  # 10 channels a group (not a power of two), odd spatial size
-        ((1, 32, 64, 64), 32, 100.0),  # 4,096 elements a group, split across programs; a mean of 100
+        ((1, 32, 48, 48), 32, 100.0),  # 2,304 elements a group, split across programs; a mean of 100
         ((3, 1280, 2, 2), 32, -3.0),  # 40 channels a group, few pixels
     ],
 )
@@ -45,7 +45,8 @@ def test_forward_and_input_gradient_match_group_norm(shape, groups, offset):
     grad = torch.randn_like(out)
     out.backward(grad)
     expected_out, expected_grad = _reference(x, groups, weight, bias, grad)
-    torch.testing.assert_close(out.double(), expected_out, rtol=1e-5, atol=2e-5)
+    # float32 statistics of values near 100 carry its rounding (7.6e-6) into the output
+    torch.testing.assert_close(out.double(), expected_out, rtol=1e-5, atol=2e-5 + 1e-6 * abs(offset))
     torch.testing.assert_close(x.grad.double(), expected_grad, rtol=1e-4, atol=2e-5)
 
 
@@ -69,7 +70,39 @@ def test_bf16_is_as_close_to_exact_as_pytorchs_own_bf16_group_norm():
     assert ours_grad <= 2.2 * native_grad, (ours_grad, native_grad)
 
 
-def test_routed_layers_take_the_kernels_only_when_frozen_channels_last_and_outside_autocast():
+def test_an_outlying_first_value_or_a_large_mean_costs_no_precision():
+    # float32 statistics that subtract two large sums (or shift by one value) lose digits here; Welford
+    # summaries do not: the error stays at PyTorch's own float32 level
+    torch.manual_seed(2)
+    x = torch.randn(2, 64, 16, 16) * 1e-3 + 30.0
+    x[:, :, 0, 0] = 200.0  # every group's first element far out
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    weight, bias = torch.randn(64), torch.randn(64)
+    out = kernels.ChannelsLastGroupNorm.apply(x, 32, weight, bias, 1e-5)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected_out, expected_grad = _reference(x, 32, weight, bias, grad)
+    native = F.group_norm(x.detach().contiguous(), 32, weight, bias, 1e-5)
+    native_error = (native.double() - expected_out).abs().max()
+    assert (out.double() - expected_out).abs().max() <= 4 * native_error + 1e-6
+    torch.testing.assert_close(x.grad.double(), expected_grad, rtol=1e-3, atol=1e-3)
+
+
+def test_single_pixel_and_empty_inputs():
+    torch.manual_seed(3)
+    x = torch.randn(3, 64, 1, 1).requires_grad_(True)  # contiguous and channels_last at once
+    weight, bias = torch.randn(64), torch.randn(64)
+    out = kernels.ChannelsLastGroupNorm.apply(x, 16, weight, bias, 1e-5)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected_out, expected_grad = _reference(x, 16, weight, bias, grad)
+    torch.testing.assert_close(out.double(), expected_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), expected_grad, rtol=1e-4, atol=1e-5)
+    norm = nn.GroupNorm(16, 64).requires_grad_(False)
+    assert not kernels.takes_kernel_path(norm, _channels_last(0, 64, 4, 4))
+
+
+def test_routed_layers_take_the_kernels_only_when_frozen_channels_last_and_outside_autocast(monkeypatch):
     model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.SiLU(), nn.GroupNorm(4, 16))
     assert kernels.use_channels_last_group_norm(model) == 2
     norm = model[1]
@@ -84,11 +117,9 @@ def test_routed_layers_take_the_kernels_only_when_frozen_channels_last_and_outsi
     image = _channels_last(2, 8, 6, 6)
     calls = []
     original = kernels.ChannelsLastGroupNorm.apply
-    kernels.ChannelsLastGroupNorm.apply = lambda *a: calls.append(1) or original(*a)
-    try:
-        routed = model(image)
-    finally:
-        kernels.ChannelsLastGroupNorm.apply = original
+    monkeypatch.setattr(kernels.ChannelsLastGroupNorm, "apply", lambda *a: calls.append(1) or original(*a))
+    routed = model(image)
+    monkeypatch.undo()
     assert len(calls) == 2
     for layer in (model[1], model[3]):
         del layer.forward  # back to nn.GroupNorm.forward
