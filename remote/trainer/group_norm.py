@@ -123,6 +123,16 @@ if triton is not None:
             y = (x - mean) * rstd * w + b
             tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=inside)
 
+    @triton.jit
+    def _gradient_terms(X, DY, W, group, start, mean, rstd, HW, C, CG, G, count, BLOCK: tl.constexpr):
+        """For elements ``start + 0..BLOCK`` of the group: offsets, which are inside it, x_hat, and dy*w
+        (zero outside the group)."""
+        offsets, channel, inside = _group_offsets(group, start, HW, C, CG, G, count, BLOCK)
+        x = tl.load(X + offsets, mask=inside, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offsets, mask=inside, other=0.0).to(tl.float32)
+        w = tl.load(W + channel, mask=inside, other=0.0).to(tl.float32)
+        return offsets, inside, (x - mean) * rstd, dy * w
+
     @triton.jit(do_not_specialize=_SHAPE_ARGS)
     def _partial_gradient_sums(X, DY, W, MEAN, RSTD, PART, HW, C, CG, G, S, count, chunk, BLOCK: tl.constexpr):
         """Program (group, split): sums of dy*w and of dy*w*x_hat over its chunk."""
@@ -134,13 +144,9 @@ if triton is not None:
         weighted = tl.zeros([BLOCK], tl.float32)
         low = (pid % S) * chunk
         for start in range(low, low + chunk, BLOCK):
-            offsets, channel, inside = _group_offsets(group, start, HW, C, CG, G, count, BLOCK)
-            x = tl.load(X + offsets, mask=inside, other=0.0).to(tl.float32)
-            dy = tl.load(DY + offsets, mask=inside, other=0.0).to(tl.float32)
-            w = tl.load(W + channel, mask=inside, other=0.0).to(tl.float32)
-            gw = dy * w
+            _, _, x_hat, gw = _gradient_terms(X, DY, W, group, start, mean, rstd, HW, C, CG, G, count, BLOCK)
             plain += gw
-            weighted += gw * (x - mean) * rstd
+            weighted += gw * x_hat
         tl.store(PART + 2 * pid, tl.sum(plain, 0))
         tl.store(PART + 2 * pid + 1, tl.sum(weighted, 0))
 
@@ -158,12 +164,8 @@ if triton is not None:
         weighted_mean = weighted / count
         low = (pid % S) * chunk
         for start in range(low, low + chunk, BLOCK):
-            offsets, channel, inside = _group_offsets(group, start, HW, C, CG, G, count, BLOCK)
-            x = tl.load(X + offsets, mask=inside, other=0.0).to(tl.float32)
-            dy = tl.load(DY + offsets, mask=inside, other=0.0).to(tl.float32)
-            w = tl.load(W + channel, mask=inside, other=0.0).to(tl.float32)
-            x_hat = (x - mean) * rstd
-            dx = rstd * (dy * w - plain_mean - x_hat * weighted_mean)
+            offsets, inside, x_hat, gw = _gradient_terms(X, DY, W, group, start, mean, rstd, HW, C, CG, G, count, BLOCK)
+            dx = rstd * (gw - plain_mean - x_hat * weighted_mean)
             tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=inside)
 
 
