@@ -212,7 +212,7 @@ def test_steps_overlap_except_where_host_work_reads_the_weights(make_config, mon
     assert all(e.seconds_per_step > 0 for e in steps)
 
 
-def test_host_learning_rates_follow_the_schedule_without_reading_device_tensors():
+def test_host_learning_rates_are_the_rates_the_schedule_gave_the_groups():
     params = [nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))]
     groups = [{"params": [params[0]], "lr": 1e-3, "name": "unet"}, {"params": [params[1]], "lr": 5e-4, "name": "text_encoder"}]
     optimizer, _ = make_optimizer("AdamW", groups, 1e-3, [], torch.device("cpu"))
