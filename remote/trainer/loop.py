@@ -96,7 +96,6 @@ class Run:
     choices: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # set-up phases, seconds
     micro_batch: int | None = None  # images per forward/backward when memory planning splits batches
-    last_finished: float | None = None  # perf_counter when the last step's work was done
 
 
 def pick_device(ranks: Ranks | None = None) -> torch.device:
@@ -536,16 +535,17 @@ def _every(n: int | None, value: int) -> bool:
 @dataclass
 class LaunchedStep:
     """An optimizer step whose GPU work is queued: its loss arrives in ``loss`` (pinned host memory on CUDA)
-    once ``ready`` has passed."""
+    once ``ready`` has passed. ``seconds``: on the CPU, where the work is done when it is queued, its time."""
 
     step: int
     epoch: int
     images: int
     batches: int
-    started: float
     loss: torch.Tensor
-    ready: torch.cuda.Event | None
     lrs: dict[str | None, float]
+    began: torch.cuda.Event | None = None
+    ready: torch.cuda.Event | None = None
+    seconds: float = 0.0
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -573,6 +573,13 @@ def train_step(run: Run, group: list[list[int]], epoch: int, first_batch: int) -
     the group runs on process i % processes, with the random draws of its position in the epoch.
     """
     t0 = time.perf_counter()
+    on_gpu = run.device.type == "cuda"
+    stream = torch.cuda.current_stream(run.device) if on_gpu else None
+    # on the stream, "began" passes when the step before is done or when this step is queued, whichever is
+    # later; "began" to "ready" is then the step's own time, overlapped or not
+    began = torch.cuda.Event(enable_timing=True) if on_gpu else None
+    if began is not None:
+        began.record(stream)
     losses = []
     for offset in range(run.ranks.rank, len(group), run.ranks.world):
         inputs = batch_inputs(run, group[offset], epoch, first_batch + offset)
@@ -582,33 +589,32 @@ def train_step(run: Run, group: list[list[int]], epoch: int, first_batch: int) -
     optimizer_step(run)
     loss = torch.stack(losses).sum().float() if losses else torch.zeros((), device=run.device)
     ready = None
-    if run.device.type == "cuda":
+    if on_gpu:
         loss = torch.empty((), dtype=torch.float32, pin_memory=True).copy_(loss, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record(torch.cuda.current_stream(run.device))
+        ready = torch.cuda.Event(enable_timing=True)
+        ready.record(stream)
     return LaunchedStep(
         step=run.position.step + 1,
         epoch=epoch,
         images=sum(len(batch) for batch in group),
         batches=len(losses),
-        started=t0,
         loss=loss,
-        ready=ready,
         lrs=host_learning_rates(run),
+        began=began,
+        ready=ready,
+        seconds=time.perf_counter() - t0,
     )
 
 
 def finish_step(run: Run, launched: LaunchedStep, losses: list[float]) -> None:
     """Wait for a launched step, record its mean loss (over the group's batches, all processes) in the run's
-    and the epoch's ``losses``, and emit its step event. Its seconds are wall time since it started or since
-    the step before it finished, whichever is later: with steps overlapping, the steady-state time per step."""
+    and the epoch's ``losses``, and emit its step event."""
+    seconds = launched.seconds
     if launched.ready is not None:
         launched.ready.synchronize()
+        seconds = launched.began.elapsed_time(launched.ready) / 1000
     total, count = sum_across([float(launched.loss), float(launched.batches)], run.ranks)
     loss = total / max(1.0, count)
-    done = time.perf_counter()
-    seconds = done - max(launched.started, run.last_finished or 0.0)
-    run.last_finished = done
     run.losses.append(loss)
     losses.append(loss)
     emit_step(run, launched, loss, seconds)

@@ -6,6 +6,7 @@ The CUDA graphs themselves need a GPU; bench/fast_path_check.py compares them wi
 from __future__ import annotations
 
 import io
+import statistics
 from pathlib import Path
 
 import pytest
@@ -209,7 +210,9 @@ def test_steps_overlap_except_where_host_work_reads_the_weights(make_config, mon
     steps = [e for e in read_events(log) if e.event == "step"]
     assert [e.step for e in steps] == list(range(1, 9))
     assert [e.epoch for e in steps] == [1] * 4 + [2] * 4
-    assert all(e.seconds_per_step > 0 for e in steps)
+    # each step reports its own time, also a step finished right after the one before it (the last)
+    times = [e.seconds_per_step for e in steps]
+    assert min(times) > 0.2 * statistics.median(times), times
 
 
 def test_host_learning_rates_are_the_rates_the_schedule_gave_the_groups():
