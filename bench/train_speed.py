@@ -218,7 +218,7 @@ PATCHES = {
         "L.setup = setup_nchw"
     ),
     # PyTorch's GroupNorm (NCHW only: a layout copy before and after each) instead of the channels_last kernels
-    "nativegn": "L.use_channels_last_group_norm = lambda model: 0",
+    "nativegn": "L.use_channels_last_group_norm = lambda model, device, dtype: (0, 'bench patch nativegn')",
     # the fused LoRA layers' products all on one stream (no side stream)
     "serial": (
         "import remote.trainer.lora as LR\n"

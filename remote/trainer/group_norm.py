@@ -239,14 +239,35 @@ def _forward(self: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     return nn.GroupNorm.forward(self, x)
 
 
-def use_channels_last_group_norm(model: nn.Module) -> int:
-    """Route the plain nn.GroupNorm layers of ``model`` through the kernels (when Triton is installed).
-    Returns how many layers were routed."""
+def _trial(device: torch.device, dtype: torch.dtype) -> None:
+    """Run both kernels once on a small tensor: compiles them for ``dtype`` (Triton needs a C compiler on the
+    machine for its launcher) and checks their result against PyTorch's."""
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(2, 64, 4, 4, generator=generator).to(device, dtype).contiguous(memory_format=torch.channels_last)
+    weight = torch.linspace(0.5, 1.5, 64, device=device, dtype=dtype)
+    bias = torch.linspace(-0.5, 0.5, 64, device=device, dtype=dtype)
+    x.requires_grad_(True)
+    out = ChannelsLastGroupNorm.apply(x, 32, weight, bias, 1e-5)
+    out.float().square().sum().backward()
+    expected = torch.nn.functional.group_norm(x.detach().float().contiguous(), 32, weight.float(), bias.float(), 1e-5)
+    error = (out.detach().float() - expected).abs().max().item()
+    if not error < 0.05 or not torch.isfinite(x.grad).all():
+        raise RuntimeError(f"the kernels' output is off by {error:.3g}")
+
+
+def use_channels_last_group_norm(model: nn.Module, device: torch.device, dtype: torch.dtype) -> tuple[int, str | None]:
+    """Route the plain nn.GroupNorm layers of ``model`` through the kernels, once they have run correctly on
+    ``device`` in ``dtype``. Returns (layers routed, why none were)."""
     if triton is None:
-        return 0
+        return 0, "Triton is not installed"
+    try:
+        _trial(device, dtype)
+    except Exception as exc:  # noqa: BLE001 - no compiler, an unsupported GPU, ...: PyTorch's GroupNorm then
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        return 0, f"the Triton kernels did not run here ({type(exc).__name__}: {reason})"
     routed = 0
     for module in model.modules():
         if type(module) is nn.GroupNorm:
             module.forward = MethodType(_forward, module)
             routed += 1
-    return routed
+    return routed, None

@@ -180,10 +180,11 @@ def setup(cfg, writer: EventWriter, resume: Path | None, ranks: Ranks | None = N
 
     # The frozen base runs in the mixed-precision dtype; the LoRA stays fp32 unless full_fp16/bf16.
     bundle.unet.to(device, dtype)
-    group_norms = 0
+    group_norms, group_norm_note = 0, None
     if device.type == "cuda":  # cuDNN's convolutions run NHWC; an NCHW model pays a layout copy per call
         bundle.unet.to(memory_format=torch.channels_last)
-        group_norms = use_channels_last_group_norm(bundle.unet)  # PyTorch's GroupNorm would copy to NCHW
+        # PyTorch's GroupNorm would copy each channels_last activation to NCHW and back
+        group_norms, group_norm_note = use_channels_last_group_norm(bundle.unet, device, dtype)
     for encoder in bundle.text_encoders:
         encoder.to(device, dtype)
     lora_dtype = dtype if (cfg.full_fp16 or cfg.full_bf16) else torch.float32
@@ -241,8 +242,8 @@ def setup(cfg, writer: EventWriter, resume: Path | None, ranks: Ranks | None = N
     run.choices += [c for c in (memory_choice, optimizer_choice) if c]
     if group_norms:
         run.choices.append(f"GroupNorm: the UNet's {group_norms} layers run channels_last (Triton kernels)")
-    elif device.type == "cuda":
-        run.choices.append("GroupNorm: PyTorch's (Triton is not installed), with a layout copy before and after each")
+    elif group_norm_note:
+        run.choices.append(f"GroupNorm: PyTorch's, with a layout copy before and after each; {group_norm_note}")
     if use_graphs:
         run.graphs = StepGraphs(partial(backward_pass, run), on_disable=_warn)
         run.choices.append("CUDA graphs: on (one per batch shape, captured the second time a shape is seen)")

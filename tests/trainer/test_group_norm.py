@@ -104,7 +104,7 @@ def test_single_pixel_and_empty_inputs():
 
 def test_routed_layers_take_the_kernels_only_when_frozen_channels_last_and_outside_autocast(monkeypatch):
     model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.SiLU(), nn.GroupNorm(4, 16))
-    assert kernels.use_channels_last_group_norm(model) == 2
+    assert kernels.use_channels_last_group_norm(model, torch.device("cpu"), torch.float32) == (2, None)
     norm = model[1]
     x = _channels_last(2, 16, 6, 6)
     assert not kernels.takes_kernel_path(norm, x)  # its weights still train
@@ -124,3 +124,15 @@ def test_routed_layers_take_the_kernels_only_when_frozen_channels_last_and_outsi
     for layer in (model[1], model[3]):
         del layer.forward  # back to nn.GroupNorm.forward
     torch.testing.assert_close(routed, model(image), rtol=1e-5, atol=1e-5)
+
+
+def test_kernels_that_fail_their_trial_leave_pytorchs_group_norm_in_place(monkeypatch):
+    def no_compiler(*args):
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    monkeypatch.setattr(kernels.ChannelsLastGroupNorm, "apply", no_compiler)
+    model = nn.Sequential(nn.GroupNorm(4, 16))
+    routed, reason = kernels.use_channels_last_group_norm(model, torch.device("cpu"), torch.bfloat16)
+    assert routed == 0
+    assert "did not run here" in reason and "C compiler" in reason
+    assert "forward" not in vars(model[0])  # still nn.GroupNorm's own forward
