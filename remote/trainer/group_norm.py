@@ -8,8 +8,9 @@ step (bench/RESULTS.md). Here the statistics and the normalisation work on chann
 Each (sample, group) is split across several programs so that the GPU is full even at batch 1-4 (32
 groups): the forward is one kernel for partial statistics and one that combines them and normalises; the
 backward likewise (partial sums of the gradient, then the input gradient). Statistics are float32
-Welford summaries (mean, sum of squared deviations, count), merged around the overall mean, so the
-variance keeps its precision whatever the mean and however far out any one value is.
+Welford summaries (mean, sum of squared deviations, count), merged around the overall mean: the variance
+never subtracts two large numbers, so a large mean or a far-out value costs no more than float32's
+rounding at the mean's magnitude.
 
 Only frozen GroupNorms take this path (the trainer's base model): the kernels compute no weight or bias
 gradients. Outside autocast only, because autocast runs GroupNorm in float32 and this keeps the input's
@@ -54,10 +55,13 @@ if triton is not None:
 
     @triton.jit
     def _merge(mean, m2, n):
-        """One (mean, sum of squared deviations, count) from a vector of them: the total's squared deviations
-        are each part's own plus its count times its mean's squared distance from the overall mean."""
+        """One (mean, sum of squared deviations, count) from a vector of them, whose first part is never
+        empty: the total's squared deviations are each part's own plus its count times its mean's squared
+        distance from the overall mean. The overall mean is taken relative to the first part's, so a
+        constant group comes out exact."""
         total = tl.sum(n, 0)
-        overall = tl.sum(n * mean, 0) / tl.maximum(total, 1.0)
+        pivot = tl.sum(tl.where(tl.arange(0, mean.shape[0]) == 0, mean, 0.0), 0)
+        overall = pivot + tl.sum(n * (mean - pivot), 0) / tl.maximum(total, 1.0)
         apart = mean - overall
         return overall, tl.sum(m2 + n * apart * apart, 0), total
 
@@ -240,19 +244,25 @@ def _forward(self: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
 
 
 def _trial(device: torch.device, dtype: torch.dtype) -> None:
-    """Run both kernels once on a small tensor: compiles them for ``dtype`` (Triton needs a C compiler on the
-    machine for its launcher) and checks their result against PyTorch's."""
+    """Run both kernels once, on a shape that splits each group across programs and loops within a split,
+    and check output and input gradient against PyTorch's GroupNorm. This also compiles them for ``dtype``
+    (Triton needs a C compiler on the machine for its launcher)."""
     generator = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(2, 64, 4, 4, generator=generator).to(device, dtype).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(1, 64, 96, 96, generator=generator).to(device, dtype).contiguous(memory_format=torch.channels_last)
     weight = torch.linspace(0.5, 1.5, 64, device=device, dtype=dtype)
     bias = torch.linspace(-0.5, 0.5, 64, device=device, dtype=dtype)
+    grad = torch.randn(x.shape, generator=generator).to(device, dtype).contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
     out = ChannelsLastGroupNorm.apply(x, 32, weight, bias, 1e-5)
-    out.float().square().sum().backward()
-    expected = torch.nn.functional.group_norm(x.detach().float().contiguous(), 32, weight.float(), bias.float(), 1e-5)
-    error = (out.detach().float() - expected).abs().max().item()
-    if not error < 0.05 or not torch.isfinite(x.grad).all():
-        raise RuntimeError(f"the kernels' output is off by {error:.3g}")
+    out.backward(grad)
+    reference_x = x.detach().float().contiguous().requires_grad_(True)
+    reference = torch.nn.functional.group_norm(reference_x, 32, weight.float(), bias.float(), 1e-5)
+    reference.backward(grad.float())
+    for name, ours, theirs in (("output", out, reference), ("input gradient", x.grad, reference_x.grad)):
+        error = (ours.detach().float() - theirs).abs().max().item()
+        scale = theirs.abs().max().item()
+        if not error <= 0.02 * scale + 1e-3:  # bf16 rounds to 0.4%; NaN fails too
+            raise RuntimeError(f"the kernels' {name} is off by {error:.3g} (values up to {scale:.3g})")
 
 
 def use_channels_last_group_norm(model: nn.Module, device: torch.device, dtype: torch.dtype) -> tuple[int, str | None]:
@@ -263,6 +273,8 @@ def use_channels_last_group_norm(model: nn.Module, device: torch.device, dtype: 
     try:
         _trial(device, dtype)
     except Exception as exc:  # noqa: BLE001 - no compiler, an unsupported GPU, ...: PyTorch's GroupNorm then
+        if "CUDA error" in str(exc) or type(exc).__name__ == "AcceleratorError":
+            raise  # the device itself failed: nothing after this would run either
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         return 0, f"the Triton kernels did not run here ({type(exc).__name__}: {reason})"
     routed = 0

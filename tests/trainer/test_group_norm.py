@@ -136,3 +136,17 @@ def test_kernels_that_fail_their_trial_leave_pytorchs_group_norm_in_place(monkey
     assert routed == 0
     assert "did not run here" in reason and "C compiler" in reason
     assert "forward" not in vars(model[0])  # still nn.GroupNorm's own forward
+
+
+def test_kernels_that_compute_wrong_numbers_fail_their_trial(monkeypatch):
+    original = kernels.ChannelsLastGroupNorm.apply
+    monkeypatch.setattr(kernels.ChannelsLastGroupNorm, "apply", lambda x, g, w, b, eps: original(x, g, w, b, eps) * 1.05)
+    routed, reason = kernels.use_channels_last_group_norm(nn.Sequential(nn.GroupNorm(4, 16)), torch.device("cpu"), torch.float32)
+    assert routed == 0 and "output is off" in reason
+
+
+def test_a_constant_group_normalises_to_its_bias_exactly():
+    x = torch.full((2, 64, 8, 8), 7.3).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(64), torch.randn(64)
+    out = kernels.ChannelsLastGroupNorm.apply(x, 32, weight, bias, 1e-5)
+    assert torch.equal(out, bias.view(1, 64, 1, 1).expand_as(out))
