@@ -54,13 +54,13 @@ if triton is not None:
         return offsets, channel, inside
 
     @triton.jit
-    def _merge(mean, m2, n):
+    def _merge(mean, m2, n, SIZE: tl.constexpr):
         """One (mean, sum of squared deviations, count) from a vector of them, whose first part is never
         empty: the total's squared deviations are each part's own plus its count times its mean's squared
         distance from the overall mean. The overall mean is taken relative to the first part's, so a
         constant group comes out exact."""
         total = tl.sum(n, 0)
-        pivot = tl.sum(tl.where(tl.arange(0, mean.shape[0]) == 0, mean, 0.0), 0)
+        pivot = tl.sum(tl.where(tl.arange(0, SIZE) == 0, mean, 0.0), 0)
         overall = pivot + tl.sum(n * (mean - pivot), 0) / tl.maximum(total, 1.0)
         apart = mean - overall
         return overall, tl.sum(m2 + n * apart * apart, 0), total
@@ -83,7 +83,7 @@ if triton is not None:
             mean += delta / tl.maximum(n_new, 1.0)
             m2 += tl.where(inside, delta * (x - mean), 0.0)
             n = n_new
-        mean_all, m2_all, n_all = _merge(mean, m2, n)
+        mean_all, m2_all, n_all = _merge(mean, m2, n, BLOCK)
         tl.store(PART + 3 * pid, mean_all)
         tl.store(PART + 3 * pid + 1, m2_all)
         tl.store(PART + 3 * pid + 2, n_all)
@@ -97,7 +97,7 @@ if triton is not None:
         mean = tl.load(at, mask=mine, other=0.0)
         m2 = tl.load(at + 1, mask=mine, other=0.0)
         n = tl.load(at + 2, mask=mine, other=0.0)
-        return _merge(mean, m2, n)
+        return _merge(mean, m2, n, MAX_S)
 
     @triton.jit
     def _group_sums(PART, group, S, MAX_S: tl.constexpr):
