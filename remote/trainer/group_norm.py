@@ -207,7 +207,7 @@ class ChannelsLastGroupNorm(torch.autograd.Function):
         shape = ctx.shape
         grad_out = grad_out.contiguous(memory_format=torch.channels_last)
         grad_x = torch.empty_like(x, memory_format=torch.channels_last)
-        groups, splits = shape[3], shape[4]
+        splits = shape[4]
         part = torch.empty(mean.numel() * splits * 2, device=x.device, dtype=torch.float32)
         grid = (mean.numel() * splits,)
         _partial_gradient_sums[grid](x, grad_out, weight, mean, rstd, part, *shape, BLOCK=BLOCK)
@@ -233,7 +233,6 @@ def takes_kernel_path(module: nn.GroupNorm, x: torch.Tensor) -> bool:
         and x.numel() > 0
         and x.is_contiguous(memory_format=torch.channels_last)
         and not _autocast_enabled(x.device.type)
-        and module.num_channels % module.num_groups == 0
     )
 
 
@@ -275,7 +274,8 @@ def use_channels_last_group_norm(model: nn.Module, device: torch.device, dtype: 
     except Exception as exc:  # noqa: BLE001 - no compiler, an unsupported GPU, ...: PyTorch's GroupNorm then
         if "CUDA error" in str(exc) or type(exc).__name__ == "AcceleratorError":
             raise  # the device itself failed: nothing after this would run either
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        message = str(exc).strip()
+        reason = message.splitlines()[0][:200] if message else ""
         return 0, f"the Triton kernels did not run here ({type(exc).__name__}: {reason})"
     routed = 0
     for module in model.modules():
