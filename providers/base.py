@@ -13,6 +13,7 @@ from typing import Literal, Protocol, runtime_checkable
 from pydantic import BaseModel, ConfigDict, Field
 
 LABEL_PREFIX = "rentrain-"
+HOURS_PER_MONTH = 730  # storage is priced per GB per month: 365 x 24 / 12 hours
 
 InstanceStatus = Literal["provisioning", "running", "stopped", "exited", "gone"]
 
@@ -27,12 +28,29 @@ class ProviderError(Exception):
         self.provider = provider
         self.message = message
         self.status = status
-        where = f"{provider} (HTTP {status})" if status else provider
-        super().__init__(f"{where}: {message}")
+        super().__init__(self._describe())
+
+    def _describe(self) -> str:
+        where = f"{self.provider} (HTTP {self.status})" if self.status else self.provider
+        return f"{where}: {self.message}"
 
 
 class AuthError(ProviderError):
-    """The API key is missing, wrong, revoked, or lacks a permission."""
+    """The API key is missing, wrong, revoked, or lacks a permission.
+
+    `key_source` names where the key came from (an environment variable, a file), never the key; with it the
+    message reads "vast rejected the API key from <source> (HTTP 404): <the provider's words>".
+    """
+
+    def __init__(self, provider: str, message: str, status: int | None = None, key_source: str | None = None):
+        self.key_source = key_source
+        if key_source:
+            http = f" (HTTP {status})" if status else ""
+            message = f"{provider} rejected the API key from {key_source}{http}: {message}"
+        super().__init__(provider, message, status)
+
+    def _describe(self) -> str:
+        return self.message if self.key_source else super()._describe()
 
 
 class OfferGone(ProviderError):
@@ -132,6 +150,11 @@ class Instance(BaseModel):
     price_per_hour: float | None = None
     started_at: datetime | None = None
     gpu_model: str | None = None
+    storage_usd_per_hour: float | None = Field(
+        None,
+        description="USD/h its storage bills in its current state (all a stopped instance bills); None when the "
+        "provider does not say. Each adapter's `_storage_usd_per_hour` gives its rule.",
+    )
 
 
 class LaunchSpec(BaseModel):
@@ -227,3 +250,14 @@ class Provider(Protocol):
         ...
 
     def self_destroy_recipe(self) -> SelfDestructRecipe: ...
+
+
+@runtime_checkable
+class ReportsSkippedRows(Protocol):
+    """A provider whose `search` drops answer rows it cannot read instead of failing as a whole.
+
+    `last_search_skipped` holds one line per row the last `search` dropped (which row, which field, why),
+    for the caller to count and show; the adapter logs them too.
+    """
+
+    last_search_skipped: list[str]

@@ -5,13 +5,18 @@ Retries:
   honoured (RunPod sends one); without it (Vast never sends one) the wait grows exponentially from the
   endpoint's documented minimum interval, with jitter. After a 429 the same endpoint is paced for
   later calls too; other endpoints are not slowed.
-- 502/503/504 and connection errors are retried only for idempotent calls: a create that timed out may
+- 500/502/503/504 and connection errors are retried only for idempotent calls: a create that timed out may
   have rented a machine, and the runner finds it by label instead of renting a second one.
 - Everything is bounded: attempts, each wait, and the total wait. Then the error is raised.
+
+Error text from a provider is redacted (the key, `api_key=`, `Bearer ...`) before it is cut to length, so no
+part of a key survives a cut. An AuthError names where the key came from (`key_source`), never the key.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import random
 import re
 import time
@@ -23,11 +28,15 @@ from typing import Any, TypeVar
 import requests
 from pydantic import BaseModel, SecretStr, ValidationError
 
-from providers.base import ProviderDown, ProviderError, RateLimited
+from providers.base import AuthError, ProviderDown, ProviderError, RateLimited
 
 # RunPod: "5xx: retry the same candidate"; Vast's SDK retries 502-504. Only idempotent calls are retried.
 RETRYABLE_GATEWAY = frozenset({500, 502, 503, 504})
 MAX_MESSAGE_CHARS = 500
+MAX_BODY_CHARS = 200  # of a body that should have been JSON
+MAX_ROW_ID_CHARS = 80
+
+log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -59,8 +68,10 @@ class ApiClient:
         clock: Callable[[], float] = time.monotonic,
         jitter: Callable[[], float] = random.random,
         timeout_s: float = 30.0,
+        key_source: str | None = None,
     ):
         self.provider = provider
+        self.key_source = key_source
         self.base_url = base_url.rstrip("/")
         self._key = SecretStr(api_key)
         self._classify = classify
@@ -69,7 +80,8 @@ class ApiClient:
         self._sleep = sleep
         self._clock = clock
         self._jitter = jitter
-        self._timeout_s = timeout_s
+        # RENTRAIN_HTTP_TIMEOUT_SECONDS: for tests of answers that come after the timeout
+        self._timeout_s = float(os.environ.get("RENTRAIN_HTTP_TIMEOUT_SECONDS") or timeout_s)
         self._paced_until: dict[str, float] = {}
 
     def __repr__(self) -> str:
@@ -100,7 +112,7 @@ class ApiClient:
                     allow_redirects=False,  # a redirect to another host must not carry the key along
                 )
             except requests.RequestException as exc:
-                message = self.redact(f"could not reach {self.base_url}: {_describe(exc)}")
+                message = self.redact_and_cut(f"could not reach {self.base_url}: {_describe(exc)}")
                 if not idempotent or attempt == self.policy.max_attempts or not self._schedule_retry(endpoint, attempt, waited, None):
                     raise ProviderDown(self.provider, message) from None
                 continue
@@ -108,7 +120,7 @@ class ApiClient:
             status = response.status_code
             if status < 300:
                 return response
-            message = self.redact(extract_message(response))
+            message = self.redact_and_cut(extract_message(response))
             if status == 429:
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
                 if retry_after is not None and retry_after > self.policy.max_retry_after_s:
@@ -123,7 +135,7 @@ class ApiClient:
                     continue
             if status >= 500:
                 raise ProviderDown(self.provider, message, status)
-            raise self._classify(status, message, endpoint)
+            raise self._named_key_source(self._classify(status, message, endpoint))
         raise AssertionError("unreachable")  # pragma: no cover
 
     def json(self, method: str, path: str, *, endpoint: str, idempotent: bool, **kwargs: Any) -> Any:
@@ -133,7 +145,8 @@ class ApiClient:
         try:
             return response.json()
         except ValueError:
-            raise ProviderDown(self.provider, f"expected JSON from {path}, got: {self.redact(response.text[:200])}") from None
+            body = self.redact_and_cut(response.text, MAX_BODY_CHARS)
+            raise ProviderDown(self.provider, f"expected JSON from {path}, got: {body}") from None
 
     def redact(self, text: str) -> str:
         key = self._key.get_secret_value()
@@ -141,6 +154,15 @@ class ApiClient:
             text = text.replace(key, "***")
         text = re.sub(r"(api_key=)[^&\s\"']+", r"\1***", text, flags=re.IGNORECASE)
         return re.sub(r"(Bearer\s+)[^\s\"',}]+", r"\1***", text, flags=re.IGNORECASE)
+
+    def redact_and_cut(self, text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+        """Redact first: a cut made before redacting could leave a key's first characters unmatched."""
+        return self.redact(text)[:limit]
+
+    def _named_key_source(self, error: ProviderError) -> ProviderError:
+        if isinstance(error, AuthError) and self.key_source and error.key_source is None:
+            return AuthError(error.provider, error.message, error.status, key_source=self.key_source)
+        return error
 
     def _wait_for_pace(self, endpoint: str) -> float:
         until = self._paced_until.get(endpoint)
@@ -194,15 +216,43 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+def parse_rows(provider: str, model: type[M], rows: list[Any], what: str) -> tuple[list[M], list[str]]:
+    """Validate each row of a list answer on its own: a bad row is dropped and described, the rest are kept.
+
+    The description names the row (position, and its `id` when it has one), the field and the reason, never
+    the field's value; each is logged as a warning too.
+    """
+    parsed: list[M] = []
+    skipped: list[str] = []
+    for position, row in enumerate(rows, start=1):
+        try:
+            parsed.append(model.model_validate(row))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "(row)"
+            reason = f"{what} row {position}{_row_id(row)}: {where}: {first['msg']}"
+            log.warning("%s: skipped %s", provider, reason)
+            skipped.append(reason)
+    return parsed, skipped
+
+
+def _row_id(row: Any) -> str:
+    row_id = row.get("id") if isinstance(row, dict) else None
+    return f" (id {str(row_id)[:MAX_ROW_ID_CHARS]})" if isinstance(row_id, (str, int)) else ""
+
+
 def extract_message(response: requests.Response) -> str:
-    """The provider's own words from an error body: Vast's msg/error, RFC 9457 title/detail, or the text."""
+    """The provider's own words from an error body: Vast's msg/error, RFC 9457 title/detail, or the text.
+
+    Not cut to length: the caller redacts secrets first, then cuts (`ApiClient.redact_and_cut`).
+    """
     try:
         body = response.json()
     except ValueError:
         text = response.text.strip()
-        return (text or response.reason or f"HTTP {response.status_code}")[:MAX_MESSAGE_CHARS]
+        return text or response.reason or f"HTTP {response.status_code}"
     if not isinstance(body, dict):
-        return str(body)[:MAX_MESSAGE_CHARS]
+        return str(body)
     parts: list[str] = []
     error = body.get("error")
     if isinstance(error, dict):
@@ -217,9 +267,9 @@ def extract_message(response: requests.Response) -> str:
             str(item.get("detail") or item.get("message") or item) if isinstance(item, dict) else str(item) for item in details
         )
         text = f"{text} ({listed})" if text else listed
-    return (text or str(body))[:MAX_MESSAGE_CHARS]
+    return text or str(body)
 
 
 def _describe(exc: requests.RequestException) -> str:
-    # str(exc) of a connection error embeds the URL; we put no key in URLs, and redact() runs on it anyway
-    return f"{type(exc).__name__}: {str(exc)[:200]}"
+    # str(exc) of a connection error embeds the URL; we put no key in URLs, and redact_and_cut() runs on it anyway
+    return f"{type(exc).__name__}: {exc}"

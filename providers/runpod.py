@@ -1,5 +1,5 @@
-"""RunPod, REST v2 (PROVIDERS.md §2). v1 is retired; GraphQL (retiring early 2027) is only the in-pod
-self-destroy fallback.
+"""RunPod, REST v2 (runpod/docs `api-reference-v2/openapi.json`). v1 is retired; GraphQL (retiring early 2027) is
+only the in-pod self-destroy fallback.
 
 RunPod has no offer marketplace: the catalog gives one list price per GPU type per cloud (COMMUNITY,
 SECURE) and a stock level; the scheduler picks the host. So one Offer per GPU type per cloud, and no
@@ -15,9 +15,10 @@ from datetime import datetime
 from typing import Any
 
 import requests
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from providers.base import (
+    HOURS_PER_MONTH,
     LABEL_PREFIX,
     AuthError,
     BadRequest,
@@ -38,18 +39,20 @@ from providers.base import (
     Unsupported,
 )
 from providers.gpu_names import normalise_gpu_name
-from providers.http import ApiClient, RetryPolicy, parse_model
+from providers.http import ApiClient, RetryPolicy, parse_model, parse_rows
 
 NAME = "runpod"
 DEFAULT_BASE_URL = "https://api.runpod.io"
 BASE_URL_ENV = "RENTRAIN_RUNPOD_URL"
 CLOUDS = ("COMMUNITY", "SECURE")
 
-# Container disk and volume, $/GB/month while running (docs pods/pricing.mdx); 730 h per month.
+# $/GB/month (runpod/docs pods/pricing.mdx): container disk while running (a stopped pod's is erased, not billed);
+# the volume while running, and twice that while stopped
 CONTAINER_DISK_USD_PER_GB_MONTH = 0.10
 VOLUME_USD_PER_GB_MONTH = 0.10
+STOPPED_VOLUME_USD_PER_GB_MONTH = 0.20
 VOLUME_PATH = "/workspace"
-HOURS_PER_MONTH = 730
+MIN_VOLUME_GB = 10  # PersistentMount.size minimum (api-reference-v2/openapi.json)
 
 _STATUS: dict[str, InstanceStatus] = {
     "PROVISIONING": "provisioning",
@@ -59,6 +62,15 @@ _STATUS: dict[str, InstanceStatus] = {
     "ERROR": "exited",
     "TERMINATED": "gone",
 }
+
+
+class CudaVersion(BaseModel):
+    """Schema CudaVersionAvailability: `available` is false when every machine on this version is full."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    version: str
+    available: bool
 
 
 class CatalogGpu(BaseModel):
@@ -73,7 +85,18 @@ class CatalogGpu(BaseModel):
     maxCount: dict[str, int | None] = {}
     availability: str | None = None
     dataCenters: list[dict[str, Any]] = []
-    cudaVersions: list[str | float] = []
+    # schema GpuType: objects {"version": "12.4", "available": true}; missing means none. Older answers listed
+    # bare version strings, read as available.
+    cudaVersions: list[CudaVersion] = []
+
+    @field_validator("cudaVersions", mode="before")
+    @classmethod
+    def _bare_versions_are_available(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        if isinstance(value, list):
+            return [{"version": str(v), "available": True} if isinstance(v, (str, int, float)) else v for v in value]
+        return value
 
 
 class PodSshDirect(BaseModel):
@@ -93,6 +116,8 @@ class Pod(BaseModel):
     gpu: dict[str, Any] | None = None
     ssh: dict[str, Any] | None = None
     startedAt: datetime | None = None
+    disk: int | None = None  # container disk GB
+    mounts: dict[str, Any] | None = None
 
 
 class RunPodProvider:
@@ -107,10 +132,15 @@ class RunPodProvider:
         sleep: Callable[[float], None] | None = None,
         clock: Callable[[], float] | None = None,
         policy: RetryPolicy | None = None,
+        key_source: str | None = None,
     ):
         self.base_url = (base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL).rstrip("/")
+        self.last_search_skipped: list[str] = []
         extra: dict[str, Any] = {k: v for k, v in (("sleep", sleep), ("clock", clock)) if v is not None}
-        self._api = ApiClient(NAME, self.base_url, api_key, classify=_classify, policy=policy, session=session, **extra)
+        self._api = ApiClient(
+            NAME, self.base_url, api_key, classify=_classify, policy=policy, session=session, key_source=key_source,
+            **extra,
+        )
 
     def __repr__(self) -> str:
         return f"RunPodProvider(base_url={self.base_url!r})"
@@ -118,6 +148,8 @@ class RunPodProvider:
     # ------------------------------------------------------------------------------------------ offers
 
     def search(self, requirements: Requirements) -> list[Offer]:
+        """Catalog rows that parse; a row that does not is dropped and described in `last_search_skipped`."""
+        self.last_search_skipped = []
         offers: list[Offer] = []
         for cloud in CLOUDS:
             params: dict[str, Any] = {
@@ -129,10 +161,9 @@ class RunPodProvider:
             if requirements.min_cuda is not None:
                 params["minCudaVersion"] = _cuda(requirements.min_cuda)
             data = self._api.json("GET", "/v2/catalog/gpus", endpoint="catalog", idempotent=True, params=params)
-            for item in (data or {}).get("gpus") or []:
-                offer = _offer(parse_model(NAME, CatalogGpu, item), cloud, requirements)
-                if offer is not None:
-                    offers.append(offer)
+            gpus, skipped = parse_rows(NAME, CatalogGpu, (data or {}).get("gpus") or [], f"{cloud} catalog")
+            self.last_search_skipped += skipped
+            offers += [offer for gpu in gpus if (offer := _offer(gpu, cloud, requirements)) is not None]
         return offers
 
     # ------------------------------------------------------------------------------------------ lifecycle
@@ -157,14 +188,16 @@ class RunPodProvider:
             "cloud": offer.cloud,
             "disk": launch.disk_gb,
             # the job's folder lives on a volume: a stopped pod erases its container disk but keeps this
-            "mounts": {"persistent": {"size": max(10, launch.disk_gb), "path": VOLUME_PATH}},
+            "mounts": {"persistent": {"size": _volume_gb(launch.disk_gb), "path": VOLUME_PATH}},
             "ports": ["22/tcp"],
             "startSsh": True,
             # both names: the v2 spec says PUBLIC_KEY, use-ssh.mdx says SSH_PUBLIC_KEY
             "env": {**launch.env, "PUBLIC_KEY": launch.ssh_public_key, "SSH_PUBLIC_KEY": launch.ssh_public_key},
         }
         data = self._api.json("POST", "/v2/pods", endpoint="create", idempotent=False, json=body)
-        return _instance(parse_model(NAME, Pod, data))
+        pod = parse_model(NAME, Pod, data)
+        created = pod.model_copy(update={"disk": pod.disk or launch.disk_gb, "mounts": pod.mounts or body["mounts"]})
+        return _instance(created)
 
     def get(self, instance_id: str) -> Instance:
         data = self._api.json("GET", f"/v2/pods/{instance_id}", endpoint="get", idempotent=True)
@@ -247,7 +280,7 @@ def _offer(gpu: CatalogGpu, cloud: str, req: Requirements) -> Offer | None:
     max_count = gpu.maxCount.get(key)
     if not in_cloud or not per_gpu or (max_count is not None and max_count < req.gpu_count):
         return None
-    volume_gb = max(10, req.disk_gb)
+    volume_gb = _volume_gb(req.disk_gb)
     disk_per_hour = (req.disk_gb * CONTAINER_DISK_USD_PER_GB_MONTH + volume_gb * VOLUME_USD_PER_GB_MONTH) / HOURS_PER_MONTH
     return Offer(
         provider=NAME,
@@ -276,14 +309,21 @@ def _locations(data_centers: list[dict[str, Any]]) -> str | None:
     return names[0] if len(names) == 1 else f"{names[0]} +{len(names) - 1}"
 
 
-def _max_cuda(versions: list[str | float]) -> float | None:
-    numbers = []
-    for version in versions:
-        try:
-            numbers.append(float(version))
-        except (TypeError, ValueError):
-            continue
-    return max(numbers) if numbers else None
+def _max_cuda(versions: list[CudaVersion]) -> float | None:
+    """The newest CUDA version with free capacity now; None when none is listed or available (unknown)."""
+    parsed: list[tuple[int, int]] = []
+    for cuda in versions:
+        major, _, minor = cuda.version.strip().partition(".")
+        if cuda.available and major.isdigit() and (minor or "0").isdigit():
+            parsed.append((int(major), int(minor or "0")))
+    if not parsed:
+        return None
+    newest = max(parsed)  # as numbers: 12.10 is newer than 12.9
+    return float(f"{newest[0]}.{newest[1]}")
+
+
+def _volume_gb(disk_gb: int) -> int:
+    return max(MIN_VOLUME_GB, disk_gb)
 
 
 def _instance(pod: Pod) -> Instance:
@@ -304,7 +344,36 @@ def _instance(pod: Pod) -> Instance:
         price_per_hour=pod.cost,
         started_at=pod.startedAt,
         gpu_model=normalise_gpu_name(gpu_id) if gpu_id else None,
+        storage_usd_per_hour=_storage_usd_per_hour(pod),
     )
+
+
+def _storage_usd_per_hour(pod: Pod) -> float | None:
+    """What the pod's storage bills per hour in its state now (runpod/docs pods/pricing.mdx).
+
+    Stopped (EXITED): the volume at $0.20/GB/month; the container disk is erased and not billed. Running or
+    starting: container disk and volume at $0.10/GB/month each. Terminated: nothing. Sizes come from the pod
+    (`disk`, `mounts.persistent.size`), or on create from what we asked for; a network volume bills on its own,
+    not here. None when the answer gives no size to go by.
+    """
+    status = _STATUS.get(pod.status, "provisioning")
+    if status == "gone":
+        return 0.0
+    volume_gb = _persistent_volume_gb(pod.mounts)
+    if status == "stopped":
+        return None if volume_gb is None else volume_gb * STOPPED_VOLUME_USD_PER_GB_MONTH / HOURS_PER_MONTH
+    if volume_gb is None or pod.disk is None:
+        return None
+    return (pod.disk * CONTAINER_DISK_USD_PER_GB_MONTH + volume_gb * VOLUME_USD_PER_GB_MONTH) / HOURS_PER_MONTH
+
+
+def _persistent_volume_gb(mounts: dict[str, Any] | None) -> float | None:
+    """GB of the pod's own volume: 0 when its mounts have none, None when the answer has no mounts at all."""
+    if mounts is None:
+        return None
+    persistent = mounts.get("persistent")
+    size = persistent.get("size") if isinstance(persistent, dict) else 0
+    return float(size) if isinstance(size, (int, float)) else None
 
 
 def _cuda(version: float) -> str:

@@ -1,4 +1,8 @@
-"""Vast.ai, REST /api/v0 (PROVIDERS.md §1). One offer = one host's ask; `id` is what create rents."""
+"""Vast.ai, REST /api/v0 and, for the instance list, /api/v1. One offer = one host's ask; `id` is what create rents.
+
+Sources: vast-ai/docs `api-reference/openapi/yaml/*.yaml` (search_offers, create_instance, show_instance,
+show_instances = the paged v1 list, destroy_instance) and vast-ai/vast-cli `vastai/api/*.py`.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import requests
 from pydantic import BaseModel, ConfigDict
 
 from providers.base import (
+    HOURS_PER_MONTH,
     LABEL_PREFIX,
     AuthError,
     BadRequest,
@@ -23,6 +28,7 @@ from providers.base import (
     NotFound,
     Offer,
     OfferGone,
+    ProviderDown,
     ProviderError,
     ProviderInfo,
     Requirements,
@@ -30,7 +36,7 @@ from providers.base import (
     SshEndpoint,
 )
 from providers.gpu_names import normalise_gpu_name, vast_wire_names
-from providers.http import ApiClient, RetryPolicy, parse_model
+from providers.http import ApiClient, RetryPolicy, parse_model, parse_rows
 
 NAME = "vast"
 DEFAULT_BASE_URL = "https://console.vast.ai/api/v0"
@@ -39,13 +45,18 @@ BASE_URL_ENV = "RENTRAIN_VAST_URL"
 # What the official CLI sends for `--ssh --direct` (note "direc"): vastai/cli/commands/instances.py::get_runtype
 RUNTYPE_SSH_DIRECT = "ssh_direc ssh_proxy"
 SEARCH_LIMIT = 64
+# GET /api/v1/instances/ pages (show_instances.yaml: "max 25 per page"); a list longer than this many pages is
+# refused rather than cut short, since a missing row could be an instance that bills
+LIST_PAGE_SIZE = 25
+MAX_LIST_PAGES = 400
 
 # Documented minimum intervals (spec `x-rate-limit`), used as the first backoff step after a 429
 ENDPOINT_INTERVAL_S = {
     "search": 6.0,  # "10 per minute per IP"
     "create": 4.5,
     "get": 2.0,
-    "list": 2.0,
+    "list": 1.0,  # v1 list: threshold 1.0 (show_instances.yaml)
+    "list_v0": 2.0,
     "destroy": 3.0,
     "attach_ssh": 1.0,
     "manage": 1.0,
@@ -98,6 +109,18 @@ class VastInstance(BaseModel):
     gpu_name: str | None = None
     dph_total: float | None = None
     start_date: float | None = None
+    storage_cost: float | None = None  # $/GB/month
+    storage_total_cost: float | None = None  # $/h for this instance's disk
+    disk_space: float | None = None  # GB allocated to this instance
+
+
+class VastInstancePage(BaseModel):
+    """One answer of GET /api/v1/instances/ (show_instances.yaml); rows are read as VastInstance later."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    instances: list[Any] = []
+    next_token: str | None = None
 
 
 class VastProvider:
@@ -112,18 +135,22 @@ class VastProvider:
         sleep: Callable[[float], None] | None = None,
         clock: Callable[[], float] | None = None,
         policy: RetryPolicy | None = None,
+        key_source: str | None = None,
     ):
         self.base_url = (base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL).rstrip("/")
+        self.last_search_skipped: list[str] = []
         extra: dict[str, Any] = {k: v for k, v in (("sleep", sleep), ("clock", clock)) if v is not None}
-        self._api = ApiClient(
-            NAME,
-            self.base_url,
-            api_key,
-            classify=_classify,
-            policy=policy or RetryPolicy(endpoint_base_delay_s=dict(ENDPOINT_INTERVAL_S)),
-            session=session,
-            **extra,
-        )
+        policy = policy or RetryPolicy(endpoint_base_delay_s=dict(ENDPOINT_INTERVAL_S))
+        session = session or requests.Session()
+
+        def client(base_url: str) -> ApiClient:
+            return ApiClient(
+                NAME, base_url, api_key, classify=_classify, policy=policy, session=session, key_source=key_source,
+                **extra,
+            )
+
+        self._api = client(self.base_url)
+        self._api_v1 = client(v1_base_url(self.base_url))
 
     def __repr__(self) -> str:
         return f"VastProvider(base_url={self.base_url!r})"
@@ -131,6 +158,8 @@ class VastProvider:
     # ------------------------------------------------------------------------------------------ offers
 
     def search(self, requirements: Requirements) -> list[Offer]:
+        """Offers that parse; a row that does not is dropped and described in `last_search_skipped`."""
+        self.last_search_skipped = []
         offers = self._search(requirements, "on-demand")
         if requirements.include_interruptible:
             offers += self._search(requirements, "bid")
@@ -142,7 +171,9 @@ class VastProvider:
         raw = (data or {}).get("offers") or []
         if isinstance(raw, dict):  # the spec's example shows one object; clients read a list
             raw = [raw]
-        return [_offer(parse_model(NAME, VastOffer, item), offer_type == "bid") for item in raw]
+        parsed, skipped = parse_rows(NAME, VastOffer, raw, f"{offer_type} offer")
+        self.last_search_skipped += skipped
+        return [_offer(item, offer_type == "bid") for item in parsed]
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -197,9 +228,45 @@ class VastProvider:
         return _instance(parse_model(NAME, VastInstance, raw))
 
     def list_instances(self, label_prefix: str = LABEL_PREFIX) -> list[Instance]:
-        data = self._api.json("GET", "/instances/", endpoint="list", idempotent=True, params={"owner": "me"})
-        found = [_instance(parse_model(NAME, VastInstance, item)) for item in (data or {}).get("instances") or []]
+        """Every page of `GET /api/v1/instances/`; the v0 list only where v1 itself is missing (404).
+
+        v0's list answers 410 `deprecated_endpoint` on a growing share of accounts, so it is never tried first.
+        A 404 whose body says `auth_error` is a rejected key (AuthError), not a missing route.
+        """
+        try:
+            rows = self._list_v1()
+        except NotFound:
+            rows = self._list_v0()
+        found = [_instance(parse_model(NAME, VastInstance, item)) for item in rows]
         return [i for i in found if (i.label or "").startswith(label_prefix)]
+
+    def _list_v1(self) -> list[Any]:
+        rows: list[Any] = []
+        token: str | None = None
+        seen: set[str] = set()
+        for number in range(1, MAX_LIST_PAGES + 1):
+            params: dict[str, Any] = {"limit": LIST_PAGE_SIZE}
+            if token:
+                params["after_token"] = token
+            try:
+                data = self._api_v1.json("GET", "/instances/", endpoint="list", idempotent=True, params=params)
+            except NotFound as exc:
+                if number == 1:
+                    raise  # no v1 list here at all
+                raise ProviderDown(NAME, f"page {number} of the instance list: {exc.message}", exc.status) from None
+            page = parse_model(NAME, VastInstancePage, data or {})
+            rows += page.instances
+            token = page.next_token or None
+            if token is None:
+                return rows
+            if token in seen:
+                raise ProviderDown(NAME, f"the instance list repeated a page token after {len(rows)} instances")
+            seen.add(token)
+        raise ProviderDown(NAME, f"the instance list did not end after {MAX_LIST_PAGES} pages ({len(rows)} instances)")
+
+    def _list_v0(self) -> list[Any]:
+        data = self._api.json("GET", "/instances/", endpoint="list_v0", idempotent=True, params={"owner": "me"})
+        return list((data or {}).get("instances") or [])
 
     def stop(self, instance_id: str) -> None:
         self._api.json(
@@ -297,7 +364,27 @@ def _instance(raw: VastInstance) -> Instance:
         price_per_hour=raw.dph_total,
         started_at=datetime.fromtimestamp(raw.start_date, tz=timezone.utc) if raw.start_date else None,
         gpu_model=normalise_gpu_name(raw.gpu_name) if raw.gpu_name else None,
+        storage_usd_per_hour=_storage_usd_per_hour(raw),
     )
+
+
+def _storage_usd_per_hour(raw: VastInstance) -> float | None:
+    """What the instance's disk bills per hour; Vast bills it in every state but offline, stopped included.
+
+    Vast's own figure `storage_total_cost` ($/h) where the row has it; else `storage_cost` ($/GB/month) x
+    `disk_space` (GB allocated to the instance) / 730 h; else None. Sources: vast-ai/docs show_instances.yaml
+    (fields), guides/instances/pricing.mdx (storage bills while stopped).
+    """
+    if raw.storage_total_cost is not None:
+        return raw.storage_total_cost
+    if raw.storage_cost is not None and raw.disk_space is not None:
+        return raw.storage_cost * raw.disk_space / HOURS_PER_MONTH
+    return None
+
+
+def v1_base_url(base_url: str) -> str:
+    """`.../api/v0` -> `.../api/v1`: the instance list moved there (show_instances.yaml)."""
+    return base_url.rstrip("/").removesuffix("/v0") + "/v1"
 
 
 def _ssh_endpoint(raw: VastInstance) -> SshEndpoint | None:
@@ -315,7 +402,8 @@ def _ssh_endpoint(raw: VastInstance) -> SshEndpoint | None:
 
 def _classify(status: int, message: str, endpoint: str) -> ProviderError:
     lowered = message.lower()
-    if status in (401, 403):
+    # a wrong or revoked key may answer 404 with an auth_error body instead of 401, on any endpoint
+    if status in (401, 403) or "auth_error" in lowered:
         return AuthError(NAME, message, status)
     if status == 402 or "insufficient" in lowered:  # Vast documents no error shape for an empty balance
         return InsufficientFunds(NAME, message, status)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from providers import registry
-from providers.base import Offer, Provider, ProviderError, Requirements, Unsupported
+from providers.base import Offer, Provider, ProviderError, ReportsSkippedRows, Requirements, Unsupported
 from providers.gpu_names import normalise_gpu_name
 from rentrain.costs import JobEstimate, JobProfile, estimate_job
 from rentrain.credentials import CredentialsError, open_provider
@@ -31,15 +31,29 @@ class ProviderNote(BaseModel):
     summary: str = Field(description="A few words for a table cell; `message` has the whole reason.")
 
 
+class SkippedRows(BaseModel):
+    """Rows of a provider's answer that could not be read and were dropped; its other rows still count."""
+
+    provider: str
+    reasons: list[str] = Field(description="One line per dropped row: which row, which field, why.")
+
+
 class RankedOffer(BaseModel):
     offer: Offer
     estimate: JobEstimate | None = None
+
+
+class ProviderAnswers(BaseModel):
+    offers: list[Offer]
+    notes: list[ProviderNote]
+    skipped: list[SkippedRows]
 
 
 class OfferSearch(BaseModel):
     ranked: list[RankedOffer]
     notes: list[ProviderNote]
     considered: int  # offers returned before filtering
+    skipped: list[SkippedRows] = Field(default_factory=list)
 
 
 def requirements_from(job: Any | None = None, **overrides: Any) -> Requirements:
@@ -65,17 +79,20 @@ def query_providers(
     names: Iterable[str],
     requirements: Requirements,
     opener: Callable[[str], Provider] = open_provider,
-) -> tuple[list[Offer], list[ProviderNote]]:
-    """Ask every provider at once. A provider that fails becomes a note; the others still answer."""
+) -> ProviderAnswers:
+    """Ask every provider at once. A provider that fails becomes a note; the others still answer. Rows a
+    provider dropped as unreadable are collected per provider."""
     names = list(names)
 
-    def ask(name: str) -> list[Offer] | ProviderNote:
+    def ask(name: str) -> tuple[list[Offer], SkippedRows | None] | ProviderNote:
         provider: Provider | None = None
         try:
             provider = opener(name)
             if not provider.info.can_search:
                 raise Unsupported(name, provider.info.unavailable_reason or "cannot list offers")
-            return provider.search(requirements)
+            found = provider.search(requirements)
+            skipped = provider.last_search_skipped if isinstance(provider, ReportsSkippedRows) else []
+            return found, SkippedRows(provider=name, reasons=list(skipped)) if skipped else None
         except Unsupported as exc:
             summary = (provider.info.unavailable_summary if provider else None) or "not supported"
             return ProviderNote(provider=name, kind="unsupported", message=exc.message, summary=summary)
@@ -85,15 +102,17 @@ def query_providers(
         except CredentialsError as exc:
             return ProviderNote(provider=name, kind="error", message=str(exc), summary="no API key")
 
-    offers: list[Offer] = []
-    notes: list[ProviderNote] = []
+    answers = ProviderAnswers(offers=[], notes=[], skipped=[])
     with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
         for result in pool.map(ask, names):
             if isinstance(result, ProviderNote):
-                notes.append(result)
-            else:
-                offers.extend(result)
-    return offers, notes
+                answers.notes.append(result)
+                continue
+            found, skipped = result
+            answers.offers.extend(found)
+            if skipped is not None:
+                answers.skipped.append(skipped)
+    return answers
 
 
 def meets(offer: Offer, req: Requirements) -> bool:
@@ -140,9 +159,11 @@ def find_offers(
     opener: Callable[[str], Provider] = open_provider,
 ) -> OfferSearch:
     requirements = requirements.model_copy(update={"gpu_models": [normalise_gpu_name(g) for g in requirements.gpu_models]})
-    offers, notes = query_providers(names, requirements, opener)
-    suitable = [o for o in offers if meets(o, requirements)]
-    return OfferSearch(ranked=rank(suitable, profile), notes=notes, considered=len(offers))
+    answers = query_providers(names, requirements, opener)
+    suitable = [o for o in answers.offers if meets(o, requirements)]
+    return OfferSearch(
+        ranked=rank(suitable, profile), notes=answers.notes, considered=len(answers.offers), skipped=answers.skipped
+    )
 
 
 def provider_names(choice: Iterable[str] | None) -> list[str]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from providers.base import AuthError
 from providers.runpod import RunPodProvider
 from providers.vast import VastProvider
 from rentrain.credentials import CredentialsError, credentials_path, load_api_key, open_provider, save_api_key
@@ -98,3 +99,58 @@ def test_open_provider_uses_key_and_base_url_override(monkeypatch):
 
 def test_open_provider_gpuflow_needs_no_key():
     assert open_provider("gpuflow").info.can_provision is False
+
+
+@pytest.mark.parametrize(
+    ("char", "described"),
+    [("\u200b", "U+200B (ZERO WIDTH SPACE)"), (" ", "U+0020 (SPACE)"), ("\u00a0", "U+00A0 (NO-BREAK SPACE)"),
+     ("\x07", "U+0007 (a control character)"), ("é", "U+00E9 (LATIN SMALL LETTER E WITH ACUTE)")],
+)
+def test_a_key_with_an_invisible_or_non_ascii_character_is_refused_naming_the_variable(monkeypatch, char, described):
+    monkeypatch.setenv("VAST_API_KEY", KEY[:9] + char + KEY[9:])
+    with pytest.raises(CredentialsError) as caught:
+        open_provider("vast")  # refused before any request: no HTTP mock is needed
+    message = str(caught.value)
+    assert "the environment variable VAST_API_KEY" in message
+    assert f"{described} at character 10 of {len(KEY) + 1}" in message
+    assert KEY[:9] not in message and KEY[9:] not in message
+
+
+def test_a_key_with_an_invisible_character_is_refused_naming_the_file():
+    path = write(credentials_path(), '[runpod]\napi_key = "rp-key\u200b-1"\n')
+    with pytest.raises(CredentialsError, match="U\\+200B") as caught:
+        load_api_key("runpod")
+    assert f"{path} ([runpod] api_key)" in str(caught.value)
+    cli_file = write(Path.home() / ".config" / "vastai" / "vast_api_key", "vk-1\u00a0\n")
+    with pytest.raises(CredentialsError, match="U\\+00A0") as caught:
+        load_api_key("vast")
+    assert str(cli_file) in str(caught.value)
+
+
+def test_surrounding_ascii_whitespace_is_not_part_of_the_key(monkeypatch):
+    monkeypatch.setenv("RUNPOD_API_KEY", "  rp-key-1\n")
+    assert load_api_key("runpod") == "rp-key-1"
+
+
+@pytest.mark.parametrize(
+    ("setup", "source"),
+    [
+        (lambda mp: mp.setenv("VAST_API_KEY", KEY), "the environment variable VAST_API_KEY"),
+        (lambda mp: write(credentials_path(), f'[vast]\napi_key = "{KEY}"\n'),
+         "{config}/rentrain/credentials.toml ([vast] api_key)"),
+        (lambda mp: write(Path.home() / ".config" / "vastai" / "vast_api_key", KEY), "{config}/vastai/vast_api_key"),
+    ],
+)
+def test_a_rejected_key_names_the_place_it_came_from(monkeypatch, setup, source):
+    import responses
+
+    setup(monkeypatch)
+    monkeypatch.setenv("RENTRAIN_VAST_URL", "https://vast.test/api/v0")
+    expected = source.format(config=os.environ["XDG_CONFIG_HOME"])
+    with responses.RequestsMock() as mocked:
+        mocked.add(responses.GET, "https://vast.test/api/v1/instances/", status=401,
+                   json={"success": False, "error": "auth_error", "msg": "Invalid user key"})
+        with pytest.raises(AuthError) as caught:
+            open_provider("vast").list_instances()
+    assert str(caught.value) == f"vast rejected the API key from {expected} (HTTP 401): auth_error: Invalid user key"
+    assert KEY not in str(caught.value)

@@ -6,8 +6,8 @@ import pytest
 import requests
 import responses
 
-from providers.base import BadRequest, ProviderDown, RateLimited
-from providers.http import ApiClient, RetryPolicy, extract_message, parse_retry_after
+from providers.base import AuthError, BadRequest, ProviderDown, ProviderError, RateLimited
+from providers.http import MAX_BODY_CHARS, MAX_MESSAGE_CHARS, ApiClient, RetryPolicy, extract_message, parse_retry_after
 
 from .conftest import FakeClock
 
@@ -143,3 +143,48 @@ def test_extract_message_shapes(mocked):
         assert extract_message(response) == expected
     mocked.add(responses.GET, f"{URL}/t", body="API requests too frequent", status=429)
     assert extract_message(requests.get(f"{URL}/t")) == "API requests too frequent"
+
+
+def test_a_key_cut_by_the_length_limit_is_still_redacted(mocked, clock):
+    """The key straddles the 500-character cut: redacting after the cut would leave its first characters."""
+    api = client(clock, max_attempts=1)
+    message = "x" * (MAX_MESSAGE_CHARS - 10) + KEY + " and more"
+    mocked.add(responses.GET, f"{URL}/x", status=400, json={"msg": message})
+    with pytest.raises(BadRequest) as caught:
+        api.json("GET", "/x", endpoint="e", idempotent=True)
+    assert KEY[:10] not in caught.value.message
+    assert "x*** and" in caught.value.message
+    assert len(caught.value.message) <= MAX_MESSAGE_CHARS
+
+
+def test_a_non_json_body_is_redacted_before_it_is_cut(mocked, clock):
+    api = client(clock)
+    mocked.add(responses.GET, f"{URL}/x", body="y" * (MAX_BODY_CHARS - 6) + KEY)
+    with pytest.raises(ProviderDown) as caught:
+        api.json("GET", "/x", endpoint="e", idempotent=True)
+    assert KEY[:6] not in str(caught.value) and "y***" in str(caught.value)
+
+
+def test_a_connection_error_is_redacted_before_it_is_cut(mocked, clock):
+    api = client(clock, max_attempts=1)
+    mocked.add(responses.GET, f"{URL}/x", body=requests.ConnectionError("z" * 190 + KEY))
+    with pytest.raises(ProviderDown) as caught:
+        api.json("GET", "/x", endpoint="e", idempotent=True)
+    assert KEY[:6] not in str(caught.value)
+
+
+def test_an_auth_error_names_the_key_source_and_other_errors_do_not_change(mocked, clock):
+    def classify(status: int, message: str, endpoint: str) -> ProviderError:
+        return AuthError("p", message, status) if status == 401 else BadRequest("p", message, status)
+
+    api = ApiClient("p", URL, KEY, classify=classify, sleep=clock.sleep, clock=clock,
+                    key_source="the environment variable P_KEY")
+    mocked.add(responses.GET, f"{URL}/a", status=401, json={"detail": "invalid key"})
+    mocked.add(responses.GET, f"{URL}/b", status=400, json={"detail": "bad field"})
+    with pytest.raises(AuthError) as caught:
+        api.json("GET", "/a", endpoint="e", idempotent=True)
+    assert str(caught.value) == "p rejected the API key from the environment variable P_KEY (HTTP 401): invalid key"
+    assert caught.value.key_source == "the environment variable P_KEY"
+    with pytest.raises(BadRequest) as other:
+        api.json("GET", "/b", endpoint="e", idempotent=True)
+    assert str(other.value) == "p (HTTP 400): bad field"

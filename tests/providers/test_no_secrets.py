@@ -13,6 +13,7 @@ from providers.base import LaunchSpec, Offer, ProviderError, Requirements
 
 from .conftest import RUNPOD_KEY, RUNPOD_URL, SSH_KEY, VAST_KEY, VAST_URL
 
+VAST_HOST = VAST_URL.removesuffix("/api/v0")
 LAUNCH = LaunchSpec(job_id="job42", image="img", disk_gb=40, ssh_public_key=SSH_KEY)
 VAST_OFFER = Offer(provider="vast", offer_id="4001", gpu_model="RTX 4090", gpu_name_raw="RTX 4090", gpu_count=1,
                    vram_gb=24, price_per_hour=0.4)
@@ -42,7 +43,7 @@ def test_vast_errors_never_contain_the_key(vast, status, operation, caplog):
     caplog.set_level(logging.DEBUG)
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mocked:
         for method in (responses.GET, responses.POST, responses.PUT, responses.DELETE):
-            mocked.add(method, _any(VAST_URL), status=status, json=echo(VAST_KEY))
+            mocked.add(method, _any(VAST_HOST), status=status, json=echo(VAST_KEY))  # /api/v0 and /api/v1
         _assert_clean(_calls(vast, VAST_OFFER)[operation], VAST_KEY, caplog)
 
 

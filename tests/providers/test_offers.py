@@ -109,10 +109,13 @@ def test_one_failing_provider_is_a_note_not_a_crash():
         "vast": FakeProvider("vast", [offer()]),
         "runpod": FakeProvider("runpod", error=ProviderDown("runpod", "503 maintenance", 503)),
     }
-    offers, notes = query_providers(["vast", "runpod", "gpuflow"], Requirements(), opener=lambda n: providers.get(n) or _real(n))
-    assert [o.offer_id for o in offers] == ["1"]
-    assert [(n.provider, n.kind) for n in notes] == [("runpod", "error"), ("gpuflow", "unsupported")]
-    assert "503 maintenance" in notes[0].message
+    answers = query_providers(
+        ["vast", "runpod", "gpuflow"], Requirements(), opener=lambda n: providers.get(n) or _real(n)
+    )
+    assert [o.offer_id for o in answers.offers] == ["1"]
+    assert [(n.provider, n.kind) for n in answers.notes] == [("runpod", "error"), ("gpuflow", "unsupported")]
+    assert "503 maintenance" in answers.notes[0].message
+    assert answers.skipped == []
 
 
 def _real(name):
@@ -138,8 +141,8 @@ def test_providers_are_asked_concurrently():
             barrier.wait()  # only returns if both searches run at the same time
             return [offer(provider=self.info.name)]
 
-    offers, notes = query_providers(["vast", "runpod"], Requirements(), opener=lambda n: Waiting(n))
-    assert sorted(o.provider for o in offers) == ["runpod", "vast"] and notes == []
+    answers = query_providers(["vast", "runpod"], Requirements(), opener=lambda n: Waiting(n))
+    assert sorted(o.provider for o in answers.offers) == ["runpod", "vast"] and answers.notes == []
 
 
 # ------------------------------------------------------------------------------------------ the commands
@@ -225,7 +228,10 @@ def test_a_failing_provider_is_a_warning_row(mocked, markets, caplog):
     result = CliRunner().invoke(main, ["offers", "--provider", "vast", "--provider", "runpod"])
     assert result.exit_code == 0, result.output
     assert "failed: AuthError*" in result.output
-    assert "* runpod (failed): AuthError: Unauthorized: invalid api key" in " ".join(result.output.split())
+    assert (
+        "* runpod (failed): AuthError: runpod rejected the API key from the environment variable RUNPOD_API_KEY "
+        "(HTTP 401): Unauthorized: invalid api key"
+    ) in " ".join(result.output.split())
     assert "$0.168" in result.output
     for secret in (VAST_KEY, RUNPOD_KEY):
         assert secret not in result.output and secret not in caplog.text
@@ -279,3 +285,44 @@ def test_without_the_flag_the_config_decides(mocked, markets):
     result = CliRunner().invoke(main, ["offers", "--json"])
     assert all(not o["interruptible"] for o in json.loads(result.output)["offers"])
     assert [json.loads(c.request.body)["type"] for c in mocked.calls if "bundles" in c.request.url] == ["on-demand"]
+
+
+def _markets_with_a_bad_runpod_row(mocked):
+    mocked.add(responses.POST, f"{VAST_URL}/bundles/", json=load("vast_bundles.json"))
+    community = load("runpod_catalog_community.json")
+    community["gpus"][0]["memory"] = "24 GB"
+    mocked.add(responses.GET, f"{RUNPOD_URL}/v2/catalog/gpus", json=community,
+               match=[matchers.query_param_matcher({"cloud": "COMMUNITY"}, strict_match=False)])
+    mocked.add(responses.GET, f"{RUNPOD_URL}/v2/catalog/gpus", json=load("runpod_catalog_secure.json"),
+               match=[matchers.query_param_matcher({"cloud": "SECURE"}, strict_match=False)])
+
+
+SKIPPED_REASON = "COMMUNITY catalog row 1 (id NVIDIA GeForce RTX 4090): memory: Input should be a valid number"
+
+
+def test_a_skipped_row_is_counted_in_one_line_and_the_provider_still_answers(mocked, markets):
+    _markets_with_a_bad_runpod_row(mocked)
+    result = CliRunner().invoke(main, ["offers", "--provider", "vast", "--provider", "runpod"])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "runpod: 1 unreadable row of its answer skipped (--verbose shows which and why)" in output
+    assert SKIPPED_REASON not in output
+    assert "runpod secure" in output  # the catalog's other rows are offered
+
+
+def test_verbose_shows_each_skipped_row_and_why(mocked, markets):
+    _markets_with_a_bad_runpod_row(mocked)
+    result = CliRunner().invoke(main, ["offers", "--provider", "vast", "--provider", "runpod", "--verbose"])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "runpod: 1 unreadable row of its answer skipped:" in output
+    assert f"runpod: skipped {SKIPPED_REASON}" in output
+
+
+def test_json_lists_skipped_rows_per_provider(mocked, markets):
+    _markets_with_a_bad_runpod_row(mocked)
+    result = CliRunner().invoke(main, ["offers", "--provider", "vast", "--provider", "runpod", "--json"])
+    data = json.loads(result.output)
+    assert list(data["skipped_rows"]) == ["runpod"]
+    assert data["skipped_rows"]["runpod"][0].startswith(SKIPPED_REASON)
+    assert any(o["offer_id"] == "SECURE/NVIDIA RTX A5000" for o in data["offers"])

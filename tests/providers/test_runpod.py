@@ -68,6 +68,49 @@ def test_catalog_gives_one_offer_per_gpu_type_per_cloud(mocked, runpod):
     assert community_4090.location == "US-KS-2 +1"
 
 
+def test_catalog_rows_with_cuda_version_objects_are_read(mocked, runpod):
+    """Schema GpuType: cudaVersions is a list of {"version", "available"}; only available versions count."""
+    offers = {(o.cloud, o.gpu_model): o for o in _offers(mocked, runpod)}
+    assert offers[("COMMUNITY", "RTX 4090")].max_cuda == 12.8  # 13.0 is listed but full
+    assert offers[("COMMUNITY", "RTX 3090")].max_cuda is None  # every version full: unknown, not the highest listed
+    assert offers[("SECURE", "RTX A5000")].max_cuda == 12.2
+    assert runpod.last_search_skipped == []
+
+
+def test_bare_version_strings_are_still_read(mocked, runpod):
+    raw = load("runpod_catalog_community.json")
+    raw["gpus"][0]["cudaVersions"] = ["11.8", "12.4"]
+    raw["gpus"][2].pop("cudaVersions")  # "treat a missing cudaVersions the same as an empty one"
+    mocked.add(responses.GET, CATALOG, json=raw)
+    mocked.add(responses.GET, CATALOG, json={"gpus": []})
+    offers = {o.gpu_model: o for o in runpod.search(Requirements())}
+    assert offers["RTX 4090"].max_cuda == 12.4
+    assert offers["RTX A4000"].max_cuda is None
+
+
+def test_cuda_versions_compare_as_numbers():
+    from providers.runpod import CatalogGpu, _max_cuda
+
+    gpu = CatalogGpu.model_validate({"id": "g", "memory": 24, "cudaVersions": [
+        {"version": "12.9", "available": True}, {"version": "12.10", "available": True}]})
+    assert _max_cuda(gpu.cudaVersions) == 12.1  # 12.10, newer than 12.9
+
+
+def test_one_unreadable_catalog_row_is_dropped_and_counted_the_others_kept(mocked, runpod, caplog):
+    raw = load("runpod_catalog_community.json")
+    raw["gpus"][1]["cudaVersions"] = [{"version": "12.4"}]  # no "available"
+    mocked.add(responses.GET, CATALOG, json=raw)
+    mocked.add(responses.GET, CATALOG, json=load("runpod_catalog_secure.json"))
+    offers = runpod.search(Requirements(disk_gb=40))
+    assert sorted((o.cloud, o.gpu_model) for o in offers) == [
+        ("COMMUNITY", "RTX 4090"), ("COMMUNITY", "RTX A4000"), ("SECURE", "RTX 4090"), ("SECURE", "RTX A5000"),
+    ]
+    assert runpod.last_search_skipped == [
+        "COMMUNITY catalog row 2 (id NVIDIA GeForce RTX 3090): cudaVersions.0.available: Field required"
+    ]
+    assert "runpod: skipped COMMUNITY catalog row 2" in caplog.text
+
+
 def test_reliability_is_unknown_never_invented(mocked, runpod):
     offers = _offers(mocked, runpod)
     assert all(o.reliability is None and o.download_mbps is None and o.verified is None for o in offers)
@@ -208,6 +251,13 @@ def test_a_long_retry_after_is_raised_not_slept(mocked, runpod, clock: FakeClock
     assert clock.sleeps == []
 
 
+def test_an_idempotent_500_is_retried(mocked, runpod, clock: FakeClock):
+    mocked.add(responses.GET, f"{PODS}/x", status=500, json={"title": "Internal Server Error", "status": 500})
+    mocked.add(responses.GET, f"{PODS}/x", json=load("runpod_pod_running.json"))
+    assert runpod.get("x").status == "running"
+    assert len(clock.sleeps) == 1
+
+
 def test_server_errors_retry_reads_then_give_up(mocked, runpod, clock: FakeClock):
     for _ in range(5):
         mocked.add(responses.GET, f"{PODS}/x", status=503, json={"title": "Service Unavailable", "status": 503, "detail": "maintenance"})
@@ -244,6 +294,47 @@ def test_get_unknown_pod_is_not_found(mocked, runpod):
     mocked.add(responses.GET, f"{PODS}/nope", status=404, json={"title": "Not Found", "status": 404, "detail": "pod not found"})
     with pytest.raises(NotFound, match="pod not found"):
         runpod.get("nope")
+
+
+def test_a_rejected_key_names_where_it_came_from(mocked, clock: FakeClock):
+    source = "/home/me/.runpod/config.toml (apikey)"
+    runpod = RunPodProvider(RUNPOD_KEY, RUNPOD_URL, sleep=clock.sleep, clock=clock, key_source=source)
+    mocked.add(responses.GET, PODS, status=401,
+               json={"title": "Unauthorized", "status": 401, "detail": "invalid api key"})
+    with pytest.raises(AuthError) as caught:
+        runpod.list_instances()
+    expected = f"runpod rejected the API key from {source} (HTTP 401): Unauthorized: invalid api key"
+    assert caught.value.message == expected
+
+
+@pytest.mark.parametrize(
+    ("status", "mounts", "disk", "expected"),
+    [
+        ("EXITED", {"persistent": {"size": 20, "path": "/workspace"}}, 40, 20 * 0.20 / 730),  # volume only, doubled
+        ("RUNNING", {"persistent": {"size": 20, "path": "/workspace"}}, 40, (40 + 20) * 0.10 / 730),
+        ("EXITED", {}, 40, 0.0),  # no volume: a stopped pod's container disk is erased, not billed
+        ("TERMINATED", {"persistent": {"size": 20, "path": "/workspace"}}, 40, 0.0),
+        ("EXITED", None, None, None),  # the answer gives no size
+    ],
+)
+def test_storage_cost_per_hour_follows_the_pod_state(mocked, runpod, status, mounts, disk, expected):
+    raw = {**load("runpod_pod_running.json"), "status": status}
+    if mounts is not None:
+        raw["mounts"] = mounts
+    if disk is not None:
+        raw["disk"] = disk
+    mocked.add(responses.GET, f"{PODS}/7h9k2m4n6p", json=raw)
+    storage = runpod.get("7h9k2m4n6p").storage_usd_per_hour
+    assert storage == (None if expected is None else pytest.approx(expected))
+
+
+def test_create_prices_storage_from_the_sizes_we_asked_for_when_the_answer_has_none(mocked, runpod):
+    mocked.add(responses.GET, KEYS, json={"keys": [SSH_KEY]})
+    created = load("runpod_pod_created.json")
+    created.pop("mounts")
+    mocked.add(responses.POST, PODS, status=201, json=created)
+    instance = runpod.create(_any_offer(), LAUNCH)
+    assert instance.storage_usd_per_hour == pytest.approx((40 + 40) * 0.10 / 730)  # 40 GB disk, 40 GB volume
 
 
 def test_list_keeps_only_our_pods(mocked, runpod):

@@ -24,6 +24,9 @@ from providers.vast import RUNTYPE_SSH_DIRECT, VastProvider
 
 from .conftest import SSH_KEY, VAST_KEY, VAST_URL, FakeClock, body, load
 
+VAST_V1 = VAST_URL.removesuffix("/api/v0") + "/api/v1"
+V1_INSTANCES = f"{VAST_V1}/instances/"
+
 LAUNCH = LaunchSpec(
     job_id="job42",
     image="pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime",
@@ -213,11 +216,100 @@ def test_get_missing_instance_is_not_found(mocked, vast):
         vast.get("99")
 
 
+def _v1_page(rows: list[dict], next_token: str | None, total: int) -> dict:
+    """A GET /api/v1/instances/ answer (vast-ai/docs show_instances.yaml)."""
+    return {"success": True, "instances_found": len(rows), "total_instances": total, "label_counts": {},
+            "next_token": next_token, "instances": rows}
+
+
+def _instance_row(number: int, label: str) -> dict:
+    row = dict(load("vast_instances.json")["instances"][0])
+    return {**row, "id": 8000000 + number, "label": label}
+
+
 def test_list_keeps_only_our_labels(mocked, vast):
-    mocked.add(responses.GET, f"{VAST_URL}/instances/", json=load("vast_instances.json"))
+    rows = load("vast_instances.json")["instances"]
+    mocked.add(responses.GET, V1_INSTANCES, json=_v1_page(rows, None, 3),
+               match=[matchers.query_param_matcher({"limit": "25"})])
     found = vast.list_instances()
     assert [(i.id, i.status) for i in found] == [("7770001", "running"), ("7770002", "provisioning")]
     assert found[1].status_message == "pulling image"
+
+
+def test_list_follows_next_token_across_v1_pages(mocked, vast):
+    """30 instances: 25 on the first page, 5 on the second, fetched with the first page's token."""
+    rows = [_instance_row(n, f"rentrain-job{n}") for n in range(30)]
+    mocked.add(responses.GET, V1_INSTANCES, json=_v1_page(rows[:25], "eyJpZCI6IDI1fQ==", 30),
+               match=[matchers.query_param_matcher({"limit": "25"})])
+    mocked.add(responses.GET, V1_INSTANCES, json=_v1_page(rows[25:], None, 30),
+               match=[matchers.query_param_matcher({"limit": "25", "after_token": "eyJpZCI6IDI1fQ=="})])
+    found = vast.list_instances()
+    assert [i.id for i in found] == [str(8000000 + n) for n in range(30)]
+    assert len(mocked.calls) == 2  # v1 only: the v0 list (410 on migrated accounts) is never asked
+
+
+def test_an_empty_next_token_ends_the_list(mocked, vast):
+    mocked.add(responses.GET, V1_INSTANCES, json=_v1_page([_instance_row(1, "rentrain-a")], "", 1))
+    assert [i.label for i in vast.list_instances()] == ["rentrain-a"]
+
+
+def test_a_page_token_that_repeats_is_an_error_not_an_endless_loop(mocked, vast):
+    mocked.add(responses.GET, V1_INSTANCES, json=_v1_page([_instance_row(1, "rentrain-a")], "same", 2))
+    with pytest.raises(ProviderDown, match="repeated a page token"):
+        vast.list_instances()
+    assert len(mocked.calls) == 2
+
+
+def test_the_v0_list_is_used_only_where_v1_is_missing(mocked, vast):
+    mocked.add(responses.GET, V1_INSTANCES, status=404,
+               json={"success": False, "error": "not_found", "msg": "no route"})
+    mocked.add(responses.GET, f"{VAST_URL}/instances/", json=load("vast_instances.json"),
+               match=[matchers.query_param_matcher({"owner": "me"})])
+    assert [i.id for i in vast.list_instances()] == ["7770001", "7770002"]
+
+
+def test_a_404_auth_error_is_a_rejected_key_naming_its_source(mocked, markets):
+    """Vast may answer a wrong or revoked key with 404 + auth_error: not a missing route, not "provider down"."""
+    from rentrain.credentials import open_provider
+
+    mocked.add(responses.GET, V1_INSTANCES, status=404,
+               json={"success": False, "error": "auth_error", "msg": "Invalid user key"})
+    with pytest.raises(AuthError) as caught:
+        open_provider("vast").list_instances()
+    assert str(caught.value) == (
+        "vast rejected the API key from the environment variable VAST_API_KEY (HTTP 404): auth_error: Invalid user key"
+    )
+    assert caught.value.message == str(caught.value) and caught.value.status == 404
+    assert VAST_KEY not in str(caught.value)
+    assert len(mocked.calls) == 1  # a rejected key does not send us to the v0 list
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "call"),
+    [
+        (responses.GET, "/instances/7/", lambda vast: vast.get("7")),
+        (responses.DELETE, "/instances/7/", lambda vast: vast.destroy("7")),
+        (responses.POST, "/bundles/", lambda vast: vast.search(Requirements())),
+    ],
+)
+def test_a_404_auth_error_is_an_auth_error_on_every_endpoint(mocked, vast, method, path, call):
+    mocked.add(method, f"{VAST_URL}{path}", status=404,
+               json={"success": False, "error": "auth_error", "msg": "Invalid user key"})
+    with pytest.raises(AuthError, match="auth_error: Invalid user key"):
+        call(vast)
+
+
+def test_storage_cost_per_hour_of_an_instance(mocked, vast):
+    """Vast's own $/h figure where given, else $/GB/month x allocated GB / 730 h."""
+    stated = {**_instance_row(1, "rentrain-a"), "storage_cost": 0.15, "disk_space": 10.08, "storage_total_cost": 0.0021}
+    computed = {**_instance_row(2, "rentrain-b"), "actual_status": "stopped", "storage_cost": 0.2, "disk_space": 73.0}
+    unknown = _instance_row(3, "rentrain-c")
+    mocked.add(responses.GET, V1_INSTANCES, json=_v1_page([stated, computed, unknown], None, 3))
+    found = {i.label: i for i in vast.list_instances()}
+    assert found["rentrain-a"].storage_usd_per_hour == 0.0021
+    assert found["rentrain-b"].status == "stopped"
+    assert found["rentrain-b"].storage_usd_per_hour == pytest.approx(0.2 * 73 / 730)
+    assert found["rentrain-c"].storage_usd_per_hour is None
 
 
 def test_stop_and_destroy(mocked, vast):
@@ -275,8 +367,8 @@ def test_429_backoff_is_bounded(mocked, vast, clock: FakeClock):
 
 
 def test_gateway_errors_are_retried_for_reads_but_create_is_not(mocked, vast):
-    mocked.add(responses.GET, f"{VAST_URL}/instances/", status=502, body="Bad Gateway")
-    mocked.add(responses.GET, f"{VAST_URL}/instances/", json=load("vast_instances.json"))
+    mocked.add(responses.GET, V1_INSTANCES, status=502, body="Bad Gateway")
+    mocked.add(responses.GET, V1_INSTANCES, json=_v1_page(load("vast_instances.json")["instances"], None, 3))
     assert len(vast.list_instances()) == 2
     offers_mock = load("vast_bundles.json")["offers"][0]
     from providers.vast import VastOffer, _offer
@@ -309,7 +401,21 @@ def test_self_destroy_recipe_runs_as_shell_without_secrets(tmp_path):
     assert "PUT" in stop and '{"state": "stopped"}' in stop
 
 
-def test_an_unexpected_offer_shape_is_a_provider_error(mocked, vast):
+def test_one_unreadable_offer_row_is_dropped_and_counted_the_others_kept(mocked, vast, caplog):
+    raw = load("vast_bundles.json")
+    good = len(raw["offers"])
+    raw["offers"].insert(1, {"id": 4999, "gpu_name": "RTX 4090", "num_gpus": 1, "gpu_ram": "lots", "dph_total": 0.3})
+    mocked.add(responses.POST, f"{VAST_URL}/bundles/", json=raw)
+    offers = vast.search(Requirements())
+    assert len(offers) == good and "4999" not in [o.offer_id for o in offers]
+    assert vast.last_search_skipped == [
+        "on-demand offer row 2 (id 4999): gpu_ram: Input should be a valid number, unable to parse string as a number"
+    ]
+    assert "vast: skipped on-demand offer row 2 (id 4999): gpu_ram" in caplog.text
+
+
+def test_skipped_rows_are_those_of_the_last_search(mocked, vast):
     mocked.add(responses.POST, f"{VAST_URL}/bundles/", json={"offers": [{"id": 1, "gpu_name": "RTX 4090"}]})
-    with pytest.raises(ProviderDown, match="unexpected VastOffer in the answer: num_gpus"):
-        vast.search(Requirements())
+    mocked.add(responses.POST, f"{VAST_URL}/bundles/", json=load("vast_bundles.json"))
+    assert vast.search(Requirements()) == [] and len(vast.last_search_skipped) == 1
+    assert vast.search(Requirements()) and vast.last_search_skipped == []
