@@ -33,7 +33,7 @@ REFUSAL = (
     "a machine, and no SSH or shell access: a GPUFlow rental is an API key for a chat model that the host "
     f"already runs (OpenAI-compatible, inference only), and renting happens only in the web UI at {MARKETPLACE_URL}.\n"
     "If you rented a machine by hand elsewhere and can reach it over SSH, run it there with:\n"
-    "  rentrain run --provider ssh --host user@host[:port] --config CONFIG"
+    "  rentrain run CONFIG --provider ssh --host user@host[:port]"
 )
 
 

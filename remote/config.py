@@ -18,13 +18,28 @@ import difflib
 import math
 import re
 import tomllib
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from remote.fetch_model import url_file_name
+from remote.names import file_stem_problem
+from remote.trainer.optimizer_args import optimizer_arg_problem
 
 JOB_SECTION = "rentrain"
 TOP_LEVEL = "top level"
+FILE_KEY = "(file)"  # an issue with the file itself: missing, unreadable, not TOML
 
 # kohya's spelling -> ours. Both are accepted; two spellings of one key in one file are an error.
 KEY_ALIASES: dict[str, str] = {
@@ -73,6 +88,14 @@ OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Lion8bit", "Prodigy", "Adafactor")
 KNOWN_PROVIDERS = ("local", "vast", "runpod", "gpuflow", "ssh")
 BUILTIN_MODELS = ("builtin:tiny-sd15", "builtin:tiny-sdxl")
 MAX_TOKEN_LENGTHS = (75, 150, 225)
+MAX_CONFIG_BYTES = 1 << 20
+MAX_PROMPT_FILE_BYTES = 1 << 20
+MAX_RESOLUTION = 4096
+MAX_EPOCHS = 10_000
+MAX_STEPS = 1_000_000
+MAX_LEARNING_RATE = 10.0
+SEED_LIMIT = 2**32  # numpy's, which kohya seeds; torch takes these too
+CAPTION_EXTENSION = re.compile(r"^\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,31}\Z")
 
 
 class ConfigIssue(BaseModel):
@@ -82,6 +105,8 @@ class ConfigIssue(BaseModel):
     unknown_key: bool = False
 
     def __str__(self) -> str:
+        if self.key == FILE_KEY:
+            return self.message
         where = f"[{self.section}]" if self.section != TOP_LEVEL else "the top level"
         if self.unknown_key:
             return f"{self.key}: unknown key in {where}{self.message}"
@@ -98,8 +123,12 @@ class ConfigError(Exception):
         super().__init__(f"{self.path}: {len(issues)} problem(s) in the config:\n{lines}")
 
 
-def _section(name: str, description: str, default: Any = ..., **kwargs: Any) -> Any:
-    return Field(default, description=description, json_schema_extra={"section": name}, **kwargs)
+def _section(name: str, description: str, default: Any = ..., allowed: str | None = None, **kwargs: Any) -> Any:
+    """A training key. `allowed` documents a range that a validator checks (ge/le/gt document themselves)."""
+    extra: dict[str, Any] = {"section": name}
+    if allowed is not None:
+        extra["allowed"] = allowed
+    return Field(default, description=description, json_schema_extra=extra, **kwargs)
 
 
 def _model(description: str, default: Any = ..., **kw: Any) -> Any:
@@ -118,10 +147,33 @@ def _sample(description: str, default: Any = ..., **kw: Any) -> Any:
     return _section("sample", description, default, **kw)
 
 
+def _refuse_bool_for_number(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    """TOML's true/false are not numbers: pydantic would read `batch_size = true` as 1."""
+    if isinstance(value, bool) and info.field_name is not None:
+        annotation = cls.model_fields[info.field_name].annotation
+        if _numeric(annotation) and not _accepts_bool(annotation):
+            raise ValueError(f"must be a number, got {str(value).lower()}")
+    return value
+
+
+def _type_args(annotation: Any) -> tuple[Any, ...]:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
+def _numeric(annotation: Any) -> bool:
+    return any(arg in (int, float) for arg in _type_args(annotation))
+
+
+def _accepts_bool(annotation: Any) -> bool:
+    return bool in _type_args(annotation)
+
+
 class TrainConfig(BaseModel):
     """What the trainer needs. Field names are kohya's; defaults are kohya's unless the text says."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     # [model]
     pretrained_model_name_or_path: str = _model(
@@ -139,7 +191,9 @@ class TrainConfig(BaseModel):
         ge=1,
         le=12,
     )
-    max_token_length: int | None = _model("Caption length in tokens: 75 (unset), 150 or 225.", None)
+    max_token_length: int | None = _model(
+        "Caption length in tokens: 75 (unset), 150 or 225.", None, allowed=", ".join(map(str, MAX_TOKEN_LENGTHS))
+    )
 
     # [dataset]
     train_data_dir: Path = _dataset("Parent folder of the `N_name` image folders (N = repeats).")
@@ -148,51 +202,73 @@ class TrainConfig(BaseModel):
         "rentrain only: a word every caption should contain; `check` warns about captions without it.", None
     )
     resolution: tuple[int, int] = _dataset(
-        "Training resolution: 512, \"512\", \"512,512\" or [512, 512] (width, height).", (512, 512)
+        "Training resolution: 512, \"512\", \"512,512\" or [512, 512] (width, height).",
+        (512, 512),
+        allowed=f"each side a multiple of 64, 64-{MAX_RESOLUTION}",
     )
-    batch_size: int = _dataset("Images per step (kohya: train_batch_size).", 1, ge=1)
+    batch_size: int = _dataset("Images per step (kohya: train_batch_size).", 1, ge=1, le=256)
     enable_bucket: bool = _dataset("Aspect-ratio bucketing.", False)
-    min_bucket_reso: int = _dataset("Smallest bucket side.", 256, ge=64)
-    max_bucket_reso: int = _dataset("Largest bucket side.", 1024, ge=64)
-    bucket_reso_steps: int = _dataset("Bucket side step; 64, or 32 for SDXL.", 64)
+    min_bucket_reso: int = _dataset("Smallest bucket side.", 256, ge=64, le=MAX_RESOLUTION)
+    max_bucket_reso: int = _dataset("Largest bucket side.", 1024, ge=64, le=MAX_RESOLUTION)
+    bucket_reso_steps: int = _dataset("Bucket side step; 64, or 32 for SDXL.", 64, allowed="32 or 64")
     bucket_no_upscale: bool = _dataset("Never upscale: each image gets a bucket no larger than itself.", False)
     caption_extension: str = _dataset(
         "Caption file extension. Default \".txt\", as the tutorials use; kohya's own default is \".caption\".",
         ".txt",
+        allowed="a dot and up to 32 letters, digits, '.', '_', '-'",
     )
     shuffle_caption: bool = _dataset("Shuffle the comma-separated tags of each caption every step.", False)
-    keep_tokens: int = _dataset("Tags at the start of a caption that shuffling keeps in place.", 0, ge=0)
-    caption_separator: str = _dataset("Tag separator for shuffling and tag dropout.", ",")
+    keep_tokens: int = _dataset("Tags at the start of a caption that shuffling keeps in place.", 0, ge=0, le=1000)
+    caption_separator: str = _dataset("Tag separator for shuffling and tag dropout.", ",", allowed="not empty")
     caption_prefix: str | None = _dataset("Text put before every caption.", None)
     caption_suffix: str | None = _dataset("Text put after every caption.", None)
     caption_dropout_rate: float = _dataset("Probability that a caption is replaced by \"\".", 0.0, ge=0, le=1)
-    caption_dropout_every_n_epochs: int = _dataset("Drop every caption in every n-th epoch (0: never).", 0, ge=0)
+    caption_dropout_every_n_epochs: int = _dataset(
+        "Drop every caption in every n-th epoch (0: never).", 0, ge=0, le=MAX_EPOCHS
+    )
     caption_tag_dropout_rate: float = _dataset("Probability that each non-kept tag is dropped.", 0.0, ge=0, le=1)
     flip_aug: bool = _dataset("Random horizontal flips (both flips are cached).", False)
-    prior_loss_weight: float = _dataset("Loss weight of regularisation images.", 1.0, ge=0)
+    prior_loss_weight: float = _dataset("Loss weight of regularisation images.", 1.0, ge=0, le=100)
 
     # [training]
     output_dir: Path = _training("Where checkpoints, the final LoRA, samples and events.jsonl go.", Path("output"))
     output_name: str | None = _training(
-        "File name stem: <name>.safetensors and <name>-000001.safetensors. Unset: last / epoch-000001.", None
+        "File name stem: <name>.safetensors and <name>-000001.safetensors. Unset: last / epoch-000001.",
+        None,
+        allowed="ASCII letters, digits, '.', '_', '-', starting with a letter or digit; at most 200 bytes",
     )
-    max_train_epochs: int | None = _training("Epochs to train. Wins over max_train_steps, as in kohya.", None, ge=1)
-    max_train_steps: int | None = _training("Steps to train when max_train_epochs is unset.", None, ge=1)
-    learning_rate: float | None = _training("Learning rate; the fallback for unet_lr and text_encoder_lr.", None)
-    unet_lr: float | None = _training("UNet LoRA learning rate (unset: learning_rate).", None)
+    max_train_epochs: int | None = _training(
+        "Epochs to train. Wins over max_train_steps, as in kohya.", None, ge=1, le=MAX_EPOCHS
+    )
+    max_train_steps: int | None = _training("Steps to train when max_train_epochs is unset.", None, ge=1, le=MAX_STEPS)
+    learning_rate: float | None = _training(
+        "Learning rate; the fallback for unet_lr and text_encoder_lr.", None, gt=0, le=MAX_LEARNING_RATE
+    )
+    unet_lr: float | None = _training(
+        "UNet LoRA learning rate (unset: learning_rate).", None, gt=0, le=MAX_LEARNING_RATE
+    )
     text_encoder_lr: float | None = _training(
-        "Text-encoder LoRA learning rate (unset: learning_rate; 0: train the UNet only).", None
+        "Text-encoder LoRA learning rate (unset: learning_rate; 0: train the UNet only).",
+        None,
+        ge=0,
+        le=MAX_LEARNING_RATE,
     )
     lr_scheduler: str = _training(f"One of {', '.join(LR_SCHEDULERS)}.", "constant")
     lr_warmup_steps: int | float = _training(
-        "Warm-up optimizer steps; a number below 1 (or \"5%\") is a fraction of the total.", 0
+        "Warm-up optimizer steps; a number below 1 (or \"5%\") is a fraction of the total.",
+        0,
+        allowed=f"0-{MAX_STEPS} steps, or a fraction below 1",
     )
-    lr_scheduler_num_cycles: int = _training("Restarts of cosine_with_restarts.", 1, ge=1)
-    lr_scheduler_power: float = _training("Power of the polynomial scheduler.", 1.0, gt=0)
+    lr_scheduler_num_cycles: int = _training("Restarts of cosine_with_restarts.", 1, ge=1, le=1000)
+    lr_scheduler_power: float = _training("Power of the polynomial scheduler.", 1.0, gt=0, le=100)
     network_module: str = _training("Only networks.lora (kohya's LoRA).", "networks.lora")
     network_dim: int = _training("LoRA rank.", 4, ge=1, le=1024)
-    network_alpha: float = _training("LoRA alpha; scale = alpha / dim (0: alpha = dim).", 1.0, ge=0)
-    network_args: list[str] = _training("conv_dim=N and conv_alpha=X add LoRA to 3x3 convolutions.", [])
+    network_alpha: float = _training("LoRA alpha; scale = alpha / dim (0: alpha = dim).", 1.0, ge=0, le=4096)
+    network_args: list[str] = _training(
+        "conv_dim=N and conv_alpha=X add LoRA to 3x3 convolutions.",
+        [],
+        allowed="conv_dim 1-1024, conv_alpha above 0 and at most 4096",
+    )
     network_train_unet_only: bool = _training("Train the UNet LoRA only.", False)
     network_train_text_encoder_only: bool = _training("Train the text-encoder LoRA only.", False)
     optimizer_type: str = _training(
@@ -200,16 +276,22 @@ class TrainConfig(BaseModel):
         "(relative_step=False, scale_parameter=False), unlike kohya's bare default.",
         "AdamW",
     )
-    optimizer_args: list[str] = _training("Extra optimizer arguments: [\"weight_decay=0.01\", \"betas=0.9,0.99\"].", [])
+    optimizer_args: list[str] = _training(
+        "Extra optimizer arguments: [\"weight_decay=0.01\", \"betas=0.9,0.99\"].",
+        [],
+        allowed="the keyword arguments of the optimizer's constructor (remote/trainer/optimizer_args.py)",
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] = _training("Compute precision of the frozen model.", "no")
     full_fp16: bool = _training("Not supported (kohya's full_fp16); use bf16 with full_bf16.", False)
     full_bf16: bool = _training("Keep the LoRA weights in bf16 too (kohya's full_bf16).", False)
     save_precision: Literal["float", "fp16", "bf16"] | None = _training(
         "dtype of saved files (unset: as trained, fp32).", None
     )
-    save_every_n_epochs: int | None = _training("Save a checkpoint every n epochs.", None, ge=1)
-    save_every_n_steps: int | None = _training("Save a checkpoint every n steps.", None, ge=1)
-    save_last_n_epochs: int | None = _training("Keep only the last n epoch checkpoints on the instance.", None, ge=1)
+    save_every_n_epochs: int | None = _training("Save a checkpoint every n epochs.", None, ge=1, le=MAX_EPOCHS)
+    save_every_n_steps: int | None = _training("Save a checkpoint every n steps.", None, ge=1, le=MAX_STEPS)
+    save_last_n_epochs: int | None = _training(
+        "Keep only the last n epoch checkpoints on the instance.", None, ge=1, le=MAX_EPOCHS
+    )
     save_model_as: str = _training("Only safetensors.", "safetensors")
     gradient_checkpointing: bool = _training("Recompute activations in backward to save memory.", False)
     cuda_graphs: bool = _training(
@@ -224,24 +306,35 @@ class TrainConfig(BaseModel):
         "was chosen (rentrain's own key). false: run exactly as configured.",
         True,
     )
-    gradient_accumulation_steps: int = _training("Batches per optimizer step.", 1, ge=1)
-    max_grad_norm: float = _training("Gradient clipping norm (0: off).", 1.0, ge=0)
-    noise_offset: float | None = _training("Offset noise strength (0.05-0.1 typical).", None, ge=0)
-    min_snr_gamma: float | None = _training("Min-SNR loss weighting gamma (5 typical).", None, gt=0)
-    seed: int | None = _training("Random seed (unset: a random one, written to the metadata).", None)
+    gradient_accumulation_steps: int = _training("Batches per optimizer step.", 1, ge=1, le=1024)
+    max_grad_norm: float = _training("Gradient clipping norm (0: off).", 1.0, ge=0, le=1000)
+    noise_offset: float | None = _training("Offset noise strength (0.05-0.1 typical).", None, ge=0, le=1)
+    min_snr_gamma: float | None = _training("Min-SNR loss weighting gamma (5 typical).", None, gt=0, le=1000)
+    seed: int | None = _training(
+        "Random seed (unset: a random one, written to the metadata).", None, ge=0, lt=SEED_LIMIT
+    )
 
     # [sample]
     sample_prompts: list[str] | Path | None = _sample(
         "Prompts for sample grids: a list, or a kohya prompt file (one prompt per line; --n/--w/... options "
         "after the prompt are read for --n only).",
         None,
+        allowed="a list, or an existing UTF-8 text file of at most 1 MB",
     )
-    sample_every_n_epochs: int | None = _sample("Sample grid every n epochs (always one at the end).", None, ge=1)
-    sample_every_n_steps: int | None = _sample("Sample grid every n steps.", None, ge=1)
-    sample_weights: list[float] = _sample("LoRA weights in the grid's columns.", [0.5, 0.7, 0.8, 1.0])
-    sample_seeds: list[int] = _sample("Seeds; one grid row per prompt and seed.", [1, 2])
-    sample_steps: int = _sample("Sampler steps per image.", 20, ge=1)
-    sample_guidance_scale: float = _sample("Classifier-free guidance scale.", 7.0, ge=0)
+    sample_every_n_epochs: int | None = _sample(
+        "Sample grid every n epochs (always one at the end).", None, ge=1, le=MAX_EPOCHS
+    )
+    sample_every_n_steps: int | None = _sample("Sample grid every n steps.", None, ge=1, le=MAX_STEPS)
+    sample_weights: list[float] = _sample(
+        "LoRA weights in the grid's columns.", [0.5, 0.7, 0.8, 1.0], allowed="1-16 numbers, each -10 to 10"
+    )
+    sample_seeds: list[int] = _sample(
+        "Seeds; one grid row per prompt and seed.", [1, 2], allowed=f"1-16 seeds, each 0 to {SEED_LIMIT - 1}"
+    )
+    sample_steps: int = _sample("Sampler steps per image.", 20, ge=1, le=1000)
+    sample_guidance_scale: float = _sample("Classifier-free guidance scale.", 7.0, ge=0, le=100)
+
+    _no_bools = field_validator("*", mode="before")(classmethod(_refuse_bool_for_number))
 
     @field_validator("resolution", mode="before")
     @classmethod
@@ -264,15 +357,10 @@ class TrainConfig(BaseModel):
     @classmethod
     def _check_resolution(cls, value: tuple[int, int]) -> tuple[int, int]:
         for side in value:
-            if side < 64 or side % 64:
-                raise ValueError(f"each side must be a multiple of 64 and at least 64, got {value[0]},{value[1]}")
-        return value
-
-    @field_validator("learning_rate", "unet_lr")
-    @classmethod
-    def _positive_lr(cls, value: float | None) -> float | None:
-        if value is not None and value <= 0:
-            raise ValueError(f"must be greater than 0, got {value}")
+            if side < 64 or side > MAX_RESOLUTION or side % 64:
+                raise ValueError(
+                    f"each side must be a multiple of 64 from 64 to {MAX_RESOLUTION}, got {value[0]},{value[1]}"
+                )
         return value
 
     @field_validator("text_encoder_lr", mode="before")
@@ -282,8 +370,6 @@ class TrainConfig(BaseModel):
             if len(value) != 1:
                 raise ValueError("one learning rate for all text encoders; per-encoder lists are not supported")
             value = value[0]
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-            raise ValueError(f"must be 0 (UNet only) or greater, got {value}")
         return value
 
     @field_validator("lr_scheduler")
@@ -311,8 +397,8 @@ class TrainConfig(BaseModel):
                 raise ValueError(f"must be a percentage such as \"5%\", got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError("must be a number of steps, a fraction below 1 or a percentage")
-        if value < 0:
-            raise ValueError(f"must be 0 or more, got {value}")
+        if not math.isfinite(value) or value < 0 or value > MAX_STEPS:
+            raise ValueError(f"must be 0 to {MAX_STEPS} steps or a fraction below 1, got {value}")
         if isinstance(value, float) and value >= 1:
             if not value.is_integer():
                 raise ValueError(f"a fraction must be below 1, got {value}")
@@ -338,16 +424,18 @@ class TrainConfig(BaseModel):
                 parsed = float(number)
             except ValueError:
                 raise ValueError(f"{item!r}: {name} must be a number") from None
-            if parsed <= 0 or (name == "conv_dim" and not parsed.is_integer()):
-                raise ValueError(f"{item!r}: {name} must be a positive {'integer' if name == 'conv_dim' else 'number'}")
+            if name == "conv_dim" and not (parsed.is_integer() and 1 <= parsed <= 1024):
+                raise ValueError(f"{item!r}: conv_dim must be a whole number from 1 to 1024")
+            if name == "conv_alpha" and not (0 < parsed <= 4096):
+                raise ValueError(f"{item!r}: conv_alpha must be above 0 and at most 4096")
         return value
 
-    @field_validator("optimizer_args")
+    @field_validator("output_name")
     @classmethod
-    def _optimizer_args(cls, value: list[str]) -> list[str]:
-        for item in value:
-            if "=" not in item:
-                raise ValueError(f"{item!r}: expected name=value, such as weight_decay=0.01")
+    def _output_name(cls, value: str | None) -> str | None:
+        problem = None if value is None else file_stem_problem(value)
+        if problem:
+            raise ValueError(f"{value!r} {problem}")
         return value
 
     @field_validator("save_model_as")
@@ -362,8 +450,18 @@ class TrainConfig(BaseModel):
     @field_validator("caption_extension")
     @classmethod
     def _caption_extension(cls, value: str) -> str:
-        if not value.startswith(".") or len(value) < 2:
-            raise ValueError(f"must start with a dot, such as \".txt\", got {value!r}")
+        if not CAPTION_EXTENSION.match(value):
+            raise ValueError(
+                f"must start with a dot and have up to 32 letters, digits, '.', '_' or '-', such as \".txt\", "
+                f"got {value!r}"
+            )
+        return value
+
+    @field_validator("caption_separator")
+    @classmethod
+    def _caption_separator(cls, value: str) -> str:
+        if not value:
+            raise ValueError("is empty; the usual separator is \",\"")
         return value
 
     @field_validator("max_token_length")
@@ -383,15 +481,15 @@ class TrainConfig(BaseModel):
     @field_validator("sample_weights")
     @classmethod
     def _sample_weights(cls, value: list[float]) -> list[float]:
-        if not value:
-            raise ValueError("needs at least one weight")
+        if not 1 <= len(value) <= 16 or not all(-10 <= weight <= 10 for weight in value):
+            raise ValueError(f"must be 1 to 16 weights, each from -10 to 10, got {value}")
         return value
 
     @field_validator("sample_seeds")
     @classmethod
     def _sample_seeds(cls, value: list[int]) -> list[int]:
-        if not value:
-            raise ValueError("needs at least one seed")
+        if not 1 <= len(value) <= 16 or not all(0 <= seed < SEED_LIMIT for seed in value):
+            raise ValueError(f"must be 1 to 16 seeds, each from 0 to {SEED_LIMIT - 1}, got {value}")
         return value
 
     @model_validator(mode="after")
@@ -405,9 +503,11 @@ class TrainConfig(BaseModel):
             )
         elif self.enable_bucket and not self.bucket_no_upscale:
             if min(self.resolution) < self.min_bucket_reso:
-                problems.append(("min_bucket_reso", f"{self.min_bucket_reso} is above the resolution {self.resolution}"))
+                message = f"{self.min_bucket_reso} is above the resolution {self.resolution}"
+                problems.append(("min_bucket_reso", message))
             if max(self.resolution) > self.max_bucket_reso:
-                problems.append(("max_bucket_reso", f"{self.max_bucket_reso} is below the resolution {self.resolution}"))
+                message = f"{self.max_bucket_reso} is below the resolution {self.resolution}"
+                problems.append(("max_bucket_reso", message))
         if self.learning_rate is None and self.unet_lr is None and not self.network_train_text_encoder_only:
             problems.append(("learning_rate", "missing: set learning_rate (or unet_lr)"))
         if self.network_train_unet_only and self.network_train_text_encoder_only:
@@ -415,7 +515,8 @@ class TrainConfig(BaseModel):
         if self.network_train_text_encoder_only and self.effective_text_encoder_lr == 0:
             problems.append(("network_train_text_encoder_only", "set, but the text encoder learning rate is 0"))
         if self.lr_scheduler == "constant" and self.lr_warmup_steps:
-            problems.append(("lr_warmup_steps", "warm-up needs lr_scheduler = \"constant_with_warmup\" or a decaying one"))
+            message = "warm-up needs lr_scheduler = \"constant_with_warmup\" or a decaying one"
+            problems.append(("lr_warmup_steps", message))
         if self.full_fp16:
             problems.append(
                 (
@@ -426,6 +527,10 @@ class TrainConfig(BaseModel):
             )
         if self.full_bf16 and self.mixed_precision != "bf16":
             problems.append(("full_bf16", "needs mixed_precision = \"bf16\""))
+        for item in self.optimizer_args:
+            problem = optimizer_arg_problem(self.optimizer_type, item)
+            if problem:
+                problems.append(("optimizer_args", problem))
         if problems:
             raise _CrossFieldError(problems)
         return self
@@ -470,29 +575,45 @@ class TrainConfig(BaseModel):
 
 
 class JobSettings(BaseModel):
-    """The `[rentrain]` table: how and where the job runs. The trainer ignores it."""
+    """The `[rentrain]` table: how and where the job runs. The trainer ignores it. The command line's
+    options for these settings (rentrain/cli_types.py) take their ranges from here."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     provider: str | None = Field(None, description=f"One of {', '.join(KNOWN_PROVIDERS)}; --provider wins.")
     host: str | None = Field(None, description="For provider = \"ssh\": user@host[:port] of a machine rented by hand.")
     gpu: list[str] = Field([], description="GPU models to consider, such as [\"RTX 4090\", \"RTX 3090\"] (empty: any).")
-    gpu_count: int = Field(1, ge=1, le=8, description="GPUs per instance; N > 1 trains data parallel (N x batch_size images per step); --gpus wins.")
-    min_vram_gb: float = Field(24, gt=0, description="Minimum memory per GPU, in GB.")
+    gpu_count: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="GPUs per instance; N > 1 trains data parallel (N x batch_size images per step); --gpus wins.",
+    )
+    min_vram_gb: float = Field(24, gt=0, le=1024, description="Minimum memory per GPU, in GB.")
     min_reliability: float = Field(0.98, ge=0, le=1, description="Minimum host reliability where the provider has one.")
-    min_cuda: float = Field(12.1, ge=0, description="Minimum CUDA version the host driver supports.")
+    min_cuda: float = Field(12.1, ge=0, le=100, description="Minimum CUDA version the host driver supports.")
     verified_only: bool = Field(True, description="Only verified hosts (Vast).")
     include_interruptible: bool = Field(False, description="Consider interruptible (spot / bid) offers.")
-    max_price_per_hour: float | None = Field(None, gt=0, description="Skip offers above this USD per hour.")
-    max_cost: float | None = Field(None, gt=0, description="USD budget for the whole job: checked before renting and enforced on the instance.")
-    max_hours: float | None = Field(None, gt=0, description="Hard deadline in hours, enforced on the instance.")
-    idle_timeout_minutes: float = Field(
-        20, gt=0, description="After training ends, minutes without the client before the instance ends itself."
+    max_price_per_hour: float | None = Field(None, gt=0, le=1000, description="Skip offers above this USD per hour.")
+    max_cost: float | None = Field(
+        None,
+        gt=0,
+        le=100_000,
+        description="USD budget for the whole job: checked before renting and enforced on the instance.",
     )
-    image: str = Field("pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime", description="Container image to boot.")
-    disk_gb: int = Field(40, ge=10, description="Disk to rent, in GB (priced into every offer).")
-    max_offers: int = Field(5, ge=1, description="Offers to try before giving up when hosts fail.")
-    max_retries: int = Field(2, ge=0, description="Times to resume on a new instance after a host dies.")
+    max_hours: float | None = Field(None, gt=0, le=720, description="Hard deadline in hours, enforced on the instance.")
+    idle_timeout_minutes: float = Field(
+        20,
+        gt=0,
+        le=10_080,
+        description="After training ends, minutes without the client before the instance ends itself.",
+    )
+    image: str = Field("pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime", description="Container image to boot.")
+    disk_gb: int = Field(40, ge=10, le=10_000, description="Disk to rent, in GB (priced into every offer).")
+    max_offers: int = Field(5, ge=1, le=100, description="Offers to try before giving up when hosts fail.")
+    max_retries: int = Field(2, ge=0, le=100, description="Times to resume on a new instance after a host dies.")
+
+    _no_bools = field_validator("*", mode="before")(classmethod(_refuse_bool_for_number))
 
     @field_validator("gpu", mode="before")
     @classmethod
@@ -552,15 +673,34 @@ def field_section(name: str) -> str:
 def load_config(path: str | Path) -> LoadedConfig:
     """Read and validate a config file. Raises ConfigError listing every problem found."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(path, [ConfigIssue(key="(file)", section=TOP_LEVEL, message="no such file")])
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ConfigError(path, [ConfigIssue(key="(file)", section=TOP_LEVEL, message=f"not UTF-8 text: {exc}")]) from None
+        raw = tomllib.loads(_config_text(path))
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(path, [ConfigIssue(key="(file)", section=TOP_LEVEL, message=f"not valid TOML: {exc}")]) from None
+        raise _file_error(path, f"not valid TOML: {exc}") from None
+    except RecursionError:
+        raise _file_error(path, "not valid TOML: its tables or arrays nest too deeply") from None
     return parse_config(raw, path)
+
+
+def _config_text(path: Path) -> str:
+    """The file's text (a UTF-8 byte-order mark, as Windows editors write, is dropped)."""
+    if path.is_dir():
+        raise _file_error(path, "is a folder, not a config file")
+    if not path.is_file():
+        raise _file_error(path, "no such file" if not path.exists() else "not a regular file")
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise _file_error(path, f"is {size} bytes; a config is a few KB (at most {MAX_CONFIG_BYTES})")
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise _file_error(path, f"not UTF-8 text: {exc}") from None
+    except OSError as exc:
+        raise _file_error(path, f"cannot be read: {exc.strerror}") from None
+
+
+def _file_error(path: Path, message: str) -> ConfigError:
+    return ConfigError(path, [ConfigIssue(key=FILE_KEY, section=TOP_LEVEL, message=message)])
 
 
 def parse_config(raw: dict[str, Any], path: Path) -> LoadedConfig:
@@ -598,25 +738,24 @@ def parse_config(raw: dict[str, Any], path: Path) -> LoadedConfig:
         del job_values[job_key]
 
     base_dir = path.parent.resolve()
-    for key in PATH_KEYS:
+    reported: set[str] = set()
+    for key in (*PATH_KEYS, "sample_prompts", "pretrained_model_name_or_path", "vae"):
         if isinstance(train_values.get(key), str):
-            train_values[key] = _resolve_path(train_values[key], base_dir)
-    if isinstance(train_values.get("sample_prompts"), str):
-        train_values["sample_prompts"] = _resolve_path(train_values["sample_prompts"], base_dir)
-    model_value = train_values.get("pretrained_model_name_or_path")
-    if isinstance(model_value, str):
-        try:
-            train_values["pretrained_model_name_or_path"] = resolve_model_reference(model_value, base_dir)
-        except ValueError as exc:
-            section = key_sections.get("pretrained_model_name_or_path", TOP_LEVEL)
-            issues.append(ConfigIssue(key=spelled_as["pretrained_model_name_or_path"], section=section, message=str(exc)))
-            train_values.pop("pretrained_model_name_or_path")
-    vae_value = train_values.get("vae")
-    if isinstance(vae_value, str) and not _is_remote_reference(vae_value):
-        train_values["vae"] = _resolve_path(vae_value, base_dir)
+            try:
+                train_values[key] = _resolve_reference(key, train_values[key], base_dir)
+            except ValueError as exc:
+                issues.append(ConfigIssue(key=spelled_as[key], section=key_sections[key], message=str(exc)))
+                train_values.pop(key)
+                reported.add(key)
 
-    train = _validate(TrainConfig, train_values, spelled_as, key_sections, issues, model_missing=model_value is None)
-    job = _validate(JobSettings, job_values, {k: k for k in job_values}, {k: JOB_SECTION for k in job_values}, issues)
+    train = _validate(TrainConfig, train_values, spelled_as, key_sections, issues, reported)
+    if train is not None and isinstance(train.sample_prompts, Path):
+        problem = _prompt_file_problem(train.sample_prompts)
+        if problem:
+            key = spelled_as["sample_prompts"]
+            issues.append(ConfigIssue(key=key, section=key_sections[key], message=problem))
+    job_spelling = {k: k for k in job_values}
+    job = _validate(JobSettings, job_values, job_spelling, {k: JOB_SECTION for k in job_values}, issues, set())
     if issues:
         raise ConfigError(path, issues)
     assert train is not None and job is not None
@@ -651,7 +790,7 @@ def _take_key(
     if canonical in values:
         first = spelled_as[canonical]
         where = key_sections[canonical]
-        message = f"given twice: also as {first} in [{where}]" if where != TOP_LEVEL else f"given twice: also as {first}"
+        message = f"given twice: also as {first}" + (f" in [{where}]" if where != TOP_LEVEL else "")
         issues.append(ConfigIssue(key=key, section=section, message=message))
         return
     values[canonical] = value
@@ -668,13 +807,27 @@ def _unknown_key_issue(key: str, section: str, known: frozenset[str], train_sect
     return ConfigIssue(key=key, section=section, message=hint, unknown_key=True)
 
 
+def _prompt_file_problem(path: Path) -> str | None:
+    if not path.is_file():
+        return f"{path} is not a file" if path.exists() else f"{path} does not exist"
+    try:
+        if path.stat().st_size > MAX_PROMPT_FILE_BYTES:
+            return f"{path} is larger than {MAX_PROMPT_FILE_BYTES} bytes; a prompt file is a few lines"
+        path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return f"{path} is not UTF-8 text"
+    except OSError as exc:
+        return f"{path} cannot be read: {exc.strerror}"
+    return None
+
+
 def _validate(
     model: type[BaseModel],
     values: dict[str, Any],
     spelled_as: dict[str, str],
     key_sections: dict[str, str],
     issues: list[ConfigIssue],
-    model_missing: bool = False,
+    reported: set[str],
 ) -> Any:
     try:
         return model.model_validate(values)
@@ -687,12 +840,11 @@ def _validate(
                     issues.append(ConfigIssue(key=spelled_as.get(key, key), section=section, message=message))
                 continue
             field = str(error["loc"][0]) if error["loc"] else "(config)"
-            if field == "pretrained_model_name_or_path" and error["type"] == "missing" and not model_missing:
-                continue  # already reported by resolve_model_reference
+            if field in reported and error["type"] == "missing":
+                continue  # its value was refused before validation
             section = key_sections.get(field, _default_section(model, field))
-            issues.append(
-                ConfigIssue(key=spelled_as.get(field, field), section=section, message=_describe(error, values.get(field)))
-            )
+            message = _describe(error, values.get(field))
+            issues.append(ConfigIssue(key=spelled_as.get(field, field), section=section, message=message))
         return None
 
 
@@ -713,17 +865,23 @@ def _describe(error: Any, value: Any) -> str:
     return f"{message[0].lower()}{message[1:]} (got {value!r})"
 
 
+def _resolve_reference(key: str, value: str, base_dir: Path) -> Path | str:
+    """A path key made absolute (relative to the config's folder); the base model and VAE may also be a hub
+    id, an https URL or a built-in. ValueError says what is wrong with the value."""
+    if key in ("pretrained_model_name_or_path", "vae"):
+        return resolve_model_reference(value, base_dir)
+    return _resolve_path(value, base_dir)
+
+
 def _resolve_path(value: str, base_dir: Path) -> Path:
+    if "\x00" in value:
+        raise ValueError(f"{value!r} contains a NUL character")
     candidate = Path(value).expanduser()
     return candidate if candidate.is_absolute() else (base_dir / candidate).resolve()
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
-
-
-def _is_remote_reference(value: str) -> bool:
-    return value.startswith(("https://", "http://")) or value in BUILTIN_MODELS
 
 
 def resolve_model_reference(value: str, base_dir: Path) -> str:
@@ -738,6 +896,12 @@ def resolve_model_reference(value: str, base_dir: Path) -> str:
             raise ValueError(f"unknown built-in model {value!r}; built-ins: {', '.join(BUILTIN_MODELS)}")
         return value
     if value.startswith("https://"):
+        name = url_file_name(value)
+        if not name.lower().endswith(MODEL_FILE_SUFFIXES):
+            raise ValueError(
+                f"the URL's file name {name!r} does not end in {', '.join(MODEL_FILE_SUFFIXES)}: give the URL of "
+                "the file itself, whose path ends in its name (the instance saves it under that name)"
+            )
         return value
     local = _resolve_path(value, base_dir)
     if local.exists():

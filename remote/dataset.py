@@ -6,6 +6,7 @@ decodes and inspects the images on top of it, and the trainer loads them from th
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -14,6 +15,19 @@ from pydantic import BaseModel
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SUBSET_FOLDER = re.compile(r"^(\d+)_(.*)$")
+MAX_REPEATS = 10_000
+MAX_SAMPLES_PER_EPOCH = 1_000_000  # images x repeats, over all folders
+MAX_CAPTION_BYTES = 1 << 20
+
+
+def printable(text: str | Path) -> str:
+    """Text safe to print and to put in JSON: bytes of a file name that are not UTF-8 appear as \\xNN."""
+    text = str(text)
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 class ImageItem(BaseModel):
@@ -37,7 +51,7 @@ class Finding(BaseModel):
     message: str
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.message}"
+        return printable(f"{self.path}: {self.message}")
 
 
 class DatasetLayout(BaseModel):
@@ -66,6 +80,16 @@ def scan_layout(train_data_dir: Path, caption_extension: str, reg_data_dir: Path
     roots = [(train_data_dir, False)] + ([(reg_data_dir, True)] if reg_data_dir is not None else [])
     for root, is_reg in roots:
         _scan_root(root, is_reg, caption_extension, subsets, problems)
+    samples = sum(len(s.images) * s.repeats for s in subsets)
+    if samples > MAX_SAMPLES_PER_EPOCH:
+        problems.append(
+            Finding(
+                severity="error",
+                path=train_data_dir,
+                message=f"{samples} samples per epoch (images x repeats); at most {MAX_SAMPLES_PER_EPOCH}: "
+                "lower the repeat counts in the folder names",
+            )
+        )
     if not any(s.images for s in subsets if not s.is_reg) and not any(p.severity == "error" for p in problems):
         problems.append(Finding(severity="error", path=train_data_dir, message="no training images found"))
     return DatasetLayout(subsets=subsets, problems=problems)
@@ -81,8 +105,9 @@ def _scan_root(
     if not root.is_dir():
         problems.append(Finding(severity="error", path=root, message=f"{key} is not a folder"))
         return
-    loose_images = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    entries = _usable_entries(root, problems)
+    loose_images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    folders = [p for p in entries if p.is_dir()]
     if loose_images:
         problems.append(
             Finding(
@@ -93,41 +118,75 @@ def _scan_root(
             )
         )
     for folder in folders:
-        match = SUBSET_FOLDER.match(folder.name)
-        if not match:
-            problems.append(
-                Finding(
-                    severity="error",
-                    path=folder,
-                    message="folder name must start with the repeat count and an underscore, e.g. 10_"
-                    f"{folder.name}",
-                )
+        subset = _scan_subset(folder, is_reg, caption_extension, problems)
+        if subset is not None:
+            subsets.append(subset)
+
+
+def _scan_subset(folder: Path, is_reg: bool, caption_extension: str, problems: list[Finding]) -> Subset | None:
+    match = SUBSET_FOLDER.match(folder.name)
+    if not match:
+        problems.append(
+            Finding(
+                severity="error",
+                path=folder,
+                message=f"folder name must start with the repeat count and an underscore, e.g. 10_{folder.name}",
             )
-            continue
-        repeats = int(match.group(1))
-        if repeats < 1:
-            problems.append(Finding(severity="error", path=folder, message="repeat count must be at least 1"))
-            continue
-        images = [
-            ImageItem(path=path, caption_path=_caption_path(path, caption_extension))
-            for path in sorted(folder.iterdir())
-            if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-        ]
-        if not images:
-            problems.append(Finding(severity="warning", path=folder, message="no images in this folder"))
-        subsets.append(
-            Subset(folder=folder, repeats=repeats, class_tokens=match.group(2), is_reg=is_reg, images=images)
         )
+        return None
+    digits = match.group(1)
+    repeats = int(digits) if len(digits) <= len(str(MAX_REPEATS)) else MAX_REPEATS + 1
+    if not 1 <= repeats <= MAX_REPEATS:
+        problems.append(
+            Finding(severity="error", path=folder, message=f"repeat count {digits} must be from 1 to {MAX_REPEATS}")
+        )
+        return None
+    images = []
+    for path in _usable_entries(folder, problems):
+        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+            caption = path.with_suffix(caption_extension)
+            if caption.exists() and not caption.is_file():
+                problems.append(Finding(severity="error", path=caption, message="caption is not a file"))
+            images.append(ImageItem(path=path, caption_path=caption if caption.is_file() else None))
+    if not images:
+        problems.append(Finding(severity="warning", path=folder, message="no images in this folder"))
+    return Subset(folder=folder, repeats=repeats, class_tokens=match.group(2), is_reg=is_reg, images=images)
 
 
-def _caption_path(image: Path, caption_extension: str) -> Path | None:
-    candidate = image.with_suffix(caption_extension)
-    return candidate if candidate.is_file() else None
+def _usable_entries(folder: Path, problems: list[Finding]) -> list[Path]:
+    """The folder's entries, sorted, without hidden ones and without those refused here (each reported):
+    a name that is not UTF-8, a symbolic link to nothing."""
+    try:
+        entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    except OSError as exc:
+        problems.append(Finding(severity="error", path=folder, message=f"cannot be listed: {exc.strerror}"))
+        return []
+    usable = []
+    for path in entries:
+        if not _is_utf8(path.name):
+            message = "the file name is not valid UTF-8 (shown escaped); rename it"
+            problems.append(Finding(severity="error", path=path, message=message))
+        elif path.is_symlink() and not path.exists():
+            message = f"is a symbolic link to {os.readlink(path)}, which does not exist (or links back to itself)"
+            problems.append(Finding(severity="error", path=path, message=message))
+        else:
+            usable.append(path)
+    return usable
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def read_caption(path: Path) -> str:
     """kohya's rule: UTF-8, the first non-empty line, stripped. An empty file is an error, as in kohya."""
     try:
+        if path.stat().st_size > MAX_CAPTION_BYTES:
+            raise CaptionError(f"{path}: caption file is larger than {MAX_CAPTION_BYTES} bytes; a caption is one line")
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise CaptionError(f"{path}: caption is not UTF-8 text") from None

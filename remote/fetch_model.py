@@ -2,11 +2,15 @@
 
     python3 fetch_model.py REFERENCE DEST_DIR
 
-Runs while the client uploads the dataset. A URL download resumes from a .part file.
+Runs while the client uploads the dataset. A URL download resumes from a .part file. `HF_TOKEN`, when set,
+goes to huggingface.co and its subdomains only, and not on to where they redirect.
+
+Standard library only at import: the laptop's config check uses url_file_name too.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import urllib.request
 from pathlib import Path
@@ -24,11 +28,35 @@ DIFFUSERS_PATTERNS = [
 ]
 
 
+HF_HOST = "huggingface.co"
+
+
 def url_file_name(url: str) -> str:
+    """The name a downloaded model is saved under: the last part of the URL's path (no query, no fragment).
+    The client names the file in the instance's config with this same function."""
     name = Path(unquote(urlparse(url).path)).name
-    if not name or name.startswith("."):
+    if not name or name.startswith(".") or "\x00" in name:
         raise ValueError(f"cannot tell a file name from {url}")
     return name
+
+
+def sends_hf_token(url: str) -> bool:
+    """HF_TOKEN goes to https://huggingface.co and its subdomains, matched on the exact host name."""
+    parsed = urlparse(url)
+    host = (parsed.hostname or "").lower()
+    return parsed.scheme == "https" and (host == HF_HOST or host.endswith("." + HF_HOST))
+
+
+def download_request(url: str, offset: int = 0) -> urllib.request.Request:
+    """A GET for `url` (from byte `offset`), with HF_TOKEN only where sends_hf_token allows it. The token
+    is an unredirected header: urllib does not repeat it to the host a redirect points to."""
+    request = urllib.request.Request(url, headers={"User-Agent": "rentrain"})
+    if offset:
+        request.add_header("Range", f"bytes={offset}-")
+    token = os.environ.get("HF_TOKEN", "").strip()
+    if token and sends_hf_token(url):
+        request.add_unredirected_header("Authorization", f"Bearer {token}")
+    return request
 
 
 def fetch_url(url: str, dest_dir: Path) -> Path:
@@ -37,7 +65,7 @@ def fetch_url(url: str, dest_dir: Path) -> Path:
         return target
     partial = target.with_name(target.name + ".part")
     offset = partial.stat().st_size if partial.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
+    request = download_request(url, offset)
     with urllib.request.urlopen(request, timeout=60) as response:
         mode = "ab" if offset and response.status == 206 else "wb"
         with partial.open(mode) as handle:

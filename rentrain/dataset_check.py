@@ -6,13 +6,15 @@ training steps exactly as the trainer (and kohya) will.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 from collections import defaultdict
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from PIL import Image, UnidentifiedImageError
+
+from PIL import Image
 from pydantic import BaseModel
 
 from remote.buckets import BucketPlanner, StepPlan, plan_steps
@@ -30,6 +32,9 @@ from remote.dataset import (
 )
 
 MIN_RECOMMENDED_IMAGES = 15
+MAX_IMAGE_BYTES = 256 << 20
+MIN_IMAGE_SIDE = 64  # the smallest bucket side; a smaller image gets an empty bucket with bucket_no_upscale
+MAX_ASPECT_RATIO = 8  # beyond it, scaling to cover a bucket makes an image of hundreds of megapixels
 EXIF_ORIENTATION = 0x0112
 ROTATING_ORIENTATIONS = {5, 6, 7, 8}
 PIL_FORMAT_EXTENSIONS = {"PNG": (".png",), "JPEG": (".jpg", ".jpeg"), "WEBP": (".webp",), "BMP": (".bmp",)}
@@ -100,7 +105,7 @@ def inspect_dataset(train: TrainConfig) -> DatasetReport:
             )
         )
 
-    reg_repeats = balanced_reg_repeats(layout)
+    reg_repeats = balanced_reg_repeats(layout) if not layout.errors else {}
     unused = [path for path, n in reg_repeats.items() if n == 0]
     if unused:
         findings.append(
@@ -146,6 +151,8 @@ def count_steps(
 def _inspect_image(path: Path) -> tuple[ImageInfo | None, list[Finding]]:
     findings: list[Finding] = []
     try:
+        if path.stat().st_size > MAX_IMAGE_BYTES:
+            return None, [Finding(severity="error", path=path, message=f"is larger than {MAX_IMAGE_BYTES >> 20} MB")]
         data = path.read_bytes()
     except OSError as exc:
         return None, [Finding(severity="error", path=path, message=f"cannot be read: {exc.strerror}")]
@@ -155,7 +162,7 @@ def _inspect_image(path: Path) -> tuple[ImageInfo | None, list[Finding]]:
             orientation = image.getexif().get(EXIF_ORIENTATION, 1)
             width, height = image.size
             image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Exception as exc:  # PIL raises many kinds for a bad file (struct.error, IndexError, EOFError...)
         return None, [Finding(severity="error", path=path, message=f"cannot be decoded as an image ({exc})")]
     expected = PIL_FORMAT_EXTENSIONS.get(image_format, ())
     if path.suffix.lower() not in expected:
@@ -183,6 +190,12 @@ def _inspect_image(path: Path) -> tuple[ImageInfo | None, list[Finding]]:
 
 def _size_findings(info: ImageInfo, train: TrainConfig) -> list[Finding]:
     target_w, target_h = train.resolution
+    if min(info.width, info.height) < MIN_IMAGE_SIDE:
+        message = f"{info.width}x{info.height} is too small to train on: each side must be at least {MIN_IMAGE_SIDE} px"
+        return [Finding(severity="error", path=info.path, message=message)]
+    if max(info.width, info.height) > MAX_ASPECT_RATIO * min(info.width, info.height):
+        message = f"{info.width}x{info.height} is more than {MAX_ASPECT_RATIO} times as long as it is wide: crop it"
+        return [Finding(severity="error", path=info.path, message=message)]
     if info.width * info.height < target_w * target_h:
         return [
             Finding(
@@ -215,7 +228,11 @@ def _caption_findings(item: ImageItem, subset: Subset, train: TrainConfig) -> li
     if train.trigger_word and train.trigger_word.lower() not in caption.lower():
         where = item.caption_path or item.path
         findings.append(
-            Finding(severity="warning", path=where, message=f"caption does not contain the trigger word {train.trigger_word!r}")
+            Finding(
+                severity="warning",
+                path=where,
+                message=f"caption does not contain the trigger word {train.trigger_word!r}",
+            )
         )
     return findings
 
@@ -223,7 +240,7 @@ def _caption_findings(item: ImageItem, subset: Subset, train: TrainConfig) -> li
 def _other_caption_files(image: Path, caption_extension: str) -> list[Path]:
     return sorted(
         p
-        for p in image.parent.glob(f"{image.stem}.*")
+        for p in image.parent.glob(f"{glob.escape(image.stem)}.*")
         if p != image and p.suffix != caption_extension and p.suffix.lower() not in IMAGE_EXTENSIONS and p.is_file()
     )
 
@@ -257,3 +274,9 @@ def _subset_report(subset: Subset, infos: dict[Path, ImageInfo]) -> SubsetReport
         smallest=f"{smallest.width}x{smallest.height}" if smallest else None,
         largest=f"{largest.width}x{largest.height}" if largest else None,
     )
+
+
+def decodes_as_image(path: Path) -> bool:
+    """Whether the file decodes as an image, as the check requires of every image (whatever its name says)."""
+    info, _ = _inspect_image(path)
+    return info is not None

@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import ast
 import math
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from .optimizer_args import parse_optimizer_args
+
 
 class OptimizerError(Exception):
     """The optimizer cannot run here; the message names an alternative."""
-
-
-def parse_optimizer_args(items: list[str]) -> dict:
-    """kohya's optimizer_args: ["weight_decay=0.01", "betas=0.9,0.999"] -> {"weight_decay": 0.01, "betas": (0.9, 0.999)}."""
-    out = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        value = value.strip()
-        try:
-            parsed = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            parsed = {"true": True, "false": False}.get(value.lower(), value)
-        out[key.strip()] = parsed
-    return out
 
 
 def make_optimizer(

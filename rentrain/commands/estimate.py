@@ -9,7 +9,9 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from rentrain.cli_types import setting_type
 from rentrain.commands.offers import (
     PROVIDER_CHOICES,
     describe_profile,
@@ -57,7 +59,9 @@ def offline_rows(profile: JobProfile, gpus: int = 1) -> list[dict[str, Any]]:
 @click.option("--provider", "providers", multiple=True, type=click.Choice(PROVIDER_CHOICES, case_sensitive=False),
               help="Provider to ask (repeatable). Default: all.")
 @click.option("--gpu", "gpus", multiple=True, help="GPU model to consider (repeatable).")
-@click.option("--max-price", type=float, default=None, help="Skip offers above this USD per hour.")
+@click.option(
+    "--max-price", type=setting_type("max_price_per_hour"), default=None, help="Skip offers above this USD per hour."
+)
 @click.option("--include-interruptible", is_flag=True, default=None, help="Also consider interruptible offers.")
 @gpus_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
@@ -102,12 +106,10 @@ def estimate(
         return
 
     console = Console()
-    console.print(f"Job: {describe_profile(profile, req.gpu_count)}", highlight=False)
-    console.print(f"Requirements: {describe_requirements(req)}", highlight=False)
-    console.print(
-        "Setup overhead (billed): " + ", ".join(f"{k.replace('_', ' ')} {v / 60:.1f} min" for k, v in overhead.items() if v),
-        highlight=False,
-    )
+    console.print(f"Job: {describe_profile(profile, req.gpu_count)}", markup=False, highlight=False)
+    console.print(f"Requirements: {describe_requirements(req)}", markup=False, highlight=False)
+    phases = ", ".join(f"{k.replace('_', ' ')} {v / 60:.1f} min" for k, v in overhead.items() if v)
+    console.print(f"Setup overhead (billed): {phases}", highlight=False)
     console.print(_table("Best offer per provider", by_provider, search.notes))
     console.print(_table("Best offer per GPU model", by_gpu, []))
     print_notes(console, search.notes)
@@ -133,7 +135,7 @@ def _table(title: str, items: list[RankedOffer], notes: list[Any]) -> Table:
         table.add_column(column, justify="left" if column in ("provider", "GPU") else "right", overflow="fold")
     for item in items:
         est = item.estimate
-        table.add_row(
+        cells = (
             provider_label(item.offer),
             gpu_label(item.offer),
             money(item.offer.price_per_hour),
@@ -142,6 +144,7 @@ def _table(title: str, items: list[RankedOffer], notes: list[Any]) -> Table:
             f"{est.total_hours:.2f}" if est else "?",
             money(est.cost_usd if est else None, 2),
         )
+        table.add_row(*(Text(cell) for cell in cells))  # provider text is never markup
     for note in notes:
         table.add_row(*note_cells(note, 7))
     return table

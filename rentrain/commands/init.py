@@ -8,6 +8,9 @@ from pathlib import Path
 
 import click
 
+from remote.dataset import MAX_REPEATS
+from rentrain.cli_types import Number
+
 STARTERS = {
     "sd15": {
         "model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -30,14 +33,16 @@ STARTERS = {
         "alpha": 16,
     },
 }
-TRIGGER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+TRIGGER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*\Z")
 
 
 @click.command()
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--sdxl", is_flag=True, help="Start from SDXL settings instead of SD 1.5.")
 @click.option("--trigger", default="mysubject", show_default=True, help="Trigger word; also the output name.")
-@click.option("--repeats", default=10, show_default=True, type=click.IntRange(min=1), help="Repeats per epoch.")
+@click.option(
+    "--repeats", default=10, show_default=True, type=Number(1, MAX_REPEATS, whole=True), help="Repeats per epoch."
+)
 def init(directory: Path, sdxl: bool, trigger: str, repeats: int) -> None:
     """Write DIRECTORY/config.toml and the folder DIRECTORY/dataset/<repeats>_<trigger>/ for your images.
 

@@ -37,24 +37,24 @@ def test_check_json_is_machine_readable(tmp_path: Path) -> None:
     assert data["model_source"] == "hub"
 
 
-def test_check_exits_1_on_config_error_and_names_the_key(tmp_path: Path) -> None:
+def test_check_exits_2_on_config_error_and_names_the_key(tmp_path: Path) -> None:
     config = write_config(tmp_path, TUTORIAL_CONFIG.replace("learning_rate", "learning_rat"))
     result = CliRunner().invoke(main, ["check", str(config)], terminal_width=200)
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "learning_rat: unknown key in [training]; did you mean learning_rate?" in result.output
     as_json = CliRunner().invoke(main, ["check", "--json", str(config)])
-    assert as_json.exit_code == 1
+    assert as_json.exit_code == 2
     assert json.loads(as_json.output)["config_errors"] == [
         "learning_rat: unknown key in [training]; did you mean learning_rate?"
     ]
 
 
-def test_check_exits_1_on_dataset_error(tmp_path: Path) -> None:
+def test_check_exits_2_on_dataset_error(tmp_path: Path) -> None:
     folder = make_dataset(tmp_path / "dataset", [(512, 512)] * 20)
     (folder / "broken.png").write_bytes(b"nope")
     config = write_config(tmp_path, TUTORIAL_CONFIG)
     result = CliRunner().invoke(main, ["check", str(config)], terminal_width=300)
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "broken.png: cannot be decoded as an image" in result.output
 
 

@@ -104,7 +104,7 @@ def test_folder_without_repeat_prefix_is_an_error(tmp_path: Path) -> None:
 
 def test_zero_repeats_is_an_error(tmp_path: Path) -> None:
     make_dataset(tmp_path / "dataset", [(512, 512)] * 3, repeats=0)
-    assert any("repeat count must be at least 1" in e for e in _messages(_check(tmp_path), "error"))
+    assert any("repeat count 0 must be from 1 to" in e for e in _messages(_check(tmp_path), "error"))
 
 
 def test_undecodable_and_truncated_images_are_named(tmp_path: Path) -> None:

@@ -1,0 +1,99 @@
+"""Numeric command-line options: finite, range-checked numbers.
+
+click's FloatRange lets "nan" and "inf" through (every comparison with NaN is false), which silently
+disables a budget or a deadline. `Number` refuses them; `setting_type` takes an option's range from the
+`[rentrain]` key it overrides (remote/config.py JobSettings), so the file and the command line agree.
+A refused value is a usage error: exit code 2, naming the option and the value.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import annotated_types
+import click
+
+from remote.config import JobSettings
+
+
+class Number(click.ParamType[float]):
+    """A finite number within [low, high]; `low_open`/`high_open` exclude the bound; `whole` wants an integer."""
+
+    def __init__(
+        self,
+        low: float | None = None,
+        high: float | None = None,
+        low_open: bool = False,
+        high_open: bool = False,
+        whole: bool = False,
+    ):
+        self.low, self.high, self.low_open, self.high_open, self.whole = low, high, low_open, high_open, whole
+        self.name = "integer" if whole else "number"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        number = self._parse(value, param, ctx)
+        if not self._in_range(number):
+            self.fail(f"{value!r} is not {self.describe_range()}", param, ctx)
+        return number
+
+    def _parse(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, bool):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if self.whole:
+            if isinstance(value, int):
+                return value
+            try:
+                return int(str(value).strip())
+            except ValueError:
+                self.fail(f"{value!r} is not a whole number", param, ctx)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+    def _in_range(self, number: float) -> bool:
+        if self.low is not None and (number <= self.low if self.low_open else number < self.low):
+            return False
+        return self.high is None or (number < self.high if self.high_open else number <= self.high)
+
+    def describe_range(self) -> str:
+        kind = "a whole number" if self.whole else "a number"
+        if self.low is not None and self.high is not None and not (self.low_open or self.high_open):
+            return f"{kind} from {_number(self.low)} to {_number(self.high)}"
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'above' if self.low_open else 'at least'} {_number(self.low)}")
+        if self.high is not None:
+            parts.append(f"{'below' if self.high_open else 'at most'} {_number(self.high)}")
+        return f"{kind} {' and '.join(parts)}" if parts else kind
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return "INTEGER" if self.whole else "NUMBER"
+
+    def __repr__(self) -> str:
+        return f"Number({self.describe_range()})"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def setting_type(name: str) -> Number:
+    """The option type for overriding the [rentrain] key `name`, with that key's range and kind."""
+    field = JobSettings.model_fields[name]
+    bounds: dict[str, Any] = {}
+    for rule in field.metadata:
+        if isinstance(rule, annotated_types.Gt):
+            bounds.update(low=rule.gt, low_open=True)
+        elif isinstance(rule, annotated_types.Ge):
+            bounds.update(low=rule.ge)
+        elif isinstance(rule, annotated_types.Lt):
+            bounds.update(high=rule.lt, high_open=True)
+        elif isinstance(rule, annotated_types.Le):
+            bounds.update(high=rule.le)
+    whole = field.annotation is int
+    return Number(whole=whole, **bounds)
