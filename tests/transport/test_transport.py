@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import pwd
-import shutil
 import shlex
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,11 +14,14 @@ import pytest
 
 from rentrain.sshkeys import create_job_key
 from rentrain.transport import (
+    FetchRefused,
+    FileLimit,
     HostKeyMismatch,
     Remote,
     SshEndpoint,
     SshUnavailable,
     TransportError,
+    TreeLimit,
     UnsafeRemotePath,
     check_remote_path,
 )
@@ -91,9 +94,8 @@ def test_unreachable_host_gives_up_after_bounded_retries(tmp_path: Path) -> None
 
 
 def _tree(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()
-    }
+    files = [p for p in sorted(root.rglob("*")) if p.is_file()]
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 def test_upload_with_rsync_then_without(instance: tuple[SshdInstance, Path], tmp_path: Path) -> None:
@@ -116,26 +118,30 @@ def test_upload_with_rsync_then_without(instance: tuple[SshdInstance, Path], tmp
     assert _tree(Path(sftp_target)) == expected
 
 
+LORA = FileLimit(what="LoRA file", max_bytes=1 << 20, suffix=".safetensors")
+
+
 def test_download_checks_name_hash_and_never_overwrites(instance: tuple[SshdInstance, Path], tmp_path: Path) -> None:
     sim, key_path = instance
     remote = _remote(sim, key_path)
     job_dir = sim.workdir / "job"
     job_dir.mkdir(parents=True)
     payload = b"lora weights" * 100
+    remote_file = str(job_dir / "lora-000001.safetensors")
     (job_dir / "lora-000001.safetensors").write_bytes(payload)
     digest = hashlib.sha256(payload).hexdigest()
     local = tmp_path / "out" / "lora-000001.safetensors"
-    remote.download(str(job_dir / "lora-000001.safetensors"), str(job_dir), local, digest)
+    remote.download(remote_file, str(job_dir), local, digest, LORA)
     assert local.read_bytes() == payload
-    assert remote.download(str(job_dir / "lora-000001.safetensors"), str(job_dir), local, digest) == local
+    assert remote.download(remote_file, str(job_dir), local, digest, LORA) == local
     # a sample grid has no hash: already home means nothing to do, and the file is untouched
-    assert remote.download(str(job_dir / "lora-000001.safetensors"), str(job_dir), local, None) == local
+    assert remote.download(remote_file, str(job_dir), local, None, LORA) == local
     with pytest.raises(TransportError, match="sha256 mismatch"):
-        remote.download(str(job_dir / "lora-000001.safetensors"), str(job_dir), tmp_path / "other.safetensors", "0" * 64)
+        remote.download(remote_file, str(job_dir), tmp_path / "other.safetensors", "0" * 64, LORA)
     assert not (tmp_path / "other.safetensors").exists()
     local.write_bytes(b"user's own file")
     with pytest.raises(TransportError, match="never overwrites"):
-        remote.download(str(job_dir / "lora-000001.safetensors"), str(job_dir), local, digest)
+        remote.download(remote_file, str(job_dir), local, digest, LORA)
     assert local.read_bytes() == b"user's own file"
 
 
@@ -158,7 +164,8 @@ def test_unsafe_remote_paths_are_refused(path: str) -> None:
 
 
 def test_safe_remote_path_is_normalised() -> None:
-    assert check_remote_path("/work/job/./out/a-000001.safetensors", "/work/job") == "/work/job/out/a-000001.safetensors"
+    normalised = check_remote_path("/work/job/./out/a-000001.safetensors", "/work/job")
+    assert normalised == "/work/job/out/a-000001.safetensors"
 
 
 def test_commands_with_hostile_names_stay_quoted(instance: tuple[SshdInstance, Path]) -> None:
@@ -171,16 +178,17 @@ def test_commands_with_hostile_names_stay_quoted(instance: tuple[SshdInstance, P
     assert not (login_home / "pwned").exists() and not (sim.workdir / "pwned").exists()
 
 
-def test_rsync_that_loses_its_connection_is_retried(instance: tuple[SshdInstance, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rsync_that_loses_its_connection_is_retried(
+    instance: tuple[SshdInstance, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The first rsync dies as a dropped SSH connection does (exit 255); the retry completes the copy."""
     sim, key_path = instance
     shim_dir = tmp_path / "shim"
     shim_dir.mkdir()
     marker = tmp_path / "failed-once"
     real_rsync = shutil.which("rsync")
-    (shim_dir / "rsync").write_text(
-        f"#!/bin/sh\nif [ ! -e {marker} ]; then touch {marker}; echo 'connection reset' >&2; exit 255; fi\nexec {real_rsync} \"$@\"\n"
-    )
+    fail_once = f"if [ ! -e {marker} ]; then touch {marker}; echo 'connection reset' >&2; exit 255; fi"
+    (shim_dir / "rsync").write_text(f'#!/bin/sh\n{fail_once}\nexec {real_rsync} "$@"\n')
     (shim_dir / "rsync").chmod(0o755)
     monkeypatch.setenv("PATH", f"{shim_dir}:{os.environ['PATH']}")
     monkeypatch.setattr("rentrain.transport.time.sleep", lambda _s: None)
@@ -203,17 +211,24 @@ def test_rsync_gives_up_on_a_permanent_error(instance: tuple[SshdInstance, Path]
         remote.upload_tree(tmp_path / "does-not-exist", str(sim.workdir / "x"), tmp_path)
 
 
+STATE = TreeLimit(what="training state", max_bytes=1 << 20, max_files=8)
+
+
 def test_downloaded_trees_bring_no_symlinks(instance: tuple[SshdInstance, Path], tmp_path: Path) -> None:
-    """A host cannot plant a link that a later upload (resume on the next host) would follow."""
+    """A host cannot plant a link that a later upload (resume on the next host) would follow: a state folder
+    holding one is refused, and nothing of it comes home."""
     sim, key_path = instance
     state = sim.workdir / "job" / "output" / "lora-000001-state"
     state.mkdir(parents=True)
     (state / "lora.safetensors").write_bytes(b"weights")
-    (state / "steal").symlink_to(Path.home() / ".config" / "rentrain" / "credentials.toml")
     remote = _remote(sim, key_path)
-    local = remote.download_tree(str(state), str(sim.workdir / "job" / "output"), tmp_path / "states" / "s", tmp_path)
+    output = str(sim.workdir / "job" / "output")
+    local = remote.download_tree(str(state), output, tmp_path / "states" / "s", tmp_path, STATE)
     assert (local / "lora.safetensors").read_bytes() == b"weights"
-    assert not (local / "steal").exists() and not (local / "steal").is_symlink()
+    (state / "steal").symlink_to(Path.home() / ".config" / "rentrain" / "credentials.toml")
+    with pytest.raises(FetchRefused, match="not a plain file"):
+        remote.download_tree(str(state), output, tmp_path / "states" / "t", tmp_path, STATE)
+    assert not (tmp_path / "states" / "t").exists()
 
 
 def test_upload_follows_the_users_own_symlinks(instance: tuple[SshdInstance, Path], tmp_path: Path) -> None:
@@ -229,3 +244,70 @@ def test_upload_follows_the_users_own_symlinks(instance: tuple[SshdInstance, Pat
     remote.upload_tree(staging, str(sim.workdir / "model"), tmp_path)
     uploaded = sim.workdir / "model" / "model.safetensors"
     assert not uploaded.is_symlink() and uploaded.read_bytes() == b"base model"
+
+
+def _listed_source(tmp_path: Path) -> tuple[Path, list[str]]:
+    """A dataset folder holding more than its list: a key, a linked image, a folder that is itself a link."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "photo.png").write_bytes(b"\x89PNG linked" * 50)
+    (outside / "id_rsa").write_text("private key")
+    (outside / "pictures").mkdir()
+    (outside / "pictures" / "c.png").write_bytes(b"\x89PNG c" * 50)
+    source = tmp_path / "dataset"
+    (source / "10_x").mkdir(parents=True)
+    (source / "10_x" / "a b.png").write_bytes(b"\x89PNG" + bytes(range(256)) * 40)
+    (source / "10_x" / "a b.txt").write_text("caption")
+    (source / "10_x" / "linked.png").symlink_to(outside / "photo.png")
+    (source / "10_x" / "id_rsa").symlink_to(outside / "id_rsa")
+    (source / "10_x" / ".env").write_text("KEY=secret")
+    (source / "5_y").symlink_to(outside / "pictures", target_is_directory=True)
+    return source, ["10_x/a b.png", "10_x/a b.txt", "10_x/linked.png", "5_y/c.png"]
+
+
+def _uploaded(target: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(target)): p.read_bytes() for p in sorted(target.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("with_rsync", [True, False])
+def test_upload_files_sends_exactly_the_list(
+    instance: tuple[SshdInstance, Path], tmp_path: Path, with_rsync: bool
+) -> None:
+    sim, key_path = instance
+    source, files = _listed_source(tmp_path)
+    remote = _remote(sim, key_path)
+    remote.run("true")
+    if not with_rsync:
+        remote.has_command = lambda name: False  # type: ignore[method-assign]
+    target = sim.workdir / "job" / "dataset"
+    remote.upload_files(source, files, str(target), tmp_path)
+    assert _uploaded(target) == {name: (source / name).read_bytes() for name in files}
+    assert not any(p.is_symlink() for p in target.rglob("*"))
+    assert (target / "5_y").is_dir()
+    remote.upload_files(source, files, str(target), tmp_path)  # again, as a resumed job does: nothing changes
+    assert _uploaded(target) == {name: (source / name).read_bytes() for name in files}
+
+
+def test_rsync_works_from_a_state_folder_whose_path_has_spaces(
+    instance: tuple[SshdInstance, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HOME="/home/a b": the job's key and pinned known_hosts live under it, and OpenSSH splits an unquoted
+    UserKnownHostsFile on spaces (and expands % in file names)."""
+    sim, key_path = instance
+    state = tmp_path / "home of a b" / "100%x 'quoted'"
+    state.mkdir(parents=True)
+    spaced_key = state / "job key"
+    shutil.copy(key_path, spaced_key)
+    spaced_key.chmod(0o600)
+    monkeypatch.setattr("rentrain.transport.time.sleep", lambda _s: None)
+    source, files = _listed_source(tmp_path)
+    remote = _remote(sim, spaced_key)
+    remote.run("true")
+    target = sim.workdir / "job" / "dataset"
+    remote.upload_files(source, files, str(target), state)
+    assert _uploaded(target) == {name: (source / name).read_bytes() for name in files}
+    state_dir = sim.workdir / "job" / "output" / "lora-000001-state"
+    state_dir.mkdir(parents=True)
+    (state_dir / "lora.safetensors").write_bytes(b"weights" * 100)
+    fetched = remote.download_tree(str(state_dir), str(state_dir.parent), state / "states" / "s", state, STATE)
+    assert (fetched / "lora.safetensors").read_bytes() == b"weights" * 100
