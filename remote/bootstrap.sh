@@ -4,8 +4,9 @@
 #   bash bootstrap.sh JOB_DIR [MODEL_REFERENCE] [GPUS]
 #
 # Phases, each reported as one JSON line in JOB_DIR/bootstrap.jsonl with its duration:
-#   python    find a Python >= 3.10: $RENTRAIN_PYTHON when the host sets it (a conda env on a machine
-#             rented by hand), else the image's (a PyTorch CUDA image is the default)
+#   python    find a Python >= 3.11 (the trainer's floor: remote/config.py reads TOML with tomllib):
+#             $RENTRAIN_PYTHON when the host sets it (a conda env on a machine rented by hand), else the
+#             image's (a PyTorch CUDA image is the default); none: fail, naming the version found
 #   packages  install what the image lacks from remote/requirements.txt (uv when present, else pip);
 #             torch is kept as the image has it
 #   gpu       one torch call: the GPU's name and memory (RENTRAIN_ALLOW_CPU=1 accepts a CPU-only host);
@@ -36,16 +37,21 @@ fail() {  # name started_ms detail
 # --- python
 start=$(now)
 PYTHON=""
+found=""
 for candidate in ${RENTRAIN_PYTHON:-} python3 python; do
-    if command -v "$candidate" >/dev/null 2>&1 &&
-        "$candidate" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' 2>/dev/null; then
+    command -v "$candidate" >/dev/null 2>&1 || continue
+    version=$("$candidate" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])' 2>/dev/null) || continue
+    if [[ "$version" =~ ^([0-9]+)\.([0-9]+) ]] &&
+        { [ "${BASH_REMATCH[1]}" -gt 3 ] || { [ "${BASH_REMATCH[1]}" -eq 3 ] && [ "${BASH_REMATCH[2]}" -ge 11 ]; }; }; then
         PYTHON=$(command -v "$candidate")
         break
     fi
+    [ -n "$found" ] || found="found Python $version at $(command -v "$candidate")"
 done
-[ -n "$PYTHON" ] || fail python "$start" "no Python 3.10+ on this image"
+[ -n "$PYTHON" ] || fail python "$start" \
+    "${found:-found no Python on PATH}; the trainer needs 3.11+ (set RENTRAIN_PYTHON or use an image with 3.11+)"
 echo "$PYTHON" >"$JOB_DIR/python"
-phase python true "$start" "$("$PYTHON" --version 2>&1) at $PYTHON"
+phase python true "$start" "Python $version at $PYTHON"
 
 # --- packages
 start=$(now)
@@ -63,8 +69,10 @@ for line in Path(sys.argv[1]).read_text().splitlines():
     if not line:
         continue
     name = re.split(r"[<>=!~;\[ ]", line, maxsplit=1)[0]
+    pinned = line.partition("==")[2].strip()
     try:
-        md.version(name)
+        if md.version(name) != (pinned or md.version(name)):  # a pin: the version the tests ran with
+            missing.append(line)
     except md.PackageNotFoundError:
         missing.append(line)
 print("\n".join(missing))
@@ -79,7 +87,11 @@ EOF
         else
             installer=("$PYTHON" -m pip install --no-input --disable-pip-version-check)
         fi
-        if ! "${installer[@]}" "${packages[@]}" >"$JOB_DIR/packages.log" 2>&1; then
+        # torch stays as the image has it: a package that needs another torch fails here, never replaces it.
+        # Images with the system's Python (PEP 668) take installs into it: the container is their only user.
+        "$PYTHON" -c 'import torch; print("torch==" + torch.__version__)' >"$JOB_DIR/keep-torch.txt" 2>/dev/null || true
+        if ! PIP_BREAK_SYSTEM_PACKAGES=1 UV_BREAK_SYSTEM_PACKAGES=1 \
+            "${installer[@]}" -c "$JOB_DIR/keep-torch.txt" "${packages[@]}" >"$JOB_DIR/packages.log" 2>&1; then
             fail packages "$start" "install failed: $(tail -n 5 "$JOB_DIR/packages.log")"
         fi
         detail="installed: ${packages[*]}"
@@ -111,10 +123,13 @@ fi
 phase gpu true "$start" "$gpu"
 
 # --- model (background; the trainer waits for .ready)
+# a download that still runs (this script run again after an SSH drop, or by a client that came back) is kept
+fetching() { [ -f "$JOB_DIR/model.pid" ] && kill -0 "$(cat "$JOB_DIR/model.pid")" 2>/dev/null; }
 case "$MODEL" in
     https://*|*/*)
-        if [ ! -f "$JOB_DIR/model/.ready" ] && [[ "$MODEL" != /* ]]; then
+        if [ ! -f "$JOB_DIR/model/.ready" ] && [[ "$MODEL" != /* ]] && ! fetching; then
             mkdir -p "$JOB_DIR/model"
+            rm -f "$JOB_DIR/model/.failed"
             (
                 start=$(now)
                 if "$PYTHON" "$PAYLOAD_DIR/remote/fetch_model.py" "$MODEL" "$JOB_DIR/model" >"$JOB_DIR/model.log" 2>&1; then
@@ -125,6 +140,7 @@ case "$MODEL" in
                     phase model false "$start" "$(tail -n 3 "$JOB_DIR/model.log")"
                 fi
             ) </dev/null >/dev/null 2>&1 &
+            echo $! >"$JOB_DIR/model.pid"
         fi
         ;;
 esac

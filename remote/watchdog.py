@@ -1,17 +1,24 @@
 """The dead-man's switch on the rented machine. Standard library only; started first, detached.
 
-It ends its own instance through the provider's in-instance credentials when:
+It starts as soon as SSH answers, before any package install or model download, and ends its own instance
+through the provider's in-instance credentials when:
 - the hard deadline (max_hours) is reached;
 - the running cost (billed time x price) reaches the budget (max_cost);
-- training has ended (done, error, or the trainer is gone) and the client has been silent for idle_timeout.
+- setup (everything before the trainer starts: no trainer.pid yet) has run longer than setup_timeout_seconds,
+  counted from when the client last wrote watchdog.json (it does so at the start of each setup);
+- training has ended (done, error, or the trainer is gone), or has not started, and the client has been silent
+  for idle_timeout (during setup, for three of its heartbeat_seconds at the least).
 
 Before ending, it stops a running trainer (SIGTERM, so the trainer saves its state). If results exist that
 the client has not fetched yet, it STOPS the instance (the disk survives, cheaply) instead of destroying it.
 
     python3 watchdog.py JOB_DIR          # reads JOB_DIR/watchdog.json, written by the client
 
-The client touches JOB_DIR/heartbeat while it follows the job, and writes JOB_DIR/fetched once the final
-result is home. Decisions are appended to JOB_DIR/watchdog.jsonl. No secret is in watchdog.json: the
+It runs on whatever Python 3.8+ the image has (it starts before bootstrap looks for the trainer's 3.11+), so
+it keeps to 3.8 syntax and standard-library calls.
+
+The client touches JOB_DIR/heartbeat while it sets up and follows the job, and writes JOB_DIR/fetched once
+the final result is home. Decisions are appended to JOB_DIR/watchdog.jsonl. No secret is in watchdog.json: the
 provider calls name environment variables (CONTAINER_API_KEY, RUNPOD_API_KEY) that the provider put in the
 container, read from the environment, or from PID 1's environment when an SSH session lacks them.
 """
@@ -185,6 +192,14 @@ class Watchdog:
             last = self.watch_started
         return self.clock() - max(last, self.watch_started)
 
+    def setup_seconds(self) -> float:
+        """Time since the client began the current setup: it writes watchdog.json first thing each time."""
+        try:
+            began = (self.job_dir / SETTINGS).stat().st_mtime
+        except OSError:
+            began = self.watch_started
+        return self.clock() - began
+
     def reason_to_end(self) -> str | None:
         max_hours = self.settings.get("max_hours")
         if max_hours is not None and self.clock() - self.started_at >= float(max_hours) * 3600:
@@ -194,11 +209,18 @@ class Watchdog:
             return f"budget: ${self.cost_so_far():.2f} of ${float(max_cost):.2f} spent"
         self._scan_events()
         trainer_started = self.trainer_pid() is not None
+        idle = float(self.settings.get("idle_timeout_seconds") or 1200)
+        if not trainer_started:
+            setup_limit = self.settings.get("setup_timeout_seconds")
+            if setup_limit is not None and self.setup_seconds() >= float(setup_limit):
+                return f"setup: the trainer has not started {self.setup_seconds():.0f} s after setup began"
+            # during setup the client beats every heartbeat_seconds: silence counts after three missed beats
+            idle = max(idle, 3 * float(self.settings.get("heartbeat_seconds") or 0))
         # no trainer at all counts as ended too: the client went away before it could start one
         ended = self.training_ended or not trainer_started or not self.trainer_alive()
-        idle = float(self.settings.get("idle_timeout_seconds") or 1200)
         if ended and self.client_silent_for() >= idle:
-            return f"idle: training ended and no client for {self.client_silent_for():.0f} s"
+            phase = "training ended" if trainer_started else "setup not done"
+            return f"idle: {phase} and no client for {self.client_silent_for():.0f} s"
         return None
 
     def stop_trainer(self, grace_seconds: float = 60) -> None:

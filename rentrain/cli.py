@@ -10,7 +10,8 @@ from rich.console import Console
 from rentrain import __version__
 from rentrain.commands import check, estimate, init, jobs, offers, run
 
-# Commands that list or end unfollowed instances themselves; warning before them is noise.
+# Commands that look at the provider accounts themselves (status, down) or act on one job (attach): the sweep
+# before them would be noise, or would act on the job they are about to act on.
 QUIET_COMMANDS = {"status", "down", "attach"}
 
 
@@ -20,7 +21,7 @@ QUIET_COMMANDS = {"status", "down", "attach"}
 def main(ctx: click.Context) -> None:
     """Train Stable Diffusion LoRAs on rented cloud GPUs, unattended, and never leave a machine billing."""
     if ctx.invoked_subcommand not in QUIET_COMMANDS and "--help" not in sys.argv[1:]:
-        jobs.warn_about_unfollowed(Console(stderr=True))
+        jobs.sweep(Console(stderr=True))  # says what may bill; the command keeps its own exit code
 
 
 main.add_command(check.check)

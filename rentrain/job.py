@@ -11,14 +11,17 @@ import json
 import posixpath
 import secrets
 import shlex
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property, partial
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, Field
+from rich.markup import escape
 
 from providers.base import (
     Instance,
@@ -28,11 +31,13 @@ from providers.base import (
     Offer,
     OfferGone,
     Provider,
+    ProviderDown,
     ProviderError,
     SelfDestructRecipe,
 )
 from remote.config import LoadedConfig, model_source_kind
 from remote.events import EVENTS_FILE, CheckpointEvent, DoneEvent, ErrorEvent, Event, SampleEvent, parse_event
+from rentrain.fetch_limits import FetchLimits, fetch_limits
 from rentrain.ledger import InstanceRecord, JobRecord, JobState, Ledger
 from rentrain.paths import state_dir
 from rentrain.progress import RunProgress
@@ -43,22 +48,36 @@ from rentrain.remote_job import (
     job_root,
     payload_source,
     probe_workdir,
-    remote_model_reference,
     remote_train_config,
     trainer_command,
     watchdog_command,
 )
-from rentrain.sshkeys import JobKey
+from rentrain.sshkeys import JobKey, forget_job_key
 from rentrain.transport import (
     NETWORK_ERRORS,
+    FetchBudget,
+    FetchRefused,
     Remote,
     SshEndpoint,
     SshUnavailable,
     TransportError,
+    UnknownHostKey,
     check_remote_path,
+    user_known_hosts_files,
 )
+from rentrain.upload_list import list_dataset_files
 
 Outcome = Literal["succeeded", "failed", "cancelled"]
+T = TypeVar("T")
+
+# The connection dropped (retried, then the host may count as lost). Any other TransportError is the job's
+# own (a refused file name, a failed command, a host key that does not match): it ends the job, never a host.
+CONNECTION_LOST = (*NETWORK_ERRORS, SshUnavailable)
+# While setup runs, a second connection touches the instance's heartbeat this often: an upload holds the
+# first one for as long as it takes, and the watchdog must not take that silence for a client gone.
+SETUP_HEARTBEAT_SECONDS = 10
+# Setup may take longer by the time the job's uploads need at this rate (4 Mbit/s, a slow home uplink).
+UPLOAD_FLOOR_BYTES_PER_SECOND = 500_000
 
 
 class RunSettings(BaseModel):
@@ -68,11 +87,27 @@ class RunSettings(BaseModel):
     idle_timeout_minutes: float = 20
     max_offers: int = 5
     max_retries: int = 2
-    image: str = "pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime"
+    image: str = "pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime"
     disk_gb: int = 40
     ssh_wait_seconds: float = 600  # an instance not reachable by then is destroyed and the next offer taken
-    ssh_lost_seconds: float = 300  # SSH gone this long while the provider has no news: the host counts as dead
-    bootstrap_seconds: float = 1800
+    # SSH gone this long while the provider still says running: the host counts as dead (destroyed, next offer,
+    # resume). One poll that finds SSH gone takes ~15 s against a host that refuses connections and ~90 s
+    # against one that stays silent (measured: Remote retries 5 connects of up to 15 s, 1-8 s apart); 120 s
+    # allows two silent rounds, longer than the blips we know (an SSH proxy restarting, a laptop changing
+    # networks: seconds to a minute), where 300 s let a dead host bill four to six rounds. A host the provider
+    # reports exited is replaced at once.
+    ssh_lost_seconds: float = 120
+    # How long setup (SSH up -> trainer started) may take, client and watchdog alike, plus the job's uploads at
+    # UPLOAD_FLOOR_BYTES_PER_SECOND. Measured on the simulator: 5 s (bootstrap 2.7 s: the gpu phase imports
+    # torch). On a rented GPU with the default image: the train extra's wheels (~150 MB, bitsandbytes the
+    # largest) install in 0.5-2 min, CUDA starts in seconds, and a 2-7 GB base model downloads in 0.5-2 min
+    # at the 500-1000 Mbit/s most offers list, ~10 min at 100 Mbit/s. About 10 min on a slow host, x3.
+    setup_timeout_seconds: float = 1800
+    # After a create that failed on the wire (a timeout, a 5xx), the provider may still make the machine: its
+    # label is looked for until this long after the create was sent. Our HTTP timeout is 30 s and front-end
+    # proxies cut a request after ~100 s (Cloudflare's default), so an instance that such a create made is
+    # listed by then; the job's last label sweep at its close is the second line.
+    create_window_seconds: float = 120
     poll_seconds: float = 5
     watchdog_poll_seconds: float = 15
     identity: str | None = None  # --provider ssh: the user's own key for the machine rented by hand
@@ -120,6 +155,13 @@ def budget_reached(ledger: Ledger, job_id: str, max_cost: float | None) -> str |
     return f"budget reached: ${spent:.2f} of ${max_cost:.2f}" if spent >= max_cost else None
 
 
+def _size_on_disk(path: Path) -> int:
+    """Bytes in a file or under a folder (0 when it does not exist)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
 def new_job_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 
@@ -151,6 +193,7 @@ class JobRunner:
         self.output_dir = Path(job.output_dir)
         self.events_offset = job.events_offset
         self.last_heartbeat = 0.0
+        self.setup_deadline = 0.0  # set when the watchdog starts: setup must be done by then
         self.detach_requested: str | None = None  # set by signal handlers; acted on once the watchdog runs
 
     # ------------------------------------------------------------------ ledger helpers
@@ -181,9 +224,9 @@ class JobRunner:
                 session = self.provision(offer)
                 if session is None:
                     continue
-                start = lambda s=session: self.train_on(s, detach_after_start)  # noqa: E731
+                start: Callable[[], Outcome] = partial(self.train_on, session, detach_after_start)
             else:
-                start = lambda s=session: self.continue_on(s)  # noqa: E731
+                start = partial(self.continue_on, session)
             try:
                 return start()
             except HostLost as exc:
@@ -220,13 +263,17 @@ class JobRunner:
         instances = [i for i in self.ledger.instances(self.job.id) if i.instance_id or i.provider == "ssh"]
         return instances[0].created_at if instances else time.time()
 
-    def run_on_host(self, endpoint: SshEndpoint, key_path: Path, detach_after_start: bool = False) -> Outcome:
-        """--provider ssh: the same pipeline on a machine rented by hand; nothing to create or destroy."""
+    def run_on_host(
+        self, endpoint: SshEndpoint, key_path: Path, detach_after_start: bool = False, trust_new_host: bool = False
+    ) -> Outcome:
+        """--provider ssh: the same pipeline on a machine rented by hand; nothing to create or destroy. Its host
+        key must be in the user's known_hosts (unless `trust_new_host`); it is pinned for the job either way."""
+        gpus = "" if self.settings.gpus == 1 else f"{self.settings.gpus} GPUs, "
         record = InstanceRecord(
             job_id=self.job.id,
             provider="ssh",
             offer_id=f"{endpoint.user}@{endpoint.host}:{endpoint.port}",
-            gpu="machine rented by hand" if self.settings.gpus == 1 else f"{self.settings.gpus} GPUs, machine rented by hand",
+            gpu=f"{gpus}machine rented by hand",
             gpu_count=self.settings.gpus,
             usd_per_hour=0.0,
             created_at=time.time(),
@@ -234,14 +281,33 @@ class JobRunner:
         self.ledger.add_instance(record)
         self._move("intent_recorded", f"ssh {record.offer_id}")
         self._move("waiting_ssh")
-        remote = Remote(endpoint, key_path, None, on_first_key=lambda key: self._pin(record, key))
-        remote.connect_with_retries(attempts=3)
+        try:
+            remote = Remote(
+                endpoint,
+                key_path,
+                None,
+                on_first_key=lambda key: self._pin(record, key),
+                known_hosts_files=user_known_hosts_files(endpoint.host),
+                trust_new_host=trust_new_host,
+            )
+            remote.connect_with_retries(attempts=3)
+        except TransportError as exc:
+            trust = isinstance(exc, UnknownHostKey)
+            hint = " Or, to trust it on first use, run again with --trust-new-host." if trust else ""
+            self._end_instance_record(record, f"not connected: {exc}")
+            self._close("failed", f"could not connect: {exc}")
+            raise JobFailed(f"{exc}{hint}") from None
         self.ledger.update_instance(
-            record.job_id, record.offer_id, record.created_at,
-            running_at=time.time(), ssh_host=endpoint.host, ssh_port=endpoint.port, ssh_user=endpoint.user,
+            record.job_id,
+            record.offer_id,
+            record.created_at,
+            running_at=time.time(),
+            ssh_host=endpoint.host,
+            ssh_port=endpoint.port,
+            ssh_user=endpoint.user,
         )
-        session = Session(record=record, remote=remote, layout=RemoteLayout(root=job_root(probe_workdir(remote), self.job.id)))
-        return self.train_on(session, detach_after_start)
+        layout = RemoteLayout(root=job_root(probe_workdir(remote), self.job.id))
+        return self.train_on(Session(record=record, remote=remote, layout=layout), detach_after_start)
 
     def reattach(self, key_path: Path, start_stopped: bool = True) -> Session | None:
         """The session of a job whose client went away: same instance, same pinned host key. A stopped
@@ -279,7 +345,7 @@ class JobRunner:
         settings = {**self._watchdog_settings(session), "started_at": time.time(), "max_hours": None, "max_cost": None}
         self._write_remote_file(session, session.layout.watchdog_settings, json.dumps(settings))
         session.remote.run(f"rm -f {shlex.quote(posixpath.join(session.layout.root, 'watchdog.pid'))}")
-        session.remote.run(watchdog_command(session.layout, session.python))
+        session.remote.run(watchdog_command(session.layout))
 
     def _current_endpoint(self, record: InstanceRecord, start_stopped: bool) -> tuple[SshEndpoint | None, bool]:
         """Where the instance answers SSH now (a restart may move its port), and whether it was started."""
@@ -342,8 +408,29 @@ class JobRunner:
             raise
 
     def _close(self, outcome: Outcome, detail: str, error: str | None = None, **fields: object) -> None:
+        self._sweep_label()
         failure = error or (detail if outcome != "succeeded" else None)
         self._move("closed", detail, outcome=outcome, error=failure, **fields)
+
+    def close(self, outcome: Outcome, detail: str) -> None:
+        """Close the job from outside the runner (the CLI after Ctrl-C), with the same last label sweep."""
+        self._close(outcome, detail)
+
+    def _sweep_label(self) -> None:
+        """The job's last guard before it closes: an instance with its label that no record of it ended (a
+        create that answered after its timeout and after the create window) is destroyed now."""
+        if self.provider is None:
+            return
+        try:
+            destroyed = self._destroy_labelled()
+        except ProviderError as exc:
+            self.say(
+                f"[yellow]could not check {escape(self.settings.provider)} for instances labelled {self.job.label}[/] "
+                f"({escape(exc.message)}): one may still be billing; run: rentrain down {self.job.id}"
+            )
+            return
+        for instance_id in destroyed:
+            self.say(f"[yellow]destroyed instance {instance_id}[/]: it carried this job's label but no record of it")
 
     # ------------------------------------------------------------------ provisioning
 
@@ -371,8 +458,11 @@ class JobRunner:
             self._end_instance_record(record, f"not created: {exc.message}")
             return None
         except ProviderError as exc:
-            self.say(f"[yellow]creating on offer {offer.offer_id} failed[/]: {exc.message}; taking the next")
-            self._adopt_by_label(record, f"create failed: {exc.message}")
+            # a timeout or a 5xx says nothing of what the provider did: it may still make the machine
+            on_the_wire = isinstance(exc, ProviderDown) or type(exc) is ProviderError
+            self.say(f"[yellow]creating on offer {offer.offer_id} failed[/]: {escape(exc.message)}")
+            self._adopt_by_label(record, f"create failed: {exc.message}", wait=on_the_wire)
+            self.say("taking the next offer")
             return None
         record = record.model_copy(update={"instance_id": instance.id})
         self.ledger.update_instance(record.job_id, record.offer_id, record.created_at, instance_id=instance.id)
@@ -402,19 +492,47 @@ class JobRunner:
     def _pin(self, record: InstanceRecord, host_key: str) -> None:
         self.ledger.update_instance(record.job_id, record.offer_id, record.created_at, host_key=host_key)
 
-    def _adopt_by_label(self, record: InstanceRecord, reason: str) -> None:
-        """A create that failed on the wire may still have made a machine: find it by label and end it.
-        The record stays open (so `rentrain down` keeps looking) until the provider says nothing is there."""
+    def _adopt_by_label(self, record: InstanceRecord, reason: str, wait: bool = True) -> None:
+        """A create that failed on the wire may still make a machine, after its answer timed out too: with
+        `wait`, look for the job's label until create_window_seconds after the create was sent, and destroy
+        what turns up. The record stays open (so `rentrain down` keeps looking) until the provider was asked."""
         assert self.provider is not None
-        try:
-            for instance in self.provider.list_instances(f"rentrain-{self.job.id}"):
-                self.provider.destroy(instance.id)
-                self.say(f"destroyed instance {instance.id} that the failed create left behind")
-        except ProviderError as exc:
-            raise JobFailed(
-                f"could not check for a half-created instance ({exc.message}); run: rentrain down {self.job.id}"
-            ) from None
+        until = record.created_at + self.settings.create_window_seconds if wait else 0.0
+        if until > time.time():
+            self.say(f"looking for an instance that create may still make, for up to {until - time.time():.0f} s")
+        while True:
+            try:
+                found = self._destroy_labelled()
+            except ProviderError as exc:
+                if time.time() < until:
+                    self.sleep(self.settings.poll_seconds)
+                    continue
+                raise JobFailed(
+                    f"could not check for a half-created instance ({exc.message}); run: rentrain down {self.job.id}"
+                ) from None
+            for instance_id in found:
+                self.say(f"destroyed instance {instance_id} that the failed create left behind")
+            if found:
+                self.ledger.update_instance(record.job_id, record.offer_id, record.created_at, instance_id=found[0])
+            if found or time.time() >= until:
+                break
+            self.sleep(self.settings.poll_seconds)
         self._end_instance_record(record, reason)
+
+    def _destroy_labelled(self) -> list[str]:
+        """Destroy every instance with this job's label that is neither gone nor ended in the ledger; their ids."""
+        assert self.provider is not None
+        ended = {i.instance_id for i in self.ledger.instances(self.job.id) if i.ended_at is not None}
+        destroyed = []
+        for instance in self.provider.list_instances(self.job.label):
+            if instance.label != self.job.label or instance.status == "gone" or instance.id in ended:
+                continue
+            try:
+                self.provider.destroy(instance.id)
+            except NotFound:
+                continue
+            destroyed.append(instance.id)
+        return destroyed
 
     def _wait_for_ssh(self, instance: Instance) -> SshEndpoint | None:
         assert self.provider is not None
@@ -448,7 +566,9 @@ class JobRunner:
 
     @property
     def guarded(self) -> bool:
-        """Whether the instance's watchdog runs: only then may the client go away."""
+        """Whether setup is over and training runs: only then may the user choose to detach. The watchdog runs
+        from the start of setup, so a client that dies before (kill -9) is covered too; but a user who stops
+        it during setup is there to see the instance destroyed."""
         return self.job.state in ("training", "following", "fetching")
 
     def follow_to_end(self, session: Session) -> Outcome:
@@ -463,7 +583,7 @@ class JobRunner:
         if isinstance(final, DoneEvent):
             try:
                 self.fetch_outputs(session, final)
-            except (*NETWORK_ERRORS, TransportError) as exc:
+            except CONNECTION_LOST as exc:
                 # the instance holds the only copy: leave it to its watchdog, which stops (not destroys) it
                 raise DetachRequested(
                     f"the result could not be fetched ({exc}); the instance keeps it. Try again with "
@@ -478,46 +598,138 @@ class JobRunner:
         return "failed"
 
     def prepare(self, session: Session) -> None:
+        """Set the instance up and start the trainer. The watchdog starts first, as soon as the payload is there:
+        from then on a client that dies leaves the instance to it. Each step is idempotent and outlives SSH
+        drops (reconnect, run it again) until the host counts as lost."""
         remote, layout = session.remote, session.layout
-        train = self.loaded.train
         self._move("syncing", f"to {layout.root}", remote_dir=layout.root, events_offset=0)
-        remote.run(f"mkdir -p {shlex.quote(layout.root)} {shlex.quote(layout.output)} {shlex.quote(layout.model)}")
-        remote.upload_tree(payload_source(), posixpath.join(layout.payload, "remote"), self.scratch, exclude=("__pycache__", "*.pyc"))
-        model_reference = remote_model_reference(train, layout)
-        fetch_on_instance = model_source_kind(train.pretrained_model_name_or_path) in ("hub", "url")
-        self._move("bootstrapping", "in parallel with the dataset upload")
-        remote.run(bootstrap_command(layout, train.pretrained_model_name_or_path if fetch_on_instance else "", session.gpus))
-        self._upload(session, train.train_data_dir, layout.dataset, "dataset")
-        if train.reg_data_dir is not None:
-            self._upload(session, train.reg_data_dir, layout.reg, "regularisation images")
-        self._upload_model(session)
-        if isinstance(train.sample_prompts, Path):
-            sftp = remote.sftp()
-            try:
-                sftp.put(str(train.sample_prompts), layout.sample_prompts)
-            finally:
-                sftp.close()
-        resume = self._upload_resume_state(session)
-        self._write_remote_file(session, layout.config, remote_train_config(train, layout))
-        session.python = self._await_bootstrap(session, fetch_on_instance, model_reference)
-        self._move("watchdog")
-        self._write_remote_file(session, layout.watchdog_settings, json.dumps(self._watchdog_settings(session)))
-        remote.run(watchdog_command(layout, session.python))
+        folders = shlex.join([layout.root, layout.output, layout.model])
+        self._setup_step(session, "creating the job folder", lambda: remote.run(f"mkdir -p {folders}"))
+        payload = posixpath.join(layout.payload, "remote")
+        self._setup_step(
+            session,
+            "uploading the trainer",
+            lambda: remote.upload_tree(payload_source(), payload, self.scratch, exclude=("__pycache__", "*.pyc")),
+        )
+        self._start_watchdog(session)
+        with self._setup_heartbeats(session):
+            resume = self._set_up(session)
         on = f" on {session.gpus} GPUs (data parallel)" if session.gpus > 1 else ""
         self._move("training", (f"resume from {resume}" if resume else "fresh start") + on)
-        remote.run(f"rm -f {shlex.quote(layout.events)}")
+        self._setup_step(session, "clearing old events", lambda: remote.run(f"rm -f {shlex.quote(layout.events)}"))
         self.events_offset = 0
         self.ledger.update_job(self.job.id, events_offset=0, remote_dir=layout.root)
-        remote.run(trainer_command(layout, session.python, resume, session.gpus))
+        command = trainer_command(layout, session.python, resume, session.gpus)
+        self._setup_step(session, "starting the trainer", lambda: remote.run(command))
+
+    def _set_up(self, session: Session) -> str | None:
+        """Bootstrap on the instance while the job's files upload; wait for both. The resume state's path there."""
+        remote, layout = session.remote, session.layout
+        train = self.loaded.train
+        fetch_on_instance = model_source_kind(train.pretrained_model_name_or_path) in ("hub", "url")
+        self._move("bootstrapping", "in parallel with the dataset upload")
+        model = train.pretrained_model_name_or_path if fetch_on_instance else ""
+
+        def step(what: str, action: Callable[[], T]) -> T:
+            return self._setup_step(session, what, action)
+
+        step("starting the setup", lambda: remote.run(bootstrap_command(layout, model, session.gpus)))
+        step("uploading the dataset", lambda: self._upload(session, train.train_data_dir, layout.dataset, "dataset"))
+        reg = train.reg_data_dir
+        if reg is not None:
+            what = "regularisation images"
+            step(f"uploading the {what}", lambda: self._upload(session, reg, layout.reg, what))
+        step("uploading the base model", lambda: self._upload_model(session))
+        prompts = train.sample_prompts
+        if isinstance(prompts, Path):
+            step("uploading the sample prompts", lambda: self._put_file(session, prompts, layout.sample_prompts))
+        resume: str | None = step("uploading the training state", lambda: self._upload_resume_state(session))
+        config = remote_train_config(train, layout)
+        step("writing the config", lambda: self._write_remote_file(session, layout.config, config))
+        session.python = step("waiting for the setup", lambda: self._await_bootstrap(session, fetch_on_instance))
+        return resume
+
+    def _setup_step(self, session: Session, what: str, step: Callable[[], T]) -> T:
+        """Run one idempotent setup step; when SSH drops, reconnect and run it again, as the follow loop does,
+        until the provider says the instance is down or SSH has been gone ssh_lost_seconds (HostLost)."""
+        lost_since: float | None = None
+        while True:
+            try:
+                return step()
+            except CONNECTION_LOST as exc:
+                if lost_since is None:
+                    lost_since = time.time()
+                    self.say(f"[yellow]SSH dropped while {what}[/] ({escape(str(exc))}); reconnecting")
+                session.remote.close()
+                self._check_host(session, lost_since, exc)
+                self.sleep(self.settings.poll_seconds)
+
+    def _start_watchdog(self, session: Session) -> None:
+        """Guard 0: the watchdog runs before anything slow happens on the instance (packages, the model, the
+        uploads), so a client killed during setup leaves it to end the instance."""
+        self._move("watchdog")
+        self.setup_deadline = time.time() + self._setup_limit()
+        settings = json.dumps(self._watchdog_settings(session))
+        layout = session.layout
+        write = lambda: self._write_remote_file(session, layout.watchdog_settings, settings)  # noqa: E731
+        self._setup_step(session, "writing the watchdog's settings", write)
+        command = watchdog_command(layout)
+        started = self._setup_step(session, "starting the watchdog", lambda: session.remote.run(command, check=False))
+        if started.exit_code != 0:
+            raise JobFailed(f"the watchdog did not start on the instance: {(started.stderr or started.stdout).strip()}")
+
+    def _setup_limit(self) -> float:
+        """Seconds this setup may take: setup_timeout_seconds, plus the uploads at UPLOAD_FLOOR_BYTES_PER_SECOND."""
+        train = self.loaded.train
+        sources = [train.train_data_dir, train.reg_data_dir, train.vae, self.job.last_state_path]
+        if model_source_kind(train.pretrained_model_name_or_path) in ("local_file", "local_dir"):
+            sources.append(train.pretrained_model_name_or_path)
+        uploads = sum(_size_on_disk(Path(source)) for source in sources if source is not None)
+        return self.settings.setup_timeout_seconds + uploads / UPLOAD_FLOOR_BYTES_PER_SECOND
+
+    @contextmanager
+    def _setup_heartbeats(self, session: Session) -> Iterator[None]:
+        """Touch the heartbeat from a second connection while setup runs (see SETUP_HEARTBEAT_SECONDS)."""
+        stop = threading.Event()
+        remote = Remote(session.remote.endpoint, session.remote.key_path, session.remote.pinned_host_key)
+        touch = f"touch {shlex.quote(session.layout.heartbeat)}"
+
+        def beat() -> None:
+            try:
+                while True:
+                    try:
+                        remote.run(touch, timeout=30, retries=1)
+                    except (*CONNECTION_LOST, TransportError):
+                        remote.close()  # the main thread's setup step finds out whether the host is lost
+                    if stop.wait(SETUP_HEARTBEAT_SECONDS):
+                        return
+            finally:
+                remote.close()
+
+        thread = threading.Thread(target=beat, name="rentrain-setup-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=2)  # one still connecting ends on its own; it is a daemon
 
     def _upload(self, session: Session, local: Path, remote_dir: str, what: str) -> None:
-        files = [p for p in local.rglob("*") if p.is_file()]
-        size = sum(p.stat().st_size for p in files)
+        """Only the folder's images and captions go up, in their N_name folders (rentrain.upload_list)."""
+        listing = list_dataset_files(local, self.loaded.train.caption_extension)
+        size = listing.bytes
         started = time.time()
-        self.say(f"uploading the {what}: {len(files)} files, {size / 1e6:.1f} MB")
-        session.remote.upload_tree(local, remote_dir, self.scratch)
+        self.say(f"uploading the {what}: {listing.file_count} files, {size / 1e6:.1f} MB")
+        session.remote.upload_files(local, listing.files, remote_dir, self.scratch)
         seconds = max(time.time() - started, 1e-3)
         self.say(f"uploaded the {what} in {seconds:.1f} s ({size / 1e6 / seconds:.1f} MB/s, checksummed)")
+
+    def _put_file(self, session: Session, local: Path, path: str) -> None:
+        sftp = session.remote.sftp()
+        try:
+            sftp.put(str(local), path)
+        finally:
+            sftp.close()
 
     def _write_remote_file(self, session: Session, path: str, text: str) -> None:
         sftp = session.remote.sftp()
@@ -557,45 +769,45 @@ class JobRunner:
         session.remote.upload_tree(local, target, self.scratch)
         return target
 
-    def _await_bootstrap(self, session: Session, model_fetched: bool, model_reference: str) -> str:
+    def _await_bootstrap(self, session: Session, model_fetched: bool) -> str:
+        """Wait for bootstrap.sh (and the model download) until the setup deadline; the trainer's Python."""
         remote, layout = session.remote, session.layout
-        deadline = time.time() + self.settings.bootstrap_seconds
-        while time.time() < deadline:
-            code = remote.run(f"cat {shlex.quote(layout.bootstrap_exit)} 2>/dev/null", check=False).stdout.strip()
-            if code:
-                break
+        read_exit = f"cat {shlex.quote(layout.bootstrap_exit)} 2>/dev/null"
+        while not (code := remote.run(read_exit, check=False).stdout.strip()):
+            self._before_setup_deadline("the instance's setup")
             self.sleep(self.settings.poll_seconds)
-        else:
-            raise JobFailed(f"bootstrap did not finish within {self.settings.bootstrap_seconds:.0f} s")
-        phases = [json.loads(line) for line in remote.run(f"cat {shlex.quote(layout.bootstrap_events)}", check=False).stdout.splitlines() if line.strip()]
+        events = remote.run(f"cat {shlex.quote(layout.bootstrap_events)}", check=False).stdout
+        phases = [json.loads(line) for line in events.splitlines() if line.strip()]
         for phase in phases:
             mark = "ok" if phase.get("ok") else "[red]failed[/]"
-            self.say(f"setup {phase.get('name')}: {mark} in {phase.get('seconds', 0):.1f} s ({phase.get('detail', '')})")
+            detail = escape(str(phase.get("detail", "")))
+            self.say(f"setup {escape(str(phase.get('name')))}: {mark} in {phase.get('seconds', 0):.1f} s ({detail})")
         if code != "0":
             failed = next((p for p in phases if not p.get("ok")), {"name": "bootstrap", "detail": f"exit {code}"})
             message = f"setup failed in phase {failed.get('name')}: {failed.get('detail')}"
-            if failed.get("name") in ("python", "packages", "gpu"):
+            if failed.get("name") in ("packages", "gpu"):
                 raise HostLost(f"a broken host: {message}")  # the next offer may well work
-            raise JobFailed(message)
+            raise JobFailed(message)  # python: the image's, the same on every offer
         if model_fetched:
             self._await_model(session)
         return remote.run(f"cat {shlex.quote(posixpath.join(layout.root, 'python'))}").stdout.strip() or "python3"
 
     def _await_model(self, session: Session) -> None:
-        model_dir = session.layout.model
-        deadline = time.time() + self.settings.bootstrap_seconds
-        while time.time() < deadline:
-            probe = session.remote.run(
-                f"if [ -f {shlex.quote(model_dir)}/.ready ]; then echo ready; elif [ -f {shlex.quote(model_dir)}/.failed ]; then echo failed; fi",
-                check=False,
-            ).stdout.strip()
-            if probe == "ready":
-                return
-            if probe == "failed":
+        model_dir = shlex.quote(session.layout.model)
+        probe = f"if [ -f {model_dir}/.ready ]; then echo ready; elif [ -f {model_dir}/.failed ]; then echo failed; fi"
+        while (state := session.remote.run(probe, check=False).stdout.strip()) != "ready":
+            if state == "failed":
                 log = session.remote.run(f"tail -n 5 {shlex.quote(session.layout.root)}/model.log", check=False).stdout
                 raise JobFailed(f"downloading the base model on the instance failed: {log.strip()}")
+            self._before_setup_deadline("the base model download")
             self.sleep(self.settings.poll_seconds)
-        raise JobFailed("the base model download did not finish in time")
+
+    def _before_setup_deadline(self, what: str) -> None:
+        if time.time() >= self.setup_deadline:
+            raise JobFailed(
+                f"{what} did not finish within the setup's {self._setup_limit():.0f} s (the instance's watchdog "
+                "ends it then too)"
+            )
 
     def _watchdog_settings(self, session: Session) -> dict[str, object]:
         recipe: SelfDestructRecipe | None = self.provider.self_destroy_recipe() if self.provider is not None else None
@@ -605,6 +817,8 @@ class JobRunner:
             "max_hours": self.settings.max_hours,
             "max_cost": self._remaining_budget(session),
             "idle_timeout_seconds": self.settings.idle_timeout_minutes * 60,
+            "setup_timeout_seconds": self._setup_limit(),
+            "heartbeat_seconds": SETUP_HEARTBEAT_SECONDS,
             "poll_seconds": self.settings.watchdog_poll_seconds,
             "events_file": "output/events.jsonl",
             "recipe": recipe.model_dump() if recipe is not None else None,
@@ -631,7 +845,7 @@ class JobRunner:
             try:
                 final = self._follow_once(session)
                 lost_since = None
-            except (*NETWORK_ERRORS, TransportError) as exc:
+            except CONNECTION_LOST as exc:
                 lost_since = lost_since or time.time()
                 self._check_host(session, lost_since, exc)
                 self.sleep(self.settings.poll_seconds)
@@ -706,7 +920,7 @@ class JobRunner:
         with (self.output_dir / EVENTS_FILE).open("ab") as copy:
             copy.write(line.rstrip(b"\n") + b"\n")
         if hasattr(event, "step") and isinstance(getattr(event, "step"), int):
-            self.ledger.update_job(self.job.id, last_step=event.step)  # type: ignore[union-attr]
+            self.ledger.update_job(self.job.id, last_step=event.step)
         if isinstance(event, CheckpointEvent):
             self._fetch_checkpoint(session, event)
         elif isinstance(event, SampleEvent):
@@ -717,10 +931,26 @@ class JobRunner:
 
     # ------------------------------------------------------------------ fetching
 
-    def _fetch_file(self, session: Session, remote_path: str, local: Path, sha256: str | None, attempts: int = 3) -> Path:
+    @cached_property
+    def fetch_limits(self) -> FetchLimits:
+        return fetch_limits(self.loaded.train, self.job.total_steps)
+
+    @cached_property
+    def fetch_budget(self) -> FetchBudget:
+        """What this client may still bring home of the job, over all its fetches."""
+        return FetchBudget(self.fetch_limits.total_bytes)
+
+    def _fetch_file(
+        self, session: Session, remote_path: str, local: Path, sha256: str | None, attempts: int = 3
+    ) -> Path:
+        # LoRA files (checkpoint, done) come with their hash; sample grids without one
+        limit = self.fetch_limits.lora if sha256 is not None else self.fetch_limits.sample
+        root = session.layout.output
         for attempt in range(1, attempts + 1):
             try:
-                return session.remote.download(remote_path, session.layout.output, local, sha256)
+                return session.remote.download(remote_path, root, local, sha256, limit, self.fetch_budget)
+            except FetchRefused:
+                raise  # the host is hostile or broken: asking again cannot help
             except (*NETWORK_ERRORS, TransportError) as exc:
                 if attempt == attempts or "never overwrites" in str(exc):
                     raise
@@ -735,13 +965,21 @@ class JobRunner:
         self._fetch_file(session, event.path, self.output_dir / posixpath.basename(event.path), event.sha256)
         if event.state_dir:
             name = posixpath.basename(check_remote_path(event.state_dir, session.layout.output))
-            local = session.remote.download_tree(event.state_dir, session.layout.output, self.scratch / "states" / name, self.scratch)
+            local = session.remote.download_tree(
+                event.state_dir,
+                session.layout.output,
+                self.scratch / "states" / name,
+                self.scratch,
+                self.fetch_limits.state,
+                self.fetch_budget,
+            )
             self.ledger.update_job(self.job.id, last_state_path=str(local))
 
     def fetch_outputs(self, session: Session, final: DoneEvent | None) -> None:
         self._move("fetching")
         if final is not None:
-            local = self._fetch_file(session, final.path, self.output_dir / posixpath.basename(final.path), final.sha256)
+            local_path = self.output_dir / posixpath.basename(final.path)
+            local = self._fetch_file(session, final.path, local_path, final.sha256)
             self.ledger.update_job(self.job.id, result_path=str(local), result_sha256=final.sha256)
         session.remote.run(f"touch {shlex.quote(session.layout.fetched)}", check=False)
 
@@ -786,6 +1024,7 @@ class JobRunner:
             return
         if record.instance_id is None:
             self._adopt_by_label(record, reason)
+            self._forget_key()  # a create cut short (Ctrl-C, a timeout) registered the key all the same
             return
         for attempt in range(6):
             try:
@@ -808,14 +1047,14 @@ class JobRunner:
         )
 
     def _forget_key(self) -> None:
-        """Where the job's key went onto the account (RunPod), take it off: it would reach future pods."""
-        assert self.provider is not None
-        if not self.key.public_line or self.ledger.instances(self.job.id, live_only=True):
+        """Once no instance of the job is left, take its key off the account where it went (RunPod): it
+        would reach future pods. The ledger records the removal; one that fails stays pending for the
+        next rentrain command."""
+        if self.provider is None or not self.key.public_line or self.ledger.instances(self.job.id, live_only=True):
             return
-        try:
-            self.provider.forget_ssh_key(self.key.public_line)
-        except ProviderError as exc:
-            self.say(f"[yellow]could not remove the job's SSH key from the account[/]: {exc.message}")
+        problem = forget_job_key(self.ledger, self.job.id, self.provider, self.key.public_line)
+        if problem:
+            self.say(f"[yellow]{escape(problem)}[/]")
 
     def _confirmed_gone(self, instance_id: str) -> bool:
         assert self.provider is not None

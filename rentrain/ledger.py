@@ -7,9 +7,12 @@ No secret is ever stored here: API keys stay in the credentials file or the envi
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sqlite3
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -56,7 +59,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     client_pid INTEGER,
     client_seen_at REAL,
-    settings_json TEXT NOT NULL DEFAULT '{}'
+    settings_json TEXT NOT NULL DEFAULT '{}',
+    client_host TEXT,
+    client_beat_at REAL,
+    key_registered_at REAL,
+    key_removed_at REAL
 );
 CREATE TABLE IF NOT EXISTS transitions (
     job_id TEXT NOT NULL REFERENCES jobs(id),
@@ -90,11 +97,35 @@ CREATE TABLE IF NOT EXISTS failed_hosts (
     at REAL NOT NULL,
     reason TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS account_checks (
+    provider TEXT PRIMARY KEY,
+    checked_at REAL NOT NULL
+);
 """
 # Columns added after a table's first release: a ledger written by an older rentrain gets them on open.
 ADDED_COLUMNS: dict[str, dict[str, str]] = {
     "instances": {"gpu_count": "INTEGER NOT NULL DEFAULT 1"},
+    "jobs": {
+        "client_host": "TEXT",
+        "client_beat_at": "REAL",
+        "key_registered_at": "REAL",
+        "key_removed_at": "REAL",
+    },
 }
+# Run once when the column is added: an older rentrain recorded no key registration, so every job that
+# asked a provider for an instance may have left its key on the account.
+BACKFILLS: dict[str, str] = {
+    "key_registered_at": (
+        "UPDATE jobs SET key_registered_at = "
+        "(SELECT MIN(created_at) FROM instances WHERE instances.job_id = jobs.id AND provider != 'ssh')"
+    ),
+}
+
+# The client lock: one rentrain client follows a job at a time. Its holder refreshes `client_beat_at`
+# every LOCK_BEAT_SECONDS; a claim whose beat is older than LOCK_STALE_SECONDS (eight missed beats: a
+# crashed, frozen or sleeping client), or whose PID is gone on this host, may be taken over.
+LOCK_BEAT_SECONDS = 15.0
+LOCK_STALE_SECONDS = 120.0
 
 
 class JobRecord(BaseModel):
@@ -114,13 +145,26 @@ class JobRecord(BaseModel):
     result_sha256: str | None = None
     last_state_path: str | None = None  # the newest resumable training state fetched home
     error: str | None = None
-    client_pid: int | None = None
-    client_seen_at: float | None = None
+    client_pid: int | None = None  # the client that follows the job (the lock); None: no client
+    client_seen_at: float | None = None  # the instance's last heartbeat from a client
     settings_json: str = "{}"
+    client_host: str | None = None
+    client_beat_at: float | None = None  # the lock holder's last beat
+    key_registered_at: float | None = None  # the job's SSH key was last handed to the provider
+    key_removed_at: float | None = None  # ... and taken off its account (None: it may still be there)
 
     @property
     def is_open(self) -> bool:
         return self.state in OPEN_STATES
+
+    @property
+    def key_may_be_on_account(self) -> bool:
+        return self.key_registered_at is not None and self.key_removed_at is None
+
+    @property
+    def client(self) -> str:
+        """The lock holder, as messages name it."""
+        return f"PID {self.client_pid} on {self.client_host or this_host()}"
 
 
 class InstanceRecord(BaseModel):
@@ -147,6 +191,48 @@ class InstanceRecord(BaseModel):
 
     def cost(self, now: float | None = None) -> float:
         return self.usd_per_hour * self.billed_seconds(now) / 3600
+
+
+def this_host() -> str:
+    return socket.gethostname()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
+
+
+def client_alive(job: JobRecord, now: float | None = None) -> bool:
+    """Whether a rentrain client still follows the job: its lock is held and not stale. A holder on this
+    host must also be a live PID; one on another host is judged by its beat alone. A ledger written by an
+    older rentrain has neither host nor beat: the holder is on this host, judged by its PID."""
+    if job.client_pid is None:
+        return False
+    now = time.time() if now is None else now
+    if job.client_beat_at is not None and now - job.client_beat_at > LOCK_STALE_SECONDS:
+        return False
+    if job.client_host in (None, this_host()):
+        return pid_alive(job.client_pid)
+    return job.client_beat_at is not None
+
+
+class LockHeld(Exception):
+    """Another live rentrain client follows the job."""
+
+    def __init__(self, job: JobRecord, now: float | None = None):
+        self.job = job
+        seen = ""
+        if job.client_beat_at is not None:
+            seen = f", seen {max(0.0, (time.time() if now is None else now) - job.client_beat_at):.0f} s ago"
+        super().__init__(
+            f"job {job.id} is followed by another rentrain client ({job.client}{seen}); "
+            f"stop that one first (Ctrl-C, then detach), or wait {LOCK_STALE_SECONDS:.0f} s after it died"
+        )
 
 
 class Transition(BaseModel):
@@ -176,6 +262,8 @@ class Ledger:
                 for name, declaration in columns.items():
                     if name not in present:
                         db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
+                        if name in BACKFILLS:
+                            db.execute(BACKFILLS[name])
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -262,11 +350,75 @@ class Ledger:
         return [Transition(**dict(r)) for r in rows]
 
     def add_instance(self, instance: InstanceRecord) -> None:
+        """Recorded before the create: from here the job's SSH key may be on the provider's account
+        (RunPod keeps keys per account) until `record_key_removed`."""
         row = instance.model_dump()
         with self._connect() as db:
             db.execute(
                 f"INSERT INTO instances ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})", tuple(row.values())
             )
+            if instance.provider != "ssh":
+                db.execute(
+                    "UPDATE jobs SET key_registered_at = ?, key_removed_at = NULL WHERE id = ?",
+                    (instance.created_at, instance.job_id),
+                )
+
+    def record_key_removed(self, job_id: str) -> None:
+        self.update_job(job_id, key_removed_at=time.time())
+
+    # ------------------------------------------------------------------ the client lock
+
+    def take_client_lock(self, job_id: str, pid: int, host: str, now: float | None = None) -> JobRecord:
+        """Claim the job for the client `pid`@`host`: free, already ours, or held by a client that is no
+        longer alive (`client_alive`). One write transaction compares and sets, so of two clients racing
+        for it exactly one wins; the other gets LockHeld naming the winner."""
+        now = time.time() if now is None else now
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise KeyError(job_id)
+            current = JobRecord(**dict(row))
+            ours = current.client_pid == pid and current.client_host == host
+            if not ours and client_alive(current, now):
+                raise LockHeld(current, now)
+            db.execute(
+                "UPDATE jobs SET client_pid = ?, client_host = ?, client_beat_at = ? WHERE id = ?",
+                (pid, host, now, job_id),
+            )
+        return current.model_copy(update={"client_pid": pid, "client_host": host, "client_beat_at": now})
+
+    def beat_client_lock(self, job_id: str, pid: int, host: str, now: float | None = None) -> bool:
+        """Refresh the claim; False when it is no longer ours (another client took it over)."""
+        with self._connect() as db:
+            cursor = db.execute(
+                "UPDATE jobs SET client_beat_at = ? WHERE id = ? AND client_pid = ? AND client_host = ?",
+                (time.time() if now is None else now, job_id, pid, host),
+            )
+            return cursor.rowcount == 1
+
+    def release_client_lock(self, job_id: str, pid: int, host: str) -> None:
+        """Give the claim up, if it is still ours."""
+        with self._connect() as db:
+            db.execute(
+                "UPDATE jobs SET client_pid = NULL, client_host = NULL, client_beat_at = NULL "
+                "WHERE id = ? AND client_pid = ? AND client_host = ?",
+                (job_id, pid, host),
+            )
+
+    # ------------------------------------------------------------------ provider accounts
+
+    def record_account_checked(self, provider: str, at: float | None = None) -> None:
+        with self._connect() as db:
+            db.execute(
+                "INSERT INTO account_checks VALUES (?, ?) "
+                "ON CONFLICT(provider) DO UPDATE SET checked_at = excluded.checked_at",
+                (provider, time.time() if at is None else at),
+            )
+
+    def account_checked_at(self, provider: str) -> float | None:
+        with self._connect() as db:
+            row = db.execute("SELECT checked_at FROM account_checks WHERE provider = ?", (provider,)).fetchone()
+        return None if row is None else float(row["checked_at"])
 
     def update_instance(self, job_id: str, offer_id: str, created_at: float, **fields: Any) -> None:
         unknown = set(fields) - set(InstanceRecord.model_fields)
@@ -302,6 +454,43 @@ class Ledger:
         with self._connect() as db:
             rows = db.execute("SELECT DISTINCT host_id FROM failed_hosts WHERE provider = ?", (provider,)).fetchall()
         return {r["host_id"] for r in rows}
+
+
+class ClientLock:
+    """This process follows one job: the claim is taken on enter (LockHeld if another live client has it),
+    kept fresh by a daemon thread every LOCK_BEAT_SECONDS, and released on exit. `on_lost` is called (from
+    that thread) if another client took the claim over meanwhile, with the record naming it."""
+
+    def __init__(self, ledger: Ledger, job_id: str, on_lost: Callable[[JobRecord], None] | None = None):
+        self.ledger = ledger
+        self.job_id = job_id
+        self.on_lost = on_lost
+        self.pid = os.getpid()
+        self.host = this_host()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"rentrain-lock-{job_id}", daemon=True)
+
+    def __enter__(self) -> ClientLock:
+        self.ledger.take_client_lock(self.job_id, self.pid, self.host)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.ledger.release_client_lock(self.job_id, self.pid, self.host)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(LOCK_BEAT_SECONDS):
+            try:
+                if self.ledger.beat_client_lock(self.job_id, self.pid, self.host):
+                    continue
+                winner = self.ledger.job(self.job_id)
+            except sqlite3.Error:
+                continue  # a busy or briefly unreadable ledger: try again at the next beat
+            if self.on_lost is not None:
+                self.on_lost(winner)
+            return
 
 
 def settings_of(job: JobRecord) -> dict[str, Any]:

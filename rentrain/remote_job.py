@@ -6,7 +6,7 @@
         model/               an uploaded base model, or one fetched there
         config.toml          the training config with these paths
         output/              events.jsonl, checkpoints, states, samples, the final LoRA
-        trainer.pid  watchdog.json  heartbeat  fetched  bootstrap.jsonl
+        trainer.pid  watchdog.json  watchdog.pid  heartbeat  fetched  bootstrap.jsonl  bootstrap.pid
 
 <workdir> is $RENTRAIN_WORKDIR when set, else /workspace when writable (the volume on RunPod and the
 usual data disk on Vast), else $HOME.
@@ -25,6 +25,7 @@ from pydantic import BaseModel
 
 import remote
 from remote.config import TrainConfig, model_source_kind
+from remote.fetch_model import url_file_name
 from rentrain.multigpu import trainer_argv
 from rentrain.transport import Remote, TransportError
 
@@ -106,8 +107,16 @@ class RemoteLayout(BaseModel):
         return self._join("bootstrap.exit")
 
     @property
+    def bootstrap_pid(self) -> str:
+        return self._join("bootstrap.pid")
+
+    @property
     def watchdog_settings(self) -> str:
         return self._join("watchdog.json")
+
+    @property
+    def watchdog_pid(self) -> str:
+        return self._join("watchdog.pid")
 
     @property
     def watchdog_log(self) -> str:
@@ -135,7 +144,7 @@ def remote_model_reference(train: TrainConfig, layout: RemoteLayout) -> str:
     if kind == "local_dir":
         return layout.model
     if kind == "url":
-        return posixpath.join(layout.model, reference.rstrip("/").rsplit("/", 1)[-1])
+        return posixpath.join(layout.model, url_file_name(reference))
     return reference  # hub id (prefetched into the hub cache by bootstrap) or builtin
 
 
@@ -161,18 +170,38 @@ def detached(command: str, log: str, pid_file: str | None = None) -> str:
 
 
 def bootstrap_command(layout: RemoteLayout, model_reference: str, gpus: int) -> str:
-    """bootstrap.sh JOB_DIR MODEL GPUS: its gpu phase fails a host where torch sees fewer than `gpus` GPUs."""
+    """Start bootstrap.sh JOB_DIR MODEL GPUS detached, unless it runs already (a command retried after an SSH
+    drop must not start a second one). Its gpu phase fails a host where torch sees fewer than `gpus` GPUs."""
     script = posixpath.join(layout.payload, "remote", "bootstrap.sh")
     arguments = shlex.join(["bash", script, layout.root, model_reference, str(gpus)])
     inner = f"{arguments}; echo $? > {shlex.quote(layout.bootstrap_exit)}"
-    return f"rm -f {shlex.quote(layout.bootstrap_exit)}; " + detached(inner, posixpath.join(layout.root, "bootstrap.log"))
+    start = f"rm -f {shlex.quote(layout.bootstrap_exit)};" + detached(
+        inner, posixpath.join(layout.root, "bootstrap.log"), layout.bootstrap_pid
+    )
+    return f"{is_alive_command(layout.bootstrap_pid)} || {{ {start} }}"
 
 
-def watchdog_command(layout: RemoteLayout, python: str) -> str:
-    script = posixpath.join(layout.payload, "remote", "watchdog.py")
-    already = f"[ -f {shlex.quote(layout.root)}/watchdog.pid ] && kill -0 $(cat {shlex.quote(layout.root)}/watchdog.pid) 2>/dev/null"
-    start = detached(f"exec {shlex.quote(python)} {shlex.quote(script)} {shlex.quote(layout.root)}", posixpath.join(layout.root, "watchdog.log"))
-    return f"{already} || {{ {start} }}"
+# The watchdog starts before bootstrap has found the trainer's Python, so it takes the first Python 3.8+ there is.
+WATCHDOG_LAUNCH = """for p in ${{RENTRAIN_PYTHON:-}} python3 python; do
+if command -v "$p" >/dev/null 2>&1 && "$p" -c "import sys; sys.exit(sys.version_info < (3, 8))" 2>/dev/null; then
+exec "$p" {script} {job_dir}; fi; done
+echo "no Python 3.8+ on this image to run the watchdog with" >&2; exit 1"""
+
+
+def watchdog_command(layout: RemoteLayout) -> str:
+    """Start the watchdog unless it runs, then wait (10 s at most) until it has read its settings and written
+    watchdog.pid. Exits non-zero, with the end of watchdog.log on stderr, when it did not start."""
+    pid_file = layout.watchdog_pid
+    log = posixpath.join(layout.root, "watchdog.log")
+    launch = WATCHDOG_LAUNCH.format(
+        script=shlex.quote(posixpath.join(layout.payload, "remote", "watchdog.py")), job_dir=shlex.quote(layout.root)
+    )
+    running = is_alive_command(pid_file)
+    wait = (
+        f"i=0; while [ $i -lt 50 ]; do if {running}; then exit 0; fi; sleep 0.2; i=$((i + 1)); done; "
+        f"tail -n 5 {shlex.quote(log)} >&2; exit 1"
+    )
+    return f"{running} || {{ rm -f {shlex.quote(pid_file)}; {detached(launch, log)} {wait}; }}"
 
 
 def trainer_command(layout: RemoteLayout, python: str, resume: str | None, gpus: int) -> str:

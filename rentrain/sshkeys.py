@@ -1,4 +1,7 @@
-"""A fresh ed25519 SSH key per job, kept 0600 under the state folder and never reused."""
+"""A fresh ed25519 SSH key per job, kept 0600 under the state folder and never reused, and taken off the
+provider's account when the job ends (RunPod keeps SSH keys per account: a key left there reaches every
+future pod). The ledger records each registration and removal, so a removal that failed, or never ran
+because the client died, is done by the next rentrain command."""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel
 
+from providers.base import Provider, ProviderError
+from rentrain.ledger import Ledger
 from rentrain.paths import state_dir
 
 
@@ -41,3 +46,26 @@ def create_job_key(job_id: str) -> JobKey:
 def load_job_key(job_id: str) -> JobKey:
     folder = job_key_dir(job_id)
     return JobKey(private_path=folder / "id_ed25519", public_line=(folder / "id_ed25519.pub").read_text().strip())
+
+
+def forget_job_key(ledger: Ledger, job_id: str, provider: Provider, public_line: str | None = None) -> str | None:
+    """Take the job's key off the provider's account and record that in the ledger. Returns what went
+    wrong (the removal stays pending for the next try), or None."""
+    if public_line is None:
+        try:
+            public_line = load_job_key(job_id).public_line
+        except OSError:
+            ledger.record_key_removed(job_id)  # nothing left to identify it by: do not retry forever
+            return (
+                f"job {job_id}'s public key file is gone, so its key cannot be found on the {provider.info.name} "
+                f"account; remove any key ending in rentrain-{job_id} there by hand"
+            )
+    try:
+        provider.forget_ssh_key(public_line)
+    except ProviderError as exc:
+        return (
+            f"could not remove job {job_id}'s SSH key from the {provider.info.name} account ({exc.message}); "
+            "the next rentrain command tries again"
+        )
+    ledger.record_key_removed(job_id)
+    return None

@@ -13,11 +13,22 @@ from rich.text import Text
 
 from providers import registry
 from providers.base import Offer, Requirements
-from rentrain.costs import Interconnect, JobProfile, interconnect_efficiency, steps_on
+from rentrain.cli_types import Number, setting_type
+from rentrain.commands.check import checked_config
+from rentrain.costs import Interconnect, JobProfile, interconnect_efficiency, profile_from_check, steps_on
 from rentrain.multigpu import MAX_GPUS, MIN_GPUS, GpuCountError, check_gpu_count
-from rentrain.offers import OfferSearch, ProviderNote, RankedOffer, find_offers, provider_names, requirements_from
+from rentrain.offers import (
+    OfferSearch,
+    ProviderNote,
+    RankedOffer,
+    SkippedRows,
+    find_offers,
+    provider_names,
+    requirements_from,
+)
 
 PROVIDER_CHOICES = ["all", *registry.MARKETS]
+MAX_ROWS = 10_000
 
 
 def _check_gpus(_ctx: click.Context, _param: click.Parameter, value: int | None) -> int | None:
@@ -62,18 +73,13 @@ def scaling_note(gpus: int, items: list[RankedOffer] | None = None) -> str | Non
 
 
 def load_job(config: Path | None) -> tuple[Any | None, JobProfile | None]:
-    """The config's [rentrain] settings and the job profile (steps counted from the dataset), or (None, None)."""
+    """The config's [rentrain] settings and the job profile (steps counted from the dataset), or (None, None).
+    A config or dataset error is printed (to stderr) and exits 2, as in `rentrain check`."""
     if config is None:
         return None, None
-    from remote.config import ConfigError, load_config
-    from rentrain.costs import profile_from_config
-
-    try:
-        job = load_config(config).job
-        profile = profile_from_config(config)
-    except (ConfigError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
-    return job, profile
+    result, loaded = checked_config(config, Console(stderr=True))
+    assert result.dataset is not None
+    return loaded.job, profile_from_check(loaded.train, result.dataset)
 
 
 def describe_requirements(req: Requirements) -> str:
@@ -133,7 +139,7 @@ def offers_table(search: OfferSearch, with_estimates: bool, title: str | None = 
         gpu = gpu_label(offer)
         if offer.interruptible:
             gpu += " (interruptible)"
-        table.add_row(
+        cells = (
             provider_label(offer),
             f"{gpu} {offer.vram_gb:g} GB",
             money(offer.price_per_hour),
@@ -143,6 +149,7 @@ def offers_table(search: OfferSearch, with_estimates: bool, title: str | None = 
             _hours(item) if with_estimates else "-",
             money(item.estimate.cost_usd if item.estimate else None, 2) if with_estimates else "-",
         )
+        table.add_row(*(Text(cell) for cell in cells))  # provider text is never markup
     for note in search.notes:
         table.add_row(*note_cells(note, 8))
     return table
@@ -161,6 +168,19 @@ def print_notes(console: Console, notes: list[ProviderNote]) -> None:
         console.print(Text.assemble((f"* {note.provider} ({prefix}): ", "bold"), note.message))
 
 
+def print_skipped(console: Console, skipped: list[SkippedRows], verbose: bool) -> None:
+    """One line per provider that dropped unreadable rows of its answer; with `verbose`, each row and why."""
+    for rows in skipped:
+        count = len(rows.reasons)
+        head = f"{rows.provider}: {count} unreadable row{'s' if count != 1 else ''} of its answer skipped"
+        if not verbose:
+            console.print(f"{head} (--verbose shows which and why)", markup=False, highlight=False)
+            continue
+        console.print(f"{head}:", markup=False, highlight=False)
+        for reason in rows.reasons:
+            console.print(f"  {rows.provider}: skipped {reason}", markup=False, highlight=False)
+
+
 def _hours(item: RankedOffer) -> str:
     return "?" if item.estimate is None else f"{item.estimate.total_hours:.2f}"
 
@@ -175,6 +195,7 @@ def search_json(search: OfferSearch, req: Requirements, profile: JobProfile | No
             for item in search.ranked
         ],
         "notes": [note.model_dump() for note in search.notes],
+        "skipped_rows": {rows.provider: rows.reasons for rows in search.skipped},
     }
 
 
@@ -184,12 +205,17 @@ def search_json(search: OfferSearch, req: Requirements, profile: JobProfile | No
 @click.option("--provider", "providers", multiple=True, type=click.Choice(PROVIDER_CHOICES, case_sensitive=False),
               help="Provider to ask (repeatable). Default: all.")
 @click.option("--gpu", "gpus", multiple=True, help='GPU model to consider, e.g. "RTX 4090" or 4090 (repeatable).')
-@click.option("--min-vram", type=float, default=None, help="Minimum GB of memory per GPU (default 24).")
-@click.option("--max-price", type=float, default=None, help="Skip offers above this USD per hour.")
-@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Rows to show.")
+@click.option(
+    "--min-vram", type=setting_type("min_vram_gb"), default=None, help="Minimum GB of memory per GPU (default 24)."
+)
+@click.option(
+    "--max-price", type=setting_type("max_price_per_hour"), default=None, help="Skip offers above this USD per hour."
+)
+@click.option("--limit", type=Number(1, MAX_ROWS, whole=True), default=20, show_default=True, help="Rows to show.")
 @click.option("--include-interruptible", is_flag=True, default=None, help="Also show interruptible (bid/spot) offers.")
 @gpus_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--verbose", "-v", is_flag=True, help="Show each row of a provider's answer that was skipped, and why.")
 def offers(
     config: Path | None,
     providers: tuple[str, ...],
@@ -200,6 +226,7 @@ def offers(
     limit: int,
     include_interruptible: bool | None,
     as_json: bool,
+    verbose: bool,
 ) -> None:
     """Compare GPU offers across providers, cheapest first.
 
@@ -221,14 +248,15 @@ def offers(
         click.echo(json.dumps(search_json(search, req, profile), indent=2, default=str))
         return
     console = Console()
-    console.print(f"Requirements: {describe_requirements(req)}", highlight=False)
+    console.print(f"Requirements: {describe_requirements(req)}", markup=False, highlight=False)
     if profile:
-        console.print(f"Job: {describe_profile(profile, req.gpu_count)}", highlight=False)
+        console.print(f"Job: {describe_profile(profile, req.gpu_count)}", markup=False, highlight=False)
     title = f"{len(search.ranked)} offers" + (" by estimated job cost" if profile else " by $/h")
     console.print(offers_table(search, with_estimates=profile is not None, title=title))
     note = scaling_note(req.gpu_count, search.ranked) if profile else None
     if note:
         console.print(note, highlight=False)
     print_notes(console, search.notes)
+    print_skipped(console, search.skipped, verbose)
     if not search.ranked and any(n.kind == "error" for n in search.notes):
         raise SystemExit(1)

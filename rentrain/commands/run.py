@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -16,18 +18,21 @@ from rich.markup import escape
 from providers import registry
 from providers.base import Unsupported
 from remote.config import KNOWN_PROVIDERS, LoadedConfig
-from rentrain.commands.check import print_check, run_check
+from remote.events import EVENTS_FILE
+from rentrain.cli_types import setting_type
+from rentrain.commands.check import checked_config
 from rentrain.commands.offers import gpus_option, scaling_note
 from rentrain.costs import profile_from_check, steps_on
 from rentrain.credentials import CredentialsError, open_provider
 from rentrain.job import DetachRequested, HostLost, JobFailed, JobRunner, RunSettings, new_job_id
-from rentrain.ledger import JobRecord, Ledger
+from rentrain.ledger import ClientLock, JobRecord, Ledger, this_host
 from rentrain.local_run import LocalTrainingUnavailable, ensure_training_stack, run_trainer
 from rentrain.multigpu import GpuCountError, describe_data_parallel, local_cuda_devices, local_gpus_note, plan_with_gpus
 from rentrain.offers import RankedOffer, find_offers, requirements_from
 from rentrain.progress import RunProgress
 from rentrain.sshkeys import JobKey, create_job_key
 from rentrain.transport import SshEndpoint, TransportError
+from rentrain.upload_list import plan_upload
 
 # Tuning knobs for slow networks (and fast tests); the defaults suit real providers.
 TIMING_ENV = {
@@ -35,29 +40,60 @@ TIMING_ENV = {
     "ssh_wait_seconds": "RENTRAIN_SSH_WAIT_SECONDS",
     "ssh_lost_seconds": "RENTRAIN_SSH_LOST_SECONDS",
     "watchdog_poll_seconds": "RENTRAIN_WATCHDOG_POLL_SECONDS",
+    "setup_timeout_seconds": "RENTRAIN_SETUP_TIMEOUT_SECONDS",
+    "create_window_seconds": "RENTRAIN_CREATE_WINDOW_SECONDS",
 }
 
 
 @click.command()
 @click.argument("config", type=click.Path(path_type=Path))
-@click.option("--provider", type=click.Choice(KNOWN_PROVIDERS, case_sensitive=False), help="Default: [rentrain] provider.")
+@click.option(
+    "--provider", type=click.Choice(KNOWN_PROVIDERS, case_sensitive=False), help="Default: [rentrain] provider."
+)
 @click.option("--host", help="With --provider ssh: user@host[:port] of a machine you rented by hand.")
-@click.option("--identity", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="With --provider ssh: your SSH key.")
-@click.option("--max-cost", type=click.FloatRange(min=0, min_open=True), help="USD budget for the job; checked before renting, enforced on the instance.")
-@click.option("--max-hours", type=click.FloatRange(min=0, min_open=True), help="Hard deadline, enforced on the instance.")
-@click.option("--idle-timeout", type=click.FloatRange(min=0, min_open=True), help="Minutes without this client after training ends before the instance ends itself.")
+@click.option(
+    "--identity",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="With --provider ssh: your SSH key.",
+)
+@click.option(
+    "--trust-new-host",
+    is_flag=True,
+    help="With --provider ssh: accept a host that is not in your known_hosts yet, trusting its key on first use.",
+)
+@click.option(
+    "--max-cost",
+    type=setting_type("max_cost"),
+    help="USD budget for the job; checked before renting, enforced on the instance.",
+)
+@click.option("--max-hours", type=setting_type("max_hours"), help="Hard deadline, enforced on the instance.")
+@click.option(
+    "--idle-timeout",
+    type=setting_type("idle_timeout_minutes"),
+    help="Minutes without this client after training ends before the instance ends itself.",
+)
 @click.option("--gpu", "gpus", multiple=True, help="Only these GPU models (repeatable).")
 @gpus_option
-@click.option("--max-offers", type=click.IntRange(min=1), help="Offers to try when hosts fail.")
-@click.option("--max-retries", type=click.IntRange(min=0), help="Times to resume on a new instance after a host dies.")
-@click.option("--detach", is_flag=True, help="Return once training has started; `rentrain attach JOB` follows it later.")
+@click.option("--max-offers", type=setting_type("max_offers"), help="Offers to try when hosts fail.")
+@click.option(
+    "--max-retries", type=setting_type("max_retries"), help="Times to resume on a new instance after a host dies."
+)
+@click.option(
+    "--detach", is_flag=True, help="Return once training has started; `rentrain attach JOB` follows it later."
+)
 @click.option("--yes", "-y", is_flag=True, help="Rent without asking.")
-@click.option("--resume", type=click.Path(path_type=Path, exists=True, file_okay=False), help="--provider local: continue from a checkpoint's state folder.")
+@click.option(
+    "--resume",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    help="--provider local: continue from a checkpoint's state folder.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an earlier run's LoRA, checkpoints and samples in output_dir.")
 def run(
     config: Path,
     provider: str | None,
     host: str | None,
     identity: Path | None,
+    trust_new_host: bool,
     max_cost: float | None,
     max_hours: float | None,
     idle_timeout: float | None,
@@ -68,6 +104,7 @@ def run(
     detach: bool,
     yes: bool,
     resume: Path | None,
+    overwrite: bool,
 ) -> None:
     """Check CONFIG and its dataset, rent the offer with the lowest estimated total cost, train the LoRA,
     bring checkpoints and the result home, and destroy the instance.
@@ -78,10 +115,7 @@ def run(
     console = Console()
     if provider:
         _refuse_if_impossible(provider.lower())
-    result, loaded = run_check(config)
-    if not result.ok or loaded is None:
-        print_check(result, loaded, console)
-        sys.exit(1)
+    result, loaded = checked_config(config, console)
     chosen = (provider or loaded.job.provider or "").lower()
     if not chosen:
         raise click.UsageError("say where to train: --provider local|vast|runpod|ssh, or provider in [rentrain]")
@@ -90,11 +124,12 @@ def run(
     plan = result.dataset.step_plan if result.dataset else None
     if plan is not None:
         plan = plan_with_gpus(plan, loaded.train, gpu_total)
-        console.print(f"{loaded.path}: {plan.total_steps} steps ({plan.epochs} epochs of {plan.steps_per_epoch})")
+        steps = f"{plan.total_steps} steps ({plan.epochs} epochs of {plan.steps_per_epoch})"
+        console.print(f"{escape(str(loaded.path))}: {steps}")
     if gpu_total > 1:
         console.print(describe_data_parallel(gpu_total, loaded.train.batch_size) + " (README: Several GPUs)")
     if chosen == "local":
-        _run_local(loaded, console, resume, gpu_total)
+        _run_local(loaded, console, resume, gpu_total, overwrite)
         return
     settings = RunSettings(
         provider=chosen,
@@ -108,26 +143,39 @@ def run(
         gpus=gpu_total,
         **{field: float(os.environ[name]) for field, name in TIMING_ENV.items() if name in os.environ},
     )
-    _refuse_to_overwrite(loaded)
+    _refuse_to_overwrite(loaded, overwrite, console)
     if chosen == "ssh":
-        _run_on_host(loaded, settings, host or loaded.job.host, identity, detach, console)
+        planned = plan.total_steps if plan is not None else None
+        _run_on_host(loaded, settings, host or loaded.job.host, identity, detach, console, trust_new_host, planned)
         return
     _run_rented(loaded, settings, result.dataset, gpus, detach, yes, console)
 
 
-def _refuse_to_overwrite(loaded: LoadedConfig) -> None:
-    """The run writes <name>.safetensors and <name>-NNNNNN.safetensors: none may exist already."""
+def _refuse_to_overwrite(loaded: LoadedConfig, overwrite: bool, console: Console) -> None:
+    """The run writes <name>.safetensors and <name>-NNNNNN.safetensors: none may exist already, unless
+    --overwrite asks to replace them (with their states, sample grids and events.jsonl)."""
     train = loaded.train
-    name = train.output_name or "last"
-    existing = sorted(train.output_dir.glob(f"{name}.safetensors")) + sorted(train.output_dir.glob(f"{name}-*.safetensors"))
-    if not train.output_name:
-        existing += sorted(train.output_dir.glob("epoch-*.safetensors"))
-    if existing:
+    stems = [train.output_name] if train.output_name else ["last", "epoch"]
+    existing = sorted(train.output_dir.glob(f"{stems[0]}.safetensors"))
+    for stem in stems:
+        existing += sorted(train.output_dir.glob(f"{stem}-*.safetensors"))
+    if not existing:
+        return
+    if not overwrite:
         names = ", ".join(p.name for p in existing[:3]) + (" ..." if len(existing) > 3 else "")
         raise click.ClickException(
-            f"{train.output_dir} already holds {names}; rentrain never overwrites a result: move them away or "
-            "change output_name"
+            f"{train.output_dir} already holds {names}; rentrain never overwrites a result unless asked: move them "
+            "away, change output_name, or run again with --overwrite"
         )
+    for stem in stems:
+        existing += sorted(train.output_dir.glob(f"{stem}-*-state"))
+        existing += sorted(train.output_dir.glob(f"samples/{stem}*.png"))
+    for path in [*existing, train.output_dir / EVENTS_FILE]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    console.print(f"--overwrite: removed {len(existing)} earlier results from {train.output_dir}", markup=False)
 
 
 def _refuse_if_impossible(name: str) -> None:
@@ -138,7 +186,7 @@ def _refuse_if_impossible(name: str) -> None:
         sys.exit(2)
 
 
-def _run_local(loaded: LoadedConfig, console: Console, resume: Path | None, gpus: int) -> None:
+def _run_local(loaded: LoadedConfig, console: Console, resume: Path | None, gpus: int, overwrite: bool) -> None:
     try:
         ensure_training_stack(gpus)
     except LocalTrainingUnavailable as exc:
@@ -152,7 +200,7 @@ def _run_local(loaded: LoadedConfig, console: Console, resume: Path | None, gpus
             console.print(f"[yellow]{escape(note)}[/]")
     train = loaded.train
     if resume is None:
-        _refuse_to_overwrite(loaded)
+        _refuse_to_overwrite(loaded, overwrite, console)
     with RunProgress(console) as view:
         try:
             exit_code = run_trainer(loaded.path, train.output_dir, view, resume, gpus)
@@ -161,9 +209,10 @@ def _run_local(loaded: LoadedConfig, console: Console, resume: Path | None, gpus
             sys.exit(130)
     if view.done is None:
         if view.error is None:
-            console.print(f"[red]the trainer exited with code {exit_code}[/]; see {train.output_dir / 'trainer.log'}")
+            log = escape(str(train.output_dir / "trainer.log"))
+            console.print(f"[red]the trainer exited with code {exit_code}[/]; see {log}")
         sys.exit(1)
-    console.print(f"LoRA: {view.done.path}")
+    console.print(f"LoRA: {escape(str(view.done.path))}")
 
 
 def _new_job(ledger: Ledger, loaded: LoadedConfig, provider: str, settings: RunSettings, total_steps: int | None) -> JobRecord:
@@ -177,7 +226,9 @@ def _new_job(ledger: Ledger, loaded: LoadedConfig, provider: str, settings: RunS
         state="planned",
         output_dir=str(loaded.train.output_dir),
         total_steps=total_steps,
-        client_pid=os.getpid(),
+        client_pid=os.getpid(),  # born locked by this client (ClientLock)
+        client_host=this_host(),
+        client_beat_at=time.time(),
         settings_json=settings.model_dump_json(),
     )
     ledger.create_job(job)
@@ -209,6 +260,7 @@ def _run_rented(
         )
     best = search.ranked[0]
     _show_choice(best, console)
+    console.print(plan_upload(loaded.train).summary(), markup=False, highlight=False)
     if settings.max_cost is not None and best.estimate is not None and best.estimate.cost_usd > settings.max_cost:
         raise click.ClickException(
             f"the estimate ${best.estimate.cost_usd:.2f} is above the budget ${settings.max_cost:.2f}; nothing was rented"
@@ -219,25 +271,36 @@ def _run_rented(
     job = _new_job(ledger, loaded, settings.provider, settings, steps_on(profile, best.offer.gpu_count))
     console.print(f"job [bold]{job.id}[/] (instance label {job.label})")
     key = create_job_key(job.id)
-    with RunProgress(console, usd_per_hour=best.offer.price_per_hour) as view:
+    with ClientLock(ledger, job.id) as lock, RunProgress(console, usd_per_hour=best.offer.price_per_hour) as view:
         runner = JobRunner(ledger, job, loaded, provider, settings, key, view, console.print)
+        lock.on_lost = detach_when_taken_over(runner)
         _drive(runner, console, lambda: runner.run([r.offer for r in search.ranked], detach_after_start=detach))
 
 
 def _run_on_host(
-    loaded: LoadedConfig, settings: RunSettings, host: str | None, identity: Path | None, detach: bool, console: Console
+    loaded: LoadedConfig,
+    settings: RunSettings,
+    host: str | None,
+    identity: Path | None,
+    detach: bool,
+    console: Console,
+    trust_new_host: bool,
+    total_steps: int | None,
 ) -> None:
     if not host:
         raise click.UsageError("--provider ssh needs --host user@host[:port] (or host in [rentrain])")
     endpoint = parse_host(host)
     key_path = identity or _default_identity()
     settings = settings.model_copy(update={"identity": str(key_path)})
+    console.print(plan_upload(loaded.train).summary(), markup=False, highlight=False)
     ledger = Ledger()
-    job = _new_job(ledger, loaded, "ssh", settings, None)
-    console.print(f"job [bold]{job.id}[/] on {endpoint.user}@{endpoint.host}:{endpoint.port}")
-    with RunProgress(console) as view:
-        runner = JobRunner(ledger, job, loaded, None, settings, JobKey(private_path=key_path, public_line=""), view, console.print)
-        _drive(runner, console, lambda: runner.run_on_host(endpoint, key_path, detach_after_start=detach))
+    job = _new_job(ledger, loaded, "ssh", settings, total_steps)
+    console.print(f"job [bold]{job.id}[/] on {escape(f'{endpoint.user}@{endpoint.host}:{endpoint.port}')}")
+    key = JobKey(private_path=key_path, public_line="")
+    with ClientLock(ledger, job.id) as lock, RunProgress(console) as view:
+        runner = JobRunner(ledger, job, loaded, None, settings, key, view, console.print)
+        lock.on_lost = detach_when_taken_over(runner)
+        _drive(runner, console, lambda: runner.run_on_host(endpoint, key_path, detach, trust_new_host))
 
 
 def parse_host(text: str) -> SshEndpoint:
@@ -272,9 +335,18 @@ def _show_choice(best: RankedOffer, console: Console) -> None:
         console.print(escape(note), highlight=False)
 
 
+def detach_when_taken_over(runner: JobRunner) -> Callable[[JobRecord], None]:
+    """For ClientLock.on_lost: another client took the job over (this one looked dead), so this one detaches."""
+
+    def detach(winner: JobRecord) -> None:
+        runner.detach_requested = f"{winner.client} took the job over"
+
+    return detach
+
+
 def _drive(runner: JobRunner, console: Console, body: object) -> None:
     """Run the job. SIGTERM/SIGHUP detach once the instance's watchdog runs (the runner checks at safe
-    points); Ctrl-C asks, or destroys when setup has not reached the watchdog yet."""
+    points); Ctrl-C asks, or destroys during setup (the watchdog guards a client killed then)."""
 
     def detach_on_signal(signum: int, _frame: FrameType | None) -> None:
         runner.detach_requested = signal.Signals(signum).name
@@ -285,7 +357,7 @@ def _drive(runner: JobRunner, console: Console, body: object) -> None:
             outcome = body()  # type: ignore[operator]
         except KeyboardInterrupt:
             if not runner.guarded:
-                console.print("\nstopped during setup: the instance has no watchdog yet, so it is destroyed")
+                console.print("\nstopped during setup: the instance is destroyed")
                 _destroy_now(runner, console)
                 sys.exit(130)
             if _ask_destroy(console):
@@ -293,7 +365,6 @@ def _drive(runner: JobRunner, console: Console, body: object) -> None:
                 sys.exit(130)
             raise DetachRequested("Ctrl-C") from None
     except DetachRequested as exc:
-        runner.ledger.update_job(runner.job.id, client_pid=None)
         console.print(
             f"detached ({exc}): job {runner.job.id} goes on under its watchdog. "
             f"Follow it with: rentrain attach {runner.job.id}"
@@ -305,10 +376,13 @@ def _drive(runner: JobRunner, console: Console, body: object) -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if runner.ledger.job(runner.job.id).state == "closed":
+            runner._forget_key()  # every end (done, failed, Ctrl-C, no offer left); a detached job keeps its key
     if outcome != "succeeded":
         console.print(f"[bold red]job {runner.job.id} {outcome}[/]: {escape(runner.job.error or '')}")
         sys.exit(1)
-    console.print(f"[bold green]LoRA[/]: {runner.job.result_path}  (cost ${runner.ledger.job_cost(runner.job.id):.4f})")
+    cost = runner.ledger.job_cost(runner.job.id)
+    console.print(f"[bold green]LoRA[/]: {escape(str(runner.job.result_path))}  (cost ${cost:.4f})")
 
 
 def _ask_destroy(console: Console) -> bool:
@@ -336,5 +410,5 @@ def _destroy_now(runner: JobRunner, console: Console) -> None:
             runner.destroy(session, reason)
     for record in [i for i in runner.ledger.instances(runner.job.id) if i.ended_at is None]:
         runner.destroy_instance(record, reason)
-    runner.ledger.transition(runner.job.id, "closed", "stopped by the user", outcome="cancelled")
+    runner.close("cancelled", "stopped by the user")
     console.print("instance destroyed; checkpoints fetched so far are in the output folder")

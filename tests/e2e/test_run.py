@@ -56,6 +56,9 @@ def test_ssh_provider_runs_on_a_machine_rented_by_hand(tmp_path: Path, client: C
         env={"RENTRAIN_PYTHON": sys.executable, "RENTRAIN_ALLOW_CPU": "1", "HF_HUB_OFFLINE": "1"},
     )
     machine.start()
+    known_hosts = client.home / ".ssh" / "known_hosts"  # the user's own machine: its key is known, as for ssh
+    known_hosts.parent.mkdir()
+    known_hosts.write_text(f"[127.0.0.1]:{machine.port} {machine.host_key_line()}\n")
     try:
         config = write_job(tmp_path / "job")
         host = f"{machine.user}@127.0.0.1:{machine.port}"

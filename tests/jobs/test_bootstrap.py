@@ -61,3 +61,24 @@ def test_remote_requirements_mirror_the_train_extra() -> None:
     extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["train"]
     remote = [l.split("#")[0] for l in (REPO / "remote" / "requirements.txt").read_text().splitlines()]
     assert names(extra) - {"torch"} <= names(remote)
+
+
+def test_an_image_with_python_3_10_is_refused_naming_the_version(tmp_path: Path) -> None:
+    """remote/config.py needs tomllib (3.11+): bootstrap refuses an older Python and says which it found."""
+    image_bin = tmp_path / "image bin"
+    image_bin.mkdir()
+    for name in ("python3", "python"):  # an image whose only Python is 3.10.12
+        stand_in = image_bin / name
+        stand_in.write_text("#!/bin/sh\necho 3.10.12\n")
+        stand_in.chmod(0o755)
+    job_dir = tmp_path / "job"
+    env = {"PATH": f"{image_bin}:/usr/bin:/bin", "HOME": os.environ["HOME"], "RENTRAIN_ALLOW_CPU": "1"}
+    completed = subprocess.run(["bash", str(BOOTSTRAP), str(job_dir)], env=env, capture_output=True, text=True)
+    assert completed.returncode == 1
+    [python] = _phases(job_dir)
+    assert python["name"] == "python" and python["ok"] is False
+    assert python["detail"] == (
+        f"found Python 3.10.12 at {image_bin}/python3; the trainer needs 3.11+ "
+        "(set RENTRAIN_PYTHON or use an image with 3.11+)"
+    )
+    assert not (job_dir / "python").exists()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -16,6 +18,7 @@ from typing import Any
 import pytest
 
 from remote.watchdog import FETCHED, HEARTBEAT, LOG, TRAINER_PID, Watchdog
+from rentrain.remote_job import RemoteLayout, watchdog_command
 
 
 class Recorder:
@@ -266,3 +269,114 @@ def test_a_full_disk_does_not_stop_the_watchdog(tmp_path: Path, api: tuple[str, 
     (tmp_path / LOG).mkdir()  # appending to the log now fails with an OSError
     dog.run(max_rounds=1)
     assert [c["method"] for c in recorder.calls] == ["DELETE"]
+
+
+def _set_up_at(job_dir: Path, when: float) -> None:
+    """The client began this setup at `when`: it writes watchdog.json first thing."""
+    os.utime(job_dir / "watchdog.json", (when, when))
+
+
+def test_a_setup_that_takes_too_long_ends_the_instance(tmp_path: Path, api: tuple[str, Recorder]) -> None:
+    base, recorder = api
+    clock = FakeClock(50_000.0)
+    settings = {"started_at": 50_000.0, "setup_timeout_seconds": 900, "idle_timeout_seconds": 600,
+                "recipe": _recipe(base), "poll_seconds": 60}
+    dog = _watchdog(tmp_path, settings, clock)  # no trainer.pid: setup is still running
+    _set_up_at(tmp_path, clock.now)
+    for _ in range(3):  # the client beats all along: only the setup limit can end it
+        clock.now += 290
+        (tmp_path / HEARTBEAT).touch()
+        os.utime(tmp_path / HEARTBEAT, (clock.now, clock.now))
+        assert dog.reason_to_end() is None
+    clock.now += 30
+    reason = dog.reason_to_end()
+    assert reason is not None and reason.startswith("setup: the trainer has not started 900 s")
+    assert dog.end_instance(reason)
+    assert [c["method"] for c in recorder.calls] == ["DELETE"]
+
+
+def test_a_new_setup_and_a_started_trainer_are_not_cut_by_the_setup_limit(tmp_path: Path, trainer_pid: int) -> None:
+    clock = FakeClock(50_000.0)
+    dog = _watchdog(tmp_path, {"started_at": 0.0, "setup_timeout_seconds": 900, "recipe": None}, clock)
+    _set_up_at(tmp_path, clock.now)
+    (tmp_path / HEARTBEAT).touch()
+    clock.now += 800
+    _set_up_at(tmp_path, clock.now)  # a client came back (attach) and set up again: its own 900 s
+    os.utime(tmp_path / HEARTBEAT, (clock.now + 700, clock.now + 700))
+    clock.now += 700
+    assert dog.reason_to_end() is None
+    (tmp_path / TRAINER_PID).write_text(str(trainer_pid))  # the trainer runs: setup is over
+    clock.now += 5000
+    os.utime(tmp_path / HEARTBEAT, (clock.now, clock.now))
+    assert dog.reason_to_end() is None
+
+
+def test_the_watchdog_keeps_to_python_3_8_syntax() -> None:
+    """It starts before bootstrap has found the trainer's 3.11+, with whatever Python 3.8+ the image has."""
+    import ast
+
+    source = (Path(__file__).resolve().parents[2] / "remote" / "watchdog.py").read_text()
+    tree = ast.parse(source, feature_version=(3, 8))
+    # annotations such as `str | None` and `dict[str, Any]` are only strings there
+    assert any(isinstance(node, ast.ImportFrom) and node.module == "__future__" and node.names[0].name == "annotations"
+               for node in tree.body)
+
+
+def _watchdog_layout(tmp_path: Path) -> tuple[RemoteLayout, Path]:
+    root = tmp_path / "job dir"
+    (root / "payload").mkdir(parents=True)
+    (root / "payload" / "remote").symlink_to(Path(__file__).resolve().parents[2] / "remote")
+    (root / "watchdog.json").write_text(json.dumps({"started_at": time.time(), "recipe": None, "poll_seconds": 60}))
+    return RemoteLayout(root=str(root)), root
+
+
+def _stop_watchdog(root: Path) -> None:
+    pid = int((root / "watchdog.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+
+
+def test_the_watchdog_starts_once_with_the_images_python(tmp_path: Path) -> None:
+    layout, root = _watchdog_layout(tmp_path)
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    first = subprocess.run(["sh", "-c", watchdog_command(layout)], env=env, capture_output=True, text=True, timeout=30)
+    try:
+        assert first.returncode == 0, first.stderr
+        pid = (root / "watchdog.pid").read_text()
+        again = subprocess.run(["sh", "-c", watchdog_command(layout)], env=env, capture_output=True, text=True, timeout=9)
+        assert again.returncode == 0 and (root / "watchdog.pid").read_text() == pid  # a retried start starts none
+    finally:
+        _stop_watchdog(root)
+
+
+def test_an_image_without_python_3_8_fails_the_watchdog_start_saying_so(tmp_path: Path) -> None:
+    layout, _root = _watchdog_layout(tmp_path)
+    image_bin = tmp_path / "bin"
+    image_bin.mkdir()
+    for name in ("sh", "setsid", "nohup", "sleep", "cat", "tail", "rm", "grep", "kill"):
+        found = shutil.which(name)
+        if found:
+            (image_bin / name).symlink_to(found)
+    completed = subprocess.run(
+        [str(image_bin / "sh"), "-c", watchdog_command(layout)], env={"PATH": str(image_bin)},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert completed.returncode == 1
+    assert "no Python 3.8+ on this image to run the watchdog with" in completed.stderr
+
+
+def test_a_client_silent_during_setup_ends_the_instance_after_three_missed_beats_at_the_least(
+    tmp_path: Path, api: tuple[str, Recorder]
+) -> None:
+    base, _recorder = api
+    clock = FakeClock(50_000.0)
+    settings = {"started_at": 50_000.0, "setup_timeout_seconds": 1800, "idle_timeout_seconds": 5,
+                "heartbeat_seconds": 10, "recipe": _recipe(base)}
+    dog = _watchdog(tmp_path, settings, clock)
+    _set_up_at(tmp_path, clock.now)
+    (tmp_path / HEARTBEAT).touch()
+    os.utime(tmp_path / HEARTBEAT, (clock.now, clock.now))
+    clock.now += 29  # an idle timeout shorter than the beats (a test's --idle-timeout) waits for three of them
+    assert dog.reason_to_end() is None
+    clock.now += 1
+    reason = dog.reason_to_end()
+    assert reason is not None and reason.startswith("idle: setup not done and no client for 30 s")

@@ -1,31 +1,48 @@
-"""A local GPU market for end-to-end tests: HTTP on 127.0.0.1 speaking the Vast (REST v0) and RunPod
-(REST v2) shapes the adapters use, whose instances are real sshd processes on loopback ports.
+"""A local GPU market for end-to-end tests: HTTP on 127.0.0.1 speaking the Vast (REST v0, and v1 for the
+instance list) and RunPod (REST v2) shapes, whose instances are real sshd processes on loopback ports.
+
+It answers as the services do today (vast-ai/docs api-reference/openapi/yaml/show_instances.yaml, runpod/docs
+api-reference-v2/openapi.json): Vast's v0 instance list answers 410 `deprecated_endpoint` (unless
+`vast_v0_instance_list`, an account not yet migrated) and `GET /api/v1/instances/` pages 25 rows with
+`next_token`/`after_token`; a wrong Vast key answers reads with 404 `auth_error`, writes with 401; RunPod's
+catalog lists `cudaVersions` as `{"version", "available"}` objects.
 
 Reach it through the adapters' base-URL overrides:
-    RENTRAIN_VAST_URL   = <base>/vast/api/v0
+    RENTRAIN_VAST_URL   = <base>/vast/api/v0   (the adapter derives <base>/vast/api/v1)
     RENTRAIN_RUNPOD_URL = <base>/runpod
 
 Billing is by the second from create to destroy (stopped instances bill `storage_per_hour`). Faults are
 switched on per test: offers that are gone at create, hosts whose SSH never comes up, 429 and 5xx storms,
-and a host that dies mid-run.
+a host that dies mid-run, and answers that come after the client's timeout.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from tests.sim.sshd import SshdInstance
 
 VAST_KEY = "sim-vast-account-key"
 RUNPOD_KEY = "sim-runpod-account-key"
+VAST_V1_PAGE_SIZE = 25  # show_instances.yaml: "Default 25, max 25. Values <= 0 are treated as 5."
+VAST_V0_LIST_GONE = {
+    "success": False,
+    "error": "deprecated_endpoint",
+    "msg": "/api/v0/instances/ is deprecated. Use /api/v1/instances/ instead.",
+}
+VAST_AUTH_ERROR = {"success": False, "error": "auth_error", "msg": "Invalid user key"}
+RUNPOD_VOLUME_USD_PER_GB_MONTH_STOPPED = 0.20  # runpod/docs pods/pricing.mdx
 
 
 @dataclass
@@ -71,8 +88,10 @@ class ProviderSimulator:
         instance_env: dict[str, str] | None = None,
         boot_seconds: float = 0.3,
         storage_per_hour: float = 0.01,
+        vast_v0_instance_list: bool = False,  # True: an account the v0 list still answers (not yet migrated)
     ):
         self.root = root
+        self.vast_v0_instance_list = vast_v0_instance_list
         self.offers = {(o.provider, o.offer_id): o for o in offers}
         self.instance_env = instance_env or {}
         self.boot_seconds = boot_seconds
@@ -84,6 +103,10 @@ class ProviderSimulator:
         # (method, path regex, status, act_first): the next matching request answers `status`; with
         # act_first the request is carried out before the error is returned (a gateway timing out late)
         self.faults: list[tuple[str, str, int, bool]] = []
+        # (method, path regex, act_after, answer_after): the next matching request is carried out
+        # `act_after` seconds after it arrives and answered `answer_after` seconds after it arrived (a create
+        # that the provider finishes after the client's HTTP timeout)
+        self.late_answers: list[tuple[str, str, float, float]] = []
         self._lock = threading.RLock()
         self._next_id = 1000
         self._server: ThreadingHTTPServer | None = None
@@ -143,11 +166,29 @@ class ProviderSimulator:
 
     # ------------------------------------------------------------------ what tests look at
 
-    def live_instances(self) -> list[SimInstance]:
-        return [i for i in self.instances.values() if i.state not in ("destroyed",)]
+    def live_instances(self, provider: str | None = None) -> list[SimInstance]:
+        """Instances not destroyed; with `provider`, only that account's (each market sees its own)."""
+        return [
+            i for i in self.instances.values()
+            if i.state not in ("destroyed",) and (provider is None or i.provider == provider)
+        ]
+
+    def _own(self, provider: str, instance_id: str | None) -> SimInstance | None:
+        instance = self.instances.get(instance_id or "")
+        return instance if instance is not None and instance.provider == provider else None
 
     def total_billed(self) -> float:
         return sum(i.billed_cost(self.storage_per_hour) for i in self.instances.values())
+
+    def create_orphan(self, provider: str, label: str, boot: bool = False) -> SimInstance:
+        """An instance created directly through the provider's API, as another client (or a rentrain that died
+        before writing its ledger) would: no ledger knows it, it bills from now. Without `boot` its sshd never
+        starts (cheap enough to make dozens); with it, it comes up like a rented one."""
+        with self._lock:
+            offer = next((o for (p, _), o in self.offers.items() if p == provider and not o.gone), None)
+            if offer is None:
+                raise ValueError(f"the simulator has no {provider} offer to create an orphan from")
+            return self._create(provider, replace(offer, never_reachable=not boot), label, {})
 
     def kill_host(self, instance_id: str) -> None:
         """The host dies mid-run: every process on it ends, SSH is gone, the provider says exited."""
@@ -159,6 +200,13 @@ class ProviderSimulator:
     # ------------------------------------------------------------------ HTTP
 
     def handle(self, method: str, path: str, auth: str, body: Any) -> tuple[int, Any, dict[str, str]]:
+        late = self._take_late_answer(method, path)
+        if late is not None:  # sleeps outside the lock: the simulator answers other requests meanwhile
+            act_after, answer_after = late
+            time.sleep(act_after)
+            answer = self.handle(method, path, auth, body)
+            time.sleep(max(0.0, answer_after - act_after))
+            return answer
         with self._lock:
             self.requests.append((method, path))
             if self.storm:
@@ -174,11 +222,23 @@ class ProviderSimulator:
                         self.handle(method, path, auth, body)
                         self.requests.pop()
                     return status, {"error": "bad gateway"}, {}
+            if route.startswith("/vast/api/v1"):
+                return self._vast_v1(method, route[len("/vast/api/v1") :], auth, parse_qs(urlsplit(path).query))
             if route.startswith("/vast/api/v0"):
                 return self._vast(method, route[len("/vast/api/v0") :], auth, body)
             if route.startswith("/runpod"):
                 return self._runpod(method, route[len("/runpod") :], auth, body)
             return 404, {"error": "no such route"}, {}
+
+    def _take_late_answer(self, method: str, path: str) -> tuple[float, float] | None:
+        with self._lock:
+            route = path.split("?", 1)[0]
+            for late in self.late_answers:
+                late_method, pattern, act_after, answer_after = late
+                if late_method == method and re.search(pattern, route):
+                    self.late_answers.remove(late)
+                    return act_after, answer_after
+        return None
 
     def _authorised(self, auth: str, account_key: str, instance_id: str | None = None) -> bool:
         token = auth.removeprefix("Bearer ").strip()
@@ -193,7 +253,7 @@ class ProviderSimulator:
         match = re.fullmatch(r"/instances/(\d+)/(ssh/)?", route)
         instance_id = match.group(1) if match else None
         if not self._authorised(auth, VAST_KEY, instance_id):
-            return 401, {"success": False, "error": "auth_error", "msg": "Invalid user key"}, {}
+            return (404 if method == "GET" else 401), VAST_AUTH_ERROR, {}
         if method == "POST" and route == "/bundles/":
             offers = [self._vast_offer(o) for (p, _), o in self.offers.items() if p == "vast"]
             return 200, {"offers": offers}, {}
@@ -205,10 +265,12 @@ class ProviderSimulator:
             instance = self._create("vast", offer, body.get("label") or "", body.get("env") or {})
             return 200, {"success": True, "new_contract": int(instance.id), "instance_api_key": instance.instance_key}, {}
         if method == "GET" and route == "/instances/":
-            return 200, {"instances": [self._vast_instance(i) for i in self.live_instances()]}, {}
+            if not self.vast_v0_instance_list:
+                return 410, VAST_V0_LIST_GONE, {}
+            return 200, {"instances": [self._vast_instance(i) for i in self.live_instances("vast")]}, {}
         if instance_id is None:
             return 404, {"success": False, "error": "not_found", "msg": route}, {}
-        instance = self.instances.get(instance_id)
+        instance = self._own("vast", instance_id)
         if instance is None or instance.state == "destroyed":
             if method == "GET":
                 return 200, {"instances": None}, {}
@@ -229,6 +291,39 @@ class ProviderSimulator:
             self._destroy(instance)
             return 200, {"success": True}, {}
         return 400, {"success": False, "error": "invalid_args", "msg": "unsupported"}, {}
+
+    def _vast_v1(
+        self, method: str, route: str, auth: str, query: dict[str, list[str]]
+    ) -> tuple[int, Any, dict[str, str]]:
+        """GET /api/v1/instances/: keyset pages by id, at most 25 rows, `next_token` null on the last page."""
+        if not self._authorised(auth, VAST_KEY):
+            return 404, VAST_AUTH_ERROR, {}
+        if method != "GET" or route != "/instances/":
+            return 404, {"success": False, "error": "not_found", "msg": route}, {}
+        limit = int((query.get("limit") or [VAST_V1_PAGE_SIZE])[0])
+        limit = min(VAST_V1_PAGE_SIZE, limit) if limit > 0 else 5
+        token = (query.get("after_token") or [""])[0]
+        try:
+            after = json.loads(base64.b64decode(token))["values"]["id"] if token else 0
+        except (ValueError, KeyError, TypeError, binascii.Error):
+            return 400, {"error": "invalid_token", "msg": "after_token cannot be decoded"}, {}
+        rows = sorted(self.live_instances("vast"), key=lambda i: int(i.id))
+        later = [i for i in rows if int(i.id) > after]
+        page = later[:limit]
+        more = len(later) > limit
+        last = {"values": {"id": int(page[-1].id)}} if more else None
+        next_token = base64.b64encode(json.dumps(last).encode()).decode() if last else None
+        labels: dict[str, int] = {}
+        for instance in rows:
+            labels[instance.label] = labels.get(instance.label, 0) + 1
+        return 200, {
+            "success": True,
+            "instances_found": len(page),
+            "total_instances": len(rows),
+            "label_counts": labels,
+            "next_token": next_token,
+            "instances": [self._vast_instance(i) for i in page],
+        }, {}
 
     def _vast_offer(self, offer: SimOffer) -> dict[str, Any]:
         return {
@@ -265,6 +360,7 @@ class ProviderSimulator:
             "dph_total": instance.price_per_hour,
             "start_date": instance.created_at,
             "gpu_name": instance.offer.gpu_name,
+            "storage_total_cost": self.storage_per_hour,  # $/h, billed in every state
         }
 
     # ------------------------------------------------------------------ RunPod
@@ -291,8 +387,8 @@ class ProviderSimulator:
             self._write_keys(instance)
             return 201, self._pod(instance), {}
         if method == "GET" and route == "/v2/pods":
-            return 200, {"pods": [self._pod(i) for i in self.live_instances()]}, {}
-        instance = self.instances.get(pod_id or "")
+            return 200, {"pods": [self._pod(i) for i in self.live_instances("runpod")]}, {}
+        instance = self._own("runpod", pod_id)
         if instance is None or instance.state == "destroyed":
             return 404, {"title": "Not Found", "status": 404, "detail": f"pod {pod_id} not found"}, {}
         if method == "GET":
@@ -323,7 +419,7 @@ class ProviderSimulator:
             "maxCount": {"community": 4, "secure": 0},
             "availability": "HIGH",
             "dataCenters": [{"id": "LO-1", "name": "Loopback", "availability": "HIGH"}],
-            "cudaVersions": ["12.4"],
+            "cudaVersions": [{"version": "12.4", "available": True}, {"version": "12.8", "available": False}],
         }
 
     def _pod(self, instance: SimInstance) -> dict[str, Any]:
@@ -335,11 +431,17 @@ class ProviderSimulator:
             "status": status,
             "cost": instance.price_per_hour if running else 0,
             "gpu": {"id": instance.offer.offer_id, "count": 1},
+            "disk": 20,
+            # a volume whose stopped price is what this simulator bills a stopped instance
+            "mounts": {"persistent": {"size": self._runpod_volume_gb(), "path": "/workspace"}},
             "ssh": {"direct": {"host": "127.0.0.1", "port": instance.sshd.port, "username": instance.sshd.user}}
             if running
             else {"direct": None},
             "startedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(instance.created_at)),
         }
+
+    def _runpod_volume_gb(self) -> int:
+        return max(10, round(self.storage_per_hour * 730 / RUNPOD_VOLUME_USD_PER_GB_MONTH_STOPPED))
 
     # ------------------------------------------------------------------ instances
 

@@ -50,7 +50,10 @@ class SshdInstance:
         self.workdir = root / "workspace"
         self.port = port or free_port()
         self.user = getpass.getuser()
-        self.env = {"RENTRAIN_WORKDIR": str(self.workdir), **(env or {})}
+        # a machine of its own: its own home (so no start-up file of the test machine's user runs in its
+        # sessions: root's pyenv init, killed mid-rehash with a session, left a lock that stalled later logins)
+        self.home = root / "home"
+        self.env = {"RENTRAIN_WORKDIR": str(self.workdir), "HOME": str(self.home), **(env or {})}
         self.authorized_key = authorized_key
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -63,6 +66,7 @@ class SshdInstance:
 
     def start(self, new_host_key: bool = False) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(parents=True, exist_ok=True)
         Path("/run/sshd").mkdir(parents=True, exist_ok=True)
         if new_host_key or not self.host_key_path.exists():
             for path in (self.host_key_path, self.host_key_path.with_suffix(".pub")):

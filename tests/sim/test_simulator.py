@@ -148,3 +148,16 @@ def test_an_orphan_is_listed_by_label_and_bills_its_storage_while_stopped(sim: P
     assert stopped.storage_usd_per_hour == pytest.approx(sim.storage_per_hour, rel=0.02)
     provider.destroy(orphan.id)
     assert sim.live_instances() == []
+
+
+def test_each_market_lists_and_reaches_only_its_own_instances(sim: ProviderSimulator) -> None:
+    on_vast = sim.create_orphan("vast", "rentrain-on-vast")
+    on_runpod = sim.create_orphan("runpod", "rentrain-on-runpod")
+    vast = VastProvider(VAST_KEY, base_url=sim.vast_url)
+    runpod = RunPodProvider(RUNPOD_KEY, base_url=sim.runpod_url)
+    assert [i.id for i in vast.list_instances()] == [on_vast.id]
+    assert [i.id for i in runpod.list_instances()] == [on_runpod.id]
+    with pytest.raises(NotFound):
+        vast.get(on_runpod.id)
+    with pytest.raises(NotFound):
+        runpod.get(on_vast.id)
