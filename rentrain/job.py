@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 from pydantic import BaseModel, Field
-from rich.markup import escape
 
 from providers.base import (
     Instance,
@@ -179,6 +178,7 @@ class JobRunner:
         say: Callable[[str], None],
         sleep: Callable[[float], None] = time.sleep,
     ):
+        """`say` shows one line of plain text: messages carry provider and host text, never markup."""
         self.ledger = ledger
         self.job = job
         self.loaded = loaded
@@ -231,7 +231,7 @@ class JobRunner:
                 return start()
             except HostLost as exc:
                 retries += 1
-                self.say(f"[yellow]host lost[/]: {exc}")
+                self.say(f"host lost: {exc}")
                 self.ledger.record_failed_host(self.settings.provider, session.record.offer_id, f"lost mid-run: {exc}")
                 self.destroy(session, f"host lost: {exc}")
                 session = None
@@ -425,12 +425,12 @@ class JobRunner:
             destroyed = self._destroy_labelled()
         except ProviderError as exc:
             self.say(
-                f"[yellow]could not check {escape(self.settings.provider)} for instances labelled {self.job.label}[/] "
-                f"({escape(exc.message)}): one may still be billing; run: rentrain down {self.job.id}"
+                f"could not check {self.settings.provider} for instances labelled {self.job.label} "
+                f"({exc.message}): one may still be billing; run: rentrain down {self.job.id}"
             )
             return
         for instance_id in destroyed:
-            self.say(f"[yellow]destroyed instance {instance_id}[/]: it carried this job's label but no record of it")
+            self.say(f"destroyed instance {instance_id}: it carried this job's label but no record of it")
 
     # ------------------------------------------------------------------ provisioning
 
@@ -460,7 +460,7 @@ class JobRunner:
         except ProviderError as exc:
             # a timeout or a 5xx says nothing of what the provider did: it may still make the machine
             on_the_wire = isinstance(exc, ProviderDown) or type(exc) is ProviderError
-            self.say(f"[yellow]creating on offer {offer.offer_id} failed[/]: {escape(exc.message)}")
+            self.say(f"creating on offer {offer.offer_id} failed: {exc.message}")
             self._adopt_by_label(record, f"create failed: {exc.message}", wait=on_the_wire)
             self.say("taking the next offer")
             return None
@@ -482,7 +482,7 @@ class JobRunner:
             )
             root = job_root(probe_workdir(remote), self.job.id)
         except (*NETWORK_ERRORS, TransportError) as exc:
-            self.say(f"[yellow]instance {instance.id} is not usable over SSH[/]: {exc}")
+            self.say(f"instance {instance.id} is not usable over SSH: {exc}")
             self.ledger.record_failed_host(self.settings.provider, offer.offer_id, f"SSH failed: {exc}")
             remote.close()
             self.destroy_instance(record, f"SSH failed: {exc}")
@@ -543,7 +543,7 @@ class JobRunner:
             except NotFound:
                 return None
             except ProviderError as exc:
-                self.say(f"[yellow]provider error while waiting[/]: {exc.message}")
+                self.say(f"provider error while waiting: {exc.message}")
                 current = None
             if current is not None:
                 if current.status in ("exited", "gone"):
@@ -659,7 +659,7 @@ class JobRunner:
             except CONNECTION_LOST as exc:
                 if lost_since is None:
                     lost_since = time.time()
-                    self.say(f"[yellow]SSH dropped while {what}[/] ({escape(str(exc))}); reconnecting")
+                    self.say(f"SSH dropped while {what} ({exc}); reconnecting")
                 session.remote.close()
                 self._check_host(session, lost_since, exc)
                 self.sleep(self.settings.poll_seconds)
@@ -779,9 +779,9 @@ class JobRunner:
         events = remote.run(f"cat {shlex.quote(layout.bootstrap_events)}", check=False).stdout
         phases = [json.loads(line) for line in events.splitlines() if line.strip()]
         for phase in phases:
-            mark = "ok" if phase.get("ok") else "[red]failed[/]"
-            detail = escape(str(phase.get("detail", "")))
-            self.say(f"setup {escape(str(phase.get('name')))}: {mark} in {phase.get('seconds', 0):.1f} s ({detail})")
+            mark = "ok" if phase.get("ok") else "FAILED"
+            detail = str(phase.get("detail", ""))
+            self.say(f"setup {phase.get('name')}: {mark} in {phase.get('seconds', 0):.1f} s ({detail})")
         if code != "0":
             failed = next((p for p in phases if not p.get("ok")), {"name": "bootstrap", "detail": f"exit {code}"})
             message = f"setup failed in phase {failed.get('name')}: {failed.get('detail')}"
@@ -954,7 +954,7 @@ class JobRunner:
             except (*NETWORK_ERRORS, TransportError) as exc:
                 if attempt == attempts or "never overwrites" in str(exc):
                     raise
-                self.say(f"[yellow]fetching {posixpath.basename(remote_path)} failed ({exc}); again[/]")
+                self.say(f"fetching {posixpath.basename(remote_path)} failed ({exc}); again")
                 self.sleep(2**attempt)
         raise AssertionError("unreachable")
 
@@ -989,7 +989,7 @@ class JobRunner:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / f"trainer-{self.job.id}.log").write_text(text)
         except Exception as exc:  # noqa: BLE001 - keeping a log must never stop the destroy that follows
-            self.say(f"[yellow]could not keep the trainer's log[/]: {exc}")
+            self.say(f"could not keep the trainer's log: {exc}")
 
     def _stop_trainer(self, session: Session) -> None:
         pid_file = shlex.quote(session.layout.trainer_pid)
@@ -1032,7 +1032,7 @@ class JobRunner:
             except NotFound:
                 pass
             except ProviderError as exc:
-                self.say(f"[yellow]destroy failed ({exc.message}); retrying[/]")
+                self.say(f"destroy failed ({exc.message}); retrying")
                 self.sleep(min(30, 2**attempt))
                 continue
             if self._confirmed_gone(record.instance_id):
@@ -1054,7 +1054,7 @@ class JobRunner:
             return
         problem = forget_job_key(self.ledger, self.job.id, self.provider, self.key.public_line)
         if problem:
-            self.say(f"[yellow]{escape(problem)}[/]")
+            self.say(f"warning: {problem}")
 
     def _confirmed_gone(self, instance_id: str) -> bool:
         assert self.provider is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -104,3 +105,12 @@ class RunProgress:
         elif isinstance(event, ErrorEvent):
             self.error = event
             self.console.print(f"[bold red]training failed ({event.kind})[/]: {escape(event.message)}")
+
+
+def plain_printer(console: Console) -> Callable[[str], None]:
+    """Print a message as plain text: it may carry paths, provider errors or a host's words, never markup."""
+
+    def say(text: str) -> None:
+        console.print(text, markup=False, highlight=False)
+
+    return say

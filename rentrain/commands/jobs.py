@@ -50,9 +50,9 @@ from rentrain.job import JobFailed, JobRunner, RunSettings, Session
 from rentrain.ledger import ClientLock, JobRecord, Ledger, LockHeld, client_alive
 from rentrain.offers import find_offers, requirements_from
 from rentrain.paths import state_dir
-from rentrain.progress import RunProgress
+from rentrain.progress import RunProgress, plain_printer
 from rentrain.sshkeys import JobKey, forget_job_key, load_job_key
-from rentrain.transport import NETWORK_ERRORS, SshUnavailable, TransportError
+from rentrain.transport import NETWORK_ERRORS, FetchRefused, SshUnavailable, TransportError
 
 
 def _ledger_if_any() -> Ledger | None:
@@ -200,6 +200,12 @@ def _settle_stopped(ledger: Ledger, sighting: Sighting, check: AccountCheck, con
             _finish_jobs(ledger, [job.id], console, f"its stopped instance fetched ({fetched} file(s)) and destroyed")
     except (click.ClickException, JobFailed, ProviderError) as exc:
         console.print(f"[yellow]job {job.id}: {escape(str(exc))}[/]", highlight=False)
+    except FetchRefused as exc:
+        console.print(
+            f"[red]job {job.id}: the instance offered a file no honest run writes ({escape(str(exc))}); nothing "
+            f"more is fetched from it. It runs under its watchdog; end it with: rentrain down {job.id}[/]",
+            highlight=False,
+        )
     except (*NETWORK_ERRORS, TransportError) as exc:
         console.print(
             f"[yellow]job {job.id}: fetching failed ({escape(str(exc))}); the instance runs under its watchdog, "
@@ -258,7 +264,7 @@ def _runner(ledger: Ledger, job: JobRecord, view: RunProgress, console: Console)
             provider = open_provider(job.provider)
         except CredentialsError as exc:
             raise click.ClickException(str(exc)) from None
-    return JobRunner(ledger, job, loaded, provider, settings, key, view, console.print), key
+    return JobRunner(ledger, job, loaded, provider, settings, key, view, plain_printer(console)), key
 
 
 def _reattach(runner: JobRunner, key: JobKey, start_stopped: bool = False) -> Session | None:
@@ -375,15 +381,15 @@ def attach(job_id: str) -> None:
                 if result_home(job):
                     _close_job(ledger, job.id, "its result was home; only the teardown was left")
                     console.print(
-                        f"job {job.id}'s result is home ({job.result_path}) and its instance is gone: closed, "
+                        f"job {job.id}'s result is home ({escape(str(job.result_path))}) and its instance is gone: closed, "
                         "nothing rented"
                     )
                     return
                 resume = job.last_state_path or "the start"
-                console.print(f"job {job.id}'s instance is gone; resuming from {resume} on a new one")
+                console.print(f"job {job.id}'s instance is gone; resuming from {escape(resume)} on a new one")
             else:
                 endpoint = session.remote.endpoint
-                console.print(f"attached to job {job.id} on {endpoint.host}:{endpoint.port}")
+                console.print(f"attached to job {job.id} on {escape(endpoint.host)}:{endpoint.port}")
             if runner.provider is None:
                 assert session is not None
                 _drive(runner, console, lambda: runner.continue_on(session))
@@ -469,7 +475,7 @@ def fetch(job_id: str) -> None:
         if session is None:
             raise click.ClickException(f"job {job.id}'s instance is gone; what was fetched is in {job.output_dir}")
         fetched = _fetch_everything(runner, session)
-    console.print(f"{fetched} file(s) in {job.output_dir}")
+    console.print(f"{fetched} file(s) in {escape(job.output_dir)}")
 
 
 def _fetch_everything(runner: JobRunner, session: Session) -> int:
@@ -596,7 +602,7 @@ def _destroy_sighting(ledger: Ledger, api: Provider | None, sighting: Sighting, 
     if record is not None:
         ended = {"ended_at": time.time(), "end_reason": reason}
         ledger.update_instance(record.job_id, record.offer_id, record.created_at, **ended)
-    console.print(f"destroyed {sighting.provider} instance {sighting.instance_id or '(found by its label)'}")
+    console.print(f"destroyed {sighting.provider} instance {escape(sighting.instance_id or '(found by its label)')}")
     return True
 
 

@@ -29,7 +29,7 @@ from rentrain.ledger import ClientLock, JobRecord, Ledger, this_host
 from rentrain.local_run import LocalTrainingUnavailable, ensure_training_stack, run_trainer
 from rentrain.multigpu import GpuCountError, describe_data_parallel, local_cuda_devices, local_gpus_note, plan_with_gpus
 from rentrain.offers import RankedOffer, find_offers, requirements_from
-from rentrain.progress import RunProgress
+from rentrain.progress import RunProgress, plain_printer
 from rentrain.sshkeys import JobKey, create_job_key
 from rentrain.transport import SshEndpoint, TransportError
 from rentrain.upload_list import plan_upload
@@ -210,7 +210,7 @@ def _run_local(loaded: LoadedConfig, console: Console, resume: Path | None, gpus
     if view.done is None:
         if view.error is None:
             log = escape(str(train.output_dir / "trainer.log"))
-            console.print(f"[red]the trainer exited with code {exit_code}[/]; see {log}")
+            console.print(f"[red]the trainer exited with code {exit_code}[/]; see {escape(str(log))}")
         sys.exit(1)
     console.print(f"LoRA: {escape(str(view.done.path))}")
 
@@ -272,7 +272,7 @@ def _run_rented(
     console.print(f"job [bold]{job.id}[/] (instance label {job.label})")
     key = create_job_key(job.id)
     with ClientLock(ledger, job.id) as lock, RunProgress(console, usd_per_hour=best.offer.price_per_hour) as view:
-        runner = JobRunner(ledger, job, loaded, provider, settings, key, view, console.print)
+        runner = JobRunner(ledger, job, loaded, provider, settings, key, view, plain_printer(console))
         lock.on_lost = detach_when_taken_over(runner)
         _drive(runner, console, lambda: runner.run([r.offer for r in search.ranked], detach_after_start=detach))
 
@@ -298,7 +298,7 @@ def _run_on_host(
     console.print(f"job [bold]{job.id}[/] on {escape(f'{endpoint.user}@{endpoint.host}:{endpoint.port}')}")
     key = JobKey(private_path=key_path, public_line="")
     with ClientLock(ledger, job.id) as lock, RunProgress(console) as view:
-        runner = JobRunner(ledger, job, loaded, None, settings, key, view, console.print)
+        runner = JobRunner(ledger, job, loaded, None, settings, key, view, plain_printer(console))
         lock.on_lost = detach_when_taken_over(runner)
         _drive(runner, console, lambda: runner.run_on_host(endpoint, key_path, detach, trust_new_host))
 
