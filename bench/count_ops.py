@@ -21,10 +21,39 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 NO_KERNEL = {
-    "view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "detach", "alias", "as_strided",
-    "slice", "select", "unsqueeze", "squeeze", "split", "split_with_sizes", "chunk", "unbind", "_reshape_alias",
-    "empty", "empty_like", "empty_strided", "lift_fresh", "unflatten", "flatten", "contiguous", "numpy_T",
-    "is_same_size", "_has_compatible_shallow_copy_type", "sym_size", "sym_stride", "sym_numel", "dim",
+    "view",
+    "_unsafe_view",
+    "reshape",
+    "t",
+    "transpose",
+    "permute",
+    "expand",
+    "detach",
+    "alias",
+    "as_strided",
+    "slice",
+    "select",
+    "unsqueeze",
+    "squeeze",
+    "split",
+    "split_with_sizes",
+    "chunk",
+    "unbind",
+    "_reshape_alias",
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "lift_fresh",
+    "unflatten",
+    "flatten",
+    "contiguous",
+    "numpy_T",
+    "is_same_size",
+    "_has_compatible_shallow_copy_type",
+    "sym_size",
+    "sym_stride",
+    "sym_numel",
+    "dim",
 }
 
 
@@ -56,8 +85,12 @@ def count(unet_only: bool, plain: bool, where: str | None = None) -> tuple[Count
             if name not in NO_KERNEL:
                 self.ops[(self.phase, name)] += 1
             if name == where:  # the innermost frame outside torch: which line of which library asked
-                frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename and f.filename != __file__]
-                source = f"{frames[-1].filename.split('site-packages/')[-1]}:{frames[-1].lineno}" if frames else "autograd"
+                frames = [
+                    f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename and f.filename != __file__
+                ]
+                source = (
+                    f"{frames[-1].filename.split('site-packages/')[-1]}:{frames[-1].lineno}" if frames else "autograd"
+                )
                 self.sources[(self.phase, source)] += 1
             return func(*args, **(kwargs or {}))
 
@@ -105,7 +138,9 @@ def main() -> int:
     parser.add_argument("--where", metavar="OP", help="also list the source lines that issue this operation")
     args = parser.parse_args()
     by_phase, by_op, sources = count(args.unet_only, args.plain, args.where)
-    label = f"SD 1.5 512px b4, {'UNet only' if args.unet_only else 'UNet+TE'}, {'plain' if args.plain else 'fused'} LoRA"
+    label = (
+        f"SD 1.5 512px b4, {'UNet only' if args.unet_only else 'UNet+TE'}, {'plain' if args.plain else 'fused'} LoRA"
+    )
     print(f"{label}: {sum(by_phase.values())} operations per step (forward + backward, optimizer not included)")
     print("| part | operations |\n|---|---|")
     for phase, n in by_phase.most_common():

@@ -55,8 +55,12 @@ def main() -> int:
         folder = Path(tmp)
         write_photos(folder, args.images, (width, height))
         cfg = TrainConfig(
-            pretrained_model_name_or_path="builtin:tiny-sd15", train_data_dir=str(folder), resolution=args.bucket,
-            output_dir=str(folder / "out"), max_train_steps=1, learning_rate=1e-4,
+            pretrained_model_name_or_path="builtin:tiny-sd15",
+            train_data_dir=str(folder),
+            resolution=args.bucket,
+            output_dir=str(folder / "out"),
+            max_train_steps=1,
+            learning_rate=1e-4,
         )
         records = data_mod.build_dataset(cfg).records
         chunks = [[(record, None)] for record in records]

@@ -75,7 +75,10 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/rentrain-bench"))
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    runs = [(label, *train(label, extra, patches, precision, args.steps, args.workdir)) for label, extra, patches, precision in VARIANTS]
+    runs = [
+        (label, *train(label, extra, patches, precision, args.steps, args.workdir))
+        for label, extra, patches, precision in VARIANTS
+    ]
     ref_label, ref_losses, ref_file = runs[0]
     rows = [
         f"Against: {ref_label}; {args.steps} steps, seed 1",

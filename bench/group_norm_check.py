@@ -49,8 +49,13 @@ def main() -> int:
     rows = []
     compile_started = time.perf_counter()
     x = torch.randn(1, 64, 8, 8, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
-    ChannelsLastGroupNorm.apply(x.requires_grad_(True), 32, torch.ones(64, device="cuda", dtype=torch.bfloat16),
-                                torch.zeros(64, device="cuda", dtype=torch.bfloat16), 1e-5).sum().backward()
+    ChannelsLastGroupNorm.apply(
+        x.requires_grad_(True),
+        32,
+        torch.ones(64, device="cuda", dtype=torch.bfloat16),
+        torch.zeros(64, device="cuda", dtype=torch.bfloat16),
+        1e-5,
+    ).sum().backward()
     torch.cuda.synchronize()
     compile_seconds = time.perf_counter() - compile_started
 
@@ -64,14 +69,14 @@ def main() -> int:
         reference = F.group_norm(reference_x, 32, weight.double(), bias.double(), 1e-5)
         reference.backward(grad.double())
 
-        def ours(keep: list | None = None):
+        def ours(keep: list | None = None, base=base, weight=weight, bias=bias, grad=grad):
             x = base.contiguous(memory_format=torch.channels_last).requires_grad_(True)
             out = ChannelsLastGroupNorm.apply(x, 32, weight, bias, 1e-5)
             out.backward(grad.contiguous(memory_format=torch.channels_last))
             if keep is not None:
                 keep += [out, x.grad]
 
-        def native(layout, keep: list | None = None):
+        def native(layout, keep: list | None = None, base=base, weight=weight, bias=bias, grad=grad):
             x = base.contiguous(memory_format=layout).requires_grad_(True)
             out = F.group_norm(x, 32, weight, bias, 1e-5)
             out.backward(grad.contiguous(memory_format=layout))
@@ -84,20 +89,32 @@ def main() -> int:
         native(torch.contiguous_format, theirs)
         errors = [
             (result.double() - expected).abs().mean().item()
-            for result, expected in zip(mine + theirs, [reference, reference_x.grad] * 2)
+            for result, expected in zip(mine + theirs, [reference, reference_x.grad] * 2, strict=True)
         ]
-        rows.append((
-            label, *errors,
-            timed(ours), timed(lambda: native(torch.channels_last)), timed(lambda: native(torch.contiguous_format)),
-        ))
+        rows.append(
+            (
+                label,
+                *errors,
+                timed(ours),
+                timed(lambda: native(torch.channels_last)),
+                timed(lambda: native(torch.contiguous_format)),
+            )
+        )
 
-    print(f"GPU {torch.cuda.get_device_name(0)}, torch {torch.__version__}; kernels' first call (compile) {compile_seconds:.1f} s")
-    print("| shape (bf16, 32 groups) | output error: kernels | PyTorch | input-gradient error: kernels | PyTorch "
-          "| fwd+bwd us: kernels (channels_last) | PyTorch, channels_last input | PyTorch, NCHW input |")
+    print(
+        f"GPU {torch.cuda.get_device_name(0)}, torch {torch.__version__}; "
+        f"kernels' first call (compile) {compile_seconds:.1f} s"
+    )
+    print(
+        "| shape (bf16, 32 groups) | output error: kernels | PyTorch | input-gradient error: kernels | PyTorch "
+        "| fwd+bwd us: kernels (channels_last) | PyTorch, channels_last input | PyTorch, NCHW input |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for label, out_ours, grad_ours, out_native, grad_native, t_ours, t_cl, t_nchw in rows:
-        print(f"| {label} | {out_ours:.2e} | {out_native:.2e} | {grad_ours:.2e} | {grad_native:.2e} "
-              f"| {t_ours:.0f} | {t_cl:.0f} | {t_nchw:.0f} |")
+        print(
+            f"| {label} | {out_ours:.2e} | {out_native:.2e} | {grad_ours:.2e} | {grad_native:.2e} "
+            f"| {t_ours:.0f} | {t_cl:.0f} | {t_nchw:.0f} |"
+        )
     return 0
 
 

@@ -58,16 +58,24 @@ def main() -> int:
     def reset_peak() -> None:
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
+
     with device:
         vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215,
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            layers_per_block=2,
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            scaling_factor=0.18215,
         )
     vae.requires_grad_(False)
     folder = build_dataset(args.workdir / f"latent-data-{args.images}", args.resolution, images=args.images)
     case = replace(CASES["sd15"], resolution=args.resolution)
-    config = write_config(args.workdir / "latent-bench.toml", case, "builtin:tiny-sd15", folder, args.workdir / "latent-out", 1)
+    config = write_config(
+        args.workdir / "latent-bench.toml", case, "builtin:tiny-sd15", folder, args.workdir / "latent-out", 1
+    )
     cfg = load_config(config).train
 
     rows: list[tuple[str, float, float | None]] = []
@@ -99,7 +107,9 @@ def main() -> int:
     for batch in (int(b) for b in args.batches.split(",")):
         for layout in (torch.channels_last, torch.contiguous_format):
             vae.to(memory_format=layout)
-            pixels = torch.randn(batch, 3, args.resolution, args.resolution, device=device).contiguous(memory_format=layout)
+            pixels = torch.randn(batch, 3, args.resolution, args.resolution, device=device).contiguous(
+                memory_format=layout
+            )
             with torch.no_grad():
                 vae.encode(pixels)
                 sync()
@@ -110,7 +120,9 @@ def main() -> int:
                     vae.encode(pixels).latent_dist.mean.sum().item()
                 sync()
             name = "channels_last" if layout is torch.channels_last else "NCHW"
-            rows.append((f"encode only, batch {batch}, {name}", batch * repeats / (time.perf_counter() - started), peak_gib()))
+            rows.append(
+                (f"encode only, batch {batch}, {name}", batch * repeats / (time.perf_counter() - started), peak_gib())
+            )
 
     gpu = torch.cuda.get_device_name(0) if on_gpu else "CPU"
     print(f"{gpu}, torch {torch.__version__}; {args.images} images at {args.resolution}px")

@@ -11,6 +11,7 @@ Writes: wall ms per step, GPU kernel ms per step, kernel launches per step, and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import runpy
 import sys
 import time
@@ -27,7 +28,10 @@ KERNEL_KINDS = (
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_generated_fort_native_sdpa")),
     ("gemm", ("gemm", "matmul", "cutlass", "sm90_xmma", "nvjet", "cublas")),
     ("convolution", ("conv", "implicit", "winograd", "cudnn")),
-    ("copy / cast / layout", ("copy", "cast", "to_copy", "nchwtonhwc", "nhwctonchw", "transpose", "elementwise_kernel_with_index")),
+    (
+        "copy / cast / layout",
+        ("copy", "cast", "to_copy", "nchwtonhwc", "nhwctonchw", "transpose", "elementwise_kernel_with_index"),
+    ),
     ("normalisation", ("norm", "welford")),
     ("optimizer", ("adam", "multi_tensor")),
 )
@@ -94,8 +98,14 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/rentrain-bench"))
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--patch", dest="patches", action="append", default=[], choices=sorted(PATCHES))
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. cuda_graphs=false (eager: kernels attributed to their operators)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. cuda_graphs=false (eager: kernels attributed to their operators)",
+    )
     args = parser.parse_args()
 
     import torch
@@ -117,7 +127,7 @@ def main() -> int:
     )
 
     for name in args.patches:
-        exec(PATCHES[name], {"L": loop, "torch": torch})  # noqa: S102 - the bench's own experiment patches
+        exec(PATCHES[name], {"L": loop, "torch": torch})
 
     # host time per phase of the step, measured around the trainer's own functions
     host: dict[str, float] = {}
@@ -130,6 +140,7 @@ def main() -> int:
             finally:
                 if "started" in state and "wall" not in state:
                     host[name] = host.get(name, 0.0) + time.perf_counter() - started
+
         return wrapper
 
     for name in ("batch_inputs", "optimizer_step", "emit_step", "after_step"):
@@ -156,10 +167,8 @@ def main() -> int:
 
     loop.train_step = profiled_step
     sys.argv = ["remote.trainer", str(config)]
-    try:
+    with contextlib.suppress(SystemExit):
         runpy.run_module("remote.trainer", run_name="__main__")
-    except SystemExit:
-        pass
     profiler = state.get("profiler")
     if profiler is None:
         print("the run ended before the profiled steps", file=sys.stderr)
@@ -168,8 +177,10 @@ def main() -> int:
     # GPU-side ranges of user annotations (Optimizer.step#AdamW.step, ...) are not kernels; kernel names can
     # hold a '#' too ("{lambda()#2}" in most elementwise and copy kernels), but always with a parenthesis
     kernels = [
-        e for e in events
-        if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+        e
+        for e in events
+        if e.device_type == torch.autograd.DeviceType.CUDA
+        and not getattr(e, "is_user_annotation", False)
         and not ("#" in e.name and "(" not in e.name)
     ]
     gpu_ms = sum(e.device_time for e in kernels) / 1000 / args.steps
@@ -182,9 +193,13 @@ def main() -> int:
         f"wall per step: {float(state['wall']) / args.steps * 1000:.1f} ms",  # type: ignore[arg-type]
         f"GPU kernel time per step: {gpu_ms:.1f} ms",
         f"kernel launches per step: {len(kernels) / args.steps:.0f}",
-        f"GPU busy per step (union of kernel intervals; overlapping kernels counted once): {busy / 1000 / args.steps:.1f} ms",
+        "GPU busy per step (union of kernel intervals; overlapping kernels counted once): "
+        f"{busy / 1000 / args.steps:.1f} ms",
         "idle gaps between kernels per step: "
-        + ", ".join(f"{label}: {n / args.steps:.0f} gaps, {total / 1000 / args.steps:.1f} ms" for label, (n, total) in gaps.items()),
+        + ", ".join(
+            f"{label}: {n / args.steps:.0f} gaps, {total / 1000 / args.steps:.1f} ms"
+            for label, (n, total) in gaps.items()
+        ),
         "kernels per step by duration: "
         + ", ".join(f"{label}: {n / args.steps:.0f}" for label, n in durations(kernels).items()),
         "host time per step in the trainer's phases (ms): "

@@ -64,7 +64,9 @@ def _child(folder: Path, family: str, raw: bool) -> dict[str, float]:
     lap("VAE")
     CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=torch.bfloat16, **place)
     if family == "sdxl":
-        CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", torch_dtype=torch.bfloat16, **place)
+        CLIPTextModelWithProjection.from_pretrained(
+            folder, subfolder="text_encoder_2", torch_dtype=torch.bfloat16, **place
+        )
     torch.cuda.synchronize()
     lap("text encoder(s)")
     CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
@@ -88,7 +90,9 @@ def main() -> int:
     folder = build_model(args.family, args.workdir / f"model-{args.family}")
     rows = ["| phase | seconds |", "|---|---|"]
     for raw in (False, True):
-        command = [sys.executable, __file__, "--child", str(folder), "--family", args.family] + (["--raw"] if raw else [])
+        command = [sys.executable, __file__, "--child", str(folder), "--family", args.family] + (
+            ["--raw"] if raw else []
+        )
         started = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         wall = time.perf_counter() - started

@@ -23,6 +23,7 @@ smaller card. Results are printed as one Markdown table; bench/RESULTS.md record
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -72,14 +73,25 @@ CASES = {
 
 # The real architectures' configs (diffusers UNet2DConditionModel / transformers CLIPTextConfig keyword arguments).
 SD15_UNET = dict(
-    sample_size=64, cross_attention_dim=768, attention_head_dim=8, layers_per_block=2,
+    sample_size=64,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    layers_per_block=2,
     block_out_channels=(320, 640, 1280, 1280),
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
 )
 CLIP_L = dict(
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, bos_token_id=49406, eos_token_id=49407,
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+    bos_token_id=49406,
+    eos_token_id=49407,
 )
 
 
@@ -104,23 +116,42 @@ def build_model(family: str, folder: Path) -> Path:
             index_class, scaling = "StableDiffusionPipeline", 0.18215
         else:
             unet = UNet2DConditionModel(
-                sample_size=128, cross_attention_dim=2048, layers_per_block=2, block_out_channels=(320, 640, 1280),
+                sample_size=128,
+                cross_attention_dim=2048,
+                layers_per_block=2,
+                block_out_channels=(320, 640, 1280),
                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
-                addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+                transformer_layers_per_block=(1, 2, 10),
+                attention_head_dim=(5, 10, 20),
+                use_linear_projection=True,
+                addition_embed_type="text_time",
+                addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=2816,
             )
             big_g = CLIPTextConfig(
-                vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                max_position_embeddings=77, hidden_act="gelu", projection_dim=1280, bos_token_id=49406,
+                vocab_size=49408,
+                hidden_size=1280,
+                intermediate_size=5120,
+                num_hidden_layers=32,
+                num_attention_heads=20,
+                max_position_embeddings=77,
+                hidden_act="gelu",
+                projection_dim=1280,
+                bos_token_id=49406,
                 eos_token_id=49407,
             )
             encoders = {"text_encoder": CLIPTextModel(clip_l), "text_encoder_2": CLIPTextModelWithProjection(big_g)}
             index_class, scaling = "StableDiffusionXLPipeline", 0.13025
         vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=scaling,
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            layers_per_block=2,
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            scaling_factor=scaling,
         )
     unet.half().save_pretrained(folder / "unet")
     vae.half().save_pretrained(folder / "vae")
@@ -129,8 +160,14 @@ def build_model(family: str, folder: Path) -> Path:
     clip_tokenizer().save_pretrained(folder / "tokenizer")
     if family == "sdxl":
         clip_tokenizer(pad_token="!").save_pretrained(folder / "tokenizer_2")
-    DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").save_pretrained(folder / "scheduler")
-    index = {"_class_name": index_class, "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").save_pretrained(
+        folder / "scheduler"
+    )
+    index = {
+        "_class_name": index_class,
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
     (folder / "model_index.json").write_text(json.dumps(index))
     del unet, vae, encoders
     return folder
@@ -247,10 +284,14 @@ def trainer_command(config: Path, cap_gib: float | None = None, patches: tuple[s
     lines = ["import sys, runpy, torch", "import remote.trainer.loop as L"]
     if cap_gib:
         lines.append(
-            f"torch.cuda.set_per_process_memory_fraction({cap_gib} * 2**30 / torch.cuda.get_device_properties(0).total_memory)"
+            f"torch.cuda.set_per_process_memory_fraction({cap_gib} * 2**30 / "
+            "torch.cuda.get_device_properties(0).total_memory)"
         )
     lines += [PATCHES[name] for name in patches]
-    lines += ["sys.argv = ['remote.trainer', sys.argv[1]]", "runpy.run_module('remote.trainer', run_name='__main__', alter_sys=True)"]
+    lines += [
+        "sys.argv = ['remote.trainer', sys.argv[1]]",
+        "runpy.run_module('remote.trainer', run_name='__main__', alter_sys=True)",
+    ]
     return [sys.executable, "-c", "\n".join(lines), str(config)]
 
 
@@ -278,13 +319,20 @@ def run_case(
         file=sys.stderr,
         flush=True,
     )
-    print(f"  trainer: loss {steps[0]['loss']:.4f} at step 1 -> {steps[-1]['loss']:.4f} at step {len(steps)}", file=sys.stderr)
+    print(
+        f"  trainer: loss {steps[0]['loss']:.4f} at step 1 -> {steps[-1]['loss']:.4f} at step {len(steps)}",
+        file=sys.stderr,
+    )
     steady = steps[warmup:]
     # the median interval between step events: an epoch's end (a sync, a new batch shape captured as a graph)
     # costs a few steps' time once; the mean over the window, printed beside it, includes those
-    intervals = [b["time"] - a["time"] for a, b in zip(steady, steady[1:])]
+    intervals = [b["time"] - a["time"] for a, b in itertools.pairwise(steady)]
     seconds = statistics.median(intervals)
-    print(f"  trainer: mean interval {1000 * statistics.mean(intervals):.1f} ms, median {1000 * seconds:.1f} ms", file=sys.stderr, flush=True)
+    print(
+        f"  trainer: mean interval {1000 * statistics.mean(intervals):.1f} ms, median {1000 * seconds:.1f} ms",
+        file=sys.stderr,
+        flush=True,
+    )
     flop = case.flop_per_step
     tflops = flop / seconds / 1e12 if flop else None
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), None)
@@ -357,13 +405,27 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/rentrain-bench"))
     parser.add_argument("--cap-gib", type=float, default=None)
-    parser.add_argument("--tiny", action="store_true", help="smoke test with builtin:tiny-sd15 (on the GPU if there is one)")
+    parser.add_argument(
+        "--tiny", action="store_true", help="smoke test with builtin:tiny-sd15 (on the GPU if there is one)"
+    )
     parser.add_argument("--precision", default="no", choices=("no", "fp16", "bf16"), help="mixed_precision of --tiny")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override for every case, e.g. cuda_graphs=false (repeatable)")
-    parser.add_argument("--patch", dest="patches", action="append", default=[], choices=sorted(PATCHES),
-                        help="experiment patch applied from outside the trainer (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every case, e.g. cuda_graphs=false (repeatable)",
+    )
+    parser.add_argument(
+        "--patch",
+        dest="patches",
+        action="append",
+        default=[],
+        choices=sorted(PATCHES),
+        help="experiment patch applied from outside the trainer (repeatable)",
+    )
     args = parser.parse_args()
     overrides = dict(parse_override(item) for item in args.overrides)
     label = ", ".join([f"{k}={v}" for k, v in overrides.items()] + args.patches)
@@ -377,7 +439,9 @@ def main() -> int:
         case = Case(f"tiny SD 1.5 64px b2 ({gpu}, mixed_precision {args.precision})", "sd15", 64, 2, True, overrides)
         dataset = build_dataset(args.workdir / "data", 64, images=8)
         output = args.workdir / f"out-tiny-{int(time.time())}"
-        config = write_config(args.workdir / "tiny.toml", case, "builtin:tiny-sd15", dataset, output, args.steps, args.precision)
+        config = write_config(
+            args.workdir / "tiny.toml", case, "builtin:tiny-sd15", dataset, output, args.steps, args.precision
+        )
         results.append(run_case(case, config, args.warmup, None, gpu, tuple(args.patches)))
     else:
         for key in args.cases.split(","):

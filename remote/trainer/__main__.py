@@ -51,9 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(cfg, writer: EventWriter, resume: str | None) -> int:
     try:
-        import torch
-
-        from .distributed import leave
+        from .distributed import leave  # imports torch
     except ImportError as exc:
         writer.emit(ErrorEvent(kind="internal", message=f"the trainer's dependencies are missing: {exc}"))
         return 1
@@ -97,14 +95,14 @@ def _train_and_report(cfg, writer: EventWriter, resume: str | None) -> int:
             ErrorEvent(
                 kind="out_of_memory",
                 message=f"{exc}. Lower batch_size or network_dim, or set gradient_checkpointing = true "
-                "or mixed_precision = \"bf16\"",
+                'or mixed_precision = "bf16"',
             )
         )
         return 3
     except KeyboardInterrupt:
         writer.emit(ErrorEvent(kind="interrupted", message="interrupted before a state could be saved"))
         return 130
-    except Exception as exc:  # noqa: BLE001 - reported as an event, with the traceback on stderr
+    except Exception as exc:
         traceback.print_exc()
         writer.emit(ErrorEvent(kind="internal", message=f"{type(exc).__name__}: {exc}"))
         return 1

@@ -53,7 +53,10 @@ class Dataset:
 
 
 # Part of each latent cache key: latents made by an earlier way of turning files into pixels are not reused.
-PIXELS_VERSION = "p2"  # p2: JPEGs decoded at a reduced scale (open_image's at_least)
+PIXELS_VERSION = "p3"  # p2: JPEGs decoded at a reduced scale (open_image's at_least); p3: 16-bit greyscale scaled
+
+# Pillow's modes for 16-bit greyscale PNGs: values 0-65535, which convert("RGB") clips to white.
+WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 def open_image(path: Path, at_least: tuple[int, int] | None = None):
@@ -68,6 +71,8 @@ def open_image(path: Path, at_least: tuple[int, int] | None = None):
                 rotated = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
                 image.draft("RGB", (at_least[1], at_least[0]) if rotated else at_least)
             image = ImageOps.exif_transpose(image)
+            if image.mode in WIDE_GREY_MODES:
+                image = image.convert("I").point(lambda value: value / 257, "L")
             return image.convert("RGB")
     except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for a bad file
         raise DataError(f"{path}: cannot read the image: {exc}") from exc

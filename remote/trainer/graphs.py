@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 
@@ -114,7 +115,7 @@ class StepGraphs:
     captured_shapes: int = 0
     eager_steps: int = 0
     on_disable: Callable[[str], None] | None = None
-    _pool: object = None
+    _pool: Any = None  # the first graph's memory pool (torch's private handle type), shared by the others
     _side: torch.cuda.Stream | None = None
 
     def backward(self, inputs: StepInputs) -> torch.Tensor:
@@ -148,8 +149,10 @@ class StepGraphs:
         try:
             with torch.cuda.graph(graph, pool=self._pool):
                 loss = self.backward_pass(static)
-        except Exception as exc:  # noqa: BLE001 - any capture failure means: run this job eagerly
-            self.disabled = f"CUDA graph capture failed, training continues without graphs ({type(exc).__name__}: {exc})"
+        except Exception as exc:
+            self.disabled = (
+                f"CUDA graph capture failed, training continues without graphs ({type(exc).__name__}: {exc})"
+            )
             self.graphs.clear()
             torch.cuda.synchronize()
             if self.on_disable is not None:
@@ -197,8 +200,10 @@ class OptimizerGraph:
         try:
             with torch.cuda.graph(graph):
                 self.apply_gradients()
-        except Exception as exc:  # noqa: BLE001 - any capture failure means: step the optimizer eagerly
-            self.disabled = f"CUDA graph capture of the optimizer failed, it steps eagerly ({type(exc).__name__}: {exc})"
+        except Exception as exc:
+            self.disabled = (
+                f"CUDA graph capture of the optimizer failed, it steps eagerly ({type(exc).__name__}: {exc})"
+            )
             torch.cuda.synchronize()
             if self.on_disable is not None:
                 self.on_disable(self.disabled)

@@ -19,10 +19,13 @@ from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.optim.lr_scheduler import LambdaLR
 
+from remote.config import TrainConfig
 from remote.events import (
     CheckpointEvent,
     DoneEvent,
@@ -71,22 +74,22 @@ class Stopped(Exception):
 
 @dataclass
 class Run:
-    cfg: object
+    cfg: TrainConfig
     bundle: ModelBundle
     dataset: data_mod.Dataset
     network: LoRANetwork
-    optimizer: object
-    scheduler: object
-    scaler: object
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    scaler: torch.amp.GradScaler | None
     device: torch.device
     dtype: torch.dtype
     seed: int
     name: str
     output_dir: Path
     writer: EventWriter
-    noise_scheduler: object = None
+    position: Position
+    noise_scheduler: Any  # diffusers' DDPMScheduler, whose annotations want IntTensor timesteps
     text_cache: dict = field(default_factory=dict)
-    position: Position | None = None
     losses: list = field(default_factory=list)
     info: dict = field(default_factory=dict)
     stop_requested: bool = False
@@ -196,16 +199,21 @@ def setup(cfg, writer: EventWriter, resume: Path | None, ranks: Ranks | None = N
         bundle.unet.train()
         if te_lr > 0:
             for encoder in bundle.text_encoders:
-                # non-reentrant: with frozen embeddings as its input, reentrant checkpointing (transformers
-                # 4.x's default) cuts the graph and the text-encoder LoRA gets no gradient
-                encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                # non-reentrant, said explicitly: with frozen embeddings as its input, reentrant checkpointing
+                # (transformers 4's default) cuts the graph and the text-encoder LoRA gets no gradient
+                encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
                 encoder.train()
 
     use_graphs = device.type == "cuda" and cfg.cuda_graphs
     use_scaler = dtype == torch.float16 and not cfg.full_fp16
     groups = network.param_groups(unet_lr, te_lr)
     optimizer, optimizer_label = make_optimizer(
-        cfg.optimizer_type, groups, unet_lr or te_lr, cfg.optimizer_args, device, graphable=use_graphs and not use_scaler
+        cfg.optimizer_type,
+        groups,
+        unet_lr or te_lr,
+        cfg.optimizer_args,
+        device,
+        graphable=use_graphs and not use_scaler,
     )
     total = dataset.plan.total_steps
     warmup = cfg.warmup_steps_for(total)
@@ -214,6 +222,20 @@ def setup(cfg, writer: EventWriter, resume: Path | None, ranks: Ranks | None = N
     )
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler) if use_scaler else None
 
+    position = Position(
+        step=0,
+        epoch=0,
+        batch=0,
+        seed=seed,
+        total_steps=total,
+        steps_per_epoch=dataset.plan.steps_per_epoch,
+        batches_per_epoch=dataset.plan.batches_per_epoch,
+        batch_size=cfg.batch_size,
+        model=cfg.pretrained_model_name_or_path,
+        family=bundle.family,
+        processes=ranks.world,
+        optimizer_type=cfg.optimizer_type,
+    )
     run = Run(
         cfg=cfg,
         bundle=bundle,
@@ -228,6 +250,7 @@ def setup(cfg, writer: EventWriter, resume: Path | None, ranks: Ranks | None = N
         name=output_names(cfg),
         output_dir=output_dir,
         writer=writer,
+        position=position,
         noise_scheduler=bundle.noise_scheduler(),
         ranks=ranks,
         timings={"load_weights": load_seconds},
@@ -251,7 +274,9 @@ def setup(cfg, writer: EventWriter, resume: Path | None, ranks: Ranks | None = N
             run.optimizer_graph = OptimizerGraph(partial(apply_gradients, run), on_disable=_warn)
             run.choices.append("optimizer step: in a CUDA graph (fused, capturable AdamW)")
         else:
-            run.choices.append(f"optimizer step: eager ({optimizer_label}{' with loss scaling' if use_scaler else ''} is not graphed)")
+            run.choices.append(
+                f"optimizer step: eager ({optimizer_label}{' with loss scaling' if use_scaler else ''} is not graphed)"
+            )
     elif device.type == "cuda":
         run.choices.append("CUDA graphs: off (cuda_graphs = false)")
     run.info = {
@@ -275,24 +300,12 @@ def setup(cfg, writer: EventWriter, resume: Path | None, ranks: Ranks | None = N
         "warnings": dataset.warnings,
         **bundle.info,
     }
-    run.position = Position(
-        step=0,
-        epoch=0,
-        batch=0,
-        seed=seed,
-        total_steps=total,
-        steps_per_epoch=dataset.plan.steps_per_epoch,
-        batches_per_epoch=dataset.plan.batches_per_epoch,
-        batch_size=cfg.batch_size,
-        model=cfg.pretrained_model_name_or_path,
-        family=bundle.family,
-        processes=ranks.world,
-        optimizer_type=cfg.optimizer_type,
-    )
     return run
 
 
-def fit_memory(cfg, bundle: ModelBundle, dataset, network: LoRANetwork, device, dtype, resume: Path | None, ranks: Ranks):
+def fit_memory(
+    cfg, bundle: ModelBundle, dataset, network: LoRANetwork, device, dtype, resume: Path | None, ranks: Ranks
+):
     """The fastest setting that fits this GPU (memory.py): (config, micro-batch or None, what was chosen).
     Every rank plans for the smallest budget among them, so that all make the same choice."""
     text_on_gpu = cfg.trains_text_encoder or not data_mod.captions_are_static(cfg)
@@ -307,7 +320,9 @@ def fit_memory(cfg, bundle: ModelBundle, dataset, network: LoRANetwork, device, 
     )
     index = device.index if device.index is not None else torch.cuda.current_device()
     fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda index: 1.0)(index)
-    budget = min_across(memory.budget_from_device(torch.cuda.get_device_properties(index).total_memory, fraction), ranks)
+    budget = min_across(
+        memory.budget_from_device(torch.cuda.get_device_properties(index).total_memory, fraction), ranks
+    )
     return memory.fit_config(cfg, footprint, budget, resuming=resume is not None)
 
 
@@ -393,7 +408,8 @@ def batch_inputs(run: Run, batch: list[int], epoch: int, batch_index: int) -> St
     if cfg.flip_aug:
         flip_gen = random.Random(f"flip:{run.seed}:{epoch}:{batch_index}")
         flips = [flip_gen.random() < 0.5 for _ in records]
-    latents = to_device(torch.stack([r.latent_flipped if f else r.latent for r, f in zip(records, flips)]), device)
+    chosen = [cached_latent(r, f) for r, f in zip(records, flips, strict=True)]
+    latents = to_device(torch.stack(chosen), device)
 
     noise = torch.randn(latents.shape, generator=gen, device=device)
     if cfg.noise_offset:
@@ -406,7 +422,7 @@ def batch_inputs(run: Run, batch: list[int], epoch: int, batch_index: int) -> St
     if run.bundle.family == "sdxl":
         original = [(r.original_size[1], r.original_size[0]) for r in records]
         crops = []
-        for r, f in zip(records, flips):
+        for r, f in zip(records, flips, strict=True):
             left, top, right, _ = r.crop_ltrb
             crops.append((int(top), int(r.bucket[0] - right if f else left)))
         target = [(r.bucket[1], r.bucket[0]) for r in records]
@@ -421,6 +437,13 @@ def batch_inputs(run: Run, batch: list[int], epoch: int, batch_index: int) -> St
     )
 
 
+def cached_latent(record: data_mod.ImageRecord, flipped: bool) -> torch.Tensor:
+    latent = record.latent_flipped if flipped else record.latent
+    if latent is None:
+        raise RuntimeError(f"{record.path}: no cached latent (prepare_caches encodes every image first)")
+    return latent
+
+
 def inputs_loss(run: Run, inputs: StepInputs) -> torch.Tensor:
     """The loss of one batch from its inputs (process_batch, second half): device work only, no host sync,
     so that it can be captured in a CUDA graph."""
@@ -430,11 +453,13 @@ def inputs_loss(run: Run, inputs: StepInputs) -> torch.Tensor:
         grad = torch.enable_grad() if cfg.trains_text_encoder else torch.no_grad()
         with grad, autocast(run):
             context, pooled = encode(bundle, inputs.token_ids, cfg.clip_skip)
+    assert context is not None, "a step has either the cached text-encoder outputs or the token ids"
     sched = run.noise_scheduler
     latents, noise, timesteps = inputs.latents, inputs.noise, inputs.timesteps
     noisy = sched.add_noise(latents, noise, timesteps)
     kwargs = {}
     if bundle.family == "sdxl":
+        assert pooled is not None, "SDXL's second text encoder gives the pooled embedding"
         kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(run.dtype), "time_ids": inputs.time_ids}
     with autocast(run):
         prediction = bundle.unet(
@@ -454,7 +479,7 @@ def inputs_loss(run: Run, inputs: StepInputs) -> torch.Tensor:
 
 def backward_pass(run: Run, inputs: StepInputs) -> torch.Tensor:
     """Loss and backward of one micro-batch; gradients add up in place. Returns the loss, detached."""
-    flat = run.network.flat
+    flat = run.network.flat_buffers
     flat.begin_micro_batch()
     try:
         loss = inputs_loss(run, inputs)
@@ -474,7 +499,7 @@ def _warn(message: str) -> None:
 
 
 def optimizer_step(run: Run) -> None:
-    sum_gradients(run.network.flat.master_grad, run.ranks)
+    sum_gradients(run.network.flat_buffers.master_grad, run.ranks)
     if run.optimizer_graph is not None:
         run.optimizer_graph.step()
     else:
@@ -487,13 +512,13 @@ def apply_gradients(run: Run) -> None:
     if run.scaler is not None:
         run.scaler.unscale_(run.optimizer)
     if run.cfg.max_grad_norm:
-        run.network.flat.clip_grad_norm_(run.cfg.max_grad_norm)
+        run.network.flat_buffers.clip_grad_norm_(run.cfg.max_grad_norm)
     if run.scaler is not None:
         run.scaler.step(run.optimizer)
         run.scaler.update()
     else:
         run.optimizer.step()
-    run.network.flat.zero_grad()
+    run.network.flat_buffers.zero_grad()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -530,7 +555,7 @@ def save_samples(run: Run, label: str, epoch: int, step: int, final: bool = Fals
 
 
 def _every(n: int | None, value: int) -> bool:
-    return bool(n) and value % n == 0
+    return n is not None and n != 0 and value % n == 0
 
 
 @dataclass
@@ -561,8 +586,9 @@ def host_learning_rates(run: Run) -> dict[str | None, float]:
     """Each group's current learning rate, computed on the host (the groups' own may be device tensors
     that only a wait for the GPU could read)."""
     scheduler = run.scheduler
-    rates = [base * schedule(scheduler.last_epoch) for base, schedule in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-    return {group.get("name"): rate for group, rate in zip(run.optimizer.param_groups, rates)}
+    schedules = zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+    rates = [float(base * schedule(scheduler.last_epoch)) for base, schedule in schedules]
+    return {group.get("name"): rate for group, rate in zip(run.optimizer.param_groups, rates, strict=True)}
 
 
 def train_step(run: Run, group: list[list[int]], epoch: int, first_batch: int) -> LaunchedStep:
@@ -611,7 +637,7 @@ def finish_step(run: Run, launched: LaunchedStep, losses: list[float]) -> None:
     """Wait for a launched step, record its mean loss (over the group's batches, all processes) in the run's
     and the epoch's ``losses``, and emit its step event."""
     seconds = launched.seconds
-    if launched.ready is not None:
+    if launched.ready is not None and launched.began is not None:
         launched.ready.synchronize()
         seconds = launched.began.elapsed_time(launched.ready) / 1000
     total, count = sum_across([float(launched.loss), float(launched.batches)], run.ranks)
@@ -772,7 +798,16 @@ def train(cfg, writer: EventWriter, resume: Path | str | None = None, stop_after
                 if stop or (stop_after_step is not None and pos.step >= stop_after_step):
                     folder = run.output_dir / state_dir_name(run.name, step=pos.step)
                     if run.ranks.main:
-                        save_state(folder, pos, run.network, run.optimizer, run.scheduler, run.scaler, order_in_progress, run.losses)
+                        save_state(
+                            folder,
+                            pos,
+                            run.network,
+                            run.optimizer,
+                            run.scheduler,
+                            run.scaler,
+                            order_in_progress,
+                            run.losses,
+                        )
                     barrier(run.ranks)  # no rank leaves (and gets the others killed) before the state is written
                     raise Stopped(f"stopped after step {pos.step}; resume with --resume {folder}", folder)
     finally:
@@ -813,8 +848,12 @@ def replan_after_resume(run: Run) -> None:
         plan.total_steps = pos.total_steps
         state = run.scheduler.state_dict()
         run.scheduler = make_scheduler(
-            run.optimizer, cfg.lr_scheduler, cfg.warmup_steps_for(pos.total_steps), pos.total_steps,
-            cfg.lr_scheduler_num_cycles, cfg.lr_scheduler_power,
+            run.optimizer,
+            cfg.lr_scheduler,
+            cfg.warmup_steps_for(pos.total_steps),
+            pos.total_steps,
+            cfg.lr_scheduler_num_cycles,
+            cfg.lr_scheduler_power,
         )
         run.scheduler.last_epoch = state["last_epoch"] - 1
         run.scheduler.step()
@@ -829,7 +868,7 @@ def _install_stop_handlers(run: Run):
     if threading.current_thread() is not threading.main_thread():
         return None
 
-    def request_stop(signum, frame):  # noqa: ARG001
+    def request_stop(signum, frame):
         if run.stop_requested:
             raise KeyboardInterrupt
         run.stop_requested = True

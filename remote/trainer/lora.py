@@ -22,8 +22,9 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ from torch import nn
 
 from remote.hashing import file_sha256
 
-from .lora_fused import FlatBuffers, flatten_parameters, fused_forward, is_fusable
+from .lora_fused import FlatBuffers, SideStream, flatten_parameters, fused_forward, is_fusable
 
 UNET_TARGETS = ("Transformer2DModel",)
 UNET_CONV_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
@@ -45,14 +46,24 @@ class LoRAModule(nn.Module):
         super().__init__()
         self.lora_name = name
         self.lora_dim = dim
+        self.lora_down: nn.Conv2d | nn.Linear
+        self.lora_up: nn.Conv2d | nn.Linear
         if isinstance(org_module, nn.Conv2d):
+            kernel, stride, padding = org_module.kernel_size, org_module.stride, org_module.padding
             self.lora_down = nn.Conv2d(
-                org_module.in_channels, dim, org_module.kernel_size, org_module.stride, org_module.padding, bias=False
+                org_module.in_channels,
+                dim,
+                (kernel[0], kernel[1]),
+                (stride[0], stride[1]),
+                padding if isinstance(padding, str) else (padding[0], padding[1]),
+                bias=False,
             )
             self.lora_up = nn.Conv2d(dim, org_module.out_channels, (1, 1), (1, 1), bias=False)
-        else:
+        elif isinstance(org_module, nn.Linear):
             self.lora_down = nn.Linear(org_module.in_features, dim, bias=False)
             self.lora_up = nn.Linear(dim, org_module.out_features, bias=False)
+        else:
+            raise TypeError(f"{name}: LoRA adapts Linear and Conv2d layers, not {type(org_module).__name__}")
         if alpha is None or alpha == 0:
             alpha = dim
         self.register_buffer("alpha", torch.tensor(float(alpha)))
@@ -61,18 +72,19 @@ class LoRAModule(nn.Module):
         nn.init.zeros_(self.lora_up.weight)
         self.multiplier = multiplier
         self._org = [org_module]  # a list, so it is not registered as a submodule
-        self.org_forward = None
-        self.fused_views = None  # set by LoRANetwork.use_flat_buffers for fusable targets
-        self.fused_side = None
+        self.org_forward: Callable[..., Any] | None = None
+        # set by LoRANetwork.use_flat_buffers for fusable targets: (weight, gradient) views of down and up
+        self.fused_views: tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.fused_side: SideStream | None = None
 
     def apply_to(self) -> None:
         org = self._org[0]
         self.org_forward = org.forward
-        org.forward = self.forward
+        org.forward = self.forward  # type: ignore[method-assign,assignment]  # kohya's way: wrap this layer's call
 
     def restore(self) -> None:
         if self.org_forward is not None:
-            self._org[0].forward = self.org_forward
+            self._org[0].forward = self.org_forward  # type: ignore[method-assign]
             self.org_forward = None
 
     def forward(self, x, *args, **kwargs):
@@ -236,7 +248,7 @@ class LoRANetwork(nn.Module):
         targets_te = select_te_targets(text_encoders) if text_encoders else []
         for names, targets in ((self.te_names, targets_te), (self.unet_names, targets_unet)):
             for name, module, is_conv3 in targets:
-                if is_conv3:
+                if is_conv3 and conv_dim is not None:  # 3x3 targets are selected only with a conv_dim
                     lora = LoRAModule(name, module, conv_dim, conv_alpha if conv_alpha is not None else 1.0)
                 else:
                     lora = LoRAModule(name, module, dim, alpha)
@@ -254,6 +266,13 @@ class LoRANetwork(nn.Module):
     def restore(self) -> None:
         for lora in self.loras():
             lora.restore()
+
+    @property
+    def flat_buffers(self) -> FlatBuffers:
+        """The flat buffers that ``use_flat_buffers`` made (the trainer makes them at set-up)."""
+        if self.flat is None:
+            raise RuntimeError("use_flat_buffers() has not been called")
+        return self.flat
 
     def use_flat_buffers(self, compute_dtype: torch.dtype, side_stream: bool = False) -> FlatBuffers:
         """Training's layout (lora_fused.py): the parameters become views of one flat buffer, and each
@@ -309,7 +328,6 @@ def safetensors_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     model_hash = hashlib.sha256(data[8 + header_len :]).hexdigest()
     legacy = hashlib.sha256(data[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8]
     return model_hash, legacy
-
 
 
 SAVE_DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -134,7 +134,7 @@ class FusedLoRALinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, master_down, master_up, weight, bias, down, up, grad_down, grad_up, scale, side):  # noqa: ARG004
+    def forward(ctx, x, master_down, master_up, weight, bias, down, up, grad_down, grad_up, scale, side):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(down.dtype)
         if side is None:
@@ -199,14 +199,22 @@ def is_fusable(module: nn.Module) -> bool:
 
 
 def fused_forward(
-    base: nn.Module, x: torch.Tensor, lora_down: nn.Parameter, lora_up: nn.Parameter, views, scale: float,
+    base: nn.Module,
+    x: torch.Tensor,
+    lora_down: nn.Parameter,
+    lora_up: nn.Parameter,
+    views,
+    scale: float,
     side: SideStream | None = None,
 ) -> torch.Tensor:
     """The base layer plus its LoRA through FusedLoRALinear; 1x1 convolutions run as a Linear over the
     channels (free on a channels_last tensor)."""
     (down, grad_down), (up, grad_up) = views
+    assert isinstance(base, (nn.Linear, nn.Conv2d)), "is_fusable admits Linear and 1x1 Conv2d layers"
     if isinstance(base, nn.Linear):
-        return FusedLoRALinear.apply(x, lora_down, lora_up, base.weight, base.bias, down, up, grad_down, grad_up, scale, side)
+        return FusedLoRALinear.apply(
+            x, lora_down, lora_up, base.weight, base.bias, down, up, grad_down, grad_up, scale, side
+        )
     channels_last = x.permute(0, 2, 3, 1)
     out = FusedLoRALinear.apply(
         channels_last,

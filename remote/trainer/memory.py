@@ -91,7 +91,9 @@ class Plan:
         s, changes = self.setting, []
         if s.micro_batch != configured.micro_batch:
             changes.append(
-                f"{s.micro_batches} micro-batches" if short else f"each batch of {s.batch} runs as {s.micro_batches} "
+                f"{s.micro_batches} micro-batches"
+                if short
+                else f"each batch of {s.batch} runs as {s.micro_batches} "
                 f"micro-batches of up to {s.largest_part} (same batches, random draws and gradient)"
             )
         if s.checkpointing and not configured.checkpointing:
@@ -121,7 +123,9 @@ def lora_gib(params: int, adam_8bit: bool) -> float:
 def estimate_gib(footprint: Footprint, setting: Setting) -> float:
     profile = PROFILES[footprint.family]
     per_sample = profile.checkpointed_gib if setting.checkpointing else profile.activation_gib
-    activations = per_sample * setting.largest_part * footprint.pixels / profile.reference_pixels * footprint.activation_scale
+    activations = (
+        per_sample * setting.largest_part * footprint.pixels / profile.reference_pixels * footprint.activation_scale
+    )
     return footprint.weights_gib + lora_gib(footprint.lora_params, setting.adam_8bit) + activations
 
 
@@ -170,7 +174,7 @@ def budget_from_device(total_bytes: int, fraction: float = 1.0) -> float:
 def bitsandbytes_available() -> bool:
     try:
         import bitsandbytes  # noqa: F401
-    except Exception:  # noqa: BLE001 - a broken install raises anything
+    except Exception:
         return False
     return True
 
@@ -178,7 +182,9 @@ def bitsandbytes_available() -> bool:
 def fit_config(cfg, footprint: Footprint, budget_gib: float, resuming: bool = False):
     """(the config with checkpointing / optimizer as planned, the micro-batch size or None, a one-line
     description). A resumed run keeps its optimizer (its saved state belongs to it)."""
-    configured = Setting(cfg.batch_size, cfg.batch_size, cfg.gradient_checkpointing, cfg.optimizer_type.lower() == "adamw8bit")
+    configured = Setting(
+        cfg.batch_size, cfg.batch_size, cfg.gradient_checkpointing, cfg.optimizer_type.lower() == "adamw8bit"
+    )
     allow_8bit = cfg.optimizer_type.lower() == "adamw" and not resuming and bitsandbytes_available()
     plan = plan_memory(footprint, configured, budget_gib, allow_8bit)
     s = plan.setting
@@ -198,7 +204,9 @@ ARCHITECTURES = {
 }
 
 
-def footprint_for(family: str, pixels: int, network_dim: int, trains_text_encoder: bool, bytes_per_value: int = 2) -> Footprint:
+def footprint_for(
+    family: str, pixels: int, network_dim: int, trains_text_encoder: bool, bytes_per_value: int = 2
+) -> Footprint:
     """The footprint of a run on the standard architecture of ``family`` (sd15 or sdxl)."""
     unet, text, lora_unet, lora_text = ARCHITECTURES[family]
     weights = unet + (text if trains_text_encoder else 0)

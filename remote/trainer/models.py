@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from remote.fetch_model import download_request, url_file_name
 
 from .tokenizers import cache_root
 
@@ -29,8 +31,9 @@ class ModelError(Exception):
 @dataclass
 class ModelBundle:
     family: str
-    unet: torch.nn.Module
-    vae: torch.nn.Module
+    # diffusers' UNet2DConditionModel and AutoencoderKL, whose decorated `.to` mypy cannot follow
+    unet: Any
+    vae: Any
     text_encoders: list
     tokenizers: list
     v_prediction: bool
@@ -201,10 +204,12 @@ def _load_diffusers(reference: str, family: str, dtype: torch.dtype = torch.floa
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    place = {"device_map": str(device)} if device is not None and device.type == "cuda" else {}
+    place: dict[str, Any] = {"device_map": str(device)} if device is not None and device.type == "cuda" else {}
     unet = UNet2DConditionModel.from_pretrained(reference, subfolder="unet", torch_dtype=dtype, **place)
     vae = AutoencoderKL.from_pretrained(reference, subfolder="vae", torch_dtype=torch.float32, **place)
-    encoders = [CLIPTextModel.from_pretrained(reference, subfolder="text_encoder", torch_dtype=dtype, **place)]
+    encoders: list[torch.nn.Module] = [
+        CLIPTextModel.from_pretrained(reference, subfolder="text_encoder", torch_dtype=dtype, **place)
+    ]
     tokenizers = [CLIPTokenizer.from_pretrained(reference, subfolder="tokenizer")]
     if family == "sdxl":
         encoders.append(
@@ -242,16 +247,13 @@ def _load_vae(reference: str):
 
 
 def _download(url: str) -> Path:
-    name = url.split("?")[0].rstrip("/").rsplit("/", 1)[-1] or "model.safetensors"
+    name = url_file_name(url)
     target = cache_root() / "downloads" / hashlib.sha256(url.encode()).hexdigest()[:16] / name
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(name + ".part")
-    request = urllib.request.Request(url, headers={"User-Agent": "rentrain"})
-    token = os.environ.get("HF_TOKEN")
-    if token and "huggingface.co" in url:
-        request.add_header("Authorization", f"Bearer {token}")
+    request = download_request(url)
     try:
         with urllib.request.urlopen(request) as response, open(tmp, "wb") as out:
             while chunk := response.read(1 << 20):

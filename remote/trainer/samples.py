@@ -28,10 +28,7 @@ def read_prompts(value) -> list[SamplePrompt]:
     """A list of prompts, or a kohya prompt file (one per line; ``--n negative`` is read, other options ignored)."""
     if value is None:
         return []
-    if isinstance(value, (str, Path)) and not isinstance(value, list):
-        lines = Path(value).read_text(encoding="utf-8").splitlines()
-    else:
-        lines = list(value)
+    lines = Path(value).read_text(encoding="utf-8").splitlines() if isinstance(value, (str, Path)) else list(value)
     prompts = []
     for line in lines:
         line = line.strip()
@@ -65,8 +62,11 @@ def _ddim(bundle: ModelBundle):
 
 
 def _pipeline(bundle: ModelBundle):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    # from their modules: diffusers' top-level names read as stand-ins to a type checker
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
 
+    pipe: StableDiffusionPipeline | StableDiffusionXLPipeline
     if bundle.family == "sdxl":
         pipe = StableDiffusionXLPipeline(
             vae=bundle.vae,
@@ -84,8 +84,9 @@ def _pipeline(bundle: ModelBundle):
             tokenizer=bundle.tokenizers[0],
             unet=bundle.unet,
             scheduler=_ddim(bundle),
-            safety_checker=None,
-            feature_extractor=None,
+            # None: no safety checker (diffusers' documented way; its annotations omit None)
+            safety_checker=None,  # type: ignore[arg-type]
+            feature_extractor=None,  # type: ignore[arg-type]
             requires_safety_checker=False,
         )
     pipe.set_progress_bar_config(disable=True)
@@ -146,7 +147,7 @@ def render_images(
     finally:
         network.set_multiplier(1.0)
         bundle.vae.to(vae_device)
-        for encoder, where in zip(bundle.text_encoders, te_devices):
+        for encoder, where in zip(bundle.text_encoders, te_devices, strict=True):
             encoder.to(where)
     return rows
 
@@ -173,11 +174,11 @@ def make_grid(rows, prompts: list[SamplePrompt], seeds: list[int], weights: list
         draw.text((label_w + col * cell_w + 4, int(1.6 * size)), f"weight {weight:g}", fill="black", font=font)
     labels = [(p, s) for p in prompts for s in seeds]
     max_lines = max(1, cell_h // int(size * 1.25) - 1)
-    for index, (row, (prompt, seed)) in enumerate(zip(rows, labels)):
+    for index, (row, (prompt, seed)) in enumerate(zip(rows, labels, strict=True)):
         top = header_h + index * cell_h
         text = prompt.prompt
         lines = [text[i : i + chars] for i in range(0, len(text), chars)][:max_lines]
-        draw.multiline_text((4, top + 2), "\n".join(lines + [f"seed {seed}"]), fill="black", font=font)
+        draw.multiline_text((4, top + 2), "\n".join([*lines, f"seed {seed}"]), fill="black", font=font)
         for col, image in enumerate(row):
             grid.paste(image, (label_w + col * cell_w, top))
     return grid

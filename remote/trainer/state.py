@@ -50,7 +50,7 @@ def state_dir_name(name: str, step: int | None = None, epoch: int | None = None)
 
 
 def save_state(
-    folder: Path, position: Position, network, optimizer, scheduler, scaler, epoch_order: list[list[int]], losses
+    folder: Path, position: Position, network, optimizer, scheduler, scaler, epoch_order: list[list[int]] | None, losses
 ) -> Path:
     from safetensors.torch import save_file
 
@@ -114,7 +114,7 @@ def load_state(folder: Path, expected: Position, network, optimizer, scheduler, 
     from safetensors.torch import load_file
 
     saved = read_position(folder)
-    keys = ("seed", "total_steps", "steps_per_epoch", "batches_per_epoch", "batch_size", "family")
+    keys: tuple[str, ...] = ("seed", "total_steps", "steps_per_epoch", "batches_per_epoch", "batch_size", "family")
     if saved.processes != expected.processes:  # steps are counted anew for the batches left
         keys = ("seed", "batches_per_epoch", "batch_size", "family")
     for key in keys:
@@ -131,7 +131,9 @@ def load_state(folder: Path, expected: Position, network, optimizer, scheduler, 
     lora = load_file(str(folder / "lora.safetensors"))
     own = network.state_dict()
     if set(lora) != set(own):
-        raise ResumeError(f"{folder}: its LoRA modules differ from this config's (network_dim, conv_dim or TE/UNet choice)")
+        raise ResumeError(
+            f"{folder}: its LoRA modules differ from this config's (network_dim, conv_dim or TE/UNet choice)"
+        )
     network.load_state_dict({k: v.to(own[k].dtype) for k, v in lora.items()})
     data = torch.load(folder / "training.pt", map_location="cpu", weights_only=False)
     optimizer.load_state_dict(data["optimizer"])

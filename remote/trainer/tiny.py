@@ -91,7 +91,7 @@ def build_tiny(family: str) -> dict:
         vae = _vae(0.18215 if family == "sd15" else 0.13025)
         torch.manual_seed(TINY_SEED + 2)
         te1 = CLIPTextModel(_text_config())
-        encoders = [te1]
+        encoders: list[torch.nn.Module] = [te1]
         tokenizers = [clip_tokenizer()]
         if family == "sdxl":
             torch.manual_seed(TINY_SEED + 3)

@@ -42,7 +42,8 @@ def find_bpe_vocab() -> Path:
 def build_vocab_files(target: Path, source: Path | None = None) -> Path:
     """Write vocab.json + merges.txt (+ tokenizer configs) into ``target``; returns ``target``."""
     source = source or find_bpe_vocab()
-    lines = gzip.open(source).read().decode("utf-8").split("\n")
+    with gzip.open(source) as packed:
+        lines = packed.read().decode("utf-8").split("\n")
     merges = lines[1 : 49152 - 256 - 2 + 1]
     pairs = [tuple(m.split()) for m in merges]
     byte_chars = list(_bytes_to_unicode_ordered())

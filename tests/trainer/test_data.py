@@ -14,8 +14,15 @@ from remote.trainer import data as data_mod
 def test_buckets_and_step_counts_agree_with_remote_buckets(make_config):
     sizes = [(64, 64), (128, 64), (64, 128), (100, 60), (60, 100), (128, 128), (90, 64)]
     _, cfg = make_config(
-        sizes=sizes, resolution=128, enable_bucket=True, min_bucket_reso=64, max_bucket_reso=256, batch_size=2,
-        repeats=3, max_train_epochs=2, max_train_steps=None,
+        sizes=sizes,
+        resolution=128,
+        enable_bucket=True,
+        min_bucket_reso=64,
+        max_bucket_reso=256,
+        batch_size=2,
+        repeats=3,
+        max_train_epochs=2,
+        max_train_steps=None,
     )
     dataset = data_mod.build_dataset(cfg)
     planner = BucketPlanner((128, 128), True, 64, 256, 64, False)
@@ -102,7 +109,9 @@ def test_caption_dropout_prefix_suffix_and_tag_dropout():
     assert data_mod.process_caption(fixed, "a, b", random.Random(0), 1) == "pre a, b post"
     drop = _Caps(caption_tag_dropout_rate=1.0, keep_tokens=1)
     assert data_mod.process_caption(drop, "keep, x, y", random.Random(0), 1) == "keep"
-    rates = [data_mod.process_caption(_Caps(caption_dropout_rate=0.3), "a", random.Random(i), 1) == "" for i in range(400)]
+    rates = [
+        data_mod.process_caption(_Caps(caption_dropout_rate=0.3), "a", random.Random(i), 1) == "" for i in range(400)
+    ]
     assert 0.2 < sum(rates) / 400 < 0.4
 
 
@@ -111,7 +120,7 @@ def test_folder_class_tokens_used_without_caption_file(tmp_path, make_config):
 
     make_images(tmp_path / "data" / "3_sks dog", [(64, 64)], captions=None)
     _, cfg = make_config()
-    record = [r for r in data_mod.build_dataset(cfg).records if r.subset == "3_sks dog"][0]
+    record = next(r for r in data_mod.build_dataset(cfg).records if r.subset == "3_sks dog")
     assert record.caption == "sks dog" and record.repeats == 3
 
 
@@ -127,7 +136,7 @@ def test_latent_cache_is_reused_and_keyed_by_content(tmp_path, make_config, monk
     assert data_mod.cache_latents(first, vae, 0.18215, torch.device("cpu"), flip=False) == (4, 0)
     second = data_mod.build_dataset(cfg)
     assert data_mod.cache_latents(second, vae, 0.18215, torch.device("cpu"), flip=False) == (0, 4)
-    assert all(torch.equal(a.latent, b.latent) for a, b in zip(first.records, second.records))
+    assert all(torch.equal(a.latent, b.latent) for a, b in zip(first.records, second.records, strict=True))
     assert tuple(first.records[0].latent.shape) == (4, 8, 8)
     # flips need the flipped latents too; a changed image is re-encoded
     assert data_mod.cache_latents(data_mod.build_dataset(cfg), vae, 0.18215, torch.device("cpu"), flip=True) == (4, 0)
@@ -138,7 +147,7 @@ def test_latent_cache_is_reused_and_keyed_by_content(tmp_path, make_config, monk
 
 
 def test_empty_caption_file_is_a_data_error(make_config):
-    path, cfg = make_config()
+    _path, cfg = make_config()
     next(cfg.train_data_dir.rglob("*.txt")).write_text("\n")
     with pytest.raises(data_mod.DataError, match="empty"):
         data_mod.build_dataset(cfg)

@@ -19,7 +19,7 @@ from remote.events import (
 
 
 def test_events_module_imports_without_torch():
-    code = "import sys, remote.events; bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; print(bad)"
+    code = "import sys, remote.events; print([m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -28,8 +28,17 @@ def test_round_trip_and_log(tmp_path):
     stream = io.StringIO()
     writer = EventWriter(tmp_path / "events.jsonl", stream=stream)
     events = [
-        StartEvent(total_steps=10, epochs=1, steps_per_epoch=10, samples_per_epoch=20, batch_size=2,
-                   model_family="sd15", model="builtin:tiny-sd15", device="cpu", dtype="float32"),
+        StartEvent(
+            total_steps=10,
+            epochs=1,
+            steps_per_epoch=10,
+            samples_per_epoch=20,
+            batch_size=2,
+            model_family="sd15",
+            model="builtin:tiny-sd15",
+            device="cpu",
+            dtype="float32",
+        ),
         StepEvent(step=1, total_steps=10, epoch=1, loss=0.5, lr=1e-4, seconds_per_step=0.1, samples_per_second=20),
         CheckpointEvent(path="/o/a-000001.safetensors", sha256="ab" * 32, epoch=1, step=10, state_dir="/o/s"),
         SampleEvent(path="/o/samples/a.png", epoch=1, step=10),

@@ -43,15 +43,28 @@ def _diffusers_pipeline(family):
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     parts = build_tiny(family)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1
+    )
     if family == "sdxl":
         return StableDiffusionXLPipeline(
-            vae=parts["vae"], text_encoder=parts["text_encoders"][0], text_encoder_2=parts["text_encoders"][1],
-            tokenizer=parts["tokenizers"][0], tokenizer_2=parts["tokenizers"][1], unet=parts["unet"], scheduler=scheduler,
+            vae=parts["vae"],
+            text_encoder=parts["text_encoders"][0],
+            text_encoder_2=parts["text_encoders"][1],
+            tokenizer=parts["tokenizers"][0],
+            tokenizer_2=parts["tokenizers"][1],
+            unet=parts["unet"],
+            scheduler=scheduler,
         ), parts
     return StableDiffusionPipeline(
-        vae=parts["vae"], text_encoder=parts["text_encoders"][0], tokenizer=parts["tokenizers"][0], unet=parts["unet"],
-        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=parts["vae"],
+        text_encoder=parts["text_encoders"][0],
+        tokenizer=parts["tokenizers"][0],
+        unet=parts["unet"],
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     ), parts
 
 
@@ -85,7 +98,7 @@ def test_conv_dim_file_loads_in_diffusers(tmp_path):
     save_kohya(net, path, {}, None)
     pipe, parts = _diffusers_pipeline("sdxl")
     pipe.load_lora_weights(str(path))
-    ctx, out = _outputs(ModelBundle(family="sdxl", v_prediction=False, reference="x", **parts))
+    _ctx, out = _outputs(ModelBundle(family="sdxl", v_prediction=False, reference="x", **parts))
     assert torch.allclose(out, ref[1], atol=1e-5)
 
 
@@ -98,8 +111,15 @@ def test_keys_metadata_hash_and_precision(tmp_path):
     bundle = _bundle("sdxl")
     net = _trained_network(bundle, dim=4, alpha=2.0)
     cfg = TrainConfig.model_validate(
-        {"pretrained_model_name_or_path": "builtin:tiny-sdxl", "train_data_dir": str(tmp_path), "max_train_steps": 1,
-         "learning_rate": 1e-4, "network_dim": 4, "network_alpha": 2, "resolution": 64}
+        {
+            "pretrained_model_name_or_path": "builtin:tiny-sdxl",
+            "train_data_dir": str(tmp_path),
+            "max_train_steps": 1,
+            "learning_rate": 1e-4,
+            "network_dim": 4,
+            "network_alpha": 2,
+            "resolution": 64,
+        }
     )
     meta = build_metadata(cfg, "sdxl", {"epoch": 1, "step": 1})
     path = tmp_path / "x.safetensors"

@@ -63,7 +63,10 @@ def test_bf16_is_as_close_to_exact_as_pytorchs_own_bf16_group_norm():
     native = F.group_norm(x_native, 32, weight, bias, 1e-5)
     native.backward(grad.contiguous())
     ours_out, native_out = (out.double() - expected_out).abs().mean(), (native.double() - expected_out).abs().mean()
-    ours_grad, native_grad = (x.grad.double() - expected_grad).abs().mean(), (x_native.grad.double() - expected_grad).abs().mean()
+    ours_grad, native_grad = (
+        (x.grad.double() - expected_grad).abs().mean(),
+        (x_native.grad.double() - expected_grad).abs().mean(),
+    )
     # Triton's interpreter truncates float32 to bf16 where a GPU rounds to nearest, which doubles the
     # rounding error of every stored value; within that, the kernels lose nothing (their sums are float32)
     assert ours_out <= 2.2 * native_out, (ours_out, native_out)
@@ -140,8 +143,12 @@ def test_kernels_that_fail_their_trial_leave_pytorchs_group_norm_in_place(monkey
 
 def test_kernels_that_compute_wrong_numbers_fail_their_trial(monkeypatch):
     original = kernels.ChannelsLastGroupNorm.apply
-    monkeypatch.setattr(kernels.ChannelsLastGroupNorm, "apply", lambda x, g, w, b, eps: original(x, g, w, b, eps) * 1.05)
-    routed, reason = kernels.use_channels_last_group_norm(nn.Sequential(nn.GroupNorm(4, 16)), torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(
+        kernels.ChannelsLastGroupNorm, "apply", lambda x, g, w, b, eps: original(x, g, w, b, eps) * 1.05
+    )
+    routed, reason = kernels.use_channels_last_group_norm(
+        nn.Sequential(nn.GroupNorm(4, 16)), torch.device("cpu"), torch.float32
+    )
     assert routed == 0 and "output is off" in reason
 
 

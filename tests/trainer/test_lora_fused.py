@@ -49,7 +49,9 @@ def _plain_and_fused(dtype=torch.float32):
     plain_network = _network(block)
     fused_block = copy.deepcopy(block)
     fused_network = copy.deepcopy(plain_network)
-    for lora, target in zip(fused_network.loras(), (fused_block.q, fused_block.out, fused_block.proj, fused_block.conv)):
+    for lora, target in zip(
+        fused_network.loras(), (fused_block.q, fused_block.out, fused_block.proj, fused_block.conv), strict=True
+    ):
         lora._org = [target]
     plain_network.apply_to()
     fused_network.apply_to()
@@ -99,7 +101,9 @@ def test_bf16_compute_copy_accumulates_into_fp32_master_gradients_and_follows_th
     with torch.no_grad():
         lora_q.lora_down.weight.add_(1.0)  # an optimizer step on the master weights
     flat.begin_micro_batch()
-    torch.testing.assert_close(fused.loras().__next__().fused_views[0][0].float(), lora_q.lora_down.weight.detach(), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(
+        fused.loras().__next__().fused_views[0][0].float(), lora_q.lora_down.weight.detach(), atol=1e-2, rtol=1e-2
+    )
 
 
 def test_parameters_are_views_of_the_flat_buffer_and_the_saved_file_is_independent(tmp_path):
@@ -205,7 +209,7 @@ def test_one_by_one_convolution_in_either_memory_format(channels_last):
 class _InlineSide(SideStream):
     """The side-stream bookkeeping without CUDA: blocks run inline, the order of forks and waits is logged."""
 
-    def __init__(self):  # noqa: D107 - no CUDA stream
+    def __init__(self):
         self.held = []
         self.calls: list[str] = []
 

@@ -54,9 +54,15 @@ def test_estimates_cover_the_measured_peaks_closely(footprint, setting, measured
 
 
 def test_estimated_step_times_follow_the_measured_ones():
-    assert step_cost(sd15(), Setting(4, 2, False)) / step_cost(sd15(), Setting(4, 4, False)) == pytest.approx(65.1 / 59.4, rel=0.02)
-    assert step_cost(sdxl(), Setting(2, 1, False)) / step_cost(sdxl(), Setting(2, 2, False)) == pytest.approx(173.8 / 134.6, rel=0.02)
-    assert step_cost(sdxl(), Setting(2, 2, True)) / step_cost(sdxl(), Setting(2, 2, False)) == pytest.approx(184.4 / 134.6, rel=0.02)
+    assert step_cost(sd15(), Setting(4, 2, False)) / step_cost(sd15(), Setting(4, 4, False)) == pytest.approx(
+        65.1 / 59.4, rel=0.02
+    )
+    assert step_cost(sdxl(), Setting(2, 1, False)) / step_cost(sdxl(), Setting(2, 2, False)) == pytest.approx(
+        173.8 / 134.6, rel=0.02
+    )
+    assert step_cost(sdxl(), Setting(2, 2, True)) / step_cost(sdxl(), Setting(2, 2, False)) == pytest.approx(
+        184.4 / 134.6, rel=0.02
+    )
 
 
 def _card(gib: float) -> float:
@@ -195,7 +201,9 @@ def test_the_trainer_plans_from_the_cards_memory_and_its_cap(make_config, monkey
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", fraction)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     # a tiny model fits anywhere: planned as configured, against half of the 24 GiB card
-    fitted, micro_batch, text = loop.fit_memory(cfg, bundle, dataset, network, torch.device("cuda"), torch.bfloat16, None, Ranks())
+    _fitted, micro_batch, text = loop.fit_memory(
+        cfg, bundle, dataset, network, torch.device("cuda"), torch.bfloat16, None, Ranks()
+    )
     assert seen["device"] == 0  # torch wants the index: a bare "cuda" device is refused there
     assert micro_batch is None and "of a 10.5 GiB budget; settings as configured" in text
 

@@ -18,9 +18,15 @@ def test_tokenizer_matches_openai_clip_ids():
 
 def test_family_from_single_file_keys():
     sd1 = ["model.diffusion_model.input_blocks.0.0.weight", "cond_stage_model.transformer.text_model.embeddings.x"]
-    sd2 = ["model.diffusion_model.input_blocks.0.0.weight", "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"]
-    sdxl = ["model.diffusion_model.input_blocks.0.0.weight", "conditioner.embedders.0.transformer.text_model.x",
-            "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"]
+    sd2 = [
+        "model.diffusion_model.input_blocks.0.0.weight",
+        "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight",
+    ]
+    sdxl = [
+        "model.diffusion_model.input_blocks.0.0.weight",
+        "conditioner.embedders.0.transformer.text_model.x",
+        "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight",
+    ]
     assert detect_family_from_keys(sd1) == "sd15"
     assert detect_family_from_keys(sd2) == "sd2"
     assert detect_family_from_keys(sdxl) == "sdxl"
@@ -51,11 +57,11 @@ class _Cfg:
 
 
 def test_family_mismatch_messages_say_what_was_found():
-    with pytest.raises(ModelError, match="sdxl = true, but .* is an SD 1.x model"):
+    with pytest.raises(ModelError, match=r"sdxl = true, but .* is an SD 1\.x model"):
         check_family(_Cfg(sdxl=True), "sd15")
     with pytest.raises(ModelError, match="is an SDXL model"):
         check_family(_Cfg(sdxl=False), "sdxl")
-    with pytest.raises(ModelError, match="v2 = true, but .* is an SDXL model"):
+    with pytest.raises(ModelError, match=r"v2 = true, but .* is an SDXL model"):
         check_family(_Cfg(v2=True), "sdxl")
     assert "SD 2.x" in check_family(_Cfg(), "sd2")[0]
     assert check_family(_Cfg(), "sd15") == []
@@ -77,8 +83,13 @@ def test_diffusers_folder_loads_and_is_detected(tmp_path, make_config):
 
     parts = build_tiny("sd15")
     pipe = StableDiffusionPipeline(
-        vae=parts["vae"], text_encoder=parts["text_encoders"][0], tokenizer=parts["tokenizers"][0],
-        unet=parts["unet"], scheduler=DDPMScheduler(), safety_checker=None, feature_extractor=None,
+        vae=parts["vae"],
+        text_encoder=parts["text_encoders"][0],
+        tokenizer=parts["tokenizers"][0],
+        unet=parts["unet"],
+        scheduler=DDPMScheduler(clip_sample=False, steps_offset=1),  # as SD's own, which diffusers expects
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
     folder = tmp_path / "model"
@@ -95,7 +106,7 @@ def test_folder_without_model_index_is_a_model_error(tmp_path, make_config):
     folder = tmp_path / "not_a_model"
     folder.mkdir()
     _, cfg = make_config(pretrained_model_name_or_path=str(folder))
-    with pytest.raises(ModelError, match="model_index.json"):
+    with pytest.raises(ModelError, match=r"model_index\.json"):
         load_model(cfg)
 
 

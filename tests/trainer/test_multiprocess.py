@@ -27,9 +27,21 @@ def _launch(config: Path, processes: int, resume: Path | None = None) -> list[di
         command = [sys.executable, *trainer]
     else:
         command = [
-            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(_free_port()), *trainer,
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(_free_port()),
+            *trainer,
         ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RENTRAIN_DEVICE": "cpu"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
@@ -59,7 +71,7 @@ def test_two_processes_train_what_one_process_trains_with_accumulation(make_conf
     assert any("data parallel: 2 processes" in c for c in two[0]["choices"])
     assert len(_steps(two)) == len(_steps(one)) == 6
     assert all(e["samples_per_second"] > 0 for e in _steps(two))
-    for a, b in zip(_steps(two), _steps(one)):
+    for a, b in zip(_steps(two), _steps(one), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
     first, second = load_file(two[-1]["path"]), load_file(one[-1]["path"])
     assert set(first) == set(second)
@@ -71,8 +83,13 @@ def test_two_processes_with_doubled_data_per_step_learn_like_one_with_doubled_ba
     """The issue's comparison: 2 x batch 1 against 1 x batch 2, overfitting two images. Batch composition and
     noise draws differ, so the curves agree only statistically: both fall, to about the same level."""
     keys = dict(
-        sizes=[(64, 64), (64, 64)], max_train_steps=40, learning_rate=1e-2, text_encoder_lr=0, network_dim=8,
-        network_alpha=8, network_args=["conv_dim=8", "conv_alpha=8"],
+        sizes=[(64, 64), (64, 64)],
+        max_train_steps=40,
+        learning_rate=1e-2,
+        text_encoder_lr=0,
+        network_dim=8,
+        network_alpha=8,
+        network_args=["conv_dim=8", "conv_alpha=8"],
     )
     two = _steps(_launch(_config(make_config, tmp_path, "two", batch_size=1, **keys), 2))
     one = _steps(_launch(_config(make_config, tmp_path, "one", batch_size=2, **keys), 1))

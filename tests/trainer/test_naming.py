@@ -31,7 +31,9 @@ SDXL_UNET = dict(
     projection_class_embeddings_input_dim=2816,
 )
 CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12)
-CLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32, projection_dim=1280)
+CLIP_BIGG = dict(
+    hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32, projection_dim=1280
+)
 
 
 def _meta_unet(config):

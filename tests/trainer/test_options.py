@@ -35,7 +35,9 @@ def test_schedulers_match_diffusers(name):
 
     warmup = 0 if name == "constant" else 5
     ours = lrs(lambda o: make_scheduler(o, name, warmup, 30, num_cycles=3, power=2.0))
-    theirs = lrs(lambda o: get_scheduler(name, o, num_warmup_steps=warmup, num_training_steps=30, num_cycles=3, power=2.0))
+    theirs = lrs(
+        lambda o: get_scheduler(name, o, num_warmup_steps=warmup, num_training_steps=30, num_cycles=3, power=2.0)
+    )
     assert ours == pytest.approx(theirs, abs=1e-9)
 
 
@@ -108,17 +110,21 @@ def test_regularisation_images_balance_and_weight(tmp_path, make_config):
 
 
 def test_sigterm_saves_a_state_and_resume_finishes(tmp_path, make_config):
-    config, cfg = make_config(max_train_steps=60)
+    config, _cfg = make_config(max_train_steps=60)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "remote.trainer", str(config)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        text=True, env=env,
-    )
     lines = []
-    for line in proc.stdout:
-        lines.append(json.loads(line))
-        if lines[-1]["event"] == "start":  # the run cannot have finished yet, however slow this reader is
-            proc.send_signal(signal.SIGTERM)
+    with subprocess.Popen(
+        [sys.executable, "-m", "remote.trainer", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(json.loads(line))
+            if lines[-1]["event"] == "start":  # the run cannot have finished yet, however slow this reader is
+                proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=600) == 130
     error = lines[-1]
     assert error["event"] == "error" and error["kind"] == "interrupted" and "--resume" in error["message"]
@@ -126,8 +132,11 @@ def test_sigterm_saves_a_state_and_resume_finishes(tmp_path, make_config):
     stopped_at = max(line["step"] for line in lines if line["event"] == "step")
     assert 1 <= stopped_at < 60
     resumed = subprocess.run(
-        [sys.executable, "-m", "remote.trainer", str(config), "--resume", "last"], capture_output=True, text=True,
-        env=env, timeout=600,
+        [sys.executable, "-m", "remote.trainer", str(config), "--resume", "last"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     events = [json.loads(line) for line in resumed.stdout.splitlines()]

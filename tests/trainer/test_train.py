@@ -28,8 +28,14 @@ def _run(cfg, **kw):
 @pytest.mark.parametrize("model", ["builtin:tiny-sd15", "builtin:tiny-sdxl"])
 def test_loss_falls_when_overfitting_two_images(make_config, model):
     _, cfg = make_config(
-        sizes=[(64, 64), (64, 64)], repeats=1, max_train_steps=80, learning_rate=1e-2, text_encoder_lr=0,
-        network_dim=8, network_alpha=8, network_args=["conv_dim=8", "conv_alpha=8"],
+        sizes=[(64, 64), (64, 64)],
+        repeats=1,
+        max_train_steps=80,
+        learning_rate=1e-2,
+        text_encoder_lr=0,
+        network_dim=8,
+        network_alpha=8,
+        network_args=["conv_dim=8", "conv_alpha=8"],
         pretrained_model_name_or_path=model,
     )
     _, events = _run(cfg)
@@ -40,10 +46,23 @@ def test_loss_falls_when_overfitting_two_images(make_config, model):
 
 
 RESUME_KEYS = dict(
-    max_train_steps=None, max_train_epochs=3, repeats=2, shuffle_caption=True, keep_tokens=1, flip_aug=True,
-    noise_offset=0.05, caption_dropout_rate=0.2, lr_scheduler="cosine_with_restarts", lr_warmup_steps=2,
-    lr_scheduler_num_cycles=2, gradient_accumulation_steps=2, save_every_n_steps=3, min_snr_gamma=5.0,
-    text_encoder_lr=5e-4, clip_skip=2, save_every_n_epochs=1,
+    max_train_steps=None,
+    max_train_epochs=3,
+    repeats=2,
+    shuffle_caption=True,
+    keep_tokens=1,
+    flip_aug=True,
+    noise_offset=0.05,
+    caption_dropout_rate=0.2,
+    lr_scheduler="cosine_with_restarts",
+    lr_warmup_steps=2,
+    lr_scheduler_num_cycles=2,
+    gradient_accumulation_steps=2,
+    save_every_n_steps=3,
+    min_snr_gamma=5.0,
+    text_encoder_lr=5e-4,
+    clip_skip=2,
+    save_every_n_epochs=1,
 )
 
 
@@ -76,7 +95,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, make_co
 def test_resume_from_a_checkpoint_state_folder(tmp_path, make_config):
     _, cfg = make_config(max_train_steps=4, save_every_n_steps=2)
     reference, events = _run(cfg)
-    state = [e.state_dir for e in events if e.event == "checkpoint"][0]
+    state = next(e.state_dir for e in events if e.event == "checkpoint")
     other = cfg.model_copy(update={"output_dir": tmp_path / "other"})
     final, _ = _run(other, resume=state)
     a, b = load_file(str(reference)), load_file(str(final))
@@ -99,7 +118,11 @@ def test_cli_runs_the_example_and_speaks_the_protocol(tmp_path):
     config.write_text(text)
     env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, "-m", "remote.trainer", str(config)], capture_output=True, text=True, env=env, cwd=tmp_path,
+        [sys.executable, "-m", "remote.trainer", str(config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -117,13 +140,13 @@ def test_cli_runs_the_example_and_speaks_the_protocol(tmp_path):
     import hashlib
 
     assert hashlib.sha256(final.read_bytes()).hexdigest() == done["sha256"]
-    checkpoint = [line for line in lines if line["event"] == "checkpoint"][0]
+    checkpoint = next(line for line in lines if line["event"] == "checkpoint")
     assert Path(checkpoint["path"]).name == "tiny_toy-step00000060.safetensors"
     assert Path(checkpoint["state_dir"]).is_dir()
     from PIL import Image
 
-    grid = Image.open([line for line in lines if line["event"] == "sample"][-1]["path"])
-    assert grid.width > 4 * 64 and grid.height > 64
+    with Image.open([line for line in lines if line["event"] == "sample"][-1]["path"]) as grid:
+        assert grid.width > 4 * 64 and grid.height > 64
 
     again = subprocess.run(
         [sys.executable, "-m", "remote.trainer", str(config)], capture_output=True, text=True, env=env, timeout=600
@@ -137,8 +160,11 @@ def test_cli_reports_config_errors_as_events(tmp_path):
     config = tmp_path / "bad.toml"
     config.write_text('pretrained_model_name_or_path = "builtin:tiny-sd15"\ntrain_data_dir = "."\nlearnin_rate = 1\n')
     proc = subprocess.run(
-        [sys.executable, "-m", "remote.trainer", str(config)], capture_output=True, text=True,
-        env={**__import__("os").environ, "PYTHONPATH": str(REPO)}, timeout=300,
+        [sys.executable, "-m", "remote.trainer", str(config)],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
+        timeout=300,
     )
     assert proc.returncode == 2
     event = json.loads(proc.stdout.splitlines()[-1])
@@ -149,8 +175,13 @@ def test_sdxl_tiny_trains_samples_and_exports(make_config):
     from remote.trainer.lora import read_metadata
 
     _, cfg = make_config(
-        pretrained_model_name_or_path="builtin:tiny-sdxl", max_train_steps=3, text_encoder_lr=0,
-        sample_prompts=["rtoy, a red circle"], sample_steps=2, sample_seeds=[1], sample_weights=[0.5, 1.0],
+        pretrained_model_name_or_path="builtin:tiny-sdxl",
+        max_train_steps=3,
+        text_encoder_lr=0,
+        sample_prompts=["rtoy, a red circle"],
+        sample_steps=2,
+        sample_seeds=[1],
+        sample_weights=[0.5, 1.0],
         sample_every_n_steps=2,
     )
     final, events = _run(cfg)
