@@ -166,7 +166,9 @@ class LaunchSpec(BaseModel):
     ssh_public_key: str = Field(min_length=16)
     env: dict[str, str] = Field(default_factory=dict)
     onstart: str | None = Field(None, description="Shell run at boot, where the provider supports it.")
-    min_cuda: float | None = Field(None, description="Lowest host CUDA version, where placement is the provider's (RunPod).")
+    min_cuda: float | None = Field(
+        None, description="Lowest host CUDA version, where placement is the provider's (RunPod)."
+    )
 
     @property
     def label(self) -> str:

@@ -113,7 +113,11 @@ class ApiClient:
                 )
             except requests.RequestException as exc:
                 message = self.redact_and_cut(f"could not reach {self.base_url}: {_describe(exc)}")
-                if not idempotent or attempt == self.policy.max_attempts or not self._schedule_retry(endpoint, attempt, waited, None):
+                if (
+                    not idempotent
+                    or attempt == self.policy.max_attempts
+                    or not self._schedule_retry(endpoint, attempt, waited, None)
+                ):
                     raise ProviderDown(self.provider, message) from None
                 continue
 
@@ -125,13 +129,17 @@ class ApiClient:
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
                 if retry_after is not None and retry_after > self.policy.max_retry_after_s:
                     raise RateLimited(self.provider, message, 429, retry_after)
-                if attempt == self.policy.max_attempts or not self._schedule_retry(endpoint, attempt, waited, retry_after):
+                if attempt == self.policy.max_attempts or not self._schedule_retry(
+                    endpoint, attempt, waited, retry_after
+                ):
                     # the next call to this endpoint, whoever makes it, still keeps its distance
                     self._paced_until[endpoint] = self._clock() + self._delay(endpoint, attempt, retry_after)
                     raise RateLimited(self.provider, f"{message} (gave up after {attempt} tries)", 429, retry_after)
                 continue
             if status in RETRYABLE_GATEWAY and idempotent and attempt < self.policy.max_attempts:
-                if self._schedule_retry(endpoint, attempt, waited, parse_retry_after(response.headers.get("Retry-After"))):
+                if self._schedule_retry(
+                    endpoint, attempt, waited, parse_retry_after(response.headers.get("Retry-After"))
+                ):
                     continue
             if status >= 500:
                 raise ProviderDown(self.provider, message, status)
@@ -182,7 +190,6 @@ class ApiClient:
         # the retry, and any other call to this endpoint meanwhile (e.g. the runner's next poll), waits
         self._paced_until[endpoint] = self._clock() + delay
         return True
-
 
     def _delay(self, endpoint: str, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -264,7 +271,8 @@ def extract_message(response: requests.Response) -> str:
     details = body.get("errors")
     if isinstance(details, list) and details:
         listed = "; ".join(
-            str(item.get("detail") or item.get("message") or item) if isinstance(item, dict) else str(item) for item in details
+            str(item.get("detail") or item.get("message") or item) if isinstance(item, dict) else str(item)
+            for item in details
         )
         text = f"{text} ({listed})" if text else listed
     return text or str(body)

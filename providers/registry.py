@@ -6,9 +6,9 @@ from collections.abc import Callable
 from typing import Any
 
 from providers.base import Provider, Unsupported
-from providers.gpuflow import GpuFlowProvider
 from providers.gpuflow import NAME as GPUFLOW
 from providers.gpuflow import REFUSAL as GPUFLOW_REFUSAL
+from providers.gpuflow import GpuFlowProvider
 from providers.runpod import RunPodProvider
 from providers.vast import VastProvider
 

@@ -138,7 +138,13 @@ class RunPodProvider:
         self.last_search_skipped: list[str] = []
         extra: dict[str, Any] = {k: v for k, v in (("sleep", sleep), ("clock", clock)) if v is not None}
         self._api = ApiClient(
-            NAME, self.base_url, api_key, classify=_classify, policy=policy, session=session, key_source=key_source,
+            NAME,
+            self.base_url,
+            api_key,
+            classify=_classify,
+            policy=policy,
+            session=session,
+            key_source=key_source,
             **extra,
         )
 
@@ -281,7 +287,9 @@ def _offer(gpu: CatalogGpu, cloud: str, req: Requirements) -> Offer | None:
     if not in_cloud or not per_gpu or (max_count is not None and max_count < req.gpu_count):
         return None
     volume_gb = _volume_gb(req.disk_gb)
-    disk_per_hour = (req.disk_gb * CONTAINER_DISK_USD_PER_GB_MONTH + volume_gb * VOLUME_USD_PER_GB_MONTH) / HOURS_PER_MONTH
+    disk_per_hour = (
+        req.disk_gb * CONTAINER_DISK_USD_PER_GB_MONTH + volume_gb * VOLUME_USD_PER_GB_MONTH
+    ) / HOURS_PER_MONTH
     return Offer(
         provider=NAME,
         offer_id=f"{cloud}/{gpu.id}",

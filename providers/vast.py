@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import requests
@@ -145,7 +145,13 @@ class VastProvider:
 
         def client(base_url: str) -> ApiClient:
             return ApiClient(
-                NAME, base_url, api_key, classify=_classify, policy=policy, session=session, key_source=key_source,
+                NAME,
+                base_url,
+                api_key,
+                classify=_classify,
+                policy=policy,
+                session=session,
+                key_source=key_source,
                 **extra,
             )
 
@@ -197,7 +203,10 @@ class VastProvider:
         instance_id = str(data["new_contract"])
         try:
             self._api.json(
-                "POST", f"/instances/{instance_id}/ssh/", endpoint="attach_ssh", idempotent=False,
+                "POST",
+                f"/instances/{instance_id}/ssh/",
+                endpoint="attach_ssh",
+                idempotent=False,
                 json={"ssh_key": launch.ssh_public_key},
             )
         except ProviderError as exc:
@@ -362,7 +371,7 @@ def _instance(raw: VastInstance) -> Instance:
         status_message=raw.status_msg,
         ssh=_ssh_endpoint(raw),
         price_per_hour=raw.dph_total,
-        started_at=datetime.fromtimestamp(raw.start_date, tz=timezone.utc) if raw.start_date else None,
+        started_at=datetime.fromtimestamp(raw.start_date, tz=UTC) if raw.start_date else None,
         gpu_model=normalise_gpu_name(raw.gpu_name) if raw.gpu_name else None,
         storage_usd_per_hour=_storage_usd_per_hour(raw),
     )

@@ -202,7 +202,7 @@ class TrainConfig(BaseModel):
         "rentrain only: a word every caption should contain; `check` warns about captions without it.", None
     )
     resolution: tuple[int, int] = _dataset(
-        "Training resolution: 512, \"512\", \"512,512\" or [512, 512] (width, height).",
+        'Training resolution: 512, "512", "512,512" or [512, 512] (width, height).',
         (512, 512),
         allowed=f"each side a multiple of 64, 64-{MAX_RESOLUTION}",
     )
@@ -213,7 +213,7 @@ class TrainConfig(BaseModel):
     bucket_reso_steps: int = _dataset("Bucket side step; 64, or 32 for SDXL.", 64, allowed="32 or 64")
     bucket_no_upscale: bool = _dataset("Never upscale: each image gets a bucket no larger than itself.", False)
     caption_extension: str = _dataset(
-        "Caption file extension. Default \".txt\", as the tutorials use; kohya's own default is \".caption\".",
+        'Caption file extension. Default ".txt", as the tutorials use; kohya\'s own default is ".caption".',
         ".txt",
         allowed="a dot and up to 32 letters, digits, '.', '_', '-'",
     )
@@ -222,7 +222,7 @@ class TrainConfig(BaseModel):
     caption_separator: str = _dataset("Tag separator for shuffling and tag dropout.", ",", allowed="not empty")
     caption_prefix: str | None = _dataset("Text put before every caption.", None)
     caption_suffix: str | None = _dataset("Text put after every caption.", None)
-    caption_dropout_rate: float = _dataset("Probability that a caption is replaced by \"\".", 0.0, ge=0, le=1)
+    caption_dropout_rate: float = _dataset('Probability that a caption is replaced by "".', 0.0, ge=0, le=1)
     caption_dropout_every_n_epochs: int = _dataset(
         "Drop every caption in every n-th epoch (0: never).", 0, ge=0, le=MAX_EPOCHS
     )
@@ -255,7 +255,7 @@ class TrainConfig(BaseModel):
     )
     lr_scheduler: str = _training(f"One of {', '.join(LR_SCHEDULERS)}.", "constant")
     lr_warmup_steps: int | float = _training(
-        "Warm-up optimizer steps; a number below 1 (or \"5%\") is a fraction of the total.",
+        'Warm-up optimizer steps; a number below 1 (or "5%") is a fraction of the total.',
         0,
         allowed=f"0-{MAX_STEPS} steps, or a fraction below 1",
     )
@@ -277,7 +277,7 @@ class TrainConfig(BaseModel):
         "AdamW",
     )
     optimizer_args: list[str] = _training(
-        "Extra optimizer arguments: [\"weight_decay=0.01\", \"betas=0.9,0.99\"].",
+        'Extra optimizer arguments: ["weight_decay=0.01", "betas=0.9,0.99"].',
         [],
         allowed="the keyword arguments of the optimizer's constructor (remote/trainer/optimizer_args.py)",
     )
@@ -340,13 +340,13 @@ class TrainConfig(BaseModel):
     @classmethod
     def _parse_resolution(cls, value: Any) -> Any:
         if isinstance(value, bool):
-            raise ValueError("must be a number, \"W,H\" or [W, H]")
+            raise ValueError('must be a number, "W,H" or [W, H]')
         if isinstance(value, int):
             return (value, value)
         if isinstance(value, str):
             parts = [p.strip() for p in value.split(",")]
             if len(parts) not in (1, 2) or not all(p.isdigit() for p in parts):
-                raise ValueError(f"must be \"512\" or \"512,768\", got {value!r}")
+                raise ValueError(f'must be "512" or "512,768", got {value!r}')
             numbers = [int(p) for p in parts]
             return (numbers[0], numbers[-1])
         if isinstance(value, (list, tuple)) and len(value) == 1:
@@ -394,7 +394,7 @@ class TrainConfig(BaseModel):
             try:
                 value = float(text[:-1]) / 100
             except ValueError:
-                raise ValueError(f"must be a percentage such as \"5%\", got {value!r}") from None
+                raise ValueError(f'must be a percentage such as "5%", got {value!r}') from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError("must be a number of steps, a fraction below 1 or a percentage")
         if not math.isfinite(value) or value < 0 or value > MAX_STEPS:
@@ -461,7 +461,7 @@ class TrainConfig(BaseModel):
     @classmethod
     def _caption_separator(cls, value: str) -> str:
         if not value:
-            raise ValueError("is empty; the usual separator is \",\"")
+            raise ValueError('is empty; the usual separator is ","')
         return value
 
     @field_validator("max_token_length")
@@ -515,18 +515,18 @@ class TrainConfig(BaseModel):
         if self.network_train_text_encoder_only and self.effective_text_encoder_lr == 0:
             problems.append(("network_train_text_encoder_only", "set, but the text encoder learning rate is 0"))
         if self.lr_scheduler == "constant" and self.lr_warmup_steps:
-            message = "warm-up needs lr_scheduler = \"constant_with_warmup\" or a decaying one"
+            message = 'warm-up needs lr_scheduler = "constant_with_warmup" or a decaying one'
             problems.append(("lr_warmup_steps", message))
         if self.full_fp16:
             problems.append(
                 (
                     "full_fp16",
                     "not supported: fp16 LoRA weights need kohya's patched loss scaler; use mixed_precision = "
-                    "\"fp16\" without it, or mixed_precision = \"bf16\" with full_bf16 = true",
+                    '"fp16" without it, or mixed_precision = "bf16" with full_bf16 = true',
                 )
             )
         if self.full_bf16 and self.mixed_precision != "bf16":
-            problems.append(("full_bf16", "needs mixed_precision = \"bf16\""))
+            problems.append(("full_bf16", 'needs mixed_precision = "bf16"'))
         for item in self.optimizer_args:
             problem = optimizer_arg_problem(self.optimizer_type, item)
             if problem:
@@ -581,8 +581,8 @@ class JobSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     provider: str | None = Field(None, description=f"One of {', '.join(KNOWN_PROVIDERS)}; --provider wins.")
-    host: str | None = Field(None, description="For provider = \"ssh\": user@host[:port] of a machine rented by hand.")
-    gpu: list[str] = Field([], description="GPU models to consider, such as [\"RTX 4090\", \"RTX 3090\"] (empty: any).")
+    host: str | None = Field(None, description='For provider = "ssh": user@host[:port] of a machine rented by hand.')
+    gpu: list[str] = Field([], description='GPU models to consider, such as ["RTX 4090", "RTX 3090"] (empty: any).')
     gpu_count: int = Field(
         1,
         ge=1,
@@ -915,7 +915,7 @@ def resolve_model_reference(value: str, base_dir: Path) -> str:
     if looks_local:
         raise ValueError(
             f"{local} does not exist. It must be a local .safetensors/.ckpt file or diffusers folder, "
-            "a Hugging Face hub id such as \"stable-diffusion-v1-5/stable-diffusion-v1-5\", or an https:// URL"
+            'a Hugging Face hub id such as "stable-diffusion-v1-5/stable-diffusion-v1-5", or an https:// URL'
         )
     return value
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Literal, TextIO, Union
+from typing import Annotated, Literal, TextIO
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -47,10 +47,15 @@ class StartEvent(_Event):
     resumed_from_step: int = Field(0, description="0 for a fresh run, else the step the run resumed after.")
     trainable_parameters: int = 0
     output_dir: str = ""
-    warnings: list[str] = Field(default_factory=list, description="Things the user should know, e.g. a model/config mismatch.")
-    choices: list[str] = Field(default_factory=list, description="What the trainer chose for speed and memory, and why.")
+    warnings: list[str] = Field(
+        default_factory=list, description="Things the user should know, e.g. a model/config mismatch."
+    )
+    choices: list[str] = Field(
+        default_factory=list, description="What the trainer chose for speed and memory, and why."
+    )
     setup_seconds: dict[str, float] = Field(
-        default_factory=dict, description=(
+        default_factory=dict,
+        description=(
             "Seconds of set-up: setup (everything before caching), load_weights (reading the model, part of "
             "setup), cache_latents, cache_text; latents_encoded is the number of images encoded."
         ),
@@ -112,7 +117,7 @@ class ErrorEvent(_Event):
 
 
 Event = Annotated[
-    Union[StartEvent, StepEvent, EpochEvent, CheckpointEvent, SampleEvent, DoneEvent, ErrorEvent],
+    StartEvent | StepEvent | EpochEvent | CheckpointEvent | SampleEvent | DoneEvent | ErrorEvent,
     Field(discriminator="event"),
 ]
 _ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)

@@ -287,7 +287,7 @@ class Watchdog:
                     else:
                         next_try = self.clock() + retry  # billing goes on while we fail: retry, but do not hammer
                         retry = min(retry * 2, 300)
-            except Exception as exc:  # noqa: BLE001 - the watchdog must outlive any one bad poll
+            except Exception as exc:
                 self.log("error", detail=f"{type(exc).__name__}: {exc}")
             self.sleep(poll)
 

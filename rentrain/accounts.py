@@ -60,7 +60,7 @@ class AccountCheck:
 
 
 def describe(exc: ProviderError) -> str:
-    """"HTTP 410: <the provider's words>", or the error's own sentence where it has one (a rejected key)."""
+    """ "HTTP 410: <the provider's words>", or the error's own sentence where it has one (a rejected key)."""
     if exc.status is None:
         return exc.message
     text = str(exc)
@@ -87,8 +87,7 @@ def check_accounts(names: Iterable[str], seconds: float, opener: Opener = open_p
         thread.join(max(0.0, deadline - time.monotonic()))
     with guard:
         return {
-            name: results.get(name) or AccountCheck(name, problem=f"no answer within {seconds:g} s")
-            for name in threads
+            name: results.get(name) or AccountCheck(name, problem=f"no answer within {seconds:g} s") for name in threads
         }
 
 
@@ -151,9 +150,7 @@ def survey(
     the ledger's cost stays an upper bound, and nobody is warned about it again."""
     view = AccountsView(checks)
     jobs = {j.id: j for j in (ledger.jobs() if ledger else [])}
-    records = [
-        r for r in (ledger.instances() if ledger else []) if r.provider != "ssh" and include(jobs.get(r.job_id))
-    ]
+    records = [r for r in (ledger.instances() if ledger else []) if r.provider != "ssh" and include(jobs.get(r.job_id))]
     by_id = {(r.provider, r.instance_id): r for r in records if r.instance_id}
     by_label = {j.label: j for j in jobs.values()}
     listed: set[tuple[str, str]] = set()

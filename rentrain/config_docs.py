@@ -83,7 +83,7 @@ def config_reference() -> str:
     lines = [
         START,
         "",
-        "Numbers must be finite (no `nan` or `inf`); true/false is not a number. A value outside \"allowed\" is an "
+        'Numbers must be finite (no `nan` or `inf`); true/false is not a number. A value outside "allowed" is an '
         "error that `rentrain check` names before anything is rented.",
         "",
         "| section | key | default | allowed | kohya spelling | meaning |",

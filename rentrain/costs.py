@@ -56,7 +56,9 @@ SPEED_TABLE: dict[tuple[str, ModelFamily, int], Figure] = {
     ("RTX 3090 Ti", "sdxl", 1): Figure(
         1.12, "published", "kohya-ss/sd-scripts#827: RTX 3090 Ti, SDXL LoRA 1024x1024 batch 1, 1.12 s/it (2023-09)"
     ),
-    ("RTX 3090", "sdxl", 1): Figure(1.23, "published", "bmaltais/kohya_ss#1288: RTX 3090, SDXL LoRA 1024x1024, 1.23 s/it"),
+    ("RTX 3090", "sdxl", 1): Figure(
+        1.23, "published", "bmaltais/kohya_ss#1288: RTX 3090, SDXL LoRA 1024x1024, 1.23 s/it"
+    ),
     ("RTX 4090", "sdxl", 1): Figure(
         1.17,
         "published",
@@ -113,7 +115,9 @@ BF16_TFLOPS: dict[str, Figure] = {
 # Step time ~ (reference TFLOPS / GPU TFLOPS) ** TFLOPS_EXPONENT. Below 1 because a LoRA step at small
 # batch does not saturate the tensor cores: the 4090 / 3090 Ti SDXL pair above differs far less than
 # their TFLOPS do.
-TFLOPS_EXPONENT = Figure(0.5, "assumed", "sub-linear scaling; the published 4090 vs 3090 Ti SDXL pair shows ~1x, TFLOPS 2x")
+TFLOPS_EXPONENT = Figure(
+    0.5, "assumed", "sub-linear scaling; the published 4090 vs 3090 Ti SDXL pair shows ~1x, TFLOPS 2x"
+)
 
 # Step time at batch b, from the batch-1 time: t1 x (1 + (b - 1) x marginal).
 BATCH_MARGINAL: dict[ModelFamily, Figure] = {
@@ -154,14 +158,18 @@ _PCIE_RISK = (
 )
 DATA_PARALLEL_EFFICIENCY: dict[Interconnect, dict[int, Figure]] = {
     "pcie": {
-        2: Figure(0.90, "assumed", f"DDP over PCIe, 2 ranks: all-reduce + slowest-rank wait ~10% of a step; {_PCIE_RISK}"),
+        2: Figure(
+            0.90, "assumed", f"DDP over PCIe, 2 ranks: all-reduce + slowest-rank wait ~10% of a step; {_PCIE_RISK}"
+        ),
         4: Figure(0.85, "assumed", f"DDP over PCIe, 4 ranks: ~15% of a step; {_PCIE_RISK}"),
         8: Figure(0.80, "assumed", f"DDP over PCIe, 8 ranks (often two PCIe switches or sockets): ~20%; {_PCIE_RISK}"),
     },
     "nvlink": {
         2: Figure(0.95, "assumed", "DDP on an NVLink/NVSwitch (SXM) board, 2 ranks: the all-reduce is near free"),
         4: Figure(0.93, "assumed", "DDP on an NVLink/NVSwitch (SXM) board, 4 ranks"),
-        8: Figure(0.90, "assumed", "DDP on an NVLink/NVSwitch (SXM) board, 8 ranks: the slowest-rank wait grows with N"),
+        8: Figure(
+            0.90, "assumed", "DDP on an NVLink/NVSwitch (SXM) board, 8 ranks: the slowest-rank wait grows with N"
+        ),
     },
 }
 
@@ -345,18 +353,24 @@ def scaling_efficiency(gpu_model: str, gpus: int) -> ScalingEstimate:
 def interconnect_efficiency(interconnect: Interconnect, gpus: int) -> ScalingEstimate:
     """DATA_PARALLEL_EFFICIENCY's row for `gpus`, or the line between the rows around it."""
     if gpus == 1:
-        return ScalingEstimate(gpus=1, interconnect=interconnect, efficiency=1.0, kind=None, source="one GPU: no scaling")
+        return ScalingEstimate(
+            gpus=1, interconnect=interconnect, efficiency=1.0, kind=None, source="one GPU: no scaling"
+        )
     rows = DATA_PARALLEL_EFFICIENCY[interconnect]
     exact = rows.get(gpus)
     if exact is not None:
-        return ScalingEstimate(gpus=gpus, interconnect=interconnect, efficiency=exact.value, kind=exact.kind, source=exact.source)
+        return ScalingEstimate(
+            gpus=gpus, interconnect=interconnect, efficiency=exact.value, kind=exact.kind, source=exact.source
+        )
     counts = sorted(rows)
     below = max((c for c in counts if c < gpus), default=counts[0])
     above = min((c for c in counts if c > gpus), default=counts[-1])
     low, high = rows[below], rows[above]
     value = low.value + (high.value - low.value) * (gpus - below) / (above - below) if above != below else low.value
     source = f"interpolated between the {below}- and {above}-GPU rows: {low.source}"
-    return ScalingEstimate(gpus=gpus, interconnect=interconnect, efficiency=value, kind=_derived(low.kind), source=source)
+    return ScalingEstimate(
+        gpus=gpus, interconnect=interconnect, efficiency=value, kind=_derived(low.kind), source=source
+    )
 
 
 def steps_per_epoch(batches_per_epoch: int, gpus: int, gradient_accumulation_steps: int = 1) -> int:
@@ -380,7 +394,9 @@ def memory_fit(profile: JobProfile, vram_gb: float | None) -> tuple[float, str] 
     if profile.family not in ("sd15", "sdxl") or not vram_gb:
         return 1.0, ""
     pixels = profile.resolution[0] * profile.resolution[1]
-    footprint = footprint_for(profile.family, pixels, profile.network_dim, profile.trains_text_encoder, profile.bytes_per_value)
+    footprint = footprint_for(
+        profile.family, pixels, profile.network_dim, profile.trains_text_encoder, profile.bytes_per_value
+    )
     configured = Setting(profile.batch_size, profile.batch_size, profile.gradient_checkpointing)
     plan = plan_memory(footprint, configured, budget_from_device(int(vram_gb * 2**30)), allow_8bit=False)
     if not plan.fits:
@@ -401,7 +417,11 @@ def estimate_job(profile: JobProfile, offer: Offer) -> JobEstimate | None:
     factor, note = fit
     if factor != 1.0:
         speed = speed.model_copy(
-            update={"seconds_per_step": speed.seconds_per_step * factor, "source": speed.source + note, "kind": _derived(speed.kind)}
+            update={
+                "seconds_per_step": speed.seconds_per_step * factor,
+                "source": speed.source + note,
+                "kind": _derived(speed.kind),
+            }
         )
     gpus = offer.gpu_count
     scaling = scaling_efficiency(offer.gpu_model, gpus)
@@ -440,7 +460,9 @@ def profile_from_check(train: TrainConfig, report: DatasetReport) -> JobProfile:
         problems = "; ".join(str(f.message) for f in report.findings if f.severity == "error") or "no images found"
         raise ValueError(f"cannot count training steps: {problems}")
     images = sum(s.images for s in report.subsets)
-    dataset_bytes = _folder_bytes(train.train_data_dir) + (_folder_bytes(train.reg_data_dir) if train.reg_data_dir else 0)
+    dataset_bytes = _folder_bytes(train.train_data_dir) + (
+        _folder_bytes(train.reg_data_dir) if train.reg_data_dir else 0
+    )
     model = train.pretrained_model_name_or_path
     local_model = Path(model)
     local_model_bytes = 0

@@ -68,7 +68,7 @@ def provider_cli_path(provider: str) -> Path | None:
 def places(provider: str) -> list[str]:
     """Where a key for `provider` is looked for, in order, as the user would write them."""
     env = registry.API_KEY_ENV[provider]
-    found = [f"the environment variable {env}", f"{credentials_path()} ([{provider}] api_key = \"...\")"]
+    found = [f"the environment variable {env}", f'{credentials_path()} ([{provider}] api_key = "...")']
     cli = provider_cli_path(provider)
     if cli is not None:
         found.append(f"{cli} (written by the {'vastai' if provider == 'vast' else 'runpodctl'} CLI)")

@@ -216,7 +216,7 @@ def _caption_findings(item: ImageItem, subset: Subset, train: TrainConfig) -> li
         )
         other = _other_caption_files(item.path, train.caption_extension)
         if other:
-            message += f". Found {other[0].name}: set caption_extension = \"{other[0].suffix}\" if that is the caption"
+            message += f'. Found {other[0].name}: set caption_extension = "{other[0].suffix}" if that is the caption'
         caption = subset.class_tokens
         findings = [Finding(severity="warning", path=item.path, message=message)]
     else:

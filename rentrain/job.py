@@ -202,7 +202,9 @@ class JobRunner:
         self.job = self.ledger.transition(self.job.id, state, detail, **fields)
 
     def _end_instance_record(self, record: InstanceRecord, reason: str) -> None:
-        self.ledger.update_instance(record.job_id, record.offer_id, record.created_at, ended_at=time.time(), end_reason=reason)
+        self.ledger.update_instance(
+            record.job_id, record.offer_id, record.created_at, ended_at=time.time(), end_reason=reason
+        )
 
     # ------------------------------------------------------------------ the whole job
 
@@ -237,15 +239,21 @@ class JobRunner:
                 session = None
                 self.job = self.ledger.job(self.job.id)
                 if self.job.state == "closed":
-                    raise JobFailed(f"job {self.job.id} was closed meanwhile ({self.job.outcome}); not renting again") from None
+                    raise JobFailed(
+                        f"job {self.job.id} was closed meanwhile ({self.job.outcome}); not renting again"
+                    ) from None
                 spent = self._out_of_time_or_money()
                 if spent:
                     self._close("failed", spent)
-                    raise JobFailed(f"{spent}; not renting again (the watchdog may have ended the instance for it)") from None
+                    raise JobFailed(
+                        f"{spent}; not renting again (the watchdog may have ended the instance for it)"
+                    ) from None
                 if retries > self.settings.max_retries:
                     self._close("failed", f"gave up after {retries} lost hosts")
                     raise JobFailed(f"gave up after {retries} lost hosts; last: {exc}") from None
-                candidates = [o for o in candidates if o.offer_id not in self.ledger.failed_hosts(self.settings.provider)]
+                candidates = [
+                    o for o in candidates if o.offer_id not in self.ledger.failed_hosts(self.settings.provider)
+                ]
                 self.say(f"resuming from {self.job.last_state_path or 'the start'} on the next offer")
         self._close("failed", f"no instance could be started ({tried} offers tried)")
         raise JobFailed(f"no instance could be started ({tried} offers tried); see rentrain offers")
@@ -254,7 +262,10 @@ class JobRunner:
         over = budget_reached(self.ledger, self.job.id, self.settings.max_cost)
         if over:
             return over
-        if self.settings.max_hours is not None and time.time() - self.job_started_at() >= self.settings.max_hours * 3600:
+        if (
+            self.settings.max_hours is not None
+            and time.time() - self.job_started_at() >= self.settings.max_hours * 3600
+        ):
             return f"deadline reached: {self.settings.max_hours} h since the first instance"
         return None
 
@@ -449,7 +460,10 @@ class JobRunner:
         self._move("intent_recorded", f"offer {offer.offer_id}: {record.gpu} at ${offer.price_per_hour:.3f}/h")
         self._move("creating")
         launch = LaunchSpec(
-            job_id=self.job.id, image=self.settings.image, disk_gb=self.settings.disk_gb, ssh_public_key=self.key.public_line
+            job_id=self.job.id,
+            image=self.settings.image,
+            disk_gb=self.settings.disk_gb,
+            ssh_public_key=self.key.public_line,
         )
         try:
             instance = self.provider.create(offer, launch)
@@ -467,7 +481,9 @@ class JobRunner:
         record = record.model_copy(update={"instance_id": instance.id})
         self.ledger.update_instance(record.job_id, record.offer_id, record.created_at, instance_id=instance.id)
         self._move("waiting_ssh", f"instance {instance.id}")
-        self.say(f"rented {record.gpu} ({offer.provider} instance {instance.id}) at ${offer.price_per_hour:.3f}/h; waiting for SSH")
+        self.say(
+            f"rented {record.gpu} ({offer.provider} instance {instance.id}) at ${offer.price_per_hour:.3f}/h; waiting for SSH"
+        )
         endpoint = self._wait_for_ssh(instance)
         if endpoint is None:
             self.ledger.record_failed_host(self.settings.provider, offer.offer_id, "SSH never became reachable")
@@ -477,8 +493,13 @@ class JobRunner:
         try:
             remote.connect_with_retries(attempts=max(2, int(self.settings.ssh_wait_seconds // 5)), max_delay=5)
             self.ledger.update_instance(
-                record.job_id, record.offer_id, record.created_at,
-                running_at=time.time(), ssh_host=endpoint.host, ssh_port=endpoint.port, ssh_user=endpoint.user,
+                record.job_id,
+                record.offer_id,
+                record.created_at,
+                running_at=time.time(),
+                ssh_host=endpoint.host,
+                ssh_port=endpoint.port,
+                ssh_user=endpoint.user,
             )
             root = job_root(probe_workdir(remote), self.job.id)
         except (*NETWORK_ERRORS, TransportError) as exc:
@@ -547,7 +568,9 @@ class JobRunner:
                 current = None
             if current is not None:
                 if current.status in ("exited", "gone"):
-                    self.say(f"instance {instance.id} {current.provider_status}: {current.status_message or 'no reason given'}")
+                    self.say(
+                        f"instance {instance.id} {current.provider_status}: {current.status_message or 'no reason given'}"
+                    )
                     return None
                 if current.status == "running" and current.ssh is not None:
                     return SshEndpoint(host=current.ssh.host, port=current.ssh.port, user=current.ssh.user)
@@ -590,7 +613,9 @@ class JobRunner:
                     f"rentrain attach {self.job.id}"
                 ) from None
             self.destroy(session, "training done and results home")
-            self._close("succeeded", f"{final.path} fetched", result_path=str(self.output_dir / posixpath.basename(final.path)))
+            self._close(
+                "succeeded", f"{final.path} fetched", result_path=str(self.output_dir / posixpath.basename(final.path))
+            )
             return "succeeded"
         self.fetch_logs(session)
         self.destroy(session, f"training failed: {final.message}")
@@ -828,9 +853,7 @@ class JobRunner:
         """The budget left for this instance: the whole budget less what earlier instances of the job cost."""
         if self.settings.max_cost is None:
             return None
-        earlier = sum(
-            i.cost() for i in self.ledger.instances(self.job.id) if i.created_at != session.record.created_at
-        )
+        earlier = sum(i.cost() for i in self.ledger.instances(self.job.id) if i.created_at != session.record.created_at)
         return max(0.0, self.settings.max_cost - earlier)
 
     # ------------------------------------------------------------------ following
@@ -919,7 +942,7 @@ class JobRunner:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with (self.output_dir / EVENTS_FILE).open("ab") as copy:
             copy.write(line.rstrip(b"\n") + b"\n")
-        if hasattr(event, "step") and isinstance(getattr(event, "step"), int):
+        if hasattr(event, "step") and isinstance(event.step, int):
             self.ledger.update_job(self.job.id, last_step=event.step)
         if isinstance(event, CheckpointEvent):
             self._fetch_checkpoint(session, event)
@@ -988,7 +1011,7 @@ class JobRunner:
             text = session.remote.run(f"tail -n 200 {shlex.quote(session.layout.trainer_log)}", check=False).stdout
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / f"trainer-{self.job.id}.log").write_text(text)
-        except Exception as exc:  # noqa: BLE001 - keeping a log must never stop the destroy that follows
+        except Exception as exc:
             self.say(f"could not keep the trainer's log: {exc}")
 
     def _stop_trainer(self, session: Session) -> None:
@@ -1038,7 +1061,9 @@ class JobRunner:
             if self._confirmed_gone(record.instance_id):
                 self._end_instance_record(record, reason)
                 self._forget_key()
-                self.say(f"instance {record.instance_id} destroyed; job cost so far ${self.ledger.job_cost(self.job.id):.4f}")
+                self.say(
+                    f"instance {record.instance_id} destroyed; job cost so far ${self.ledger.job_cost(self.job.id):.4f}"
+                )
                 return
             self.sleep(min(30, 2**attempt))
         raise JobFailed(

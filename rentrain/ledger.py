@@ -307,7 +307,8 @@ class Ledger:
                 (*updates.values(), job_id),
             )
             db.execute(
-                "INSERT INTO transitions VALUES (?, ?, ?, ?, ?)", (job_id, time.time(), current["state"], to_state, detail)
+                "INSERT INTO transitions VALUES (?, ?, ?, ?, ?)",
+                (job_id, time.time(), current["state"], to_state, detail),
             )
         return self.job(job_id)
 
@@ -317,7 +318,9 @@ class Ledger:
         if unknown or "state" in fields:
             raise ValueError(f"not updatable here: {sorted(unknown | ({'state'} & set(fields)))}")
         with self._connect() as db:
-            db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?", (*fields.values(), job_id))
+            db.execute(
+                f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?", (*fields.values(), job_id)
+            )
 
     def job(self, job_id: str) -> JobRecord:
         with self._connect() as db:

@@ -25,7 +25,7 @@ def ensure_training_stack(gpus: int = 1) -> None:
     missing = [name for name in needed if importlib.util.find_spec(name) is None]
     if missing:
         raise LocalTrainingUnavailable(
-            f"training on this machine needs {', '.join(missing)}: pip install \"rentrain[train]\" "
+            f'training on this machine needs {", ".join(missing)}: pip install "rentrain[train]" '
             "(or rent a GPU with --provider vast / runpod, which needs none of it here)"
         )
 
@@ -35,7 +35,9 @@ def trainer_process_command(config_path: Path, resume: Path | None, gpus: int) -
     return trainer_argv(sys.executable, str(config_path), None if resume is None else str(resume), gpus)
 
 
-def run_trainer(config_path: Path, output_dir: Path, view: RunProgress, resume: Path | None = None, gpus: int = 1) -> int:
+def run_trainer(
+    config_path: Path, output_dir: Path, view: RunProgress, resume: Path | None = None, gpus: int = 1
+) -> int:
     """Run the trainer as a child process (with `gpus` > 1: under `accelerate launch`, one process per GPU, or
     per CPU process without CUDA) and feed its events to `view`. Returns its exit code.
 

@@ -41,12 +41,17 @@ def launch_arguments(gpus: int) -> list[str]:
     if gpus == 1:
         return []
     return [
-        "-m", ACCELERATE_LAUNCH,
+        "-m",
+        ACCELERATE_LAUNCH,
         "--multi_gpu",
-        "--num_processes", str(gpus),
-        "--num_machines", "1",
-        "--mixed_precision", "no",
-        "--dynamo_backend", "no",
+        "--num_processes",
+        str(gpus),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
     ]
 
 

@@ -133,7 +133,11 @@ def meets(offer: Offer, req: Requirements) -> bool:
         return False
     if req.gpu_models and offer.gpu_model not in req.gpu_models:
         return False
-    if req.min_download_mbps is not None and offer.download_mbps is not None and offer.download_mbps < req.min_download_mbps:
+    if (
+        req.min_download_mbps is not None
+        and offer.download_mbps is not None
+        and offer.download_mbps < req.min_download_mbps
+    ):
         return False
     return offer.availability != NO_STOCK
 
@@ -158,7 +162,9 @@ def find_offers(
     profile: JobProfile | None = None,
     opener: Callable[[str], Provider] = open_provider,
 ) -> OfferSearch:
-    requirements = requirements.model_copy(update={"gpu_models": [normalise_gpu_name(g) for g in requirements.gpu_models]})
+    requirements = requirements.model_copy(
+        update={"gpu_models": [normalise_gpu_name(g) for g in requirements.gpu_models]}
+    )
     answers = query_providers(names, requirements, opener)
     suitable = [o for o in answers.offers if meets(o, requirements)]
     return OfferSearch(

@@ -219,4 +219,3 @@ def is_alive_command(pid_file: str) -> str:
     """True while the pid in pid_file runs; a zombie (exited, not reaped by a container's PID 1) is not alive."""
     pid = f"$(cat {shlex.quote(pid_file)} 2>/dev/null)"
     return f'p={pid}; [ -n "$p" ] && kill -0 "$p" 2>/dev/null && ! grep -q "^[0-9]* (.*) Z" /proc/"$p"/stat 2>/dev/null'
-

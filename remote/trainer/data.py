@@ -74,7 +74,7 @@ def open_image(path: Path, at_least: tuple[int, int] | None = None):
             if image.mode in WIDE_GREY_MODES:
                 image = image.convert("I").point(lambda value: value / 257, "L")
             return image.convert("RGB")
-    except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for a bad file
+    except Exception as exc:
         raise DataError(f"{path}: cannot read the image: {exc}") from exc
 
 
@@ -86,7 +86,7 @@ def image_size(path: Path) -> tuple[int, int]:
         with Image.open(path) as image:
             width, height = image.size
             orientation = image.getexif().get(0x0112, 1)
-    except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for a bad file
+    except Exception as exc:
         raise DataError(f"{path}: cannot read the image: {exc}") from exc
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
@@ -199,7 +199,10 @@ def epoch_batches(dataset: Dataset, batch_size: int, seed: int, epoch: int) -> l
 
 def captions_are_static(cfg) -> bool:
     return not (
-        cfg.shuffle_caption or cfg.caption_dropout_rate or cfg.caption_dropout_every_n_epochs or cfg.caption_tag_dropout_rate
+        cfg.shuffle_caption
+        or cfg.caption_dropout_rate
+        or cfg.caption_dropout_every_n_epochs
+        or cfg.caption_tag_dropout_rate
     )
 
 
@@ -262,7 +265,6 @@ def vae_fingerprint(vae: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-
 def latent_cache_dir() -> Path:
     return cache_root() / "latents"
 
@@ -283,7 +285,9 @@ def cache_latents(
     folder = latent_cache_dir() / f"{vae_fingerprint(vae)}-{scaling_factor:g}"
     folder.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for record, digest in zip(dataset.records, pool.map(lambda r: r.content_hash or file_sha256(r.path), dataset.records)):
+        for record, digest in zip(
+            dataset.records, pool.map(lambda r: r.content_hash or file_sha256(r.path), dataset.records)
+        ):
             record.content_hash = digest
         found = list(pool.map(lambda r: _read_cached_latent(folder, r, flip), dataset.records))
         missing: dict[tuple[int, int], list[tuple[ImageRecord, Path]]] = defaultdict(list)
@@ -326,7 +330,7 @@ def _read_cached_latent(folder: Path, record: ImageRecord, flip: bool) -> tuple[
     if path.is_file():
         try:
             data = load_file(str(path))
-        except Exception:  # noqa: BLE001 - a torn cache file is simply recomputed
+        except Exception:
             return path, False
         if not flip or "flipped" in data:
             record.latent = data["latent"]
@@ -340,7 +344,9 @@ def _decode_chunk(chunk: list[tuple[ImageRecord, Path]]) -> torch.Tensor:
     return pixels.pin_memory() if torch.cuda.is_available() else pixels
 
 
-def _encode_views(vae, pixels: torch.Tensor, chunk, scaling_factor: float, device: torch.device, flip: bool) -> list[torch.Tensor]:
+def _encode_views(
+    vae, pixels: torch.Tensor, chunk, scaling_factor: float, device: torch.device, flip: bool
+) -> list[torch.Tensor]:
     """[latents] or [latents, latents of the mirrored images], on the CPU in float32."""
     outs = []
     with torch.no_grad():

@@ -121,7 +121,9 @@ def check_family(cfg, family: str) -> list[str]:
         raise ModelError(f"v2 = true, but {cfg.pretrained_model_name_or_path} is an {found} model; remove v2")
     warnings = []
     if family == "sd2" and not cfg.v2:
-        warnings.append(f"{cfg.pretrained_model_name_or_path} is an SD 2.x model; training it as SD 2.x (set v2 = true)")
+        warnings.append(
+            f"{cfg.pretrained_model_name_or_path} is an SD 2.x model; training it as SD 2.x (set v2 = true)"
+        )
     if family == "sd15" and cfg.v_parameterization:
         warnings.append("v_parameterization with an SD 1.x model: only right for v-prediction fine-tunes")
     return warnings
@@ -188,7 +190,7 @@ def _folder_file(reference: str, kind: str, name: str) -> dict:
 
     try:
         return json.loads(Path(hf_hub_download(reference, name)).read_text())
-    except Exception as exc:  # noqa: BLE001 - the hub's errors are many; the message says which
+    except Exception as exc:
         raise ModelError(f"cannot fetch {name} of {reference} from the Hugging Face hub: {exc}") from exc
 
 
@@ -200,7 +202,9 @@ def _folder_family(reference: str, kind: str) -> str:
     return "sd2" if text_config.get("hidden_size") == 1024 else "sd15"
 
 
-def _load_diffusers(reference: str, family: str, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> dict:
+def _load_diffusers(
+    reference: str, family: str, dtype: torch.dtype = torch.float32, device: torch.device | None = None
+) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -213,7 +217,9 @@ def _load_diffusers(reference: str, family: str, dtype: torch.dtype = torch.floa
     tokenizers = [CLIPTokenizer.from_pretrained(reference, subfolder="tokenizer")]
     if family == "sdxl":
         encoders.append(
-            CLIPTextModelWithProjection.from_pretrained(reference, subfolder="text_encoder_2", torch_dtype=dtype, **place)
+            CLIPTextModelWithProjection.from_pretrained(
+                reference, subfolder="text_encoder_2", torch_dtype=dtype, **place
+            )
         )
         tokenizers.append(CLIPTokenizer.from_pretrained(reference, subfolder="tokenizer_2"))
     return {"unet": unet, "vae": vae, "text_encoders": encoders, "tokenizers": tokenizers}
@@ -285,7 +291,9 @@ def tokenize(bundle: ModelBundle, captions: list[str], max_token_length: int | N
     length = (max_token_length or 75) + 2
     out = []
     for tokenizer in bundle.tokenizers:
-        ids = tokenizer(captions, padding="max_length", truncation=True, max_length=length, return_tensors="pt").input_ids
+        ids = tokenizer(
+            captions, padding="max_length", truncation=True, max_length=length, return_tensors="pt"
+        ).input_ids
         if length == 77:
             out.append(ids[:, None, :])
             continue
@@ -326,7 +334,9 @@ def _merge_chunks(states: torch.Tensor, chunks: int) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-def encode(bundle: ModelBundle, ids: list[torch.Tensor], clip_skip: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def encode(
+    bundle: ModelBundle, ids: list[torch.Tensor], clip_skip: int | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(context [B, T, C], pooled [B, P] for SDXL else None), as kohya computes them.
 
     SD 1.x/2.x: last_hidden_state, or with clip_skip = k the k-th hidden state from the end passed

@@ -34,21 +34,23 @@ def make_optimizer(
         if device.type != "cuda":
             raise OptimizerError(
                 f"{name} (bitsandbytes) needs a CUDA GPU; on {device.type} use optimizer_type = "
-                f"\"{'AdamW' if lower == 'adamw8bit' else 'Lion'}\""
+                f'"{"AdamW" if lower == "adamw8bit" else "Lion"}"'
             )
         try:
             import bitsandbytes as bnb
-        except Exception as exc:  # noqa: BLE001 - a broken install raises anything
+        except Exception as exc:
             raise OptimizerError(
                 f"{name} needs bitsandbytes, which cannot be imported here ({exc}); "
-                "use optimizer_type = \"AdamW\" or install bitsandbytes"
+                'use optimizer_type = "AdamW" or install bitsandbytes'
             ) from exc
         cls = bnb.optim.AdamW8bit if lower == "adamw8bit" else bnb.optim.Lion8bit
     elif lower == "lion":
         try:
             from lion_pytorch import Lion as cls
         except ImportError as exc:
-            raise OptimizerError("Lion needs the lion-pytorch package (pip install lion-pytorch); or use AdamW") from exc
+            raise OptimizerError(
+                "Lion needs the lion-pytorch package (pip install lion-pytorch); or use AdamW"
+            ) from exc
     elif lower == "prodigy":
         try:
             from prodigyopt import Prodigy as cls

@@ -204,4 +204,3 @@ def _print_steps(report: DatasetReport, loaded: LoadedConfig, console: Console) 
         f"steps per epoch x {plan.epochs} epochs = [bold]{plan.total_steps} steps[/]",
         highlight=False,
     )
-

@@ -54,10 +54,20 @@ def offline_rows(profile: JobProfile, gpus: int = 1) -> list[dict[str, Any]]:
 
 
 @click.command()
-@click.option("--config", "config", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Training config.")
-@click.option("--provider", "providers", multiple=True, type=click.Choice(PROVIDER_CHOICES, case_sensitive=False),
-              help="Provider to ask (repeatable). Default: all.")
+@click.option(
+    "--config",
+    "config",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Training config.",
+)
+@click.option(
+    "--provider",
+    "providers",
+    multiple=True,
+    type=click.Choice(PROVIDER_CHOICES, case_sensitive=False),
+    help="Provider to ask (repeatable). Default: all.",
+)
 @click.option("--gpu", "gpus", multiple=True, help="GPU model to consider (repeatable).")
 @click.option(
     "--max-price", type=setting_type("max_price_per_hour"), default=None, help="Skip offers above this USD per hour."

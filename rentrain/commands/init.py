@@ -49,7 +49,9 @@ def init(directory: Path, sdxl: bool, trigger: str, repeats: int) -> None:
     Never overwrites: an existing config.toml is an error.
     """
     if not TRIGGER.match(trigger):
-        raise click.BadParameter("letters, digits, '_' and '-' only, starting with a letter or digit", param_hint="--trigger")
+        raise click.BadParameter(
+            "letters, digits, '_' and '-' only, starting with a letter or digit", param_hint="--trigger"
+        )
     config_path = directory / "config.toml"
     if config_path.exists():
         raise click.ClickException(f"{config_path} already exists; rentrain init never overwrites a file")
@@ -61,5 +63,5 @@ def init(directory: Path, sdxl: bool, trigger: str, repeats: int) -> None:
         handle.write(text)
     click.echo(f"Wrote {config_path}")
     click.echo(f"Put 20-100 images in {image_dir}/, each with a caption file of the same name ending in .txt")
-    click.echo(f"(photo_01.png + photo_01.txt containing e.g. \"{trigger}, a photo of ...\").")
+    click.echo(f'(photo_01.png + photo_01.txt containing e.g. "{trigger}, a photo of ...").')
     click.echo(f"Then: rentrain check {config_path}")

@@ -116,7 +116,8 @@ def sweep(console: Console, seconds: float = SWEEP_SECONDS) -> None:
     followed = {j.id for j in jobs if client_alive(j, now)}
     live = _ledger_live_providers(ledger, {j.id for j in jobs} - followed)
     due = {
-        name for name in registry.API_KEY_ENV
+        name
+        for name in registry.API_KEY_ENV
         if (ledger.account_checked_at(name) or 0.0) < now - ORPHAN_CHECK_EVERY_SECONDS
     }
     if live or due:
@@ -402,7 +403,8 @@ def _refuse_closed(ledger: Ledger, job: JobRecord) -> None:
     if job.is_open:
         return
     message = (
-        f"job {job.id} is {job.state}" + (f" ({job.outcome})" if job.outcome else "")
+        f"job {job.id} is {job.state}"
+        + (f" ({job.outcome})" if job.outcome else "")
         + f": attach never reopens it, and nothing was rented. Its result: {job.result_path or job.error or 'none'}"
     )
     live = ledger.instances(job.id, live_only=True)
@@ -509,7 +511,9 @@ def _fetch_everything(runner: JobRunner, session: Session) -> int:
 
 @click.command()
 @click.argument("job_id", required=False)
-@click.option("--all", "everything", is_flag=True, help="Every rentrain-labelled instance the ledger or any provider knows.")
+@click.option(
+    "--all", "everything", is_flag=True, help="Every rentrain-labelled instance the ledger or any provider knows."
+)
 @click.option("--yes", "-y", is_flag=True, help="Do not ask.")
 def down(job_id: str | None, everything: bool, yes: bool) -> None:
     """Destroy a job's instances, or (--all) every rentrain instance the ledger or any provider knows.

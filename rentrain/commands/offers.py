@@ -200,10 +200,20 @@ def search_json(search: OfferSearch, req: Requirements, profile: JobProfile | No
 
 
 @click.command()
-@click.option("--config", "config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Training config: rank by estimated total job cost and take GPU needs from its [rentrain] table.")
-@click.option("--provider", "providers", multiple=True, type=click.Choice(PROVIDER_CHOICES, case_sensitive=False),
-              help="Provider to ask (repeatable). Default: all.")
+@click.option(
+    "--config",
+    "config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Training config: rank by estimated total job cost and take GPU needs from its [rentrain] table.",
+)
+@click.option(
+    "--provider",
+    "providers",
+    multiple=True,
+    type=click.Choice(PROVIDER_CHOICES, case_sensitive=False),
+    help="Provider to ask (repeatable). Default: all.",
+)
 @click.option("--gpu", "gpus", multiple=True, help='GPU model to consider, e.g. "RTX 4090" or 4090 (repeatable).')
 @click.option(
     "--min-vram", type=setting_type("min_vram_gb"), default=None, help="Minimum GB of memory per GPU (default 24)."

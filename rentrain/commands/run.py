@@ -215,7 +215,9 @@ def _run_local(loaded: LoadedConfig, console: Console, resume: Path | None, gpus
     console.print(f"LoRA: {escape(str(view.done.path))}")
 
 
-def _new_job(ledger: Ledger, loaded: LoadedConfig, provider: str, settings: RunSettings, total_steps: int | None) -> JobRecord:
+def _new_job(
+    ledger: Ledger, loaded: LoadedConfig, provider: str, settings: RunSettings, total_steps: int | None
+) -> JobRecord:
     job_id = new_job_id()
     job = JobRecord(
         id=job_id,
@@ -322,7 +324,9 @@ def _default_identity() -> Path:
 def _show_choice(best: RankedOffer, console: Console) -> None:
     offer = best.offer
     where = f", {offer.location}" if offer.location else ""
-    line = f"best offer: {offer.gpu_count}x {offer.gpu_model} on {offer.provider}{where} at ${offer.price_per_hour:.3f}/h"
+    line = (
+        f"best offer: {offer.gpu_count}x {offer.gpu_model} on {offer.provider}{where} at ${offer.price_per_hour:.3f}/h"
+    )
     if best.estimate is not None:
         e = best.estimate
         line += (

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import sqlite3
 import time
@@ -201,11 +200,15 @@ def test_watchdog_idle_stops_a_finished_job_whose_results_are_not_home(
     assert client.ledger_cost() >= market.total_billed()
 
 
-def test_ctrl_c_during_setup_destroys_and_after_it_detaches(tmp_path: Path, market: ProviderSimulator, client: Client) -> None:
+def test_ctrl_c_during_setup_destroys_and_after_it_detaches(
+    tmp_path: Path, market: ProviderSimulator, client: Client
+) -> None:
     """Without a terminal to ask: during setup Ctrl-C destroys (the user is there); once training runs, it detaches."""
     config = write_job(tmp_path / "early", images=8, repeats=10, epochs=2)
     process = client.start("run", str(config), "--provider", "vast", "--yes")
-    assert wait_until(lambda: _job_state(client).get("state") in ("waiting_ssh", "syncing", "bootstrapping"), timeout=60)
+    assert wait_until(
+        lambda: _job_state(client).get("state") in ("waiting_ssh", "syncing", "bootstrapping"), timeout=60
+    )
     process.send_signal(signal.SIGINT)
     out, _ = process.communicate(timeout=120)
     assert process.returncode == 130, out

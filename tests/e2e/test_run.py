@@ -25,7 +25,9 @@ def _assert_nothing_billing(market: ProviderSimulator, client: Client) -> None:
 
 
 @pytest.mark.parametrize("provider", ["vast", "runpod"])
-def test_run_trains_fetches_and_destroys(tmp_path: Path, market: ProviderSimulator, client: Client, provider: str) -> None:
+def test_run_trains_fetches_and_destroys(
+    tmp_path: Path, market: ProviderSimulator, client: Client, provider: str
+) -> None:
     config = write_job(tmp_path / "job")
     result = client.run("run", str(config), "--provider", provider, "--yes")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -36,7 +38,9 @@ def test_run_trains_fetches_and_destroys(tmp_path: Path, market: ProviderSimulat
         keys = list(handle.keys())
     assert keys and all(k.startswith(("lora_unet_", "lora_te_")) for k in keys)
     checkpoints = [e for e in events_of(output) if e["event"] == "checkpoint"]
-    assert [Path(str(e["path"])).name for e in checkpoints] == ["e2e-000001.safetensors"]  # the last epoch is the final file
+    assert [Path(str(e["path"])).name for e in checkpoints] == [
+        "e2e-000001.safetensors"
+    ]  # the last epoch is the final file
     for event in checkpoints:
         assert hashlib.sha256((output / Path(str(event["path"])).name).read_bytes()).hexdigest() == event["sha256"]
     assert list((output / "samples").glob("*.png")), "no sample grid came home"

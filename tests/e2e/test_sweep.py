@@ -77,14 +77,28 @@ def _finished_job_whose_client_died_before_closing(
     created = time.time() - 600
     ledger.create_job(
         JobRecord(
-            id=job_id, created_at=created, config_path=str(config), provider="vast", label=f"rentrain-{job_id}",
-            state="planned", output_dir=str(output), settings_json=RunSettings(provider="vast").model_dump_json(),
+            id=job_id,
+            created_at=created,
+            config_path=str(config),
+            provider="vast",
+            label=f"rentrain-{job_id}",
+            state="planned",
+            output_dir=str(output),
+            settings_json=RunSettings(provider="vast").model_dump_json(),
         )
     )
     ledger.add_instance(
         InstanceRecord(
-            job_id=job_id, provider="vast", instance_id="424242", offer_id="7001", gpu="1x RTX 4090",
-            usd_per_hour=0.40, ssh_host="127.0.0.1", ssh_port=2, ssh_user="root", created_at=created,
+            job_id=job_id,
+            provider="vast",
+            instance_id="424242",
+            offer_id="7001",
+            gpu="1x RTX 4090",
+            usd_per_hour=0.40,
+            ssh_host="127.0.0.1",
+            ssh_port=2,
+            ssh_user="root",
+            created_at=created,
             running_at=created,
         )
     )

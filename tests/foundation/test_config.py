@@ -117,20 +117,28 @@ cache_latents = true
         ("learning_rate = 0", "training", "learning_rate in [training]: input should be greater than 0"),
         ("unet_lr = 0", "training", "unet_lr in [training]: input should be greater than 0"),
         ("resolution = 500", "dataset", "resolution in [dataset]: each side must be a multiple of 64"),
-        ("resolution = \"512,500\"", "dataset", "resolution in [dataset]: each side must be a multiple of 64"),
-        ("resolution = \"big\"", "dataset", "resolution in [dataset]: must be \"512\" or \"512,768\""),
-        ("batch_size = \"two\"", "dataset", "batch_size in [dataset]: input should be a valid integer"),
+        ('resolution = "512,500"', "dataset", "resolution in [dataset]: each side must be a multiple of 64"),
+        ('resolution = "big"', "dataset", 'resolution in [dataset]: must be "512" or "512,768"'),
+        ('batch_size = "two"', "dataset", "batch_size in [dataset]: input should be a valid integer"),
         ("batch_size = 0", "dataset", "batch_size in [dataset]: input should be greater than or equal to 1"),
-        ("min_bucket_reso = 2048", "dataset", "min_bucket_reso in [dataset]: 2048 is greater than max_bucket_reso 1024"),
-        ("lr_scheduler = \"cosine_restarts\"", "training", "did you mean cosine_with_restarts?"),
-        ("optimizer_type = \"Adam8bit\"", "training", "did you mean AdamW8bit?"),
-        ("mixed_precision = \"fp8\"", "training", "mixed_precision in [training]: input should be 'no', 'fp16' or 'bf16'"),
-        ("save_model_as = \"ckpt\"", "training", "rentrain writes .safetensors only"),
-        ("network_module = \"lycoris.kohya\"", "training", "only networks.lora"),
-        ("network_args = [\"algo=locon\"]", "training", "only conv_dim=N and conv_alpha=X"),
-        ("caption_extension = \"txt\"", "dataset", "must start with a dot"),
+        (
+            "min_bucket_reso = 2048",
+            "dataset",
+            "min_bucket_reso in [dataset]: 2048 is greater than max_bucket_reso 1024",
+        ),
+        ('lr_scheduler = "cosine_restarts"', "training", "did you mean cosine_with_restarts?"),
+        ('optimizer_type = "Adam8bit"', "training", "did you mean AdamW8bit?"),
+        (
+            'mixed_precision = "fp8"',
+            "training",
+            "mixed_precision in [training]: input should be 'no', 'fp16' or 'bf16'",
+        ),
+        ('save_model_as = "ckpt"', "training", "rentrain writes .safetensors only"),
+        ('network_module = "lycoris.kohya"', "training", "only networks.lora"),
+        ('network_args = ["algo=locon"]', "training", "only conv_dim=N and conv_alpha=X"),
+        ('caption_extension = "txt"', "dataset", "must start with a dot"),
         ("max_token_length = 100", "model", "must be 75, 150 or 225"),
-        ("lr_warmup_steps = \"lots\"", "training", "lr_warmup_steps in [training]"),
+        ('lr_warmup_steps = "lots"', "training", "lr_warmup_steps in [training]"),
         ("full_fp16 = true", "training", "full_fp16 in [training]: not supported"),
     ],
 )
@@ -149,7 +157,9 @@ def test_bad_value_names_key_and_section(tmp_path: Path, line: str, section: str
 def test_epochs_and_steps_both_missing_and_lr_missing(tmp_path: Path) -> None:
     text = '[model]\npretrained_model_name_or_path = "a/b"\n[dataset]\ntrain_data_dir = "d"\n'
     errors = _errors(write_config(tmp_path, text))
-    assert any(e.startswith("max_train_epochs in [training]: missing: set max_train_epochs or max_train_steps") for e in errors)
+    assert any(
+        e.startswith("max_train_epochs in [training]: missing: set max_train_epochs or max_train_steps") for e in errors
+    )
     assert any(e.startswith("learning_rate in [training]: missing") for e in errors)
 
 
@@ -160,7 +170,9 @@ def test_missing_required_keys_are_named(tmp_path: Path) -> None:
 
 
 def test_all_problems_reported_at_once(tmp_path: Path) -> None:
-    text = TUTORIAL_CONFIG.replace("learning_rate = 1e-4", "learning_rat = 1e-4").replace("resolution = 512", "resolution = 500")
+    text = TUTORIAL_CONFIG.replace("learning_rate = 1e-4", "learning_rat = 1e-4").replace(
+        "resolution = 512", "resolution = 500"
+    )
     errors = _errors(write_config(tmp_path, text))
     assert len(errors) == 2
 
@@ -215,8 +227,12 @@ def test_rentrain_section_is_validated(tmp_path: Path) -> None:
     errors = _errors(write_config(tmp_path, text))
     assert any("provider in [rentrain]: 'vastai' is not one of" in e and "did you mean vast?" in e for e in errors)
     assert any(e.startswith("max_cost in [rentrain]: input should be greater than 0") for e in errors)
-    assert any("learning_rate: unknown key in [rentrain]; it is a training setting: move it to [training]" in e for e in errors)
-    good = load_config(write_config(tmp_path, TUTORIAL_CONFIG + '\n[rentrain]\nprovider = "RunPod"\ngpu = "RTX 4090"\n'))
+    assert any(
+        "learning_rate: unknown key in [rentrain]; it is a training setting: move it to [training]" in e for e in errors
+    )
+    good = load_config(
+        write_config(tmp_path, TUTORIAL_CONFIG + '\n[rentrain]\nprovider = "RunPod"\ngpu = "RTX 4090"\n')
+    )
     assert good.job.provider == "runpod" and good.job.gpu == ["RTX 4090"]
 
 
@@ -226,5 +242,5 @@ def test_not_toml_and_missing_file(tmp_path: Path) -> None:
 
 
 def test_dataset_config_tables_are_refused_with_advice(tmp_path: Path) -> None:
-    text = TUTORIAL_CONFIG + '\n[[datasets]]\nresolution = 512\n'
+    text = TUTORIAL_CONFIG + "\n[[datasets]]\nresolution = 512\n"
     assert any("dataset_config tables" in e for e in _errors(write_config(tmp_path, text)))

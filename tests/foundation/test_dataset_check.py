@@ -49,7 +49,9 @@ def test_partial_batches_round_up_per_bucket(tmp_path: Path) -> None:
 
 def test_max_train_steps_and_accumulation(tmp_path: Path) -> None:
     make_dataset(tmp_path / "dataset", [(512, 512)] * 16, repeats=2)  # 32 samples, 16 batches per epoch
-    text = TUTORIAL_CONFIG.replace("max_train_epochs = 10", "max_train_steps = 20") + "gradient_accumulation_steps = 3\n"
+    text = (
+        TUTORIAL_CONFIG.replace("max_train_epochs = 10", "max_train_steps = 20") + "gradient_accumulation_steps = 3\n"
+    )
     plan = inspect_dataset(load_config(write_config(tmp_path, text)).train).step_plan
     assert plan is not None
     assert (plan.batches_per_epoch, plan.steps_per_epoch, plan.epochs, plan.total_steps) == (16, 6, 4, 20)
@@ -58,7 +60,9 @@ def test_max_train_steps_and_accumulation(tmp_path: Path) -> None:
 def test_regularisation_repeats_balance_to_training_samples(tmp_path: Path) -> None:
     make_dataset(tmp_path / "dataset", [(512, 512)] * 15, repeats=4)  # 60 training samples
     make_dataset(tmp_path / "reg", [(512, 512)] * 7, repeats=1, name="dog")
-    text = TUTORIAL_CONFIG.replace('train_data_dir = "./dataset"', 'train_data_dir = "./dataset"\nreg_data_dir = "./reg"')
+    text = TUTORIAL_CONFIG.replace(
+        'train_data_dir = "./dataset"', 'train_data_dir = "./dataset"\nreg_data_dir = "./reg"'
+    )
     report = inspect_dataset(load_config(write_config(tmp_path, text)).train)
     plan = report.step_plan
     assert plan is not None
@@ -99,7 +103,10 @@ def test_folder_without_repeat_prefix_is_an_error(tmp_path: Path) -> None:
     write_captioned(tmp_path / "dataset" / "extra_photos", "a", (512, 512), (1, 2, 3), "sks dog")
     errors = _messages(_check(tmp_path), "error")
     assert len(errors) == 1
-    assert "extra_photos: folder name must start with the repeat count and an underscore, e.g. 10_extra_photos" in errors[0]
+    assert (
+        "extra_photos: folder name must start with the repeat count and an underscore, e.g. 10_extra_photos"
+        in errors[0]
+    )
 
 
 def test_zero_repeats_is_an_error(tmp_path: Path) -> None:
@@ -190,7 +197,9 @@ def test_surplus_regularisation_images_are_not_used(tmp_path: Path) -> None:
     # 10 images x 10 repeats = 100 training samples; 500 reg images x 1: kohya adds only the first 100
     make_dataset(tmp_path / "dataset", [(64, 64)] * 10, repeats=10)
     make_dataset(tmp_path / "reg", [(64, 64)] * 500, repeats=1, name="dog")
-    text = TUTORIAL_CONFIG.replace('train_data_dir = "./dataset"', 'train_data_dir = "./dataset"\nreg_data_dir = "./reg"')
+    text = TUTORIAL_CONFIG.replace(
+        'train_data_dir = "./dataset"', 'train_data_dir = "./dataset"\nreg_data_dir = "./reg"'
+    )
     text = text.replace("resolution = 512", "resolution = 64").replace("min_bucket_reso = 256", "min_bucket_reso = 64")
     report = inspect_dataset(load_config(write_config(tmp_path, text)).train)
     plan = report.step_plan

@@ -37,8 +37,15 @@ def test_bootstrap_reports_phases_and_skips_work_the_second_time(tmp_path: Path)
 
 
 def test_bootstrap_prefers_the_python_the_host_names(tmp_path: Path) -> None:
-    env = {"PATH": "/usr/bin:/bin", "HOME": os.environ["HOME"], "RENTRAIN_ALLOW_CPU": "1", "RENTRAIN_PYTHON": sys.executable}
-    completed = subprocess.run(["bash", str(BOOTSTRAP), str(tmp_path)], env=env, capture_output=True, text=True, check=False)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": os.environ["HOME"],
+        "RENTRAIN_ALLOW_CPU": "1",
+        "RENTRAIN_PYTHON": sys.executable,
+    }
+    completed = subprocess.run(
+        ["bash", str(BOOTSTRAP), str(tmp_path)], env=env, capture_output=True, text=True, check=False
+    )
     assert completed.returncode == 0, completed.stderr
     assert (tmp_path / "python").read_text().strip() == sys.executable
     second = _run(tmp_path, allow_cpu=True)

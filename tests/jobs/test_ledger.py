@@ -66,11 +66,27 @@ def test_cost_sums_billed_time_of_every_instance(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "l.sqlite3")
     ledger.create_job(_job())
     ledger.add_instance(
-        InstanceRecord(job_id="j1", provider="vast", instance_id="1", offer_id="o1", gpu="RTX 4090", usd_per_hour=0.36, created_at=1000.0)
+        InstanceRecord(
+            job_id="j1",
+            provider="vast",
+            instance_id="1",
+            offer_id="o1",
+            gpu="RTX 4090",
+            usd_per_hour=0.36,
+            created_at=1000.0,
+        )
     )
     ledger.update_instance("j1", "o1", 1000.0, ended_at=1000.0 + 1800)
     ledger.add_instance(
-        InstanceRecord(job_id="j1", provider="vast", instance_id="2", offer_id="o2", gpu="RTX 3090", usd_per_hour=0.20, created_at=5000.0)
+        InstanceRecord(
+            job_id="j1",
+            provider="vast",
+            instance_id="2",
+            offer_id="o2",
+            gpu="RTX 3090",
+            usd_per_hour=0.20,
+            created_at=5000.0,
+        )
     )
     # half an hour at 0.36 plus one hour (still running at `now`) at 0.20
     assert ledger.job_cost("j1", now=5000.0 + 3600) == pytest.approx(0.18 + 0.20)
@@ -80,7 +96,9 @@ def test_cost_sums_billed_time_of_every_instance(tmp_path: Path) -> None:
 def test_an_instance_that_was_never_created_costs_nothing(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "l.sqlite3")
     ledger.create_job(_job())
-    ledger.add_instance(InstanceRecord(job_id="j1", provider="vast", offer_id="o1", gpu="A", usd_per_hour=1.0, created_at=0.0))
+    ledger.add_instance(
+        InstanceRecord(job_id="j1", provider="vast", offer_id="o1", gpu="A", usd_per_hour=1.0, created_at=0.0)
+    )
     assert ledger.job_cost("j1", now=3600.0) == 0.0
 
 
@@ -113,7 +131,11 @@ def test_the_client_meter_stops_a_job_at_its_budget(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "l.sqlite3")
     ledger.create_job(_job())
     started = time.time() - 1800  # half an hour ago, at $1/h: $0.50 so far
-    ledger.add_instance(InstanceRecord(job_id="j1", provider="vast", instance_id="9", offer_id="o", gpu="A", usd_per_hour=1.0, created_at=started))
+    ledger.add_instance(
+        InstanceRecord(
+            job_id="j1", provider="vast", instance_id="9", offer_id="o", gpu="A", usd_per_hour=1.0, created_at=started
+        )
+    )
     assert budget_reached(ledger, "j1", None) is None
     assert budget_reached(ledger, "j1", 0.60) is None
     assert budget_reached(ledger, "j1", 0.45) == "budget reached: $0.50 of $0.45"
@@ -124,16 +146,14 @@ def test_an_interrupt_after_the_commit_stays_an_interrupt(tmp_path: Path) -> Non
     not a 'cannot rollback' error."""
     ledger = Ledger(tmp_path / "l.sqlite3")
     ledger.create_job(_job())
-    with pytest.raises(KeyboardInterrupt):
-        with ledger._connect() as db:
-            db.execute("UPDATE jobs SET last_step = 7 WHERE id = 'j1'")
-            db.execute("COMMIT")
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), ledger._connect() as db:
+        db.execute("UPDATE jobs SET last_step = 7 WHERE id = 'j1'")
+        db.execute("COMMIT")
+        raise KeyboardInterrupt
     assert ledger.job("j1").last_step == 7
-    with pytest.raises(RuntimeError):
-        with ledger._connect() as db:
-            db.execute("UPDATE jobs SET last_step = 9 WHERE id = 'j1'")
-            raise RuntimeError("rolled back")
+    with pytest.raises(RuntimeError), ledger._connect() as db:
+        db.execute("UPDATE jobs SET last_step = 9 WHERE id = 'j1'")
+        raise RuntimeError("rolled back")
     assert ledger.job("j1").last_step == 7
 
 
@@ -237,11 +257,15 @@ def test_every_job_that_asked_for_an_instance_may_have_left_its_key(tmp_path: Pa
     assert old_schema != SCHEMA
     with sqlite3.connect(path) as db:  # a ledger written before keys were recorded
         db.executescript(old_schema)
-        db.execute("INSERT INTO jobs (id, created_at, config_path, provider, label, state, output_dir) "
-                   "VALUES ('pod', 1, '/c', 'runpod', 'rentrain-pod', 'closed', '/o'), "
-                   "('box', 1, '/c', 'ssh', 'rentrain-box', 'closed', '/o')")
-        db.execute("INSERT INTO instances (job_id, provider, offer_id, gpu, usd_per_hour, created_at) "
-                   "VALUES ('pod', 'runpod', 'o', 'A', 1, 5), ('box', 'ssh', 'o', 'A', 0, 5)")
+        db.execute(
+            "INSERT INTO jobs (id, created_at, config_path, provider, label, state, output_dir) "
+            "VALUES ('pod', 1, '/c', 'runpod', 'rentrain-pod', 'closed', '/o'), "
+            "('box', 1, '/c', 'ssh', 'rentrain-box', 'closed', '/o')"
+        )
+        db.execute(
+            "INSERT INTO instances (job_id, provider, offer_id, gpu, usd_per_hour, created_at) "
+            "VALUES ('pod', 'runpod', 'o', 'A', 1, 5), ('box', 'ssh', 'o', 'A', 0, 5)"
+        )
     ledger = Ledger(path)
     assert ledger.job("pod").key_may_be_on_account and ledger.job("pod").key_registered_at == 5
     assert not ledger.job("box").key_may_be_on_account

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -46,7 +45,7 @@ LAUNCH_2 = [
     "--mixed_precision", "no",
     "--dynamo_backend", "no",
 ]  # fmt: skip
-HOSTILE = "it's a \"job\" $(touch pwned); `x` & more"
+HOSTILE = 'it\'s a "job" $(touch pwned); `x` & more'
 
 
 # ------------------------------------------------------------------------------------------ the launch command
@@ -89,7 +88,9 @@ def test_the_remote_command_is_quoted_for_hostile_paths(tmp_path: Path) -> None:
     layout = RemoteLayout(root=str(root))
     resume = f"{layout.output}/state '000002'"
     command = trainer_command(layout, str(python), resume, 2)
-    completed = subprocess.run(["sh", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=30, check=False)
+    completed = subprocess.run(
+        ["sh", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=30, check=False
+    )
     assert completed.returncode == 0, completed.stderr
     deadline = time.time() + 20
     while not record.exists() and time.time() < deadline:
@@ -106,7 +107,13 @@ def test_bootstrap_is_told_the_gpu_count() -> None:
     layout = RemoteLayout(root="/w/rentrain/j 1")
     tokens = _shell_tokens(bootstrap_command(layout, "org/model name", 4))
     inner = _shell_tokens(tokens[tokens.index("-c") + 1])
-    assert inner[: inner.index(";")] == ["bash", "/w/rentrain/j 1/payload/remote/bootstrap.sh", "/w/rentrain/j 1", "org/model name", "4"]
+    assert inner[: inner.index(";")] == [
+        "bash",
+        "/w/rentrain/j 1/payload/remote/bootstrap.sh",
+        "/w/rentrain/j 1",
+        "org/model name",
+        "4",
+    ]
 
 
 def _shell_tokens(command: str) -> list[str]:
@@ -141,7 +148,9 @@ def _bootstrap(job_dir: Path, gpus: str, torch_dir: Path | None, allow_cpu: bool
         env["PYTHONPATH"] = str(torch_dir)
     if allow_cpu:
         env["RENTRAIN_ALLOW_CPU"] = "1"
-    subprocess.run(["bash", str(BOOTSTRAP), str(job_dir), "", gpus], env=env, capture_output=True, text=True, check=False)
+    subprocess.run(
+        ["bash", str(BOOTSTRAP), str(job_dir), "", gpus], env=env, capture_output=True, text=True, check=False
+    )
     return [json.loads(line) for line in (job_dir / "bootstrap.jsonl").read_text().splitlines()]
 
 
@@ -163,14 +172,29 @@ def test_a_cpu_host_allowed_for_tests_runs_n_processes(tmp_path: Path) -> None:
 
 
 def _record(**kw: object) -> InstanceRecord:
-    base: dict[str, object] = dict(job_id="j1", provider="vast", instance_id="1", offer_id="o1", gpu="2x RTX 4090",
-                                   usd_per_hour=0.8, created_at=1000.0)
+    base: dict[str, object] = dict(
+        job_id="j1",
+        provider="vast",
+        instance_id="1",
+        offer_id="o1",
+        gpu="2x RTX 4090",
+        usd_per_hour=0.8,
+        created_at=1000.0,
+    )
     return InstanceRecord(**{**base, **kw})  # type: ignore[arg-type]
 
 
 def _job(settings: RunSettings, config: Path = EXAMPLE) -> JobRecord:
-    return JobRecord(id="j1", created_at=time.time(), config_path=str(config), provider="vast", label="rentrain-j1",
-                     state="planned", output_dir="/out", settings_json=settings.model_dump_json())
+    return JobRecord(
+        id="j1",
+        created_at=time.time(),
+        config_path=str(config),
+        provider="vast",
+        label="rentrain-j1",
+        state="planned",
+        output_dir="/out",
+        settings_json=settings.model_dump_json(),
+    )
 
 
 def test_the_ledger_keeps_each_instances_gpu_count(tmp_path: Path) -> None:
@@ -189,7 +213,9 @@ def test_a_ledger_from_before_gets_the_column_with_one_gpu(tmp_path: Path) -> No
     db = sqlite3.connect(path)
     for (sql,) in sqlite3.connect(old_schema.path).execute("SELECT sql FROM sqlite_master WHERE type = 'table'"):
         db.execute(sql.replace("    gpu_count INTEGER NOT NULL DEFAULT 1,\n", ""))
-    db.execute("INSERT INTO instances (job_id, provider, offer_id, gpu, usd_per_hour, created_at) VALUES ('j1', 'vast', 'o', 'RTX 4090', 0.4, 1.0)")
+    db.execute(
+        "INSERT INTO instances (job_id, provider, offer_id, gpu, usd_per_hour, created_at) VALUES ('j1', 'vast', 'o', 'RTX 4090', 0.4, 1.0)"
+    )
     db.commit()
     db.close()
     assert "gpu_count" not in [r[1] for r in sqlite3.connect(path).execute("PRAGMA table_info(instances)")]
@@ -224,8 +250,15 @@ def _runner(tmp_path: Path, settings: RunSettings, provider: _GoneProvider) -> J
 
 def test_an_instance_is_recorded_with_its_offers_gpu_count_before_create(tmp_path: Path) -> None:
     runner = _runner(tmp_path, RunSettings(provider="vast", gpus=4), _GoneProvider())
-    offer = Offer(provider="vast", offer_id="7", gpu_model="RTX 4090", gpu_name_raw="RTX 4090", gpu_count=4, vram_gb=24,
-                  price_per_hour=1.6)
+    offer = Offer(
+        provider="vast",
+        offer_id="7",
+        gpu_model="RTX 4090",
+        gpu_name_raw="RTX 4090",
+        gpu_count=4,
+        vram_gb=24,
+        price_per_hour=1.6,
+    )
     assert runner.provision(offer) is None
     [record] = runner.ledger.instances("j1")
     assert (record.gpu_count, record.gpu, record.usd_per_hour) == (4, "4x RTX 4090", 1.6)
@@ -251,7 +284,9 @@ def test_local_note_refuses_more_gpus_than_cuda_devices_and_explains_cpu_process
     assert note is not None and "runs 3 CPU processes" in note
 
 
-def test_local_run_starts_the_accelerate_command_for_several_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_local_run_starts_the_accelerate_command_for_several_gpus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     started: list[list[str]] = []
 
     class FakeChild:
@@ -293,7 +328,9 @@ def test_run_local_on_a_cpu_runs_n_processes_and_says_so(tmp_path: Path, monkeyp
 
     def fake_trainer(config: Path, output: Path, view: RunProgress, resume: Path | None, gpus: int) -> int:
         calls.append(gpus)
-        view.handle(DoneEvent(path=str(output / "tiny_toy.safetensors"), sha256="0" * 64, step=100, epoch=2, wall_seconds=1.0))
+        view.handle(
+            DoneEvent(path=str(output / "tiny_toy.safetensors"), sha256="0" * 64, step=100, epoch=2, wall_seconds=1.0)
+        )
         return 0
 
     monkeypatch.setenv("COLUMNS", "200")

@@ -62,14 +62,25 @@ class FakeProvider:
 
     def add(self, instance_id: str, label: str, status: str = "running", storage: float | None = None) -> None:
         self.instances[instance_id] = Instance(
-            provider=self.info.name, id=instance_id, label=label, status=status, provider_status=status,  # type: ignore[arg-type]
+            provider=self.info.name,
+            id=instance_id,
+            label=label,
+            status=status,
+            provider_status=status,  # type: ignore[arg-type]
             storage_usd_per_hour=storage,
         )
 
     def search(self, requirements: Requirements) -> list[Offer]:
         return [
-            Offer(provider=self.info.name, offer_id="o1", gpu_model="RTX 4090", gpu_name_raw="RTX 4090", gpu_count=1,
-                  vram_gb=24, price_per_hour=0.4)
+            Offer(
+                provider=self.info.name,
+                offer_id="o1",
+                gpu_model="RTX 4090",
+                gpu_name_raw="RTX 4090",
+                gpu_count=1,
+                vram_gb=24,
+                price_per_hour=0.4,
+            )
         ]
 
     def create(self, offer: Offer, launch: LaunchSpec) -> Instance:
@@ -154,22 +165,43 @@ def _add_job(
     seen = time.time() - idle_days * DAY
     ledger.create_job(
         JobRecord(
-            id=job_id, created_at=seen, config_path=str(config), provider=provider, label=f"rentrain-{job_id}",
-            state="planned", output_dir=str(output), settings_json=RunSettings(provider=provider).model_dump_json(),
-            client_pid=client_pid, client_host=this_host() if client_pid else None,
+            id=job_id,
+            created_at=seen,
+            config_path=str(config),
+            provider=provider,
+            label=f"rentrain-{job_id}",
+            state="planned",
+            output_dir=str(output),
+            settings_json=RunSettings(provider=provider).model_dump_json(),
+            client_pid=client_pid,
+            client_host=this_host() if client_pid else None,
             client_beat_at=time.time() if client_pid else None,
         )
     )
     create_job_key(job_id)
     ledger.add_instance(
         InstanceRecord(
-            job_id=job_id, provider=provider, instance_id=instance_id, offer_id="o1", gpu="1x RTX 4090",
-            usd_per_hour=0.4, ssh_host="127.0.0.1", ssh_port=2, ssh_user="root", created_at=seen, running_at=seen,
+            job_id=job_id,
+            provider=provider,
+            instance_id=instance_id,
+            offer_id="o1",
+            gpu="1x RTX 4090",
+            usd_per_hour=0.4,
+            ssh_host="127.0.0.1",
+            ssh_port=2,
+            ssh_user="root",
+            created_at=seen,
+            running_at=seen,
         )
     )
     return ledger.transition(
-        job_id, state, remote_dir=f"/root/rentrain/{job_id}", result_path=str(result) if result else None,
-        client_seen_at=seen, last_step=40, total_steps=80,
+        job_id,
+        state,
+        remote_dir=f"/root/rentrain/{job_id}",
+        result_path=str(result) if result else None,
+        client_seen_at=seen,
+        last_step=40,
+        total_steps=80,
     )
 
 
@@ -290,9 +322,7 @@ def test_status_lists_a_stopped_instance_with_its_storage_cost_and_what_is_not_h
     assert fakes["vast"].destroyed == [] and fakes["vast"].started == []  # status only looks
 
 
-def test_a_stopped_instance_past_the_limit_whose_result_is_home_is_destroyed(
-    tmp_path: Path, fakes: Fakes
-) -> None:
+def test_a_stopped_instance_past_the_limit_whose_result_is_home_is_destroyed(tmp_path: Path, fakes: Fakes) -> None:
     ledger = Ledger()
     days = STOPPED_LIMIT_SECONDS / DAY
     _add_job(ledger, tmp_path, "j-old", provider="runpod", instance_id="21", result_home=True, idle_days=days + 1)

@@ -117,13 +117,22 @@ def _decided_at(job_dir: Path) -> float:
     return next(entry["time"] for entry in _log(job_dir) if entry["action"] == "stop_trainer")
 
 
-def test_deadline_destroys_through_the_instance_key(tmp_path: Path, api: tuple[str, Recorder], trainer_pid: int) -> None:
+def test_deadline_destroys_through_the_instance_key(
+    tmp_path: Path, api: tuple[str, Recorder], trainer_pid: int
+) -> None:
     base, recorder = api
     clock = FakeClock(1000.0)
-    dog = _watchdog(tmp_path, {"started_at": 1000.0, "max_hours": 1, "usd_per_hour": 0.5, "recipe": _recipe(base), "poll_seconds": 60}, clock, trainer=trainer_pid)
+    dog = _watchdog(
+        tmp_path,
+        {"started_at": 1000.0, "max_hours": 1, "usd_per_hour": 0.5, "recipe": _recipe(base), "poll_seconds": 60},
+        clock,
+        trainer=trainer_pid,
+    )
     dog.run(max_rounds=1)
     assert 3600 <= _decided_at(tmp_path) - 1000.0 <= 3600 + 2 * 60
-    assert recorder.calls == [{"method": "DELETE", "path": "/instances/4242/", "auth": "Bearer instance-secret-key", "body": "{}"}]
+    assert recorder.calls == [
+        {"method": "DELETE", "path": "/instances/4242/", "auth": "Bearer instance-secret-key", "body": "{}"}
+    ]
     assert "instance-secret-key" not in (tmp_path / LOG).read_text()
     assert "instance-secret-key" not in (tmp_path / "watchdog.json").read_text()
     assert any(entry["action"] == "destroy" and "deadline" in entry["reason"] for entry in _log(tmp_path))
@@ -133,16 +142,28 @@ def test_budget_ends_the_instance_when_spent(tmp_path: Path, api: tuple[str, Rec
     base, recorder = api
     clock = FakeClock(0.0)
     # $2/h and a $0.50 budget: 15 minutes
-    dog = _watchdog(tmp_path, {"started_at": 0.0, "max_cost": 0.5, "usd_per_hour": 2.0, "recipe": _recipe(base), "poll_seconds": 30}, clock, trainer=trainer_pid)
+    dog = _watchdog(
+        tmp_path,
+        {"started_at": 0.0, "max_cost": 0.5, "usd_per_hour": 2.0, "recipe": _recipe(base), "poll_seconds": 30},
+        clock,
+        trainer=trainer_pid,
+    )
     dog.run(max_rounds=1)
     assert 900 <= _decided_at(tmp_path) <= 900 + 2 * 30
     assert [c["method"] for c in recorder.calls] == ["DELETE"]
 
 
-def test_idle_after_training_ended_but_not_while_client_beats(tmp_path: Path, api: tuple[str, Recorder], trainer_pid: int) -> None:
+def test_idle_after_training_ended_but_not_while_client_beats(
+    tmp_path: Path, api: tuple[str, Recorder], trainer_pid: int
+) -> None:
     base, recorder = api
     clock = FakeClock(10_000.0)
-    dog = _watchdog(tmp_path, {"started_at": 10_000.0, "idle_timeout_seconds": 600, "recipe": _recipe(base)}, clock, trainer=trainer_pid)
+    dog = _watchdog(
+        tmp_path,
+        {"started_at": 10_000.0, "idle_timeout_seconds": 600, "recipe": _recipe(base)},
+        clock,
+        trainer=trainer_pid,
+    )
     output = tmp_path / "output"
     output.mkdir()
     (output / "events.jsonl").write_text(json.dumps({"event": "step", "step": 1}) + "\n")
@@ -165,7 +186,9 @@ def test_idle_after_training_ended_but_not_while_client_beats(tmp_path: Path, ap
 def test_unfetched_results_stop_instead_of_destroy(tmp_path: Path, api: tuple[str, Recorder], trainer_pid: int) -> None:
     base, recorder = api
     clock = FakeClock(0.0)
-    dog = _watchdog(tmp_path, {"started_at": 0.0, "max_hours": 0.01, "recipe": _recipe(base)}, clock, trainer=trainer_pid)
+    dog = _watchdog(
+        tmp_path, {"started_at": 0.0, "max_hours": 0.01, "recipe": _recipe(base)}, clock, trainer=trainer_pid
+    )
     (tmp_path / "output").mkdir()
     (tmp_path / "output" / "lora-000001.safetensors").write_bytes(b"w")
     dog.run(max_rounds=1)
@@ -176,7 +199,12 @@ def test_failing_call_falls_back_then_retries(tmp_path: Path, api: tuple[str, Re
     base, recorder = api
     recorder.fail_first = 3  # DELETE, fallback POST, then DELETE again fail; the 4th call succeeds
     clock = FakeClock(0.0)
-    dog = _watchdog(tmp_path, {"started_at": 0.0, "max_hours": 0.01, "recipe": _recipe(base), "poll_seconds": 10}, clock, trainer=trainer_pid)
+    dog = _watchdog(
+        tmp_path,
+        {"started_at": 0.0, "max_hours": 0.01, "recipe": _recipe(base), "poll_seconds": 10},
+        clock,
+        trainer=trainer_pid,
+    )
     dog.run(max_rounds=2)
     assert [c["method"] for c in recorder.calls] == ["DELETE", "POST", "DELETE", "POST"]
     assert recorder.calls[1]["path"] == "/fallback/4242"
@@ -219,15 +247,28 @@ def test_ssh_provider_only_stops_the_trainer(tmp_path: Path) -> None:
 
 def test_watchdog_runs_with_the_standard_library_only(tmp_path: Path) -> None:
     code = "import sys; sys.path.insert(0, 'remote'); import watchdog; print(sorted(m for m in sys.modules if m.split('.')[0] in ('pydantic', 'rentrain', 'providers', 'torch')))"
-    completed = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], check=False)
+    completed = subprocess.run(
+        [sys.executable, "-S", "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+        check=False,
+    )
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.strip() == "[]"
 
 
-def test_a_success_that_did_not_end_the_instance_is_tried_again(tmp_path: Path, api: tuple[str, Recorder], trainer_pid: int) -> None:
+def test_a_success_that_did_not_end_the_instance_is_tried_again(
+    tmp_path: Path, api: tuple[str, Recorder], trainer_pid: int
+) -> None:
     base, recorder = api
     clock = FakeClock(0.0)
-    dog = _watchdog(tmp_path, {"started_at": 0.0, "max_hours": 0.01, "recipe": _recipe(base), "poll_seconds": 60}, clock, trainer=trainer_pid)
+    dog = _watchdog(
+        tmp_path,
+        {"started_at": 0.0, "max_hours": 0.01, "recipe": _recipe(base), "poll_seconds": 60},
+        clock,
+        trainer=trainer_pid,
+    )
     dog.run(max_rounds=2)  # the fake provider says OK but this process lives on: the instance was not ended
     assert [c["method"] for c in recorder.calls] == ["DELETE", "DELETE"]
     assert clock.now >= 36 + 300
@@ -241,11 +282,18 @@ def test_a_json_failure_body_is_not_success(tmp_path: Path) -> None:
     assert not _says_success(b'{"errors": [{"message": "not allowed"}]}')
 
 
-def test_stops_that_keep_failing_turn_into_a_destroy(tmp_path: Path, api: tuple[str, Recorder], trainer_pid: int) -> None:
+def test_stops_that_keep_failing_turn_into_a_destroy(
+    tmp_path: Path, api: tuple[str, Recorder], trainer_pid: int
+) -> None:
     base, recorder = api
     recorder.fail_first = 3  # three stop rounds fail
     clock = FakeClock(0.0)
-    dog = _watchdog(tmp_path, {"started_at": 0.0, "max_hours": 0.01, "recipe": _recipe(base), "poll_seconds": 5}, clock, trainer=trainer_pid)
+    dog = _watchdog(
+        tmp_path,
+        {"started_at": 0.0, "max_hours": 0.01, "recipe": _recipe(base), "poll_seconds": 5},
+        clock,
+        trainer=trainer_pid,
+    )
     (tmp_path / "output").mkdir()
     (tmp_path / "output" / "lora-000001.safetensors").write_bytes(b"w")
     dog.run(max_rounds=4)
@@ -255,7 +303,9 @@ def test_stops_that_keep_failing_turn_into_a_destroy(tmp_path: Path, api: tuple[
 def test_a_client_that_never_started_the_trainer_counts_as_gone(tmp_path: Path, api: tuple[str, Recorder]) -> None:
     base, recorder = api
     clock = FakeClock(0.0)
-    dog = _watchdog(tmp_path, {"started_at": 0.0, "idle_timeout_seconds": 600, "recipe": _recipe(base), "poll_seconds": 60}, clock)
+    dog = _watchdog(
+        tmp_path, {"started_at": 0.0, "idle_timeout_seconds": 600, "recipe": _recipe(base), "poll_seconds": 60}, clock
+    )
     assert dog.reason_to_end() is None
     clock.now += 600
     reason = dog.reason_to_end()
@@ -265,7 +315,9 @@ def test_a_client_that_never_started_the_trainer_counts_as_gone(tmp_path: Path, 
 def test_a_full_disk_does_not_stop_the_watchdog(tmp_path: Path, api: tuple[str, Recorder], trainer_pid: int) -> None:
     base, recorder = api
     clock = FakeClock(0.0)
-    dog = _watchdog(tmp_path, {"started_at": 0.0, "max_hours": 0.01, "recipe": _recipe(base)}, clock, trainer=trainer_pid)
+    dog = _watchdog(
+        tmp_path, {"started_at": 0.0, "max_hours": 0.01, "recipe": _recipe(base)}, clock, trainer=trainer_pid
+    )
     (tmp_path / LOG).mkdir()  # appending to the log now fails with an OSError
     dog.run(max_rounds=1)
     assert [c["method"] for c in recorder.calls] == ["DELETE"]
@@ -279,8 +331,13 @@ def _set_up_at(job_dir: Path, when: float) -> None:
 def test_a_setup_that_takes_too_long_ends_the_instance(tmp_path: Path, api: tuple[str, Recorder]) -> None:
     base, recorder = api
     clock = FakeClock(50_000.0)
-    settings = {"started_at": 50_000.0, "setup_timeout_seconds": 900, "idle_timeout_seconds": 600,
-                "recipe": _recipe(base), "poll_seconds": 60}
+    settings = {
+        "started_at": 50_000.0,
+        "setup_timeout_seconds": 900,
+        "idle_timeout_seconds": 600,
+        "recipe": _recipe(base),
+        "poll_seconds": 60,
+    }
     dog = _watchdog(tmp_path, settings, clock)  # no trainer.pid: setup is still running
     _set_up_at(tmp_path, clock.now)
     for _ in range(3):  # the client beats all along: only the setup limit can end it
@@ -318,8 +375,10 @@ def test_the_watchdog_keeps_to_python_3_8_syntax() -> None:
     source = (Path(__file__).resolve().parents[2] / "remote" / "watchdog.py").read_text()
     tree = ast.parse(source, feature_version=(3, 8))
     # annotations such as `str | None` and `dict[str, Any]` are only strings there
-    assert any(isinstance(node, ast.ImportFrom) and node.module == "__future__" and node.names[0].name == "annotations"
-               for node in tree.body)
+    assert any(
+        isinstance(node, ast.ImportFrom) and node.module == "__future__" and node.names[0].name == "annotations"
+        for node in tree.body
+    )
 
 
 def _watchdog_layout(tmp_path: Path) -> tuple[RemoteLayout, Path]:
@@ -342,7 +401,9 @@ def test_the_watchdog_starts_once_with_the_images_python(tmp_path: Path) -> None
     try:
         assert first.returncode == 0, first.stderr
         pid = (root / "watchdog.pid").read_text()
-        again = subprocess.run(["sh", "-c", watchdog_command(layout)], env=env, capture_output=True, text=True, timeout=9)
+        again = subprocess.run(
+            ["sh", "-c", watchdog_command(layout)], env=env, capture_output=True, text=True, timeout=9
+        )
         assert again.returncode == 0 and (root / "watchdog.pid").read_text() == pid  # a retried start starts none
     finally:
         _stop_watchdog(root)
@@ -357,8 +418,11 @@ def test_an_image_without_python_3_8_fails_the_watchdog_start_saying_so(tmp_path
         if found:
             (image_bin / name).symlink_to(found)
     completed = subprocess.run(
-        [str(image_bin / "sh"), "-c", watchdog_command(layout)], env={"PATH": str(image_bin)},
-        capture_output=True, text=True, timeout=60,
+        [str(image_bin / "sh"), "-c", watchdog_command(layout)],
+        env={"PATH": str(image_bin)},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert completed.returncode == 1
     assert "no Python 3.8+ on this image to run the watchdog with" in completed.stderr
@@ -369,8 +433,13 @@ def test_a_client_silent_during_setup_ends_the_instance_after_three_missed_beats
 ) -> None:
     base, _recorder = api
     clock = FakeClock(50_000.0)
-    settings = {"started_at": 50_000.0, "setup_timeout_seconds": 1800, "idle_timeout_seconds": 5,
-                "heartbeat_seconds": 10, "recipe": _recipe(base)}
+    settings = {
+        "started_at": 50_000.0,
+        "setup_timeout_seconds": 1800,
+        "idle_timeout_seconds": 5,
+        "heartbeat_seconds": 10,
+        "recipe": _recipe(base),
+    }
     dog = _watchdog(tmp_path, settings, clock)
     _set_up_at(tmp_path, clock.now)
     (tmp_path / HEARTBEAT).touch()

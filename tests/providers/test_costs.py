@@ -8,7 +8,14 @@ import pytest
 
 from providers.base import Offer
 from rentrain import costs
-from rentrain.costs import JobProfile, estimate_job, guess_model_family, overhead_seconds, profile_from_config, seconds_per_step
+from rentrain.costs import (
+    JobProfile,
+    estimate_job,
+    guess_model_family,
+    overhead_seconds,
+    profile_from_config,
+    seconds_per_step,
+)
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tiny" / "config.toml"
 
@@ -45,7 +52,10 @@ def test_published_row_is_used_as_is():
 def test_unlisted_gpu_is_scaled_by_tflops_from_the_reference():
     speed = seconds_per_step("H100 SXM", sdxl())
     ref = costs.SPEED_TABLE[("RTX 3090 Ti", "sdxl", 1)].value
-    expected = ref * (costs.BF16_TFLOPS["RTX 3090 Ti"].value / costs.BF16_TFLOPS["H100 SXM"].value) ** costs.TFLOPS_EXPONENT.value
+    expected = (
+        ref
+        * (costs.BF16_TFLOPS["RTX 3090 Ti"].value / costs.BF16_TFLOPS["H100 SXM"].value) ** costs.TFLOPS_EXPONENT.value
+    )
     assert speed.kind == "scaled"
     assert speed.seconds_per_step == pytest.approx(expected)
     assert "scaled from RTX 3090 Ti by bf16 TFLOPS" in speed.source
@@ -53,7 +63,9 @@ def test_unlisted_gpu_is_scaled_by_tflops_from_the_reference():
 
 def test_faster_cards_are_faster_and_unknown_cards_have_no_figure():
     assert seconds_per_step("H100 SXM", sd15()).seconds_per_step < seconds_per_step("RTX 3090", sd15()).seconds_per_step
-    assert seconds_per_step("RTX A5000", sd15()).seconds_per_step > seconds_per_step("RTX 3090", sd15()).seconds_per_step
+    assert (
+        seconds_per_step("RTX A5000", sd15()).seconds_per_step > seconds_per_step("RTX 3090", sd15()).seconds_per_step
+    )
     assert seconds_per_step("Imaginary RTX 9999", sd15()) is None
 
 
@@ -93,8 +105,16 @@ def test_overhead_uses_the_offer_bandwidth_for_the_model_download():
 
 
 def test_estimate_is_rate_times_training_plus_overhead():
-    offer = Offer(provider="vast", offer_id="1", gpu_model="RTX 3090", gpu_name_raw="RTX 3090", gpu_count=1, vram_gb=24,
-                  price_per_hour=0.5, download_mbps=800)
+    offer = Offer(
+        provider="vast",
+        offer_id="1",
+        gpu_model="RTX 3090",
+        gpu_name_raw="RTX 3090",
+        gpu_count=1,
+        vram_gb=24,
+        price_per_hour=0.5,
+        download_mbps=800,
+    )
     profile = sdxl(steps=3600)
     est = estimate_job(profile, offer)
     train_h = 3600 * 1.23 / 3600
@@ -105,18 +125,32 @@ def test_estimate_is_rate_times_training_plus_overhead():
 
 
 def _card(vram_gb: float, gpu: str = "RTX 4090") -> Offer:
-    return Offer(provider="vast", offer_id=gpu, gpu_model=gpu, gpu_name_raw=gpu, gpu_count=1, vram_gb=vram_gb,
-                 price_per_hour=0.5, download_mbps=800)
+    return Offer(
+        provider="vast",
+        offer_id=gpu,
+        gpu_model=gpu,
+        gpu_name_raw=gpu,
+        gpu_count=1,
+        vram_gb=vram_gb,
+        price_per_hour=0.5,
+        download_mbps=800,
+    )
 
 
 def test_cards_too_small_for_the_batch_are_estimated_with_the_trainers_memory_plan():
     """SDXL batch 4 needs ~33 GiB: a 24 GB card runs it as 2 micro-batches (x1.17 by the H200 measurements),
     a 48 GB card as configured; a card where nothing fits gets no estimate (ranked last)."""
-    big, small = estimate_job(sdxl(batch_size=4), _card(48, "RTX A6000")), estimate_job(sdxl(batch_size=4), _card(24, "RTX A6000"))
+    big, small = (
+        estimate_job(sdxl(batch_size=4), _card(48, "RTX A6000")),
+        estimate_job(sdxl(batch_size=4), _card(24, "RTX A6000")),
+    )
     assert small.seconds_per_step == pytest.approx(big.seconds_per_step * 269.2 / 230.0, rel=0.01)
     assert "to fit 24 GB (2 micro-batches, memory planning)" in small.speed_source
     assert "memory planning" not in big.speed_source
-    assert estimate_job(sd15(batch_size=4), _card(24)).speed_source == seconds_per_step("RTX 4090", sd15(batch_size=4)).source
+    assert (
+        estimate_job(sd15(batch_size=4), _card(24)).speed_source
+        == seconds_per_step("RTX 4090", sd15(batch_size=4)).source
+    )
     assert estimate_job(sdxl(batch_size=1), _card(8, "RTX 3060")) is None  # 6.4 GiB of weights and LoRA state alone
     assert costs.memory_fit(sdxl(batch_size=1), 8) is None
     assert costs.memory_fit(sd15(batch_size=12), 24) == (1.0, "")

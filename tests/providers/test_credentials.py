@@ -49,7 +49,9 @@ def test_vast_cli_key_file():
     assert load_api_key("vast") == KEY
 
 
-@pytest.mark.parametrize("text", ['apikey = "rp-key-1"\napiurl = "https://api.runpod.io/graphql"\n', '[default]\napi_key = "rp-key-1"\n'])
+@pytest.mark.parametrize(
+    "text", ['apikey = "rp-key-1"\napiurl = "https://api.runpod.io/graphql"\n', '[default]\napi_key = "rp-key-1"\n']
+)
 def test_runpod_cli_config(text):
     write(Path.home() / ".runpod" / "config.toml", text)
     assert load_api_key("runpod") == "rp-key-1"
@@ -61,7 +63,10 @@ def test_rentrain_file_wins_over_provider_cli_files():
     assert load_api_key("runpod") == "ours"
 
 
-@pytest.mark.parametrize(("provider", "env", "cli_file"), [("vast", "VAST_API_KEY", "vastai/vast_api_key"), ("runpod", "RUNPOD_API_KEY", ".runpod/config.toml")])
+@pytest.mark.parametrize(
+    ("provider", "env", "cli_file"),
+    [("vast", "VAST_API_KEY", "vastai/vast_api_key"), ("runpod", "RUNPOD_API_KEY", ".runpod/config.toml")],
+)
 def test_missing_key_names_all_three_places(provider, env, cli_file):
     with pytest.raises(CredentialsError) as caught:
         load_api_key(provider)
@@ -103,8 +108,13 @@ def test_open_provider_gpuflow_needs_no_key():
 
 @pytest.mark.parametrize(
     ("char", "described"),
-    [("\u200b", "U+200B (ZERO WIDTH SPACE)"), (" ", "U+0020 (SPACE)"), ("\u00a0", "U+00A0 (NO-BREAK SPACE)"),
-     ("\x07", "U+0007 (a control character)"), ("é", "U+00E9 (LATIN SMALL LETTER E WITH ACUTE)")],
+    [
+        ("\u200b", "U+200B (ZERO WIDTH SPACE)"),
+        (" ", "U+0020 (SPACE)"),
+        ("\u00a0", "U+00A0 (NO-BREAK SPACE)"),
+        ("\x07", "U+0007 (a control character)"),
+        ("é", "U+00E9 (LATIN SMALL LETTER E WITH ACUTE)"),
+    ],
 )
 def test_a_key_with_an_invisible_or_non_ascii_character_is_refused_naming_the_variable(monkeypatch, char, described):
     monkeypatch.setenv("VAST_API_KEY", KEY[:9] + char + KEY[9:])
@@ -136,8 +146,10 @@ def test_surrounding_ascii_whitespace_is_not_part_of_the_key(monkeypatch):
     ("setup", "source"),
     [
         (lambda mp: mp.setenv("VAST_API_KEY", KEY), "the environment variable VAST_API_KEY"),
-        (lambda mp: write(credentials_path(), f'[vast]\napi_key = "{KEY}"\n'),
-         "{config}/rentrain/credentials.toml ([vast] api_key)"),
+        (
+            lambda mp: write(credentials_path(), f'[vast]\napi_key = "{KEY}"\n'),
+            "{config}/rentrain/credentials.toml ([vast] api_key)",
+        ),
         (lambda mp: write(Path.home() / ".config" / "vastai" / "vast_api_key", KEY), "{config}/vastai/vast_api_key"),
     ],
 )
@@ -148,8 +160,12 @@ def test_a_rejected_key_names_the_place_it_came_from(monkeypatch, setup, source)
     monkeypatch.setenv("RENTRAIN_VAST_URL", "https://vast.test/api/v0")
     expected = source.format(config=os.environ["XDG_CONFIG_HOME"])
     with responses.RequestsMock() as mocked:
-        mocked.add(responses.GET, "https://vast.test/api/v1/instances/", status=401,
-                   json={"success": False, "error": "auth_error", "msg": "Invalid user key"})
+        mocked.add(
+            responses.GET,
+            "https://vast.test/api/v1/instances/",
+            status=401,
+            json={"success": False, "error": "auth_error", "msg": "Invalid user key"},
+        )
         with pytest.raises(AuthError) as caught:
             open_provider("vast").list_instances()
     assert str(caught.value) == f"vast rejected the API key from {expected} (HTTP 401): auth_error: Invalid user key"

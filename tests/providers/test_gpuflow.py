@@ -36,11 +36,23 @@ def test_other_markets_can_run(name):
 
 def test_lifecycle_calls_refuse_too():
     provider = GpuFlowProvider()
-    offer = Offer(provider="gpuflow", offer_id="x", gpu_model="RTX 4090", gpu_name_raw="RTX 4090", gpu_count=1,
-                  vram_gb=24, price_per_hour=0.4)
+    offer = Offer(
+        provider="gpuflow",
+        offer_id="x",
+        gpu_model="RTX 4090",
+        gpu_name_raw="RTX 4090",
+        gpu_count=1,
+        vram_gb=24,
+        price_per_hour=0.4,
+    )
     launch = LaunchSpec(job_id="j1", image="img", disk_gb=20, ssh_public_key=SSH_KEY)
-    for call in (lambda: provider.create(offer, launch), lambda: provider.get("1"), lambda: provider.stop("1"),
-                 lambda: provider.destroy("1"), provider.self_destroy_recipe):
+    for call in (
+        lambda: provider.create(offer, launch),
+        lambda: provider.get("1"),
+        lambda: provider.stop("1"),
+        lambda: provider.destroy("1"),
+        provider.self_destroy_recipe,
+    ):
         with pytest.raises(Unsupported, match="--provider ssh"):
             call()
     assert provider.list_instances() == []

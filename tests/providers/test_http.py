@@ -38,8 +38,16 @@ def test_backoff_grows_per_attempt_from_the_endpoint_interval(mocked, clock):
 
 
 def test_jitter_spreads_waits_inside_the_range(mocked, clock):
-    api = ApiClient("p", URL, KEY, classify=lambda s, m, e: BadRequest("p", m, s), sleep=clock.sleep, clock=clock,
-                    jitter=lambda: 0.0, policy=RetryPolicy(base_delay_s=2.0))
+    api = ApiClient(
+        "p",
+        URL,
+        KEY,
+        classify=lambda s, m, e: BadRequest("p", m, s),
+        sleep=clock.sleep,
+        clock=clock,
+        jitter=lambda: 0.0,
+        policy=RetryPolicy(base_delay_s=2.0),
+    )
     mocked.add(responses.GET, f"{URL}/x", status=429, body="too frequent")
     mocked.add(responses.GET, f"{URL}/x", json={})
     api.json("GET", "/x", endpoint="e", idempotent=True)
@@ -82,7 +90,9 @@ def test_connection_errors_retry_idempotent_calls_only(mocked, clock):
 
 def test_non_retryable_status_goes_to_the_classifier(mocked, clock):
     api = client(clock)
-    mocked.add(responses.GET, f"{URL}/x", status=400, json={"success": False, "error": "invalid_args", "msg": "bad field"})
+    mocked.add(
+        responses.GET, f"{URL}/x", status=400, json={"success": False, "error": "invalid_args", "msg": "bad field"}
+    )
     with pytest.raises(BadRequest, match="invalid_args: bad field"):
         api.json("GET", "/x", endpoint="e", idempotent=True)
     assert clock.sleeps == []
@@ -90,8 +100,12 @@ def test_non_retryable_status_goes_to_the_classifier(mocked, clock):
 
 def test_key_never_appears_in_errors_even_when_the_server_echoes_it(mocked, clock):
     api = client(clock, max_attempts=1)
-    mocked.add(responses.GET, f"{URL}/x", status=400,
-               json={"msg": f"bad key {KEY} from https://x/?api_key={KEY}&y=1 with header Authorization: Bearer {KEY}"})
+    mocked.add(
+        responses.GET,
+        f"{URL}/x",
+        status=400,
+        json={"msg": f"bad key {KEY} from https://x/?api_key={KEY}&y=1 with header Authorization: Bearer {KEY}"},
+    )
     with pytest.raises(BadRequest) as caught:
         api.json("GET", "/x", endpoint="e", idempotent=True)
     text = str(caught.value) + repr(caught.value) + caught.value.message
@@ -102,7 +116,9 @@ def test_key_never_appears_in_errors_even_when_the_server_echoes_it(mocked, cloc
 
 def test_key_never_appears_in_connection_errors(mocked, clock):
     api = client(clock, max_attempts=1)
-    mocked.add(responses.GET, f"{URL}/x", body=requests.ConnectionError(f"failed GET {URL}/x?api_key={KEY} Bearer {KEY}"))
+    mocked.add(
+        responses.GET, f"{URL}/x", body=requests.ConnectionError(f"failed GET {URL}/x?api_key={KEY} Bearer {KEY}")
+    )
     with pytest.raises(ProviderDown) as caught:
         api.json("GET", "/x", endpoint="e", idempotent=True)
     assert KEY not in str(caught.value)
@@ -133,8 +149,14 @@ def test_extract_message_shapes(mocked):
     cases = [
         ({"title": "Bad Request", "status": 400, "detail": "no capacity"}, "Bad Request: no capacity"),
         ({"success": False, "error": "not_found", "msg": "Instance not found"}, "not_found: Instance not found"),
-        ({"title": "Unprocessable Entity", "errors": [{"detail": "a"}, {"message": "b"}]}, "Unprocessable Entity (a; b)"),
-        ({"detail": "API requests too frequent endpoint threshold=4.5"}, "API requests too frequent endpoint threshold=4.5"),
+        (
+            {"title": "Unprocessable Entity", "errors": [{"detail": "a"}, {"message": "b"}]},
+            "Unprocessable Entity (a; b)",
+        ),
+        (
+            {"detail": "API requests too frequent endpoint threshold=4.5"},
+            "API requests too frequent endpoint threshold=4.5",
+        ),
         ({"error": {"message": "Invalid API key", "type": "auth", "code": "invalid_api_key"}}, "Invalid API key"),
     ]
     for payload, expected in cases:
@@ -177,8 +199,9 @@ def test_an_auth_error_names_the_key_source_and_other_errors_do_not_change(mocke
     def classify(status: int, message: str, endpoint: str) -> ProviderError:
         return AuthError("p", message, status) if status == 401 else BadRequest("p", message, status)
 
-    api = ApiClient("p", URL, KEY, classify=classify, sleep=clock.sleep, clock=clock,
-                    key_source="the environment variable P_KEY")
+    api = ApiClient(
+        "p", URL, KEY, classify=classify, sleep=clock.sleep, clock=clock, key_source="the environment variable P_KEY"
+    )
     mocked.add(responses.GET, f"{URL}/a", status=401, json={"detail": "invalid key"})
     mocked.add(responses.GET, f"{URL}/b", status=400, json={"detail": "bad field"})
     with pytest.raises(AuthError) as caught:

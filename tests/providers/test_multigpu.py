@@ -41,8 +41,19 @@ def record_markets(mocked, gpus: int, runpod: bool = True) -> None:
     if not runpod:
         return
     for cloud, fixture in (("COMMUNITY", "runpod_catalog_community.json"), ("SECURE", "runpod_catalog_secure.json")):
-        params = {"include": "AVAILABILITY", "product": "POD", "cloud": cloud, "count": str(gpus), "minCudaVersion": "12.1"}
-        mocked.add(responses.GET, f"{RUNPOD_URL}/v2/catalog/gpus", json=load(fixture), match=[matchers.query_param_matcher(params)])
+        params = {
+            "include": "AVAILABILITY",
+            "product": "POD",
+            "cloud": cloud,
+            "count": str(gpus),
+            "minCudaVersion": "12.1",
+        }
+        mocked.add(
+            responses.GET,
+            f"{RUNPOD_URL}/v2/catalog/gpus",
+            json=load(fixture),
+            match=[matchers.query_param_matcher(params)],
+        )
 
 
 def vast_search_body(mocked) -> dict:
@@ -78,7 +89,9 @@ def test_the_flag_overrides_the_config_and_the_config_counts_without_it(mocked, 
     config = config_with_gpu_count(tmp_path, 4)
     record_markets(mocked, gpus=4)
     record_markets(mocked, gpus=2)
-    from_config = CliRunner().invoke(main, ["offers", "--json", "--config", str(config), "--provider", "vast", "--provider", "runpod"])
+    from_config = CliRunner().invoke(
+        main, ["offers", "--json", "--config", str(config), "--provider", "vast", "--provider", "runpod"]
+    )
     from_flag = CliRunner().invoke(
         main, ["offers", "--json", "--config", str(config), "--gpus", "2", "--provider", "vast", "--provider", "runpod"]
     )
@@ -90,7 +103,9 @@ def test_the_flag_overrides_the_config_and_the_config_counts_without_it(mocked, 
 
 def test_the_table_shows_the_gpu_count(mocked, markets):
     record_markets(mocked, gpus=2)
-    result = CliRunner().invoke(main, ["offers", "--gpus", "2", "--config", str(EXAMPLE), "--provider", "vast", "--provider", "runpod"])
+    result = CliRunner().invoke(
+        main, ["offers", "--gpus", "2", "--config", str(EXAMPLE), "--provider", "vast", "--provider", "runpod"]
+    )
     assert result.exit_code == 0, result.output
     assert "2x RTX 3090 24 GB" in result.output and "2x RTX 4090" in result.output
     assert "Requirements: 2 GPUs" in result.output
@@ -110,14 +125,23 @@ def test_bad_gpu_counts_are_clear_errors(command, value):
 
 
 def gpu_offer(gpu_model: str, gpus: int, price: float) -> Offer:
-    return Offer(provider="vast", offer_id=f"{gpu_model}/{gpus}", gpu_model=gpu_model, gpu_name_raw=gpu_model,
-                 gpu_count=gpus, vram_gb=24, price_per_hour=price, download_mbps=800)
+    return Offer(
+        provider="vast",
+        offer_id=f"{gpu_model}/{gpus}",
+        gpu_model=gpu_model,
+        gpu_name_raw=gpu_model,
+        gpu_count=gpus,
+        vram_gb=24,
+        price_per_hour=price,
+        download_mbps=800,
+    )
 
 
 def sdxl_epochs(**kw) -> JobProfile:
     """SDXL, 10 epochs of 101 batches: an odd count, so the ceil of the split shows."""
-    return JobProfile(**{"family": "sdxl", "steps": 1010, "epochs": 10, "batches_per_epoch": 101,
-                         "resolution": (1024, 1024), **kw})
+    return JobProfile(
+        **{"family": "sdxl", "steps": 1010, "epochs": 10, "batches_per_epoch": 101, "resolution": (1024, 1024), **kw}
+    )
 
 
 def test_two_pcie_gpus_halve_the_steps_and_pay_the_assumed_efficiency():
@@ -154,7 +178,9 @@ def test_the_efficiency_table_is_an_assumption_and_falls_with_more_gpus():
         assert values == sorted(values, reverse=True) and all(0 < v <= 1 for v in values)
         assert all(f.kind == "assumed" and len(f.source) > 10 for f in rows.values())
     for gpus in (2, 4, 8):
-        assert costs.DATA_PARALLEL_EFFICIENCY["nvlink"][gpus].value >= costs.DATA_PARALLEL_EFFICIENCY["pcie"][gpus].value
+        assert (
+            costs.DATA_PARALLEL_EFFICIENCY["nvlink"][gpus].value >= costs.DATA_PARALLEL_EFFICIENCY["pcie"][gpus].value
+        )
 
 
 def test_a_fixed_step_count_stays_and_each_step_trains_more():
@@ -178,8 +204,14 @@ def test_the_step_plan_with_gpus_matches_the_estimate():
     loaded = load_config(EXAMPLE)
     profile = profile_from_config(EXAMPLE)
     assert (profile.epochs, profile.batches_per_epoch) == (2, 100)  # 20 images x 10 repeats / batch 2
-    plan = StepPlan(bucket_samples={"64x64": 200}, samples_per_epoch=200, batches_per_epoch=100, steps_per_epoch=100,
-                    epochs=2, total_steps=200)
+    plan = StepPlan(
+        bucket_samples={"64x64": 200},
+        samples_per_epoch=200,
+        batches_per_epoch=100,
+        steps_per_epoch=100,
+        epochs=2,
+        total_steps=200,
+    )
     for gpus in (1, 2, 3, 8):
         assert plan_with_gpus(plan, loaded.train, gpus).total_steps == steps_on(profile, gpus)
     assert plan_with_gpus(plan, loaded.train, 3).steps_per_epoch == 34
@@ -200,7 +232,9 @@ def test_estimate_says_the_scaling_is_assumed(mocked, markets):
 
 def test_estimate_json_carries_the_scaling(mocked, markets):
     record_markets(mocked, gpus=2, runpod=False)
-    result = CliRunner().invoke(main, ["estimate", "--config", str(EXAMPLE), "--gpus", "2", "--json", "--provider", "vast"])
+    result = CliRunner().invoke(
+        main, ["estimate", "--config", str(EXAMPLE), "--gpus", "2", "--json", "--provider", "vast"]
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     best = data["best_per_provider"][0]["estimate"]
@@ -215,5 +249,7 @@ def test_estimate_without_prices_still_scales(monkeypatch):
     data = json.loads(result.output)
     rows = {row["gpu"]: row for row in data["without_prices"]}
     single = costs.seconds_per_step("RTX 4090", profile_from_config(EXAMPLE)).seconds_per_step
-    assert rows["4x RTX 4090"]["seconds_per_step"] == pytest.approx(single / costs.DATA_PARALLEL_EFFICIENCY["pcie"][4].value)
+    assert rows["4x RTX 4090"]["seconds_per_step"] == pytest.approx(
+        single / costs.DATA_PARALLEL_EFFICIENCY["pcie"][4].value
+    )
     assert "ASSUMED" in data["scaling_note"]

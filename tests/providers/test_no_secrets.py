@@ -15,10 +15,25 @@ from .conftest import RUNPOD_KEY, RUNPOD_URL, SSH_KEY, VAST_KEY, VAST_URL
 
 VAST_HOST = VAST_URL.removesuffix("/api/v0")
 LAUNCH = LaunchSpec(job_id="job42", image="img", disk_gb=40, ssh_public_key=SSH_KEY)
-VAST_OFFER = Offer(provider="vast", offer_id="4001", gpu_model="RTX 4090", gpu_name_raw="RTX 4090", gpu_count=1,
-                   vram_gb=24, price_per_hour=0.4)
-RUNPOD_OFFER = Offer(provider="runpod", offer_id="COMMUNITY/x", gpu_model="RTX 4090", gpu_name_raw="NVIDIA GeForce RTX 4090",
-                     gpu_count=1, vram_gb=24, price_per_hour=0.31, cloud="COMMUNITY")
+VAST_OFFER = Offer(
+    provider="vast",
+    offer_id="4001",
+    gpu_model="RTX 4090",
+    gpu_name_raw="RTX 4090",
+    gpu_count=1,
+    vram_gb=24,
+    price_per_hour=0.4,
+)
+RUNPOD_OFFER = Offer(
+    provider="runpod",
+    offer_id="COMMUNITY/x",
+    gpu_model="RTX 4090",
+    gpu_name_raw="NVIDIA GeForce RTX 4090",
+    gpu_count=1,
+    vram_gb=24,
+    price_per_hour=0.31,
+    cloud="COMMUNITY",
+)
 
 
 def echo(key: str) -> dict:
@@ -63,7 +78,9 @@ def test_network_failures_never_contain_the_key(which, request, caplog):
     key, url = (VAST_KEY, VAST_URL) if which == "vast" else (RUNPOD_KEY, RUNPOD_URL)
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mocked:
         for method in (responses.GET, responses.POST, responses.PUT, responses.DELETE):
-            mocked.add(method, _any(url), body=requests.ConnectionError(f"Max retries exceeded with url: /x?api_key={key}"))
+            mocked.add(
+                method, _any(url), body=requests.ConnectionError(f"Max retries exceeded with url: /x?api_key={key}")
+            )
         _assert_clean(lambda: provider.get("1"), key, caplog)
 
 

@@ -22,8 +22,19 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tiny" / "config.to
 
 
 def offer(**kw) -> Offer:
-    base = dict(provider="vast", offer_id="1", gpu_model="RTX 3090", gpu_name_raw="RTX 3090", gpu_count=1, vram_gb=24.0,
-                price_per_hour=0.2, reliability=0.99, verified=True, max_cuda=12.4, download_mbps=500)
+    base = dict(
+        provider="vast",
+        offer_id="1",
+        gpu_model="RTX 3090",
+        gpu_name_raw="RTX 3090",
+        gpu_count=1,
+        vram_gb=24.0,
+        price_per_hour=0.2,
+        reliability=0.99,
+        verified=True,
+        max_cuda=12.4,
+        download_mbps=500,
+    )
     base.update(kw)
     return Offer(**base)
 
@@ -65,7 +76,13 @@ def test_requirements_from_config_then_flags():
 
     job = load_config(EXAMPLE).job
     req = requirements_from(job, max_price_per_hour=0.5, gpu_models=None)
-    assert (req.min_vram_gb, req.min_reliability, req.min_cuda, req.verified_only, req.disk_gb) == (24, 0.98, 12.1, True, 40)
+    assert (req.min_vram_gb, req.min_reliability, req.min_cuda, req.verified_only, req.disk_gb) == (
+        24,
+        0.98,
+        12.1,
+        True,
+        40,
+    )
     assert req.max_price_per_hour == 0.5
     assert requirements_from(None, min_vram_gb=48).min_vram_gb == 48
 
@@ -74,8 +91,11 @@ def test_requirements_from_config_then_flags():
 
 
 def test_rank_by_price_without_a_job():
-    offers = [offer(offer_id="a", price_per_hour=0.3), offer(offer_id="b", price_per_hour=0.1),
-              offer(offer_id="c", price_per_hour=0.1, reliability=0.999)]
+    offers = [
+        offer(offer_id="a", price_per_hour=0.3),
+        offer(offer_id="b", price_per_hour=0.1),
+        offer(offer_id="c", price_per_hour=0.1, reliability=0.999),
+    ]
     assert [r.offer.offer_id for r in rank(offers)] == ["c", "b", "a"]
 
 
@@ -153,10 +173,19 @@ def record_markets(mocked, runpod_status=200):
     for cloud, fixture in (("COMMUNITY", "runpod_catalog_community.json"), ("SECURE", "runpod_catalog_secure.json")):
         params = {"include": "AVAILABILITY", "product": "POD", "cloud": cloud, "count": "1", "minCudaVersion": "12.1"}
         if runpod_status == 200:
-            mocked.add(responses.GET, f"{RUNPOD_URL}/v2/catalog/gpus", json=load(fixture), match=[matchers.query_param_matcher(params)])
+            mocked.add(
+                responses.GET,
+                f"{RUNPOD_URL}/v2/catalog/gpus",
+                json=load(fixture),
+                match=[matchers.query_param_matcher(params)],
+            )
     if runpod_status != 200:
-        mocked.add(responses.GET, f"{RUNPOD_URL}/v2/catalog/gpus", status=runpod_status,
-                   json={"title": "Unauthorized", "status": runpod_status, "detail": "invalid api key"})
+        mocked.add(
+            responses.GET,
+            f"{RUNPOD_URL}/v2/catalog/gpus",
+            status=runpod_status,
+            json={"title": "Unauthorized", "status": runpod_status, "detail": "invalid api key"},
+        )
 
 
 EXPECTED_ORDER = [  # cheapest job first; the tiny example's steps cost the same on every card
@@ -248,7 +277,10 @@ def test_estimate_best_per_provider_and_gpu(mocked, markets):
     result = CliRunner().invoke(main, ["estimate", "--config", str(EXAMPLE), "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
-    assert [(o["provider"], o["offer_id"]) for o in data["best_per_provider"]] == [("vast", "3001"), ("runpod", "SECURE/NVIDIA RTX A5000")]
+    assert [(o["provider"], o["offer_id"]) for o in data["best_per_provider"]] == [
+        ("vast", "3001"),
+        ("runpod", "SECURE/NVIDIA RTX A5000"),
+    ]
     assert [o["gpu_model"] for o in data["best_per_gpu"]] == ["RTX 3090", "RTX A5000", "RTX 4090"]
     assert data["best_per_gpu"][2]["offer_id"] == "COMMUNITY/NVIDIA GeForce RTX 4090"
     assert data["job"]["steps"] == 200
@@ -275,7 +307,10 @@ def test_include_interruptible_flag_adds_bid_offers(mocked, markets):
     mocked.add(responses.POST, f"{VAST_URL}/bundles/", json=load("vast_bundles_bid.json"))
     result = CliRunner().invoke(main, ["offers", "--json", "--include-interruptible"])
     data = json.loads(result.output)
-    assert [json.loads(c.request.body)["type"] for c in mocked.calls if "bundles" in c.request.url] == ["on-demand", "bid"]
+    assert [json.loads(c.request.body)["type"] for c in mocked.calls if "bundles" in c.request.url] == [
+        "on-demand",
+        "bid",
+    ]
     cheapest = data["offers"][0]
     assert (cheapest["offer_id"], cheapest["interruptible"], cheapest["price_per_hour"]) == ("3001", True, 0.106)
 
@@ -291,10 +326,18 @@ def _markets_with_a_bad_runpod_row(mocked):
     mocked.add(responses.POST, f"{VAST_URL}/bundles/", json=load("vast_bundles.json"))
     community = load("runpod_catalog_community.json")
     community["gpus"][0]["memory"] = "24 GB"
-    mocked.add(responses.GET, f"{RUNPOD_URL}/v2/catalog/gpus", json=community,
-               match=[matchers.query_param_matcher({"cloud": "COMMUNITY"}, strict_match=False)])
-    mocked.add(responses.GET, f"{RUNPOD_URL}/v2/catalog/gpus", json=load("runpod_catalog_secure.json"),
-               match=[matchers.query_param_matcher({"cloud": "SECURE"}, strict_match=False)])
+    mocked.add(
+        responses.GET,
+        f"{RUNPOD_URL}/v2/catalog/gpus",
+        json=community,
+        match=[matchers.query_param_matcher({"cloud": "COMMUNITY"}, strict_match=False)],
+    )
+    mocked.add(
+        responses.GET,
+        f"{RUNPOD_URL}/v2/catalog/gpus",
+        json=load("runpod_catalog_secure.json"),
+        match=[matchers.query_param_matcher({"cloud": "SECURE"}, strict_match=False)],
+    )
 
 
 SKIPPED_REASON = "COMMUNITY catalog row 1 (id NVIDIA GeForce RTX 4090): memory: Input should be a valid number"

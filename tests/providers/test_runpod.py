@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 import responses
@@ -30,9 +30,17 @@ from .conftest import RUNPOD_KEY, RUNPOD_URL, SSH_KEY, FakeClock, body, load
 CATALOG = f"{RUNPOD_URL}/v2/catalog/gpus"
 KEYS = f"{RUNPOD_URL}/v2/account/ssh-keys"
 PODS = f"{RUNPOD_URL}/v2/pods"
-USER_KEYS = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIUserLaptopKey me@laptop", "ssh-rsa AAAAB3NzaC1yc2EAAAADAQUserDesktop me@desk"]
-LAUNCH = LaunchSpec(job_id="job42", image="runpod/pytorch:1.0.2-cu1281-torch280-ubuntu2404", disk_gb=40,
-                    ssh_public_key=SSH_KEY, env={"RENTRAIN_JOB": "job42"})
+USER_KEYS = [
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIUserLaptopKey me@laptop",
+    "ssh-rsa AAAAB3NzaC1yc2EAAAADAQUserDesktop me@desk",
+]
+LAUNCH = LaunchSpec(
+    job_id="job42",
+    image="runpod/pytorch:1.0.2-cu1281-torch280-ubuntu2404",
+    disk_gb=40,
+    ssh_public_key=SSH_KEY,
+    env={"RENTRAIN_JOB": "job42"},
+)
 
 
 def _catalog(mocked, min_cuda="12.1", count=1):
@@ -91,8 +99,13 @@ def test_bare_version_strings_are_still_read(mocked, runpod):
 def test_cuda_versions_compare_as_numbers():
     from providers.runpod import CatalogGpu, _max_cuda
 
-    gpu = CatalogGpu.model_validate({"id": "g", "memory": 24, "cudaVersions": [
-        {"version": "12.9", "available": True}, {"version": "12.10", "available": True}]})
+    gpu = CatalogGpu.model_validate(
+        {
+            "id": "g",
+            "memory": 24,
+            "cudaVersions": [{"version": "12.9", "available": True}, {"version": "12.10", "available": True}],
+        }
+    )
     assert _max_cuda(gpu.cudaVersions) == 12.1  # 12.10, newer than 12.9
 
 
@@ -103,7 +116,10 @@ def test_one_unreadable_catalog_row_is_dropped_and_counted_the_others_kept(mocke
     mocked.add(responses.GET, CATALOG, json=load("runpod_catalog_secure.json"))
     offers = runpod.search(Requirements(disk_gb=40))
     assert sorted((o.cloud, o.gpu_model) for o in offers) == [
-        ("COMMUNITY", "RTX 4090"), ("COMMUNITY", "RTX A4000"), ("SECURE", "RTX 4090"), ("SECURE", "RTX A5000"),
+        ("COMMUNITY", "RTX 4090"),
+        ("COMMUNITY", "RTX A4000"),
+        ("SECURE", "RTX 4090"),
+        ("SECURE", "RTX A5000"),
     ]
     assert runpod.last_search_skipped == [
         "COMMUNITY catalog row 2 (id NVIDIA GeForce RTX 3090): cudaVersions.0.available: Field required"
@@ -189,19 +205,51 @@ def test_onstart_is_refused_rather_than_silently_dropped(runpod):
 def _any_offer():
     from providers.base import Offer
 
-    return Offer(provider="runpod", offer_id="COMMUNITY/NVIDIA GeForce RTX 4090", gpu_model="RTX 4090",
-                 gpu_name_raw="NVIDIA GeForce RTX 4090", gpu_count=1, vram_gb=24, price_per_hour=0.31, cloud="COMMUNITY")
+    return Offer(
+        provider="runpod",
+        offer_id="COMMUNITY/NVIDIA GeForce RTX 4090",
+        gpu_model="RTX 4090",
+        gpu_name_raw="NVIDIA GeForce RTX 4090",
+        gpu_count=1,
+        vram_gb=24,
+        price_per_hour=0.31,
+        cloud="COMMUNITY",
+    )
 
 
 @pytest.mark.parametrize(
     ("status", "problem", "error"),
     [
-        (400, {"title": "Bad Request", "status": 400, "detail": "There are no longer any instances available with the requested specifications."}, NoCapacity),
-        (402, {"title": "Payment Required", "status": 402, "detail": "Insufficient balance: at least one hour of credit is required"}, InsufficientFunds),
+        (
+            400,
+            {
+                "title": "Bad Request",
+                "status": 400,
+                "detail": "There are no longer any instances available with the requested specifications.",
+            },
+            NoCapacity,
+        ),
+        (
+            402,
+            {
+                "title": "Payment Required",
+                "status": 402,
+                "detail": "Insufficient balance: at least one hour of credit is required",
+            },
+            InsufficientFunds,
+        ),
         (403, {"title": "Forbidden", "status": 403, "detail": "GPU pool not accessible"}, OfferGone),
         (401, {"title": "Unauthorized", "status": 401, "detail": "invalid api key"}, AuthError),
-        (422, {"title": "Unprocessable Entity", "status": 422, "detail": "request body invalid",
-               "errors": [{"detail": "unevaluated property 'foo'"}]}, BadRequest),
+        (
+            422,
+            {
+                "title": "Unprocessable Entity",
+                "status": 422,
+                "detail": "request body invalid",
+                "errors": [{"detail": "unevaluated property 'foo'"}],
+            },
+            BadRequest,
+        ),
     ],
 )
 def test_create_errors_are_typed_and_never_retried(mocked, runpod, clock: FakeClock, status, problem, error):
@@ -217,15 +265,22 @@ def test_create_errors_are_typed_and_never_retried(mocked, runpod, clock: FakeCl
 
 def test_422_detail_lists_the_field_errors(mocked, runpod):
     mocked.add(responses.GET, KEYS, json={"keys": [SSH_KEY]})
-    mocked.add(responses.POST, PODS, status=422, json={"title": "Unprocessable Entity", "status": 422,
-                                                        "errors": [{"detail": "unevaluated property 'foo'"}]})
+    mocked.add(
+        responses.POST,
+        PODS,
+        status=422,
+        json={"title": "Unprocessable Entity", "status": 422, "errors": [{"detail": "unevaluated property 'foo'"}]},
+    )
     with pytest.raises(BadRequest, match="unevaluated property 'foo'"):
         runpod.create(_any_offer(), LAUNCH)
 
 
 def test_retry_after_is_honoured(mocked, runpod, clock: FakeClock):
     mocked.add(
-        responses.GET, f"{PODS}/7h9k2m4n6p", status=429, headers={"Retry-After": "12"},
+        responses.GET,
+        f"{PODS}/7h9k2m4n6p",
+        status=429,
+        headers={"Retry-After": "12"},
         json={"title": "Too Many Requests", "status": 429, "detail": "rate limit exceeded for the minute window"},
     )
     mocked.add(responses.GET, f"{PODS}/7h9k2m4n6p", json=load("runpod_pod_running.json"))
@@ -235,16 +290,26 @@ def test_retry_after_is_honoured(mocked, runpod, clock: FakeClock):
 
 def test_create_retries_a_429_with_retry_after(mocked, runpod, clock: FakeClock):
     mocked.add(responses.GET, KEYS, json={"keys": [SSH_KEY]})
-    mocked.add(responses.POST, PODS, status=429, headers={"Retry-After": "3"},
-               json={"title": "Too Many Requests", "status": 429, "detail": "slow down"})
+    mocked.add(
+        responses.POST,
+        PODS,
+        status=429,
+        headers={"Retry-After": "3"},
+        json={"title": "Too Many Requests", "status": 429, "detail": "slow down"},
+    )
     mocked.add(responses.POST, PODS, status=201, json=load("runpod_pod_created.json"))
     assert runpod.create(_any_offer(), LAUNCH).id == "7h9k2m4n6p"
     assert clock.sleeps == [3.0]
 
 
 def test_a_long_retry_after_is_raised_not_slept(mocked, runpod, clock: FakeClock):
-    mocked.add(responses.GET, f"{PODS}/x", status=429, headers={"Retry-After": "3600"},
-               json={"title": "Too Many Requests", "status": 429, "detail": "rate limit exceeded for the hour window"})
+    mocked.add(
+        responses.GET,
+        f"{PODS}/x",
+        status=429,
+        headers={"Retry-After": "3600"},
+        json={"title": "Too Many Requests", "status": 429, "detail": "rate limit exceeded for the hour window"},
+    )
     with pytest.raises(RateLimited) as caught:
         runpod.get("x")
     assert caught.value.retry_after == 3600
@@ -260,7 +325,12 @@ def test_an_idempotent_500_is_retried(mocked, runpod, clock: FakeClock):
 
 def test_server_errors_retry_reads_then_give_up(mocked, runpod, clock: FakeClock):
     for _ in range(5):
-        mocked.add(responses.GET, f"{PODS}/x", status=503, json={"title": "Service Unavailable", "status": 503, "detail": "maintenance"})
+        mocked.add(
+            responses.GET,
+            f"{PODS}/x",
+            status=503,
+            json={"title": "Service Unavailable", "status": 503, "detail": "maintenance"},
+        )
     with pytest.raises(ProviderDown, match="maintenance"):
         runpod.get("x")
     assert len(mocked.calls) == 5
@@ -274,14 +344,20 @@ def test_get_running_pod_uses_ssh_direct(mocked, runpod):
     assert pod.ssh is not None
     assert (pod.ssh.host, pod.ssh.port, pod.ssh.user, pod.ssh.via) == ("195.26.233.3", 34446, "root", "direct")
     assert pod.price_per_hour == 0.31
-    assert pod.started_at == datetime(2026, 6, 1, 12, 1, 30, tzinfo=timezone.utc)
+    assert pod.started_at == datetime(2026, 6, 1, 12, 1, 30, tzinfo=UTC)
     assert pod.gpu_model == "RTX 4090"
 
 
 @pytest.mark.parametrize(
     ("status", "ours"),
-    [("PROVISIONING", "provisioning"), ("STARTING", "provisioning"), ("RUNNING", "running"),
-     ("EXITED", "stopped"), ("ERROR", "exited"), ("TERMINATED", "gone")],
+    [
+        ("PROVISIONING", "provisioning"),
+        ("STARTING", "provisioning"),
+        ("RUNNING", "running"),
+        ("EXITED", "stopped"),
+        ("ERROR", "exited"),
+        ("TERMINATED", "gone"),
+    ],
 )
 def test_pod_status_is_normalised(mocked, runpod, status, ours):
     raw = load("runpod_pod_running.json")
@@ -291,7 +367,9 @@ def test_pod_status_is_normalised(mocked, runpod, status, ours):
 
 
 def test_get_unknown_pod_is_not_found(mocked, runpod):
-    mocked.add(responses.GET, f"{PODS}/nope", status=404, json={"title": "Not Found", "status": 404, "detail": "pod not found"})
+    mocked.add(
+        responses.GET, f"{PODS}/nope", status=404, json={"title": "Not Found", "status": 404, "detail": "pod not found"}
+    )
     with pytest.raises(NotFound, match="pod not found"):
         runpod.get("nope")
 
@@ -299,8 +377,9 @@ def test_get_unknown_pod_is_not_found(mocked, runpod):
 def test_a_rejected_key_names_where_it_came_from(mocked, clock: FakeClock):
     source = "/home/me/.runpod/config.toml (apikey)"
     runpod = RunPodProvider(RUNPOD_KEY, RUNPOD_URL, sleep=clock.sleep, clock=clock, key_source=source)
-    mocked.add(responses.GET, PODS, status=401,
-               json={"title": "Unauthorized", "status": 401, "detail": "invalid api key"})
+    mocked.add(
+        responses.GET, PODS, status=401, json={"title": "Unauthorized", "status": 401, "detail": "invalid api key"}
+    )
     with pytest.raises(AuthError) as caught:
         runpod.list_instances()
     expected = f"runpod rejected the API key from {source} (HTTP 401): Unauthorized: invalid api key"
@@ -345,8 +424,12 @@ def test_list_keeps_only_our_pods(mocked, runpod):
 
 def test_stop_and_terminate(mocked, runpod):
     stopped = {**load("runpod_pod_running.json"), "status": "EXITED"}
-    mocked.add(responses.POST, f"{PODS}/7h9k2m4n6p/action", json=stopped,
-               match=[matchers.json_params_matcher({"action": "stop"})])
+    mocked.add(
+        responses.POST,
+        f"{PODS}/7h9k2m4n6p/action",
+        json=stopped,
+        match=[matchers.json_params_matcher({"action": "stop"})],
+    )
     mocked.add(responses.DELETE, f"{PODS}/7h9k2m4n6p", status=204)
     runpod.stop("7h9k2m4n6p")
     runpod.destroy("7h9k2m4n6p")
@@ -354,7 +437,12 @@ def test_stop_and_terminate(mocked, runpod):
 
 
 def test_stop_in_a_state_that_forbids_it_is_a_bad_request(mocked, runpod):
-    mocked.add(responses.POST, f"{PODS}/p/action", status=409, json={"title": "Conflict", "status": 409, "detail": "action stop not allowed in status EXITED"})
+    mocked.add(
+        responses.POST,
+        f"{PODS}/p/action",
+        status=409,
+        json={"title": "Conflict", "status": 409, "detail": "action stop not allowed in status EXITED"},
+    )
     with pytest.raises(BadRequest, match="not allowed"):
         runpod.stop("p")
 
@@ -367,7 +455,9 @@ def test_self_destroy_recipe_v2_first_then_graphql(tmp_path):
 
     def run(command: str) -> list[str]:
         script = 'curl() { printf "%s\\n" "$@"; }\n' + command
-        return subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, check=True).stdout.splitlines()
+        return subprocess.run(
+            ["bash", "-c", script], env=env, capture_output=True, text=True, check=True
+        ).stdout.splitlines()
 
     v2 = run(recipe.destroy[0].curl())
     assert "DELETE" in v2 and f"{RUNPOD_URL}/v2/pods/7h9k2m4n6p" in v2 and "Authorization: Bearer pod-scoped-key" in v2

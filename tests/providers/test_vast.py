@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 import responses
@@ -148,7 +148,12 @@ def test_create_destroys_the_instance_when_the_key_cannot_be_attached(mocked, va
     [
         (
             404,
-            {"success": False, "error": "invalid_args", "msg": "error 404/3603: no_such_ask Instance type by id 4001 is not available.", "ask_id": 4001},
+            {
+                "success": False,
+                "error": "invalid_args",
+                "msg": "error 404/3603: no_such_ask Instance type by id 4001 is not available.",
+                "ask_id": 4001,
+            },
             OfferGone,
         ),
         (410, {"success": False, "error": "no_such_ask", "msg": "no longer available"}, OfferGone),
@@ -180,9 +185,14 @@ def test_get_running_instance_prefers_the_direct_port(mocked, vast):
     instance = vast.get("7770001")
     assert instance.status == "running"
     assert instance.ssh is not None
-    assert (instance.ssh.host, instance.ssh.port, instance.ssh.user, instance.ssh.via) == ("63.135.50.11", 20000, "root", "direct")
+    assert (instance.ssh.host, instance.ssh.port, instance.ssh.user, instance.ssh.via) == (
+        "63.135.50.11",
+        20000,
+        "root",
+        "direct",
+    )
     assert instance.price_per_hour == pytest.approx(1.002, abs=0.001)
-    assert instance.started_at == datetime.fromtimestamp(1761008618.225083, tz=timezone.utc)
+    assert instance.started_at == datetime.fromtimestamp(1761008618.225083, tz=UTC)
     assert instance.gpu_model == "RTX A5000"
 
 
@@ -196,8 +206,15 @@ def test_get_falls_back_to_the_ssh_proxy(mocked, vast):
 
 @pytest.mark.parametrize(
     ("actual", "ours"),
-    [(None, "provisioning"), ("loading", "provisioning"), ("running", "running"), ("stopped", "stopped"),
-     ("exited", "exited"), ("offline", "exited"), ("unknown", "exited")],
+    [
+        (None, "provisioning"),
+        ("loading", "provisioning"),
+        ("running", "running"),
+        ("stopped", "stopped"),
+        ("exited", "exited"),
+        ("offline", "exited"),
+        ("unknown", "exited"),
+    ],
 )
 def test_status_is_normalised(mocked, vast, actual, ours):
     raw = load("vast_instance_running.json")
@@ -218,8 +235,14 @@ def test_get_missing_instance_is_not_found(mocked, vast):
 
 def _v1_page(rows: list[dict], next_token: str | None, total: int) -> dict:
     """A GET /api/v1/instances/ answer (vast-ai/docs show_instances.yaml)."""
-    return {"success": True, "instances_found": len(rows), "total_instances": total, "label_counts": {},
-            "next_token": next_token, "instances": rows}
+    return {
+        "success": True,
+        "instances_found": len(rows),
+        "total_instances": total,
+        "label_counts": {},
+        "next_token": next_token,
+        "instances": rows,
+    }
 
 
 def _instance_row(number: int, label: str) -> dict:
@@ -229,8 +252,9 @@ def _instance_row(number: int, label: str) -> dict:
 
 def test_list_keeps_only_our_labels(mocked, vast):
     rows = load("vast_instances.json")["instances"]
-    mocked.add(responses.GET, V1_INSTANCES, json=_v1_page(rows, None, 3),
-               match=[matchers.query_param_matcher({"limit": "25"})])
+    mocked.add(
+        responses.GET, V1_INSTANCES, json=_v1_page(rows, None, 3), match=[matchers.query_param_matcher({"limit": "25"})]
+    )
     found = vast.list_instances()
     assert [(i.id, i.status) for i in found] == [("7770001", "running"), ("7770002", "provisioning")]
     assert found[1].status_message == "pulling image"
@@ -239,10 +263,18 @@ def test_list_keeps_only_our_labels(mocked, vast):
 def test_list_follows_next_token_across_v1_pages(mocked, vast):
     """30 instances: 25 on the first page, 5 on the second, fetched with the first page's token."""
     rows = [_instance_row(n, f"rentrain-job{n}") for n in range(30)]
-    mocked.add(responses.GET, V1_INSTANCES, json=_v1_page(rows[:25], "eyJpZCI6IDI1fQ==", 30),
-               match=[matchers.query_param_matcher({"limit": "25"})])
-    mocked.add(responses.GET, V1_INSTANCES, json=_v1_page(rows[25:], None, 30),
-               match=[matchers.query_param_matcher({"limit": "25", "after_token": "eyJpZCI6IDI1fQ=="})])
+    mocked.add(
+        responses.GET,
+        V1_INSTANCES,
+        json=_v1_page(rows[:25], "eyJpZCI6IDI1fQ==", 30),
+        match=[matchers.query_param_matcher({"limit": "25"})],
+    )
+    mocked.add(
+        responses.GET,
+        V1_INSTANCES,
+        json=_v1_page(rows[25:], None, 30),
+        match=[matchers.query_param_matcher({"limit": "25", "after_token": "eyJpZCI6IDI1fQ=="})],
+    )
     found = vast.list_instances()
     assert [i.id for i in found] == [str(8000000 + n) for n in range(30)]
     assert len(mocked.calls) == 2  # v1 only: the v0 list (410 on migrated accounts) is never asked
@@ -261,10 +293,15 @@ def test_a_page_token_that_repeats_is_an_error_not_an_endless_loop(mocked, vast)
 
 
 def test_the_v0_list_is_used_only_where_v1_is_missing(mocked, vast):
-    mocked.add(responses.GET, V1_INSTANCES, status=404,
-               json={"success": False, "error": "not_found", "msg": "no route"})
-    mocked.add(responses.GET, f"{VAST_URL}/instances/", json=load("vast_instances.json"),
-               match=[matchers.query_param_matcher({"owner": "me"})])
+    mocked.add(
+        responses.GET, V1_INSTANCES, status=404, json={"success": False, "error": "not_found", "msg": "no route"}
+    )
+    mocked.add(
+        responses.GET,
+        f"{VAST_URL}/instances/",
+        json=load("vast_instances.json"),
+        match=[matchers.query_param_matcher({"owner": "me"})],
+    )
     assert [i.id for i in vast.list_instances()] == ["7770001", "7770002"]
 
 
@@ -272,8 +309,12 @@ def test_a_404_auth_error_is_a_rejected_key_naming_its_source(mocked, markets):
     """Vast may answer a wrong or revoked key with 404 + auth_error: not a missing route, not "provider down"."""
     from rentrain.credentials import open_provider
 
-    mocked.add(responses.GET, V1_INSTANCES, status=404,
-               json={"success": False, "error": "auth_error", "msg": "Invalid user key"})
+    mocked.add(
+        responses.GET,
+        V1_INSTANCES,
+        status=404,
+        json={"success": False, "error": "auth_error", "msg": "Invalid user key"},
+    )
     with pytest.raises(AuthError) as caught:
         open_provider("vast").list_instances()
     assert str(caught.value) == (
@@ -293,8 +334,12 @@ def test_a_404_auth_error_is_a_rejected_key_naming_its_source(mocked, markets):
     ],
 )
 def test_a_404_auth_error_is_an_auth_error_on_every_endpoint(mocked, vast, method, path, call):
-    mocked.add(method, f"{VAST_URL}{path}", status=404,
-               json={"success": False, "error": "auth_error", "msg": "Invalid user key"})
+    mocked.add(
+        method,
+        f"{VAST_URL}{path}",
+        status=404,
+        json={"success": False, "error": "auth_error", "msg": "Invalid user key"},
+    )
     with pytest.raises(AuthError, match="auth_error: Invalid user key"):
         call(vast)
 
@@ -346,7 +391,9 @@ def test_destroy_unknown_instance_is_not_found(mocked, vast):
 def test_429_without_retry_after_backs_off_then_succeeds(mocked, vast, clock: FakeClock):
     mocked.add(responses.GET, f"{VAST_URL}/instances/7770001/", status=429, body="API requests too frequent")
     mocked.add(
-        responses.GET, f"{VAST_URL}/instances/7770001/", status=429,
+        responses.GET,
+        f"{VAST_URL}/instances/7770001/",
+        status=429,
         json={"detail": "API requests too frequent endpoint threshold=2.0"},
     )
     mocked.add(responses.GET, f"{VAST_URL}/instances/7770001/", json=load("vast_instance_running.json"))
@@ -358,7 +405,12 @@ def test_429_without_retry_after_backs_off_then_succeeds(mocked, vast, clock: Fa
 
 
 def test_429_backoff_is_bounded(mocked, vast, clock: FakeClock):
-    mocked.add(responses.POST, f"{VAST_URL}/bundles/", status=429, json={"detail": "API requests too frequent endpoint threshold=6"})
+    mocked.add(
+        responses.POST,
+        f"{VAST_URL}/bundles/",
+        status=429,
+        json={"detail": "API requests too frequent endpoint threshold=6"},
+    )
     with pytest.raises(RateLimited, match="too frequent"):
         vast.search(Requirements())
     assert 1 <= len(mocked.calls) <= 5
@@ -387,8 +439,11 @@ def test_self_destroy_recipe_runs_as_shell_without_secrets(tmp_path):
     command = recipe.destroy[0].curl()
     script = 'curl() { printf "%s\\n" "$@"; }\n' + command
     out = subprocess.run(
-        ["bash", "-c", script], env={"CONTAINER_ID": "7770001", "CONTAINER_API_KEY": "ck-123", "PATH": "/usr/bin:/bin"},
-        capture_output=True, text=True, check=True,
+        ["bash", "-c", script],
+        env={"CONTAINER_ID": "7770001", "CONTAINER_API_KEY": "ck-123", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.splitlines()
     assert "DELETE" in out
     assert "Authorization: Bearer ck-123" in out
@@ -396,7 +451,10 @@ def test_self_destroy_recipe_runs_as_shell_without_secrets(tmp_path):
     assert "vastai destroy instance $CONTAINER_ID" in (recipe.cli_fallback_destroy or "")
     stop = subprocess.run(
         ["bash", "-c", 'curl() { printf "%s\\n" "$@"; }\n' + recipe.stop[0].curl()],
-        env={"CONTAINER_ID": "7", "CONTAINER_API_KEY": "k"}, capture_output=True, text=True, check=True,
+        env={"CONTAINER_ID": "7", "CONTAINER_API_KEY": "k"},
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.splitlines()
     assert "PUT" in stop and '{"state": "stopped"}' in stop
 

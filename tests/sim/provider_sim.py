@@ -169,7 +169,8 @@ class ProviderSimulator:
     def live_instances(self, provider: str | None = None) -> list[SimInstance]:
         """Instances not destroyed; with `provider`, only that account's (each market sees its own)."""
         return [
-            i for i in self.instances.values()
+            i
+            for i in self.instances.values()
             if i.state not in ("destroyed",) and (provider is None or i.provider == provider)
         ]
 
@@ -263,7 +264,11 @@ class ProviderSimulator:
             if offer is None or offer.gone:
                 return 404, {"success": False, "error": "no_such_ask", "msg": "Instance type no longer available."}, {}
             instance = self._create("vast", offer, body.get("label") or "", body.get("env") or {})
-            return 200, {"success": True, "new_contract": int(instance.id), "instance_api_key": instance.instance_key}, {}
+            return (
+                200,
+                {"success": True, "new_contract": int(instance.id), "instance_api_key": instance.instance_key},
+                {},
+            )
         if method == "GET" and route == "/instances/":
             if not self.vast_v0_instance_list:
                 return 410, VAST_V0_LIST_GONE, {}
@@ -316,14 +321,18 @@ class ProviderSimulator:
         labels: dict[str, int] = {}
         for instance in rows:
             labels[instance.label] = labels.get(instance.label, 0) + 1
-        return 200, {
-            "success": True,
-            "instances_found": len(page),
-            "total_instances": len(rows),
-            "label_counts": labels,
-            "next_token": next_token,
-            "instances": [self._vast_instance(i) for i in page],
-        }, {}
+        return (
+            200,
+            {
+                "success": True,
+                "instances_found": len(page),
+                "total_instances": len(rows),
+                "label_counts": labels,
+                "next_token": next_token,
+                "instances": [self._vast_instance(i) for i in page],
+            },
+            {},
+        )
 
     def _vast_offer(self, offer: SimOffer) -> dict[str, Any]:
         return {

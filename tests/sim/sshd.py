@@ -71,9 +71,7 @@ class SshdInstance:
         if new_host_key or not self.host_key_path.exists():
             for path in (self.host_key_path, self.host_key_path.with_suffix(".pub")):
                 path.unlink(missing_ok=True)
-            subprocess.run(
-                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.host_key_path)], check=True
-            )
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.host_key_path)], check=True)
         (self.root / "authorized_keys").write_text(self.authorized_key + "\n")
         set_env = " ".join(f'"{k}={v}"' for k, v in self.env.items())
         config = f"""
@@ -94,7 +92,9 @@ LogLevel ERROR
 """
         (self.root / "sshd_config").write_text(config)
         log = (self.root / "sshd.log").open("ab")
-        self.process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(self.root / "sshd_config")], stdout=log, stderr=log)
+        self.process = subprocess.Popen(
+            [SSHD, "-D", "-e", "-f", str(self.root / "sshd_config")], stdout=log, stderr=log
+        )
         deadline = time.time() + 10
         while time.time() < deadline:
             if self.process.poll() is not None:

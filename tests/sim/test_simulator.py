@@ -108,8 +108,9 @@ def test_an_account_not_yet_migrated_still_gets_the_v0_list(tmp_path: Path) -> N
     simulator.start()
     try:
         simulator.create_orphan("vast", "rentrain-old")
-        answer = requests.get(f"{simulator.vast_url}/instances/", headers={"Authorization": f"Bearer {VAST_KEY}"},
-                              timeout=5)
+        answer = requests.get(
+            f"{simulator.vast_url}/instances/", headers={"Authorization": f"Bearer {VAST_KEY}"}, timeout=5
+        )
         assert answer.status_code == 200 and [i["label"] for i in answer.json()["instances"]] == ["rentrain-old"]
     finally:
         simulator.shutdown()
@@ -125,8 +126,9 @@ def test_a_wrong_vast_key_is_a_404_auth_error_that_the_adapter_reports_as_such(s
 
 
 def test_the_runpod_catalog_lists_cuda_versions_as_objects(sim: ProviderSimulator) -> None:
-    answer = requests.get(f"{sim.runpod_url}/v2/catalog/gpus", headers={"Authorization": f"Bearer {RUNPOD_KEY}"},
-                          timeout=5).json()
+    answer = requests.get(
+        f"{sim.runpod_url}/v2/catalog/gpus", headers={"Authorization": f"Bearer {RUNPOD_KEY}"}, timeout=5
+    ).json()
     assert answer["gpus"][0]["cudaVersions"][0] == {"version": "12.4", "available": True}
     provider = RunPodProvider(RUNPOD_KEY, base_url=sim.runpod_url)
     [offer] = [o for o in provider.search(Requirements()) if o.gpu_model == "RTX 4090"]
