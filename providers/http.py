@@ -136,11 +136,15 @@ class ApiClient:
                     self._paced_until[endpoint] = self._clock() + self._delay(endpoint, attempt, retry_after)
                     raise RateLimited(self.provider, f"{message} (gave up after {attempt} tries)", 429, retry_after)
                 continue
-            if status in RETRYABLE_GATEWAY and idempotent and attempt < self.policy.max_attempts:
-                if self._schedule_retry(
+            if (
+                status in RETRYABLE_GATEWAY
+                and idempotent
+                and attempt < self.policy.max_attempts
+                and self._schedule_retry(
                     endpoint, attempt, waited, parse_retry_after(response.headers.get("Retry-After"))
-                ):
-                    continue
+                )
+            ):
+                continue
             if status >= 500:
                 raise ProviderDown(self.provider, message, status)
             raise self._named_key_source(self._classify(status, message, endpoint))
@@ -195,7 +199,7 @@ class ApiClient:
         if retry_after is not None:
             return min(retry_after, self.policy.max_retry_after_s)
         base = self.policy.endpoint_base_delay_s.get(endpoint, self.policy.base_delay_s)
-        ceiling = min(self.policy.max_delay_s, base * 2 ** (attempt - 1))
+        ceiling = min(self.policy.max_delay_s, base * 2.0 ** (attempt - 1))
         return ceiling / 2 + self._jitter() * ceiling / 2
 
 

@@ -75,10 +75,7 @@ class BucketPlanner:
                 bucket = (width, height)
             else:
                 bucket = min(self.buckets, key=lambda b: abs(b[0] / b[1] - aspect))
-            if aspect > bucket[0] / bucket[1]:
-                scale = bucket[1] / height
-            else:
-                scale = bucket[0] / width
+            scale = bucket[1] / height if aspect > bucket[0] / bucket[1] else bucket[0] / width
             resized = (int(width * scale + 0.5), int(height * scale + 0.5))
             return BucketChoice(bucket=bucket, resized=resized)
         resized = self._no_upscale_size(width, height, aspect)

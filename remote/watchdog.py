@@ -25,6 +25,7 @@ container, read from the environment, or from PID 1's environment when an SSH se
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -236,10 +237,8 @@ class Watchdog:
         while self.trainer_alive() and self.clock() < deadline:
             self.sleep(1)
         if self.trainer_alive():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     def results_not_fetched(self) -> bool:
         if (self.job_dir / FETCHED).exists():

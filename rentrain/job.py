@@ -14,7 +14,7 @@ import shlex
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import cached_property, partial
 from pathlib import Path
@@ -371,8 +371,9 @@ class JobRunner:
         if instance.status == "stopped":
             if not start_stopped:
                 raise JobFailed(
-                    f"instance {instance.id} is stopped (its watchdog kept the results): `rentrain attach {self.job.id}` "
-                    f"starts it, fetches and destroys; `rentrain down {self.job.id}` destroys it"
+                    f"instance {instance.id} is stopped (its watchdog kept the results): "
+                    f"`rentrain attach {self.job.id}` starts it, fetches and destroys; "
+                    f"`rentrain down {self.job.id}` destroys it"
                 )
             self.say(f"instance {instance.id} was stopped by its watchdog to keep unfetched results; starting it")
             self.provider.start(instance.id)
@@ -482,7 +483,8 @@ class JobRunner:
         self.ledger.update_instance(record.job_id, record.offer_id, record.created_at, instance_id=instance.id)
         self._move("waiting_ssh", f"instance {instance.id}")
         self.say(
-            f"rented {record.gpu} ({offer.provider} instance {instance.id}) at ${offer.price_per_hour:.3f}/h; waiting for SSH"
+            f"rented {record.gpu} ({offer.provider} instance {instance.id}) "
+            f"at ${offer.price_per_hour:.3f}/h; waiting for SSH"
         )
         endpoint = self._wait_for_ssh(instance)
         if endpoint is None:
@@ -569,7 +571,8 @@ class JobRunner:
             if current is not None:
                 if current.status in ("exited", "gone"):
                     self.say(
-                        f"instance {instance.id} {current.provider_status}: {current.status_message or 'no reason given'}"
+                        f"instance {instance.id} {current.provider_status}: "
+                        f"{current.status_message or 'no reason given'}"
                     )
                     return None
                 if current.status == "running" and current.ssh is not None:
@@ -1029,13 +1032,12 @@ class JobRunner:
         if self.provider is None:
             watchdog_pid = shlex.quote(posixpath.join(session.layout.root, "watchdog.pid"))
             trainer_pid = shlex.quote(session.layout.trainer_pid)
-            try:
+            with suppress(TransportError):
                 session.remote.run(
-                    f"kill $(cat {watchdog_pid} 2>/dev/null) 2>/dev/null; kill -TERM -$(cat {trainer_pid} 2>/dev/null) 2>/dev/null; true",
+                    f"kill $(cat {watchdog_pid} 2>/dev/null) 2>/dev/null; "
+                    f"kill -TERM -$(cat {trainer_pid} 2>/dev/null) 2>/dev/null; true",
                     check=False,
                 )
-            except TransportError:
-                pass
         session.remote.close()
         self.destroy_instance(session.record, reason)
 

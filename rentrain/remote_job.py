@@ -210,7 +210,10 @@ def trainer_command(layout: RemoteLayout, python: str, resume: str | None, gpus:
     that the client and the watchdog signal, so every rank is stopped with it."""
     arguments = trainer_argv(python, layout.config, resume, gpus)
     # events go to output/events.jsonl; stdout (the same events) is not needed, stderr is the log
-    run = f"cd {shlex.quote(layout.root)} && PYTHONPATH={shlex.quote(layout.payload)} exec {shlex.join(arguments)} > /dev/null"
+    run = (
+        f"cd {shlex.quote(layout.root)} && PYTHONPATH={shlex.quote(layout.payload)} "
+        f"exec {shlex.join(arguments)} > /dev/null"
+    )
     # a retried SSH command must not start a second trainer
     return f"{is_alive_command(layout.trainer_pid)} || {{ {detached(run, layout.trainer_log, layout.trainer_pid)} }}"
 

@@ -70,10 +70,10 @@ def open_image(path: Path, at_least: tuple[int, int] | None = None):
             if at_least is not None and image.format in ("JPEG", "MPO"):  # MPO: phones' multi-picture JPEG
                 rotated = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
                 image.draft("RGB", (at_least[1], at_least[0]) if rotated else at_least)
-            image = ImageOps.exif_transpose(image)
-            if image.mode in WIDE_GREY_MODES:
-                image = image.convert("I").point(lambda value: value / 257, "L")
-            return image.convert("RGB")
+            shown = ImageOps.exif_transpose(image)
+            if shown.mode in WIDE_GREY_MODES:
+                shown = shown.convert("I").point(lambda value: value / 257, "L")
+            return shown.convert("RGB")
     except Exception as exc:
         raise DataError(f"{path}: cannot read the image: {exc}") from exc
 
@@ -95,6 +95,8 @@ def crop_ltrb(bucket: tuple[int, int], image_size: tuple[int, int]) -> tuple[flo
     """kohya's BucketManager.get_crop_ltrb (SDXL's crop conditioning; a letterbox-style offset)."""
     bucket_ar = bucket[0] / bucket[1]
     image_ar = image_size[0] / image_size[1]
+    resized_w: float
+    resized_h: float
     if bucket_ar > image_ar:
         resized_w, resized_h = bucket[1] * image_ar, bucket[1]
     else:
@@ -159,9 +161,9 @@ def build_dataset(cfg, layout: DatasetLayout | None = None, processes: int = 1) 
                     repeats=repeats,
                     is_reg=subset.is_reg,
                     original_size=size,
-                    bucket=tuple(choice.bucket),
-                    resized=tuple(choice.resized),
-                    crop_ltrb=crop_ltrb(tuple(choice.bucket), size),
+                    bucket=choice.bucket,
+                    resized=choice.resized,
+                    crop_ltrb=crop_ltrb(choice.bucket, size),
                     subset=subset.folder.name,
                 )
             )
@@ -286,12 +288,12 @@ def cache_latents(
     folder.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         for record, digest in zip(
-            dataset.records, pool.map(lambda r: r.content_hash or file_sha256(r.path), dataset.records)
+            dataset.records, pool.map(lambda r: r.content_hash or file_sha256(r.path), dataset.records), strict=True
         ):
             record.content_hash = digest
         found = list(pool.map(lambda r: _read_cached_latent(folder, r, flip), dataset.records))
         missing: dict[tuple[int, int], list[tuple[ImageRecord, Path]]] = defaultdict(list)
-        for record, (path, hit) in zip(dataset.records, found):
+        for record, (path, hit) in zip(dataset.records, found, strict=True):
             if not hit:
                 missing[record.bucket].append((record, path))
         reused = len(dataset.records) - sum(len(items) for items in missing.values())
@@ -306,6 +308,7 @@ def cache_latents(
         try:
             decoded = pool.submit(_decode_chunk, chunks[0]) if chunks else None
             for index, chunk in enumerate(chunks):
+                assert decoded is not None, "each chunk's decode is submitted before its turn"
                 pixels = decoded.result().to(device, non_blocking=True)
                 if index + 1 < len(chunks):
                     decoded = pool.submit(_decode_chunk, chunks[index + 1])
@@ -325,7 +328,10 @@ def _read_cached_latent(folder: Path, record: ImageRecord, flip: bool) -> tuple[
     """(the record's cache file, whether it was read into the record)."""
     from safetensors.torch import load_file
 
-    key = f"{record.content_hash}_{record.bucket[0]}x{record.bucket[1]}_{record.resized[0]}x{record.resized[1]}_{PIXELS_VERSION}"
+    key = (
+        f"{record.content_hash}_{record.bucket[0]}x{record.bucket[1]}_"
+        f"{record.resized[0]}x{record.resized[1]}_{PIXELS_VERSION}"
+    )
     path = folder / f"{key}.safetensors"
     if path.is_file():
         try:

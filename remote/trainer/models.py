@@ -361,5 +361,5 @@ def encode(
 
 def sdxl_time_ids(original_hw, crop_top_left, target_hw) -> torch.Tensor:
     """[B, 6] = (orig_h, orig_w, crop_top, crop_left, target_h, target_w) per sample, as diffusers wants."""
-    rows = [list(o) + list(c) + list(t) for o, c, t in zip(original_hw, crop_top_left, target_hw)]
+    rows = [list(o) + list(c) + list(t) for o, c, t in zip(original_hw, crop_top_left, target_hw, strict=True)]
     return torch.tensor(rows, dtype=torch.float32)

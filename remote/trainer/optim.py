@@ -24,6 +24,7 @@ def make_optimizer(
     """
     kwargs = parse_optimizer_args(args)
     lower = name.lower()
+    cls: type[torch.optim.Optimizer]
     if lower == "adamw":
         cls = torch.optim.AdamW
         if device.type == "cuda":
@@ -37,27 +38,33 @@ def make_optimizer(
                 f'"{"AdamW" if lower == "adamw8bit" else "Lion"}"'
             )
         try:
-            import bitsandbytes as bnb
+            # from the defining modules: bitsandbytes.optim does not re-export them for a type checker
+            from bitsandbytes.optim.adamw import AdamW8bit
+            from bitsandbytes.optim.lion import Lion8bit
         except Exception as exc:
             raise OptimizerError(
                 f"{name} needs bitsandbytes, which cannot be imported here ({exc}); "
                 'use optimizer_type = "AdamW" or install bitsandbytes'
             ) from exc
-        cls = bnb.optim.AdamW8bit if lower == "adamw8bit" else bnb.optim.Lion8bit
+        cls = AdamW8bit if lower == "adamw8bit" else Lion8bit
     elif lower == "lion":
         try:
-            from lion_pytorch import Lion as cls
+            from lion_pytorch import Lion
         except ImportError as exc:
             raise OptimizerError(
                 "Lion needs the lion-pytorch package (pip install lion-pytorch); or use AdamW"
             ) from exc
+        cls = Lion
     elif lower == "prodigy":
         try:
-            from prodigyopt import Prodigy as cls
+            from prodigyopt import Prodigy
         except ImportError as exc:
             raise OptimizerError("Prodigy needs the prodigyopt package (pip install prodigyopt); or use AdamW") from exc
+        cls = Prodigy
     elif lower == "adafactor":
-        from transformers.optimization import Adafactor as cls
+        from transformers.optimization import Adafactor
+
+        cls = Adafactor
 
         # The usual SDXL recipe (a fixed learning rate under our scheduler). kohya's bare default is relative
         # step sizes, which replace the learning rate and its scheduler: not supported, said plainly.
@@ -72,7 +79,8 @@ def make_optimizer(
         kwargs.setdefault("warmup_init", False)
     else:
         raise OptimizerError(f"unknown optimizer {name!r}")
-    optimizer = cls(param_groups, lr=lr, **kwargs)
+    # every class chosen above takes lr; their common base torch.optim.Optimizer does not (it takes defaults)
+    optimizer = cls(param_groups, lr=lr, **kwargs)  # type: ignore[call-arg]
     place_learning_rates(optimizer, device)
     label = f"{cls.__module__}.{cls.__name__}" + (f"({','.join(args)})" if args else "")
     return optimizer, label

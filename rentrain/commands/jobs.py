@@ -382,8 +382,8 @@ def attach(job_id: str) -> None:
                 if result_home(job):
                     _close_job(ledger, job.id, "its result was home; only the teardown was left")
                     console.print(
-                        f"job {job.id}'s result is home ({escape(str(job.result_path))}) and its instance is gone: closed, "
-                        "nothing rented"
+                        f"job {job.id}'s result is home ({escape(str(job.result_path))}) "
+                        "and its instance is gone: closed, nothing rented"
                     )
                     return
                 resume = job.last_state_path or "the start"

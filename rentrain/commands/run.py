@@ -265,7 +265,8 @@ def _run_rented(
     console.print(plan_upload(loaded.train).summary(), markup=False, highlight=False)
     if settings.max_cost is not None and best.estimate is not None and best.estimate.cost_usd > settings.max_cost:
         raise click.ClickException(
-            f"the estimate ${best.estimate.cost_usd:.2f} is above the budget ${settings.max_cost:.2f}; nothing was rented"
+            f"the estimate ${best.estimate.cost_usd:.2f} is above the budget ${settings.max_cost:.2f}; "
+            "nothing was rented"
         )
     if not yes and not click.confirm("Rent it and start?", default=True):
         raise click.Abort()

@@ -66,7 +66,7 @@ def test_remote_requirements_mirror_the_train_extra() -> None:
         return {re.split(r"[<>=!~;\[ ]", line.strip(), maxsplit=1)[0].lower() for line in lines if line.strip()}
 
     extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["train"]
-    remote = [l.split("#")[0] for l in (REPO / "remote" / "requirements.txt").read_text().splitlines()]
+    remote = [line.split("#")[0] for line in (REPO / "remote" / "requirements.txt").read_text().splitlines()]
     assert names(extra) - {"torch"} <= names(remote)
 
 

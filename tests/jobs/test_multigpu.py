@@ -6,6 +6,7 @@ built, run with a stand-in Python that records what it was given, and compared."
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shlex
@@ -214,7 +215,8 @@ def test_a_ledger_from_before_gets_the_column_with_one_gpu(tmp_path: Path) -> No
     for (sql,) in sqlite3.connect(old_schema.path).execute("SELECT sql FROM sqlite_master WHERE type = 'table'"):
         db.execute(sql.replace("    gpu_count INTEGER NOT NULL DEFAULT 1,\n", ""))
     db.execute(
-        "INSERT INTO instances (job_id, provider, offer_id, gpu, usd_per_hour, created_at) VALUES ('j1', 'vast', 'o', 'RTX 4090', 0.4, 1.0)"
+        "INSERT INTO instances (job_id, provider, offer_id, gpu, usd_per_hour, created_at) "
+        "VALUES ('j1', 'vast', 'o', 'RTX 4090', 0.4, 1.0)"
     )
     db.commit()
     db.close()
@@ -243,7 +245,7 @@ def _runner(tmp_path: Path, settings: RunSettings, provider: _GoneProvider) -> J
     ledger = Ledger(tmp_path / "l.sqlite3")
     job = _job(settings)
     ledger.create_job(job)
-    view = RunProgress(Console(file=open(os.devnull, "w")))
+    view = RunProgress(Console(file=io.StringIO()))
     key = JobKey(private_path=tmp_path / "key", public_line="ssh-ed25519 AAAA test")
     return JobRunner(ledger, job, load_config(EXAMPLE), provider, settings, key, view, lambda _text: None)  # type: ignore[arg-type]
 
@@ -298,7 +300,7 @@ def test_local_run_starts_the_accelerate_command_for_several_gpus(
             return 0
 
     monkeypatch.setattr(local_run.subprocess, "Popen", FakeChild)
-    view = RunProgress(Console(file=open(os.devnull, "w")))
+    view = RunProgress(Console(file=io.StringIO()))
     config, state = tmp_path / "my config.toml", tmp_path / "state 1"
     assert local_run.run_trainer(config, tmp_path / "out", view, state, gpus=2) == 0
     assert local_run.run_trainer(config, tmp_path / "out", view, None) == 0

@@ -246,7 +246,10 @@ def test_ssh_provider_only_stops_the_trainer(tmp_path: Path) -> None:
 
 
 def test_watchdog_runs_with_the_standard_library_only(tmp_path: Path) -> None:
-    code = "import sys; sys.path.insert(0, 'remote'); import watchdog; print(sorted(m for m in sys.modules if m.split('.')[0] in ('pydantic', 'rentrain', 'providers', 'torch')))"
+    code = (
+        "import sys; sys.path.insert(0, 'remote'); import watchdog; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pydantic', 'rentrain', 'providers', 'torch')))"
+    )
     completed = subprocess.run(
         [sys.executable, "-S", "-c", code],
         capture_output=True,
@@ -301,7 +304,7 @@ def test_stops_that_keep_failing_turn_into_a_destroy(
 
 
 def test_a_client_that_never_started_the_trainer_counts_as_gone(tmp_path: Path, api: tuple[str, Recorder]) -> None:
-    base, recorder = api
+    base, _recorder = api
     clock = FakeClock(0.0)
     dog = _watchdog(
         tmp_path, {"started_at": 0.0, "idle_timeout_seconds": 600, "recipe": _recipe(base), "poll_seconds": 60}, clock

@@ -121,7 +121,7 @@ def test_create_rents_the_ask_and_attaches_the_job_key(mocked, vast):
 def test_create_bid_offer_sends_the_bid_price(mocked, vast):
     mocked.add(responses.POST, f"{VAST_URL}/bundles/", json=load("vast_bundles.json"))
     mocked.add(responses.POST, f"{VAST_URL}/bundles/", json=load("vast_bundles_bid.json"))
-    bid = [o for o in vast.search(Requirements(include_interruptible=True)) if o.interruptible][0]
+    bid = next(o for o in vast.search(Requirements(include_interruptible=True)) if o.interruptible)
     mocked.add(responses.PUT, f"{VAST_URL}/asks/3001/", json=load("vast_create.json"))
     mocked.add(responses.POST, f"{VAST_URL}/instances/7770001/ssh/", json={"success": True})
     vast.create(bid, LAUNCH)

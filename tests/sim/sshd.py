@@ -7,6 +7,7 @@ instance kills sshd and every process that carries its RENTRAIN_WORKDIR, detache
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import signal
@@ -114,10 +115,8 @@ LogLevel ERROR
             self.process.kill()
             self.process.wait(timeout=10)
             for pid in sessions:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
         self.process = None
 
     def processes(self) -> list[int]:
@@ -142,8 +141,6 @@ LogLevel ERROR
             if not pids:
                 return
             for pid in pids:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             time.sleep(0.1)
