@@ -308,15 +308,7 @@ class JobRunner:
             self._end_instance_record(record, f"not connected: {exc}")
             self._close("failed", f"could not connect: {exc}")
             raise JobFailed(f"{exc}{hint}") from None
-        self.ledger.update_instance(
-            record.job_id,
-            record.offer_id,
-            record.created_at,
-            running_at=time.time(),
-            ssh_host=endpoint.host,
-            ssh_port=endpoint.port,
-            ssh_user=endpoint.user,
-        )
+        self._record_connected(record, endpoint)
         layout = RemoteLayout(root=job_root(probe_workdir(remote), self.job.id))
         return self.train_on(Session(record=record, remote=remote, layout=layout), detach_after_start)
 
@@ -494,15 +486,7 @@ class JobRunner:
         remote = Remote(endpoint, self.key.private_path, None, on_first_key=lambda key: self._pin(record, key))
         try:
             remote.connect_with_retries(attempts=max(2, int(self.settings.ssh_wait_seconds // 5)), max_delay=5)
-            self.ledger.update_instance(
-                record.job_id,
-                record.offer_id,
-                record.created_at,
-                running_at=time.time(),
-                ssh_host=endpoint.host,
-                ssh_port=endpoint.port,
-                ssh_user=endpoint.user,
-            )
+            self._record_connected(record, endpoint)
             root = job_root(probe_workdir(remote), self.job.id)
         except (*NETWORK_ERRORS, TransportError) as exc:
             self.say(f"instance {instance.id} is not usable over SSH: {exc}")
@@ -511,6 +495,18 @@ class JobRunner:
             self.destroy_instance(record, f"SSH failed: {exc}")
             return None
         return Session(record=record, remote=remote, layout=RemoteLayout(root=root))
+
+    def _record_connected(self, record: InstanceRecord, endpoint: SshEndpoint) -> None:
+        """The instance answered SSH: from now on `attach`, `logs` and `fetch` reach it there."""
+        self.ledger.update_instance(
+            record.job_id,
+            record.offer_id,
+            record.created_at,
+            running_at=time.time(),
+            ssh_host=endpoint.host,
+            ssh_port=endpoint.port,
+            ssh_user=endpoint.user,
+        )
 
     def _pin(self, record: InstanceRecord, host_key: str) -> None:
         self.ledger.update_instance(record.job_id, record.offer_id, record.created_at, host_key=host_key)
