@@ -574,6 +574,11 @@ class TrainConfig(BaseModel):
         return int(self.lr_warmup_steps)
 
 
+# PyTorch's official image (docs/tested-versions.md): torch 2.11.0 built for CUDA 12.8. CUDA's minor-version
+# compatibility runs it on any CUDA 12 driver (R525 and later), hence min_cuda's 12.1.
+DEFAULT_IMAGE = "pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime"
+
+
 class JobSettings(BaseModel):
     """The `[rentrain]` table: how and where the job runs. The trainer ignores it. The command line's
     options for these settings (rentrain/cli_types.py) take their ranges from here."""
@@ -608,7 +613,7 @@ class JobSettings(BaseModel):
         le=10_080,
         description="After training ends, minutes without the client before the instance ends itself.",
     )
-    image: str = Field("pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime", description="Container image to boot.")
+    image: str = Field(DEFAULT_IMAGE, description="Container image to boot.")
     disk_gb: int = Field(40, ge=10, le=10_000, description="Disk to rent, in GB (priced into every offer).")
     max_offers: int = Field(5, ge=1, le=100, description="Offers to try before giving up when hosts fail.")
     max_retries: int = Field(2, ge=0, le=100, description="Times to resume on a new instance after a host dies.")

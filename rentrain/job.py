@@ -34,7 +34,7 @@ from providers.base import (
     ProviderError,
     SelfDestructRecipe,
 )
-from remote.config import LoadedConfig, model_source_kind
+from remote.config import DEFAULT_IMAGE, LoadedConfig, model_source_kind
 from remote.events import EVENTS_FILE, CheckpointEvent, DoneEvent, ErrorEvent, Event, SampleEvent, parse_event
 from rentrain.fetch_limits import FetchLimits, fetch_limits
 from rentrain.ledger import InstanceRecord, JobRecord, JobState, Ledger
@@ -86,7 +86,7 @@ class RunSettings(BaseModel):
     idle_timeout_minutes: float = 20
     max_offers: int = 5
     max_retries: int = 2
-    image: str = "pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime"
+    image: str = DEFAULT_IMAGE
     disk_gb: int = 40
     ssh_wait_seconds: float = 600  # an instance not reachable by then is destroyed and the next offer taken
     # SSH gone this long while the provider still says running: the host counts as dead (destroyed, next offer,

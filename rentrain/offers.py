@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 from providers import registry
 from providers.base import Offer, Provider, ProviderError, ReportsSkippedRows, Requirements, Unsupported
 from providers.gpu_names import normalise_gpu_name
+from remote.config import JobSettings
 from rentrain.costs import JobEstimate, JobProfile, estimate_job
 from rentrain.credentials import CredentialsError, open_provider
 
@@ -56,21 +57,21 @@ class OfferSearch(BaseModel):
     skipped: list[SkippedRows] = Field(default_factory=list)
 
 
-def requirements_from(job: Any | None = None, **overrides: Any) -> Requirements:
-    """Requirements from a config's [rentrain] table (JobSettings), then CLI overrides (None = not given)."""
-    values: dict[str, Any] = {}
-    if job is not None:
-        values = {
-            "gpu_count": job.gpu_count,
-            "min_vram_gb": job.min_vram_gb,
-            "min_reliability": job.min_reliability,
-            "min_cuda": job.min_cuda,
-            "verified_only": job.verified_only,
-            "include_interruptible": job.include_interruptible,
-            "max_price_per_hour": job.max_price_per_hour,
-            "gpu_models": list(job.gpu),
-            "disk_gb": job.disk_gb,
-        }
+def requirements_from(job: JobSettings | None = None, **overrides: Any) -> Requirements:
+    """Requirements from a config's [rentrain] table (JobSettings; its defaults without a config), then CLI
+    overrides (None = not given)."""
+    job = job if job is not None else JobSettings()
+    values: dict[str, Any] = {
+        "gpu_count": job.gpu_count,
+        "min_vram_gb": job.min_vram_gb,
+        "min_reliability": job.min_reliability,
+        "min_cuda": job.min_cuda,
+        "verified_only": job.verified_only,
+        "include_interruptible": job.include_interruptible,
+        "max_price_per_hour": job.max_price_per_hour,
+        "gpu_models": list(job.gpu),
+        "disk_gb": job.disk_gb,
+    }
     values.update({k: v for k, v in overrides.items() if v is not None})
     return Requirements(**values)
 
