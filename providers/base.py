@@ -93,17 +93,18 @@ class BadRequest(ProviderError):
 
 
 class Requirements(BaseModel):
-    """What an offer must satisfy. Checks on a field the provider does not publish pass (unknown is not 'bad')."""
+    """What an offer must satisfy. Checks on a field the provider does not publish pass (unknown is not 'bad').
+    The caller states every filter the user can set: their defaults are the config's `[rentrain]` table's."""
 
-    gpu_count: int = Field(1, ge=1)
-    min_vram_gb: float = Field(24, gt=0)
-    min_reliability: float = Field(0.98, ge=0, le=1)
-    min_cuda: float | None = 12.1
-    verified_only: bool = True
-    include_interruptible: bool = False
-    max_price_per_hour: float | None = Field(None, gt=0)
-    gpu_models: list[str] = Field(default_factory=list, description="Normalised names; empty means any.")
-    disk_gb: int = Field(40, ge=8, description="Disk we will create; every price includes it.")
+    gpu_count: int = Field(ge=1)
+    min_vram_gb: float = Field(gt=0)
+    min_reliability: float = Field(ge=0, le=1)
+    min_cuda: float | None
+    verified_only: bool
+    include_interruptible: bool
+    max_price_per_hour: float | None = Field(gt=0)
+    gpu_models: list[str] = Field(description="Normalised names; empty means any.")
+    disk_gb: int = Field(ge=8, description="Disk we will create; every price includes it.")
     min_download_mbps: float | None = None
 
 

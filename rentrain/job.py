@@ -34,10 +34,10 @@ from providers.base import (
     ProviderError,
     SelfDestructRecipe,
 )
-from remote.config import DEFAULT_IMAGE, LoadedConfig, model_source_kind
+from remote.config import JobSettings, LoadedConfig, model_source_kind
 from remote.events import EVENTS_FILE, CheckpointEvent, DoneEvent, ErrorEvent, Event, SampleEvent, parse_event
 from rentrain.fetch_limits import FetchLimits, fetch_limits
-from rentrain.ledger import InstanceRecord, JobRecord, JobState, Ledger
+from rentrain.ledger import IllegalTransition, InstanceRecord, JobRecord, JobState, Ledger
 from rentrain.paths import state_dir
 from rentrain.progress import RunProgress
 from rentrain.remote_job import (
@@ -79,15 +79,19 @@ SETUP_HEARTBEAT_SECONDS = 10
 UPLOAD_FLOOR_BYTES_PER_SECOND = 500_000
 
 
+# The [rentrain] table's defaults: a run's settings named after its keys take theirs from here.
+TABLE_DEFAULTS = JobSettings()
+
+
 class RunSettings(BaseModel):
     provider: str
-    max_cost: float | None = None
-    max_hours: float | None = None
-    idle_timeout_minutes: float = 20
-    max_offers: int = 5
-    max_retries: int = 2
-    image: str = DEFAULT_IMAGE
-    disk_gb: int = 40
+    max_cost: float | None = TABLE_DEFAULTS.max_cost
+    max_hours: float | None = TABLE_DEFAULTS.max_hours
+    idle_timeout_minutes: float = TABLE_DEFAULTS.idle_timeout_minutes
+    max_offers: int = TABLE_DEFAULTS.max_offers
+    max_retries: int = TABLE_DEFAULTS.max_retries
+    image: str = TABLE_DEFAULTS.image
+    disk_gb: int = TABLE_DEFAULTS.disk_gb
     ssh_wait_seconds: float = 600  # an instance not reachable by then is destroyed and the next offer taken
     # SSH gone this long while the provider still says running: the host counts as dead (destroyed, next offer,
     # resume). One poll that finds SSH gone takes ~15 s against a host that refuses connections and ~90 s
@@ -112,7 +116,7 @@ class RunSettings(BaseModel):
     identity: str | None = None  # --provider ssh: the user's own key for the machine rented by hand
     # GPUs per instance asked for (--gpus, else [rentrain] gpu_count): replacement offers are searched with
     # it. Each instance's own count (the processes the trainer runs there) is in its ledger record.
-    gpus: int = Field(1, ge=1, le=8)
+    gpus: int = Field(TABLE_DEFAULTS.gpu_count, ge=1, le=8)
 
 
 class JobFailed(Exception):
@@ -199,7 +203,13 @@ class JobRunner:
     # ------------------------------------------------------------------ ledger helpers
 
     def _move(self, state: JobState, detail: str = "", **fields: object) -> None:
-        self.job = self.ledger.transition(self.job.id, state, detail, **fields)
+        try:
+            self.job = self.ledger.transition(self.job.id, state, detail, **fields)
+        except IllegalTransition as exc:
+            if exc.from_state != "closed" or self.job.state == "closed":
+                raise
+            # another command (`rentrain down`) closed the job while this client followed it
+            raise JobFailed(f"job {self.job.id} was closed meanwhile; a closed job is never reopened") from None
 
     def _end_instance_record(self, record: InstanceRecord, reason: str) -> None:
         self.ledger.update_instance(
@@ -234,14 +244,15 @@ class JobRunner:
             except HostLost as exc:
                 retries += 1
                 self.say(f"host lost: {exc}")
-                self.ledger.record_failed_host(self.settings.provider, session.record.offer_id, f"lost mid-run: {exc}")
-                self.destroy(session, f"host lost: {exc}")
-                session = None
                 self.job = self.ledger.job(self.job.id)
-                if self.job.state == "closed":
+                if self.job.state == "closed":  # `rentrain down` ended its instance, then closed it
+                    session.remote.close()
                     raise JobFailed(
                         f"job {self.job.id} was closed meanwhile ({self.job.outcome}); not renting again"
                     ) from None
+                self.ledger.record_failed_host(self.settings.provider, session.record.offer_id, f"lost mid-run: {exc}")
+                self.destroy(session, f"host lost: {exc}")
+                session = None
                 spent = self._out_of_time_or_money()
                 if spent:
                     self._close("failed", spent)
@@ -417,8 +428,11 @@ class JobRunner:
         self._move("closed", detail, outcome=outcome, error=failure, **fields)
 
     def close(self, outcome: Outcome, detail: str) -> None:
-        """Close the job from outside the runner (the CLI after Ctrl-C), with the same last label sweep."""
-        self._close(outcome, detail)
+        """Close the job from outside the runner (the CLI after Ctrl-C), with the same last label sweep; a job
+        already closed (the Ctrl-C came as it closed) stays as it was."""
+        self.job = self.ledger.job(self.job.id)
+        if self.job.state != "closed":
+            self._close(outcome, detail)
 
     def _sweep_label(self) -> None:
         """The job's last guard before it closes: an instance with its label that no record of it ended (a

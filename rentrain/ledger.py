@@ -27,8 +27,8 @@ JobState = Literal[
     "creating",
     "waiting_ssh",
     "syncing",
-    "bootstrapping",
     "watchdog",
+    "bootstrapping",
     "training",
     "following",
     "fetching",
@@ -37,6 +37,42 @@ JobState = Literal[
 ]
 # Between recording the intent to rent and closing: an instance may exist.
 OPEN_STATES: tuple[JobState, ...] = tuple(s for s in get_args(JobState) if s not in ("planned", "closed"))
+
+
+def _moves(*states: JobState) -> frozenset[JobState]:
+    return frozenset(states)
+
+
+# The moves a job may make, from each state. Every open state may go to "destroying" (a failure, Ctrl-C, the
+# sweep settling a stopped instance) and to "closed" (`rentrain down`, once no instance of the job is left).
+# Attach re-runs the setup from its start ("syncing") in any state before "training". Anything else is a bug:
+# Ledger.transition raises IllegalTransition.
+ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    # recorded, nothing asked of a provider yet; closed when no offer is left to try (or Ctrl-C)
+    "planned": _moves("intent_recorded", "closed"),
+    # an instance record exists, before the create is sent (--provider ssh: before connecting)
+    "intent_recorded": _moves("creating", "waiting_ssh", "syncing", "destroying", "closed"),
+    # the create is sent; a refused or failed one goes on to the next offer
+    "creating": _moves("waiting_ssh", "intent_recorded", "syncing", "destroying", "closed"),
+    # the instance exists; waiting until it answers SSH
+    "waiting_ssh": _moves("syncing", "destroying", "closed"),
+    # the job folder and the trainer's code go up
+    "syncing": _moves("watchdog", "syncing", "destroying", "closed"),
+    # the watchdog starts on the instance: from here a client that dies leaves the instance to it
+    "watchdog": _moves("bootstrapping", "syncing", "destroying", "closed"),
+    # packages and the base model on the instance, while the job's files upload
+    "bootstrapping": _moves("training", "syncing", "destroying", "closed"),
+    # set up; the trainer is being started
+    "training": _moves("following", "destroying", "closed"),
+    # the client tails the trainer's events and fetches checkpoints (again on attach)
+    "following": _moves("fetching", "following", "destroying", "closed"),
+    # the result (or, at the budget, what there is) comes home; attach re-reads the events first
+    "fetching": _moves("following", "destroying", "closed"),
+    # the instance is being destroyed; after a lost host the next offer is taken ("intent_recorded")
+    "destroying": _moves("intent_recorded", "destroying", "closed"),
+    # over, with an outcome; never reopened
+    "closed": _moves(),
+}
 Outcome = Literal["succeeded", "failed", "cancelled"]
 
 SCHEMA = """
@@ -235,6 +271,16 @@ class LockHeld(Exception):
         )
 
 
+class IllegalTransition(Exception):
+    """A move that ALLOWED_TRANSITIONS does not list: a bug in the caller, not a user error."""
+
+    def __init__(self, job_id: str, from_state: str, to_state: str):
+        self.job_id = job_id
+        self.from_state = from_state
+        self.to_state = to_state
+        super().__init__(f"job {job_id}: no move from {from_state!r} to {to_state!r}")
+
+
 class Transition(BaseModel):
     job_id: str
     at: float
@@ -293,7 +339,8 @@ class Ledger:
             )
 
     def transition(self, job_id: str, to_state: JobState, detail: str = "", **fields: Any) -> JobRecord:
-        """Record the move to `to_state` (and any field updates) in one transaction; returns the new record."""
+        """Record the move to `to_state` (and any field updates) in one transaction; returns the new record.
+        IllegalTransition when ALLOWED_TRANSITIONS has no such move from the job's current state."""
         unknown = set(fields) - set(JobRecord.model_fields)
         if unknown:
             raise ValueError(f"unknown job fields: {sorted(unknown)}")
@@ -301,6 +348,8 @@ class Ledger:
             current = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if current is None:
                 raise KeyError(job_id)
+            if to_state not in ALLOWED_TRANSITIONS.get(current["state"], frozenset()):
+                raise IllegalTransition(job_id, current["state"], to_state)
             updates = {"state": to_state, **fields}
             db.execute(
                 f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in updates)} WHERE id = ?",

@@ -47,7 +47,7 @@ from rentrain.costs import profile_from_check
 from rentrain.credentials import CredentialsError, MissingApiKey, open_provider
 from rentrain.dataset_check import inspect_dataset
 from rentrain.job import JobFailed, JobRunner, RunSettings, Session
-from rentrain.ledger import ClientLock, JobRecord, Ledger, LockHeld, client_alive
+from rentrain.ledger import ClientLock, IllegalTransition, JobRecord, Ledger, LockHeld, client_alive
 from rentrain.offers import find_offers, requirements_from
 from rentrain.paths import state_dir
 from rentrain.progress import RunProgress, plain_printer
@@ -638,4 +638,9 @@ def _forget_key_of(ledger: Ledger, job: JobRecord, quiet_without_key: bool = Fal
 
 def _close_job(ledger: Ledger, job_id: str, detail: str) -> None:
     outcome = "succeeded" if result_home(ledger.job(job_id)) else "cancelled"
-    ledger.transition(job_id, "closed", detail, outcome=outcome)
+    try:
+        ledger.transition(job_id, "closed", detail, outcome=outcome)
+    except IllegalTransition:
+        if ledger.job(job_id).is_open:
+            raise
+        # its own client closed it between our look and this move: closed is what we wanted

@@ -82,8 +82,10 @@ def _finished_job_whose_client_died_before_closing(
             config_path=str(config),
             provider="vast",
             label=f"rentrain-{job_id}",
-            state="planned",
+            state=state,
             output_dir=str(output),
+            remote_dir="/root/rentrain/" + job_id,
+            result_path=str(output / "e2e.safetensors"),
             settings_json=RunSettings(provider="vast").model_dump_json(),
         )
     )
@@ -102,10 +104,6 @@ def _finished_job_whose_client_died_before_closing(
             running_at=created,
         )
     )
-    ledger.transition(job_id, state, remote_dir="/root/rentrain/" + job_id, result_path=str(output / "e2e.safetensors"))
-    if state == "closed":
-        ledger.update_instance(job_id, "7001", created, ended_at=created + 300, end_reason="training done")
-        ledger.transition(job_id, "closed", outcome="succeeded")
     create_job_key(job_id)
     return job_id
 

@@ -20,7 +20,7 @@ from providers.base import BadRequest, Instance, Offer, ProviderDown, ProviderEr
 from remote.config import load_config
 from rentrain import job as job_module
 from rentrain.job import HostLost, JobFailed, JobRunner, RunSettings, Session
-from rentrain.ledger import InstanceRecord, JobRecord, Ledger
+from rentrain.ledger import InstanceRecord, JobRecord, JobState, Ledger
 from rentrain.progress import RunProgress
 from rentrain.remote_job import RemoteLayout
 from rentrain.sshkeys import JobKey
@@ -100,6 +100,16 @@ def _runner(tmp_path: Path, provider: FakeProvider, said: list[str], **settings:
     view = RunProgress(Console(file=open(os.devnull, "w")))  # noqa: SIM115 - lives as long as the test
     key = JobKey(private_path=tmp_path / "key", public_line="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAITestKey j1")
     return JobRunner(ledger, job, load_config(EXAMPLE), provider, run_settings, key, view, said.append)  # type: ignore[arg-type]
+
+
+# The states provision() takes a job through up to an instance that answers SSH; then the setup's, up to the follow.
+TO_SSH: tuple[JobState, ...] = ("intent_recorded", "creating", "waiting_ssh")
+TO_FOLLOWING: tuple[JobState, ...] = (*TO_SSH, "syncing", "watchdog", "bootstrapping", "training", "following")
+
+
+def _walk(runner: JobRunner, states: tuple[JobState, ...]) -> None:
+    for state in states:
+        runner.job = runner.ledger.transition("j1", state)
 
 
 def _live_record(runner: JobRunner, instance_id: str = "1001") -> InstanceRecord:
@@ -270,7 +280,9 @@ def _session(
 ) -> tuple[Session, DroppingRemote]:
     layout = RemoteLayout(root="/workspace/rentrain/j1")
     remote = DroppingRemote(layout, phases, drops)
-    return Session(record=_live_record(runner), remote=remote, layout=layout), remote  # type: ignore[arg-type]
+    record = _live_record(runner)
+    _walk(runner, TO_SSH)
+    return Session(record=record, remote=remote, layout=layout), remote  # type: ignore[arg-type]
 
 
 def test_every_setup_step_reconnects_and_runs_again_after_an_ssh_drop(
@@ -378,8 +390,7 @@ def test_a_name_the_client_refuses_ends_the_job_and_its_instance_not_the_host(
 ) -> None:
     provider = FakeProvider()
     runner = _runner(tmp_path, provider, [], ssh_lost_seconds=0)
-    runner.ledger.transition("j1", "following")
-    runner.job = runner.ledger.job("j1")
+    _walk(runner, TO_FOLLOWING)
     remote = EventRemote(event)
     session = Session(record=_live_record(runner), remote=remote, layout=RemoteLayout(root=ROOT))  # type: ignore[arg-type]
     with pytest.raises(UnsafeRemotePath):
@@ -389,3 +400,45 @@ def test_a_name_the_client_refuses_ends_the_job_and_its_instance_not_the_host(
     assert runner.ledger.failed_hosts("vast") == set()  # the host did nothing wrong
     job = runner.ledger.job("j1")
     assert job.state == "closed" and job.outcome == "failed" and "UnsafeRemotePath" in (job.error or "")
+
+
+class ClosedByDownRemote(EventRemote):
+    """`rentrain down` ends the instance and closes the job while this client reads its events."""
+
+    def __init__(self, ledger: Ledger, record: InstanceRecord, provider: FakeProvider):
+        super().__init__({})
+        self.ledger, self.record, self.provider = ledger, record, provider
+
+    def read_from(self, path: str, offset: int, max_bytes: int = 4 << 20) -> bytes:
+        assert self.record.instance_id is not None
+        self.provider.destroyed.append(self.record.instance_id)
+        self.ledger.update_instance("j1", "7001", self.record.created_at, ended_at=time.time(), end_reason="down")
+        self.ledger.transition("j1", "closed", "rentrain down", outcome="cancelled")
+        raise SshUnavailable("127.0.0.1:1 refused")
+
+
+def test_a_job_closed_by_down_while_followed_is_never_reopened(tmp_path: Path) -> None:
+    provider = FakeProvider()
+    runner = _runner(tmp_path, provider, [])
+    record = _live_record(runner)
+    _walk(runner, TO_FOLLOWING)
+    remote = ClosedByDownRemote(runner.ledger, record, provider)
+    session = Session(record=record, remote=remote, layout=RemoteLayout(root=ROOT))  # type: ignore[arg-type]
+    with pytest.raises(JobFailed, match="closed meanwhile"):
+        runner.run([OFFER], session=session)
+    job = runner.ledger.job("j1")
+    assert job.state == "closed" and job.outcome == "cancelled"
+    assert runner.ledger.transitions("j1")[-1].detail == "rentrain down"  # nothing moved it after the close
+    assert provider.created == [] and provider.destroyed == ["1001"]  # no second rental, no second destroy
+    assert runner.ledger.failed_hosts("vast") == set()  # the host did nothing wrong
+
+
+def test_a_move_after_another_command_closed_the_job_fails_the_job_not_the_ledger(tmp_path: Path) -> None:
+    runner = _runner(tmp_path, FakeProvider(), [])
+    record = _live_record(runner)
+    _walk(runner, TO_SSH)
+    runner.ledger.transition("j1", "closed", "rentrain down", outcome="cancelled")
+    with pytest.raises(JobFailed, match="closed meanwhile"):
+        runner.destroy_instance(record, "SSH never became reachable")
+    runner.close("cancelled", "stopped by the user")  # a Ctrl-C as the job closed: it stays as it was
+    assert [t.to_state for t in runner.ledger.transitions("j1")][-2:] == ["waiting_ssh", "closed"]

@@ -36,7 +36,7 @@ from rentrain.cli import main
 from rentrain.commands.jobs import sweep
 from rentrain.commands.run import _drive
 from rentrain.job import JobFailed, JobRunner, RunSettings
-from rentrain.ledger import InstanceRecord, JobRecord, Ledger, this_host
+from rentrain.ledger import InstanceRecord, JobRecord, JobState, Ledger, this_host
 from rentrain.progress import RunProgress
 from rentrain.sshkeys import create_job_key
 from tests.e2e.conftest import write_job
@@ -149,7 +149,7 @@ def _add_job(
     provider: str = "vast",
     instance_id: str | None = "11",
     *,
-    state: str = "following",
+    state: JobState = "following",
     result_home: bool = False,
     idle_days: float = 0.0,
     client_pid: int | None = None,
@@ -170,8 +170,13 @@ def _add_job(
             config_path=str(config),
             provider=provider,
             label=f"rentrain-{job_id}",
-            state="planned",
+            state=state,  # the ledger as the client left it
             output_dir=str(output),
+            remote_dir=f"/root/rentrain/{job_id}",
+            result_path=str(result) if result else None,
+            client_seen_at=seen,
+            last_step=40,
+            total_steps=80,
             settings_json=RunSettings(provider=provider).model_dump_json(),
             client_pid=client_pid,
             client_host=this_host() if client_pid else None,
@@ -194,15 +199,7 @@ def _add_job(
             running_at=seen,
         )
     )
-    return ledger.transition(
-        job_id,
-        state,
-        remote_dir=f"/root/rentrain/{job_id}",
-        result_path=str(result) if result else None,
-        client_seen_at=seen,
-        last_step=40,
-        total_steps=80,
-    )
+    return ledger.job(job_id)
 
 
 def _sweep_output(seconds: float = 8.0) -> str:

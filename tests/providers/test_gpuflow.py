@@ -5,15 +5,16 @@ from __future__ import annotations
 import pytest
 
 from providers import registry
-from providers.base import LaunchSpec, Offer, Requirements, Unsupported
+from providers.base import LaunchSpec, Offer, Unsupported
 from providers.gpuflow import REFUSAL, GpuFlowProvider
+from rentrain.offers import requirements_from
 
 from .conftest import SSH_KEY
 
 
 def test_search_says_why_there_are_no_offers():
     with pytest.raises(Unsupported) as caught:
-        GpuFlowProvider().search(Requirements())
+        GpuFlowProvider().search(requirements_from())
     message = caught.value.message
     assert "no renter API" in message and "SSH" in message and "web UI" in message
 

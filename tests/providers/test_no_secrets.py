@@ -9,7 +9,8 @@ import pytest
 import requests
 import responses
 
-from providers.base import LaunchSpec, Offer, ProviderError, Requirements
+from providers.base import LaunchSpec, Offer, ProviderError
+from rentrain.offers import requirements_from
 
 from .conftest import RUNPOD_KEY, RUNPOD_URL, SSH_KEY, VAST_KEY, VAST_URL
 
@@ -43,7 +44,7 @@ def echo(key: str) -> dict:
 
 def _calls(provider, offer):
     return {
-        "search": lambda: provider.search(Requirements()),
+        "search": lambda: provider.search(requirements_from()),
         "create": lambda: provider.create(offer, LAUNCH),
         "get": lambda: provider.get("1"),
         "list": lambda: provider.list_instances(),

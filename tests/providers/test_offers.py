@@ -11,7 +11,7 @@ import responses
 from click.testing import CliRunner
 from responses import matchers
 
-from providers.base import Offer, ProviderDown, ProviderInfo, Requirements
+from providers.base import Offer, ProviderDown, ProviderInfo
 from rentrain.cli import main
 from rentrain.costs import JobProfile
 from rentrain.offers import find_offers, meets, query_providers, rank, requirements_from
@@ -63,12 +63,12 @@ def offer(**kw) -> Offer:
     ],
 )
 def test_requirements(change, kept):
-    req = Requirements(max_price_per_hour=0.5, gpu_models=["RTX 3090"])
+    req = requirements_from(max_price_per_hour=0.5, gpu_models=["RTX 3090"])
     assert meets(offer(**change), req) is kept
 
 
 def test_interruptible_allowed_when_asked():
-    assert meets(offer(interruptible=True), Requirements(include_interruptible=True))
+    assert meets(offer(interruptible=True), requirements_from(include_interruptible=True))
 
 
 def test_requirements_from_config_then_flags():
@@ -130,7 +130,7 @@ def test_one_failing_provider_is_a_note_not_a_crash():
         "runpod": FakeProvider("runpod", error=ProviderDown("runpod", "503 maintenance", 503)),
     }
     answers = query_providers(
-        ["vast", "runpod", "gpuflow"], Requirements(), opener=lambda n: providers.get(n) or _real(n)
+        ["vast", "runpod", "gpuflow"], requirements_from(), opener=lambda n: providers.get(n) or _real(n)
     )
     assert [o.offer_id for o in answers.offers] == ["1"]
     assert [(n.provider, n.kind) for n in answers.notes] == [("runpod", "error"), ("gpuflow", "unsupported")]
@@ -145,7 +145,7 @@ def _real(name):
 
 
 def test_missing_key_is_a_note():
-    search = find_offers(["vast"], Requirements())
+    search = find_offers(["vast"], requirements_from())
     assert search.ranked == []
     assert search.notes[0].kind == "error" and "VAST_API_KEY" in search.notes[0].message
     assert search.notes[0].summary == "no API key"
@@ -161,7 +161,7 @@ def test_providers_are_asked_concurrently():
             barrier.wait()  # only returns if both searches run at the same time
             return [offer(provider=self.info.name)]
 
-    answers = query_providers(["vast", "runpod"], Requirements(), opener=lambda n: Waiting(n))
+    answers = query_providers(["vast", "runpod"], requirements_from(), opener=lambda n: Waiting(n))
     assert sorted(o.provider for o in answers.offers) == ["runpod", "vast"] and answers.notes == []
 
 

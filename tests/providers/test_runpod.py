@@ -20,10 +20,10 @@ from providers.base import (
     OfferGone,
     ProviderDown,
     RateLimited,
-    Requirements,
     Unsupported,
 )
 from providers.runpod import RunPodProvider
+from rentrain.offers import requirements_from
 
 from .conftest import RUNPOD_KEY, RUNPOD_URL, SSH_KEY, FakeClock, body, load
 
@@ -53,7 +53,7 @@ def _catalog(mocked, min_cuda="12.1", count=1):
 
 def _offers(mocked, runpod, req=None):
     _catalog(mocked)
-    return runpod.search(req or Requirements(disk_gb=40))
+    return runpod.search(req or requirements_from(disk_gb=40))
 
 
 def test_catalog_gives_one_offer_per_gpu_type_per_cloud(mocked, runpod):
@@ -91,7 +91,7 @@ def test_bare_version_strings_are_still_read(mocked, runpod):
     raw["gpus"][2].pop("cudaVersions")  # "treat a missing cudaVersions the same as an empty one"
     mocked.add(responses.GET, CATALOG, json=raw)
     mocked.add(responses.GET, CATALOG, json={"gpus": []})
-    offers = {o.gpu_model: o for o in runpod.search(Requirements())}
+    offers = {o.gpu_model: o for o in runpod.search(requirements_from())}
     assert offers["RTX 4090"].max_cuda == 12.4
     assert offers["RTX A4000"].max_cuda is None
 
@@ -114,7 +114,7 @@ def test_one_unreadable_catalog_row_is_dropped_and_counted_the_others_kept(mocke
     raw["gpus"][1]["cudaVersions"] = [{"version": "12.4"}]  # no "available"
     mocked.add(responses.GET, CATALOG, json=raw)
     mocked.add(responses.GET, CATALOG, json=load("runpod_catalog_secure.json"))
-    offers = runpod.search(Requirements(disk_gb=40))
+    offers = runpod.search(requirements_from(disk_gb=40))
     assert sorted((o.cloud, o.gpu_model) for o in offers) == [
         ("COMMUNITY", "RTX 4090"),
         ("COMMUNITY", "RTX A4000"),
@@ -139,7 +139,7 @@ def test_out_of_stock_is_reported_as_such(mocked, runpod):
 
 def test_multi_gpu_price_and_max_count(mocked, runpod):
     _catalog(mocked, count=8)
-    offers = runpod.search(Requirements(gpu_count=8, disk_gb=40))
+    offers = runpod.search(requirements_from(gpu_count=8, disk_gb=40))
     # community 4090 allows 4 at most; secure allows 8
     assert [(o.cloud, o.gpu_model) for o in offers if o.gpu_model == "RTX 4090"] == [("SECURE", "RTX 4090")]
     secure = next(o for o in offers if o.gpu_model == "RTX 4090")

@@ -18,9 +18,9 @@ from providers.base import (
     OfferGone,
     ProviderDown,
     RateLimited,
-    Requirements,
 )
 from providers.vast import RUNTYPE_SSH_DIRECT, VastProvider
+from rentrain.offers import requirements_from
 
 from .conftest import SSH_KEY, VAST_KEY, VAST_URL, FakeClock, body, load
 
@@ -39,11 +39,11 @@ LAUNCH = LaunchSpec(
 
 def _search(mocked, vast, req=None, fixture="vast_bundles.json"):
     mocked.add(responses.POST, f"{VAST_URL}/bundles/", json=load(fixture))
-    return vast.search(req or Requirements(disk_gb=40))
+    return vast.search(req or requirements_from(disk_gb=40))
 
 
 def test_search_sends_the_documented_filter_with_units(mocked, vast):
-    _search(mocked, vast, Requirements(min_vram_gb=24, disk_gb=55, max_price_per_hour=0.6, min_cuda=12.1))
+    _search(mocked, vast, requirements_from(min_vram_gb=24, disk_gb=55, max_price_per_hour=0.6, min_cuda=12.1))
     sent = body(mocked.calls[0])
     assert mocked.calls[0].request.headers["Authorization"] == f"Bearer {VAST_KEY}"
     assert sent["gpu_ram"] == {"gte": 24000}  # MB per GPU on the wire
@@ -60,7 +60,7 @@ def test_search_sends_the_documented_filter_with_units(mocked, vast):
 
 
 def test_search_gpu_filter_uses_vast_wire_names(mocked, vast):
-    _search(mocked, vast, Requirements(gpu_models=["RTX 4090", "A10G", "RTX 6000 Ada"]))
+    _search(mocked, vast, requirements_from(gpu_models=["RTX 4090", "A10G", "RTX 6000 Ada"]))
     assert body(mocked.calls[0])["gpu_name"] == {"in": ["RTX 4090", "A10g", "A10G", "RTX 6000Ada"]}
 
 
@@ -84,7 +84,7 @@ def test_search_maps_offers(mocked, vast):
 def test_interruptible_adds_a_bid_search(mocked, vast):
     mocked.add(responses.POST, f"{VAST_URL}/bundles/", json=load("vast_bundles.json"))
     mocked.add(responses.POST, f"{VAST_URL}/bundles/", json=load("vast_bundles_bid.json"))
-    offers = vast.search(Requirements(include_interruptible=True))
+    offers = vast.search(requirements_from(include_interruptible=True))
     assert [body(c)["type"] for c in mocked.calls] == ["on-demand", "bid"]
     bid = [o for o in offers if o.interruptible]
     assert len(bid) == 1 and bid[0].bid_price_per_hour == 0.09 and bid[0].price_per_hour == 0.106
@@ -121,7 +121,7 @@ def test_create_rents_the_ask_and_attaches_the_job_key(mocked, vast):
 def test_create_bid_offer_sends_the_bid_price(mocked, vast):
     mocked.add(responses.POST, f"{VAST_URL}/bundles/", json=load("vast_bundles.json"))
     mocked.add(responses.POST, f"{VAST_URL}/bundles/", json=load("vast_bundles_bid.json"))
-    bid = next(o for o in vast.search(Requirements(include_interruptible=True)) if o.interruptible)
+    bid = next(o for o in vast.search(requirements_from(include_interruptible=True)) if o.interruptible)
     mocked.add(responses.PUT, f"{VAST_URL}/asks/3001/", json=load("vast_create.json"))
     mocked.add(responses.POST, f"{VAST_URL}/instances/7770001/ssh/", json={"success": True})
     vast.create(bid, LAUNCH)
@@ -330,7 +330,7 @@ def test_a_404_auth_error_is_a_rejected_key_naming_its_source(mocked, markets):
     [
         (responses.GET, "/instances/7/", lambda vast: vast.get("7")),
         (responses.DELETE, "/instances/7/", lambda vast: vast.destroy("7")),
-        (responses.POST, "/bundles/", lambda vast: vast.search(Requirements())),
+        (responses.POST, "/bundles/", lambda vast: vast.search(requirements_from())),
     ],
 )
 def test_a_404_auth_error_is_an_auth_error_on_every_endpoint(mocked, vast, method, path, call):
@@ -412,7 +412,7 @@ def test_429_backoff_is_bounded(mocked, vast, clock: FakeClock):
         json={"detail": "API requests too frequent endpoint threshold=6"},
     )
     with pytest.raises(RateLimited, match="too frequent"):
-        vast.search(Requirements())
+        vast.search(requirements_from())
     assert 1 <= len(mocked.calls) <= 5
     assert sum(clock.sleeps) <= 90
     assert all(s <= 30 for s in clock.sleeps)
@@ -464,7 +464,7 @@ def test_one_unreadable_offer_row_is_dropped_and_counted_the_others_kept(mocked,
     good = len(raw["offers"])
     raw["offers"].insert(1, {"id": 4999, "gpu_name": "RTX 4090", "num_gpus": 1, "gpu_ram": "lots", "dph_total": 0.3})
     mocked.add(responses.POST, f"{VAST_URL}/bundles/", json=raw)
-    offers = vast.search(Requirements())
+    offers = vast.search(requirements_from())
     assert len(offers) == good and "4999" not in [o.offer_id for o in offers]
     assert vast.last_search_skipped == [
         "on-demand offer row 2 (id 4999): gpu_ram: Input should be a valid number, unable to parse string as a number"
@@ -475,5 +475,5 @@ def test_one_unreadable_offer_row_is_dropped_and_counted_the_others_kept(mocked,
 def test_skipped_rows_are_those_of_the_last_search(mocked, vast):
     mocked.add(responses.POST, f"{VAST_URL}/bundles/", json={"offers": [{"id": 1, "gpu_name": "RTX 4090"}]})
     mocked.add(responses.POST, f"{VAST_URL}/bundles/", json=load("vast_bundles.json"))
-    assert vast.search(Requirements()) == [] and len(vast.last_search_skipped) == 1
-    assert vast.search(Requirements()) and vast.last_search_skipped == []
+    assert vast.search(requirements_from()) == [] and len(vast.last_search_skipped) == 1
+    assert vast.search(requirements_from()) and vast.last_search_skipped == []

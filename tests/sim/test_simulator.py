@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from providers.base import AuthError, LaunchSpec, NotFound, OfferGone, Requirements
+from providers.base import AuthError, LaunchSpec, NotFound, OfferGone
 from providers.runpod import RunPodProvider
 from providers.vast import VastProvider
+from rentrain.offers import requirements_from
 from rentrain.sshkeys import create_job_key
 from rentrain.transport import Remote, SshEndpoint
 from tests.sim.provider_sim import RUNPOD_KEY, VAST_KEY, ProviderSimulator, SimOffer, wait_until
@@ -50,7 +51,7 @@ def test_rent_log_in_destroy_and_bill(sim: ProviderSimulator, kind: str) -> None
         provider: VastProvider | RunPodProvider = VastProvider(VAST_KEY, base_url=sim.vast_url)
     else:
         provider = RunPodProvider(RUNPOD_KEY, base_url=sim.runpod_url)
-    offers = [o for o in provider.search(Requirements(min_reliability=0.9)) if o.gpu_model == "RTX 4090"]
+    offers = [o for o in provider.search(requirements_from(min_reliability=0.9)) if o.gpu_model == "RTX 4090"]
     assert offers, "the 4090 offer should pass the default filters"
     launch = _launch(f"sim-{kind}")
     instance = provider.create(offers[0], launch)
@@ -77,7 +78,7 @@ def test_rent_log_in_destroy_and_bill(sim: ProviderSimulator, kind: str) -> None
 
 def test_gone_offer_is_offer_gone(sim: ProviderSimulator) -> None:
     provider = VastProvider(VAST_KEY, base_url=sim.vast_url)
-    gone = next(o for o in provider.search(Requirements(min_reliability=0.9)) if o.offer_id == "502")
+    gone = next(o for o in provider.search(requirements_from(min_reliability=0.9)) if o.offer_id == "502")
     with pytest.raises(OfferGone):
         provider.create(gone, _launch("gone"))
     assert sim.live_instances() == []
@@ -131,7 +132,7 @@ def test_the_runpod_catalog_lists_cuda_versions_as_objects(sim: ProviderSimulato
     ).json()
     assert answer["gpus"][0]["cudaVersions"][0] == {"version": "12.4", "available": True}
     provider = RunPodProvider(RUNPOD_KEY, base_url=sim.runpod_url)
-    [offer] = [o for o in provider.search(Requirements()) if o.gpu_model == "RTX 4090"]
+    [offer] = [o for o in provider.search(requirements_from()) if o.gpu_model == "RTX 4090"]
     assert offer.max_cuda == 12.4 and provider.last_search_skipped == []  # 12.8 is listed but full
 
 
