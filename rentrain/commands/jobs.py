@@ -195,9 +195,9 @@ def _settle_stopped(ledger: Ledger, sighting: Sighting, check: AccountCheck, con
             if session is None:
                 console.print(f"job {job.id}: its instance is gone")
                 return
-            runner._guard_restarted(session)  # its old watchdog ended with the stop
+            runner.preparer.guard_restarted(session)  # its old watchdog ended with the stop
             fetched = _fetch_everything(runner, session)
-            runner.destroy(session, f"stopped over {days:.0f} days; {fetched} file(s) fetched first")
+            runner.teardown.destroy(session, f"stopped over {days:.0f} days; {fetched} file(s) fetched first")
             _finish_jobs(ledger, [job.id], console, f"its stopped instance fetched ({fetched} file(s)) and destroyed")
     except (click.ClickException, JobFailed, ProviderError) as exc:
         console.print(f"[yellow]job {job.id}: {escape(str(exc))}[/]", highlight=False)
@@ -270,7 +270,7 @@ def _runner(ledger: Ledger, job: JobRecord, view: RunProgress, console: Console)
 
 def _reattach(runner: JobRunner, key: JobKey, start_stopped: bool = False) -> Session | None:
     try:
-        return runner.reattach(key.private_path, start_stopped=start_stopped)
+        return runner.provisioner.reattach(key.private_path, start_stopped=start_stopped)
     except JobFailed as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -482,7 +482,7 @@ def fetch(job_id: str) -> None:
 
 def _fetch_everything(runner: JobRunner, session: Session) -> int:
     """Every file the events name, each within the job's fetch limits (FetchRefused past one)."""
-    limits, budget, root = runner.fetch_limits, runner.fetch_budget, session.layout.output
+    limits, budget, root = runner.fetcher.fetch_limits, runner.fetcher.fetch_budget, session.layout.output
     events = limits.events_bytes
     data = session.remote.read_from(session.layout.events, 0, max_bytes=events, size_cap=events)
     count = 0

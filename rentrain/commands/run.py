@@ -382,7 +382,8 @@ def _drive(runner: JobRunner, console: Console, body: object) -> None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if runner.ledger.job(runner.job.id).state == "closed":
-            runner._forget_key()  # every end (done, failed, Ctrl-C, no offer left); a detached job keeps its key
+            # every end (done, failed, Ctrl-C, no offer left); a detached job keeps its key
+            runner.teardown.forget_key()
     if outcome != "succeeded":
         console.print(f"[bold red]job {runner.job.id} {outcome}[/]: {escape(runner.job.error or '')}")
         sys.exit(1)
@@ -410,10 +411,10 @@ def _ask_destroy(console: Console) -> bool:
 def _destroy_now(runner: JobRunner, console: Console) -> None:
     reason = "stopped by the user (Ctrl-C)"
     if runner.provider is None:  # a machine rented by hand: end our processes there
-        session = runner.reattach(runner.key.private_path) if runner.job.remote_dir else None
+        session = runner.provisioner.reattach(runner.key.private_path) if runner.job.remote_dir else None
         if session is not None:
-            runner.destroy(session, reason)
+            runner.teardown.destroy(session, reason)
     for record in [i for i in runner.ledger.instances(runner.job.id) if i.ended_at is None]:
-        runner.destroy_instance(record, reason)
+        runner.teardown.destroy_instance(record, reason)
     runner.close("cancelled", "stopped by the user")
     console.print("instance destroyed; checkpoints fetched so far are in the output folder")

@@ -18,8 +18,8 @@ from rich.console import Console
 
 from providers.base import BadRequest, Instance, Offer, ProviderDown, ProviderError, ProviderInfo
 from remote.config import load_config
-from rentrain import job as job_module
 from rentrain.job import HostLost, JobFailed, JobRunner, RunSettings, Session
+from rentrain.job_phases import prepare as prepare_phase
 from rentrain.ledger import InstanceRecord, JobRecord, JobState, Ledger
 from rentrain.progress import RunProgress
 from rentrain.remote_job import RemoteLayout
@@ -136,7 +136,7 @@ def test_a_create_that_timed_out_is_watched_until_its_late_instance_turns_up(tmp
     )
     said: list[str] = []
     runner = _runner(tmp_path, provider, said, create_window_seconds=60)
-    assert runner.provision(OFFER) is None
+    assert runner.provisioner.provision(OFFER) is None
     assert provider.destroyed == ["late"] and provider.lists == 4
     [record] = runner.ledger.instances("j1")
     assert record.instance_id == "late" and record.ended_at is not None  # its cost is in the ledger
@@ -147,7 +147,7 @@ def test_a_create_that_timed_out_is_watched_for_the_create_window_only(tmp_path:
     provider = FakeProvider(ProviderDown("vast", "HTTP 504"))
     runner = _runner(tmp_path, provider, [], create_window_seconds=0.3)
     started = time.time()
-    assert runner.provision(OFFER) is None
+    assert runner.provisioner.provision(OFFER) is None
     assert provider.lists > 1 and time.time() - started >= 0.3
     assert provider.destroyed == [] and runner.ledger.instances("j1")[0].ended_at is not None
 
@@ -155,7 +155,7 @@ def test_a_create_that_timed_out_is_watched_for_the_create_window_only(tmp_path:
 def test_a_create_the_provider_refused_is_checked_once_without_waiting(tmp_path: Path) -> None:
     provider = FakeProvider(BadRequest("vast", "invalid image", 400))
     runner = _runner(tmp_path, provider, [], create_window_seconds=3600)
-    assert runner.provision(OFFER) is None
+    assert runner.provisioner.provision(OFFER) is None
     assert provider.lists == 1
 
 
@@ -288,11 +288,11 @@ def _session(
 def test_every_setup_step_reconnects_and_runs_again_after_an_ssh_drop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(job_module, "Remote", QuietRemote)
+    monkeypatch.setattr(prepare_phase, "Remote", QuietRemote)
     said: list[str] = []
     runner = _runner(tmp_path, FakeProvider(), said)
     session, remote = _session(runner)
-    runner.prepare(session)
+    runner.preparer.prepare(session)
     assert runner.job.state == "training"
     assert remote.dropped == set(remote.done)  # everything that dropped was done afterwards
     layout = session.layout
@@ -306,10 +306,10 @@ def test_every_setup_step_reconnects_and_runs_again_after_an_ssh_drop(
 
 
 def test_the_watchdog_starts_before_the_instances_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(job_module, "Remote", QuietRemote)
+    monkeypatch.setattr(prepare_phase, "Remote", QuietRemote)
     runner = _runner(tmp_path, FakeProvider(), [])
     session, remote = _session(runner)
-    runner.prepare(session)
+    runner.preparer.prepare(session)
     order = [op for op in remote.done if "watchdog.py" in op or "bootstrap.sh" in op or op.startswith("upload")]
     assert "watchdog.py" in order[1] and "bootstrap.sh" in order[2]  # after the payload, before the rest
     assert order[0] == f"upload {session.layout.payload}/remote"
@@ -323,7 +323,7 @@ def test_a_host_whose_ssh_stays_dead_during_setup_is_lost(tmp_path: Path) -> Non
         raise SshUnavailable("127.0.0.1:1 unreachable")
 
     with pytest.raises(HostLost, match="no SSH for"):
-        runner._setup_step(session, "uploading the dataset", dead)
+        runner.preparer._setup_step(session, "uploading the dataset", dead)
 
 
 @pytest.mark.parametrize(("phase", "error"), [("python", JobFailed), ("packages", HostLost), ("gpu", HostLost)])
@@ -332,9 +332,9 @@ def test_a_failed_phase_is_the_images_or_the_hosts(tmp_path: Path, phase: str, e
     runner = _runner(tmp_path, FakeProvider(), [])
     phases = [{"name": phase, "ok": False, "seconds": 0.1, "detail": "found Python 3.10.12 at /usr/bin/python3"}]
     session, _remote = _session(runner, phases, drops=False)
-    runner.setup_deadline = time.time() + 60
+    runner.preparer.setup_deadline = time.time() + 60
     with pytest.raises(error, match=f"setup failed in phase {phase}"):
-        runner._await_bootstrap(session, model_fetched=False)
+        runner.preparer._await_bootstrap(session, model_fetched=False)
 
 
 # ------------------------------------------------------------------------------------------ the job's own errors
@@ -439,6 +439,6 @@ def test_a_move_after_another_command_closed_the_job_fails_the_job_not_the_ledge
     _walk(runner, TO_SSH)
     runner.ledger.transition("j1", "closed", "rentrain down", outcome="cancelled")
     with pytest.raises(JobFailed, match="closed meanwhile"):
-        runner.destroy_instance(record, "SSH never became reachable")
+        runner.teardown.destroy_instance(record, "SSH never became reachable")
     runner.close("cancelled", "stopped by the user")  # a Ctrl-C as the job closed: it stays as it was
     assert [t.to_state for t in runner.ledger.transitions("j1")][-2:] == ["waiting_ssh", "closed"]

@@ -261,7 +261,7 @@ def test_an_instance_is_recorded_with_its_offers_gpu_count_before_create(tmp_pat
         vram_gb=24,
         price_per_hour=1.6,
     )
-    assert runner.provision(offer) is None
+    assert runner.provisioner.provision(offer) is None
     [record] = runner.ledger.instances("j1")
     assert (record.gpu_count, record.gpu, record.usd_per_hour) == (4, "4x RTX 4090", 1.6)
 

@@ -422,13 +422,14 @@ def test_a_confirmed_destroy_and_a_create_cut_short_both_remove_the_key(tmp_path
     ledger = Ledger()
     done = _add_job(ledger, tmp_path, "j-end", provider="runpod", instance_id="51")
     runner = _runner(ledger, done, fakes["runpod"])
-    runner.destroy_instance(ledger.instances(done.id)[0], "training done and results home")
+    runner.teardown.destroy_instance(ledger.instances(done.id)[0], "training done and results home")
     assert fakes["runpod"].forgotten == [runner.key.public_line] and ledger.job(done.id).key_removed_at is not None
 
     # a create that never answered, its create window long past
     cut = _add_job(ledger, tmp_path, "j-ctrl-c", provider="runpod", instance_id=None, state="creating", idle_days=1)
     runner = _runner(ledger, cut, fakes["runpod"])
-    runner.destroy_instance(ledger.instances(cut.id)[0], "stopped by the user (Ctrl-C)")  # create never answered
+    # create never answered
+    runner.teardown.destroy_instance(ledger.instances(cut.id)[0], "stopped by the user (Ctrl-C)")
     assert fakes["runpod"].forgotten[-1] == runner.key.public_line and ledger.job(cut.id).key_removed_at is not None
 
 

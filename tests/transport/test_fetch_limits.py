@@ -221,7 +221,7 @@ def test_fetch_command_brings_what_the_events_name_within_the_limits(
         "samples/e2e-000001.png",
     ]
     with (output / "events.jsonl").open("ab") as handle:  # a host that floods the events file
-        handle.truncate(runner.fetch_limits.events_bytes + 1)
+        handle.truncate(runner.fetcher.fetch_limits.events_bytes + 1)
     with pytest.raises(FetchRefused):
         _fetch_everything(runner, session)
 
@@ -239,5 +239,5 @@ def test_a_refused_fetch_is_not_retried(tmp_path: Path) -> None:
 
     session = _session(HostileRemote(), "/w/job")
     with pytest.raises(FetchRefused):
-        runner._fetch_file(session, "/w/job/output/a.safetensors", tmp_path / "a.safetensors", "0" * 64)
+        runner.fetcher.fetch_file(session, "/w/job/output/a.safetensors", tmp_path / "a.safetensors", "0" * 64)
     assert HostileRemote.calls == 1 and said == []
