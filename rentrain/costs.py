@@ -5,7 +5,7 @@ Every number below carries its source and kind:
   the project's trainer research notes, TRAINER.md §6);
 - "derived": computed from a published figure of the same GPU at other settings (the rule is in the source);
 - "scaled": derived from a published figure of the reference GPU by bf16 tensor TFLOPS (rule below);
-- "measured": measured by rentrain's own benchmark (bench/train_speed.py; the H200 rows);
+- "measured": measured by rentrain's own benchmark (bench/train_speed.py; the H200 and H100 rows);
 - "assumed": an engineering guess, stated as such.
 
 To replace a number after a benchmark, edit the one row in SPEED_TABLE (kind "measured", source = the
@@ -72,6 +72,18 @@ SPEED_TABLE: dict[tuple[str, ModelFamily, int], Figure] = {
         "bench/RESULTS.md 2026-11-29 (fourth session): H200, this trainer (CUDA graphs, bf16, fused LoRA layers, "
         "channels_last GroupNorm kernels, overlapped steps), full-size SD 1.5, 512px batch 4, UNet + TE LoRA dim "
         "32, AdamW: 38.5 ms/step (median step interval)",
+    ),
+    ("H100 SXM", "sd15", 4): Figure(
+        0.0401,
+        "measured",
+        "bench/RESULTS.md 2026-12-05 (fifth session): H100 80GB HBM3, this trainer with the locked versions "
+        "(constraints.txt), full-size SD 1.5, 512px batch 4, UNet + TE LoRA dim 32, AdamW: 40.1 ms/step (median)",
+    ),
+    ("H100 SXM", "sdxl", 2): Figure(
+        0.1199,
+        "measured",
+        "bench/RESULTS.md 2026-12-05 (fifth session): H100 80GB HBM3, this trainer with the locked versions "
+        "(constraints.txt), full-size SDXL, 1024px batch 2, UNet LoRA dim 32, AdamW: 119.9 ms/step (median)",
     ),
     ("H200", "sdxl", 2): Figure(
         0.1138,

@@ -16,6 +16,16 @@ from pathlib import Path
 from remote.events import EVENTS_FILE, ErrorEvent, EventWriter
 
 
+def set_library_defaults() -> None:
+    """Library settings the trainer relies on, unless the environment already sets them."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # With the `kernels` package installed (bitsandbytes brings it), transformers swaps its activations on CUDA
+    # for code downloaded from the Hugging Face Hub at run time: a network fetch and foreign code in every run,
+    # and a failure offline (seen on an H100: "kernels-community/activation is not available"). The trainer
+    # runs the libraries' own code only.
+    os.environ.setdefault("USE_HUB_KERNELS", "NO")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m remote.trainer", description="Train a kohya-format LoRA.")
     parser.add_argument("config", type=Path, help="the training TOML (rentrain / kohya keys)")
@@ -28,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     events_out = sys.stdout
     sys.stdout = sys.stderr  # libraries print; only events go to the real stdout
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    set_library_defaults()
     writer = EventWriter(None, stream=events_out)
     rank_zero = os.environ.get("RANK", "0") == "0"  # under accelerate launch, rank 0 alone reports
     if not rank_zero:

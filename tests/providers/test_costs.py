@@ -50,15 +50,20 @@ def test_published_row_is_used_as_is():
 
 
 def test_unlisted_gpu_is_scaled_by_tflops_from_the_reference():
-    speed = seconds_per_step("H100 SXM", sdxl())
+    speed = seconds_per_step("H100 PCIe", sdxl())
     ref = costs.SPEED_TABLE[("RTX 3090 Ti", "sdxl", 1)].value
     expected = (
         ref
-        * (costs.BF16_TFLOPS["RTX 3090 Ti"].value / costs.BF16_TFLOPS["H100 SXM"].value) ** costs.TFLOPS_EXPONENT.value
+        * (costs.BF16_TFLOPS["RTX 3090 Ti"].value / costs.BF16_TFLOPS["H100 PCIe"].value) ** costs.TFLOPS_EXPONENT.value
     )
     assert speed.kind == "scaled"
     assert speed.seconds_per_step == pytest.approx(expected)
     assert "scaled from RTX 3090 Ti by bf16 TFLOPS" in speed.source
+
+
+def test_the_h100_rows_are_our_own_measurements():
+    speed = seconds_per_step("H100 SXM", sdxl(batch_size=2))
+    assert speed.seconds_per_step == 0.1199 and speed.kind == "measured" and "fifth session" in speed.source
 
 
 def test_faster_cards_are_faster_and_unknown_cards_have_no_figure():
