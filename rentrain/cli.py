@@ -8,6 +8,7 @@ import click
 from rich.console import Console
 
 from rentrain import __version__
+from rentrain.cli_types import check_timing_environment
 from rentrain.commands import check, estimate, init, jobs, offers, run
 
 # Commands that look at the provider accounts themselves (status, down) or act on one job (attach): the sweep
@@ -20,6 +21,7 @@ QUIET_COMMANDS = {"status", "down", "attach"}
 @click.pass_context
 def main(ctx: click.Context) -> None:
     """Train Stable Diffusion LoRAs on rented cloud GPUs, unattended, and never leave a machine billing."""
+    check_timing_environment()
     if ctx.invoked_subcommand not in QUIET_COMMANDS and "--help" not in sys.argv[1:]:
         jobs.sweep(Console(stderr=True))  # says what may bill; the command keeps its own exit code
 

@@ -9,6 +9,7 @@ A refused value is a usage error: exit code 2, naming the option and the value.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import annotated_types
@@ -97,3 +98,42 @@ def setting_type(name: str) -> Number:
             bounds.update(high=rule.le)
     whole = field.annotation is int
     return Number(whole=whole, **bounds)
+
+
+# Timing overrides read from the environment (the tests shorten the job's waits with them), by RunSettings field.
+TIMING_ENV = {
+    "poll_seconds": "RENTRAIN_POLL_SECONDS",
+    "ssh_wait_seconds": "RENTRAIN_SSH_WAIT_SECONDS",
+    "ssh_lost_seconds": "RENTRAIN_SSH_LOST_SECONDS",
+    "watchdog_poll_seconds": "RENTRAIN_WATCHDOG_POLL_SECONDS",
+    "setup_timeout_seconds": "RENTRAIN_SETUP_TIMEOUT_SECONDS",
+    "create_window_seconds": "RENTRAIN_CREATE_WINDOW_SECONDS",
+}
+# Read by providers/http.py, which may not import rentrain: checked here, before any command runs.
+HTTP_TIMEOUT_ENV = "RENTRAIN_HTTP_TIMEOUT_SECONDS"
+
+
+def seconds_from_environment(name: str) -> float | None:
+    """A number of seconds above 0 from the environment variable `name`; None when it is unset or empty."""
+    value = os.environ.get(name, "")
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise click.UsageError(f"environment variable {name}={value!r} is not a number of seconds above 0")
+    return seconds
+
+
+def timing_overrides() -> dict[str, float]:
+    """The RunSettings fields that the environment overrides (TIMING_ENV), each checked."""
+    found = {field: seconds_from_environment(name) for field, name in TIMING_ENV.items()}
+    return {field: seconds for field, seconds in found.items() if seconds is not None}
+
+
+def check_timing_environment() -> None:
+    """Every timing variable rentrain reads: a bad one is a usage error (exit 2) before anything runs."""
+    timing_overrides()
+    seconds_from_environment(HTTP_TIMEOUT_ENV)

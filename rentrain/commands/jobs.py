@@ -9,7 +9,6 @@ ahead: the other client finds its instance gone and stops).
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 import time
@@ -42,7 +41,8 @@ from rentrain.accounts import (
     survey,
     unfetched,
 )
-from rentrain.commands.run import TIMING_ENV, _drive, detach_when_taken_over
+from rentrain.cli_types import timing_overrides
+from rentrain.commands.run import _drive, detach_when_taken_over
 from rentrain.costs import profile_from_check
 from rentrain.credentials import CredentialsError, MissingApiKey, open_provider
 from rentrain.dataset_check import inspect_dataset
@@ -246,7 +246,7 @@ def _forget_leftover_keys(ledger: Ledger, console: Console) -> None:
 
 def _settings(job: JobRecord) -> RunSettings:
     settings = RunSettings.model_validate_json(job.settings_json)
-    overrides = {field: float(os.environ[name]) for field, name in TIMING_ENV.items() if name in os.environ}
+    overrides = timing_overrides()
     return settings.model_copy(update=overrides)
 
 

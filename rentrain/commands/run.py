@@ -19,7 +19,7 @@ from providers import registry
 from providers.base import Unsupported
 from remote.config import KNOWN_PROVIDERS, LoadedConfig
 from remote.events import EVENTS_FILE
-from rentrain.cli_types import setting_type
+from rentrain.cli_types import setting_type, timing_overrides
 from rentrain.commands.check import checked_config
 from rentrain.commands.offers import gpus_option, scaling_note
 from rentrain.costs import profile_from_check, steps_on
@@ -35,14 +35,6 @@ from rentrain.transport import SshEndpoint, TransportError
 from rentrain.upload_list import plan_upload
 
 # Tuning knobs for slow networks (and fast tests); the defaults suit real providers.
-TIMING_ENV = {
-    "poll_seconds": "RENTRAIN_POLL_SECONDS",
-    "ssh_wait_seconds": "RENTRAIN_SSH_WAIT_SECONDS",
-    "ssh_lost_seconds": "RENTRAIN_SSH_LOST_SECONDS",
-    "watchdog_poll_seconds": "RENTRAIN_WATCHDOG_POLL_SECONDS",
-    "setup_timeout_seconds": "RENTRAIN_SETUP_TIMEOUT_SECONDS",
-    "create_window_seconds": "RENTRAIN_CREATE_WINDOW_SECONDS",
-}
 
 
 @click.command()
@@ -141,7 +133,7 @@ def run(
         image=loaded.job.image,
         disk_gb=loaded.job.disk_gb,
         gpus=gpu_total,
-        **{field: float(os.environ[name]) for field, name in TIMING_ENV.items() if name in os.environ},
+        **timing_overrides(),
     )
     _refuse_to_overwrite(loaded, overwrite, console)
     if chosen == "ssh":

@@ -185,6 +185,7 @@ class Row:
     code: int
     phrase: str
     vast_offers: tuple[dict[str, object], ...] | None = None  # Vast's offer search answer; None: every request fails
+    env: tuple[tuple[str, str], ...] = ()  # environment variables set for the command
 
 
 def vast_offer(**fields: object) -> dict[str, object]:
@@ -346,6 +347,40 @@ ROWS = [
     Row("init-traversal", job(), (*INIT, "--trigger", "../x"), 2, "Invalid value for --trigger"),
     Row("init-newline", job(), (*INIT, "--trigger", "zed\n"), 2, "Invalid value for --trigger"),
     Row("init-repeats", job(), (*INIT, "--repeats", "99999999999"), 2, "Invalid value for '--repeats'"),
+    # ---- environment variables ----
+    Row(
+        "env-poll-word",
+        job(),
+        RUN,
+        2,
+        "RENTRAIN_POLL_SECONDS='soon' is not a number",
+        env=(("RENTRAIN_POLL_SECONDS", "soon"),),
+    ),
+    Row(
+        "env-lost-nan",
+        job(),
+        RUN,
+        2,
+        "RENTRAIN_SSH_LOST_SECONDS='nan' is not",
+        env=(("RENTRAIN_SSH_LOST_SECONDS", "nan"),),
+    ),
+    Row(
+        "env-setup-0",
+        job(),
+        CHECK,
+        2,
+        "RENTRAIN_SETUP_TIMEOUT_SECONDS='0' is not",
+        env=(("RENTRAIN_SETUP_TIMEOUT_SECONDS", "0"),),
+    ),
+    Row(
+        "env-http-inf",
+        job(),
+        OFFERS,
+        2,
+        "RENTRAIN_HTTP_TIMEOUT_SECONDS='inf' is not",
+        env=(("RENTRAIN_HTTP_TIMEOUT_SECONDS", "inf"),),
+    ),
+    Row("env-empty-is-unset", job(), CHECK, 0, OK, env=(("RENTRAIN_POLL_SECONDS", ""),)),
 ]
 
 VAST_URL = "http://127.0.0.1:9"
@@ -371,7 +406,7 @@ def test_bad_input_is_refused_before_renting(tmp_path: Path, vast: responses.Req
     job_dir = row.build(tmp_path)
     if row.vast_offers is not None:
         vast.add(responses.POST, f"{VAST_URL}/bundles/", json={"offers": list(row.vast_offers)})
-    result = CliRunner().invoke(main, [arg.replace("{job}", str(job_dir)) for arg in row.argv])
+    result = CliRunner().invoke(main, [arg.replace("{job}", str(job_dir)) for arg in row.argv], env=dict(row.env))
 
     assert result.exit_code == row.code, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
