@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.sim.provider_sim import RUNPOD_KEY, VAST_KEY, ProviderSimulator, SimOffer
+from tests.sim.provider_sim import RUNPOD_KEY, VAST_KEY, ProviderSimulator, SimInstance, SimOffer, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_IMAGES = REPO / "examples" / "tiny" / "dataset" / "10_toy"
@@ -159,3 +159,16 @@ def client(tmp_path: Path, market: ProviderSimulator) -> Client:
 def events_of(output: Path) -> list[dict[str, object]]:
     path = output / "events.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def run_until_the_watchdog_stops_it(
+    tmp_path: Path, market: ProviderSimulator, client: Client
+) -> tuple[Path, SimInstance]:
+    """A detached job with a near-zero idle timeout: it trains, nobody fetches, and its watchdog stops the
+    instance to keep the results. Returns the job's config and its stopped instance."""
+    config = write_job(tmp_path / "job")
+    result = client.run("run", str(config), "--provider", "vast", "--yes", "--detach", "--idle-timeout", "0.02")
+    assert result.returncode == 0, result.stdout + result.stderr
+    instance = next(iter(market.instances.values()))
+    assert wait_until(lambda: instance.state == "stopped", timeout=90), instance.state
+    return config, instance

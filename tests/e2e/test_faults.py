@@ -10,7 +10,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from tests.e2e.conftest import Client, events_of, write_job
+from tests.e2e.conftest import Client, events_of, run_until_the_watchdog_stops_it, write_job
 from tests.sim.provider_sim import ProviderSimulator, wait_until
 
 
@@ -179,11 +179,7 @@ def test_watchdog_deadline_ends_a_detached_job(tmp_path: Path, market: ProviderS
 def test_watchdog_idle_stops_a_finished_job_whose_results_are_not_home(
     tmp_path: Path, market: ProviderSimulator, client: Client
 ) -> None:
-    config = write_job(tmp_path / "job")
-    result = client.run("run", str(config), "--provider", "vast", "--yes", "--detach", "--idle-timeout", "0.02")
-    assert result.returncode == 0, result.stdout + result.stderr
-    instance = next(iter(market.instances.values()))
-    assert wait_until(lambda: instance.state == "stopped", timeout=90), instance.state
+    _config, instance = run_until_the_watchdog_stops_it(tmp_path, market, client)
     assert instance.billed_cost(market.storage_per_hour) > 0
     status = client.run("status")
     assert "detached" in status.stdout

@@ -14,7 +14,7 @@ import requests
 from rentrain.job import RunSettings
 from rentrain.ledger import InstanceRecord, JobRecord, Ledger
 from rentrain.sshkeys import create_job_key
-from tests.e2e.conftest import Client, write_job
+from tests.e2e.conftest import Client, run_until_the_watchdog_stops_it, write_job
 from tests.sim.provider_sim import ProviderSimulator, wait_until
 
 USERS_OWN_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIUsersOwnKey user@laptop"
@@ -147,11 +147,7 @@ def test_runpod_key_left_by_a_killed_client_is_removed_by_the_next_start(
 def test_stopped_instance_is_listed_with_its_storage_cost_and_past_the_limit_fetched_and_destroyed(
     tmp_path: Path, market: ProviderSimulator, client: Client
 ) -> None:
-    config = write_job(tmp_path / "job")
-    result = client.run("run", str(config), "--provider", "vast", "--yes", "--detach", "--idle-timeout", "0.02")
-    assert result.returncode == 0, result.stdout + result.stderr
-    instance = next(iter(market.instances.values()))
-    assert wait_until(lambda: instance.state == "stopped", timeout=90), instance.state
+    config, instance = run_until_the_watchdog_stops_it(tmp_path, market, client)
     status = client.run("status")
     assert status.returncode == 0, status.stdout + status.stderr
     assert f"STOPPED: vast instance {instance.id}" in status.stdout
