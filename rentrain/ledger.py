@@ -73,7 +73,8 @@ ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     # over, with an outcome; never reopened
     "closed": _moves(),
 }
-Outcome = Literal["succeeded", "failed", "cancelled"]
+# "skipped": a queued job that never started (the queue's budget or deadline would not cover it, or it ended)
+Outcome = Literal["succeeded", "failed", "cancelled", "skipped"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -99,7 +100,19 @@ CREATE TABLE IF NOT EXISTS jobs (
     client_host TEXT,
     client_beat_at REAL,
     key_registered_at REAL,
-    key_removed_at REAL
+    key_removed_at REAL,
+    queue_id TEXT,
+    queue_position INTEGER,
+    estimate_json TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS queues (
+    id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    provider TEXT NOT NULL,
+    max_cost REAL,
+    deadline REAL,
+    parallel INTEGER NOT NULL DEFAULT 1,
+    report_path TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS transitions (
     job_id TEXT NOT NULL REFERENCES jobs(id),
@@ -146,6 +159,9 @@ ADDED_COLUMNS: dict[str, dict[str, str]] = {
         "client_beat_at": "REAL",
         "key_registered_at": "REAL",
         "key_removed_at": "REAL",
+        "queue_id": "TEXT",
+        "queue_position": "INTEGER",
+        "estimate_json": "TEXT NOT NULL DEFAULT '{}'",
     },
 }
 # Run once when the column is added: an older rentrain recorded no key registration, so every job that
@@ -188,6 +204,9 @@ class JobRecord(BaseModel):
     client_beat_at: float | None = None  # the lock holder's last beat
     key_registered_at: float | None = None  # the job's SSH key was last handed to the provider
     key_removed_at: float | None = None  # ... and taken off its account (None: it may still be there)
+    queue_id: str | None = None  # one of a queue's jobs (rentrain run A.toml B.toml ...)
+    queue_position: int | None = None  # its place in the queue's order, from 0
+    estimate_json: str = "{}"  # the JobEstimate (rentrain.costs) of the offer it was planned on, when there was one
 
     @property
     def is_open(self) -> bool:
@@ -201,6 +220,18 @@ class JobRecord(BaseModel):
     def client(self) -> str:
         """The lock holder, as messages name it."""
         return f"PID {self.client_pid} on {self.client_host or this_host()}"
+
+
+class QueueRecord(BaseModel):
+    """Several jobs run under one budget and one deadline, back to back on shared rentals."""
+
+    id: str
+    created_at: float
+    provider: str
+    max_cost: float | None = None  # USD, for all the queue's jobs together
+    deadline: float | None = None  # unix time by which every job has ended
+    parallel: int = 1  # rentals at most at one time
+    report_path: str  # the queue's report.html
 
 
 class InstanceRecord(BaseModel):
@@ -395,6 +426,44 @@ class Ledger:
         with self._connect() as db:
             rows = db.execute(query + " ORDER BY created_at", OPEN_STATES if open_only else ()).fetchall()
         return [JobRecord(**dict(r)) for r in rows]
+
+    def create_queue(self, queue: QueueRecord, jobs: list[JobRecord]) -> None:
+        """The queue and all its jobs (in their queue order), in one transaction."""
+        row = queue.model_dump()
+        with self._connect() as db:
+            db.execute(
+                f"INSERT INTO queues ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})", tuple(row.values())
+            )
+        for position, job in enumerate(jobs):
+            self.create_job(job.model_copy(update={"queue_id": queue.id, "queue_position": position}))
+
+    def queue(self, queue_id: str) -> QueueRecord:
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM queues WHERE id = ?", (queue_id,)).fetchone()
+        if row is None:
+            raise KeyError(queue_id)
+        return QueueRecord(**dict(row))
+
+    def queues(self) -> list[QueueRecord]:
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM queues ORDER BY created_at").fetchall()
+        return [QueueRecord(**dict(r)) for r in rows]
+
+    def find_queue(self, prefix: str) -> QueueRecord | None:
+        """A queue by its id or a unique prefix of it; None when no queue matches."""
+        matches = [q for q in self.queues() if q.id.startswith(prefix)]
+        if len(matches) > 1:
+            raise KeyError(f"{prefix!r} matches {len(matches)} queues: {', '.join(q.id for q in matches)}")
+        return matches[0] if matches else None
+
+    def queue_jobs(self, queue_id: str) -> list[JobRecord]:
+        """The queue's jobs in queue order."""
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM jobs WHERE queue_id = ? ORDER BY queue_position", (queue_id,)).fetchall()
+        return [JobRecord(**dict(r)) for r in rows]
+
+    def queue_cost(self, queue_id: str, now: float | None = None) -> float:
+        return sum(self.job_cost(job.id, now) for job in self.queue_jobs(queue_id))
 
     def transitions(self, job_id: str) -> list[Transition]:
         with self._connect() as db:
