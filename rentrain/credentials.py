@@ -9,6 +9,8 @@
 A key is never printed, logged or put in an error message; errors name places, not values. A key must be
 printable ASCII without spaces (`check_key`): anything else is refused, naming where it came from, before any
 request is made. The adapter is told the key's source, so a provider that rejects the key names it too.
+
+The same file holds the notification URLs (`notify_urls`, docs/notifications.md), secrets too.
 """
 
 from __future__ import annotations
@@ -120,16 +122,37 @@ def _from_credentials_file(provider: str) -> ApiKey | None:
     path = credentials_path()
     if not path.exists():
         return None
-    mode = path.stat().st_mode
-    if mode & (stat.S_IRGRP | stat.S_IROTH):
-        raise CredentialsError(
-            f"{path} is readable by other users ({stat.filemode(mode)}); it holds API keys. Run:\n  chmod 600 {path}"
-        )
-    data = _read_toml(path)
+    data = _read_private_toml(path)
     section = data.get(provider)
     if isinstance(section, dict) and isinstance(section.get("api_key"), str):
         return _key(section["api_key"], f"{path} ([{provider}] api_key)")
     return None
+
+
+def _read_private_toml(path: Path) -> dict[str, Any]:
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        raise CredentialsError(
+            f"{path} is readable by other users ({stat.filemode(mode)}); it holds secrets (API keys, notification "
+            f"URLs). Run:\n  chmod 600 {path}"
+        )
+    return _read_toml(path)
+
+
+def notify_urls() -> list[str]:
+    """The notification URLs of credentials.toml's top-level ``notify = ["ntfy://...", ...]`` (docs/notifications.md);
+    none without the file or the key. Errors name the file and the entry, never a URL: URLs hold secrets."""
+    path = credentials_path()
+    if not path.exists():
+        return []
+    urls = _read_private_toml(path).get("notify", [])
+    example = 'notify = ["ntfy://my-topic"] at the top of the file, before any [section]'
+    if not isinstance(urls, list):
+        raise CredentialsError(f"{path}: notify must be a list of URL strings, like {example}")
+    for position, url in enumerate(urls, start=1):
+        if not isinstance(url, str) or not url.strip():
+            raise CredentialsError(f"{path}: notify #{position} is not a URL string; write it like {example}")
+    return [url.strip() for url in urls]
 
 
 def _from_provider_cli(provider: str) -> ApiKey | None:
