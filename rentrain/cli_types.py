@@ -8,8 +8,11 @@ A refused value is a usage error: exit code 2, naming the option and the value.
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 import annotated_types
@@ -137,3 +140,34 @@ def check_timing_environment() -> None:
     """Every timing variable rentrain reads: a bad one is a usage error (exit 2) before anything runs."""
     timing_overrides()
     seconds_from_environment(HTTP_TIMEOUT_ENV)
+
+
+class ClockTime(click.ParamType[float]):
+    """A time to be done by, as unix time: "07:00" (the next 07:00 on this machine's clock) or "2026-12-06 07:00"
+    (also with a T). A time that has passed is refused."""
+
+    name = "time"
+
+    def __init__(self, now: Callable[[], float] = time.time):
+        self.now = now
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            return value
+        text = str(value).strip()
+        now = datetime.datetime.fromtimestamp(self.now())
+        try:
+            if len(text) <= 5:
+                clock = datetime.datetime.strptime(text, "%H:%M")
+                at = now.replace(hour=clock.hour, minute=clock.minute, second=0, microsecond=0)
+                if at <= now:
+                    at += datetime.timedelta(days=1)
+            else:
+                at = datetime.datetime.fromisoformat(text.replace(" ", "T", 1))
+        except ValueError:
+            self.fail(f"{text!r} is not a time: give HH:MM (the next one) or YYYY-MM-DD HH:MM", param, ctx)
+        if at.tzinfo is not None:
+            at = at.astimezone().replace(tzinfo=None)
+        if at <= now:
+            self.fail(f"{text!r} has passed already", param, ctx)
+        return at.timestamp()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from providers.base import Offer, Provider
 from remote.config import LoadedConfig
-from remote.events import DoneEvent
+from remote.events import DoneEvent, ErrorEvent
 from rentrain.job_phases.context import (
     CONNECTION_LOST,
     BudgetReached,
@@ -31,6 +31,7 @@ from rentrain.job_phases.context import (
     RunSettings,
     Session,
     budget_reached,
+    deadline_reached,
 )
 from rentrain.job_phases.fetch import Fetcher
 from rentrain.job_phases.follow import Follower
@@ -84,6 +85,9 @@ class JobRunner:
         self.provisioner = Provisioner(self.context, self.teardown, self.preparer)
         self.fetcher = Fetcher(self.context)
         self.follower = Follower(self.context, self.fetcher)
+        # Set by a queue: asked when training ended on a healthy instance (done, or failed by the job's own
+        # error); True when the queue's next job has taken the instance over, so it is not destroyed.
+        self.hand_over: Callable[[Session], bool] | None = None
 
     @property
     def job(self) -> JobRecord:
@@ -155,7 +159,9 @@ class JobRunner:
         raise JobFailed(f"no instance could be started ({tried} offers tried); see rentrain offers")
 
     def _out_of_time_or_money(self) -> str | None:
-        over = budget_reached(self.ledger, self.job.id, self.settings.max_cost)
+        over = budget_reached(self.ledger, self.job.id, self.settings.max_cost) or deadline_reached(
+            self.settings.deadline
+        )
         if over:
             return over
         if (
@@ -228,11 +234,11 @@ class JobRunner:
         try:
             final = self.follower.follow(session)
         except BudgetReached as exc:
-            self.fetcher.stop_trainer(session)
-            self.fetcher.fetch_outputs(session, final=None)
-            self.teardown.destroy(session, str(exc))
-            self.teardown.close_job("failed", str(exc))
-            return "failed"
+            return self._stop_at_limit(session, str(exc))
+        if isinstance(final, ErrorEvent) and final.kind == "interrupted":
+            limit = self._out_of_time_or_money()
+            if limit:  # the instance's watchdog stopped the trainer at the budget or the deadline
+                return self._stop_at_limit(session, limit)
         if isinstance(final, DoneEvent):
             try:
                 self.fetcher.fetch_outputs(session, final)
@@ -242,14 +248,29 @@ class JobRunner:
                     f"the result could not be fetched ({exc}); the instance keeps it. Try again with "
                     f"rentrain attach {self.job.id}"
                 ) from None
-            self.teardown.destroy(session, "training done and results home")
-            self.teardown.close_job(
-                "succeeded",
-                f"{final.path} fetched",
-                result_path=str(self.context.output_dir / posixpath.basename(final.path)),
-            )
+            result_path = str(self.context.output_dir / posixpath.basename(final.path))
+            self._release(session, "training done and results home")
+            self.teardown.close_job("succeeded", f"{final.path} fetched", result_path=result_path)
             return "succeeded"
         self.fetcher.fetch_logs(session)
-        self.teardown.destroy(session, f"training failed: {final.message}")
+        self._release(session, f"training failed: {final.message}")
         self.teardown.close_job("failed", f"trainer error ({final.kind})", error=final.message)
         return "failed"
+
+    def _stop_at_limit(self, session: Session, reason: str) -> Outcome:
+        """The budget or the deadline is reached: the trainer stops (saving its state), what it made comes
+        home, the instance is destroyed."""
+        try:
+            self.fetcher.stop_trainer(session)
+            self.fetcher.fetch_outputs(session, final=None)
+        except CONNECTION_LOST:
+            # the instance's watchdog, at the same limit, ended it first; the checkpoints fetched stay home
+            self.context.say(f"{reason}: the instance's watchdog ended it first; what was fetched so far is home")
+        self.teardown.destroy(session, reason)
+        self.teardown.close_job("failed", reason)
+        return "failed"
+
+    def _release(self, session: Session, reason: str) -> None:
+        """The job is done with the instance: the queue's next job takes it over, or it is destroyed."""
+        if self.hand_over is None or not self.hand_over(session):
+            self.teardown.destroy(session, reason)

@@ -12,7 +12,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -112,7 +112,8 @@ CREATE TABLE IF NOT EXISTS queues (
     max_cost REAL,
     deadline REAL,
     parallel INTEGER NOT NULL DEFAULT 1,
-    report_path TEXT NOT NULL
+    report_path TEXT NOT NULL,
+    lanes_json TEXT NOT NULL DEFAULT '[]'
 );
 CREATE TABLE IF NOT EXISTS transitions (
     job_id TEXT NOT NULL REFERENCES jobs(id),
@@ -232,6 +233,12 @@ class QueueRecord(BaseModel):
     deadline: float | None = None  # unix time by which every job has ended
     parallel: int = 1  # rentals at most at one time
     report_path: str  # the queue's report.html
+    lanes_json: str = "[]"  # the job ids of each rental's share of the queue, in the order it works through them
+
+    @property
+    def lanes(self) -> list[list[str]]:
+        lanes: list[list[str]] = json.loads(self.lanes_json)
+        return lanes
 
 
 class InstanceRecord(BaseModel):
@@ -578,40 +585,53 @@ class Ledger:
 
 
 class ClientLock:
-    """This process follows one job: the claim is taken on enter (LockHeld if another live client has it),
-    kept fresh by a daemon thread every LOCK_BEAT_SECONDS, and released on exit. `on_lost` is called (from
-    that thread) if another client took the claim over meanwhile, with the record naming it."""
+    """This process follows one job, or a queue's jobs: each claim is taken on enter (LockHeld if another live
+    client has one; the ones taken are given back), kept fresh by a daemon thread every LOCK_BEAT_SECONDS, and
+    released on exit. `on_lost` is called (from that thread) if another client took a claim over meanwhile,
+    with the record naming it."""
 
-    def __init__(self, ledger: Ledger, job_id: str, on_lost: Callable[[JobRecord], None] | None = None):
+    def __init__(
+        self, ledger: Ledger, job_ids: str | Sequence[str], on_lost: Callable[[JobRecord], None] | None = None
+    ):
         self.ledger = ledger
-        self.job_id = job_id
+        self.job_ids = [job_ids] if isinstance(job_ids, str) else list(job_ids)
         self.on_lost = on_lost
         self.pid = os.getpid()
         self.host = this_host()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"rentrain-lock-{job_id}", daemon=True)
+        self._thread = threading.Thread(target=self._beat, name=f"rentrain-lock-{self.job_ids[0]}", daemon=True)
 
     def __enter__(self) -> ClientLock:
-        self.ledger.take_client_lock(self.job_id, self.pid, self.host)
+        taken: list[str] = []
+        try:
+            for job_id in self.job_ids:
+                self.ledger.take_client_lock(job_id, self.pid, self.host)
+                taken.append(job_id)
+        except BaseException:
+            for job_id in taken:
+                self.ledger.release_client_lock(job_id, self.pid, self.host)
+            raise
         self._thread.start()
         return self
 
     def __exit__(self, *_exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        self.ledger.release_client_lock(self.job_id, self.pid, self.host)
+        for job_id in self.job_ids:
+            self.ledger.release_client_lock(job_id, self.pid, self.host)
 
     def _beat(self) -> None:
         while not self._stop.wait(LOCK_BEAT_SECONDS):
-            try:
-                if self.ledger.beat_client_lock(self.job_id, self.pid, self.host):
-                    continue
-                winner = self.ledger.job(self.job_id)
-            except sqlite3.Error:
-                continue  # a busy or briefly unreadable ledger: try again at the next beat
-            if self.on_lost is not None:
-                self.on_lost(winner)
-            return
+            for job_id in self.job_ids:
+                try:
+                    if self.ledger.beat_client_lock(job_id, self.pid, self.host):
+                        continue
+                    winner = self.ledger.job(job_id)
+                except sqlite3.Error:
+                    continue  # a busy or briefly unreadable ledger: try again at the next beat
+                if self.on_lost is not None:
+                    self.on_lost(winner)
+                return
 
 
 def settings_of(job: JobRecord) -> dict[str, Any]:

@@ -1,7 +1,8 @@
-"""A fresh ed25519 SSH key per job, kept 0600 under the state folder and never reused, and taken off the
-provider's account when the job ends (RunPod keeps SSH keys per account: a key left there reaches every
-future pod). The ledger records each registration and removal, so a removal that failed, or never ran
-because the client died, is done by the next rentrain command."""
+"""A fresh ed25519 SSH key per rental (one job's, or a queue's jobs that run on it in turn), kept 0600 under
+the state folder and never used for another rental, and taken off the provider's account when the job ends
+(RunPod keeps SSH keys per account: a key left there reaches every future pod). The ledger records each
+registration and removal, so a removal that failed, or never ran because the client died, is done by the next
+rentrain command."""
 
 from __future__ import annotations
 
@@ -41,6 +42,20 @@ def create_job_key(job_id: str) -> JobKey:
     public_line = f"{public.decode()} rentrain-{job_id}"
     (folder / "id_ed25519.pub").write_text(public_line + "\n")
     return JobKey(private_path=private_path, public_line=public_line)
+
+
+def share_job_key(from_job: str, to_job: str) -> JobKey:
+    """A queue's next job on the same rental uses the key the rental was created with (a copy, 0600, in its own
+    folder): its instance knows no other, and `rentrain attach` finds a job's key by the job's id."""
+    key = load_job_key(from_job)
+    folder = job_key_dir(to_job)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_path = folder / "id_ed25519"
+    descriptor = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(key.private_path.read_bytes())
+    (folder / "id_ed25519.pub").write_text(key.public_line + "\n")
+    return JobKey(private_path=private_path, public_line=key.public_line)
 
 
 def load_job_key(job_id: str) -> JobKey:

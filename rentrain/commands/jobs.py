@@ -23,7 +23,7 @@ from rich.table import Table
 
 from providers import registry
 from providers.base import NotFound, Offer, Provider, ProviderError
-from remote.config import ConfigError, load_config
+from remote.config import ConfigError, LoadedConfig, load_config
 from remote.events import CheckpointEvent, DoneEvent, SampleEvent, parse_event
 from rentrain.accounts import (
     CHECK_SECONDS,
@@ -41,13 +41,16 @@ from rentrain.accounts import (
     survey,
     unfetched,
 )
+from rentrain.billing_notices import NOTICE_AFTER_SECONDS, claim_notice, unattended_since
 from rentrain.cli_types import timing_overrides
+from rentrain.commands.queues import attach_queue, cancel_waiting_jobs, print_queues
 from rentrain.commands.run import _drive, detach_when_taken_over
 from rentrain.costs import profile_from_check
 from rentrain.credentials import CredentialsError, MissingApiKey, open_provider
 from rentrain.dataset_check import inspect_dataset
 from rentrain.job import JobFailed, JobRunner, RunSettings, Session
-from rentrain.ledger import ClientLock, IllegalTransition, JobRecord, Ledger, LockHeld, client_alive
+from rentrain.ledger import ClientLock, IllegalTransition, JobRecord, Ledger, LockHeld, QueueRecord, client_alive
+from rentrain.notify import Notification, Notifier, NotifyConfigError
 from rentrain.offers import find_offers, requirements_from
 from rentrain.paths import state_dir
 from rentrain.progress import RunProgress, plain_printer
@@ -58,6 +61,14 @@ from rentrain.transport import NETWORK_ERRORS, FetchRefused, SshUnavailable, Tra
 def _ledger_if_any() -> Ledger | None:
     path = state_dir() / "ledger.sqlite3"
     return Ledger(path) if path.exists() else None
+
+
+def _queue(ledger: Ledger, queue_id: str) -> QueueRecord | None:
+    """The queue an id (or a unique prefix of one) names; None when it names no queue."""
+    try:
+        return ledger.find_queue(queue_id)
+    except KeyError as exc:
+        raise click.ClickException(str(exc.args[0])) from None
 
 
 def _job(ledger: Ledger, job_id: str) -> JobRecord:
@@ -128,6 +139,7 @@ def sweep(console: Console, seconds: float = SWEEP_SECONDS) -> None:
         for sighting in view.sightings:
             if past_stopped_limit(sighting, now):
                 _settle_stopped(ledger, sighting, checks[sighting.provider], console)
+        _notify_still_billing(ledger, view, console, now)
     _forget_leftover_keys(ledger, console)
 
 
@@ -137,6 +149,41 @@ def _remember_checks(ledger: Ledger, view: AccountsView) -> None:
     for check in view.checks.values():
         if check.answered and check.provider not in unknown:
             ledger.record_account_checked(check.provider)
+
+
+def _notify_still_billing(ledger: Ledger, view: AccountsView, console: Console, now: float) -> None:
+    """Notify credentials.toml's notify URLs (docs/notifications.md) of each instance still on its provider's
+    account NOTICE_AFTER_SECONDS after its job was closed or its client last had it, at most once a day per
+    instance (rentrain/billing_notices.py). Stopped instances past the limit were just settled: not told."""
+    due = [
+        (sighting, since)
+        for sighting in view.sightings
+        if (since := unattended_since(ledger, sighting)) is not None
+        and now - since >= NOTICE_AFTER_SECONDS
+        and not past_stopped_limit(sighting, now)
+    ]
+    if not due:
+        return
+
+    def say(text: str) -> None:
+        console.print(f"[yellow]{escape(text)}[/]", highlight=False)
+
+    try:
+        notifier = Notifier.from_sources([], say)
+    except NotifyConfigError as exc:
+        say(f"no notification sent: {exc}")
+        return
+    if not notifier.targets:
+        return
+    for sighting, since in due:
+        assert sighting.job is not None and sighting.instance_id is not None
+        if not claim_notice(ledger, sighting.provider, sighting.instance_id, now):
+            continue
+        ended = "its job ended" if sighting.job.state == "closed" else "a rentrain client last had it"
+        what = stopped_line(sighting, now) if sighting.stopped else _unfollowed_text(sighting)
+        title = f"rentrain: {sighting.provider} instance {sighting.instance_id} is still billing"
+        body = f"{(now - since) / 60:.0f} minutes after {ended}: {what}"
+        notifier.send(Notification(kind="still_billing", title=title, body=body))
 
 
 def _orphan_text(sighting: Sighting) -> str:
@@ -294,6 +341,7 @@ def status(show_all: bool) -> None:
     if jobs:
         assert ledger is not None
         _print_jobs(console, ledger, jobs, show_all)
+        print_queues(console, ledger)
     else:
         console.print("no jobs yet")
     _report_accounts(console, view, summary=True)
@@ -364,6 +412,10 @@ def attach(job_id: str) -> None:
     while another live rentrain client follows the job."""
     console = Console()
     ledger = Ledger()
+    queue = _queue(ledger, job_id)
+    if queue is not None:
+        attach_queue(ledger, queue, console)
+        return
     job = _job(ledger, job_id)
     _refuse_closed(ledger, job)
     with _following(ledger, job.id) as lock:
@@ -416,14 +468,18 @@ def _refuse_closed(ledger: Ledger, job: JobRecord) -> None:
 
 def _fresh_offers(runner: JobRunner) -> list[Offer]:
     """Offers to resume on if the current host turns out dead."""
-    provider = runner.provider
-    assert provider is not None
+    assert runner.provider is not None
+    return fresh_offers(runner.loaded, runner.settings, runner.provider)
+
+
+def fresh_offers(loaded: LoadedConfig, settings: RunSettings, provider: Provider) -> list[Offer]:
+    """The offers a job can run on now, best first; none when the provider or the dataset cannot say."""
     try:
-        report = inspect_dataset(runner.loaded.train)
-        profile = profile_from_check(runner.loaded.train, report)
+        report = inspect_dataset(loaded.train)
+        profile = profile_from_check(loaded.train, report)
         # the GPU count the job was started with (--gpus), not whatever the config says now
-        requirements = requirements_from(runner.loaded.job, gpu_count=runner.settings.gpus)
-        search = find_offers([runner.settings.provider], requirements, profile, opener=lambda _n: provider)
+        requirements = requirements_from(loaded.job, gpu_count=settings.gpus)
+        search = find_offers([settings.provider], requirements, profile, opener=lambda _n: provider)
         return [r.offer for r in search.ranked]
     except (ProviderError, ValueError):
         return []
@@ -529,12 +585,14 @@ def down(job_id: str | None, everything: bool, yes: bool) -> None:
         raise click.UsageError("give a JOB id or --all")
     console = Console()
     ledger = Ledger()
+    queue = _queue(ledger, job_id) if job_id else None
     if job_id:
-        job = _job(ledger, job_id)
-        names = [job.provider] if registry.needs_api_key(job.provider) else []
-        checks = _insist_on(check_accounts(names, CHECK_SECONDS), _ledger_live_providers(ledger, {job.id}))
-        view = survey(ledger, checks, include=lambda j: j is not None and j.id == job.id)
-        touched = [job.id]
+        targets = [j.id for j in ledger.queue_jobs(queue.id)] if queue else [_job(ledger, job_id).id]
+        provider = queue.provider if queue else ledger.job(targets[0]).provider
+        names = [provider] if registry.needs_api_key(provider) else []
+        checks = _insist_on(check_accounts(names, CHECK_SECONDS), _ledger_live_providers(ledger, set(targets)))
+        view = survey(ledger, checks, include=lambda j: j is not None and j.id in targets)
+        touched = targets
     else:
         checks = _insist_on(check_accounts(registry.API_KEY_ENV, CHECK_SECONDS), _ledger_live_providers(ledger))
         view = survey(ledger, checks)
@@ -544,6 +602,8 @@ def down(job_id: str | None, everything: bool, yes: bool) -> None:
     if not view.sightings and not view.not_checked:
         console.print("nothing is running")
     _finish_jobs(ledger, touched, console, "rentrain down")
+    if queue is not None:
+        cancel_waiting_jobs(ledger, queue, console)
     for check in view.not_checked:
         console.print(f"[bold red]{escape(check.could_not_check())}[/]", highlight=False)
     if failures or view.not_checked:

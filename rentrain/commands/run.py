@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import sys
 import time
@@ -18,10 +17,11 @@ from rich.markup import escape
 from providers import registry
 from providers.base import Unsupported
 from remote.config import KNOWN_PROVIDERS, LoadedConfig
-from remote.events import EVENTS_FILE
-from rentrain.cli_types import setting_type, timing_overrides
+from rentrain.cli_types import ClockTime, Number, setting_type, timing_overrides
 from rentrain.commands.check import checked_config
 from rentrain.commands.offers import gpus_option, scaling_note
+from rentrain.commands.run_common import ask_destroy, destroy_now, refuse_to_overwrite
+from rentrain.commands.run_queue import QueueOptions, run_queue
 from rentrain.costs import profile_from_check, steps_on
 from rentrain.credentials import CredentialsError, open_provider
 from rentrain.job import DetachRequested, HostLost, JobFailed, JobRunner, RunSettings, new_job_id
@@ -30,6 +30,7 @@ from rentrain.local_run import LocalTrainingUnavailable, ensure_training_stack, 
 from rentrain.multigpu import GpuCountError, describe_data_parallel, local_cuda_devices, local_gpus_note, plan_with_gpus
 from rentrain.offers import RankedOffer, find_offers, requirements_from
 from rentrain.progress import RunProgress, plain_printer
+from rentrain.queue_plan import QUEUE_FILE_SUFFIXES
 from rentrain.sshkeys import JobKey, create_job_key
 from rentrain.transport import SshEndpoint, TransportError
 from rentrain.upload_list import plan_upload
@@ -38,7 +39,7 @@ from rentrain.upload_list import plan_upload
 
 
 @click.command()
-@click.argument("config", type=click.Path(path_type=Path))
+@click.argument("configs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "--provider", type=click.Choice(KNOWN_PROVIDERS, case_sensitive=False), help="Default: [rentrain] provider."
 )
@@ -59,6 +60,18 @@ from rentrain.upload_list import plan_upload
     help="USD budget for the job; checked before renting, enforced on the instance.",
 )
 @click.option("--max-hours", type=setting_type("max_hours"), help="Hard deadline, enforced on the instance.")
+@click.option(
+    "--deadline",
+    type=ClockTime(),
+    help='Be done by this time: "07:00" (the next one) or "2026-12-06 07:00"; for a queue, all its jobs.',
+)
+@click.option(
+    "--parallel",
+    type=Number(1, 16, whole=True),
+    default=1,
+    show_default=True,
+    help="A queue: rent up to this many hosts at once and spread the jobs over them.",
+)
 @click.option(
     "--idle-timeout",
     type=setting_type("idle_timeout_minutes"),
@@ -81,13 +94,15 @@ from rentrain.upload_list import plan_upload
 )
 @click.option("--overwrite", is_flag=True, help="Replace an earlier run's LoRA, checkpoints and samples in output_dir.")
 def run(
-    config: Path,
+    configs: tuple[Path, ...],
     provider: str | None,
     host: str | None,
     identity: Path | None,
     trust_new_host: bool,
     max_cost: float | None,
     max_hours: float | None,
+    deadline: float | None,
+    parallel: int,
     idle_timeout: float | None,
     gpus: tuple[str, ...],
     gpu_count: int | None,
@@ -101,12 +116,45 @@ def run(
     """Check CONFIG and its dataset, rent the offer with the lowest estimated total cost, train the LoRA,
     bring checkpoints and the result home, and destroy the instance.
 
+    Several CONFIGS (or a folder of configs, or a queue file listing them, one per line) make a queue: all are
+    checked first, jobs with the same base model run in turn on one rental, under one --max-cost and one
+    --deadline; the plan is shown and asked for once.
+
     Nothing is rented when the check finds an error. Ctrl-C asks whether to destroy the instance or to
     detach; SIGTERM and SIGHUP detach (the instance's watchdog keeps guarding it).
     """
     console = Console()
     if provider:
         _refuse_if_impossible(provider.lower())
+    if len(configs) > 1 or configs[0].is_dir() or configs[0].suffix in QUEUE_FILE_SUFFIXES:
+        chosen_provider = (provider or "").lower()
+        if not chosen_provider:
+            raise click.UsageError("a queue needs --provider vast|runpod")
+        overrides = {
+            name: value
+            for name, value in (
+                ("idle_timeout_minutes", idle_timeout),
+                ("max_offers", max_offers),
+                ("max_retries", max_retries),
+            )
+            if value is not None
+        }
+        options = QueueOptions(
+            chosen_provider,
+            max_cost,
+            deadline,
+            int(parallel),
+            gpus,
+            gpu_count,
+            overrides | timing_overrides(),
+            yes,
+            overwrite,
+        )
+        run_queue(configs, options, console)
+        return
+    if parallel != 1:
+        raise click.UsageError("--parallel spreads a queue: give several configs, a folder or a queue file")
+    config = configs[0]
     result, loaded = checked_config(config, console)
     chosen = (provider or loaded.job.provider or "").lower()
     if not chosen:
@@ -133,41 +181,15 @@ def run(
         image=loaded.job.image,
         disk_gb=loaded.job.disk_gb,
         gpus=gpu_total,
+        deadline=deadline,
         **timing_overrides(),
     )
-    _refuse_to_overwrite(loaded, overwrite, console)
+    refuse_to_overwrite(loaded, overwrite, console)
     if chosen == "ssh":
         planned = plan.total_steps if plan is not None else None
         _run_on_host(loaded, settings, host or loaded.job.host, identity, detach, console, trust_new_host, planned)
         return
     _run_rented(loaded, settings, result.dataset, gpus, detach, yes, console)
-
-
-def _refuse_to_overwrite(loaded: LoadedConfig, overwrite: bool, console: Console) -> None:
-    """The run writes <name>.safetensors and <name>-NNNNNN.safetensors: none may exist already, unless
-    --overwrite asks to replace them (with their states, sample grids and events.jsonl)."""
-    train = loaded.train
-    stems = [train.output_name] if train.output_name else ["last", "epoch"]
-    existing = sorted(train.output_dir.glob(f"{stems[0]}.safetensors"))
-    for stem in stems:
-        existing += sorted(train.output_dir.glob(f"{stem}-*.safetensors"))
-    if not existing:
-        return
-    if not overwrite:
-        names = ", ".join(p.name for p in existing[:3]) + (" ..." if len(existing) > 3 else "")
-        raise click.ClickException(
-            f"{train.output_dir} already holds {names}; rentrain never overwrites a result unless asked: move them "
-            "away, change output_name, or run again with --overwrite"
-        )
-    for stem in stems:
-        existing += sorted(train.output_dir.glob(f"{stem}-*-state"))
-        existing += sorted(train.output_dir.glob(f"samples/{stem}*.png"))
-    for path in [*existing, train.output_dir / EVENTS_FILE]:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-    console.print(f"--overwrite: removed {len(existing)} earlier results from {train.output_dir}", markup=False)
 
 
 def _refuse_if_impossible(name: str) -> None:
@@ -192,7 +214,7 @@ def _run_local(loaded: LoadedConfig, console: Console, resume: Path | None, gpus
             console.print(f"[yellow]{escape(note)}[/]")
     train = loaded.train
     if resume is None:
-        _refuse_to_overwrite(loaded, overwrite, console)
+        refuse_to_overwrite(loaded, overwrite, console)
     with RunProgress(console) as view:
         try:
             exit_code = run_trainer(loaded.path, train.output_dir, view, resume, gpus)
@@ -355,10 +377,10 @@ def _drive(runner: JobRunner, console: Console, body: object) -> None:
         except KeyboardInterrupt:
             if not runner.guarded:
                 console.print("\nstopped during setup: the instance is destroyed")
-                _destroy_now(runner, console)
+                destroy_now(runner, console)
                 sys.exit(130)
-            if _ask_destroy(console):
-                _destroy_now(runner, console)
+            if ask_destroy(console):
+                destroy_now(runner, console)
                 sys.exit(130)
             raise DetachRequested("Ctrl-C") from None
     except DetachRequested as exc:
@@ -381,32 +403,3 @@ def _drive(runner: JobRunner, console: Console, body: object) -> None:
         sys.exit(1)
     cost = runner.ledger.job_cost(runner.job.id)
     console.print(f"[bold green]LoRA[/]: {escape(str(runner.job.result_path))}  (cost ${cost:.4f})")
-
-
-def _ask_destroy(console: Console) -> bool:
-    """Destroy (True) or detach (False). Without a terminal to ask: detach, the watchdog guards it.
-    A second Ctrl-C at the question destroys."""
-    if not sys.stdin.isatty():
-        return False
-    console.print()
-    try:
-        answer = click.prompt(
-            "Stop the job and destroy the instance [d], or detach and let it run [a]?",
-            type=click.Choice(["d", "a"]),
-            default="a",
-        )
-    except (click.Abort, KeyboardInterrupt):
-        return True
-    return answer == "d"
-
-
-def _destroy_now(runner: JobRunner, console: Console) -> None:
-    reason = "stopped by the user (Ctrl-C)"
-    if runner.provider is None:  # a machine rented by hand: end our processes there
-        session = runner.provisioner.reattach(runner.key.private_path) if runner.job.remote_dir else None
-        if session is not None:
-            runner.teardown.destroy(session, reason)
-    for record in [i for i in runner.ledger.instances(runner.job.id) if i.ended_at is None]:
-        runner.teardown.destroy_instance(record, reason)
-    runner.close("cancelled", "stopped by the user")
-    console.print("instance destroyed; checkpoints fetched so far are in the output folder")

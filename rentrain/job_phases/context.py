@@ -68,6 +68,8 @@ class RunSettings(BaseModel):
     # GPUs per instance asked for (--gpus, else [rentrain] gpu_count): replacement offers are searched with
     # it. Each instance's own count (the processes the trainer runs there) is in its ledger record.
     gpus: int = Field(TABLE_DEFAULTS.gpu_count, ge=1, le=8)
+    # --deadline: the unix time by which the job (a queue: its every job) has ended, client and watchdog alike
+    deadline: float | None = None
 
 
 class JobFailed(Exception):
@@ -94,6 +96,10 @@ class Session:
     remote: Remote
     layout: RemoteLayout
     python: str = "python3"
+    # A queue's later job on the same rental: the base model folder its first job set up (linked, not fetched
+    # again), and the folder of the job before it there (whose watchdog stops once this job's runs).
+    shared_model: str | None = None
+    handed_from: RemoteLayout | None = None
 
     @property
     def gpus(self) -> int:
@@ -102,11 +108,25 @@ class Session:
 
 
 def budget_reached(ledger: Ledger, job_id: str, max_cost: float | None) -> str | None:
-    """The client's meter: a message once the job's billed time x price reaches the budget."""
+    """The client's meter: a message once the billed time x price reaches the budget: the job's own, or for a
+    job of a queue the queue's (all its jobs together)."""
     if max_cost is None:
         return None
-    spent = ledger.job_cost(job_id)
-    return f"budget reached: ${spent:.2f} of ${max_cost:.2f}" if spent >= max_cost else None
+    queue_id = ledger.job(job_id).queue_id
+    spent = ledger.queue_cost(queue_id) if queue_id else ledger.job_cost(job_id)
+    whose = "the queue's " if queue_id else ""
+    return f"budget reached: ${spent:.2f} of {whose}${max_cost:.2f}" if spent >= max_cost else None
+
+
+def deadline_reached(deadline: float | None, now: float | None = None) -> str | None:
+    if deadline is None or (time.time() if now is None else now) < deadline:
+        return None
+    return f"deadline reached: {clock_time(deadline)}"
+
+
+def clock_time(at: float) -> str:
+    """A unix time as the user's local clock shows it."""
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(at))
 
 
 def trainer_alive(session: Session) -> bool:

@@ -15,6 +15,7 @@ from rentrain.job_phases.context import (
     JobContext,
     Session,
     budget_reached,
+    deadline_reached,
     trainer_alive,
 )
 from rentrain.job_phases.fetch import Fetcher
@@ -76,7 +77,12 @@ class Follower:
             self.context.ledger.update_job(self.context.job.id, events_offset=self.context.events_offset)
 
     def _check_budget(self, session: Session) -> None:
-        over = budget_reached(self.context.ledger, self.context.job.id, self.context.settings.max_cost)
+        """The budget or the deadline reached: the trainer is stopped (it saves its state) and what it made
+        comes home."""
+        settings = self.context.settings
+        over = budget_reached(self.context.ledger, self.context.job.id, settings.max_cost) or deadline_reached(
+            settings.deadline
+        )
         if over:
             raise BudgetReached(over)
 

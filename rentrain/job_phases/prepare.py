@@ -53,8 +53,11 @@ class Preparer:
         drops (reconnect, run it again) until the host counts as lost."""
         remote, layout = session.remote, session.layout
         self.context.move("syncing", f"to {layout.root}", remote_dir=layout.root, events_offset=0)
-        folders = shlex.join([layout.root, layout.output, layout.model])
+        folders = shlex.join([layout.root, layout.output] + ([] if session.shared_model else [layout.model]))
         self._setup_step(session, "creating the job folder", lambda: remote.run(f"mkdir -p {folders}"))
+        if session.shared_model:
+            link = shlex.join(["ln", "-sfn", session.shared_model, layout.model])
+            self._setup_step(session, "linking the rental's base model", lambda: remote.run(link))
         payload = posixpath.join(layout.payload, "remote")
         self._setup_step(
             session,
@@ -64,6 +67,8 @@ class Preparer:
             ),
         )
         self._start_watchdog(session)
+        if session.handed_from is not None:
+            self._setup_step(session, "retiring the previous job's folder", lambda: self._retire(session))
         with self._setup_heartbeats(session):
             resume = self._set_up(session)
         on = f" on {session.gpus} GPUs (data parallel)" if session.gpus > 1 else ""
@@ -129,6 +134,15 @@ class Preparer:
         started = self._setup_step(session, "starting the watchdog", lambda: session.remote.run(command, check=False))
         if started.exit_code != 0:
             raise JobFailed(f"the watchdog did not start on the instance: {(started.stderr or started.stdout).strip()}")
+
+    def _retire(self, session: Session) -> None:
+        """The queue's job before this one on the rental is over and home: its watchdog stops (this job's
+        guards the instance now) and its copies of the dataset and outputs are removed from the host."""
+        previous = session.handed_from
+        assert previous is not None
+        stop = f"kill $(cat {shlex.quote(previous.watchdog_pid)} 2>/dev/null) 2>/dev/null; true"
+        session.remote.run(stop, check=False)
+        session.remote.run(shlex.join(["rm", "-rf", previous.dataset, previous.reg, previous.output]), check=False)
 
     def _setup_limit(self) -> float:
         """Seconds this setup may take: setup_timeout_seconds, plus the uploads at UPLOAD_FLOOR_BYTES_PER_SECOND."""
@@ -265,10 +279,11 @@ class Preparer:
         recipe: SelfDestructRecipe | None = (
             self.context.provider.self_destroy_recipe() if self.context.provider is not None else None
         )
+        started_at = self.context.job_started_at() if session.record.instance_id else session.record.created_at
         return {
-            "started_at": self.context.job_started_at() if session.record.instance_id else session.record.created_at,
+            "started_at": started_at,
             "usd_per_hour": session.record.usd_per_hour,
-            "max_hours": self.context.settings.max_hours,
+            "max_hours": self._hours_allowed(started_at),
             "max_cost": self._remaining_budget(session),
             "idle_timeout_seconds": self.context.settings.idle_timeout_minutes * 60,
             "setup_timeout_seconds": self._setup_limit(),
@@ -278,14 +293,25 @@ class Preparer:
             "recipe": recipe.model_dump() if recipe is not None else None,
         }
 
+    def _hours_allowed(self, started_at: float) -> float | None:
+        """The watchdog's hard limit from `started_at`: --max-hours, or the time left until the deadline."""
+        limits = [self.context.settings.max_hours]
+        if self.context.settings.deadline is not None:
+            limits.append(max(0.0, self.context.settings.deadline - started_at) / 3600)
+        return min((limit for limit in limits if limit is not None), default=None)
+
     def _remaining_budget(self, session: Session) -> float | None:
-        """The budget left for this instance: the whole budget less what earlier instances of the job cost."""
+        """The budget left for this instance: the whole budget less what the job's (a queue: the queue's) other
+        instance records cost so far."""
         if self.context.settings.max_cost is None:
             return None
+        ledger, job = self.context.ledger, self.context.job
+        jobs = [j.id for j in ledger.queue_jobs(job.queue_id)] if job.queue_id else [job.id]
         earlier = sum(
             i.cost()
-            for i in self.context.ledger.instances(self.context.job.id)
-            if i.created_at != session.record.created_at
+            for job_id in jobs
+            for i in ledger.instances(job_id)
+            if (i.job_id, i.created_at) != (session.record.job_id, session.record.created_at)
         )
         return max(0.0, self.context.settings.max_cost - earlier)
 

@@ -60,19 +60,14 @@ def write_job(folder: Path, images: int = 4, repeats: int = 1, epochs: int = 2) 
     return config
 
 
-@pytest.fixture
-def market(tmp_path: Path) -> Iterator[ProviderSimulator]:
+def started_market(folder: Path, offers: list[SimOffer]) -> ProviderSimulator:
+    """A simulated market of these offers whose instances' "image" is a Python with torch and the trainer's
+    packages, on a CPU the trainer may use. Shut it down when done."""
     venv_bin = str(Path(sys.executable).parent)
     simulator = ProviderSimulator(
-        tmp_path / "market",
-        [
-            SimOffer("vast", "7001", "RTX 4090", 0.40),
-            SimOffer("vast", "7002", "RTX 4090", 0.45),
-            SimOffer("vast", "7003", "RTX 4090", 0.50),
-            SimOffer("runpod", "NVIDIA GeForce RTX 4090", "RTX 4090", 0.34),
-        ],
+        folder,
+        offers,
         instance_env={
-            # the "image": a Python with torch and the trainer's packages, a CPU the trainer may use
             "PATH": f"{venv_bin}:/usr/local/bin:/usr/bin:/bin",
             "RENTRAIN_PYTHON": sys.executable,
             "RENTRAIN_ALLOW_CPU": "1",
@@ -81,6 +76,20 @@ def market(tmp_path: Path) -> Iterator[ProviderSimulator]:
         },
     )
     simulator.start()
+    return simulator
+
+
+@pytest.fixture
+def market(tmp_path: Path) -> Iterator[ProviderSimulator]:
+    simulator = started_market(
+        tmp_path / "market",
+        [
+            SimOffer("vast", "7001", "RTX 4090", 0.40),
+            SimOffer("vast", "7002", "RTX 4090", 0.45),
+            SimOffer("vast", "7003", "RTX 4090", 0.50),
+            SimOffer("runpod", "NVIDIA GeForce RTX 4090", "RTX 4090", 0.34),
+        ],
+    )
     yield simulator
     simulator.shutdown()
 
