@@ -53,7 +53,7 @@ class Lane:
 class QueueHooks:
     """What the queue tells the world: a job ended (report, notification), the queue stopped early."""
 
-    job_ended: Callable[[JobRecord], None] = lambda _job: None
+    job_ended: Callable[[JobRecord], object] = lambda _job: None
     stopped: Callable[[str], None] = lambda _reason: None
 
 

@@ -17,6 +17,7 @@ from rentrain.commands.offers import money
 from rentrain.costs import JobEstimate
 from rentrain.job_phases.context import clock_time
 from rentrain.ledger import JobRecord, Ledger, QueueRecord
+from rentrain.queue_costs import cost_shares
 from rentrain.report_facts import (
     DatasetNow,
     FinalFile,
@@ -209,6 +210,7 @@ def _wall_seconds(ledger: Ledger, job: JobRecord) -> float | None:
 
 def _queue_table(ledger: Ledger, jobs: list[JobRecord], report_dir: Path) -> str:
     rows = []
+    shares = cost_shares(ledger, jobs[0].queue_id) if jobs and jobs[0].queue_id else {}
     for position, job in enumerate(jobs, start=1):
         estimate = estimate_of(job)
         planned = "-" if estimate is None else f"{money(estimate.cost_usd)}, {hours(estimate.total_hours)}"
@@ -219,13 +221,15 @@ def _queue_table(ledger: Ledger, jobs: list[JobRecord], report_dir: Path) -> str
                 f"<code>{esc(job.config_path)}</code>",
                 f"<b>{esc(outcome_of(job))}</b>" + (f"<br>{esc(job.error)}" if job.error else ""),
                 money(ledger.job_cost(job.id)),
+                money(shares.get(job.id, ledger.job_cost(job.id))),
                 planned,
                 duration(_wall_seconds(ledger, job)),
                 f'<a href="{link}">{esc(job.id)}</a>',
             ]
         )
-    headers = ["#", "config", "outcome", "billed", "estimate", "wall time", "report"]
-    return "<h2>Jobs</h2>\n" + table(headers, rows, frozenset({0, 3, 5}))
+    headers = ["#", "config", "outcome", "billed", "share", "estimate", "wall time", "report"]
+    note_text = note("share: the rental's setup split equally between its jobs (docs/overnight.md)")
+    return "<h2>Jobs</h2>\n" + table(headers, rows, frozenset({0, 3, 4, 6})) + note_text
 
 
 def _queue_totals(ledger: Ledger, queue: QueueRecord, jobs: list[JobRecord]) -> str:

@@ -44,11 +44,12 @@ from rentrain.accounts import (
 from rentrain.billing_notices import NOTICE_AFTER_SECONDS, claim_notice, unattended_since
 from rentrain.cli_types import timing_overrides
 from rentrain.commands.queues import attach_queue, cancel_waiting_jobs, print_queues
-from rentrain.commands.run import _drive, detach_when_taken_over
+from rentrain.commands.run import _drive, detach_when_taken_over, notifier_from
 from rentrain.costs import profile_from_check
 from rentrain.credentials import CredentialsError, MissingApiKey, open_provider
 from rentrain.dataset_check import inspect_dataset
 from rentrain.job import JobFailed, JobRunner, RunSettings, Session
+from rentrain.job_news import JobNews
 from rentrain.ledger import ClientLock, IllegalTransition, JobRecord, Ledger, LockHeld, QueueRecord, client_alive
 from rentrain.notify import Notification, Notifier, NotifyConfigError
 from rentrain.offers import find_offers, requirements_from
@@ -443,12 +444,13 @@ def attach(job_id: str) -> None:
             else:
                 endpoint = session.remote.endpoint
                 console.print(f"attached to job {job.id} on {escape(endpoint.host)}:{endpoint.port}")
+            news = JobNews(ledger, notifier_from((), console), plain_printer(console))
             if runner.provider is None:
                 assert session is not None
-                _drive(runner, console, lambda: runner.continue_on(session))
+                _drive(runner, console, lambda: runner.continue_on(session), news)
                 return
             offers = _fresh_offers(runner)
-            _drive(runner, console, lambda: runner.run(offers, session=session))
+            _drive(runner, console, lambda: runner.run(offers, session=session), news)
 
 
 def _refuse_closed(ledger: Ledger, job: JobRecord) -> None:

@@ -10,12 +10,15 @@ from rich.console import Console
 
 from remote.config import ConfigError, load_config
 from rentrain.cli_types import timing_overrides
-from rentrain.commands.run_queue import drive_queue
+from rentrain.commands.run import notifier_from
+from rentrain.commands.run_queue import drive_queue, queue_hooks
 from rentrain.costs import JobEstimate
 from rentrain.credentials import CredentialsError, open_provider
 from rentrain.job import RunSettings
+from rentrain.job_news import JobNews
 from rentrain.job_phases.context import clock_time
 from rentrain.ledger import IllegalTransition, JobRecord, Ledger, QueueRecord
+from rentrain.progress import plain_printer
 from rentrain.queue_run import Lane, QueuedJob, QueueRunner
 
 SHOWN_CLOSED_QUEUES = 3
@@ -61,7 +64,9 @@ def attach_queue(ledger: Ledger, queue: QueueRecord, console: Console) -> None:
         offers = fresh_offers(queued[waiting[0]].loaded, queued[waiting[0]].settings, provider) if waiting else []
         lanes.append(Lane(jobs=job_ids, offers=offers))
     console.print(f"attached to queue {queue.id}: {len(queued)} of its {len(jobs)} jobs to go", highlight=False)
-    drive_queue(QueueRunner(ledger, queue, queued, lanes, provider, console), console, attach=True)
+    news = JobNews(ledger, notifier_from((), console), plain_printer(console))
+    runner = QueueRunner(ledger, queue, queued, lanes, provider, console, queue_hooks(news, queue))
+    drive_queue(runner, console, attach=True)
 
 
 def _queued(job: JobRecord) -> QueuedJob:

@@ -6,7 +6,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -25,9 +25,11 @@ from rentrain.commands.run_queue import QueueOptions, run_queue
 from rentrain.costs import profile_from_check, steps_on
 from rentrain.credentials import CredentialsError, open_provider
 from rentrain.job import DetachRequested, HostLost, JobFailed, JobRunner, RunSettings, new_job_id
+from rentrain.job_news import JobNews
 from rentrain.ledger import ClientLock, JobRecord, Ledger, this_host
 from rentrain.local_run import LocalTrainingUnavailable, ensure_training_stack, run_trainer
 from rentrain.multigpu import GpuCountError, describe_data_parallel, local_cuda_devices, local_gpus_note, plan_with_gpus
+from rentrain.notify import Notifier, NotifyConfigError
 from rentrain.offers import RankedOffer, find_offers, requirements_from
 from rentrain.progress import RunProgress, plain_printer
 from rentrain.queue_plan import QUEUE_FILE_SUFFIXES
@@ -93,6 +95,13 @@ from rentrain.upload_list import plan_upload
     help="--provider local: continue from a checkpoint's state folder.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an earlier run's LoRA, checkpoints and samples in output_dir.")
+@click.option(
+    "--notify",
+    "notify_urls",
+    multiple=True,
+    metavar="URL",
+    help="Tell this apprise URL (ntfy, Discord, Slack, email...) when a job ends; repeatable (docs/notifications.md).",
+)
 def run(
     configs: tuple[Path, ...],
     provider: str | None,
@@ -112,6 +121,7 @@ def run(
     yes: bool,
     resume: Path | None,
     overwrite: bool,
+    notify_urls: tuple[str, ...],
 ) -> None:
     """Check CONFIG and its dataset, rent the offer with the lowest estimated total cost, train the LoRA,
     bring checkpoints and the result home, and destroy the instance.
@@ -150,7 +160,7 @@ def run(
             yes,
             overwrite,
         )
-        run_queue(configs, options, console)
+        run_queue(configs, options, console, notifier_from(notify_urls, console))
         return
     if parallel != 1:
         raise click.UsageError("--parallel spreads a queue: give several configs, a folder or a queue file")
@@ -185,11 +195,15 @@ def run(
         **timing_overrides(),
     )
     refuse_to_overwrite(loaded, overwrite, console)
+    notifier = notifier_from(notify_urls, console)
     if chosen == "ssh":
         planned = plan.total_steps if plan is not None else None
-        _run_on_host(loaded, settings, host or loaded.job.host, identity, detach, console, trust_new_host, planned)
+        news = JobNews(Ledger(), notifier, plain_printer(console))
+        target = host or loaded.job.host
+        _run_on_host(loaded, settings, target, identity, detach, console, trust_new_host, planned, news)
         return
-    _run_rented(loaded, settings, result.dataset, gpus, detach, yes, console)
+    news = JobNews(Ledger(), notifier, plain_printer(console))
+    _run_rented(loaded, settings, result.dataset, gpus, detach, yes, console, news)
 
 
 def _refuse_if_impossible(name: str) -> None:
@@ -259,6 +273,7 @@ def _run_rented(
     detach: bool,
     yes: bool,
     console: Console,
+    news: JobNews,
 ) -> None:
     try:
         provider = open_provider(settings.provider)
@@ -291,7 +306,7 @@ def _run_rented(
     with ClientLock(ledger, job.id) as lock, RunProgress(console, usd_per_hour=best.offer.price_per_hour) as view:
         runner = JobRunner(ledger, job, loaded, provider, settings, key, view, plain_printer(console))
         lock.on_lost = detach_when_taken_over(runner)
-        _drive(runner, console, lambda: runner.run([r.offer for r in search.ranked], detach_after_start=detach))
+        _drive(runner, console, lambda: runner.run([r.offer for r in search.ranked], detach_after_start=detach), news)
 
 
 def _run_on_host(
@@ -303,6 +318,7 @@ def _run_on_host(
     console: Console,
     trust_new_host: bool,
     total_steps: int | None,
+    news: JobNews,
 ) -> None:
     if not host:
         raise click.UsageError("--provider ssh needs --host user@host[:port] (or host in [rentrain])")
@@ -317,7 +333,7 @@ def _run_on_host(
     with ClientLock(ledger, job.id) as lock, RunProgress(console) as view:
         runner = JobRunner(ledger, job, loaded, None, settings, key, view, plain_printer(console))
         lock.on_lost = detach_when_taken_over(runner)
-        _drive(runner, console, lambda: runner.run_on_host(endpoint, key_path, detach, trust_new_host))
+        _drive(runner, console, lambda: runner.run_on_host(endpoint, key_path, detach, trust_new_host), news)
 
 
 def parse_host(text: str) -> SshEndpoint:
@@ -363,7 +379,7 @@ def detach_when_taken_over(runner: JobRunner) -> Callable[[JobRecord], None]:
     return detach
 
 
-def _drive(runner: JobRunner, console: Console, body: object) -> None:
+def _drive(runner: JobRunner, console: Console, body: object, news: JobNews | None = None) -> None:
     """Run the job. SIGTERM/SIGHUP detach once the instance's watchdog runs (the runner checks at safe
     points); Ctrl-C asks, or destroys during setup (the watchdog guards a client killed then)."""
 
@@ -395,11 +411,23 @@ def _drive(runner: JobRunner, console: Console, body: object) -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if runner.ledger.job(runner.job.id).state == "closed":
+        closed = runner.ledger.job(runner.job.id)
+        if closed.state == "closed":
             # every end (done, failed, Ctrl-C, no offer left); a detached job keeps its key
             runner.teardown.forget_key()
+            report = news.job_ended(closed) if news is not None else None
+            if report is not None:
+                console.print(f"report: {report}", markup=False, highlight=False)
     if outcome != "succeeded":
         console.print(f"[bold red]job {runner.job.id} {outcome}[/]: {escape(runner.job.error or '')}")
         sys.exit(1)
     cost = runner.ledger.job_cost(runner.job.id)
     console.print(f"[bold green]LoRA[/]: {escape(str(runner.job.result_path))}  (cost ${cost:.4f})")
+
+
+def notifier_from(urls: Sequence[str], console: Console) -> Notifier:
+    """The --notify URLs and credentials.toml's, checked before anything is rented (a bad one: exit 2)."""
+    try:
+        return Notifier.from_sources(urls, plain_printer(console))
+    except NotifyConfigError as exc:
+        raise click.UsageError(str(exc)) from None

@@ -26,9 +26,13 @@ from rentrain.commands.run_common import ask_destroy, destroy_now, refuse_to_ove
 from rentrain.costs import JobEstimate, JobProfile, estimate_job, profile_from_check
 from rentrain.credentials import CredentialsError, open_provider
 from rentrain.job import DetachRequested, RunSettings, new_job_id
+from rentrain.job_news import JobNews
 from rentrain.job_phases.context import clock_time
 from rentrain.ledger import ClientLock, JobRecord, Ledger, LockHeld, QueueRecord, this_host
+from rentrain.notify import Notifier
 from rentrain.offers import find_offers, requirements_from
+from rentrain.progress import plain_printer
+from rentrain.queue_costs import cost_shares
 from rentrain.queue_plan import (
     LanePlan,
     QueueInputError,
@@ -79,7 +83,7 @@ def checked_configs(arguments: Sequence[Path], console: Console) -> list[tuple[C
     return [(result, loaded) for result, loaded in good if loaded is not None]
 
 
-def run_queue(arguments: Sequence[Path], options: QueueOptions, console: Console) -> None:
+def run_queue(arguments: Sequence[Path], options: QueueOptions, console: Console, notifier: Notifier) -> None:
     checked = checked_configs(arguments, console)
     if options.provider in ("local", "ssh"):
         raise click.UsageError(
@@ -109,7 +113,13 @@ def run_queue(arguments: Sequence[Path], options: QueueOptions, console: Console
         for n, lane in enumerate(lanes)
     ]
     queued = {job.id: QueuedJob(loaded_all[i], _settings(job), lanes_estimate(lanes, i)) for i, job in enumerate(jobs)}
-    drive_queue(QueueRunner(ledger, queue, queued, runner_lanes, provider, console, QueueHooks()), console)
+    news = JobNews(ledger, notifier, plain_printer(console))
+    drive_queue(QueueRunner(ledger, queue, queued, runner_lanes, provider, console, queue_hooks(news, queue)), console)
+
+
+def queue_hooks(news: JobNews, queue: QueueRecord) -> QueueHooks:
+    """Each job's end and the queue's early stop are told (reports, notifications)."""
+    return QueueHooks(job_ended=news.job_ended, stopped=lambda reason: news.queue_stopped(queue, reason))
 
 
 def lanes_estimate(lanes: Sequence[LanePlan], index: int) -> JobEstimate | None:
@@ -331,6 +341,9 @@ def drive_queue(runner: QueueRunner, console: Console, attach: bool = False) -> 
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        report = JobNews(ledger, None, plain_printer(console)).queue_ended(queue)
+        if report is not None:
+            console.print(f"queue report: {report}", markup=False, highlight=False)
     _print_summary(ledger, queue, console)
 
 
@@ -350,14 +363,16 @@ def _interrupted(runner: QueueRunner, console: Console) -> None:
 def _print_summary(ledger: Ledger, queue: QueueRecord, console: Console) -> None:
     jobs = ledger.queue_jobs(queue.id)
     table = Table(header_style="bold")
-    for column in ("job", "config", "outcome", "cost", "result / reason"):
+    for column in ("job", "config", "outcome", "billed", "share", "result / reason"):
         table.add_column(column)
+    shares = cost_shares(ledger, queue.id)
     for job in jobs:
         table.add_row(
             job.id,
             escape(job.config_path),
             job.outcome or job.state,
             f"${ledger.job_cost(job.id):.4f}",
+            f"${shares[job.id]:.4f}",
             escape(job.result_path or job.error or ""),
         )
     console.print(table)

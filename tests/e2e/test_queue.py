@@ -10,6 +10,9 @@ from pathlib import Path
 
 from tests.e2e.conftest import Client, started_market, write_job
 from tests.sim.provider_sim import ProviderSimulator, SimOffer, wait_until
+from tests.webhook import Webhook, closed_port, webhook
+
+__all__ = ["webhook"]  # a fixture
 
 
 def _queue_jobs(client: Client) -> list[dict[str, object]]:
@@ -24,10 +27,22 @@ def _assert_nothing_billing(market: ProviderSimulator, client: Client) -> None:
     assert abs(client.ledger_cost() - market.total_billed()) <= price / 3600
 
 
-def test_three_jobs_run_in_turn_on_one_rental(tmp_path: Path, market: ProviderSimulator, client: Client) -> None:
+def test_three_jobs_run_in_turn_on_one_rental(
+    tmp_path: Path, market: ProviderSimulator, client: Client, webhook: Webhook
+) -> None:
     configs = [write_job(tmp_path / name, epochs=1) for name in ("a", "b", "c")]
-    result = client.run("run", *map(str, configs), "--provider", "vast", "--yes", timeout=400)
+    broken = f"json://127.0.0.1:{closed_port()}/secret-token"
+    notify = ["--notify", webhook.url(), "--notify", broken]
+    result = client.run("run", *map(str, configs), "--provider", "vast", "--yes", *notify, timeout=400)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert [body["title"] for _path, body in webhook.posts] == [
+        f"rentrain: {name}/config.toml is done" for name in ("a", "b", "c")
+    ]
+    assert all(body["attachments"] for _path, body in webhook.posts), "each job's sample grid goes with it"
+    assert result.stdout.count("json (--notify #2)") == 1, "a failing notifier is told once"
+    assert "secret-token" not in result.stdout + result.stderr
+    assert (tmp_path / "a" / "output" / "report.html").exists()
+    assert "queue report: " in result.stdout
     assert "rental 1:" in result.stdout and "3 job(s) in turn" in result.stdout
     assert len(market.instances) == 1, "the three jobs shared one rental"
     for name in ("a", "b", "c"):

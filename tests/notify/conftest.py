@@ -1,50 +1,13 @@
-"""A JSON webhook on 127.0.0.1 (apprise's json:// service posts to it), and credentials.toml with notify URLs."""
+"""credentials.toml with notify URLs; the webhook fixture (tests/webhook.py) for apprise's json:// service."""
 
 from __future__ import annotations
 
-import json
 import os
-import socket
-import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, HTTPServer
-from typing import Any
-
-import pytest
 
 from rentrain.credentials import credentials_path
+from tests.webhook import Webhook, closed_port, webhook
 
-
-@dataclass
-class Webhook:
-    port: int
-    posts: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (path, JSON body) of each POST
-
-    def url(self, path: str = "/hook") -> str:
-        return f"json://127.0.0.1:{self.port}{path}"
-
-
-@pytest.fixture
-def webhook() -> Iterator[Webhook]:
-    received: list[tuple[str, dict[str, Any]]] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            length = int(self.headers["Content-Length"])
-            received.append((self.path, json.loads(self.rfile.read(length))))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield Webhook(server.server_port, received)
-    server.shutdown()
-    server.server_close()
+__all__ = ["Webhook", "closed_port", "webhook", "write_credentials"]
 
 
 def write_credentials(text: str, mode: int = 0o600) -> None:
@@ -52,10 +15,3 @@ def write_credentials(text: str, mode: int = 0o600) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     os.chmod(path, mode)
-
-
-def closed_port() -> int:
-    """A port on 127.0.0.1 where nothing listens."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])

@@ -27,17 +27,20 @@ def test_one_row_per_job_with_its_outcome_reason_cost_and_report(tmp_path: Path)
     text = path.read_text(encoding="utf-8")
     first, second, third = job_rows(text)
     assert first[0] == "1" and first[1].endswith("job-q1/config.toml</code>")
-    assert first[2:6] == ["<b>succeeded</b>", "$2.050", "$2.160, 36 min 00 s", "34 min 30 s"]
+    assert first[2:4] + first[5:7] == ["<b>succeeded</b>", "$2.050", "$2.160, 36 min 00 s", "34 min 30 s"]
     assert second[2] == "<b>failed</b><br>trainer died: &lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;"
-    assert third[2:6] == [
+    assert third[2:4] + third[5:7] == [
         "<b>skipped</b><br>skipped: budget ($5.00) would be crossed",
         "$0.000",
         "$2.160, 36 min 00 s",
         "-",
     ]
+    billed = [float(row[3].lstrip("$")) for row in (first, second, third)]
+    shares = [float(row[4].lstrip("$")) for row in (first, second, third)]
+    assert abs(sum(shares) - sum(billed)) < 0.002 and shares[2] == 0.0, "shares add up to what was billed"
     assert HOSTILE_ERROR not in text
     for row, job_id in zip((first, second, third), ("job-q1", "job-q2", "job-q3"), strict=True):
-        link = re.fullmatch(rf'<a href="([^"]+)">{job_id}</a>', row[6])
+        link = re.fullmatch(rf'<a href="([^"]+)">{job_id}</a>', row[7])
         assert link and link.group(1) == f"../{job_id}/report.html"
         assert (path.parent / link.group(1)).is_file()  # each job's own report, written first
 
