@@ -75,7 +75,7 @@ def checked_configs(arguments: Sequence[Path], console: Console) -> list[tuple[C
     good = [(result, loaded) for result, loaded in checked if loaded is not None]
     clashes = output_clashes([loaded for _result, loaded in good])
     for clash in clashes:
-        console.print(f"[bold red]error[/]: {escape(clash)}", highlight=False)
+        console.print(f"[bold red]error[/]: {escape(clash)}", highlight=False, soft_wrap=True)
     if failed or clashes:
         problems = len(failed) + len(clashes)
         console.print(f"[bold red]{problems} of the queue's {len(paths)} configs have problems; nothing was rented[/]")
