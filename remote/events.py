@@ -107,6 +107,7 @@ class DoneEvent(_Event):
     epoch: int
     wall_seconds: float
     final_loss: float | None = None
+    state_dir: str | None = Field(None, description="The final weights' resumable state (a longer run continues it).")
 
 
 class ErrorEvent(_Event):

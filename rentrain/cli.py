@@ -9,7 +9,7 @@ from rich.console import Console
 
 from rentrain import __version__
 from rentrain.cli_types import check_timing_environment
-from rentrain.commands import check, estimate, init, jobs, offers, report, run
+from rentrain.commands import check, continue_job, estimate, init, jobs, offers, report, run
 
 # Commands that look at the provider accounts themselves (status, down) or act on one job (attach): the sweep
 # before them would be noise, or would act on the job they are about to act on.
@@ -31,6 +31,7 @@ main.add_command(init.init)
 main.add_command(offers.offers)
 main.add_command(estimate.estimate)
 main.add_command(run.run)
+main.add_command(continue_job.continue_job)
 main.add_command(jobs.status)
 main.add_command(jobs.attach)
 main.add_command(jobs.logs)

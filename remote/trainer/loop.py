@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 import uuid
+import warnings
 from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from functools import partial
@@ -733,7 +734,8 @@ def train(cfg, writer: EventWriter, resume: Path | str | None = None, stop_after
         run.losses = list(saved.get("losses", []))
         epoch_order = saved["epoch_order"]
         place_learning_rates(run.optimizer, run.device)
-        if saved["position"].get("processes", 1) != ranks.world:
+        longer = run.position.total_steps != run.dataset.plan.total_steps  # a finished run's state (load_state)
+        if saved["position"].get("processes", 1) != ranks.world or longer:
             replan_after_resume(run)
 
     plan = run.dataset.plan
@@ -821,6 +823,9 @@ def train(cfg, writer: EventWriter, resume: Path | str | None = None, stop_after
         return final
     metadata = build_metadata(cfg, run.bundle.family, {**run.info, "epoch": last_epoch, "step": pos.step})
     digest = save_kohya(run.network, final, metadata, cfg.save_precision)
+    # the state of the final weights: a run with more epochs (`rentrain continue`) goes on from it
+    folder = run.output_dir / state_dir_name(run.name, step=pos.step)
+    state = save_state(folder, pos, run.network, run.optimizer, run.scheduler, run.scaler, None, run.losses)
     save_samples(run, run.name, last_epoch, pos.step, final=True)
     writer.emit(
         DoneEvent(
@@ -830,6 +835,7 @@ def train(cfg, writer: EventWriter, resume: Path | str | None = None, stop_after
             epoch=last_epoch,
             wall_seconds=time.time() - wall_start,
             final_loss=run.losses[-1] if run.losses else None,
+            state_dir=str(state),
         )
     )
     barrier(run.ranks)
@@ -837,25 +843,28 @@ def train(cfg, writer: EventWriter, resume: Path | str | None = None, stop_after
 
 
 def replan_after_resume(run: Run) -> None:
-    """A state saved with another number of processes: the batches left run at this run's rate. A run
-    measured in steps keeps its step count; a run measured in epochs gets the steps that finish them, and
-    its learning-rate schedule is laid over the new total from the step reached."""
+    """A state saved with another number of processes, or a finished run's state that a longer run continues:
+    the batches left run at this run's rate. A run measured in steps gets this config's step count; a run
+    measured in epochs gets the steps that finish them. The learning-rate schedule is laid over the new total
+    from the step reached."""
     pos, plan, cfg = run.position, run.dataset.plan, run.cfg
     per_step = cfg.gradient_accumulation_steps * run.ranks.world
     if cfg.max_train_epochs is not None or cfg.max_train_steps is None:
         left_this_epoch = math.ceil((plan.batches_per_epoch - pos.batch) / per_step)
-        pos.total_steps = pos.step + left_this_epoch + (plan.epochs - pos.epoch - 1) * plan.steps_per_epoch
-        plan.total_steps = pos.total_steps
-        state = run.scheduler.state_dict()
-        run.scheduler = make_scheduler(
-            run.optimizer,
-            cfg.lr_scheduler,
-            cfg.warmup_steps_for(pos.total_steps),
-            pos.total_steps,
-            cfg.lr_scheduler_num_cycles,
-            cfg.lr_scheduler_power,
-        )
-        run.scheduler.last_epoch = state["last_epoch"] - 1
+        plan.total_steps = pos.step + left_this_epoch + (plan.epochs - pos.epoch - 1) * plan.steps_per_epoch
+    pos.total_steps = plan.total_steps
+    state = run.scheduler.state_dict()
+    run.scheduler = make_scheduler(
+        run.optimizer,
+        cfg.lr_scheduler,
+        cfg.warmup_steps_for(pos.total_steps),
+        pos.total_steps,
+        cfg.lr_scheduler_num_cycles,
+        cfg.lr_scheduler_power,
+    )
+    run.scheduler.last_epoch = state["last_epoch"] - 1
+    with warnings.catch_warnings():  # "step before the optimizer's": this step only sets the step reached's rate
+        warnings.simplefilter("ignore", UserWarning)
         run.scheduler.step()
     pos.processes = run.ranks.world
     pos.steps_per_epoch = plan.steps_per_epoch

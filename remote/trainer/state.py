@@ -117,6 +117,13 @@ def load_state(folder: Path, expected: Position, network, optimizer, scheduler, 
     keys: tuple[str, ...] = ("seed", "total_steps", "steps_per_epoch", "batches_per_epoch", "batch_size", "family")
     if saved.processes != expected.processes:  # steps are counted anew for the batches left
         keys = ("seed", "batches_per_epoch", "batch_size", "family")
+    if saved.step >= saved.total_steps:  # saved with a run's final file: a longer run continues it
+        keys = tuple(key for key in keys if key != "total_steps")
+        if saved.processes == expected.processes and expected.total_steps <= saved.step:
+            raise ResumeError(
+                f"{folder}: its run ended at step {saved.step} and this config gives {expected.total_steps} steps; "
+                "set more epochs (or steps) to continue it"
+            )
     for key in keys:
         if getattr(saved, key) != getattr(expected, key):
             raise ResumeError(

@@ -53,16 +53,20 @@ class Fetcher:
             return
         self.fetch_file(session, event.path, self.context.output_dir / posixpath.basename(event.path), event.sha256)
         if event.state_dir:
-            name = posixpath.basename(check_remote_path(event.state_dir, session.layout.output))
-            local = session.remote.download_tree(
-                event.state_dir,
-                session.layout.output,
-                self.context.scratch / "states" / name,
-                self.context.scratch,
-                self.fetch_limits.state,
-                self.fetch_budget,
-            )
-            self.context.ledger.update_job(self.context.job.id, last_state_path=str(local))
+            self.fetch_state(session, event.state_dir)
+
+    def fetch_state(self, session: Session, state_dir: str) -> None:
+        """A training state, into the job's own folder (not the output folder): the job's newest one."""
+        name = posixpath.basename(check_remote_path(state_dir, session.layout.output))
+        local = session.remote.download_tree(
+            state_dir,
+            session.layout.output,
+            self.context.scratch / "states" / name,
+            self.context.scratch,
+            self.fetch_limits.state,
+            self.fetch_budget,
+        )
+        self.context.ledger.update_job(self.context.job.id, last_state_path=str(local))
 
     def fetch_outputs(self, session: Session, final: DoneEvent | None) -> None:
         self.context.move("fetching")
@@ -70,6 +74,8 @@ class Fetcher:
             local_path = self.context.output_dir / posixpath.basename(final.path)
             local = self.fetch_file(session, final.path, local_path, final.sha256)
             self.context.ledger.update_job(self.context.job.id, result_path=str(local), result_sha256=final.sha256)
+            if final.state_dir:  # what `rentrain continue` starts from
+                self.fetch_state(session, final.state_dir)
         session.remote.run(f"touch {shlex.quote(session.layout.fetched)}", check=False)
 
     def fetch_logs(self, session: Session) -> None:
