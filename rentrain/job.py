@@ -57,6 +57,11 @@ __all__ = [
 ]
 
 
+# Trainer errors that come from the job itself (its config, model, data, or its size for the GPU): the instance
+# stays fit for another job. Any other ("internal": a crash, a CUDA fault) may be the host's.
+JOB_ERRORS = frozenset({"config", "model", "data", "out_of_memory"})
+
+
 def new_job_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 
@@ -253,7 +258,10 @@ class JobRunner:
             self.teardown.close_job("succeeded", f"{final.path} fetched", result_path=result_path)
             return "succeeded"
         self.fetcher.fetch_logs(session)
-        self._release(session, f"training failed: {final.message}")
+        if final.kind in JOB_ERRORS:  # the job's own: the host is fine for the queue's next job
+            self._release(session, f"training failed: {final.message}")
+        else:
+            self.teardown.destroy(session, f"training failed: {final.message}")
         self.teardown.close_job("failed", f"trainer error ({final.kind})", error=final.message)
         return "failed"
 

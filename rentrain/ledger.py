@@ -366,15 +366,13 @@ class Ledger:
         finally:
             db.close()
 
-    def create_job(self, job: JobRecord) -> None:
+    def create_job(self, job: JobRecord, detail: str = "job created") -> None:
         row = job.model_dump()
         with self._connect() as db:
             db.execute(
                 f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})", tuple(row.values())
             )
-            db.execute(
-                "INSERT INTO transitions VALUES (?, ?, NULL, ?, ?)", (job.id, job.created_at, job.state, "job created")
-            )
+            db.execute("INSERT INTO transitions VALUES (?, ?, NULL, ?, ?)", (job.id, job.created_at, job.state, detail))
 
     def transition(self, job_id: str, to_state: JobState, detail: str = "", **fields: Any) -> JobRecord:
         """Record the move to `to_state` (and any field updates) in one transaction; returns the new record.
@@ -490,6 +488,38 @@ class Ledger:
                     "UPDATE jobs SET key_registered_at = ?, key_removed_at = NULL WHERE id = ?",
                     (instance.created_at, instance.job_id),
                 )
+
+    def hand_over_instance(self, old: InstanceRecord, job_id: str, detail: str) -> InstanceRecord:
+        """A queue's next job takes the instance over, in one transaction: the old record ends when the new one
+        starts, and the job moves to "intent_recorded". IllegalTransition when the job is no longer planned."""
+        now = time.time()
+        new = old.model_copy(
+            update={"job_id": job_id, "created_at": now, "running_at": now, "ended_at": None, "end_reason": None}
+        )
+        row = new.model_dump()
+        with self._connect() as db:
+            current = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if current is None:
+                raise KeyError(job_id)
+            if "intent_recorded" not in ALLOWED_TRANSITIONS[current["state"]]:
+                raise IllegalTransition(job_id, current["state"], "intent_recorded")
+            db.execute(
+                f"INSERT INTO instances ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})", tuple(row.values())
+            )
+            db.execute(
+                "UPDATE instances SET ended_at = ?, end_reason = ? "
+                "WHERE job_id = ? AND offer_id = ? AND created_at = ?",
+                (now, f"handed over to job {job_id}", old.job_id, old.offer_id, old.created_at),
+            )
+            db.execute(
+                "UPDATE jobs SET state = 'intent_recorded', key_registered_at = ?, key_removed_at = NULL WHERE id = ?",
+                (now, job_id),
+            )
+            db.execute(
+                "INSERT INTO transitions VALUES (?, ?, ?, ?, ?)",
+                (job_id, now, current["state"], "intent_recorded", detail),
+            )
+        return new
 
     def record_key_removed(self, job_id: str) -> None:
         self.update_job(job_id, key_removed_at=time.time())

@@ -43,7 +43,8 @@ def expand_configs(arguments: Sequence[Path]) -> list[Path]:
             configs += _read_queue_file(argument)
         else:
             configs.append(argument)  # a config file; `check` says what is wrong with it, if anything
-    duplicates = sorted({str(p) for p in configs if configs.count(p) > 1})
+    resolved = [p.resolve() for p in configs]
+    duplicates = sorted({str(p) for p, r in zip(configs, resolved, strict=True) if resolved.count(r) > 1})
     if duplicates:
         raise QueueInputError(f"the queue names {', '.join(duplicates)} more than once")
     return configs
@@ -99,18 +100,20 @@ def plan_lanes(keys: Sequence[str], hours: Sequence[float], parallel: int) -> li
 
     Jobs of one rental key only share a lane. Each key gets one lane; while fewer than `parallel` lanes exist,
     the key whose busiest lane is longest (and has jobs to spare) gets another. Within a key, jobs go longest
-    first to the lane with the least work so far. Lanes come out longest first."""
+    first to the lane with the least work so far; a lane then works through its jobs in the order given. Lanes
+    come out longest first."""
     by_key: dict[str, list[int]] = {}
     for index, key in enumerate(keys):
         by_key.setdefault(key, []).append(index)
     lanes_of = dict.fromkeys(by_key, 1)
 
     def spread(key: str) -> list[list[int]]:
-        lanes: list[tuple[float, int, list[int]]] = [(0.0, n, []) for n in range(lanes_of[key])]
+        # (work, jobs so far, lane number, jobs): equal work (jobs with no estimate count 0 h) goes by job count
+        lanes: list[tuple[float, int, int, list[int]]] = [(0.0, 0, n, []) for n in range(lanes_of[key])]
         for index in sorted(by_key[key], key=lambda i: (-hours[i], i)):
-            load, n, jobs = heapq.heappop(lanes)
-            heapq.heappush(lanes, (load + hours[index], n, [*jobs, index]))
-        return [jobs for _load, _n, jobs in sorted(lanes, key=lambda lane: lane[1]) if jobs]
+            load, count, n, jobs = heapq.heappop(lanes)
+            heapq.heappush(lanes, (load + hours[index], count + 1, n, [*jobs, index]))
+        return [sorted(jobs) for _load, _count, _n, jobs in sorted(lanes, key=lambda lane: lane[2]) if jobs]
 
     while sum(lanes_of.values()) < parallel:
         spare = [k for k in by_key if lanes_of[k] < len(by_key[k])]

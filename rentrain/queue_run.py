@@ -13,12 +13,13 @@ import posixpath
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 
 from rich.console import Console
 
-from providers.base import Offer, Provider
+from providers.base import NotFound, Offer, Provider
 from remote.config import LoadedConfig
 from rentrain.costs import JobEstimate
 from rentrain.job import DetachRequested, JobFailed, JobRunner, RunSettings, Session
@@ -26,7 +27,7 @@ from rentrain.job_phases.context import budget_reached, clock_time, deadline_rea
 from rentrain.ledger import IllegalTransition, JobRecord, Ledger, QueueRecord
 from rentrain.progress import RunProgress, plain_printer
 from rentrain.remote_job import RemoteLayout
-from rentrain.sshkeys import JobKey, create_job_key, load_job_key, share_job_key
+from rentrain.sshkeys import JobKey, fresh_job_key, load_job_key, share_job_key
 from rentrain.transport import TransportError
 
 
@@ -79,10 +80,18 @@ class QueueRunner:
             for index in range(len(self.lanes)):
                 self._run_lane(index, attach)
             return
-        with ThreadPoolExecutor(max_workers=self.queue.parallel, thread_name_prefix="rentrain-lane") as pool:
-            futures = [pool.submit(self._run_lane, index, attach) for index in range(len(self.lanes))]
-            errors = [f.exception() for f in futures]
-        for error in errors:
+        pool = ThreadPoolExecutor(max_workers=self.queue.parallel, thread_name_prefix="rentrain-lane")
+        futures = [pool.submit(self._run_lane, index, attach) for index in range(len(self.lanes))]
+        try:
+            while wait(futures, timeout=1.0).not_done:
+                pass
+        except KeyboardInterrupt:
+            self.request_detach("Ctrl-C")  # nothing new starts; the driver asks whether to destroy or detach
+            raise
+        finally:
+            pool.shutdown(wait=False)
+        for future in futures:
+            error = future.exception()
             if error is not None:
                 raise error
 
@@ -105,15 +114,16 @@ class QueueRunner:
             job_id = session.record.job_id if session is not None else self._next_job(lane)
             if job_id is None:
                 return
-            key = share_job_key(lane.key_of, job_id) if session is not None and lane.key_of else create_job_key(job_id)
+            key = share_job_key(lane.key_of, job_id) if session is not None and lane.key_of else fresh_job_key(job_id)
             self._drive_job(index, self._runner(job_id, key), session)
 
     def _take_over_running(self, index: int, lane: Lane) -> None:
         """attach QUEUE: the lane's job that was under way when its client went away."""
-        running = [j for j in lane.jobs if self.ledger.job(j).is_open]
-        if not running:
-            return
-        job_id = running[0]
+        self._end_unfinished_hand_overs(lane)
+        for job_id in [j for j in lane.jobs if self.ledger.job(j).is_open]:
+            self._take_over(index, job_id)
+
+    def _take_over(self, index: int, job_id: str) -> None:
         runner = self._runner(job_id, load_job_key(job_id))
         session = None
         if any(i.ended_at is None for i in self.ledger.instances(job_id)) and runner.job.remote_dir:
@@ -131,8 +141,23 @@ class QueueRunner:
             )
         self._drive_job(index, runner, session)
 
+    def _end_unfinished_hand_overs(self, lane: Lane) -> None:
+        """A client that died in the middle of a hand-over leaves a job not started with the instance: it is
+        destroyed (the job starts on a rental of its own), never left billing."""
+        for job_id in lane.jobs:
+            if self.ledger.job(job_id).state != "planned":
+                continue
+            for record in self.ledger.instances(job_id, live_only=True):
+                if record.instance_id is not None:
+                    with suppress(NotFound):
+                        self.provider.destroy(record.instance_id)
+                ended = {"ended_at": time.time(), "end_reason": "destroyed on attach: a hand-over left unfinished"}
+                self.ledger.update_instance(job_id, record.offer_id, record.created_at, **ended)
+
     def _next_job(self, lane: Lane) -> str | None:
         """The lane's next job to start; jobs that no longer fit the budget or the deadline are skipped."""
+        skipped: list[JobRecord] = []
+        chosen = None
         with self._lock:
             for job_id in lane.jobs:
                 job = self.ledger.job(job_id)
@@ -140,16 +165,20 @@ class QueueRunner:
                     continue
                 reason = self.stop_reason or self._does_not_fit(job_id)
                 if reason is None:
-                    return job_id
-                self._skip(job, reason)
-        return None
+                    chosen = job_id
+                    break
+                if self._skip(job, reason):
+                    skipped.append(job)
+        for job in skipped:  # reports and notifications, outside the lock: other lanes go on meanwhile
+            self.hooks.job_ended(self.ledger.job(job.id))
+        return chosen
 
     def _does_not_fit(self, job_id: str) -> str | None:
         estimate = self.jobs[job_id].estimate
         if estimate is None:
             return None
         if self.queue.max_cost is not None:
-            left = self.queue.max_cost - self.ledger.queue_cost(self.queue.id)
+            left = self.queue.max_cost - self.ledger.queue_cost(self.queue.id) - self._committed()
             if estimate.cost_usd > left:
                 return f"budget: ${max(left, 0):.2f} of ${self.queue.max_cost:.2f} left, the job's estimate is " + (
                     f"${estimate.cost_usd:.2f}"
@@ -163,14 +192,24 @@ class QueueRunner:
                 )
         return None
 
-    def _skip(self, job: JobRecord, reason: str) -> None:
+    def _committed(self) -> float:
+        """What the jobs running on other lanes are still expected to cost (their estimate less what they
+        cost so far): money the budget must keep for them."""
+        owed = 0.0
+        for runner in list(self.active.values()):
+            estimate = self.jobs[runner.job.id].estimate
+            if estimate is not None:
+                owed += max(0.0, estimate.cost_usd - self.ledger.job_cost(runner.job.id))
+        return owed
+
+    def _skip(self, job: JobRecord, reason: str) -> bool:
         text = f"skipped: {reason}"
         try:
             self.ledger.transition(job.id, "closed", text, outcome="skipped", error=text)
         except IllegalTransition:
-            return  # `rentrain down QUEUE` closed it meanwhile
+            return False  # `rentrain down QUEUE` closed it meanwhile
         plain_printer(self.console)(f"job {job.id} ({job.config_path}) {text}")
-        self.hooks.job_ended(self.ledger.job(job.id))
+        return True
 
     def _runner(self, job_id: str, key: JobKey) -> JobRunner:
         queued = self.jobs[job_id]
@@ -186,23 +225,19 @@ class QueueRunner:
         lane = self.lanes[index]
         runner.hand_over = lambda ending: self._hand_over(lane, runner.job.id, ending)
         runner.detach_requested = self.detach_requested
-        self.active[index] = runner
+        self.active[index] = runner  # kept on Ctrl-C and detach: the driver acts on the runner
         job_id = runner.job.id
         say = plain_printer(self.console)
         say(f"job {job_id}: {runner.loaded.path}")
         try:
-            with runner.context.view if self.queue.parallel <= 1 else _no_display():
+            with runner.context.view if self.queue.parallel <= 1 else nullcontext():
                 runner.run(lane.offers, session=session)
-        except JobFailed as exc:
+        except (JobFailed, TransportError) as exc:  # the job's own failure; it is closed, the lane goes on
             say(f"job {job_id} failed: {exc}")
-        except TransportError as exc:  # the job's own (a refused file, a command that failed): it is closed
-            say(f"job {job_id} failed: {exc}")
-        finally:
-            self.active.pop(index, None)
-            if self.ledger.job(job_id).state == "closed":
-                runner.teardown.forget_key()
+        self.active.pop(index, None)
         job = self.ledger.job(job_id)
         if job.state == "closed":
+            runner.teardown.forget_key()
             self.hooks.job_ended(job)
         self._check_stop(job_id)
 
@@ -225,21 +260,17 @@ class QueueRunner:
         next_id = self._next_job(lane)
         if next_id is None:
             return False
-        now = time.time()
         # the ledger's record, not the session's copy: it has what was learnt since (SSH address, host key)
         old = next(
             i
             for i in self.ledger.instances(job_id)
             if (i.offer_id, i.created_at) == (session.record.offer_id, session.record.created_at)
         )
-        record = old.model_copy(
-            update={"job_id": next_id, "created_at": now, "running_at": now, "ended_at": None, "end_reason": None}
-        )
-        self.ledger.add_instance(record)
-        self.ledger.update_instance(
-            old.job_id, old.offer_id, old.created_at, ended_at=now, end_reason=f"handed over to job {next_id}"
-        )
-        self.ledger.transition(next_id, "intent_recorded", f"takes instance {old.instance_id} over from job {job_id}")
+        detail = f"takes instance {old.instance_id} over from job {job_id}"
+        try:
+            record = self.ledger.hand_over_instance(old, next_id, detail)
+        except IllegalTransition:
+            return False  # `rentrain down QUEUE` cancelled it meanwhile
         root = posixpath.join(posixpath.dirname(session.layout.root), next_id)
         lane.handed = Session(
             record=record,
@@ -252,13 +283,3 @@ class QueueRunner:
         lane.key_of = job_id
         plain_printer(self.console)(f"job {next_id} takes the instance over from job {job_id}")
         return True
-
-
-class _no_display:
-    """Lanes side by side print their lines; none holds the live progress bar."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *_exc: object) -> None:
-        return None

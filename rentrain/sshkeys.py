@@ -44,6 +44,14 @@ def create_job_key(job_id: str) -> JobKey:
     return JobKey(private_path=private_path, public_line=public_line)
 
 
+def fresh_job_key(job_id: str) -> JobKey:
+    """The key of a job about to rent: made now, or the one made for it before its client stopped (a queued job
+    whose client was killed as it started)."""
+    if (job_key_dir(job_id) / "id_ed25519.pub").exists():
+        return load_job_key(job_id)
+    return create_job_key(job_id)
+
+
 def share_job_key(from_job: str, to_job: str) -> JobKey:
     """A queue's next job on the same rental uses the key the rental was created with (a copy, 0600, in its own
     folder): its instance knows no other, and `rentrain attach` finds a job's key by the job's id."""

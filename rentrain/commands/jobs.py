@@ -23,7 +23,7 @@ from rich.table import Table
 
 from providers import registry
 from providers.base import NotFound, Offer, Provider, ProviderError
-from remote.config import ConfigError, LoadedConfig, load_config
+from remote.config import ConfigError, LoadedConfig
 from remote.events import CheckpointEvent, DoneEvent, SampleEvent, parse_event
 from rentrain.accounts import (
     CHECK_SECONDS,
@@ -49,6 +49,7 @@ from rentrain.costs import profile_from_check
 from rentrain.credentials import CredentialsError, MissingApiKey, open_provider
 from rentrain.dataset_check import inspect_dataset
 from rentrain.job import JobFailed, JobRunner, RunSettings, Session
+from rentrain.job_config import job_config
 from rentrain.job_news import JobNews
 from rentrain.ledger import ClientLock, IllegalTransition, JobRecord, Ledger, LockHeld, QueueRecord, client_alive
 from rentrain.notify import Notification, Notifier, NotifyConfigError
@@ -300,7 +301,7 @@ def _settings(job: JobRecord) -> RunSettings:
 
 def _runner(ledger: Ledger, job: JobRecord, view: RunProgress, console: Console) -> tuple[JobRunner, JobKey]:
     try:
-        loaded = load_config(job.config_path)
+        loaded = job_config(job)
     except ConfigError as exc:
         raise click.ClickException(f"job {job.id}'s config can no longer be read: {exc}") from None
     settings = _settings(job)
@@ -593,6 +594,8 @@ def down(job_id: str | None, everything: bool, yes: bool) -> None:
         provider = queue.provider if queue else ledger.job(targets[0]).provider
         names = [provider] if registry.needs_api_key(provider) else []
         checks = _insist_on(check_accounts(names, CHECK_SECONDS), _ledger_live_providers(ledger, set(targets)))
+        if queue is not None:  # first, so that its client starts nothing new while the rest is destroyed
+            cancel_waiting_jobs(ledger, queue, console)
         view = survey(ledger, checks, include=lambda j: j is not None and j.id in targets)
         touched = targets
     else:
@@ -604,8 +607,6 @@ def down(job_id: str | None, everything: bool, yes: bool) -> None:
     if not view.sightings and not view.not_checked:
         console.print("nothing is running")
     _finish_jobs(ledger, touched, console, "rentrain down")
-    if queue is not None:
-        cancel_waiting_jobs(ledger, queue, console)
     for check in view.not_checked:
         console.print(f"[bold red]{escape(check.could_not_check())}[/]", highlight=False)
     if failures or view.not_checked:

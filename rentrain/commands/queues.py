@@ -8,13 +8,14 @@ from collections import Counter
 import click
 from rich.console import Console
 
-from remote.config import ConfigError, load_config
+from remote.config import ConfigError
 from rentrain.cli_types import timing_overrides
 from rentrain.commands.run import notifier_from
 from rentrain.commands.run_queue import drive_queue, queue_hooks
 from rentrain.costs import JobEstimate
 from rentrain.credentials import CredentialsError, open_provider
 from rentrain.job import RunSettings
+from rentrain.job_config import job_config
 from rentrain.job_news import JobNews
 from rentrain.job_phases.context import clock_time
 from rentrain.ledger import IllegalTransition, JobRecord, Ledger, QueueRecord
@@ -71,7 +72,7 @@ def attach_queue(ledger: Ledger, queue: QueueRecord, console: Console) -> None:
 
 def _queued(job: JobRecord) -> QueuedJob:
     try:
-        loaded = load_config(job.config_path)
+        loaded = job_config(job)
     except ConfigError as exc:
         raise click.ClickException(f"job {job.id}'s config can no longer be read: {exc}") from None
     settings = RunSettings.model_validate_json(job.settings_json).model_copy(update=timing_overrides())

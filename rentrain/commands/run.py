@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import NamedTuple
 
 import click
 from rich.console import Console
@@ -243,8 +244,21 @@ def _run_local(loaded: LoadedConfig, console: Console, resume: Path | None, gpus
     console.print(f"LoRA: {escape(str(view.done.path))}")
 
 
+class ResumeFrom(NamedTuple):
+    """Where a job that goes on from another job's training state starts (`rentrain continue`)."""
+
+    job_id: str
+    state_path: str
+    steps_done: int  # by that state: the job's total counts them too (the trainer numbers its steps on)
+
+
 def _new_job(
-    ledger: Ledger, loaded: LoadedConfig, provider: str, settings: RunSettings, total_steps: int | None
+    ledger: Ledger,
+    loaded: LoadedConfig,
+    provider: str,
+    settings: RunSettings,
+    total_steps: int | None,
+    resume: ResumeFrom | None = None,
 ) -> JobRecord:
     job_id = new_job_id()
     job = JobRecord(
@@ -255,13 +269,17 @@ def _new_job(
         label=f"rentrain-{job_id}",
         state="planned",
         output_dir=str(loaded.train.output_dir),
-        total_steps=total_steps,
+        total_steps=total_steps if resume is None or total_steps is None else resume.steps_done + total_steps,
+        last_state_path=resume.state_path if resume else None,
         client_pid=os.getpid(),  # born locked by this client (ClientLock)
         client_host=this_host(),
         client_beat_at=time.time(),
         settings_json=settings.model_dump_json(),
     )
-    ledger.create_job(job)
+    if resume is None:
+        ledger.create_job(job)
+    else:
+        ledger.create_job(job, f"continues job {resume.job_id} from {resume.state_path}")
     return job
 
 
@@ -274,6 +292,7 @@ def _run_rented(
     yes: bool,
     console: Console,
     news: JobNews,
+    resume: ResumeFrom | None = None,
 ) -> None:
     try:
         provider = open_provider(settings.provider)
@@ -300,7 +319,7 @@ def _run_rented(
     if not yes and not click.confirm("Rent it and start?", default=True):
         raise click.Abort()
     ledger = Ledger()
-    job = _new_job(ledger, loaded, settings.provider, settings, steps_on(profile, best.offer.gpu_count))
+    job = _new_job(ledger, loaded, settings.provider, settings, steps_on(profile, best.offer.gpu_count), resume)
     console.print(f"job [bold]{job.id}[/] (instance label {job.label})")
     key = create_job_key(job.id)
     with ClientLock(ledger, job.id) as lock, RunProgress(console, usd_per_hour=best.offer.price_per_hour) as view:

@@ -260,7 +260,8 @@ def _record_queue(
 ) -> tuple[QueueRecord, list[JobRecord]]:
     queue_id = "q-" + new_job_id()
     outputs = [loaded.train.output_dir.resolve() for loaded in configs]
-    report_folder = Path(os.path.commonpath([str(p.parent) for p in outputs])) / queue_id
+    common = Path(os.path.commonpath([str(p.parent) for p in outputs]))
+    report_folder = (common if common != common.parent else outputs[0].parent) / queue_id  # never right under /
     jobs = []
     for index, loaded in enumerate(configs):
         job_id = new_job_id() + f"-{index + 1}"
@@ -335,7 +336,9 @@ def drive_queue(runner: QueueRunner, console: Console, attach: bool = False) -> 
     except DetachRequested as exc:
         console.print(
             f"detached ({exc}): queue {queue.id} goes on under its instances' watchdogs; jobs not started wait. "
-            f"Go on with: rentrain attach {queue.id}"
+            f"Go on with: rentrain attach {queue.id}",
+            markup=False,
+            highlight=False,
         )
         return
     finally:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -70,6 +70,9 @@ class RunSettings(BaseModel):
     gpus: int = Field(TABLE_DEFAULTS.gpu_count, ge=1, le=8)
     # --deadline: the unix time by which the job (a queue: its every job) has ended, client and watchdog alike
     deadline: float | None = None
+    # Training keys that differ from the config file's (`rentrain continue`: more epochs, its own output_name);
+    # every command that loads a job's config applies them (rentrain.job_config).
+    train_overrides: dict[str, Any] = {}
 
 
 class JobFailed(Exception):

@@ -67,8 +67,8 @@ class Preparer:
             ),
         )
         self._start_watchdog(session)
-        if session.handed_from is not None:
-            self._setup_step(session, "retiring the previous job's folder", lambda: self._retire(session))
+        if self.context.provider is not None:
+            self._setup_step(session, "retiring the earlier jobs' watchdogs", lambda: self._retire(session))
         with self._setup_heartbeats(session):
             resume = self._set_up(session)
         on = f" on {session.gpus} GPUs (data parallel)" if session.gpus > 1 else ""
@@ -136,13 +136,19 @@ class Preparer:
             raise JobFailed(f"the watchdog did not start on the instance: {(started.stderr or started.stdout).strip()}")
 
     def _retire(self, session: Session) -> None:
-        """The queue's job before this one on the rental is over and home: its watchdog stops (this job's
-        guards the instance now) and its copies of the dataset and outputs are removed from the host."""
-        previous = session.handed_from
-        assert previous is not None
-        stop = f"kill $(cat {shlex.quote(previous.watchdog_pid)} 2>/dev/null) 2>/dev/null; true"
+        """On a rented instance every other job folder is a queue's earlier job there, over and home: their
+        watchdogs stop (this job's guards the instance now; also after an attach that lost track of them),
+        and the previous job's copies of the dataset and outputs are removed from the host."""
+        ours = session.layout.root
+        folders = shlex.quote(posixpath.dirname(ours))
+        stop = (
+            f'for d in {folders}/*/; do d="${{d%/}}"; [ "$d" = {shlex.quote(ours)} ] && continue; '
+            '[ -f "$d/watchdog.pid" ] && kill "$(cat "$d/watchdog.pid")" 2>/dev/null; done; true'
+        )
         session.remote.run(stop, check=False)
-        session.remote.run(shlex.join(["rm", "-rf", previous.dataset, previous.reg, previous.output]), check=False)
+        previous = session.handed_from
+        if previous is not None:
+            session.remote.run(shlex.join(["rm", "-rf", previous.dataset, previous.reg, previous.output]), check=False)
 
     def _setup_limit(self) -> float:
         """Seconds this setup may take: setup_timeout_seconds, plus the uploads at UPLOAD_FLOOR_BYTES_PER_SECOND."""

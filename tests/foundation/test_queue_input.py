@@ -97,7 +97,7 @@ def _vast_offer() -> dict[str, object]:
     ("option", "refusal"),
     [
         (["--max-cost", "0.01"], "is above the budget $0.01; nothing was rented"),
-        (["--deadline", time.strftime("%H:%M", time.localtime(time.time() + 120))], "after the deadline"),
+        (["--deadline", time.strftime("%Y-%m-%d %H:%M", time.localtime(time.time() + 300))], "after the deadline"),
     ],
 )
 @responses.activate
