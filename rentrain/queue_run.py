@@ -192,11 +192,11 @@ class QueueRunner:
                 )
         return None
 
-    def _committed(self) -> float:
-        """What the jobs running on other lanes are still expected to cost (their estimate less what they
-        cost so far): money the budget must keep for them."""
+    def _committed(self, but: str | None = None) -> float:
+        """What the jobs running on the lanes (but job `but`) are still expected to cost: their estimate less what
+        they cost so far. Money the budget keeps for them."""
         owed = 0.0
-        for runner in list(self.active.values()):
+        for runner in [r for r in list(self.active.values()) if r.job.id != but]:
             estimate = self.jobs[runner.job.id].estimate
             if estimate is not None:
                 owed += max(0.0, estimate.cost_usd - self.ledger.job_cost(runner.job.id))
@@ -224,6 +224,7 @@ class QueueRunner:
         instance it leaves, if any."""
         lane = self.lanes[index]
         runner.hand_over = lambda ending: self._hand_over(lane, runner.job.id, ending)
+        runner.context.reserved_by_others = lambda: self._committed(but=runner.job.id)
         runner.detach_requested = self.detach_requested
         self.active[index] = runner  # kept on Ctrl-C and detach: the driver acts on the runner
         job_id = runner.job.id

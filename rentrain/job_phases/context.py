@@ -168,6 +168,9 @@ class JobContext:
         self.events_offset = job.events_offset
         self.last_heartbeat = 0.0
         self.detach_requested: str | None = None  # set by signal handlers; acted on once the watchdog runs
+        # A queue's lanes side by side: what the other lanes' running jobs are still expected to cost, kept out
+        # of the budget this job's watchdog gets
+        self.reserved_by_others: Callable[[], float] = lambda: 0.0
 
     def move(self, state: JobState, detail: str = "", **fields: object) -> None:
         try:

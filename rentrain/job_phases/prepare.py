@@ -319,7 +319,7 @@ class Preparer:
             for i in ledger.instances(job_id)
             if (i.job_id, i.created_at) != (session.record.job_id, session.record.created_at)
         )
-        return max(0.0, self.context.settings.max_cost - earlier)
+        return max(0.0, self.context.settings.max_cost - earlier - self.context.reserved_by_others())
 
     def guard_restarted(self, session: Session) -> None:
         """A restarted instance has no watchdog: start one that only watches for the client going away

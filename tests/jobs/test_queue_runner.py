@@ -471,3 +471,17 @@ def test_attach_closes_a_job_whose_result_is_home_then_goes_on_with_the_lane(
     runner._runner = fake  # type: ignore[method-assign]
     runner._take_over_running(0, runner.lanes[0])
     assert closed == [("j1", "succeeded")] and log == [], "no instance is left to follow and nothing is rented"
+
+
+def test_a_job_that_would_use_what_a_running_lane_still_needs_is_skipped(ledger: Ledger, loaded: LoadedConfig) -> None:
+    queue = _queue(ledger, ["a", "b"], max_cost=1.0, parallel=2)
+    told = Told()
+    runner, _screen = _runner(
+        ledger, queue, loaded, {"a": _estimate(0.7, 1.0), "b": _estimate(0.5, 1.0)}, [["a"], ["b"]], told
+    )
+    _bill(ledger, "a", 0.2)  # a runs on lane 0: $0.20 spent of its $0.70, so $0.50 is kept for it
+    runner.active[0] = SimpleNamespace(job=ledger.job("a"))  # type: ignore[assignment]
+    assert runner._committed() == pytest.approx(0.5)
+    assert runner._committed(but="a") == 0.0
+    assert runner._next_job(runner.lanes[1]) is None
+    assert ledger.job("b").error == "skipped: budget: $0.30 of $1.00 left, the job's estimate is $0.50"
