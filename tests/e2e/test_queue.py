@@ -134,7 +134,9 @@ def _tiny_diffusers_folder(folder: Path) -> Path:
     return folder
 
 
-def test_a_budget_reached_mid_queue_stops_the_job_and_skips_the_rest(tmp_path: Path, client: Client) -> None:
+def test_a_budget_reached_mid_queue_stops_the_job_and_skips_the_rest(
+    tmp_path: Path, client: Client, webhook: Webhook
+) -> None:
     # a GPU with no speed figure gives an SD 1.5 model no estimate, so only the meter stops the queue ($1 a second)
     market = started_market(tmp_path / "market", [SimOffer("vast", "9001", "Quadro RTX 8000", 3600.0, vram_gb=48)])
     try:
@@ -144,7 +146,8 @@ def test_a_budget_reached_mid_queue_stops_the_job_and_skips_the_rest(tmp_path: P
         configs.append(write_job(tmp_path / "c", epochs=1))
         for config in configs:
             config.write_text(config.read_text().replace('"builtin:tiny-sd15"', json.dumps(str(model))))
-        result = client.run("run", *map(str, configs), "--provider", "vast", "--yes", "--max-cost", "30", timeout=400)
+        budget = ["--max-cost", "30", "--notify", webhook.url()]
+        result = client.run("run", *map(str, configs), "--provider", "vast", "--yes", *budget, timeout=400)
         assert result.returncode == 1, result.stdout + result.stderr
         assert "total: unknown (no speed figure for Quadro RTX 8000)" in result.stdout
         a, b, c = _queue_jobs(client)
@@ -152,6 +155,10 @@ def test_a_budget_reached_mid_queue_stops_the_job_and_skips_the_rest(tmp_path: P
         assert b["outcome"] == "failed" and "budget reached" in str(b["error"])
         assert c["outcome"] == "skipped" and str(c["error"]).startswith("skipped: budget reached")
         assert list((tmp_path / "b" / "output").glob("e2e-*.safetensors")), "b's checkpoints so far came home"
+        titles = [body["title"] for _path, body in webhook.posts]
+        assert titles[0] == "rentrain: a/config.toml is done" and "rentrain: b/config.toml failed" in titles
+        stops = [body["message"] for _path, body in webhook.posts if str(body["title"]).endswith("stopped")]
+        assert len(stops) == 1 and stops[0].startswith("budget reached") and "1 job(s) not started" in stops[0]
         assert market.live_instances() == []
         # what the provider billed stays within a few seconds' price of the budget; the ledger's figure (it counts
         # a stopped instance at full price until destroyed) is an upper bound of it
