@@ -65,6 +65,10 @@ CASES = {
     "sd15": Case("SD 1.5 512px b4, UNet+TE", "sd15", 512, 4, True),
     "sd15-unet": Case("SD 1.5 512px b4, UNet only", "sd15", 512, 4, False),
     "sdxl": Case("SDXL 1024px b2, UNet only", "sdxl", 1024, 2, False),
+    # other settings, to check how a step's time scales with pixels and batch (docs/costs.md)
+    "sd15-b1": Case("SD 1.5 512px b1, UNet+TE", "sd15", 512, 1, True),
+    "sd15-768": Case("SD 1.5 768px b2, UNet+TE", "sd15", 768, 2, True),
+    "sdxl-b1": Case("SDXL 1024px b1, UNet only", "sdxl", 1024, 1, False),
 }
 
 
@@ -94,6 +98,33 @@ CLIP_L = dict(
     eos_token_id=49407,
 )
 
+SDXL_UNET = dict(
+    sample_size=128,
+    cross_attention_dim=2048,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+CLIP_BIG_G = dict(
+    vocab_size=49408,
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+    projection_dim=1280,
+    bos_token_id=49406,
+    eos_token_id=49407,
+)
+
 
 def build_model(family: str, folder: Path) -> Path:
     """A random-initialised full-size diffusers folder, saved in fp16 (the trainer casts as configured)."""
@@ -115,32 +146,8 @@ def build_model(family: str, folder: Path) -> Path:
             encoders = {"text_encoder": CLIPTextModel(clip_l)}
             index_class, scaling = "StableDiffusionPipeline", 0.18215
         else:
-            unet = UNet2DConditionModel(
-                sample_size=128,
-                cross_attention_dim=2048,
-                layers_per_block=2,
-                block_out_channels=(320, 640, 1280),
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                transformer_layers_per_block=(1, 2, 10),
-                attention_head_dim=(5, 10, 20),
-                use_linear_projection=True,
-                addition_embed_type="text_time",
-                addition_time_embed_dim=256,
-                projection_class_embeddings_input_dim=2816,
-            )
-            big_g = CLIPTextConfig(
-                vocab_size=49408,
-                hidden_size=1280,
-                intermediate_size=5120,
-                num_hidden_layers=32,
-                num_attention_heads=20,
-                max_position_embeddings=77,
-                hidden_act="gelu",
-                projection_dim=1280,
-                bos_token_id=49406,
-                eos_token_id=49407,
-            )
+            unet = UNet2DConditionModel(**SDXL_UNET)
+            big_g = CLIPTextConfig(**CLIP_BIG_G)
             encoders = {"text_encoder": CLIPTextModel(clip_l), "text_encoder_2": CLIPTextModelWithProjection(big_g)}
             index_class, scaling = "StableDiffusionXLPipeline", 0.13025
         vae = AutoencoderKL(
