@@ -97,7 +97,7 @@ def _vast_offer() -> dict[str, object]:
     ("option", "refusal"),
     [
         (["--max-cost", "0.01"], "is above the budget $0.01; nothing was rented"),
-        (["--deadline", time.strftime("%Y-%m-%d %H:%M", time.localtime(time.time() + 300))], "after the deadline"),
+        (["--deadline", "IN_5_MINUTES"], "after the deadline"),
     ],
 )
 @responses.activate
@@ -108,6 +108,8 @@ def test_a_plan_that_cannot_fit_is_refused_before_renting(
     responses.add(responses.POST, VAST_OFFERS, json={"offers": [_vast_offer()]})
     responses.add(responses.PUT, VAST_OFFERS, json={"offers": [_vast_offer()]})
     configs = [_example(tmp_path / name, name) for name in ("a", "b")]
+    soon = time.strftime("%Y-%m-%d %H:%M", time.localtime(time.time() + 300))  # now, not when tests were collected
+    option = [soon if value == "IN_5_MINUTES" else value for value in option]
     code, output = _run(*map(str, configs), "--provider", "vast", "--yes", *option)
     assert code == 1, output
     assert refusal in output
