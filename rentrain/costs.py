@@ -1,149 +1,269 @@
 """What a job costs on an offer: (training time + setup overhead) x the offer's all-in $/h.
 
-Every number below carries its source and kind:
-- "published": a figure someone reported, with the reference (mostly 2023 kohya reports, collected in
-  the project's trainer research notes, TRAINER.md §6);
-- "derived": computed from a published figure of the same GPU at other settings (the rule is in the source);
-- "scaled": derived from a published figure of the reference GPU by bf16 tensor TFLOPS (rule below);
-- "measured": measured by rentrain's own benchmark (bench/train_speed.py; the H200 and H100 rows);
-- "assumed": an engineering guess, stated as such.
+Training time per step comes from rentrain's own trainer (docs/costs.md has the model, its sources and a table):
+- "measured": the trainer's median step interval on that GPU at exactly those settings (MEASURED_STEPS, from
+  bench/train_speed.py runs recorded in bench/RESULTS.md);
+- "modelled": the step's counted work (rentrain.step_work: FLOPs and bytes moved) on the GPU's datasheet figures
+  (rentrain.gpu_specs), at the tensor and bandwidth efficiency calibrated on the measured steps, scaled for the
+  GPU's class (EFFICIENCY);
+- "assumed": the built-in tiny models, which no model covers.
+Every step time comes with a range (low, high): the measurements' spread, or the model's uncertainty for that
+class of GPU.
 
-To replace a number after a benchmark, edit the one row in SPEED_TABLE (kind "measured", source = the
-benchmark run). Nothing else needs to change.
+Other figures carry their kind and source: "published" (a document says so), "derived" (a stated rule applied
+to a published or measured figure), "measured" (rentrain's benchmarks) or "assumed" (an engineering guess).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, computed_field
 
 from providers.base import Offer
+from rentrain.gpu_specs import EfficiencyClass, GpuSpec, spec_for
+from rentrain.step_work import Work, step_work
 
 if TYPE_CHECKING:
     from remote.config import TrainConfig
     from rentrain.dataset_check import DatasetReport
 
 ModelFamily = Literal["sd15", "sdxl", "tiny"]
-SpeedKind = Literal["published", "derived", "scaled", "measured", "assumed"]
+FigureKind = Literal["published", "derived", "measured", "assumed"]
+EstimateKind = Literal["measured", "modelled", "assumed"]
+# Estimates recorded in a ledger before the speed model said "published", "derived" or "scaled".
+RecordedKind = EstimateKind | Literal["published", "derived", "scaled"]
 
 
 @dataclass(frozen=True)
 class Figure:
     value: float
-    kind: SpeedKind
+    kind: FigureKind
     source: str
 
 
-# Reference settings per family: the step times in SPEED_TABLE are for these; other settings are scaled.
-REFERENCE_RESOLUTION: dict[ModelFamily, int] = {"sd15": 512, "sdxl": 1024, "tiny": 64}
+# ------------------------------------------------------------------------------------------------------
+# The trainer's measured steps: the data the model is calibrated on. Each is the median step interval of
+# bench/train_speed.py (LoRA dim 32, bf16, AdamW, latents cached), recorded in bench/RESULTS.md. Add a row
+# after a benchmark: the fit uses every row, and a job at exactly a row's settings on its GPU gets the figure.
+# ------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MeasuredStep:
+    gpu_model: str
+    family: ModelFamily
+    resolution: int
+    batch_size: int
+    trains_text_encoder: bool
+    seconds: float
+    source: str
 
-# ------------------------------------------------------------------------------------------------------
-# The speed table: seconds per optimizer step, LoRA, bf16/fp16, latents cached, no gradient checkpointing.
-# Key: (GPU model, family, batch size). One row per number.
-# ------------------------------------------------------------------------------------------------------
-_SD15_3090TI = (
-    "derived from kohya-ss/sd-scripts#326 (RTX 3090 Ti, SD1.5 LoRA 768x768 batch 3, ~1.11 it/s = 0.90 s/step): "
-    "x (512/768)^2 pixels = 0.40 s at batch 3, then the batch rule below"
+    @property
+    def work(self) -> Work:
+        return step_work(self.family, self.resolution**2, self.batch_size, MEASURED_RANK, self.trains_text_encoder)
+
+
+MEASURED_RANK = 32
+_H200 = (
+    "bench/RESULTS.md 2026-11-29 (fourth session): H200, CUDA graphs, bf16, fused LoRA layers, channels_last "
+    "GroupNorm kernels, overlapped steps"
 )
-SPEED_TABLE: dict[tuple[str, ModelFamily, int], Figure] = {
-    ("RTX 3090 Ti", "sd15", 1): Figure(0.20, "derived", _SD15_3090TI),
-    ("RTX 3090 Ti", "sd15", 2): Figure(0.30, "derived", _SD15_3090TI),
-    ("RTX 3090 Ti", "sd15", 4): Figure(0.50, "derived", _SD15_3090TI),
-    ("RTX 3090 Ti", "sdxl", 1): Figure(
-        1.12, "published", "kohya-ss/sd-scripts#827: RTX 3090 Ti, SDXL LoRA 1024x1024 batch 1, 1.12 s/it (2023-09)"
-    ),
-    ("RTX 3090", "sdxl", 1): Figure(
-        1.23, "published", "bmaltais/kohya_ss#1288: RTX 3090, SDXL LoRA 1024x1024, 1.23 s/it"
-    ),
-    ("RTX 4090", "sdxl", 1): Figure(
-        1.17,
-        "published",
-        "bmaltais/kohya_ss#1288: RTX 4090, SDXL LoRA 1024x1024 bf16, 1.13-1.21 s/it (2023-09, Windows; the same "
-        "thread reports Windows drivers of the time slowing the 4090, so a Linux benchmark should replace this)",
-    ),
-    ("RTX 3060", "sdxl", 1): Figure(2.4, "published", "bmaltais/kohya_ss#1288: RTX 3060, SDXL LoRA, 2.4 s/it"),
-    ("H200", "sd15", 4): Figure(
-        0.0385,
-        "measured",
-        "bench/RESULTS.md 2026-11-29 (fourth session): H200, this trainer (CUDA graphs, bf16, fused LoRA layers, "
-        "channels_last GroupNorm kernels, overlapped steps), full-size SD 1.5, 512px batch 4, UNet + TE LoRA dim "
-        "32, AdamW: 38.5 ms/step (median step interval)",
-    ),
-    ("H100 SXM", "sd15", 4): Figure(
+_H100 = "bench/RESULTS.md 2026-12-05 ({}): H100 80GB HBM3, the locked versions (constraints.txt)"
+MEASURED_STEPS: tuple[MeasuredStep, ...] = (
+    MeasuredStep("H200", "sd15", 512, 4, True, 0.0385, f"{_H200}; SD 1.5 512px b4, UNet + TE: 38.5 ms (after review)"),
+    MeasuredStep("H200", "sd15", 512, 4, False, 0.0351, f"{_H200}; SD 1.5 512px b4, UNet only: 35.1 ms"),
+    MeasuredStep("H200", "sdxl", 1024, 2, False, 0.1138, f"{_H200}; SDXL 1024px b2, UNet: 113.8 ms"),
+    MeasuredStep(
+        "H100 SXM",
+        "sd15",
+        512,
+        4,
+        True,
         0.0401,
-        "measured",
-        "bench/RESULTS.md 2026-12-05 (fifth session): H100 80GB HBM3, this trainer with the locked versions "
-        "(constraints.txt), full-size SD 1.5, 512px batch 4, UNet + TE LoRA dim 32, AdamW: 40.1 ms/step (median)",
+        _H100.format("fifth session") + "; SD 1.5 512px b4, UNet + TE: 40.1 ms",
     ),
-    ("H100 SXM", "sdxl", 2): Figure(
-        0.1199,
-        "measured",
-        "bench/RESULTS.md 2026-12-05 (fifth session): H100 80GB HBM3, this trainer with the locked versions "
-        "(constraints.txt), full-size SDXL, 1024px batch 2, UNet LoRA dim 32, AdamW: 119.9 ms/step (median)",
+    MeasuredStep(
+        "H100 SXM", "sdxl", 1024, 2, False, 0.1199, _H100.format("fifth session") + "; SDXL 1024px b2, UNet: 119.9 ms"
     ),
-    ("H200", "sdxl", 2): Figure(
-        0.1138,
-        "measured",
-        "bench/RESULTS.md 2026-11-29 (fourth session): H200, this trainer (CUDA graphs, bf16, fused LoRA layers, "
-        "channels_last GroupNorm kernels, overlapped steps), full-size SDXL, 1024px batch 2, UNet LoRA dim 32, "
-        "AdamW: 113.8 ms/step (median step interval)",
+    MeasuredStep(
+        "H100 SXM",
+        "sd15",
+        512,
+        1,
+        True,
+        0.0196,
+        _H100.format("sixth session") + "; SD 1.5 512px b1, UNet + TE: 19.6 ms",
     ),
-}
-
-# The GPU whose rows are scaled to GPUs without a row of their own.
-REFERENCE_GPU = "RTX 3090 Ti"
-
-# Dense 16-bit (fp16/bf16) tensor TFLOPS from NVIDIA's architecture whitepapers and datasheets
-# (datasheets quote sparse figures: halved here). GeForce cards are listed at their FP16-accumulate rate
-# (their FP32-accumulate rate is half): at the FP32-accumulate rate an RTX A5000 would out-rank a 3090,
-# which is not what SD users see. Recalled from those documents, not re-read in this repo's stored sources.
-BF16_TFLOPS: dict[str, Figure] = {
-    "RTX 3090": Figure(142.0, "published", "NVIDIA Ampere GA102 whitepaper, RTX 3090"),
-    "RTX 3090 Ti": Figure(160.0, "scaled", "RTX 3090's 142 x SMs x boost clock (84 x 1.86 GHz vs 82 x 1.695 GHz)"),
-    "RTX 4090": Figure(330.3, "published", "NVIDIA Ada Lovelace whitepaper, RTX 4090"),
-    "RTX 5090": Figure(419.0, "published", "NVIDIA Blackwell GB202 whitepaper, RTX 5090"),
-    "RTX A5000": Figure(111.1, "published", "NVIDIA RTX A5000 datasheet (222.2 sparse)"),
-    "RTX A6000": Figure(154.8, "published", "NVIDIA RTX A6000 datasheet (309.7 sparse)"),
-    "RTX 6000 Ada": Figure(364.2, "published", "NVIDIA RTX 6000 Ada datasheet (1457 FP8 sparse / 4)"),
-    "RTX 5000 Ada": Figure(261.0, "published", "NVIDIA RTX 5000 Ada datasheet (1044 FP8 sparse / 4)"),
-    "A10": Figure(125.0, "published", "NVIDIA A10 datasheet (250 sparse)"),
-    "A30": Figure(165.0, "published", "NVIDIA A30 datasheet (330 sparse)"),
-    "A40": Figure(149.7, "published", "NVIDIA A40 datasheet (299.4 sparse)"),
-    "L4": Figure(121.0, "published", "NVIDIA L4 datasheet (242 sparse)"),
-    "L40": Figure(181.0, "published", "NVIDIA L40 datasheet (362 sparse)"),
-    "L40S": Figure(362.0, "published", "NVIDIA L40S datasheet (733 sparse)"),
-    "A100 PCIe": Figure(312.0, "published", "NVIDIA A100 datasheet"),
-    "A100 SXM": Figure(312.0, "published", "NVIDIA A100 datasheet"),
-    "H100 PCIe": Figure(756.0, "published", "NVIDIA H100 datasheet (PCIe)"),
-    "H100 SXM": Figure(989.0, "published", "NVIDIA H100 datasheet (SXM)"),
-    "H100 NVL": Figure(835.0, "published", "NVIDIA H100 NVL datasheet"),
-    "H200": Figure(989.0, "published", "NVIDIA H200 datasheet"),
-}
-
-# Step time ~ (reference TFLOPS / GPU TFLOPS) ** TFLOPS_EXPONENT. Below 1 because a LoRA step at small
-# batch does not saturate the tensor cores: the 4090 / 3090 Ti SDXL pair above differs far less than
-# their TFLOPS do.
-TFLOPS_EXPONENT = Figure(
-    0.5, "assumed", "sub-linear scaling; the published 4090 vs 3090 Ti SDXL pair shows ~1x, TFLOPS 2x"
+    MeasuredStep(
+        "H100 SXM",
+        "sd15",
+        768,
+        2,
+        True,
+        0.0547,
+        _H100.format("sixth session") + "; SD 1.5 768px b2, UNet + TE: 54.7 ms",
+    ),
+    MeasuredStep(
+        "H100 SXM", "sdxl", 1024, 2, False, 0.1201, _H100.format("sixth session") + "; SDXL 1024px b2, UNet: 120.1 ms"
+    ),
+    MeasuredStep(
+        "H100 SXM", "sdxl", 1024, 1, False, 0.0775, _H100.format("sixth session") + "; SDXL 1024px b1, UNet: 77.5 ms"
+    ),
+)
+MEASURED_SPREAD = Figure(
+    0.05,
+    "measured",
+    "bench/RESULTS.md: the same case measured 38.2 and 38.5 ms (SD 1.5) on two H200 machines, 119.9 and 120.1 ms "
+    "(SDXL) on two H100 machines; +-5% also covers another machine of the kind",
 )
 
-# Step time at batch b, from the batch-1 time: t1 x (1 + (b - 1) x marginal).
-BATCH_MARGINAL: dict[ModelFamily, Figure] = {
-    "sd15": Figure(0.5, "assumed", "each extra 512px image costs half a batch-1 step (small images underuse the GPU)"),
-    "sdxl": Figure(
-        0.22, "published", "bmaltais/kohya_ss#1288: RTX 4090 SDXL batch 8 at 3 s/it vs batch 1 at ~1.17 s/it"
+# ------------------------------------------------------------------------------------------------------
+# The model: step = FLOPs / (tensor rate x tensor fraction) + bytes / (bandwidth x bandwidth factor)
+#                   + kernels x kernel cost
+# Fitted on MEASURED_STEPS: a tensor fraction per family, one bandwidth factor and one kernel cost. The
+# tensor fraction is multiplied by the GPU class's efficiency factor (EFFICIENCY). See docs/costs.md.
+# ------------------------------------------------------------------------------------------------------
+MAX_TENSOR_FRACTION = Figure(
+    0.85, "assumed", "no card keeps its tensor cores busier than this over a whole step of many kernels"
+)
+FP32_TENSOR_RATE = Figure(
+    0.5, "published", "the TF32 dense rate is half the bf16 one in every datasheet of rentrain.gpu_specs"
+)
+FP32_UNCERTAINTY = Figure(
+    2.0,
+    "assumed",
+    "mixed_precision = 'no' is modelled at the TF32 rate with twice the bytes; products PyTorch runs without "
+    "TF32 use the slower CUDA cores, so the range's high end is doubled",
+)
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """A GPU class's tensor fraction relative to the calibrated Hopper one: central, low and high."""
+
+    factor: float
+    low: float
+    high: float
+    kind: FigureKind
+    source: str
+
+
+_DIFFUSERS = (
+    "the diffusers PyTorch 2.0 benchmark (huggingface.co/docs/diffusers/optimization/torch2.0; the same SD 1.5 "
+    "code on each card), run through this model (docs/costs.md, 'Cards we did not measure')"
+)
+EFFICIENCY: dict[EfficiencyClass, Efficiency] = {
+    "hopper": Efficiency(
+        1.0,
+        0.9,
+        1.1,
+        "assumed",
+        "the fraction itself is fitted on the H100 SXM and H200 runs (MEASURED_STEPS, within 6% of each); +-10% "
+        "at other settings and on the other Hopper cards is assumed",
     ),
-    "tiny": Figure(0.1, "assumed", "a tiny UNet is launch-overhead bound"),
+    "datacenter": Efficiency(
+        1.0,
+        0.75,
+        1.3,
+        "assumed",
+        "A100 / A30, not run with this trainer: assumed to keep their tensor cores as busy as the Hopper cards "
+        f"(the A100 keeps 27-44% of its rate in {_DIFFUSERS}; the Hopper cards 33-41% here)",
+    ),
+    "pro": Efficiency(
+        0.85,
+        0.6,
+        1.15,
+        "derived",
+        f"full-rate tensor cores under a low power limit: the A10 keeps 0.8-0.9x the A100's fraction in "
+        f"{_DIFFUSERS}; the other workstation and PCIe cards are assumed alike",
+    ),
+    "geforce": Efficiency(
+        1.9,
+        1.4,
+        2.5,
+        "derived",
+        f"GeForce cards keep about twice the A100's fraction of their float32-accumulate tensor rate: RTX 3090, "
+        f"3090 Ti and 4090 1.6-2.4x in {_DIFFUSERS}",
+    ),
 }
+
+
+@dataclass(frozen=True)
+class Calibration:
+    tensor_fraction: dict[str, float]  # per family, of the datasheet dense bf16 rate, on Hopper
+    bandwidth_factor: float  # counted bytes moved per second / datasheet bandwidth
+    kernel_seconds: float  # per kernel: the launch gap and a small kernel's least duration
+    error: tuple[float, ...]  # per MEASURED_STEPS row: modelled / measured - 1
+
+
+def modelled_seconds(spec: GpuSpec, work: Work, tensor_fraction: float, cal: Calibration) -> float:
+    """The model's step time: tensor work + other kernels' memory traffic + a fixed cost per kernel."""
+    fraction = min(tensor_fraction, MAX_TENSOR_FRACTION.value)
+    return (
+        work.flop / (spec.bf16_tflops * 1e12 * fraction)
+        + work.bytes / (spec.bandwidth_gbs * 1e9 * cal.bandwidth_factor)
+        + work.kernels * cal.kernel_seconds
+    )
+
+
+@cache
+def calibration() -> Calibration:
+    """The fit of the model to MEASURED_STEPS. The step time is linear in 1 / tensor fraction (per family),
+    1 / bandwidth factor and the kernel cost, so these come from weighted linear least squares (each row
+    weighted by 1 / its time: relative errors)."""
+    families = sorted({m.family for m in MEASURED_STEPS})
+    rows, targets = [], []
+    for m in MEASURED_STEPS:
+        spec, work = _spec(m.gpu_model), m.work
+        tensor = [work.flop / (spec.bf16_tflops * 1e12) if f == m.family else 0.0 for f in families]
+        rows.append([x / m.seconds for x in (*tensor, work.bytes / (spec.bandwidth_gbs * 1e9), work.kernels)])
+        targets.append(1.0)
+    *inverse_fractions, inverse_bandwidth, kernel = _least_squares(rows, targets)
+    assert min(*inverse_fractions, inverse_bandwidth, kernel) > 0, "MEASURED_STEPS give a model with a negative term"
+    fitted = Calibration(
+        tensor_fraction={f: 1 / x for f, x in zip(families, inverse_fractions, strict=True)},
+        bandwidth_factor=1 / inverse_bandwidth,
+        kernel_seconds=kernel,
+        error=(),
+    )
+    errors = tuple(
+        modelled_seconds(_spec(m.gpu_model), m.work, fitted.tensor_fraction[m.family], fitted) / m.seconds - 1
+        for m in MEASURED_STEPS
+    )
+    return Calibration(fitted.tensor_fraction, fitted.bandwidth_factor, fitted.kernel_seconds, errors)
+
+
+def _least_squares(rows: list[list[float]], targets: list[float]) -> list[float]:
+    """x minimising |rows x - targets|: the normal equations, by Gaussian elimination with partial pivoting."""
+    n = len(rows[0])
+    a = [
+        [sum(r[i] * r[j] for r in rows) for j in range(n)] + [sum(r[i] * t for r, t in zip(rows, targets, strict=True))]
+        for i in range(n)
+    ]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(a[r][col]))
+        a[col], a[pivot] = a[pivot], a[col]
+        for r in range(n):
+            if r != col:
+                ratio = a[r][col] / a[col][col]
+                a[r] = [x - ratio * y for x, y in zip(a[r], a[col], strict=True)]
+    return [a[i][n] / a[i][i] for i in range(n)]
+
+
+def _spec(gpu_model: str) -> GpuSpec:
+    spec = spec_for(gpu_model)
+    assert spec is not None, f"MEASURED_STEPS names {gpu_model}, which rentrain.gpu_specs lacks"
+    return spec
+
 
 TINY_SECONDS_PER_STEP = Figure(
     0.05, "assumed", "builtin tiny models: a few ms of GPU work per step; dominated by Python overhead"
 )
-GRADIENT_CHECKPOINTING_FACTOR = Figure(1.3, "assumed", "recomputes the forward pass in backward: roughly +30%")
+TINY_BATCH_MARGINAL = Figure(0.1, "assumed", "each extra image adds a tenth: a tiny UNet is launch-overhead bound")
+TINY_RANGE = Figure(2.0, "assumed", "the tiny models' step time within half to twice the figure")
 
 # ------------------------------------------------------------------------------------------------------
 # Several GPUs (`--gpus N`): data parallel (DDP under `accelerate launch`), each rank its own batch.
@@ -154,8 +274,8 @@ GRADIENT_CHECKPOINTING_FACTOR = Figure(1.3, "assumed", "recomputes the forward p
 # ASSUMED, NOT MEASURED: rentrain has had no multi-GPU machine to measure on. The figures follow what
 # published DDP scaling reports show for models whose gradients are small next to their compute (a LoRA's
 # are tens of MB for SD 1.5, a few hundred for SDXL at dim 32): near-linear on NVLink/NVSwitch boards,
-# somewhat less over PCIe. Replace a row
-# with kind "measured" after a benchmark, as for SPEED_TABLE. Counts between the rows interpolate linearly.
+# somewhat less over PCIe. Replace a row with kind "measured" after a benchmark. Counts between the rows
+# interpolate linearly.
 # ------------------------------------------------------------------------------------------------------
 Interconnect = Literal["pcie", "nvlink"]
 
@@ -212,7 +332,9 @@ SECONDS_PER_HOUR = 3600.0
 
 class SpeedEstimate(BaseModel):
     seconds_per_step: float
-    kind: SpeedKind
+    low: float  # the range the step time is expected in
+    high: float
+    kind: EstimateKind
     source: str
 
 
@@ -220,7 +342,7 @@ class ScalingEstimate(BaseModel):
     gpus: int
     interconnect: Interconnect
     efficiency: float
-    kind: SpeedKind | None  # None for one GPU: nothing is scaled
+    kind: FigureKind | None  # None for one GPU: nothing is scaled
     source: str
 
 
@@ -248,7 +370,10 @@ class JobProfile(BaseModel):
 class JobEstimate(BaseModel):
     steps: int
     seconds_per_step: float  # with several GPUs: the one-GPU step time / the scaling efficiency
-    speed_kind: SpeedKind
+    # the step time's range (None in estimates recorded before ranges: the point alone)
+    seconds_per_step_low: float | None = None
+    seconds_per_step_high: float | None = None
+    speed_kind: RecordedKind
     speed_source: str
     gpus: int = 1
     scaling: ScalingEstimate | None = None  # several GPUs only
@@ -257,6 +382,30 @@ class JobEstimate(BaseModel):
     total_hours: float
     price_per_hour: float
     cost_usd: float
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def total_hours_low(self) -> float:
+        return self.total_hours - self.train_hours * (1 - self._ratio(self.seconds_per_step_low))
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def total_hours_high(self) -> float:
+        return self.total_hours - self.train_hours * (1 - self._ratio(self.seconds_per_step_high))
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def cost_low_usd(self) -> float:
+        """The cost with training at the range's fast end (setup as estimated)."""
+        return self.cost_usd * self.total_hours_low / self.total_hours if self.total_hours else self.cost_usd
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def cost_high_usd(self) -> float:
+        return self.cost_usd * self.total_hours_high / self.total_hours if self.total_hours else self.cost_usd
+
+    def _ratio(self, bound: float | None) -> float:
+        return 1.0 if bound is None or not self.seconds_per_step else bound / self.seconds_per_step
 
 
 def guess_model_family(model: str, sdxl: bool | None) -> ModelFamily:
@@ -269,73 +418,112 @@ def guess_model_family(model: str, sdxl: bool | None) -> ModelFamily:
     return "sdxl" if ("xl" in name or "pony" in name or "illustrious" in name) else "sd15"
 
 
-def seconds_per_step(gpu_model: str, profile: JobProfile) -> SpeedEstimate | None:
-    """None when nothing is known about this GPU (no row, no TFLOPS figure)."""
-    batch1 = _batch1_or_row(gpu_model, profile)
-    if batch1 is None:
-        return None
-    seconds, kind, source = batch1
-    pixels = profile.resolution[0] * profile.resolution[1]
-    reference = REFERENCE_RESOLUTION[profile.family] ** 2
-    if profile.family != "tiny" and pixels != reference:
-        seconds *= pixels / reference
-        source += f"; x {pixels / reference:.2f} for {profile.resolution[0]}x{profile.resolution[1]} pixels"
-        kind = _derived(kind)
+def seconds_per_step(gpu_model: str, profile: JobProfile, vram_gb: float | None = None) -> SpeedEstimate | None:
+    """One GPU's step time and its range: measured where rentrain ran these settings on this GPU, else modelled.
+    ``vram_gb`` picks the row of a model sold with several memory sizes (A100 40/80 GB). None when the GPU has
+    no row in rentrain.gpu_specs."""
+    if profile.family == "tiny":
+        speed = _tiny(profile)
+    else:
+        spec = spec_for(gpu_model, vram_gb)
+        if spec is None:
+            return None
+        speed = _measured(spec, profile) or modelled_step(spec, profile)
+    factors = []
     if profile.gradient_checkpointing:
-        seconds *= GRADIENT_CHECKPOINTING_FACTOR.value
-        source += f"; x {GRADIENT_CHECKPOINTING_FACTOR.value} gradient checkpointing"
-        kind = _derived(kind)
+        factor = checkpointing_factor(profile.family)
+        factors.append((factor, f"x {factor:.2f} gradient checkpointing (measured on the H200)"))
     if profile.gradient_accumulation_steps > 1:
-        seconds *= profile.gradient_accumulation_steps
-        source += f"; x {profile.gradient_accumulation_steps} accumulated batches per step"
-    return SpeedEstimate(seconds_per_step=seconds, kind=kind, source=source)
+        accumulation = profile.gradient_accumulation_steps
+        factors.append((float(accumulation), f"x {accumulation} accumulated batches per step"))
+    for factor, note in factors:
+        speed = speed.model_copy(
+            update={
+                "seconds_per_step": speed.seconds_per_step * factor,
+                "low": speed.low * factor,
+                "high": speed.high * factor,
+                "source": f"{speed.source}; {note}",
+            }
+        )
+    return speed
 
 
-def _batch1_or_row(gpu_model: str, profile: JobProfile) -> tuple[float, SpeedKind, str] | None:
-    family, batch = profile.family, profile.batch_size
-    if family == "tiny":
-        return _at_batch(TINY_SECONDS_PER_STEP.value, family, batch), "assumed", TINY_SECONDS_PER_STEP.source
-    own = _batch_from_rows(gpu_model, family, batch)
-    if own is not None:
-        return own
-    ref = _batch_from_rows(REFERENCE_GPU, family, batch)
-    gpu_tflops, ref_tflops = BF16_TFLOPS.get(gpu_model), BF16_TFLOPS[REFERENCE_GPU]
-    if ref is None or gpu_tflops is None:
-        return None
-    factor = (ref_tflops.value / gpu_tflops.value) ** TFLOPS_EXPONENT.value
-    source = (
-        f"scaled from {REFERENCE_GPU} by bf16 TFLOPS ({ref_tflops.value:g} -> {gpu_tflops.value:g}, "
-        f"^{TFLOPS_EXPONENT.value:g}): {ref[2]}"
+def checkpointing_factor(family: ModelFamily) -> float:
+    """The trainer's measured step-time factor of gradient checkpointing (remote.trainer.memory, from H200 runs);
+    the tiny models take SD 1.5's (the same UNet layout)."""
+    from remote.trainer.memory import PROFILES
+
+    return PROFILES["sd15" if family == "tiny" else family].checkpointing_factor
+
+
+def _tiny(profile: JobProfile) -> SpeedEstimate:
+    seconds = TINY_SECONDS_PER_STEP.value * (1 + (profile.batch_size - 1) * TINY_BATCH_MARGINAL.value)
+    spread = TINY_RANGE.value
+    return SpeedEstimate(
+        seconds_per_step=seconds,
+        low=seconds / spread,
+        high=seconds * spread,
+        kind="assumed",
+        source=f"{TINY_SECONDS_PER_STEP.source}; {TINY_BATCH_MARGINAL.source}",
     )
-    return ref[0] * factor, "scaled", source
 
 
-def _batch_from_rows(gpu_model: str, family: ModelFamily, batch: int) -> tuple[float, SpeedKind, str] | None:
-    """This GPU's own rows at another batch size: interpolated, or from batch 1 by the batch rule."""
-    rows = sorted((b, fig) for (g, f, b), fig in SPEED_TABLE.items() if g == gpu_model and f == family)
-    if not rows:
+def _measured(spec: GpuSpec, profile: JobProfile) -> SpeedEstimate | None:
+    """The measured step at exactly these settings on this GPU, the mean where it was measured more than once
+    (checkpointing and accumulation are applied after)."""
+    width, height = profile.resolution
+    if width != height or profile.network_dim != MEASURED_RANK or profile.bytes_per_value != 2:
         return None
-    exact = SPEED_TABLE.get((gpu_model, family, batch))
-    if exact is not None:
-        return exact.value, exact.kind, exact.source
-    below = [(b, fig) for b, fig in rows if b < batch]
-    above = [(b, fig) for b, fig in rows if b > batch]
-    if below and above:
-        (b0, f0), (b1, f1) = below[-1], above[0]
-        value = f0.value + (f1.value - f0.value) * (batch - b0) / (b1 - b0)
-        return value, _derived(f0.kind), f"{f0.source}; interpolated to batch {batch}"
-    nearest_b, nearest = below[-1] if below else above[0]
-    t1 = nearest.value / (1 + (nearest_b - 1) * BATCH_MARGINAL[family].value)
-    return _at_batch(t1, family, batch), _derived(nearest.kind), f"{nearest.source}; batch rule to batch {batch}"
+    runs = [
+        m
+        for m in MEASURED_STEPS
+        if (m.gpu_model, m.family, m.resolution, m.batch_size, m.trains_text_encoder)
+        == (spec.model, profile.family, width, profile.batch_size, profile.trains_text_encoder)
+    ]
+    if not runs:
+        return None
+    seconds = sum(m.seconds for m in runs) / len(runs)
+    spread = MEASURED_SPREAD.value
+    return SpeedEstimate(
+        seconds_per_step=seconds,
+        low=seconds * (1 - spread),
+        high=seconds * (1 + spread),
+        kind="measured",
+        source=" and ".join(m.source for m in runs),
+    )
 
 
-def _derived(kind: SpeedKind) -> SpeedKind:
-    """A published or measured figure moved to other settings by a rule is no longer the figure itself."""
-    return "derived" if kind in ("published", "measured") else kind
+def modelled_step(spec: GpuSpec, profile: JobProfile) -> SpeedEstimate:
+    """The model's step time on this GPU (never a measured figure), with its range."""
+    work = step_work(
+        profile.family,
+        profile.resolution[0] * profile.resolution[1],
+        profile.batch_size,
+        profile.network_dim,
+        profile.trains_text_encoder,
+    )
+    fp32 = profile.bytes_per_value == 4
+    if fp32:
+        work = Work(flop=work.flop / FP32_TENSOR_RATE.value, bytes=work.bytes * 2, kernels=work.kernels)
+    cal = calibration()
+    efficiency = EFFICIENCY[spec.efficiency_class]
+    base = cal.tensor_fraction[profile.family]
 
+    def at(factor: float) -> float:
+        return modelled_seconds(spec, work, base * factor, cal)
 
-def _at_batch(t1: float, family: ModelFamily, batch: int) -> float:
-    return t1 * (1 + (batch - 1) * BATCH_MARGINAL[family].value)
+    high = at(efficiency.low) * (FP32_UNCERTAINTY.value if fp32 else 1.0)
+    fraction = min(base * efficiency.factor, MAX_TENSOR_FRACTION.value)
+    source = (
+        f"modelled (docs/costs.md): {work.flop / 1e12:.2f} TFLOP and {work.bytes / 1e9:.1f} GB moved per step "
+        f"(rentrain.step_work) on the {spec.model} ({spec.bf16_tflops:g} TFLOPS bf16, {spec.bandwidth_gbs:g} GB/s: "
+        f"{spec.source}) at {fraction:.0%} of its tensor rate ({spec.efficiency_class} cards: {efficiency.source})"
+    )
+    if fp32:
+        source += f"; {FP32_UNCERTAINTY.source}"
+    return SpeedEstimate(
+        seconds_per_step=at(efficiency.factor), low=at(efficiency.high), high=high, kind="modelled", source=source
+    )
 
 
 def overhead_seconds(profile: JobProfile, download_mbps: float | None) -> dict[str, float]:
@@ -381,7 +569,11 @@ def interconnect_efficiency(interconnect: Interconnect, gpus: int) -> ScalingEst
     value = low.value + (high.value - low.value) * (gpus - below) / (above - below) if above != below else low.value
     source = f"interpolated between the {below}- and {above}-GPU rows: {low.source}"
     return ScalingEstimate(
-        gpus=gpus, interconnect=interconnect, efficiency=value, kind=_derived(low.kind), source=source
+        gpus=gpus,
+        interconnect=interconnect,
+        efficiency=value,
+        kind="derived" if low.kind in ("published", "measured") else low.kind,
+        source=source,
     )
 
 
@@ -422,17 +614,19 @@ def memory_fit(profile: JobProfile, vram_gb: float | None) -> tuple[float, str] 
 def estimate_job(profile: JobProfile, offer: Offer) -> JobEstimate | None:
     """Training on all the offer's GPUs (one data-parallel rank each) plus overhead, at its all-in rate. None
     when the GPU's speed is unknown or the job does not fit its memory even with memory planning."""
-    speed = seconds_per_step(offer.gpu_model, profile)
+    speed = seconds_per_step(offer.gpu_model, profile, offer.vram_gb)
     fit = memory_fit(profile, offer.vram_gb)
     if speed is None or fit is None:
         return None
     factor, note = fit
-    if factor != 1.0:
+    if factor != 1.0:  # the memory plan's factor comes from the H200 profiles: no longer a measured figure
         speed = speed.model_copy(
             update={
                 "seconds_per_step": speed.seconds_per_step * factor,
+                "low": speed.low * factor,
+                "high": speed.high * factor,
                 "source": speed.source + note,
-                "kind": _derived(speed.kind),
+                "kind": "modelled" if speed.kind == "measured" else speed.kind,
             }
         )
     gpus = offer.gpu_count
@@ -445,6 +639,8 @@ def estimate_job(profile: JobProfile, offer: Offer) -> JobEstimate | None:
     return JobEstimate(
         steps=steps,
         seconds_per_step=step_seconds,
+        seconds_per_step_low=speed.low / scaling.efficiency,
+        seconds_per_step_high=speed.high / scaling.efficiency,
         speed_kind=speed.kind,
         speed_source=speed.source,
         gpus=gpus,

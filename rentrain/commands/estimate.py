@@ -14,18 +14,22 @@ from rich.text import Text
 from rentrain.cli_types import setting_type
 from rentrain.commands.offers import (
     PROVIDER_CHOICES,
+    cost_range,
     describe_profile,
     describe_requirements,
     gpu_label,
     gpus_option,
+    hours_range,
     load_job,
     money,
     note_cells,
     print_notes,
     provider_label,
     scaling_note,
+    span,
 )
-from rentrain.costs import BF16_TFLOPS, JobProfile, overhead_seconds, scaling_efficiency, seconds_per_step, steps_on
+from rentrain.costs import JobEstimate, JobProfile, overhead_seconds, scaling_efficiency, seconds_per_step, steps_on
+from rentrain.gpu_specs import GPU_SPECS, specs_of
 from rentrain.offers import RankedOffer, find_offers, provider_names, requirements_from
 
 
@@ -39,17 +43,29 @@ def best_per(ranked: list[RankedOffer], key: str) -> list[RankedOffer]:
 
 
 def offline_rows(profile: JobProfile, gpus: int = 1) -> list[dict[str, Any]]:
-    """Training time per known GPU model (with `gpus` of it) when no provider answered: hours, no price."""
+    """Training time per known GPU model and memory size (with `gpus` of it) when no provider answered: step
+    time and hours with their ranges, no price."""
     overhead_h = sum(overhead_seconds(profile, None).values()) / 3600
+    steps = steps_on(profile, gpus)
     rows = []
-    for gpu in BF16_TFLOPS:
-        speed = seconds_per_step(gpu, profile)
+    for spec in GPU_SPECS:
+        speed = seconds_per_step(spec.model, profile, spec.vram_gb)
         if speed is None:
             continue
-        step_s = speed.seconds_per_step / scaling_efficiency(gpu, gpus).efficiency
-        hours = steps_on(profile, gpus) * step_s / 3600 + overhead_h
-        label = gpu if gpus == 1 else f"{gpus}x {gpu}"
-        rows.append({"gpu": label, "seconds_per_step": step_s, "speed_kind": speed.kind, "hours": hours})
+        efficiency = scaling_efficiency(spec.model, gpus).efficiency
+        name = spec.model if len(specs_of(spec.model)) == 1 else f"{spec.model} {spec.vram_gb:g} GB"
+        rows.append(
+            {
+                "gpu": name if gpus == 1 else f"{gpus}x {name}",
+                "seconds_per_step": speed.seconds_per_step / efficiency,
+                "seconds_per_step_low": speed.low / efficiency,
+                "seconds_per_step_high": speed.high / efficiency,
+                "speed_kind": speed.kind,
+                "hours": steps * speed.seconds_per_step / efficiency / 3600 + overhead_h,
+                "hours_low": steps * speed.low / efficiency / 3600 + overhead_h,
+                "hours_high": steps * speed.high / efficiency / 3600 + overhead_h,
+            }
+        )
     return sorted(rows, key=lambda r: r["hours"])
 
 
@@ -85,6 +101,9 @@ def estimate(
     as_json: bool,
 ) -> None:
     """Estimate steps, hours and cost of the job on the best offer of each provider and each GPU model.
+
+    Step times, hours and costs are ranges, with the kind of the speed figure: measured (rentrain ran these
+    settings on that GPU) or modelled from the step's counted work and the GPU's datasheet (docs/costs.md).
 
     With several GPUs (--gpus N), the speed-up is an assumed data-parallel scaling, and the output says so.
     """
@@ -128,7 +147,9 @@ def estimate(
         for column in ("GPU", "s/step", "basis", "est. hours"):
             table.add_column(column, justify="right" if column != "GPU" else "left")
         for row in offline_rows(profile, req.gpu_count):
-            table.add_row(row["gpu"], f"{row['seconds_per_step']:.3f}", row["speed_kind"], f"{row['hours']:.2f}")
+            step = span(row["seconds_per_step_low"], row["seconds_per_step_high"], 3)
+            hours = span(row["hours_low"], row["hours_high"])
+            table.add_row(row["gpu"], f"{row['seconds_per_step']:.3f} ({step})", row["speed_kind"], hours)
         console.print(table)
     note = scaling_note(req.gpu_count, search.ranked)
     if note:
@@ -150,11 +171,17 @@ def _table(title: str, items: list[RankedOffer], notes: list[Any]) -> Table:
             gpu_label(item.offer),
             money(item.offer.price_per_hour),
             str(est.steps) if est else "?",
-            f"{est.seconds_per_step:.3f} ({est.speed_kind})" if est else "no speed figure",
-            f"{est.total_hours:.2f}" if est else "?",
-            money(est.cost_usd if est else None, 2),
+            _step(est) if est else "no speed figure",
+            hours_range(est),
+            cost_range(est),
         )
         table.add_row(*(Text(cell) for cell in cells))  # provider text is never markup
     for note in notes:
         table.add_row(*note_cells(note, 7))
     return table
+
+
+def _step(estimate: JobEstimate) -> str:
+    low = estimate.seconds_per_step_low or estimate.seconds_per_step
+    high = estimate.seconds_per_step_high or estimate.seconds_per_step
+    return f"{estimate.seconds_per_step:.3f} ({span(low, high, 3)})"

@@ -15,7 +15,14 @@ from providers import registry
 from providers.base import Offer, Requirements
 from rentrain.cli_types import Number, setting_type
 from rentrain.commands.check import checked_config
-from rentrain.costs import Interconnect, JobProfile, interconnect_efficiency, profile_from_check, steps_on
+from rentrain.costs import (
+    Interconnect,
+    JobEstimate,
+    JobProfile,
+    interconnect_efficiency,
+    profile_from_check,
+    steps_on,
+)
 from rentrain.multigpu import MAX_GPUS, MIN_GPUS, GpuCountError, check_gpu_count
 from rentrain.offers import (
     OfferSearch,
@@ -124,6 +131,23 @@ def money(value: float | None, digits: int = 3) -> str:
     return "?" if value is None else f"${value:.{digits}f}"
 
 
+def span(low: float, high: float, digits: int = 2, unit: str = "") -> str:
+    """A range as "$0.31-0.42", or one figure where both ends round alike."""
+    low_text, high_text = f"{low:.{digits}f}", f"{high:.{digits}f}"
+    return f"{unit}{low_text}" if low_text == high_text else f"{unit}{low_text}-{high_text}"
+
+
+def cost_range(estimate: JobEstimate | None) -> str:
+    """The job's cost range and the kind of its speed figure, e.g. "$0.31-0.42 (modelled)"."""
+    if estimate is None:
+        return "?"
+    return f"{span(estimate.cost_low_usd, estimate.cost_high_usd, unit='$')} ({estimate.speed_kind})"
+
+
+def hours_range(estimate: JobEstimate | None) -> str:
+    return "?" if estimate is None else span(estimate.total_hours_low, estimate.total_hours_high)
+
+
 def offers_table(search: OfferSearch, with_estimates: bool, title: str | None = None) -> Table:
     table = Table(title=title, show_lines=False)
     table.add_column("provider", no_wrap=True)
@@ -146,8 +170,8 @@ def offers_table(search: OfferSearch, with_estimates: bool, title: str | None = 
             "unknown" if offer.reliability is None else f"{offer.reliability:.3f}",
             offer.location or "unknown",
             "unknown" if offer.download_mbps is None else f"{offer.download_mbps:.0f} Mbps",
-            _hours(item) if with_estimates else "-",
-            money(item.estimate.cost_usd if item.estimate else None, 2) if with_estimates else "-",
+            hours_range(item.estimate) if with_estimates else "-",
+            cost_range(item.estimate) if with_estimates else "-",
         )
         table.add_row(*(Text(cell) for cell in cells))  # provider text is never markup
     for note in search.notes:
@@ -179,10 +203,6 @@ def print_skipped(console: Console, skipped: list[SkippedRows], verbose: bool) -
         console.print(f"{head}:", markup=False, highlight=False)
         for reason in rows.reasons:
             console.print(f"  {rows.provider}: skipped {reason}", markup=False, highlight=False)
-
-
-def _hours(item: RankedOffer) -> str:
-    return "?" if item.estimate is None else f"{item.estimate.total_hours:.2f}"
 
 
 def search_json(search: OfferSearch, req: Requirements, profile: JobProfile | None) -> dict[str, Any]:
@@ -241,7 +261,9 @@ def offers(
     """Compare GPU offers across providers, cheapest first.
 
     With --config, offers are ranked by the estimated cost of the whole job (steps counted from the
-    dataset x seconds per step on that GPU + setup overhead, x $/h); without it, by $/h.
+    dataset x seconds per step on that GPU + setup overhead, x $/h); without it, by $/h. Each estimate is a
+    range with the kind of its speed figure: measured (rentrain ran these settings on that GPU) or modelled
+    (docs/costs.md).
     """
     job, profile = load_job(config)
     req = requirements_from(

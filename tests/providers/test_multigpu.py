@@ -150,7 +150,7 @@ def test_two_pcie_gpus_halve_the_steps_and_pay_the_assumed_efficiency():
     two = estimate_job(profile, gpu_offer("RTX 3090", 2, 0.4))
     efficiency = costs.DATA_PARALLEL_EFFICIENCY["pcie"][2].value
     steps = 10 * math.ceil(101 / 2)
-    step_seconds = costs.SPEED_TABLE[("RTX 3090", "sdxl", 1)].value / efficiency
+    step_seconds = costs.seconds_per_step("RTX 3090", profile, 24).seconds_per_step / efficiency
     assert two.steps == steps and two.gpus == 2
     assert two.seconds_per_step == pytest.approx(step_seconds)
     assert two.train_hours == pytest.approx(steps * step_seconds / 3600)
@@ -188,7 +188,8 @@ def test_a_fixed_step_count_stays_and_each_step_trains_more():
     two = estimate_job(profile, gpu_offer("RTX 3090", 2, 0.4))
     assert two.steps == 1000 == steps_on(profile, 2)
     efficiency = costs.DATA_PARALLEL_EFFICIENCY["pcie"][2].value
-    assert two.train_hours == pytest.approx(1000 * costs.SPEED_TABLE[("RTX 3090", "sdxl", 1)].value / efficiency / 3600)
+    one_gpu_step = costs.seconds_per_step("RTX 3090", profile, 24).seconds_per_step
+    assert two.train_hours == pytest.approx(1000 * one_gpu_step / efficiency / 3600)
 
 
 def test_steps_per_epoch_divide_by_ranks_and_accumulation():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -209,7 +210,8 @@ def test_offers_with_config_prints_a_sorted_table(mocked, markets, caplog):
     assert cells[0][1:4] == ["RTX 3090 24 GB", "$0.168", "0.991"]
     assert cells[1][3] == "unknown"  # RunPod publishes no reliability
     assert cells[0][5] == "610 Mbps"
-    costs = [float(c[7].lstrip("$")) for c in cells[:5]]
+    assert all(c[7].endswith(" (assumed)") for c in cells[:5])  # the example's tiny model: an assumed speed
+    costs = [float(c[7].split()[0].lstrip("$").split("-")[0]) for c in cells[:5]]  # "$0.03 (assumed)": low end
     assert costs == sorted(costs)
     assert cells[5][1] == "no offers: no renter API or SSH*"
     assert "* gpuflow (no offers): GPUFlow has no renter API" in " ".join(result.output.split())
@@ -369,3 +371,80 @@ def test_json_lists_skipped_rows_per_provider(mocked, markets):
     assert list(data["skipped_rows"]) == ["runpod"]
     assert data["skipped_rows"]["runpod"][0].startswith(SKIPPED_REASON)
     assert any(o["offer_id"] == "SECURE/NVIDIA RTX A5000" for o in data["offers"])
+
+
+# ------------------------------------------------------------------------------------------ ranges and kinds
+
+
+def sd15_config(tmp_path: Path) -> Path:
+    """The example's dataset with an SD 1.5 job at bench/train_speed.py's settings (512px, batch 4, UNet + text
+    encoder LoRA dim 32, bf16), 200 epochs: 10,000 steps."""
+    import shutil
+
+    shutil.copytree(EXAMPLE.parent / "dataset", tmp_path / "dataset")
+    text = EXAMPLE.read_text()
+    for old, new in (
+        ("builtin:tiny-sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+        ("resolution = 64", "resolution = 512"),
+        ("min_bucket_reso = 64", "min_bucket_reso = 256"),
+        ("max_bucket_reso = 128", "max_bucket_reso = 1024"),
+        ("batch_size = 2", "batch_size = 4"),
+        ("max_train_epochs = 2", "max_train_epochs = 200"),
+        ("network_dim = 8", "network_dim = 32"),
+        ('network_args = ["conv_dim=8", "conv_alpha=8"]', ""),
+        ('mixed_precision = "no"', 'mixed_precision = "bf16"'),
+    ):
+        assert old in text
+        text = text.replace(old, new)
+    config = tmp_path / "config.toml"
+    config.write_text(text)
+    return config
+
+
+COST_CELL = r"^\$\d+\.\d\d-\d+\.\d\d \((measured|modelled)\)$"
+
+
+def test_offers_show_each_estimate_as_a_range_with_its_kind(mocked, markets, tmp_path):
+    record_markets(mocked)
+    result = CliRunner().invoke(main, ["offers", "--config", str(sd15_config(tmp_path))])
+    assert result.exit_code == 0, result.output
+    rows = [[c.strip() for c in line.strip("│").split("│")] for line in result.output.splitlines() if "│" in line]
+    priced = [row for row in rows if row[2].startswith("$")]
+    assert len(priced) == 5
+    for row in priced:
+        assert re.match(COST_CELL, row[7]) and row[7].endswith("(modelled)"), row  # no H100/H200 offer here
+        low, high = (float(x) for x in row[6].split("-"))
+        assert low < high
+
+
+def test_offers_json_carries_the_range(mocked, markets, tmp_path):
+    record_markets(mocked)
+    result = CliRunner().invoke(main, ["offers", "--config", str(sd15_config(tmp_path)), "--json"])
+    estimates = [o["estimate"] for o in json.loads(result.output)["offers"]]
+    assert estimates and all(e["speed_kind"] == "modelled" for e in estimates)
+    assert all(e["cost_low_usd"] < e["cost_usd"] < e["cost_high_usd"] for e in estimates)
+    assert all(e["seconds_per_step_low"] < e["seconds_per_step"] < e["seconds_per_step_high"] for e in estimates)
+
+
+def test_estimate_tables_show_ranges_and_kinds(mocked, markets, tmp_path):
+    record_markets(mocked)
+    result = CliRunner().invoke(main, ["estimate", "--config", str(sd15_config(tmp_path))])
+    assert result.exit_code == 0, result.output
+    rows = [[c.strip() for c in line.strip("│").split("│")] for line in result.output.splitlines() if "│" in line]
+    rtx4090 = next(row for row in rows if row[1] == "RTX 4090")
+    assert re.match(r"^0\.\d{3} \(0\.\d{3}-0\.\d{3}\)$", rtx4090[4])  # s/step and its range
+    assert re.match(COST_CELL, rtx4090[6]) and rtx4090[6].endswith("(modelled)")
+
+
+def test_estimate_without_prices_says_which_figures_are_measured(monkeypatch, tmp_path):
+    monkeypatch.setenv("COLUMNS", "200")
+    result = CliRunner().invoke(main, ["estimate", "--config", str(sd15_config(tmp_path))])
+    assert result.exit_code == 0, result.output
+    rows = {
+        cells[0]: cells
+        for cells in ([c.strip() for c in line.strip("│").split("│")] for line in result.output.splitlines())
+        if len(cells) == 4
+    }
+    assert rows["H200"][2] == "measured" and rows["H100 SXM"][2] == "measured"  # the benchmark's own settings
+    assert rows["RTX 4090"][2] == "modelled" and rows["A100 SXM 80 GB"][2] == "modelled"
+    assert rows["H200"][1] == "0.038 (0.037-0.040)"  # 38.5 ms +-5%
