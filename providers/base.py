@@ -150,6 +150,11 @@ class Instance(BaseModel):
     ssh: SshEndpoint | None = Field(None, description="An endpoint that allows scp/rsync; None until there is one.")
     price_per_hour: float | None = None
     started_at: datetime | None = None
+    billed_since: datetime | None = Field(
+        None,
+        description="When the provider made the instance and began billing it, in its own answer (Vast "
+        "`start_date`, RunPod `createdAt`); None when the answer does not say.",
+    )
     gpu_model: str | None = None
     storage_usd_per_hour: float | None = Field(
         None,

@@ -115,7 +115,8 @@ class Pod(BaseModel):
     cost: float | None = None
     gpu: dict[str, Any] | None = None
     ssh: dict[str, Any] | None = None
-    startedAt: datetime | None = None
+    createdAt: datetime | None = None
+    startedAt: datetime | None = None  # when the container last started
     disk: int | None = None  # container disk GB
     mounts: dict[str, Any] | None = None
 
@@ -351,6 +352,7 @@ def _instance(pod: Pod) -> Instance:
         ssh=ssh,
         price_per_hour=pod.cost,
         started_at=pod.startedAt,
+        billed_since=pod.createdAt,
         gpu_model=normalise_gpu_name(gpu_id) if gpu_id else None,
         storage_usd_per_hour=_storage_usd_per_hour(pod),
     )

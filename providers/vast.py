@@ -372,6 +372,8 @@ def _instance(raw: VastInstance) -> Instance:
         ssh=_ssh_endpoint(raw),
         price_per_hour=raw.dph_total,
         started_at=datetime.fromtimestamp(raw.start_date, tz=UTC) if raw.start_date else None,
+        # when the instance was made: its storage bills from then, its GPU from `running` (vast-cli vastai/SKILL.md)
+        billed_since=datetime.fromtimestamp(raw.start_date, tz=UTC) if raw.start_date else None,
         gpu_model=normalise_gpu_name(raw.gpu_name) if raw.gpu_name else None,
         storage_usd_per_hour=_storage_usd_per_hour(raw),
     )

@@ -18,6 +18,7 @@ destroys it.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from providers.base import Instance, NotFound, Provider, ProviderError
 from rentrain.credentials import CredentialsError, MissingApiKey, open_provider
-from rentrain.ledger import InstanceRecord, JobRecord, Ledger
+from rentrain.ledger import BillingPeriod, BillingState, InstanceRecord, JobRecord, Ledger, client_alive
 
 CHECK_SECONDS = 60.0  # `status` and `down`: a provider that has not answered its list by then is not checked
 SWEEP_SECONDS = 8.0  # the start-up sweep before other commands: all providers at once, in parallel
@@ -145,9 +146,10 @@ def survey(
     include: Callable[[JobRecord | None], bool] = lambda _job: True,
 ) -> AccountsView:
     """Match what the providers listed with the ledger, keeping the instances whose job (None: no job of this
-    ledger) `include` accepts. A ledger instance that a provider which answered did not list is asked for once
-    more and, when that confirms it is gone (its watchdog or the provider ended it), recorded as ended now:
-    the ledger's cost stays an upper bound, and nobody is warned about it again."""
+    ledger) `include` accepts; each live record's billing is brought up to what its provider says (`reconcile`).
+    A ledger instance that a provider which answered did not list is asked for once more and, when that confirms
+    it is gone (its watchdog or the provider ended it), recorded as ended (`reconcile` says when), and nobody is
+    warned about it again."""
     view = AccountsView(checks)
     jobs = {j.id: j for j in (ledger.jobs() if ledger else [])}
     records = [r for r in (ledger.instances() if ledger else []) if r.provider != "ssh" and include(jobs.get(r.job_id))]
@@ -161,6 +163,8 @@ def survey(
             if not include(job):
                 continue
             listed.add((check.provider, instance.id))
+            if ledger is not None and record is not None:
+                record = reconcile(ledger, record, instance, following=_followed(job))
             view.sightings.append(Sighting(check.provider, instance.id, job, record, instance))
     for record in records:
         if record.ended_at is not None or (record.provider, record.instance_id) in listed:
@@ -168,16 +172,20 @@ def survey(
         sighting = Sighting(record.provider, record.instance_id, jobs.get(record.job_id), record)
         account = checks.get(record.provider)
         if account is not None and account.answered and record.instance_id and account.api is not None:
+            assert ledger is not None
             gone, sighting.instance = _look_again(account.api, record.instance_id)
+            if gone or sighting.instance is not None:
+                sighting.record = reconcile(ledger, record, sighting.instance, following=_followed(sighting.job))
             if gone:
-                assert ledger is not None
-                ledger.update_instance(
-                    record.job_id, record.offer_id, record.created_at, ended_at=time.time(), end_reason=GONE_REASON
-                )
                 view.gone.append(sighting)
                 continue
         view.sightings.append(sighting)
     return view
+
+
+def _followed(job: JobRecord | None) -> bool:
+    """A live client follows the job: it would find a change within seconds, so one found now is placed now."""
+    return job is not None and client_alive(job)
 
 
 def _look_again(api: Provider, instance_id: str) -> tuple[bool, Instance | None]:
@@ -190,6 +198,130 @@ def _look_again(api: Provider, instance_id: str) -> tuple[bool, Instance | None]
     except ProviderError:
         return False, None
     return instance.status == "gone", instance
+
+
+# ---------------------------------------------------------------------------------------------- billing
+#
+# What the ledger counts (docs/costs.md, "What the ledger counts"): per instance, from when the provider made it
+# (its own start time, else when the create answered; never before the create was sent) until it was destroyed
+# or vanished; at its price, and at its storage rate while stopped. A change nobody saw happen (a stop, a destroy,
+# a start by someone else) is placed when the client following the job found it, or, found by a later command,
+# at the last time rentrain saw the instance as it was; the watchdog's own record of a stop replaces that guess
+# once rentrain can read it.
+
+
+def record_created(ledger: Ledger, record: InstanceRecord, instance: Instance, answered_at: float) -> InstanceRecord:
+    """The create answered with `instance`: the record gets its id, and billing starts at the provider's own start
+    time where the answer has one, else when the answer came (a later answer with that time moves it back)."""
+    ledger.update_instance(record.job_id, record.offer_id, record.created_at, instance_id=instance.id)
+    record = record.model_copy(update={"instance_id": instance.id})
+    ledger.start_billing(record, answered_at, "the create's answer")
+    if instance.billed_since is not None:
+        ledger.start_billing(record, instance.billed_since.timestamp(), f"{record.provider}'s start time")
+    return _reread(ledger, record)
+
+
+def reconcile(
+    ledger: Ledger,
+    record: InstanceRecord,
+    instance: Instance | None,
+    now: float | None = None,
+    following: bool = False,
+) -> InstanceRecord:
+    """Bring a live record's billing up to what the provider says of its instance (None: it no longer exists);
+    returns the record as the ledger has it now. Running, provisioning and exited bill the full price, stopped
+    its storage; gone ends the record. A change found is placed at the last time rentrain saw the instance as it
+    was; `following`: the client that follows the job found it, and places it now (it looks every few seconds,
+    and its budget guard must never count less than the instance's watchdog, which may have made the change)."""
+    record = _reread(ledger, record)
+    if record.instance_id is None or record.ended_at is not None:
+        return record
+    now = time.time() if now is None else now
+    if instance is not None and instance.billed_since is not None:
+        ledger.start_billing(record, instance.billed_since.timestamp(), f"{record.provider}'s start time")
+    elif not record.periods:  # written by an older rentrain: billed from the create, as it counted then
+        ledger.start_billing(record, record.created_at, "the create")
+    current = _current_period(ledger, record)
+    if current is None:
+        return record
+    changed_at = now if following else current.seen_at
+    if instance is None or instance.status == "gone":
+        ended = {"ended_at": changed_at, "end_reason": GONE_REASON}
+        ledger.update_instance(record.job_id, record.offer_id, record.created_at, **ended)
+    else:
+        state: BillingState = "stopped" if instance.status == "stopped" else "running"
+        rate = _storage_rate(record, instance) if state == "stopped" else record.usd_per_hour
+        seen = "when its client looked" if following else f"after rentrain last saw it {current.state}"
+        source = f"{instance.provider_status or instance.status} {seen}"
+        ledger.bill_state(record, state, changed_at, rate, source, now)
+        ledger.saw_instance(record, state, now)
+    return _reread(ledger, record)
+
+
+def record_started(ledger: Ledger, record: InstanceRecord, at: float) -> None:
+    """rentrain asked the provider at `at` to start the stopped instance again: full price from then."""
+    ledger.bill_state(record, "running", at, record.usd_per_hour, "started again by rentrain", at)
+
+
+def record_found_instance(
+    ledger: Ledger, job_id: str, instance: Instance, destroyed_at: float, reason: str, record: InstanceRecord | None
+) -> bool:
+    """An instance with the job's label that no record of it knew (a create that failed on the wire, or answered
+    after its window), destroyed at `destroyed_at`: billed on `record` (the create that made it), else on the
+    job's latest record of a create that never answered with an id. False when the job has no such record."""
+    if record is None:
+        unanswered = [r for r in ledger.instances(job_id) if r.instance_id is None and r.provider == instance.provider]
+        if not unanswered:
+            return False
+        record = unanswered[-1]
+    ledger.update_instance(record.job_id, record.offer_id, record.created_at, instance_id=instance.id)
+    record = record.model_copy(update={"instance_id": instance.id})
+    made = instance.billed_since.timestamp() if instance.billed_since is not None else record.created_at
+    ledger.start_billing(record, made, f"{record.provider}'s start time" if instance.billed_since else "the create")
+    ledger.update_instance(record.job_id, record.offer_id, record.created_at, ended_at=destroyed_at, end_reason=reason)
+    return True
+
+
+def watchdog_stops(log: str) -> list[float]:
+    """When the instance's watchdog stopped it, from its decisions (remote/watchdog.py appends them to
+    JOB_DIR/watchdog.jsonl): each round that began with `ending` intent `stop` at that time (it is written just
+    before the provider is called, and a stop may end the watchdog before it writes more), unless the round's last
+    resort failed or the same watchdog tried again later (the instance was still up)."""
+    entries = []
+    for line in log.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("time"), (int, float)):
+            entries.append(entry)
+    stops: list[float] = []
+    for index, entry in enumerate(entries):
+        if entry.get("action") != "ending" or entry.get("intent") != "stop":
+            continue
+        rest = entries[index + 1 :]
+        end = next((i for i, later in enumerate(rest) if later.get("action") in ("ending", "started")), len(rest))
+        tried_again = end < len(rest) and rest[end].get("action") == "ending"
+        failed = any(later.get("method") == "cli" and later.get("ok") is False for later in rest[:end])
+        if not (tried_again or failed):
+            stops.append(float(entry["time"]))
+    return stops
+
+
+def _current_period(ledger: Ledger, record: InstanceRecord) -> BillingPeriod | None:
+    periods = _reread(ledger, record).periods
+    return periods[-1] if periods and periods[-1].ended_at is None else None
+
+
+def _reread(ledger: Ledger, record: InstanceRecord) -> InstanceRecord:
+    key = (record.offer_id, record.created_at)
+    return next((r for r in ledger.instances(record.job_id) if (r.offer_id, r.created_at) == key), record)
+
+
+def _storage_rate(record: InstanceRecord, instance: Instance) -> float:
+    """What the stopped instance bills per hour; the full price where the provider does not say (an upper bound)."""
+    rate = instance.storage_usd_per_hour
+    return record.usd_per_hour if rate is None else rate
 
 
 # ---------------------------------------------------------------------------------------------- stopped

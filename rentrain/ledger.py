@@ -12,12 +12,14 @@ import socket
 import sqlite3
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from rentrain.paths import state_dir
 
@@ -151,6 +153,18 @@ CREATE TABLE IF NOT EXISTS account_checks (
     provider TEXT PRIMARY KEY,
     checked_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS billing_periods (
+    job_id TEXT NOT NULL,
+    offer_id TEXT NOT NULL,
+    record_created_at REAL NOT NULL,
+    state TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    ended_at REAL,
+    usd_per_hour REAL NOT NULL,
+    source TEXT NOT NULL,
+    seen_at REAL NOT NULL,
+    FOREIGN KEY (job_id, offer_id, record_created_at) REFERENCES instances(job_id, offer_id, created_at)
+);
 """
 # Columns added after a table's first release: a ledger written by an older rentrain gets them on open.
 ADDED_COLUMNS: dict[str, dict[str, str]] = {
@@ -241,6 +255,28 @@ class QueueRecord(BaseModel):
         return lanes
 
 
+BillingState = Literal["running", "stopped"]
+
+
+class BillingPeriod(BaseModel):
+    """A stretch of one instance record's billing at one rate. "running": the instance's price, in every state
+    but stopped (the provider bills the machine from when it made it until it is stopped or destroyed);
+    "stopped": what its storage bills. `source` says where `started_at` came from; `seen_at` is the last time
+    rentrain saw the instance in this state: a change that nobody saw is placed there."""
+
+    state: BillingState
+    started_at: float
+    ended_at: float | None = None  # None: still going
+    usd_per_hour: float
+    source: str
+    seen_at: float
+
+    def cost(self, until: float) -> float:
+        """USD billed in this period; an open one counts until `until`."""
+        end = self.ended_at if self.ended_at is not None else until
+        return max(0.0, end - self.started_at) * self.usd_per_hour / 3600
+
+
 class InstanceRecord(BaseModel):
     job_id: str
     provider: str
@@ -254,17 +290,23 @@ class InstanceRecord(BaseModel):
     ssh_port: int | None = None
     ssh_user: str | None = None
     host_key: str | None = None
-    created_at: float
+    created_at: float  # set just before the create was sent (a queue's later job: when it took the instance over)
     running_at: float | None = None
     ended_at: float | None = None
     end_reason: str | None = None
-
-    def billed_seconds(self, now: float | None = None) -> float:
-        end = self.ended_at if self.ended_at is not None else (now if now is not None else time.time())
-        return max(0.0, end - self.created_at) if self.instance_id else 0.0
+    # what the provider billed for the instance while this record held it, in order (Ledger.instances fills it)
+    periods: list[BillingPeriod] = Field(default_factory=list, exclude=True)
 
     def cost(self, now: float | None = None) -> float:
-        return self.usd_per_hour * self.billed_seconds(now) / 3600
+        """USD billed: the sum of the billing periods, an open one until the record's end (or `now`). A create that
+        made no instance costs nothing. A record written before billing periods existed counts its whole span,
+        from before the create to its end, at the full price."""
+        if not self.instance_id:
+            return 0.0
+        until = self.ended_at if self.ended_at is not None else (time.time() if now is None else now)
+        if not self.periods:
+            return self.usd_per_hour * max(0.0, until - self.created_at) / 3600
+        return sum(period.cost(until) for period in self.periods)
 
 
 def this_host() -> str:
@@ -494,7 +536,14 @@ class Ledger:
         starts, and the job moves to "intent_recorded". IllegalTransition when the job is no longer planned."""
         now = time.time()
         new = old.model_copy(
-            update={"job_id": job_id, "created_at": now, "running_at": now, "ended_at": None, "end_reason": None}
+            update={
+                "job_id": job_id,
+                "created_at": now,
+                "running_at": now,
+                "ended_at": None,
+                "end_reason": None,
+                "periods": [],
+            }
         )
         row = new.model_dump()
         with self._connect() as db:
@@ -511,6 +560,9 @@ class Ledger:
                 "WHERE job_id = ? AND offer_id = ? AND created_at = ?",
                 (now, f"handed over to job {job_id}", old.job_id, old.offer_id, old.created_at),
             )
+            _close_periods(db, old, now)
+            taken_over = f"taken over from job {old.job_id}"
+            period = _insert_period(db, new, "running", now, old.usd_per_hour, taken_over, now)
             db.execute(
                 "UPDATE jobs SET state = 'intent_recorded', key_registered_at = ?, key_removed_at = NULL WHERE id = ?",
                 (now, job_id),
@@ -519,7 +571,7 @@ class Ledger:
                 "INSERT INTO transitions VALUES (?, ?, ?, ?, ?)",
                 (job_id, now, current["state"], "intent_recorded", detail),
             )
-        return new
+        return new.model_copy(update={"periods": [period]})
 
     def record_key_removed(self, job_id: str) -> None:
         self.update_job(job_id, key_removed_at=time.time())
@@ -579,7 +631,8 @@ class Ledger:
         return None if row is None else float(row["checked_at"])
 
     def update_instance(self, job_id: str, offer_id: str, created_at: float, **fields: Any) -> None:
-        unknown = set(fields) - set(InstanceRecord.model_fields)
+        """Set columns of one record. An `ended_at` also ends its open billing period there (billing stopped then)."""
+        unknown = set(fields) - set(InstanceRecord.model_fields) | ({"periods"} & set(fields))
         if unknown:
             raise ValueError(f"unknown instance fields: {sorted(unknown)}")
         with self._connect() as db:
@@ -588,8 +641,11 @@ class Ledger:
                 "WHERE job_id = ? AND offer_id = ? AND created_at = ?",
                 (*fields.values(), job_id, offer_id, created_at),
             )
+            if fields.get("ended_at") is not None:
+                _close_periods(db, (job_id, offer_id, created_at), float(fields["ended_at"]))
 
     def instances(self, job_id: str | None = None, live_only: bool = False) -> list[InstanceRecord]:
+        """Records in the order they were made, each with its billing periods."""
         query = "SELECT * FROM instances WHERE 1 = 1"
         params: list[Any] = []
         if job_id is not None:
@@ -597,9 +653,78 @@ class Ledger:
             params.append(job_id)
         if live_only:
             query += " AND ended_at IS NULL"
+        periods_query = "SELECT * FROM billing_periods" + (" WHERE job_id = ?" if job_id is not None else "")
         with self._connect() as db:
             rows = db.execute(query + " ORDER BY created_at", params).fetchall()
-        return [InstanceRecord(**dict(r)) for r in rows]
+            period_rows = db.execute(periods_query + " ORDER BY started_at, rowid", params[:1]).fetchall()
+        periods: dict[RecordKey, list[BillingPeriod]] = defaultdict(list)
+        for row in period_rows:
+            key = (row["job_id"], row["offer_id"], row["record_created_at"])
+            periods[key].append(BillingPeriod(**{k: row[k] for k in BillingPeriod.model_fields}))
+        return [
+            InstanceRecord(**dict(r), periods=periods.get((r["job_id"], r["offer_id"], r["created_at"]), []))
+            for r in rows
+        ]
+
+    # ------------------------------------------------------------------ billing periods
+
+    def start_billing(self, record: InstanceRecord, at: float, source: str) -> None:
+        """The provider bills the record's instance from `at`, never before the create was sent (the record's
+        `created_at`): its first period, at the full price. Again with an earlier time (the provider's own, after
+        the time its answer came), that period starts earlier; a later time changes nothing."""
+        at = max(at, record.created_at)
+        with self._connect() as db:
+            first = db.execute(
+                f"SELECT rowid, started_at FROM billing_periods WHERE {_OF_RECORD} ORDER BY started_at, rowid LIMIT 1",
+                _key(record),
+            ).fetchone()
+            if first is None:
+                _insert_period(db, record, "running", at, record.usd_per_hour, source, at)
+            elif at < first["started_at"]:
+                moved = (at, source, first["rowid"])
+                db.execute("UPDATE billing_periods SET started_at = ?, source = ? WHERE rowid = ?", moved)
+
+    def bill_state(
+        self, record: InstanceRecord, state: BillingState, at: float, usd_per_hour: float, source: str, seen_at: float
+    ) -> None:
+        """From `at` the instance bills as `state` at `usd_per_hour`: the open period ends there (never before it
+        began) and one in `state` begins. Nothing changes when the open period is in `state` already, or when
+        the record has no open period (not billed yet, or ended)."""
+        with self._connect() as db:
+            current = _open_row(db, record)
+            if current is None or current["state"] == state:
+                return
+            at = max(at, current["started_at"])
+            _close_periods(db, record, at)
+            _insert_period(db, record, state, at, usd_per_hour, source, max(at, seen_at))
+
+    def saw_instance(self, record: InstanceRecord, state: BillingState, at: float) -> None:
+        """rentrain saw the instance in `state` at `at`: the open period's `seen_at`, when it is in that state."""
+        with self._connect() as db:
+            db.execute(
+                f"UPDATE billing_periods SET seen_at = MAX(seen_at, ?) WHERE {_OF_RECORD} AND ended_at IS NULL "
+                "AND state = ?",
+                (at, *_key(record), state),
+            )
+
+    def place_change(self, record: InstanceRecord, state: BillingState, at: float, source: str) -> bool:
+        """A better time for a change recorded at a guess: the period in `state` that holds `at` between the start
+        of the period before it and its own end begins at `at`, and the one before it ends there. False when no
+        recorded change fits (rentrain never saw the instance in `state` around then)."""
+        with self._connect() as db:
+            rows = db.execute(
+                f"SELECT rowid, * FROM billing_periods WHERE {_OF_RECORD} ORDER BY started_at, rowid", _key(record)
+            ).fetchall()
+            for before, period in pairwise(rows):
+                ends = period["ended_at"] if period["ended_at"] is not None else float("inf")
+                if period["state"] == state and before["started_at"] < at < ends:
+                    db.execute(
+                        "UPDATE billing_periods SET started_at = ?, source = ? WHERE rowid = ?",
+                        (at, source, period["rowid"]),
+                    )
+                    db.execute("UPDATE billing_periods SET ended_at = ? WHERE rowid = ?", (at, before["rowid"]))
+                    return True
+        return False
 
     def job_cost(self, job_id: str, now: float | None = None) -> float:
         return sum(i.cost(now) for i in self.instances(job_id))
@@ -612,6 +737,48 @@ class Ledger:
         with self._connect() as db:
             rows = db.execute("SELECT DISTINCT host_id FROM failed_hosts WHERE provider = ?", (provider,)).fetchall()
         return {r["host_id"] for r in rows}
+
+
+RecordKey = tuple[str, str, float]  # an instance record's (job_id, offer_id, created_at)
+_OF_RECORD = "job_id = ? AND offer_id = ? AND record_created_at = ?"
+
+
+def _key(record: InstanceRecord | RecordKey) -> RecordKey:
+    return (record.job_id, record.offer_id, record.created_at) if isinstance(record, InstanceRecord) else record
+
+
+def _open_row(db: sqlite3.Connection, record: InstanceRecord) -> sqlite3.Row | None:
+    row: sqlite3.Row | None = db.execute(
+        f"SELECT * FROM billing_periods WHERE {_OF_RECORD} AND ended_at IS NULL ORDER BY started_at DESC LIMIT 1",
+        _key(record),
+    ).fetchone()
+    return row
+
+
+def _insert_period(
+    db: sqlite3.Connection,
+    record: InstanceRecord,
+    state: BillingState,
+    at: float,
+    usd_per_hour: float,
+    source: str,
+    seen_at: float,
+) -> BillingPeriod:
+    period = BillingPeriod(state=state, started_at=at, usd_per_hour=usd_per_hour, source=source, seen_at=seen_at)
+    db.execute(
+        "INSERT INTO billing_periods (job_id, offer_id, record_created_at, state, started_at, usd_per_hour, source, "
+        "seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (*_key(record), state, at, usd_per_hour, source, seen_at),
+    )
+    return period
+
+
+def _close_periods(db: sqlite3.Connection, record: InstanceRecord | RecordKey, at: float) -> None:
+    """End the record's open period at `at` (at its start, if it began later)."""
+    db.execute(
+        f"UPDATE billing_periods SET ended_at = MAX(started_at, ?) WHERE {_OF_RECORD} AND ended_at IS NULL",
+        (at, *_key(record)),
+    )
 
 
 class ClientLock:

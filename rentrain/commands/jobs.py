@@ -35,6 +35,8 @@ from rentrain.accounts import (
     Sighting,
     check_accounts,
     past_stopped_limit,
+    record_found_instance,
+    record_started,
     result_home,
     stopped_line,
     storage_cost,
@@ -233,6 +235,7 @@ def _settle_stopped(ledger: Ledger, sighting: Sighting, check: AccountCheck, con
     try:
         with _following(ledger, job.id), RunProgress(console) as view:
             runner, key = _runner(ledger, job, view, console)
+            asked_at = time.time()
             if not _started_again(check.api, sighting.instance_id, runner.settings):
                 console.print(
                     f"[yellow]job {job.id}: its instance did not come back within "
@@ -240,10 +243,13 @@ def _settle_stopped(ledger: Ledger, sighting: Sighting, check: AccountCheck, con
                     f"tries again (`rentrain down {job.id}` gives its results up)[/]"
                 )
                 return
+            if sighting.record is not None:
+                record_started(ledger, sighting.record, asked_at)
             session = _reattach(runner, key)
             if session is None:
                 console.print(f"job {job.id}: its instance is gone")
                 return
+            runner.context.read_watchdog_record(session)
             runner.preparer.guard_restarted(session)  # its old watchdog ended with the stop
             fetched = _fetch_everything(runner, session)
             runner.teardown.destroy(session, f"stopped over {days:.0f} days; {fetched} file(s) fetched first")
@@ -669,6 +675,8 @@ def _destroy_sighting(ledger: Ledger, api: Provider | None, sighting: Sighting, 
     if record is not None:
         ended = {"ended_at": time.time(), "end_reason": reason}
         ledger.update_instance(record.job_id, record.offer_id, record.created_at, **ended)
+    elif sighting.job is not None and sighting.instance is not None:  # a create of the job that answered late
+        record_found_instance(ledger, sighting.job.id, sighting.instance, time.time(), reason, None)
     console.print(f"destroyed {sighting.provider} instance {escape(sighting.instance_id or '(found by its label)')}")
     return True
 

@@ -15,8 +15,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from providers.base import NotFound, Provider, ProviderError
+from providers.base import Instance, NotFound, Provider, ProviderError
 from remote.config import JobSettings, LoadedConfig
+from rentrain.accounts import reconcile, record_created, record_started, watchdog_stops
 from rentrain.ledger import IllegalTransition, InstanceRecord, JobRecord, JobState, Ledger
 from rentrain.paths import state_dir
 from rentrain.progress import RunProgress
@@ -181,10 +182,34 @@ class JobContext:
             # another command (`rentrain down`) closed the job while this client followed it
             raise JobFailed(f"job {self.job.id} was closed meanwhile; a closed job is never reopened") from None
 
-    def end_instance_record(self, record: InstanceRecord, reason: str) -> None:
+    def end_instance_record(self, record: InstanceRecord, reason: str, at: float | None = None) -> None:
+        """The record is over: its instance was destroyed (and that confirmed), or never made. Its billing ends
+        `at` (default: now)."""
+        ended_at = time.time() if at is None else at
         self.ledger.update_instance(
-            record.job_id, record.offer_id, record.created_at, ended_at=time.time(), end_reason=reason
+            record.job_id, record.offer_id, record.created_at, ended_at=ended_at, end_reason=reason
         )
+
+    def instance_created(self, record: InstanceRecord, instance: Instance) -> InstanceRecord:
+        """The create answered: the record gets the instance's id and starts billing (rentrain.accounts)."""
+        return record_created(self.ledger, record, instance, answered_at=time.time())
+
+    def saw_instance(self, instance: Instance, following: bool = True) -> None:
+        """What the provider said of one of the job's instances now: its live record's billing follows it. Not
+        `following`: this client just came back to the job (attach), so a change it finds may be old."""
+        for record in self.ledger.instances(self.job.id, live_only=True):
+            if record.provider == instance.provider and record.instance_id == instance.id:
+                reconcile(self.ledger, record, instance, following=following)
+
+    def instance_started(self, record: InstanceRecord, at: float) -> None:
+        record_started(self.ledger, record, at)
+
+    def read_watchdog_record(self, session: Session) -> None:
+        """Once a stopped instance answers SSH again: when its watchdog stopped it, from the watchdog's own log,
+        replaces the guess the ledger made (the last time rentrain saw it running)."""
+        log = session.remote.run(f"cat {shlex.quote(session.layout.watchdog_log)}", check=False).stdout
+        for stopped_at in watchdog_stops(log):
+            self.ledger.place_change(session.record, "stopped", stopped_at, "the watchdog's record")
 
     def job_started_at(self) -> float:
         """When the job's first instance was asked for: --max-hours counts from here, across instances."""
@@ -196,12 +221,14 @@ class JobContext:
             session.remote.run(f"touch {shlex.quote(session.layout.heartbeat)}")
             self.last_heartbeat = time.time()
             self.ledger.update_job(self.job.id, client_seen_at=self.last_heartbeat)
+            self.ledger.saw_instance(session.record, "running", self.last_heartbeat)
 
     def check_host(self, session: Session, lost_since: float, error: Exception, grace: bool = True) -> None:
         """Raise HostLost when the provider says the instance is down, or SSH has been gone too long."""
         if self.provider is not None and session.record.instance_id is not None:
             try:
                 instance = self.provider.get(session.record.instance_id)
+                self.saw_instance(instance)
                 if instance.status in ("exited", "gone", "stopped"):
                     raise HostLost(f"instance {instance.id} is {instance.provider_status}")
             except NotFound:

@@ -63,8 +63,7 @@ class Provisioner:
             self.teardown.adopt_by_label(record, f"create failed: {exc.message}", wait=on_the_wire)
             self.context.say("taking the next offer")
             return None
-        record = record.model_copy(update={"instance_id": instance.id})
-        self.context.ledger.update_instance(record.job_id, record.offer_id, record.created_at, instance_id=instance.id)
+        record = self.context.instance_created(record, instance)
         self.context.move("waiting_ssh", f"instance {instance.id}")
         self.context.say(
             f"rented {record.gpu} ({offer.provider} instance {instance.id}) "
@@ -152,6 +151,7 @@ class Provisioner:
             python_file = shlex.quote(posixpath.join(session.layout.root, "python"))
             session.python = remote.run(f"cat {python_file}", check=False).stdout.strip() or "python3"
             if restarted:
+                self.context.read_watchdog_record(session)
                 self.preparer.guard_restarted(session)
         except (*NETWORK_ERRORS, TransportError):
             pass  # follow() tells a dead host from a slow network
@@ -164,6 +164,7 @@ class Provisioner:
             instance = self.context.provider.get(record.instance_id)
         except NotFound:
             return None, False
+        self.context.saw_instance(instance, following=False)
         if instance.status in ("exited", "gone"):
             return None, False
         started = False
@@ -177,7 +178,9 @@ class Provisioner:
             self.context.say(
                 f"instance {instance.id} was stopped by its watchdog to keep unfetched results; starting it"
             )
+            asked_at = time.time()
             self.context.provider.start(instance.id)
+            self.context.instance_started(record, asked_at)
             started = True
         if instance.status != "running" or instance.ssh is None:
             endpoint = self._wait_for_ssh(instance)
@@ -217,6 +220,7 @@ class Provisioner:
                 self.context.say(f"provider error while waiting: {exc.message}")
                 current = None
             if current is not None:
+                self.context.saw_instance(current)
                 if current.status in ("exited", "gone"):
                     self.context.say(
                         f"instance {instance.id} {current.provider_status}: "

@@ -8,7 +8,8 @@ import shlex
 import time
 from contextlib import suppress
 
-from providers.base import NotFound, ProviderError
+from providers.base import Instance, NotFound, ProviderError
+from rentrain.accounts import record_found_instance
 from rentrain.job_phases.context import JobContext, JobFailed, Outcome, Session
 from rentrain.ledger import InstanceRecord
 from rentrain.sshkeys import forget_job_key
@@ -34,7 +35,8 @@ class Teardown:
         self.destroy_instance(session.record, reason)
 
     def destroy_instance(self, record: InstanceRecord, reason: str) -> None:
-        """Destroy and confirm with the provider that it is gone; the ledger keeps the real cost."""
+        """Destroy and confirm with the provider that it is gone; the ledger bills it until the destroy that the
+        confirmation followed was answered (the provider had acted on it by then)."""
         self.context.move("destroying", reason)
         if self.context.provider is None:
             self.context.end_instance_record(record, reason)
@@ -52,8 +54,9 @@ class Teardown:
                 self.context.say(f"destroy failed ({exc.message}); retrying")
                 self.context.sleep(min(30, 2**attempt))
                 continue
+            answered_at = time.time()
             if self._confirmed_gone(record.instance_id):
-                self.context.end_instance_record(record, reason)
+                self.context.end_instance_record(record, reason, at=answered_at)
                 self.forget_key()
                 cost = self.context.ledger.job_cost(self.context.job.id)
                 self.context.say(f"instance {record.instance_id} destroyed; job cost so far ${cost:.4f}")
@@ -107,8 +110,10 @@ class Teardown:
                 f"({exc.message}): one may still be billing; run: rentrain down {self.context.job.id}"
             )
             return
-        for instance_id in destroyed:
-            self.context.say(f"destroyed instance {instance_id}: it carried this job's label but no record of it")
+        for instance, destroyed_at in destroyed:
+            self.context.say(f"destroyed instance {instance.id}: it carried this job's label but no record of it")
+            reason = "found by its label when the job closed"
+            record_found_instance(self.context.ledger, self.context.job.id, instance, destroyed_at, reason, None)
 
     def adopt_by_label(self, record: InstanceRecord, reason: str, wait: bool = True) -> None:
         """A create that failed on the wire may still make a machine, after its answer timed out too: with
@@ -131,19 +136,20 @@ class Teardown:
                     f"could not check for a half-created instance ({exc.message}); "
                     f"run: rentrain down {self.context.job.id}"
                 ) from None
-            for instance_id in found:
-                self.context.say(f"destroyed instance {instance_id} that the failed create left behind")
-            if found:
-                self.context.ledger.update_instance(
-                    record.job_id, record.offer_id, record.created_at, instance_id=found[0]
-                )
+            for instance, _destroyed_at in found:
+                self.context.say(f"destroyed instance {instance.id} that the failed create left behind")
             if found or time.time() >= until:
                 break
             self.context.sleep(self.context.settings.poll_seconds)
-        self.context.end_instance_record(record, reason)
+        if not found:
+            self.context.end_instance_record(record, reason)
+        for index, (instance, destroyed_at) in enumerate(found):  # the first is this create's; billed on its record
+            made_by = record if index == 0 else None
+            record_found_instance(self.context.ledger, record.job_id, instance, destroyed_at, reason, made_by)
 
-    def _destroy_labelled(self) -> list[str]:
-        """Destroy every instance with this job's label that is neither gone nor ended in the ledger; their ids."""
+    def _destroy_labelled(self) -> list[tuple[Instance, float]]:
+        """Destroy every instance with this job's label that is neither gone nor ended in the ledger; each with
+        the time its destroy was answered."""
         assert self.context.provider is not None
         ended = {i.instance_id for i in self.context.ledger.instances(self.context.job.id) if i.ended_at is not None}
         destroyed = []
@@ -154,5 +160,5 @@ class Teardown:
                 self.context.provider.destroy(instance.id)
             except NotFound:
                 continue
-            destroyed.append(instance.id)
+            destroyed.append((instance, time.time()))
         return destroyed

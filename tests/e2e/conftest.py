@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from rentrain.ledger import Ledger
 from tests.sim.provider_sim import RUNPOD_KEY, VAST_KEY, ProviderSimulator, SimInstance, SimOffer, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -151,11 +152,8 @@ class Client:
             return [dict(r) for r in db.execute("SELECT * FROM instances ORDER BY created_at")]
 
     def ledger_cost(self) -> float:
-        total = 0.0
-        for row in self.instances():
-            if row["instance_id"] and row["ended_at"]:
-                total += float(row["usd_per_hour"]) * (float(row["ended_at"]) - float(row["created_at"])) / 3600  # type: ignore[arg-type]
-        return total
+        """What the ledger counts for all its jobs together (rentrain.ledger InstanceRecord.cost)."""
+        return sum(record.cost() for record in Ledger(self.ledger_path).instances())
 
 
 @pytest.fixture

@@ -161,7 +161,7 @@ def test_a_budget_reached_mid_queue_stops_the_job_and_skips_the_rest(
         assert len(stops) == 1 and stops[0].startswith("budget reached") and "1 job(s) not started" in stops[0]
         assert market.live_instances() == []
         # what the provider billed stays within a few seconds' price of the budget; the ledger's figure (it counts
-        # a stopped instance at full price until destroyed) is an upper bound of it
+        # the instance its watchdog stopped at full price until the client found it stopped) is an upper bound of it
         assert market.total_billed() <= 30 + 3 * 1.0
         assert client.ledger_cost() >= market.total_billed() - 1.0
     finally:

@@ -93,7 +93,8 @@ def test_a_create_answered_after_the_timeout_is_destroyed_when_it_turns_up(
     assert late.ended_at is not None and late.ended_at < used.created_at  # ended before the next one was rented
     assert market.live_instances() == []
     assert _job_state(client)["outcome"] == "succeeded"
-    assert client.ledger_cost() >= market.total_billed()  # the late one is in the ledger, from the create's start
+    # the late one is in the ledger, from when the provider made it
+    assert abs(client.ledger_cost() - market.total_billed()) <= used.price_per_hour / 3600
 
 
 def test_an_ssh_drop_during_setup_is_survived(tmp_path: Path, market: ProviderSimulator, client: Client) -> None:

@@ -11,7 +11,11 @@ Reach it through the adapters' base-URL overrides:
     RENTRAIN_VAST_URL   = <base>/vast/api/v0   (the adapter derives <base>/vast/api/v1)
     RENTRAIN_RUNPOD_URL = <base>/runpod
 
-Billing is by the second from create to destroy (stopped instances bill `storage_per_hour`). Faults are
+Billing is by the second from create to destroy, at the instance's price in every state but stopped (a dead
+host's too, until destroyed), and `storage_per_hour` while stopped; a RunPod pod bills as RunPod's pricing page
+says: its GPU plus its disk and volume while running, its volume while stopped. Instances carry the times the
+services give: Vast `start_date` (when it was made), RunPod `createdAt` and `startedAt` (when its container last
+started). Faults are
 switched on per test: offers that are gone at create, hosts whose SSH never comes up, 429 and 5xx storms,
 a host that dies mid-run, and answers that come after the client's timeout.
 """
@@ -42,7 +46,12 @@ VAST_V0_LIST_GONE = {
     "msg": "/api/v0/instances/ is deprecated. Use /api/v1/instances/ instead.",
 }
 VAST_AUTH_ERROR = {"success": False, "error": "auth_error", "msg": "Invalid user key"}
-RUNPOD_VOLUME_USD_PER_GB_MONTH_STOPPED = 0.20  # runpod/docs pods/pricing.mdx
+# runpod/docs pods/pricing.mdx: running, the container disk and the volume at $0.10/GB/month each; stopped, the
+# volume at $0.20/GB/month (the container disk is erased)
+RUNPOD_DISK_USD_PER_GB_MONTH_RUNNING = 0.10
+RUNPOD_VOLUME_USD_PER_GB_MONTH_STOPPED = 0.20
+RUNPOD_DEFAULT_DISK_GB = 20
+HOURS_PER_MONTH = 730
 
 
 @dataclass
@@ -69,11 +78,16 @@ class SimInstance:
     instance_key: str
     sshd: SshdInstance
     state: str = "loading"  # loading, running, stopped, exited, destroyed
+    booted_at: float | None = None  # when its container last started (RunPod `startedAt`)
+    disk_gb: int | None = None  # RunPod: the pod's container disk and volume; None on Vast
+    volume_gb: int | None = None
     ended_at: float | None = None
     stopped: list[tuple[float, float | None]] = field(default_factory=list)  # (stopped at, started again at)
 
     def billed_cost(self, storage_per_hour: float, now: float | None = None) -> float:
-        """Full price while it exists, storage only while stopped."""
+        """Full price while it exists, storage only while stopped: `storage_per_hour`, or a pod's volume."""
+        if self.volume_gb is not None:
+            storage_per_hour = self.volume_gb * RUNPOD_VOLUME_USD_PER_GB_MONTH_STOPPED / HOURS_PER_MONTH
         end = self.ended_at if self.ended_at is not None else (now if now is not None else time.time())
         stopped = sum((restart if restart is not None else end) - since for since, restart in self.stopped)
         total = max(0.0, end - self.created_at)
@@ -356,18 +370,21 @@ class ProviderSimulator:
     def _vast_instance(self, instance: SimInstance) -> dict[str, Any]:
         status = {"loading": "loading", "running": "running", "stopped": "stopped", "exited": "exited"}[instance.state]
         running = instance.state == "running"
+        contract = "stopped" if instance.state == "stopped" else "running"
         return {
             "id": int(instance.id),
             "label": instance.label,
             "actual_status": status,
-            "intended_status": "running",
+            "intended_status": contract,
+            "cur_state": contract,
+            "next_state": contract,
             "status_msg": None,
             "public_ipaddr": "127.0.0.1" if running else None,
             "ports": {"22/tcp": [{"HostIp": "0.0.0.0", "HostPort": str(instance.sshd.port)}]} if running else {},
             "ssh_host": None,
             "ssh_port": None,
             "dph_total": instance.price_per_hour,
-            "start_date": instance.created_at,
+            "start_date": instance.created_at,  # unix seconds, when the instance was made
             "gpu_name": instance.offer.gpu_name,
             "storage_total_cost": self.storage_per_hour,  # $/h, billed in every state
         }
@@ -391,7 +408,7 @@ class ProviderSimulator:
             if offer is None or offer.gone:
                 return 400, {"title": "Bad Request", "status": 400, "detail": "There are no instances available"}, {}
             env = body.get("env") or {}
-            instance = self._create("runpod", offer, body.get("name") or "", env)
+            instance = self._create("runpod", offer, body.get("name") or "", env, body)
             instance.sshd.authorized_key = env.get("PUBLIC_KEY", "")
             self._write_keys(instance)
             return 201, self._pod(instance), {}
@@ -438,23 +455,33 @@ class ProviderSimulator:
             "id": instance.id,
             "name": instance.label,
             "status": status,
-            "cost": instance.price_per_hour if running else 0,
+            # the GPU's price ("0.0 when EXITED or TERMINATED"); the disks bill on top
+            "cost": 0 if instance.state == "stopped" else instance.offer.price_per_hour,
             "gpu": {"id": instance.offer.offer_id, "count": 1},
-            "disk": 20,
-            # a volume whose stopped price is what this simulator bills a stopped instance
-            "mounts": {"persistent": {"size": self._runpod_volume_gb(), "path": "/workspace"}},
+            "disk": instance.disk_gb,
+            "mounts": {"persistent": {"size": instance.volume_gb, "path": "/workspace"}},
             "ssh": {"direct": {"host": "127.0.0.1", "port": instance.sshd.port, "username": instance.sshd.user}}
             if running
             else {"direct": None},
-            "startedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(instance.created_at)),
+            "runtime": {
+                "uptime": int(time.time() - (instance.booted_at or instance.created_at)),
+                "ports": [{"private": 22, "public": instance.sshd.port, "type": "tcp", "ip": "127.0.0.1"}],
+            }
+            if running
+            else None,
+            "createdAt": _rfc3339(instance.created_at),
+            "startedAt": _rfc3339(instance.booted_at) if instance.booted_at is not None else None,
         }
 
     def _runpod_volume_gb(self) -> int:
-        return max(10, round(self.storage_per_hour * 730 / RUNPOD_VOLUME_USD_PER_GB_MONTH_STOPPED))
+        """A volume whose stopped price is what this simulator bills a stopped instance (a pod made by hand)."""
+        return max(10, round(self.storage_per_hour * HOURS_PER_MONTH / RUNPOD_VOLUME_USD_PER_GB_MONTH_STOPPED))
 
     # ------------------------------------------------------------------ instances
 
-    def _create(self, provider: str, offer: SimOffer, label: str, env: dict[str, str]) -> SimInstance:
+    def _create(
+        self, provider: str, offer: SimOffer, label: str, env: dict[str, str], body: dict[str, Any] | None = None
+    ) -> SimInstance:
         self._next_id += 1
         instance_id = str(self._next_id)
         instance_key = f"sim-instance-key-{instance_id}"
@@ -474,6 +501,12 @@ class ProviderSimulator:
             instance_key=instance_key,
             sshd=sshd,
         )
+        if provider == "runpod":  # the sizes asked for, and the GPU's price with both disks on top
+            persistent = ((body or {}).get("mounts") or {}).get("persistent") or {}
+            instance.disk_gb = int((body or {}).get("disk") or RUNPOD_DEFAULT_DISK_GB)
+            instance.volume_gb = int(persistent.get("size") or self._runpod_volume_gb())
+            disks = (instance.disk_gb + instance.volume_gb) * RUNPOD_DISK_USD_PER_GB_MONTH_RUNNING / HOURS_PER_MONTH
+            instance.price_per_hour = offer.price_per_hour + disks
         self.instances[instance_id] = instance
         if not offer.never_reachable:
             threading.Timer(self.boot_seconds, self._boot, args=(instance,)).start()
@@ -485,6 +518,7 @@ class ProviderSimulator:
                 return
             instance.sshd.start()
             instance.state = "running"
+            instance.booted_at = time.time()
 
     def _write_keys(self, instance: SimInstance) -> None:
         instance.sshd.root.mkdir(parents=True, exist_ok=True)
@@ -507,6 +541,12 @@ class ProviderSimulator:
         instance.sshd.kill()
         instance.state = "destroyed"
         instance.ended_at = time.time()
+
+
+def _rfc3339(at: float) -> str:
+    """A RunPod time (api-reference-v2/openapi.json: `date-time`, e.g. "2026-03-13T20:00:00Z"), to the millisecond:
+    this simulator bills by the millisecond, and the date-time format allows the fraction."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at)) + f".{int(at * 1000) % 1000:03d}Z"
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 30, interval: float = 0.1) -> bool:
