@@ -409,12 +409,8 @@ class Ledger:
             db.close()
 
     def create_job(self, job: JobRecord, detail: str = "job created") -> None:
-        row = job.model_dump()
         with self._connect() as db:
-            db.execute(
-                f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})", tuple(row.values())
-            )
-            db.execute("INSERT INTO transitions VALUES (?, ?, NULL, ?, ?)", (job.id, job.created_at, job.state, detail))
+            _insert_job(db, job, detail)
 
     def transition(self, job_id: str, to_state: JobState, detail: str = "", **fields: Any) -> JobRecord:
         """Record the move to `to_state` (and any field updates) in one transaction; returns the new record.
@@ -481,8 +477,9 @@ class Ledger:
             db.execute(
                 f"INSERT INTO queues ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})", tuple(row.values())
             )
-        for position, job in enumerate(jobs):
-            self.create_job(job.model_copy(update={"queue_id": queue.id, "queue_position": position}))
+            for position, job in enumerate(jobs):
+                queued = job.model_copy(update={"queue_id": queue.id, "queue_position": position})
+                _insert_job(db, queued, "job created")
 
     def queue(self, queue_id: str) -> QueueRecord:
         with self._connect() as db:
@@ -779,6 +776,13 @@ def _close_periods(db: sqlite3.Connection, record: InstanceRecord | RecordKey, a
         f"UPDATE billing_periods SET ended_at = MAX(started_at, ?) WHERE {_OF_RECORD} AND ended_at IS NULL",
         (at, *_key(record)),
     )
+
+
+def _insert_job(db: sqlite3.Connection, job: JobRecord, detail: str) -> None:
+    """A new job and its first transition, inside the caller's transaction."""
+    row = job.model_dump()
+    db.execute(f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})", tuple(row.values()))
+    db.execute("INSERT INTO transitions VALUES (?, ?, NULL, ?, ?)", (job.id, job.created_at, job.state, detail))
 
 
 class ClientLock:

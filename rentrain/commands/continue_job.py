@@ -18,7 +18,7 @@ from remote.buckets import StepPlan
 from remote.config import MAX_EPOCHS, ConfigError, LoadedConfig, TrainConfig, load_config
 from rentrain.cli_types import Number, setting_type, timing_overrides
 from rentrain.commands.check import checked_config
-from rentrain.commands.run import ResumeFrom, _refuse_if_impossible, _run_rented, notifier_from
+from rentrain.commands.run import ResumeFrom, _refuse_if_impossible, _run_rented, notifier_from, notify_option
 from rentrain.commands.run_common import refuse_to_overwrite
 from rentrain.costs import steps_per_epoch
 from rentrain.job import RunSettings
@@ -118,13 +118,7 @@ def plan_continuation(
     help="USD budget for the new job (default: the earlier job's); checked before renting, enforced on the instance.",
 )
 @click.option("--yes", "-y", is_flag=True, help="Rent without asking.")
-@click.option(
-    "--notify",
-    "notify_urls",
-    multiple=True,
-    metavar="URL",
-    help="Tell this apprise URL (ntfy, Discord, Slack, email...) when it ends; repeatable (docs/notifications.md).",
-)
+@notify_option
 def continue_job(
     job_id: str,
     more_epochs: int,

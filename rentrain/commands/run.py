@@ -41,6 +41,15 @@ from rentrain.upload_list import plan_upload
 # Tuning knobs for slow networks (and fast tests); the defaults suit real providers.
 
 
+notify_option = click.option(
+    "--notify",
+    "notify_urls",
+    multiple=True,
+    metavar="URL",
+    help="Tell this apprise URL (ntfy, Discord, Slack, email...) when a job ends; repeatable (docs/notifications.md).",
+)
+
+
 @click.command()
 @click.argument("configs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
@@ -96,13 +105,7 @@ from rentrain.upload_list import plan_upload
     help="--provider local: continue from a checkpoint's state folder.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an earlier run's LoRA, checkpoints and samples in output_dir.")
-@click.option(
-    "--notify",
-    "notify_urls",
-    multiple=True,
-    metavar="URL",
-    help="Tell this apprise URL (ntfy, Discord, Slack, email...) when a job ends; repeatable (docs/notifications.md).",
-)
+@notify_option
 def run(
     configs: tuple[Path, ...],
     provider: str | None,

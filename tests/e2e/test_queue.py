@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tests.e2e.conftest import Client, started_market, write_job
 from tests.sim.provider_sim import ProviderSimulator, SimOffer, wait_until
+from tests.tiny_models import save_tiny_sd15_folder
 from tests.webhook import Webhook, closed_port, webhook
 
 __all__ = ["webhook"]  # a fixture
@@ -113,27 +114,6 @@ def test_host_death_mid_queue_moves_the_rest_to_the_next_offer(
     _assert_nothing_billing(market, client)
 
 
-def _tiny_diffusers_folder(folder: Path) -> Path:
-    """The builtin tiny SD 1.5 saved as a diffusers folder: a base model that goes up from this machine."""
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
-
-    from remote.trainer.tiny import build_tiny
-
-    parts = build_tiny("sd15")
-    pipe = StableDiffusionPipeline(
-        vae=parts["vae"],
-        text_encoder=parts["text_encoders"][0],
-        tokenizer=parts["tokenizers"][0],
-        unet=parts["unet"],
-        scheduler=DDPMScheduler(clip_sample=False, steps_offset=1),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(folder)
-    return folder
-
-
 def test_a_budget_reached_mid_queue_stops_the_job_and_skips_the_rest(
     tmp_path: Path, client: Client, webhook: Webhook
 ) -> None:
@@ -141,7 +121,7 @@ def test_a_budget_reached_mid_queue_stops_the_job_and_skips_the_rest(
     market = started_market(tmp_path / "market", [SimOffer("vast", "9001", "Quadro RTX 8000", 3600.0, vram_gb=48)])
     try:
         client.env["RENTRAIN_VAST_URL"] = market.vast_url
-        model = _tiny_diffusers_folder(tmp_path / "tiny-model")
+        model = save_tiny_sd15_folder(tmp_path / "tiny-model")
         configs = [write_job(tmp_path / "a", epochs=1), write_job(tmp_path / "b", images=8, epochs=200)]
         configs.append(write_job(tmp_path / "c", epochs=1))
         for config in configs:

@@ -4,6 +4,7 @@ import pytest
 
 from remote.trainer.models import ModelError, check_family, detect_family_from_keys
 from remote.trainer.tokenizers import clip_tokenizer
+from tests.tiny_models import save_tiny_sd15_folder
 
 
 def test_tokenizer_matches_openai_clip_ids():
@@ -76,24 +77,9 @@ def test_builtin_sdxl_with_sdxl_false_is_an_error(make_config):
 
 
 def test_diffusers_folder_loads_and_is_detected(tmp_path, make_config):
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
-
     from remote.trainer.models import load_model
-    from remote.trainer.tiny import build_tiny
 
-    parts = build_tiny("sd15")
-    pipe = StableDiffusionPipeline(
-        vae=parts["vae"],
-        text_encoder=parts["text_encoders"][0],
-        tokenizer=parts["tokenizers"][0],
-        unet=parts["unet"],
-        scheduler=DDPMScheduler(clip_sample=False, steps_offset=1),  # as SD's own, which diffusers expects
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    folder = tmp_path / "model"
-    pipe.save_pretrained(folder)
+    folder = save_tiny_sd15_folder(tmp_path / "model")
     _, cfg = make_config(pretrained_model_name_or_path=str(folder))
     bundle = load_model(cfg)
     assert bundle.family == "sd15" and bundle.info["sd_model_name"] == "model"
