@@ -7,12 +7,20 @@ runner polls `get`.
 
 from __future__ import annotations
 
-from datetime import datetime
+import re
+from datetime import UTC, datetime
 from typing import Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from remote.watchdog import NOW_VARIABLE
+
 LABEL_PREFIX = "rentrain-"
+# The instance's own label, in its environment from create on, for its watchdog's stop mark (`stop_marked_label`)
+LABEL_VARIABLE = "RENTRAIN_LABEL"
+STOP_MARK = "|stopped@"
+# a label, the stop mark and a Unix time (9 or 10 digits of seconds, 1973 to 2286; up to 3 decimals), nothing else
+_STOP_MARKED = re.compile(r"(?P<label>[^|]{1,256})" + re.escape(STOP_MARK) + r"(?P<at>[1-9][0-9]{8,9}(\.[0-9]{1,3})?)")
 HOURS_PER_MONTH = 730  # storage is priced per GB per month: 365 x 24 / 12 hours
 
 InstanceStatus = Literal["provisioning", "running", "stopped", "exited", "gone"]
@@ -120,6 +128,18 @@ class Offer(BaseModel):
     price_per_hour: float = Field(description="USD/h, whole machine, including the disk we will ask for.")
     reliability: float | None = None
     download_mbps: float | None = None
+    upload_mbps: float | None = None
+    inet_down_usd_per_gb: float | None = Field(
+        None, description="What the provider bills per GB the instance receives (Vast `inet_down_cost`)."
+    )
+    inet_up_usd_per_gb: float | None = Field(
+        None, description="What the provider bills per GB the instance sends (Vast `inet_up_cost`)."
+    )
+    storage_usd_per_hour: float | None = Field(
+        None,
+        description="USD/h the disk we ask for bills while the instance exists, stopped included; already part "
+        "of price_per_hour while it runs. None when the provider does not say.",
+    )
     location: str | None = None
     verified: bool | None = None
     max_cuda: float | None = None
@@ -161,6 +181,25 @@ class Instance(BaseModel):
         description="USD/h its storage bills in its current state (all a stopped instance bills); None when the "
         "provider does not say. Each adapter's `_storage_usd_per_hour` gives its rule.",
     )
+    watchdog_stopped_at: datetime | None = Field(
+        None,
+        description="When its watchdog last stopped it, by the stop mark the watchdog put on its label "
+        "(`split_stop_mark`); None where there is none. Provider text: check it against the instance's times.",
+    )
+
+
+def stop_marked_label(label: str, at: str) -> str:
+    """`label` with the stop mark: `rentrain-JOB|stopped@1765000000.123`; `at` is a Unix time, or a `$VARIABLE`."""
+    return f"{label}{STOP_MARK}{at}"
+
+
+def split_stop_mark(label: str | None) -> tuple[str | None, datetime | None]:
+    """(the label without its stop mark, the mark's time) for a label that ends in a well-formed stop mark;
+    (the label as it is, None) for any other text."""
+    marked = _STOP_MARKED.fullmatch(label or "")
+    if marked is None:
+        return label, None
+    return marked["label"], datetime.fromtimestamp(float(marked["at"]), tz=UTC)
 
 
 class LaunchSpec(BaseModel):
@@ -215,6 +254,11 @@ class SelfDestructRecipe(BaseModel):
     env_vars: list[str] = Field(description="Variables the instance must see (export them for SSH sessions too).")
     destroy: list[HttpCall]
     stop: list[HttpCall]
+    before_stop: list[HttpCall] = Field(
+        default_factory=list,
+        description="Made once each, in order, before the stop calls, whatever their outcome: they publish when the "
+        f"watchdog stopped the instance (`${NOW_VARIABLE}`) where a client can read it without starting it.",
+    )
     cli_fallback_destroy: str | None = None
     cli_fallback_stop: str | None = None
     notes: str = ""

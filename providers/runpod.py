@@ -253,6 +253,9 @@ class RunPodProvider:
     # ------------------------------------------------------------------------------------------ in-pod
 
     def self_destroy_recipe(self) -> SelfDestructRecipe:
+        """No `before_stop`: the v2 pod answer says neither when a pod stopped nor has a field documented as
+        writable by a PATCH from inside the pod, so a stop nobody saw is placed at rentrain's last sight of it
+        running until the watchdog's log on the volume is read (docs/costs.md, "What the ledger counts")."""
         auth = {"Authorization": "Bearer $RUNPOD_API_KEY"}
         pod_url = f"{self.base_url}/v2/pods/$RUNPOD_POD_ID"
         graphql = f"{self.base_url}/graphql"
@@ -287,6 +290,8 @@ def _offer(gpu: CatalogGpu, cloud: str, req: Requirements) -> Offer | None:
     max_count = gpu.maxCount.get(key)
     if not in_cloud or not per_gpu or (max_count is not None and max_count < req.gpu_count):
         return None
+    # What our create asks for (create): a container disk and a volume of disk_gb each (the volume at least
+    # MIN_VOLUME_GB). Running, both bill inside the price; stopped, the volume alone at twice the rate.
     volume_gb = _volume_gb(req.disk_gb)
     disk_per_hour = (
         req.disk_gb * CONTAINER_DISK_USD_PER_GB_MONTH + volume_gb * VOLUME_USD_PER_GB_MONTH
@@ -301,6 +306,9 @@ def _offer(gpu: CatalogGpu, cloud: str, req: Requirements) -> Offer | None:
         price_per_hour=round(per_gpu * req.gpu_count + disk_per_hour, 4),
         reliability=None,
         download_mbps=None,
+        inet_down_usd_per_gb=0.0,  # no ingress or egress fees (pods/pricing.mdx)
+        inet_up_usd_per_gb=0.0,
+        storage_usd_per_hour=volume_gb * STOPPED_VOLUME_USD_PER_GB_MONTH / HOURS_PER_MONTH,
         location=_locations(gpu.dataCenters),
         verified=None,
         max_cuda=_max_cuda(gpu.cudaVersions),

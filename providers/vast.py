@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 from providers.base import (
     HOURS_PER_MONTH,
     LABEL_PREFIX,
+    LABEL_VARIABLE,
     AuthError,
     BadRequest,
     HttpCall,
@@ -34,9 +35,12 @@ from providers.base import (
     Requirements,
     SelfDestructRecipe,
     SshEndpoint,
+    split_stop_mark,
+    stop_marked_label,
 )
 from providers.gpu_names import normalise_gpu_name, vast_wire_names
 from providers.http import ApiClient, RetryPolicy, parse_model, parse_rows
+from remote.watchdog import NOW_VARIABLE
 
 NAME = "vast"
 DEFAULT_BASE_URL = "https://console.vast.ai/api/v0"
@@ -87,7 +91,11 @@ class VastOffer(BaseModel):
     dph_total: float
     reliability: float | None = None
     reliability2: float | None = None
-    inet_down: float | None = None
+    inet_down: float | None = None  # Mbit/s in practice (the spec says MB/s, the CLI's help Mb/s)
+    inet_up: float | None = None
+    inet_down_cost: float | None = None  # $/GB received
+    inet_up_cost: float | None = None  # $/GB sent
+    storage_cost: float | None = None  # $/GB/month
     cuda_max_good: float | None = None
     geolocation: str | None = None
     verification: str | None = None
@@ -179,7 +187,7 @@ class VastProvider:
             raw = [raw]
         parsed, skipped = parse_rows(NAME, VastOffer, raw, f"{offer_type} offer")
         self.last_search_skipped += skipped
-        return [_offer(item, offer_type == "bid") for item in parsed]
+        return [_offer(item, offer_type == "bid", req.disk_gb) for item in parsed]
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -189,7 +197,8 @@ class VastProvider:
             "image": launch.image,
             "disk": launch.disk_gb,
             "runtype": RUNTYPE_SSH_DIRECT,
-            "env": dict(launch.env),
+            # the label in the container too: its watchdog writes it back with the stop mark (self_destroy_recipe)
+            "env": {**launch.env, LABEL_VARIABLE: launch.label},
             "label": launch.label,
             "cancel_unavail": True,  # a host that cannot start us answers 410 instead of leaving a stopped instance
         }
@@ -296,10 +305,13 @@ class VastProvider:
     def self_destroy_recipe(self) -> SelfDestructRecipe:
         url = f"{self.base_url}/instances/$CONTAINER_ID/"
         auth = {"Authorization": "Bearer $CONTAINER_API_KEY"}
+        # Vast's answers say an instance is stopped, not since when, and the watchdog's log is on the stopped disk
+        marked = stop_marked_label(f"${LABEL_VARIABLE}", f"${NOW_VARIABLE}")
         return SelfDestructRecipe(
             provider=NAME,
-            env_vars=["CONTAINER_ID", "CONTAINER_API_KEY"],
+            env_vars=["CONTAINER_ID", "CONTAINER_API_KEY", LABEL_VARIABLE],
             destroy=[HttpCall(method="DELETE", url=url, headers=auth, body="{}")],
+            before_stop=[HttpCall(method="PUT", url=url, headers=auth, body=json.dumps({"label": marked}))],
             stop=[HttpCall(method="PUT", url=url, headers=auth, body=json.dumps({"state": "stopped"}))],
             cli_fallback_destroy="vastai destroy instance $CONTAINER_ID --api-key $CONTAINER_API_KEY -y",
             cli_fallback_stop="vastai stop instance $CONTAINER_ID --api-key $CONTAINER_API_KEY",
@@ -307,7 +319,8 @@ class VastProvider:
                 "Vast sets CONTAINER_ID and CONTAINER_API_KEY (a key limited to this instance) in the container's "
                 "environment but not always in SSH sessions: export them from onstart, e.g. "
                 "`env | grep -E '^(CONTAINER_ID|CONTAINER_API_KEY)=' >> /etc/environment`. "
-                "A stopped instance still bills its storage: destroy once results are home."
+                "A stopped instance still bills its storage: destroy once results are home. Before a stop the "
+                f"label becomes `{marked}`: when it stopped, for a client that cannot read the stopped disk."
             ),
         )
 
@@ -340,7 +353,11 @@ def search_query(req: Requirements, offer_type: str = "on-demand") -> dict[str, 
     return query
 
 
-def _offer(raw: VastOffer, interruptible: bool) -> Offer:
+def _offer(raw: VastOffer, interruptible: bool, disk_gb: int) -> Offer:
+    """One ask as an Offer. `dph_total` already includes the storage of the `allocated_storage` GB we searched
+    with (search_query), while the instance runs; `storage_cost` ($/GB/month) x those GB / 730 h is what the
+    disk bills in every state but offline, stopped included (guides/instances/pricing.mdx). Bandwidth is
+    billed on top, per GB: `inet_down_cost` in, `inet_up_cost` out (search_offers.yaml)."""
     reliability = raw.reliability if raw.reliability is not None else raw.reliability2
     return Offer(
         provider=NAME,
@@ -352,6 +369,10 @@ def _offer(raw: VastOffer, interruptible: bool) -> Offer:
         price_per_hour=raw.dph_total,
         reliability=reliability,
         download_mbps=raw.inet_down,
+        upload_mbps=raw.inet_up,
+        inet_down_usd_per_gb=raw.inet_down_cost,
+        inet_up_usd_per_gb=raw.inet_up_cost,
+        storage_usd_per_hour=None if raw.storage_cost is None else raw.storage_cost * disk_gb / HOURS_PER_MONTH,
         location=raw.geolocation,
         verified=None if raw.verification is None else raw.verification == "verified",
         max_cuda=raw.cuda_max_good,
@@ -362,10 +383,12 @@ def _offer(raw: VastOffer, interruptible: bool) -> Offer:
 
 
 def _instance(raw: VastInstance) -> Instance:
+    label, watchdog_stopped_at = split_stop_mark(raw.label)
     return Instance(
         provider=NAME,
         id=str(raw.id),
-        label=raw.label,
+        label=label,
+        watchdog_stopped_at=watchdog_stopped_at,
         status=_STATUS.get(raw.actual_status, "provisioning"),
         provider_status=raw.actual_status,
         status_message=raw.status_msg,

@@ -10,7 +10,9 @@ through the provider's in-instance credentials when:
   for idle_timeout (during setup, for three of its heartbeat_seconds at the least).
 
 Before ending, it stops a running trainer (SIGTERM, so the trainer saves its state). If results exist that
-the client has not fetched yet, it STOPS the instance (the disk survives, cheaply) instead of destroying it.
+the client has not fetched yet, it STOPS the instance (the disk survives, cheaply) instead of destroying it,
+first publishing the stop's time where the client can read it without starting the instance (the recipe's
+`before_stop` calls; Vast: a mark on the instance's label), since this log stays on the stopped disk.
 
     python3 watchdog.py JOB_DIR          # reads JOB_DIR/watchdog.json, written by the client
 
@@ -44,6 +46,8 @@ SETTINGS = "watchdog.json"
 LOG = "watchdog.jsonl"
 TRAINER_PID = "trainer.pid"
 VARIABLE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
+NOW_VARIABLE = "RENTRAIN_NOW"  # the provider calls may use it: the Unix time (to the ms) when the end began
+MARK_TIMEOUT_SECONDS = 10  # a call before the stop that hangs delays the stop, which bills the GPU meanwhile
 
 
 def container_environment() -> dict[str, str]:
@@ -254,7 +258,9 @@ class Watchdog:
             return True
         action = "stop" if self.results_not_fetched() and self.failed_stops < 3 else "destroy"
         self.log("ending", intent=action, reason=reason)  # a successful call may end this process before it logs
-        env = self.environment()
+        env = {**self.environment(), NOW_VARIABLE: f"{self.clock():.3f}"}
+        if action == "stop":
+            self.mark_stop(recipe, env, reason)
         for call in recipe.get(action) or []:
             ok, detail = http_call(call, env)
             self.log(action, reason=reason, method=call["method"], ok=ok, detail=detail)
@@ -265,6 +271,13 @@ class Watchdog:
         if not ok and action == "stop":
             self.failed_stops += 1  # after three rounds: destroy rather than bill on
         return ok
+
+    def mark_stop(self, recipe: dict[str, Any], env: dict[str, str], reason: str) -> None:
+        """Publish the stop's time where the client can read it while the disk with this log is stopped (Vast: on
+        the instance's label); best effort, the stop follows whatever these calls answer."""
+        for call in recipe.get("before_stop") or []:
+            ok, detail = http_call(call, env, timeout=MARK_TIMEOUT_SECONDS)
+            self.log("mark_stop", reason=reason, method=call["method"], ok=ok, detail=detail)
 
     def run(self, max_rounds: int | None = None) -> None:
         """Watch until the instance is ended. A call that 'succeeded' ends this process with the instance;

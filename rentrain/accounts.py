@@ -207,7 +207,8 @@ def _look_again(api: Provider, instance_id: str) -> tuple[bool, Instance | None]
 # or vanished; at its price, and at its storage rate while stopped. A change nobody saw happen (a stop, a destroy,
 # a start by someone else) is placed when the client following the job found it, or, found by a later command,
 # at the last time rentrain saw the instance as it was; the watchdog's own record of a stop replaces that guess
-# once rentrain can read it.
+# once rentrain can read it: the stop mark it put on the instance's label (Vast), seen on any later look at the
+# stopped instance, or its log on the instance, read once the instance runs again.
 
 
 def record_created(ledger: Ledger, record: InstanceRecord, instance: Instance, answered_at: float) -> InstanceRecord:
@@ -232,7 +233,8 @@ def reconcile(
     returns the record as the ledger has it now. Running, provisioning and exited bill the full price, stopped
     its storage; gone ends the record. A change found is placed at the last time rentrain saw the instance as it
     was; `following`: the client that follows the job found it, and places it now (it looks every few seconds,
-    and its budget guard must never count less than the instance's watchdog, which may have made the change)."""
+    and its budget guard must never count less than the instance's watchdog, which may have made the change).
+    A stopped instance whose label carries its watchdog's stop mark is stopped from the mark's time."""
     record = _reread(ledger, record)
     if record.instance_id is None or record.ended_at is not None:
         return record
@@ -255,7 +257,20 @@ def reconcile(
         source = f"{instance.provider_status or instance.status} {seen}"
         ledger.bill_state(record, state, changed_at, rate, source, now)
         ledger.saw_instance(record, state, now)
+        stopped_at = _watchdog_stop_time(instance, record, now) if state == "stopped" else None
+        if stopped_at is not None:
+            ledger.place_change(record, "stopped", stopped_at, f"the stop mark on {record.provider}'s label")
     return _reread(ledger, record)
+
+
+def _watchdog_stop_time(instance: Instance, record: InstanceRecord, now: float) -> float | None:
+    """When the instance's watchdog stopped it, by the stop mark on its label: provider text, so only a time
+    between when the instance was made (by the provider's answer, never before the create was sent) and now."""
+    if instance.watchdog_stopped_at is None:
+        return None
+    at = instance.watchdog_stopped_at.timestamp()
+    made = max(record.created_at, instance.billed_since.timestamp() if instance.billed_since else record.created_at)
+    return at if made <= at <= now else None
 
 
 def record_started(ledger: Ledger, record: InstanceRecord, at: float) -> None:

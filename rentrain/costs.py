@@ -17,15 +17,18 @@ to a published or measured figure), "measured" (rentrain's benchmarks) or "assum
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, computed_field
+from pydantic import BaseModel, Field, computed_field
 
 from providers.base import Offer
+from rentrain.figures import Figure, FigureKind
 from rentrain.gpu_specs import EfficiencyClass, GpuSpec, spec_for
+from rentrain.setup_time import bandwidth_usd, setup_seconds, transfer_gb
 from rentrain.step_work import Work, step_work
 
 if TYPE_CHECKING:
@@ -33,17 +36,9 @@ if TYPE_CHECKING:
     from rentrain.dataset_check import DatasetReport
 
 ModelFamily = Literal["sd15", "sdxl", "tiny"]
-FigureKind = Literal["published", "derived", "measured", "assumed"]
 EstimateKind = Literal["measured", "modelled", "assumed"]
 # Estimates recorded in a ledger before the speed model said "published", "derived" or "scaled".
 RecordedKind = EstimateKind | Literal["published", "derived", "scaled"]
-
-
-@dataclass(frozen=True)
-class Figure:
-    value: float
-    kind: FigureKind
-    source: str
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -305,28 +300,6 @@ DATA_PARALLEL_EFFICIENCY: dict[Interconnect, dict[int, Figure]] = {
     },
 }
 
-# ------------------------------------------------------------------------------------------------------
-# Setup overhead: billed at the same rate as training.
-# ------------------------------------------------------------------------------------------------------
-OVERHEAD: dict[str, Figure] = {
-    "boot_s": Figure(300.0, "published", "Vast hello-world.mdx: an instance boots in 1-5 min (upper end taken)"),
-    "bootstrap_s": Figure(180.0, "assumed", "installing the trainer's Python dependencies on a fresh image"),
-    "cache_s_per_image": Figure(0.15, "assumed", "VAE-encoding one image to latents, once"),
-    "finish_s": Figure(60.0, "assumed", "final upload check, result download and destroy"),
-    "default_download_mbps": Figure(
-        500.0, "assumed", "used when the provider publishes no bandwidth (RunPod); Vast offers carry inet_down"
-    ),
-    "max_effective_download_mbps": Figure(2000.0, "assumed", "model hubs rarely serve one file faster"),
-    "user_upload_mbps": Figure(40.0, "assumed", "a typical home uplink, for the dataset and a local base model"),
-}
-
-# Base model download sizes, GB.
-MODEL_DOWNLOAD_GB: dict[ModelFamily, Figure] = {
-    "sd15": Figure(2.1, "published", "runwayml v1-5-pruned-emaonly fp16 safetensors, ~2.1 GB"),
-    "sdxl": Figure(6.9, "published", "stabilityai sd_xl_base_1.0.safetensors, 6.94 GB"),
-    "tiny": Figure(0.0, "published", "builtin: generated on the instance"),
-}
-
 SECONDS_PER_HOUR = 3600.0
 
 
@@ -365,6 +338,11 @@ class JobProfile(BaseModel):
     images: int = 0
     dataset_bytes: int = 0
     local_model_bytes: int = 0  # uploaded from the user's machine instead of downloaded on the instance
+    checkpoints: int = 1  # LoRA files saved, the final one included: each comes home with its training state
+    save_bytes_per_value: int = 4  # of the saved LoRA: 2 with save_precision fp16 / bf16
+    sample_grids: int = 0
+    sample_images: int = 0  # images in all the job's sample grids
+    sample_steps: int = 20  # sampler steps per sample image
 
 
 class JobEstimate(BaseModel):
@@ -378,10 +356,20 @@ class JobEstimate(BaseModel):
     gpus: int = 1
     scaling: ScalingEstimate | None = None  # several GPUs only
     train_hours: float
-    overhead_hours: float
+    overhead_hours: float  # the sum of setup_seconds, in hours
     total_hours: float
     price_per_hour: float
-    cost_usd: float
+    cost_usd: float  # gpu_usd + bandwidth_usd + storage_usd, rounded up to $0.001
+    # The parts (docs/costs.md, "Setup, transfer and storage"). Estimates recorded before them have none:
+    # their cost_usd was the hours at price_per_hour alone.
+    setup_seconds: dict[str, float] = Field(default_factory=dict)  # per phase (rentrain.setup_time)
+    transfer_gb: dict[str, float] = Field(default_factory=dict)  # per phase: in, except the fetch (out)
+    gpu_usd: float | None = None  # total_hours at price_per_hour: the GPUs and the disk while the instance runs
+    bandwidth_usd: float = 0.0  # transfer_gb at the offer's $/GB in and out
+    # Storage beyond price_per_hour: none, as a job ends by destroy and the disk bills only while the instance
+    # exists (inside price_per_hour while it runs). storage_usd_per_hour is what a stopped instance would bill.
+    storage_usd: float = 0.0
+    storage_usd_per_hour: float | None = None
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -396,13 +384,20 @@ class JobEstimate(BaseModel):
     @computed_field  # type: ignore[prop-decorator]
     @property
     def cost_low_usd(self) -> float:
-        """The cost with training at the range's fast end (setup as estimated)."""
-        return self.cost_usd * self.total_hours_low / self.total_hours if self.total_hours else self.cost_usd
+        """The cost with training at the range's fast end (setup, bandwidth and storage as estimated)."""
+        return self._cost_at(self.total_hours_low)
 
     @computed_field  # type: ignore[prop-decorator]
     @property
     def cost_high_usd(self) -> float:
-        return self.cost_usd * self.total_hours_high / self.total_hours if self.total_hours else self.cost_usd
+        return self._cost_at(self.total_hours_high)
+
+    def _cost_at(self, hours: float) -> float:
+        """cost_usd with its time part scaled from total_hours to ``hours``."""
+        if not self.total_hours:
+            return self.cost_usd
+        time_usd = self.cost_usd if self.gpu_usd is None else self.gpu_usd
+        return self.cost_usd - time_usd * (1 - hours / self.total_hours)
 
     def _ratio(self, bound: float | None) -> float:
         return 1.0 if bound is None or not self.seconds_per_step else bound / self.seconds_per_step
@@ -526,21 +521,6 @@ def modelled_step(spec: GpuSpec, profile: JobProfile) -> SpeedEstimate:
     )
 
 
-def overhead_seconds(profile: JobProfile, download_mbps: float | None) -> dict[str, float]:
-    """Each part of the setup and teardown time, in seconds."""
-    mbps = min(download_mbps or OVERHEAD["default_download_mbps"].value, OVERHEAD["max_effective_download_mbps"].value)
-    uplink = OVERHEAD["user_upload_mbps"].value
-    model_gb = 0.0 if profile.local_model_bytes else MODEL_DOWNLOAD_GB[profile.family].value
-    return {
-        "boot": OVERHEAD["boot_s"].value,
-        "bootstrap": OVERHEAD["bootstrap_s"].value,
-        "model_download": model_gb * 8000 / mbps,
-        "upload": (profile.dataset_bytes + profile.local_model_bytes) * 8 / (uplink * 1e6),
-        "latent_cache": profile.images * OVERHEAD["cache_s_per_image"].value,
-        "finish": OVERHEAD["finish_s"].value,
-    }
-
-
 def interconnect_of(gpu_model: str) -> Interconnect:
     return "nvlink" if gpu_model in NVLINK_GPUS else "pcie"
 
@@ -612,8 +592,20 @@ def memory_fit(profile: JobProfile, vram_gb: float | None) -> tuple[float, str] 
 
 
 def estimate_job(profile: JobProfile, offer: Offer) -> JobEstimate | None:
-    """Training on all the offer's GPUs (one data-parallel rank each) plus overhead, at its all-in rate. None
-    when the GPU's speed is unknown or the job does not fit its memory even with memory planning."""
+    """Training on all the offer's GPUs (one data-parallel rank each) plus the setup phases, at its all-in rate,
+    plus bandwidth. None when the GPU's speed is unknown or the job does not fit its memory even with memory
+    planning."""
+    training = training_estimate(profile, offer)
+    if training is None:
+        return None
+    per_image = seconds_per_image(profile, training.seconds_per_step * _scaling(training))  # one GPU samples
+    phases = setup_seconds(profile, offer, per_image)
+    return with_setup(training, phases, transfer_gb(profile), offer)
+
+
+def training_estimate(profile: JobProfile, offer: Offer) -> JobEstimate | None:
+    """The training part alone: steps and step time on the offer's GPUs; no setup and no money yet
+    (with_setup adds them)."""
     speed = seconds_per_step(offer.gpu_model, profile, offer.vram_gb)
     fit = memory_fit(profile, offer.vram_gb)
     if speed is None or fit is None:
@@ -634,8 +626,6 @@ def estimate_job(profile: JobProfile, offer: Offer) -> JobEstimate | None:
     step_seconds = speed.seconds_per_step / scaling.efficiency
     steps = steps_on(profile, gpus)
     train_h = steps * step_seconds / SECONDS_PER_HOUR
-    overhead_h = sum(overhead_seconds(profile, offer.download_mbps).values()) / SECONDS_PER_HOUR
-    total_h = train_h + overhead_h
     return JobEstimate(
         steps=steps,
         seconds_per_step=step_seconds,
@@ -646,11 +636,53 @@ def estimate_job(profile: JobProfile, offer: Offer) -> JobEstimate | None:
         gpus=gpus,
         scaling=scaling if gpus > 1 else None,
         train_hours=train_h,
-        overhead_hours=overhead_h,
-        total_hours=total_h,
+        overhead_hours=0.0,
+        total_hours=train_h,
         price_per_hour=offer.price_per_hour,
-        cost_usd=math.ceil(total_h * offer.price_per_hour * 1000) / 1000,
+        cost_usd=0.0,
     )
+
+
+def _scaling(estimate: JobEstimate) -> float:
+    return estimate.scaling.efficiency if estimate.scaling else 1.0
+
+
+def seconds_per_image(profile: JobProfile, step_seconds: float) -> float:
+    """One image's share of a one-GPU training step: what the sample time follows (rentrain.setup_time)."""
+    return step_seconds / (profile.batch_size * profile.gradient_accumulation_steps)
+
+
+def with_setup(estimate: JobEstimate, setup: dict[str, float], transfer: dict[str, float], offer: Offer) -> JobEstimate:
+    """The estimate with these setup phases (seconds) and transfers (GB) in its hours and money: its training
+    hours plus the setup at the offer's price, plus the bandwidth. Storage beyond the price is none: a job
+    ends by destroy (docs/costs.md)."""
+    overhead_h = sum(setup.values()) / SECONDS_PER_HOUR
+    total_h = estimate.train_hours + overhead_h
+    gpu_usd = total_h * offer.price_per_hour
+    bandwidth = bandwidth_usd(transfer, offer)
+    storage = 0.0
+    return estimate.model_copy(
+        update={
+            "overhead_hours": overhead_h,
+            "total_hours": total_h,
+            "setup_seconds": setup,
+            "transfer_gb": transfer,
+            "gpu_usd": gpu_usd,
+            "bandwidth_usd": bandwidth,
+            "storage_usd": storage,
+            "storage_usd_per_hour": offer.storage_usd_per_hour,
+            "cost_usd": math.ceil((gpu_usd + bandwidth + storage) * 1000) / 1000,
+        }
+    )
+
+
+def share_setup(estimate: JobEstimate, offer: Offer, shared: Collection[str], jobs: int) -> JobEstimate:
+    """One of ``jobs`` jobs on one rental: the ``shared`` phases' seconds and transfers split equally."""
+
+    def split(parts: dict[str, float]) -> dict[str, float]:
+        return {phase: value / jobs if phase in shared else value for phase, value in parts.items()}
+
+    return with_setup(estimate, split(estimate.setup_seconds), split(estimate.transfer_gb), offer)
 
 
 def profile_from_config(config_path: str | Path) -> JobProfile:
@@ -677,6 +709,13 @@ def profile_from_check(train: TrainConfig, report: DatasetReport) -> JobProfile:
     if local_model.is_absolute() and local_model.exists():
         local_model_bytes = local_model.stat().st_size if local_model.is_file() else _folder_bytes(local_model)
     plan = report.step_plan
+    # the final file and grid, and those every n epochs or steps before the last (remote/trainer/loop.py)
+    grids = (
+        1
+        + _before_last(plan.epochs, train.sample_every_n_epochs)
+        + _before_last(plan.total_steps, train.sample_every_n_steps)
+    )
+    prompts = _prompt_count(train.sample_prompts)
     return JobProfile(
         family=guess_model_family(model, train.sdxl),
         steps=plan.total_steps,
@@ -692,7 +731,31 @@ def profile_from_check(train: TrainConfig, report: DatasetReport) -> JobProfile:
         images=images,
         dataset_bytes=dataset_bytes,
         local_model_bytes=local_model_bytes,
+        checkpoints=1
+        + _before_last(plan.epochs, train.save_every_n_epochs)
+        + _before_last(plan.total_steps, train.save_every_n_steps),
+        save_bytes_per_value=4 if train.save_precision in (None, "float") else 2,
+        sample_grids=grids if prompts else 0,
+        sample_images=(grids if prompts else 0) * prompts * len(train.sample_seeds) * len(train.sample_weights),
+        sample_steps=train.sample_steps,
     )
+
+
+def _before_last(count: int, every: int | None) -> int:
+    return (count - 1) // every if every else 0
+
+
+def _prompt_count(prompts: list[str] | Path | None) -> int:
+    """Sample prompts: a list, or a prompt file's lines that are neither blank nor comments."""
+    if prompts is None:
+        return 0
+    if isinstance(prompts, Path):
+        try:
+            lines = prompts.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            return 0  # the config check refuses a prompt file it cannot read
+        return sum(1 for line in lines if line.strip() and not line.strip().startswith("#"))
+    return len(prompts)
 
 
 def _folder_bytes(folder: Path | None) -> int:

@@ -17,12 +17,12 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from remote.config import LoadedConfig
-from rentrain.costs import SECONDS_PER_HOUR, JobEstimate, JobProfile, estimate_job, guess_model_family, overhead_seconds
+from rentrain.costs import SECONDS_PER_HOUR, JobEstimate, JobProfile, estimate_job, guess_model_family, share_setup
 from rentrain.offers import RankedOffer, requirements_from
 
 QUEUE_FILE_SUFFIXES = (".txt", ".queue")
-# The parts of the setup a rental pays once, whatever the number of jobs on it (rentrain.costs.overhead_seconds).
-SHARED_SETUP = ("boot", "bootstrap", "model_download")
+# The parts of the setup a rental pays once, whatever the number of jobs on it (rentrain.setup_time.PHASES).
+SHARED_SETUP = ("image_pull", "bootstrap", "model_download", "teardown")
 
 
 class QueueInputError(Exception):
@@ -132,23 +132,7 @@ def shares_on(profiles: Sequence[JobProfile], ranked: RankedOffer) -> list[JobEs
     alone = [estimate_job(profile, offer) for profile in profiles]
     if any(estimate is None for estimate in alone):
         return None
-    shares = []
-    for profile, estimate in zip(profiles, alone, strict=True):
-        assert estimate is not None
-        parts = overhead_seconds(profile, offer.download_mbps)
-        shared = sum(parts[name] for name in SHARED_SETUP)
-        overhead_h = (sum(parts.values()) - shared + shared / len(profiles)) / SECONDS_PER_HOUR
-        total_h = estimate.train_hours + overhead_h
-        shares.append(
-            estimate.model_copy(
-                update={
-                    "overhead_hours": overhead_h,
-                    "total_hours": total_h,
-                    "cost_usd": round(total_h * offer.price_per_hour, 4),
-                }
-            )
-        )
-    return shares
+    return [share_setup(estimate, offer, SHARED_SETUP, len(profiles)) for estimate in alone if estimate is not None]
 
 
 class LanePlan(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,17 @@ from rentrain.commands.offers import (
     scaling_note,
     span,
 )
-from rentrain.costs import JobEstimate, JobProfile, overhead_seconds, scaling_efficiency, seconds_per_step, steps_on
+from rentrain.costs import (
+    JobEstimate,
+    JobProfile,
+    scaling_efficiency,
+    seconds_per_image,
+    seconds_per_step,
+    steps_on,
+)
 from rentrain.gpu_specs import GPU_SPECS, specs_of
 from rentrain.offers import RankedOffer, find_offers, provider_names, requirements_from
+from rentrain.setup_time import OUTBOUND, PHASES, setup_seconds
 
 
 def best_per(ranked: list[RankedOffer], key: str) -> list[RankedOffer]:
@@ -44,14 +53,15 @@ def best_per(ranked: list[RankedOffer], key: str) -> list[RankedOffer]:
 
 def offline_rows(profile: JobProfile, gpus: int = 1) -> list[dict[str, Any]]:
     """Training time per known GPU model and memory size (with `gpus` of it) when no provider answered: step
-    time and hours with their ranges, no price."""
-    overhead_h = sum(overhead_seconds(profile, None).values()) / 3600
+    time and hours with their ranges (setup at the default link speeds), no price."""
     steps = steps_on(profile, gpus)
     rows = []
     for spec in GPU_SPECS:
         speed = seconds_per_step(spec.model, profile, spec.vram_gb)
         if speed is None:
             continue
+        setup = setup_seconds(profile, None, seconds_per_image(profile, speed.seconds_per_step))
+        overhead_h = sum(setup.values()) / 3600
         efficiency = scaling_efficiency(spec.model, gpus).efficiency
         name = spec.model if len(specs_of(spec.model)) == 1 else f"{spec.model} {spec.vram_gb:g} GB"
         rows.append(
@@ -119,7 +129,7 @@ def estimate(
     search = find_offers(provider_names(providers), req, profile)
     by_provider = best_per(search.ranked, "provider")
     by_gpu = best_per(search.ranked, "gpu")
-    overhead = overhead_seconds(profile, None)
+    overhead = setup_seconds(profile, None)
     if as_json:
         payload = {
             "job": profile.model_dump(),
@@ -137,9 +147,11 @@ def estimate(
     console = Console()
     console.print(f"Job: {describe_profile(profile, req.gpu_count)}", markup=False, highlight=False)
     console.print(f"Requirements: {describe_requirements(req)}", markup=False, highlight=False)
-    phases = ", ".join(f"{k.replace('_', ' ')} {v / 60:.1f} min" for k, v in overhead.items() if v)
-    console.print(f"Setup overhead (billed): {phases}", highlight=False)
+    console.print(f"Setup (billed) at the default link speeds: {_phases(overhead)}", highlight=False)
     console.print(_table("Best offer per provider", by_provider, search.notes))
+    for item in by_provider:
+        if item.estimate is not None:
+            console.print(Text("\n".join(cost_parts(item))))  # provider text is never markup
     console.print(_table("Best offer per GPU model", by_gpu, []))
     print_notes(console, search.notes)
     if not search.ranked:
@@ -185,3 +197,44 @@ def _step(estimate: JobEstimate) -> str:
     low = estimate.seconds_per_step_low or estimate.seconds_per_step
     high = estimate.seconds_per_step_high or estimate.seconds_per_step
     return f"{estimate.seconds_per_step:.3f} ({span(low, high, 3)})"
+
+
+def _phases(seconds: Mapping[str, float]) -> str:
+    return ", ".join(f"{phase.replace('_', ' ')} {_duration(value)}" for phase, value in seconds.items() if value)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def cost_parts(item: RankedOffer) -> list[str]:
+    """What the estimate on one offer is made of: the time at the hourly price (training and each setup
+    phase), the bandwidth and the storage beyond the hourly price, e.g. for `rentrain estimate`."""
+    est = item.estimate
+    assert est is not None
+    offer = item.offer
+    lines = [f"{offer.provider} {gpu_label(offer)}: {span(est.cost_low_usd, est.cost_high_usd, unit='$')} ="]
+    if est.gpu_usd is None:  # recorded before the parts
+        return lines
+    bounds = (est.total_hours_low, est.total_hours_high)
+    time_low, time_high = (est.gpu_usd * hours / est.total_hours for hours in bounds)
+    train_low, train_high = (hours - est.overhead_hours for hours in bounds)
+    lines.append(
+        f"  time {span(time_low, time_high, 3, unit='$')}: training {span(train_low, train_high)} h"
+        f" + setup {est.overhead_hours:.2f} h at {money(est.price_per_hour)}/h (GPUs and disk while running)"
+    )
+    ordered: dict[str, float] = {phase: est.setup_seconds[phase] for phase in PHASES if phase in est.setup_seconds}
+    lines.append(f"    setup: {_phases(ordered)}")
+    gb_out = sum(gb for phase, gb in est.transfer_gb.items() if phase in OUTBOUND)
+    gb_in = sum(est.transfer_gb.values()) - gb_out
+    lines.append(
+        f"  + bandwidth {money(est.bandwidth_usd)}: {gb_in:.1f} GB in at {_per_gb(offer.inet_down_usd_per_gb)}, "
+        f"{gb_out:.2f} GB out at {_per_gb(offer.inet_up_usd_per_gb)}"
+    )
+    stopped = "" if est.storage_usd_per_hour is None else f"; {money(est.storage_usd_per_hour, 4)}/h if stopped"
+    lines.append(f"  + storage {money(est.storage_usd)} beyond the hourly price (destroyed at the end{stopped})")
+    return lines
+
+
+def _per_gb(usd: float | None) -> str:
+    return "an unpublished rate (counted as $0)" if usd is None else f"${usd:g}/GB"

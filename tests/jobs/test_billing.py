@@ -46,7 +46,12 @@ def _asked(ledger: Ledger, job_id: str = "j1", sent_at: float = T0) -> InstanceR
     return record
 
 
-def _instance(status: InstanceStatus = "running", made_at: float | None = None, storage: float | None = STORAGE):
+def _instance(
+    status: InstanceStatus = "running",
+    made_at: float | None = None,
+    storage: float | None = STORAGE,
+    stop_mark: float | None = None,
+):
     return Instance(
         provider="vast",
         id="i1",
@@ -54,6 +59,7 @@ def _instance(status: InstanceStatus = "running", made_at: float | None = None, 
         status=status,
         billed_since=None if made_at is None else datetime.fromtimestamp(made_at, tz=UTC),
         storage_usd_per_hour=storage,
+        watchdog_stopped_at=None if stop_mark is None else datetime.fromtimestamp(stop_mark, tz=UTC),
     )
 
 
@@ -189,6 +195,47 @@ def test_the_watchdogs_record_replaces_the_guess(ledger: Ledger) -> None:
     )
     assert stopped.source == "the watchdog's record"
     assert not ledger.place_change(record, "stopped", T0 + 7000, "the watchdog's record")  # no stop around then
+
+
+def test_a_stop_mark_on_the_label_places_the_stop_a_later_command_finds(ledger: Ledger) -> None:
+    """`down` on an instance its watchdog stopped while nobody watched: the GPU bills until the mark, not until
+    the last time rentrain saw the instance running."""
+    record = _rented(ledger, made_at=T0, answered_at=T0 + 1)
+    ledger.saw_instance(record, "running", T0 + 1000)
+    reconcile(ledger, record, _instance("stopped", made_at=T0, stop_mark=T0 + 4000), now=T0 + 5000)
+    running, stopped = _current(ledger).periods
+    assert (running.ended_at, stopped.started_at, stopped.usd_per_hour) == (T0 + 4000, T0 + 4000, STORAGE)
+    assert stopped.source == "the stop mark on vast's label"
+    assert _current(ledger).cost(now=T0 + 5000) == pytest.approx(4000 * 0.001 + 1000 * 0.0001)
+
+
+def test_a_stop_mark_corrects_a_stop_an_earlier_look_placed_at_a_guess(ledger: Ledger) -> None:
+    record = _rented(ledger, made_at=T0, answered_at=T0 + 1)
+    reconcile(ledger, record, _instance("stopped"), now=T0 + 5000)  # an answer without the mark: the guess
+    reconcile(ledger, record, _instance("stopped", made_at=T0, stop_mark=T0 + 3000), now=T0 + 6000)
+    running, stopped = _current(ledger).periods
+    assert (running.ended_at, stopped.started_at) == (T0 + 3000, T0 + 3000)
+
+
+@pytest.mark.parametrize(
+    ("mark", "why"),
+    [
+        (T0 - 60, "before the provider made the instance"),
+        (T0 + 9000, "after now"),
+    ],
+)
+def test_a_stop_mark_out_of_range_is_not_believed(ledger: Ledger, mark: float, why: str) -> None:
+    record = _rented(ledger, made_at=T0, answered_at=T0 + 1)
+    ledger.saw_instance(record, "running", T0 + 1000)
+    reconcile(ledger, record, _instance("stopped", made_at=T0, stop_mark=mark), now=T0 + 5000)
+    assert _current(ledger).periods[-1].started_at == T0 + 1000, why
+
+
+def test_a_stop_mark_on_a_running_instance_changes_nothing(ledger: Ledger) -> None:
+    """Left from an earlier stop after the instance was started again (the label keeps it)."""
+    record = _rented(ledger, made_at=T0, answered_at=T0 + 1)
+    reconcile(ledger, record, _instance("running", made_at=T0, stop_mark=T0 + 500), now=T0 + 5000)
+    assert [p.state for p in _current(ledger).periods] == ["running"]
 
 
 def test_an_instance_that_vanished_ends_at_the_last_time_it_was_seen(ledger: Ledger) -> None:

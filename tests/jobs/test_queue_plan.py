@@ -15,7 +15,7 @@ import pytest
 from providers.base import Offer
 from remote.config import LoadedConfig, load_config
 from rentrain.cli_types import ClockTime
-from rentrain.costs import SECONDS_PER_HOUR, JobEstimate, JobProfile, estimate_job, overhead_seconds
+from rentrain.costs import SECONDS_PER_HOUR, JobEstimate, JobProfile, estimate_job
 from rentrain.job_phases.context import budget_reached, deadline_reached
 from rentrain.ledger import ClientLock, InstanceRecord, JobRecord, Ledger, LockHeld, QueueRecord, this_host
 from rentrain.offers import RankedOffer
@@ -265,15 +265,19 @@ def test_the_shared_setup_is_split_equally_and_each_job_keeps_its_own_parts() ->
     shares = shares_on(PROFILES, ranked)
     assert shares is not None and len(shares) == 3
     for profile, share in zip(PROFILES, shares, strict=True):
-        parts = overhead_seconds(profile, ranked.offer.download_mbps)
-        shared = sum(parts[name] for name in SHARED_SETUP)
-        own = parts["upload"] + parts["latent_cache"] + parts["finish"]
-        assert share.overhead_hours * SECONDS_PER_HOUR == pytest.approx(own + shared / 3)
         alone = estimate_job(profile, ranked.offer)
         assert alone is not None
+        parts = alone.setup_seconds
+        shared = sum(parts[name] for name in SHARED_SETUP)
+        own = sum(parts[name] for name in ("upload", "latent_cache", "text_cache", "samples", "fetch"))
+        assert shared > 0 and own > 0
+        assert share.overhead_hours * SECONDS_PER_HOUR == pytest.approx(own + shared / 3)
+        assert share.setup_seconds["image_pull"] == pytest.approx(parts["image_pull"] / 3)
+        assert share.transfer_gb["model_download"] == pytest.approx(alone.transfer_gb["model_download"] / 3)
+        assert share.transfer_gb["upload"] == alone.transfer_gb["upload"]
         assert share.train_hours == alone.train_hours
         assert share.total_hours == pytest.approx(alone.total_hours - shared * 2 / 3 / SECONDS_PER_HOUR)
-        assert share.cost_usd == pytest.approx(share.total_hours * ranked.offer.price_per_hour, abs=1e-4)
+        assert share.cost_usd == pytest.approx(share.total_hours * ranked.offer.price_per_hour, abs=0.001)
 
 
 def test_one_rental_saves_n_minus_1_shared_setups_against_separate_runs() -> None:
@@ -281,7 +285,7 @@ def test_one_rental_saves_n_minus_1_shared_setups_against_separate_runs() -> Non
     shares = shares_on(PROFILES, ranked)
     alone = [estimate_job(p, ranked.offer) for p in PROFILES]
     assert shares is not None and all(a is not None for a in alone)
-    parts = overhead_seconds(PROFILES[0], ranked.offer.download_mbps)
+    parts = alone[0].setup_seconds  # type: ignore[union-attr]
     shared_usd = sum(parts[name] for name in SHARED_SETUP) / SECONDS_PER_HOUR * ranked.offer.price_per_hour
     separate = sum(a.cost_usd for a in alone if a is not None)
     together = sum(s.cost_usd for s in shares)

@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 
 from providers.base import Offer
-from rentrain import costs
+from rentrain import costs, setup_time
 from rentrain.costs import (
     JobProfile,
     estimate_job,
     guess_model_family,
-    overhead_seconds,
     profile_from_config,
     seconds_per_step,
 )
+from rentrain.setup_time import setup_seconds
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tiny" / "config.toml"
 
@@ -65,7 +65,7 @@ def test_checkpointing_and_accumulation_scale_the_step_and_its_range():
 
 
 def test_every_number_has_a_kind_and_a_source():
-    figures = [*costs.OVERHEAD.values(), *costs.MODEL_DOWNLOAD_GB.values()]
+    figures = [*setup_time.SETUP.values(), *setup_time.MODEL_DOWNLOAD_GB.values()]
     figures += [costs.MEASURED_SPREAD, costs.MAX_TENSOR_FRACTION]
     figures += [costs.FP32_TENSOR_RATE, costs.FP32_UNCERTAINTY]
     figures += [costs.TINY_SECONDS_PER_STEP, costs.TINY_BATCH_MARGINAL, costs.TINY_RANGE]
@@ -74,17 +74,8 @@ def test_every_number_has_a_kind_and_a_source():
         assert len(figure.source) > 10
 
 
-def test_overhead_uses_the_offer_bandwidth_for_the_model_download():
-    slow = overhead_seconds(sdxl(), 100)["model_download"]
-    fast = overhead_seconds(sdxl(), 1000)["model_download"]
-    assert slow == pytest.approx(6.9 * 8000 / 100)
-    assert fast == pytest.approx(slow / 10)
-    assert overhead_seconds(sdxl(local_model_bytes=10**9), 1000)["model_download"] == 0  # uploaded instead
-    assert overhead_seconds(sdxl(local_model_bytes=10**9), 1000)["upload"] == pytest.approx(10**9 * 8 / 40e6)
-
-
-def test_estimate_is_rate_times_training_plus_overhead():
-    offer = Offer(
+def _offer(download_mbps: float | None) -> Offer:
+    return Offer(
         provider="vast",
         offer_id="1",
         gpu_model="RTX 3090",
@@ -92,12 +83,26 @@ def test_estimate_is_rate_times_training_plus_overhead():
         gpu_count=1,
         vram_gb=24,
         price_per_hour=0.5,
-        download_mbps=800,
+        download_mbps=download_mbps,
     )
+
+
+def test_overhead_uses_the_offer_bandwidth_for_the_model_download():
+    slow = setup_seconds(sdxl(), _offer(100))["model_download"]
+    fast = setup_seconds(sdxl(), _offer(1000))["model_download"]
+    assert slow == pytest.approx(6.9 * 8000 / 100)
+    assert fast == pytest.approx(slow / 10)
+    local = sdxl(local_model_bytes=10**9)
+    assert setup_seconds(local, _offer(1000))["model_download"] == 0  # uploaded instead
+    assert setup_time.transfer_gb(local)["upload"] == pytest.approx(1.0)
+
+
+def test_estimate_is_rate_times_training_plus_overhead():
+    offer = _offer(800)
     profile = sdxl(steps=3600)
     est = estimate_job(profile, offer)
     train_h = 3600 * seconds_per_step("RTX 3090", profile, 24).seconds_per_step / 3600
-    overhead_h = sum(overhead_seconds(profile, 800).values()) / 3600
+    overhead_h = sum(setup_seconds(profile, offer).values()) / 3600
     assert est.train_hours == pytest.approx(train_h)
     assert est.overhead_hours == pytest.approx(overhead_h)
     assert est.cost_usd == pytest.approx((train_h + overhead_h) * 0.5, abs=0.001)

@@ -17,8 +17,9 @@ from remote.buckets import StepPlan
 from remote.config import load_config
 from rentrain import costs
 from rentrain.cli import main
-from rentrain.costs import JobProfile, estimate_job, overhead_seconds, profile_from_config, scaling_efficiency, steps_on
+from rentrain.costs import JobProfile, estimate_job, profile_from_config, scaling_efficiency, steps_on
 from rentrain.multigpu import plan_with_gpus
+from rentrain.setup_time import setup_seconds
 
 from .conftest import RUNPOD_URL, VAST_URL, load
 
@@ -156,7 +157,8 @@ def test_two_pcie_gpus_halve_the_steps_and_pay_the_assumed_efficiency():
     assert two.train_hours == pytest.approx(steps * step_seconds / 3600)
     assert two.train_hours < one.train_hours
     assert two.train_hours == pytest.approx(one.train_hours * (steps / 1010) / efficiency)
-    assert two.overhead_hours == pytest.approx(sum(overhead_seconds(profile, 800).values()) / 3600)
+    offer = gpu_offer("RTX 3090", 2, 0.4)
+    assert two.overhead_hours == pytest.approx(sum(setup_seconds(profile, offer).values()) / 3600)
     # the offer's price is the whole machine's: both GPUs, once
     assert two.cost_usd == pytest.approx(two.total_hours * 0.4, abs=0.001)
     assert two.scaling is not None and two.scaling.kind == "assumed" and two.scaling.efficiency == efficiency

@@ -448,3 +448,27 @@ def test_estimate_without_prices_says_which_figures_are_measured(monkeypatch, tm
     assert rows["H200"][2] == "measured" and rows["H100 SXM"][2] == "measured"  # the benchmark's own settings
     assert rows["RTX 4090"][2] == "modelled" and rows["A100 SXM 80 GB"][2] == "modelled"
     assert rows["H200"][1] == "0.038 (0.037-0.040)"  # 38.5 ms +-5%
+
+
+def test_estimate_shows_the_parts_of_each_best_offer(mocked, markets, tmp_path, monkeypatch):
+    """GPU time with each setup phase, bandwidth at the Vast offer's own $/GB, and storage beyond the price."""
+    monkeypatch.setenv("COLUMNS", "200")
+    record_markets(mocked)
+    config = sd15_config(tmp_path)
+    result = CliRunner().invoke(main, ["estimate", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    vast_parts = text[text.index("vast RTX 4090: $") :]
+    assert re.search(r"time \$\d\.\d{3}-\d\.\d{3}: training \d\.\d\d-\d\.\d\d h \+ setup", vast_parts)
+    assert re.search(r"setup: image pull [\d.]+ min, bootstrap [\d.]+ min, model download [\d.]+ (s|min)", vast_parts)
+    assert "GB in at $0.001/GB" in vast_parts and "GB out at $0.002/GB" in vast_parts  # offer 4001's own rates
+    assert re.search(r"storage \$0\.000 beyond the hourly price \(destroyed at the end; \$0\.\d{4}/h", vast_parts)
+    assert "GB in at $0/GB" in text[text.index("runpod RTX 4090: $") :]  # RunPod bills no bandwidth
+    data = json.loads(CliRunner().invoke(main, ["estimate", "--config", str(config), "--json"]).output)
+    best = {row["provider"]: row["estimate"] for row in data["best_per_provider"]}
+    assert best["vast"]["bandwidth_usd"] > 0 and best["runpod"]["bandwidth_usd"] == 0
+    for estimate in best.values():
+        assert set(estimate["setup_seconds"]) >= {"image_pull", "model_download", "fetch", "teardown"}
+        parts = estimate["gpu_usd"] + estimate["bandwidth_usd"] + estimate["storage_usd"]
+        assert estimate["cost_usd"] == pytest.approx(parts, abs=0.001)
+        assert estimate["cost_low_usd"] < estimate["cost_usd"] < estimate["cost_high_usd"]

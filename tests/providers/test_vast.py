@@ -106,7 +106,7 @@ def test_create_rents_the_ask_and_attaches_the_job_key(mocked, vast):
         "image": LAUNCH.image,
         "disk": 40,
         "runtype": RUNTYPE_SSH_DIRECT,
-        "env": {"RENTRAIN_JOB": "job42"},
+        "env": {"RENTRAIN_JOB": "job42", "RENTRAIN_LABEL": "rentrain-job42"},  # the watchdog's stop mark needs it
         "label": "rentrain-job42",
         "cancel_unavail": True,
         "onstart": "bash /root/rentrain/watchdog.sh &",
@@ -425,7 +425,7 @@ def test_gateway_errors_are_retried_for_reads_but_create_is_not(mocked, vast):
     offers_mock = load("vast_bundles.json")["offers"][0]
     from providers.vast import VastOffer, _offer
 
-    offer = _offer(VastOffer.model_validate(offers_mock), False)
+    offer = _offer(VastOffer.model_validate(offers_mock), False, 40)
     mocked.add(responses.PUT, f"{VAST_URL}/asks/4001/", status=503, body="Service Unavailable")
     with pytest.raises(ProviderDown):
         vast.create(offer, LAUNCH)
@@ -434,7 +434,7 @@ def test_gateway_errors_are_retried_for_reads_but_create_is_not(mocked, vast):
 
 def test_self_destroy_recipe_runs_as_shell_without_secrets(tmp_path):
     recipe = VastProvider(VAST_KEY, VAST_URL).self_destroy_recipe()
-    assert recipe.env_vars == ["CONTAINER_ID", "CONTAINER_API_KEY"]
+    assert recipe.env_vars == ["CONTAINER_ID", "CONTAINER_API_KEY", "RENTRAIN_LABEL"]
     assert VAST_KEY not in recipe.model_dump_json()
     command = recipe.destroy[0].curl()
     script = 'curl() { printf "%s\\n" "$@"; }\n' + command

@@ -46,6 +46,7 @@ VAST_V0_LIST_GONE = {
     "msg": "/api/v0/instances/ is deprecated. Use /api/v1/instances/ instead.",
 }
 VAST_AUTH_ERROR = {"success": False, "error": "auth_error", "msg": "Invalid user key"}
+VAST_LABEL_MAX = 1024
 # runpod/docs pods/pricing.mdx: running, the container disk and the volume at $0.10/GB/month each; stopped, the
 # volume at $0.20/GB/month (the container disk is erased)
 RUNPOD_DISK_USD_PER_GB_MONTH_RUNNING = 0.10
@@ -63,6 +64,10 @@ class SimOffer:
     vram_gb: float = 24
     reliability: float = 0.995
     inet_down: float = 800.0
+    inet_up: float = 600.0
+    inet_down_cost: float = 0.002  # $/GB, as Vast offers carry it
+    inet_up_cost: float = 0.005
+    storage_cost: float = 0.15  # $/GB/month
     gone: bool = False  # create answers "no such ask" / no capacity
     never_reachable: bool = False  # the instance runs but sshd never comes up
 
@@ -300,6 +305,11 @@ class ProviderSimulator:
             return 200, {"success": True, "msg": "SSH key attached successfully"}, {}
         if method == "GET":
             return 200, {"instances": self._vast_instance(instance)}, {}
+        if method == "PUT" and body and "label" in body:  # manage_instance.yaml: a label of 1024 chars at most
+            if not isinstance(body["label"], str) or len(body["label"]) > VAST_LABEL_MAX:
+                return 400, {"success": False, "error": "invalid_args", "msg": "label: at most 1024 chars"}, {}
+            instance.label = body["label"]
+            return 200, {"success": True}, {}
         if method == "PUT" and body and body.get("state") == "stopped":
             self._stop(instance)
             return 200, {"success": True}, {}
@@ -360,6 +370,10 @@ class ProviderSimulator:
             "reliability": offer.reliability,
             "reliability2": offer.reliability,
             "inet_down": offer.inet_down,
+            "inet_up": offer.inet_up,
+            "inet_down_cost": offer.inet_down_cost,
+            "inet_up_cost": offer.inet_up_cost,
+            "storage_cost": offer.storage_cost,
             "cuda_max_good": 12.4,
             "geolocation": "Loopback, LO",
             "verification": "verified",
@@ -490,7 +504,10 @@ class ProviderSimulator:
             if provider == "vast"
             else {"RUNPOD_POD_ID": instance_id, "RUNPOD_API_KEY": instance_key}
         )
-        sshd = SshdInstance(self.root / f"{provider}-{instance_id}", "", env={**self.instance_env, **provider_env})
+        asked = env if provider == "vast" else {}  # Vast puts create's `env` in the container
+        sshd = SshdInstance(
+            self.root / f"{provider}-{instance_id}", "", env={**self.instance_env, **asked, **provider_env}
+        )
         instance = SimInstance(
             id=instance_id,
             provider=provider,

@@ -1,0 +1,17 @@
+"""A figure of the cost model with its kind and source (rentrain.costs, rentrain.setup_time)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+# "published": a document says so; "derived": a stated rule applied to a published or measured figure;
+# "measured": rentrain's benchmarks; "assumed": an engineering guess.
+FigureKind = Literal["published", "derived", "measured", "assumed"]
+
+
+@dataclass(frozen=True)
+class Figure:
+    value: float
+    kind: FigureKind
+    source: str
