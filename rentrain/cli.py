@@ -9,7 +9,7 @@ from rich.console import Console
 
 from rentrain import __version__
 from rentrain.cli_types import check_timing_environment
-from rentrain.commands import check, continue_job, estimate, init, jobs, offers, report, run
+from rentrain.commands import check, continue_job, costs, estimate, init, jobs, offers, report, run
 
 # Commands that look at the provider accounts themselves (status, down) or act on one job (attach): the sweep
 # before them would be noise, or would act on the job they are about to act on.
@@ -38,3 +38,4 @@ main.add_command(jobs.logs)
 main.add_command(jobs.fetch)
 main.add_command(jobs.down)
 main.add_command(report.report)
+main.add_command(costs.costs)

@@ -34,6 +34,7 @@ from rentrain.step_work import Work, step_work
 if TYPE_CHECKING:
     from remote.config import TrainConfig
     from rentrain.dataset_check import DatasetReport
+    from rentrain.history import HistorySpeed, JobHistory
 
 ModelFamily = Literal["sd15", "sdxl", "tiny"]
 EstimateKind = Literal["measured", "modelled", "assumed"]
@@ -301,6 +302,10 @@ DATA_PARALLEL_EFFICIENCY: dict[Interconnect, dict[int, Figure]] = {
 }
 
 SECONDS_PER_HOUR = 3600.0
+MODELLED_SETUP = "modelled from the offer's figures and the job's sizes (docs/costs.md)"
+HISTORY_SPREAD = Figure(
+    0.10, "assumed", "hosts of one GPU model differ in clocks, cooling and CPU: the step time within ±10%"
+)
 
 
 class SpeedEstimate(BaseModel):
@@ -359,10 +364,11 @@ class JobEstimate(BaseModel):
     overhead_hours: float  # the sum of setup_seconds, in hours
     total_hours: float
     price_per_hour: float
-    cost_usd: float  # gpu_usd + bandwidth_usd + storage_usd, rounded up to $0.001
+    cost_usd: float  # gpu_usd + bandwidth_usd + storage_usd
     # The parts (docs/costs.md, "Setup, transfer and storage"). Estimates recorded before them have none:
     # their cost_usd was the hours at price_per_hour alone.
     setup_seconds: dict[str, float] = Field(default_factory=dict)  # per phase (rentrain.setup_time)
+    setup_source: str = MODELLED_SETUP  # or the user's own jobs (rentrain.history)
     transfer_gb: dict[str, float] = Field(default_factory=dict)  # per phase: in, except the fetch (out)
     gpu_usd: float | None = None  # total_hours at price_per_hour: the GPUs and the disk while the instance runs
     bandwidth_usd: float = 0.0  # transfer_gb at the offer's $/GB in and out
@@ -591,21 +597,34 @@ def memory_fit(profile: JobProfile, vram_gb: float | None) -> tuple[float, str] 
     return plan.relative_time, f"; x {plan.relative_time:.2f} to fit {vram_gb:g} GB ({how}, memory planning)"
 
 
-def estimate_job(profile: JobProfile, offer: Offer) -> JobEstimate | None:
+def estimate_job(profile: JobProfile, offer: Offer, history: JobHistory | None = None) -> JobEstimate | None:
     """Training on all the offer's GPUs (one data-parallel rank each) plus the setup phases, at its all-in rate,
-    plus bandwidth. None when the GPU's speed is unknown or the job does not fit its memory even with memory
-    planning."""
-    training = training_estimate(profile, offer)
+    plus bandwidth. The user's own jobs (`history`) give the step time and the setup where they measured this GPU
+    (and settings, and provider and family), the models the rest. None when the GPU's speed is unknown or the job
+    does not fit its memory even with memory planning."""
+    training = training_estimate(profile, offer, history)
     if training is None:
         return None
+    measured = history.setup(offer.provider, offer.gpu_model, profile.family) if history else None
+    if measured is not None:
+        source = f"measured: the median of your {_jobs(measured.runs)} on {offer.provider} {offer.gpu_model}"
+        transfer = {**transfer_gb(profile), **measured.transfer_gb}  # the image and the installs stay modelled
+        return with_setup(training, measured.seconds, transfer, offer, source)
     per_image = seconds_per_image(profile, training.seconds_per_step * _scaling(training))  # one GPU samples
     phases = setup_seconds(profile, offer, per_image)
     return with_setup(training, phases, transfer_gb(profile), offer)
 
 
-def training_estimate(profile: JobProfile, offer: Offer) -> JobEstimate | None:
+def _jobs(count: int) -> str:
+    return f"{count} job" + ("s" if count != 1 else "")
+
+
+def training_estimate(profile: JobProfile, offer: Offer, history: JobHistory | None = None) -> JobEstimate | None:
     """The training part alone: steps and step time on the offer's GPUs; no setup and no money yet
     (with_setup adds them)."""
+    known = history.speed(offer.gpu_model, profile, offer.gpu_count) if history else None
+    if known is not None:
+        return _from_history(profile, offer, known)
     speed = seconds_per_step(offer.gpu_model, profile, offer.vram_gb)
     fit = memory_fit(profile, offer.vram_gb)
     if speed is None or fit is None:
@@ -643,6 +662,29 @@ def training_estimate(profile: JobProfile, offer: Offer) -> JobEstimate | None:
     )
 
 
+def _from_history(profile: JobProfile, offer: Offer, known: HistorySpeed) -> JobEstimate:
+    """The training part at the step time the user's own jobs measured on these GPUs at these settings: nothing
+    modelled, scaled or planned (the trainer made the same choices then)."""
+    spread = HISTORY_SPREAD.value
+    steps = steps_on(profile, offer.gpu_count)
+    train_h = steps * known.seconds_per_step / SECONDS_PER_HOUR
+    return JobEstimate(
+        steps=steps,
+        seconds_per_step=known.seconds_per_step,
+        seconds_per_step_low=known.low * (1 - spread),
+        seconds_per_step_high=known.high * (1 + spread),
+        speed_kind="measured",
+        speed_source=f"the median of your {_jobs(known.runs)} on {offer.gpu_count} x {offer.gpu_model} at these "
+        f"settings (after warm-up; range: their fastest and slowest, ±{spread:.0%} between hosts)",
+        gpus=offer.gpu_count,
+        train_hours=train_h,
+        overhead_hours=0.0,
+        total_hours=train_h,
+        price_per_hour=offer.price_per_hour,
+        cost_usd=0.0,
+    )
+
+
 def _scaling(estimate: JobEstimate) -> float:
     return estimate.scaling.efficiency if estimate.scaling else 1.0
 
@@ -652,7 +694,13 @@ def seconds_per_image(profile: JobProfile, step_seconds: float) -> float:
     return step_seconds / (profile.batch_size * profile.gradient_accumulation_steps)
 
 
-def with_setup(estimate: JobEstimate, setup: dict[str, float], transfer: dict[str, float], offer: Offer) -> JobEstimate:
+def with_setup(
+    estimate: JobEstimate,
+    setup: dict[str, float],
+    transfer: dict[str, float],
+    offer: Offer,
+    setup_source: str = MODELLED_SETUP,
+) -> JobEstimate:
     """The estimate with these setup phases (seconds) and transfers (GB) in its hours and money: its training
     hours plus the setup at the offer's price, plus the bandwidth. Storage beyond the price is none: a job
     ends by destroy (docs/costs.md)."""
@@ -666,12 +714,13 @@ def with_setup(estimate: JobEstimate, setup: dict[str, float], transfer: dict[st
             "overhead_hours": overhead_h,
             "total_hours": total_h,
             "setup_seconds": setup,
+            "setup_source": setup_source,
             "transfer_gb": transfer,
             "gpu_usd": gpu_usd,
             "bandwidth_usd": bandwidth,
             "storage_usd": storage,
             "storage_usd_per_hour": offer.storage_usd_per_hour,
-            "cost_usd": math.ceil((gpu_usd + bandwidth + storage) * 1000) / 1000,
+            "cost_usd": gpu_usd + bandwidth + storage,
         }
     )
 
@@ -682,7 +731,9 @@ def share_setup(estimate: JobEstimate, offer: Offer, shared: Collection[str], jo
     def split(parts: dict[str, float]) -> dict[str, float]:
         return {phase: value / jobs if phase in shared else value for phase, value in parts.items()}
 
-    return with_setup(estimate, split(estimate.setup_seconds), split(estimate.transfer_gb), offer)
+    return with_setup(
+        estimate, split(estimate.setup_seconds), split(estimate.transfer_gb), offer, estimate.setup_source
+    )
 
 
 def profile_from_config(config_path: str | Path) -> JobProfile:

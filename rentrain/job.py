@@ -89,6 +89,7 @@ class JobRunner:
         self.preparer = Preparer(self.context)
         self.provisioner = Provisioner(self.context, self.teardown, self.preparer)
         self.fetcher = Fetcher(self.context)
+        self.context.meter.bytes_fetched = self.fetcher.bytes_fetched
         self.follower = Follower(self.context, self.fetcher)
         # Set by a queue: asked when training ended on a healthy instance (done, or failed by the job's own
         # error); True when the queue's next job has taken the instance over, so it is not destroyed.
@@ -117,6 +118,7 @@ class JobRunner:
 
         `session` continues on an instance the job already has (attach)."""
         assert self.provider is not None
+        self.context.meter.offers.update((offer.offer_id, offer) for offer in offers)
         failed_hosts = self.ledger.failed_hosts(self.settings.provider)
         candidates = [o for o in offers if o.offer_id not in failed_hosts][: self.settings.max_offers]
         retries = 0
@@ -188,7 +190,8 @@ class JobRunner:
         """Finish a job from wherever its client stopped."""
         with self._destroy_on_failure(session):
             if self.job.state in ("intent_recorded", "creating", "waiting_ssh", "syncing", "bootstrapping", "watchdog"):
-                self.preparer.prepare(session)
+                with self.context.meter.phase("prepare"):
+                    self.preparer.prepare(session)
             if self.job.state == "destroying":
                 self.teardown.destroy(session, "finishing an interrupted destroy")
                 outcome: Outcome = "succeeded" if self.job.result_path else "failed"
@@ -223,7 +226,8 @@ class JobRunner:
 
     def train_on(self, session: Session, detach_after_start: bool = False) -> Outcome:
         with self._destroy_on_failure(session):
-            self.preparer.prepare(session)
+            with self.context.meter.phase("prepare"):
+                self.preparer.prepare(session)
             if detach_after_start or self.detach_requested:
                 raise DetachRequested(self.detach_requested or "--detach")
             return self.follow_to_end(session)
@@ -237,7 +241,8 @@ class JobRunner:
 
     def follow_to_end(self, session: Session) -> Outcome:
         try:
-            final = self.follower.follow(session)
+            with self.context.meter.phase("training"):
+                final = self.follower.follow(session)
         except BudgetReached as exc:
             return self._stop_at_limit(session, str(exc))
         if isinstance(final, ErrorEvent) and final.kind == "interrupted":
@@ -246,7 +251,8 @@ class JobRunner:
                 return self._stop_at_limit(session, limit)
         if isinstance(final, DoneEvent):
             try:
-                self.fetcher.fetch_outputs(session, final)
+                with self.context.meter.phase("fetch"):
+                    self.fetcher.fetch_outputs(session, final)
             except CONNECTION_LOST as exc:
                 # the instance holds the only copy: leave it to its watchdog, which stops (not destroys) it
                 raise DetachRequested(
@@ -270,7 +276,8 @@ class JobRunner:
         home, the instance is destroyed."""
         try:
             self.fetcher.stop_trainer(session)
-            self.fetcher.fetch_outputs(session, final=None)
+            with self.context.meter.phase("fetch"):
+                self.fetcher.fetch_outputs(session, final=None)
         except CONNECTION_LOST:
             # the instance's watchdog, at the same limit, ended it first; the checkpoints fetched stay home
             self.context.say(f"{reason}: the instance's watchdog ended it first; what was fetched so far is home")

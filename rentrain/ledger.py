@@ -165,6 +165,23 @@ CREATE TABLE IF NOT EXISTS billing_periods (
     seen_at REAL NOT NULL,
     FOREIGN KEY (job_id, offer_id, record_created_at) REFERENCES instances(job_id, offer_id, created_at)
 );
+CREATE TABLE IF NOT EXISTS job_runs (
+    job_id TEXT PRIMARY KEY REFERENCES jobs(id),
+    provider TEXT NOT NULL,
+    gpu_model TEXT NOT NULL,
+    gpu_count INTEGER NOT NULL,
+    family TEXT NOT NULL,
+    settings_key TEXT NOT NULL,
+    seconds_per_step REAL,
+    steps_measured INTEGER NOT NULL,
+    phases_json TEXT NOT NULL,
+    bytes_up INTEGER NOT NULL,
+    model_download_bytes INTEGER NOT NULL,
+    bytes_down INTEGER NOT NULL,
+    cost_usd REAL NOT NULL,
+    bandwidth_usd REAL NOT NULL,
+    recorded_at REAL NOT NULL
+);
 """
 # Columns added after a table's first release: a ledger written by an older rentrain gets them on open.
 ADDED_COLUMNS: dict[str, dict[str, str]] = {
@@ -369,9 +386,34 @@ class Transition(BaseModel):
     detail: str
 
 
+class JobRun(BaseModel):
+    """What one job that trained measured, for the estimates of later jobs (rentrain.history) and `rentrain
+    costs`. Written when the job closes (rentrain.job_phases.meter)."""
+
+    job_id: str
+    provider: str
+    gpu_model: str  # normalised, as offers name it ("RTX 4090")
+    gpu_count: int
+    family: str  # the cost model's (rentrain.costs ModelFamily)
+    settings_key: str  # the settings that change the step time (rentrain.history.settings_key)
+    seconds_per_step: float | None  # the median after warm-up (rentrain.history.median_after_warm_up); None: too few
+    steps_measured: int
+    phases: dict[str, float]  # seconds of each phase this client saw (rentrain.job_phases.meter names them)
+    bytes_up: int  # the dataset, a local model, a resume state: sent to the instance
+    model_download_bytes: int  # the base model the instance downloaded itself
+    bytes_down: int  # checkpoints, samples, states and the result fetched home
+    cost_usd: float  # Ledger.job_cost when the job closed: the provider's rate x its own billed times
+    bandwidth_usd: float  # the bytes at the offer's $/GB (0 where the provider bills none or did not say)
+    recorded_at: float
+
+
+def default_ledger_path() -> Path:
+    return state_dir() / "ledger.sqlite3"
+
+
 class Ledger:
     def __init__(self, path: Path | None = None):
-        self.path = path or state_dir() / "ledger.sqlite3"
+        self.path = path or default_ledger_path()
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         db = sqlite3.connect(self.path, timeout=30)
         try:
@@ -726,6 +768,24 @@ class Ledger:
     def job_cost(self, job_id: str, now: float | None = None) -> float:
         return sum(i.cost(now) for i in self.instances(job_id))
 
+    # ------------------------------------------------------------------ what finished jobs measured
+
+    def record_run(self, run: JobRun) -> None:
+        """The job's measurements; a second record of the same job replaces the first."""
+        row = run.model_dump(exclude={"phases"}) | {"phases_json": json.dumps(run.phases, sort_keys=True)}
+        with self._connect() as db:
+            db.execute(
+                f"INSERT OR REPLACE INTO job_runs ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})",
+                tuple(row.values()),
+            )
+
+    def job_runs(self, job_id: str | None = None) -> list[JobRun]:
+        """Every job's measurements (or one job's), oldest first."""
+        query = "SELECT * FROM job_runs" + (" WHERE job_id = ?" if job_id is not None else "")
+        with self._connect() as db:
+            rows = db.execute(query + " ORDER BY recorded_at", () if job_id is None else (job_id,)).fetchall()
+        return [_job_run(row) for row in rows]
+
     def record_failed_host(self, provider: str, host_id: str, reason: str) -> None:
         with self._connect() as db:
             db.execute("INSERT INTO failed_hosts VALUES (?, ?, ?, ?)", (provider, host_id, time.time(), reason))
@@ -776,6 +836,11 @@ def _close_periods(db: sqlite3.Connection, record: InstanceRecord | RecordKey, a
         f"UPDATE billing_periods SET ended_at = MAX(started_at, ?) WHERE {_OF_RECORD} AND ended_at IS NULL",
         (at, *_key(record)),
     )
+
+
+def _job_run(row: sqlite3.Row) -> JobRun:
+    columns = dict(row)
+    return JobRun(**columns, phases=json.loads(columns.pop("phases_json")))
 
 
 def _insert_job(db: sqlite3.Connection, job: JobRecord, detail: str) -> None:

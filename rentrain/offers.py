@@ -17,6 +17,7 @@ from providers.gpu_names import normalise_gpu_name
 from remote.config import JobSettings
 from rentrain.costs import JobEstimate, JobProfile, estimate_job
 from rentrain.credentials import CredentialsError, open_provider
+from rentrain.history import JobHistory
 
 # The RunPod catalog's stock level: NONE means the scheduler has nothing to place us on.
 NO_STOCK = "NONE"
@@ -143,9 +144,12 @@ def meets(offer: Offer, req: Requirements) -> bool:
     return offer.availability != NO_STOCK
 
 
-def rank(offers: Iterable[Offer], profile: JobProfile | None = None) -> list[RankedOffer]:
-    """Cheapest first: by estimated job cost with a profile (offers without an estimate last), else by $/h."""
-    ranked = [RankedOffer(offer=o, estimate=estimate_job(profile, o) if profile else None) for o in offers]
+def rank(
+    offers: Iterable[Offer], profile: JobProfile | None = None, history: JobHistory | None = None
+) -> list[RankedOffer]:
+    """Cheapest first: by estimated job cost with a profile (offers without an estimate last), else by $/h.
+    Estimates use the user's own job `history` where it measured the offer's GPU."""
+    ranked = [RankedOffer(offer=o, estimate=estimate_job(profile, o, history) if profile else None) for o in offers]
 
     def key(item: RankedOffer) -> tuple[Any, ...]:
         reliability = item.offer.reliability if item.offer.reliability is not None else 0.0
@@ -162,14 +166,22 @@ def find_offers(
     requirements: Requirements,
     profile: JobProfile | None = None,
     opener: Callable[[str], Provider] = open_provider,
+    history: JobHistory | None = None,
 ) -> OfferSearch:
+    """The offers that meet the requirements, cheapest job first; estimated with `history` (default: the
+    ledger's)."""
+    if profile is not None and history is None:
+        history = JobHistory.of()
     requirements = requirements.model_copy(
         update={"gpu_models": [normalise_gpu_name(g) for g in requirements.gpu_models]}
     )
     answers = query_providers(names, requirements, opener)
     suitable = [o for o in answers.offers if meets(o, requirements)]
     return OfferSearch(
-        ranked=rank(suitable, profile), notes=answers.notes, considered=len(answers.offers), skipped=answers.skipped
+        ranked=rank(suitable, profile, history),
+        notes=answers.notes,
+        considered=len(answers.offers),
+        skipped=answers.skipped,
     )
 
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 from remote.config import LoadedConfig
 from rentrain.costs import SECONDS_PER_HOUR, JobEstimate, JobProfile, estimate_job, guess_model_family, share_setup
+from rentrain.history import JobHistory
 from rentrain.offers import RankedOffer, requirements_from
 
 QUEUE_FILE_SUFFIXES = (".txt", ".queue")
@@ -125,11 +126,13 @@ def plan_lanes(keys: Sequence[str], hours: Sequence[float], parallel: int) -> li
     return sorted(lanes, key=lambda lane: -sum(hours[i] for i in lane))
 
 
-def shares_on(profiles: Sequence[JobProfile], ranked: RankedOffer) -> list[JobEstimate] | None:
+def shares_on(
+    profiles: Sequence[JobProfile], ranked: RankedOffer, history: JobHistory | None = None
+) -> list[JobEstimate] | None:
     """Each job's estimate on one rental of this offer, the shared setup split equally between them; None when
     a job's speed on the offer is unknown or it does not fit."""
     offer = ranked.offer
-    alone = [estimate_job(profile, offer) for profile in profiles]
+    alone = [estimate_job(profile, offer, history) for profile in profiles]
     if any(estimate is None for estimate in alone):
         return None
     return [share_setup(estimate, offer, SHARED_SETUP, len(profiles)) for estimate in alone if estimate is not None]
@@ -153,11 +156,13 @@ class LanePlan(BaseModel):
         return sum(e.cost_usd for e in self.estimates if e is not None)
 
 
-def rank_for_lane(profiles: Sequence[JobProfile], ranked: Sequence[RankedOffer]) -> list[RankedOffer]:
+def rank_for_lane(
+    profiles: Sequence[JobProfile], ranked: Sequence[RankedOffer], history: JobHistory | None = None
+) -> list[RankedOffer]:
     """The offers by the lane's total estimated cost (all its jobs on one rental); offers it cannot use last."""
 
     def total(offer: RankedOffer) -> float:
-        shares = shares_on(profiles, offer)
+        shares = shares_on(profiles, offer, history)
         return sum(s.cost_usd for s in shares) if shares is not None else float("inf")
 
     return sorted(ranked, key=total)

@@ -20,17 +20,30 @@ from rentrain.ledger import JobRecord, Ledger, QueueRecord
 from rentrain.queue_costs import cost_shares
 from rentrain.report_facts import (
     DatasetNow,
+    EstimateCheck,
     FinalFile,
     PhaseCost,
     RunEvents,
     dataset_now,
     estimate_of,
     final_file,
+    job_check,
     local_sample,
     phase_costs,
     read_run_events,
 )
-from rentrain.report_html import duration, embedded_image, esc, hours, note, page, size, table, write_page
+from rentrain.report_html import (
+    check_rows,
+    duration,
+    embedded_image,
+    esc,
+    hours,
+    note,
+    page,
+    size,
+    table,
+    write_page,
+)
 from rentrain.report_svg import line_chart
 
 REPORT_FILE = "report.html"
@@ -53,7 +66,7 @@ def write_job_report(ledger: Ledger, job_id: str) -> Path:
             _curves_section(run),
             _dataset_section(run, dataset_now(job.config_path)),
             _final_section(final_file(job, run.done)),
-            _money_section(phases, ledger.job_cost(job.id), estimate_of(job)),
+            _money_section(phases, ledger.job_cost(job.id), estimate_of(job), job_check(ledger, job)),
         ]
     )
     return write_page(path, page(f"rentrain job {job.id}", body))
@@ -156,7 +169,7 @@ def _final_section(final: FinalFile | None) -> str:
     return heading + table([], rows)
 
 
-def _money_section(phases: list[PhaseCost], billed: float, estimate: JobEstimate | None) -> str:
+def _money_section(phases: list[PhaseCost], billed: float, estimate: JobEstimate | None, check: EstimateCheck) -> str:
     heading = "<h2>Time and money</h2>\n"
     rows = [[esc(p.name), duration(p.seconds), money(p.usd)] for p in phases]
     rows.append(["<b>total</b>", duration(sum(p.seconds for p in phases)), f"<b>{money(billed)}</b>"])
@@ -171,6 +184,7 @@ def _money_section(phases: list[PhaseCost], billed: float, estimate: JobEstimate
         ["everything else (provision, setup, fetch, teardown)", hours(estimate.overhead_hours), duration(overhead)],
         ["total time", hours(estimate.total_hours), duration(training + overhead)],
         ["money", money(estimate.cost_usd), money(billed)],
+        *check_rows(check),
     ]
     return heading + explained + billed_table + table(["", "estimate", "actual"], compared, frozenset({1, 2}))
 

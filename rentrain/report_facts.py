@@ -15,7 +15,7 @@ from remote.config import ConfigError, load_config
 from remote.events import EVENTS_FILE, DoneEvent, ErrorEvent, SampleEvent, StartEvent, StepEvent, read_events
 from rentrain.costs import JobEstimate
 from rentrain.dataset_check import DatasetReport, inspect_dataset
-from rentrain.ledger import InstanceRecord, JobRecord, Transition
+from rentrain.ledger import InstanceRecord, JobRecord, JobRun, Ledger, Transition
 
 # Each state a job passes through belongs to one phase of its time and money ("planned" and "closed" to none).
 PHASE_OF_STATE: dict[str, str] = {
@@ -50,6 +50,20 @@ class RunEvents:
     done: DoneEvent | None = None
     errors: list[ErrorEvent] = field(default_factory=list)
     problem: str | None = None  # why events.jsonl could not be read
+
+
+@dataclass(frozen=True)
+class EstimateCheck:
+    """A job's estimate against what it cost and measured. `actual_usd`: what the provider billed (the ledger's
+    rate x its own billed seconds) plus the bandwidth at the offer's $/GB."""
+
+    estimated_usd: float | None
+    actual_usd: float
+    bandwidth_usd: float | None  # None: the job recorded no measurements
+    error_pct: float | None  # of the actual against the estimate; None without both, or before the job succeeded
+    estimated_seconds_per_step: float | None
+    measured_seconds_per_step: float | None
+    speed_error_pct: float | None
 
 
 @dataclass(frozen=True)
@@ -151,6 +165,39 @@ def estimate_of(job: JobRecord) -> JobEstimate | None:
         return JobEstimate.model_validate_json(job.estimate_json)
     except ValidationError:
         return None
+
+
+def error_pct(estimated: float | None, actual: float | None) -> float | None:
+    """How far the actual is from the estimate, in % of the estimate (+: it cost or took more)."""
+    if estimated is None or actual is None or estimated <= 0:
+        return None
+    return (actual - estimated) / estimated * 100
+
+
+def estimate_check(job: JobRecord, run: JobRun | None, billed_usd: float) -> EstimateCheck:
+    """The job's estimate beside what it cost (`billed_usd`: Ledger.job_cost) and, once it trained, measured. The
+    cost's error only for a job that succeeded: one that failed or is still running did not do the work estimated."""
+    estimate = estimate_of(job)
+    bandwidth = run.bandwidth_usd if run is not None else None
+    actual = billed_usd + (bandwidth or 0.0)
+    estimated_usd = estimate.cost_usd if estimate is not None else None
+    estimated_speed = estimate.seconds_per_step if estimate is not None else None
+    measured_speed = run.seconds_per_step if run is not None else None
+    return EstimateCheck(
+        estimated_usd=estimated_usd,
+        actual_usd=actual,
+        bandwidth_usd=bandwidth,
+        error_pct=error_pct(estimated_usd, actual) if job.outcome == "succeeded" else None,
+        estimated_seconds_per_step=estimated_speed,
+        measured_seconds_per_step=measured_speed,
+        speed_error_pct=error_pct(estimated_speed, measured_speed),
+    )
+
+
+def job_check(ledger: Ledger, job: JobRecord) -> EstimateCheck:
+    """estimate_check of a job from the ledger: its cost now and its recorded measurements, if any."""
+    runs = ledger.job_runs(job.id)
+    return estimate_check(job, runs[0] if runs else None, ledger.job_cost(job.id))
 
 
 def dataset_now(config_path: str) -> DatasetNow:

@@ -11,6 +11,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from rentrain.commands.offers import money
+from rentrain.report_facts import EstimateCheck
+
 # An image up to this size is embedded as it is; a larger one as a JPEG at most MAX_EMBEDDED_WIDTH wide (an SDXL
 # grid PNG is tens of MB), with a link to the full-size file beside the report.
 MAX_EMBEDDED_BYTES = 1_000_000
@@ -105,6 +108,29 @@ def duration(seconds: float | None) -> str:
 
 def hours(value: float) -> str:
     return duration(value * 3600)
+
+
+def percent(value: float | None) -> str:
+    """An error in % of the estimate, signed: "+12%"; "-" when there is none."""
+    return "-" if value is None else f"{value:+.0f}%"
+
+
+def step_time(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.3g} s"
+
+
+def check_rows(check: EstimateCheck) -> list[list[str]]:
+    """Rows (label, estimate, actual) of a job's estimate against what it cost and measured, beyond time and money."""
+    rows = []
+    if check.bandwidth_usd:
+        rows.append(["bandwidth (bytes moved x the offer's $/GB)", "-", money(check.bandwidth_usd, 4)])
+    if check.error_pct is not None:
+        rows.append(["error of the cost (billed + bandwidth)", "", percent(check.error_pct)])
+    if check.measured_seconds_per_step is not None:
+        measured, estimated = check.measured_seconds_per_step, check.estimated_seconds_per_step
+        rows.append(["time per step (measured: the median after warm-up)", step_time(estimated), step_time(measured)])
+        rows.append(["error of the step time", "", percent(check.speed_error_pct)])
+    return rows
 
 
 def size(num_bytes: int) -> str:

@@ -223,8 +223,9 @@ def cost_parts(item: RankedOffer) -> list[str]:
         f"  time {span(time_low, time_high, 3, unit='$')}: training {span(train_low, train_high)} h"
         f" + setup {est.overhead_hours:.2f} h at {money(est.price_per_hour)}/h (GPUs and disk while running)"
     )
-    ordered: dict[str, float] = {phase: est.setup_seconds[phase] for phase in PHASES if phase in est.setup_seconds}
-    lines.append(f"    setup: {_phases(ordered)}")
+    known = [phase for phase in PHASES if phase in est.setup_seconds]
+    ordered = {phase: est.setup_seconds[phase] for phase in known + sorted(set(est.setup_seconds) - set(known))}
+    lines.append(f"    setup, {est.setup_source}: {_phases(ordered)}")
     gb_out = sum(gb for phase, gb in est.transfer_gb.items() if phase in OUTBOUND)
     gb_in = sum(est.transfer_gb.values()) - gb_out
     lines.append(

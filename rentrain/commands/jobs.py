@@ -20,6 +20,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from providers import registry
 from providers.base import NotFound, Offer, Provider, ProviderError
@@ -45,6 +46,7 @@ from rentrain.accounts import (
 )
 from rentrain.billing_notices import NOTICE_AFTER_SECONDS, claim_notice, unattended_since
 from rentrain.cli_types import timing_overrides
+from rentrain.commands.offers import money
 from rentrain.commands.queues import attach_queue, cancel_waiting_jobs, print_queues
 from rentrain.commands.run import _drive, detach_when_taken_over, notifier_from
 from rentrain.costs import profile_from_check
@@ -58,6 +60,8 @@ from rentrain.notify import Notification, Notifier, NotifyConfigError
 from rentrain.offers import find_offers, requirements_from
 from rentrain.paths import state_dir
 from rentrain.progress import RunProgress, plain_printer
+from rentrain.report_facts import job_check
+from rentrain.report_html import percent, step_time
 from rentrain.sshkeys import JobKey, forget_job_key, load_job_key
 from rentrain.transport import NETWORK_ERRORS, FetchRefused, SshUnavailable, TransportError
 
@@ -331,9 +335,11 @@ def _reattach(runner: JobRunner, key: JobKey, start_stopped: bool = False) -> Se
 
 
 @click.command()
+@click.argument("job_id", metavar="[JOB]", required=False)
 @click.option("--all", "show_all", is_flag=True, help="Also list closed jobs beyond the last ten.")
-def status(show_all: bool) -> None:
+def status(job_id: str | None, show_all: bool) -> None:
     """Jobs, their state, and what they cost so far; then every rentrain instance on the provider accounts.
+    With JOB (its id or a unique start of it): that job, and its estimate against what it cost and measured.
 
     Stopped instances are listed with their storage cost and what is not home; instances no job of this
     ledger knows are named. Exit 1 when a provider with an API key could not be checked: instances there
@@ -341,12 +347,19 @@ def status(show_all: bool) -> None:
     """
     console = Console()
     ledger = _ledger_if_any()
+    if job_id is not None and ledger is None:
+        raise click.ClickException(f"no job {job_id!r}: no job has been run on this machine")
+    job = _job(ledger, job_id) if ledger is not None and job_id is not None else None
     checks = _insist_on(check_accounts(registry.API_KEY_ENV, CHECK_SECONDS), _ledger_live_providers(ledger))
     view = survey(ledger, checks)
     if ledger is not None:
         _remember_checks(ledger, view)
     jobs = ledger.jobs() if ledger else []
-    if jobs:
+    if job is not None:
+        assert ledger is not None
+        _print_jobs(console, ledger, [job], show_all=True)
+        _print_estimate_check(console, ledger, job)
+    elif jobs:
         assert ledger is not None
         _print_jobs(console, ledger, jobs, show_all)
         print_queues(console, ledger)
@@ -382,6 +395,29 @@ def _print_jobs(console: Console, ledger: Ledger, jobs: list[JobRecord], show_al
             escape(job.result_path or job.error or ""),
         )
     console.print(table)
+
+
+def _print_estimate_check(console: Console, ledger: Ledger, job: JobRecord) -> None:
+    """The job's estimate against what it cost and, once it trained, measured (rentrain.job_phases.meter)."""
+    check = job_check(ledger, job)
+    runs = ledger.job_runs(job.id)
+    title = f"job {job.id}: estimate against actual"
+    table = Table("", "estimate", "actual", "error", title=title, header_style="bold")
+    actual = money(check.actual_usd, 4)
+    if check.bandwidth_usd:
+        actual += f" (bandwidth {money(check.bandwidth_usd, 4)})"
+    table.add_row("cost", money(check.estimated_usd), actual, percent(check.error_pct))
+    measured, estimated = step_time(check.measured_seconds_per_step), step_time(check.estimated_seconds_per_step)
+    table.add_row("time per step", estimated, measured, percent(check.speed_error_pct))
+    console.print(table)
+    if not runs:
+        console.print("no measurements recorded: the job has not trained, or has not closed", highlight=False)
+    else:
+        run = runs[0]
+        phases = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in sorted(run.phases.items()))
+        console.print(
+            Text(f"measured: {run.steps_measured} steps after warm-up on {run.gpu_count}x {run.gpu_model}; {phases}")
+        )
 
 
 def _report_accounts(console: Console, view: AccountsView, summary: bool) -> None:

@@ -23,7 +23,7 @@ from rentrain.commands.check import checked_config
 from rentrain.commands.offers import gpus_option, scaling_note
 from rentrain.commands.run_common import ask_destroy, destroy_now, refuse_to_overwrite
 from rentrain.commands.run_queue import QueueOptions, run_queue
-from rentrain.costs import profile_from_check, steps_on
+from rentrain.costs import JobEstimate, profile_from_check, steps_on
 from rentrain.credentials import CredentialsError, open_provider
 from rentrain.job import DetachRequested, HostLost, JobFailed, JobRunner, RunSettings, new_job_id
 from rentrain.job_news import JobNews
@@ -262,7 +262,9 @@ def _new_job(
     settings: RunSettings,
     total_steps: int | None,
     resume: ResumeFrom | None = None,
+    estimate: JobEstimate | None = None,
 ) -> JobRecord:
+    """The job, recorded planned and locked by this client, with the estimate of the offer it was planned on."""
     job_id = new_job_id()
     job = JobRecord(
         id=job_id,
@@ -278,6 +280,7 @@ def _new_job(
         client_host=this_host(),
         client_beat_at=time.time(),
         settings_json=settings.model_dump_json(),
+        estimate_json=estimate.model_dump_json() if estimate is not None else "{}",
     )
     if resume is None:
         ledger.create_job(job)
@@ -322,7 +325,8 @@ def _run_rented(
     if not yes and not click.confirm("Rent it and start?", default=True):
         raise click.Abort()
     ledger = Ledger()
-    job = _new_job(ledger, loaded, settings.provider, settings, steps_on(profile, best.offer.gpu_count), resume)
+    steps = steps_on(profile, best.offer.gpu_count)
+    job = _new_job(ledger, loaded, settings.provider, settings, steps, resume, best.estimate)
     console.print(f"job [bold]{job.id}[/] (instance label {job.label})")
     key = create_job_key(job.id)
     with ClientLock(ledger, job.id) as lock, RunProgress(console, usd_per_hour=best.offer.price_per_hour) as view:

@@ -25,6 +25,7 @@ from rentrain.commands.check import BAD_INPUT, CheckResult, print_check, run_che
 from rentrain.commands.run_common import ask_destroy, destroy_now, refuse_to_overwrite
 from rentrain.costs import JobEstimate, JobProfile, estimate_job, profile_from_check
 from rentrain.credentials import CredentialsError, open_provider
+from rentrain.history import JobHistory
 from rentrain.job import DetachRequested, RunSettings, new_job_id
 from rentrain.job_news import JobNews
 from rentrain.job_phases.context import clock_time
@@ -158,6 +159,7 @@ def _plan(
     console: Console,
 ) -> list[LanePlan]:
     keys = [rental_key(loaded, count) for loaded, count in zip(configs, gpus, strict=True)]
+    history = JobHistory.of()
     searches = {}
     for key in dict.fromkeys(keys):
         members = [i for i, k in enumerate(keys) if k == key]
@@ -167,7 +169,9 @@ def _plan(
             first.job, gpu_models=list(options.gpus) or None, gpu_count=gpus[members[0]], disk_gb=disk
         )
         longest = max(members, key=lambda i: profiles[i].steps)
-        search = find_offers([options.provider], requirements, profiles[longest], opener=lambda _name: provider)
+        search = find_offers(
+            [options.provider], requirements, profiles[longest], opener=lambda _name: provider, history=history
+        )
         for note in search.notes:
             console.print(f"[yellow]{options.provider}[/]: {escape(note.message)}")
         if not search.ranked:
@@ -178,13 +182,13 @@ def _plan(
         searches[key] = search.ranked
     hours = []
     for i, profile in enumerate(profiles):
-        alone = estimate_job(profile, searches[keys[i]][0].offer)
+        alone = estimate_job(profile, searches[keys[i]][0].offer, history)
         hours.append(alone.total_hours if alone is not None else 0.0)
     lanes = []
     for jobs in plan_lanes(keys, hours, options.parallel):
         lane_profiles = [profiles[i] for i in jobs]
-        ranked = rank_for_lane(lane_profiles, searches[keys[jobs[0]]])
-        shares = shares_on(lane_profiles, ranked[0])
+        ranked = rank_for_lane(lane_profiles, searches[keys[jobs[0]]], history)
+        shares = shares_on(lane_profiles, ranked[0], history)
         lanes.append(LanePlan(jobs=jobs, offers=ranked, estimates=list(shares) if shares else [None] * len(jobs)))
     return lanes
 
@@ -216,7 +220,8 @@ def _show_plan(
         console.print(table)
     total = sum(lane.cost for lane in lanes)
     end = finish_time(lanes, options.parallel, time.time())
-    alone = [estimate_job(profiles[i], lane.offers[0].offer) for lane in lanes for i in lane.jobs]
+    history = JobHistory.of()
+    alone = [estimate_job(profiles[i], lane.offers[0].offer, history) for lane in lanes for i in lane.jobs]
     separate = sum(e.cost_usd for e in alone if e is not None)
     unknown = sorted({lane.offers[0].offer.gpu_model for lane in lanes if None in lane.estimates})
     if unknown:

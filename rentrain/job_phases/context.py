@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 from providers.base import Instance, NotFound, Provider, ProviderError
 from remote.config import JobSettings, LoadedConfig
 from rentrain.accounts import reconcile, record_created, record_started, watchdog_stops
+from rentrain.job_phases.meter import JobMeter
 from rentrain.ledger import IllegalTransition, InstanceRecord, JobRecord, JobState, Ledger
 from rentrain.paths import state_dir
 from rentrain.progress import RunProgress
@@ -169,6 +170,7 @@ class JobContext:
         self.events_offset = job.events_offset
         self.last_heartbeat = 0.0
         self.detach_requested: str | None = None  # set by signal handlers; acted on once the watchdog runs
+        self.meter = JobMeter()  # what this client measures of the job, recorded when it closes
         # A queue's lanes side by side: what the other lanes' running jobs are still expected to cost, kept out
         # of the budget this job's watchdog gets
         self.reserved_by_others: Callable[[], float] = lambda: 0.0

@@ -27,6 +27,11 @@ class Fetcher:
         """What this client may still bring home of the job, over all its fetches."""
         return FetchBudget(self.fetch_limits.total_bytes)
 
+    def bytes_fetched(self) -> int:
+        """What this client brought home of the job so far (what its fetches took from the fetch budget)."""
+        budget: FetchBudget | None = self.__dict__.get("fetch_budget")  # not made yet: nothing fetched
+        return 0 if budget is None else budget.total_bytes - budget.left
+
     def fetch_file(
         self, session: Session, remote_path: str, local: Path, sha256: str | None, attempts: int = 3
     ) -> Path:

@@ -89,6 +89,7 @@ class Follower:
     def _on_event(self, session: Session, event: Event, line: bytes) -> DoneEvent | ErrorEvent | None:
         """Show the event, keep it in the local events.jsonl, fetch what it announces."""
         self.context.view.handle(event)
+        self.context.meter.saw_event(event)
         self.context.output_dir.mkdir(parents=True, exist_ok=True)
         with (self.context.output_dir / EVENTS_FILE).open("ab") as copy:
             copy.write(line.rstrip(b"\n") + b"\n")

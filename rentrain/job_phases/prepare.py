@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from providers.base import SelfDestructRecipe
 from remote.config import model_source_kind
@@ -91,6 +91,22 @@ class Preparer:
             return self._setup_step(session, what, action)
 
         step("starting the setup", lambda: remote.run(bootstrap_command(layout, model, session.gpus)))
+        with self.context.meter.phase("upload"):
+            resume = self._upload_job_files(session)
+        config = remote_train_config(train, layout)
+        step("writing the config", lambda: self._write_remote_file(session, layout.config, config))
+        session.python = step("waiting for the setup", lambda: self._await_bootstrap(session, fetch_on_instance))
+        step("reading the setup's times", lambda: self._measure_setup(session))
+        return resume
+
+    def _upload_job_files(self, session: Session) -> str | None:
+        """The dataset, the regularisation images, a local model, the sample prompts and the resume state go up;
+        each counts its bytes to the meter. The resume state's path on the instance."""
+        train, layout = self.context.loaded.train, session.layout
+
+        def step(what: str, action: Callable[[], T]) -> T:
+            return self._setup_step(session, what, action)
+
         step("uploading the dataset", lambda: self._upload(session, train.train_data_dir, layout.dataset, "dataset"))
         reg = train.reg_data_dir
         if reg is not None:
@@ -100,10 +116,8 @@ class Preparer:
         prompts = train.sample_prompts
         if isinstance(prompts, Path):
             step("uploading the sample prompts", lambda: self._put_file(session, prompts, layout.sample_prompts))
+            self.context.meter.bytes_up += _size_on_disk(prompts)
         resume: str | None = step("uploading the training state", lambda: self._upload_resume_state(session))
-        config = remote_train_config(train, layout)
-        step("writing the config", lambda: self._write_remote_file(session, layout.config, config))
-        session.python = step("waiting for the setup", lambda: self._await_bootstrap(session, fetch_on_instance))
         return resume
 
     def _setup_step(self, session: Session, what: str, step: Callable[[], T]) -> T:
@@ -193,6 +207,7 @@ class Preparer:
         started = time.time()
         self.context.say(f"uploading the {what}: {listing.file_count} files, {size / 1e6:.1f} MB")
         session.remote.upload_files(local, listing.files, remote_dir, self.context.scratch)
+        self.context.meter.bytes_up += size
         seconds = max(time.time() - started, 1e-3)
         self.context.say(f"uploaded the {what} in {seconds:.1f} s ({size / 1e6 / seconds:.1f} MB/s, checksummed)")
 
@@ -217,6 +232,7 @@ class Preparer:
         source = Path(train.pretrained_model_name_or_path)
         if kind == "local_dir":
             session.remote.upload_tree(source, session.layout.model, self.context.scratch)
+            self.context.meter.bytes_up += _size_on_disk(source)
         elif kind == "local_file":
             staging = self.context.scratch / "model-upload"
             staging.mkdir(exist_ok=True)
@@ -224,6 +240,7 @@ class Preparer:
             if not link.exists():
                 link.symlink_to(source)
             session.remote.upload_tree(staging, session.layout.model, self.context.scratch)
+            self.context.meter.bytes_up += _size_on_disk(source)
         if train.vae is not None and Path(train.vae).exists():
             vae = Path(train.vae)
             staging = self.context.scratch / "vae-upload"
@@ -231,6 +248,7 @@ class Preparer:
             if not (staging / vae.name).exists():
                 (staging / vae.name).symlink_to(vae)
             session.remote.upload_tree(staging, posixpath.join(session.layout.model, "vae"), self.context.scratch)
+            self.context.meter.bytes_up += _size_on_disk(vae)
 
     def _upload_resume_state(self, session: Session) -> str | None:
         state = self.context.job.last_state_path
@@ -239,6 +257,7 @@ class Preparer:
         local = Path(state)
         target = posixpath.join(session.layout.output, local.name)
         session.remote.upload_tree(local, target, self.context.scratch)
+        self.context.meter.bytes_up += _size_on_disk(local)
         return target
 
     def _await_bootstrap(self, session: Session, model_fetched: bool) -> str:
@@ -248,8 +267,7 @@ class Preparer:
         while not (code := remote.run(read_exit, check=False).stdout.strip()):
             self._before_setup_deadline("the instance's setup")
             self.context.sleep(self.context.settings.poll_seconds)
-        events = remote.run(f"cat {shlex.quote(layout.bootstrap_events)}", check=False).stdout
-        phases = [json.loads(line) for line in events.splitlines() if line.strip()]
+        phases = self._instance_phases(session)
         for phase in phases:
             mark = "ok" if phase.get("ok") else "FAILED"
             detail = str(phase.get("detail", ""))
@@ -263,6 +281,24 @@ class Preparer:
         if model_fetched:
             self._await_model(session)
         return remote.run(f"cat {shlex.quote(posixpath.join(layout.root, 'python'))}").stdout.strip() or "python3"
+
+    def _instance_phases(self, session: Session) -> list[dict[str, Any]]:
+        """The bootstrap's phases as the instance timed them (bootstrap.jsonl)."""
+        events = session.remote.run(f"cat {shlex.quote(session.layout.bootstrap_events)}", check=False).stdout
+        return [json.loads(line) for line in events.splitlines() if line.strip()]
+
+    def _measure_setup(self, session: Session) -> None:
+        """The bootstrap's seconds and the base model's download (seconds, and bytes on the instance's disk), as
+        the instance timed them; counted once every read succeeded (the step may run again after an SSH drop)."""
+        phases = self._instance_phases(session)
+        downloaded = [p for p in phases if p.get("name") == "model" and p.get("ok")]
+        model_bytes = 0
+        if downloaded:  # the instance fetched the model itself (a hub id or a URL; not a queue's later job)
+            du = session.remote.run(f"du -sb {shlex.quote(session.layout.model)}", check=False).stdout.split()
+            model_bytes = int(du[0]) if du and du[0].isdigit() else 0
+            self.context.meter.add("model_download", float(downloaded[-1].get("seconds", 0)))
+        self.context.meter.model_download_bytes += model_bytes
+        self.context.meter.add("bootstrap", sum(float(p.get("seconds", 0)) for p in phases if p.get("name") != "model"))
 
     def _await_model(self, session: Session) -> None:
         model_dir = shlex.quote(session.layout.model)

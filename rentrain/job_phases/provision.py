@@ -50,6 +50,7 @@ class Provisioner:
             disk_gb=self.context.settings.disk_gb,
             ssh_public_key=self.context.key.public_line,
         )
+        create_sent = time.monotonic()
         try:
             instance = self.context.provider.create(offer, launch)
         except (OfferGone, NoCapacity) as exc:
@@ -87,6 +88,7 @@ class Provisioner:
             remote.close()
             self.teardown.destroy_instance(record, f"SSH failed: {exc}")
             return None
+        self.context.meter.add("image_pull", time.monotonic() - create_sent)
         return Session(record=record, remote=remote, layout=RemoteLayout(root=root))
 
     def connect_by_hand(self, endpoint: SshEndpoint, key_path: Path, trust_new_host: bool = False) -> Session:

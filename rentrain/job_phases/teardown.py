@@ -11,6 +11,7 @@ from contextlib import suppress
 from providers.base import Instance, NotFound, ProviderError
 from rentrain.accounts import record_found_instance
 from rentrain.job_phases.context import JobContext, JobFailed, Outcome, Session
+from rentrain.job_phases.meter import record_job_run
 from rentrain.ledger import InstanceRecord
 from rentrain.sshkeys import forget_job_key
 from rentrain.transport import TransportError
@@ -37,6 +38,10 @@ class Teardown:
     def destroy_instance(self, record: InstanceRecord, reason: str) -> None:
         """Destroy and confirm with the provider that it is gone; the ledger bills it until the destroy that the
         confirmation followed was answered (the provider had acted on it by then)."""
+        with self.context.meter.phase("teardown"):
+            self._destroy_instance(record, reason)
+
+    def _destroy_instance(self, record: InstanceRecord, reason: str) -> None:
         self.context.move("destroying", reason)
         if self.context.provider is None:
             self.context.end_instance_record(record, reason)
@@ -93,9 +98,12 @@ class Teardown:
             return False
 
     def close_job(self, outcome: Outcome, detail: str, error: str | None = None, **fields: object) -> None:
+        """Close the job, and record what it measured if it trained (rentrain.job_phases.meter)."""
         self._sweep_label()
         failure = error or (detail if outcome != "succeeded" else None)
         self.context.move("closed", detail, outcome=outcome, error=failure, **fields)
+        context = self.context
+        record_job_run(context.ledger, context.job, context.loaded, context.meter, context.say)
 
     def _sweep_label(self) -> None:
         """The job's last guard before it closes: an instance with its label that no record of it ended (a

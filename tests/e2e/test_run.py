@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import signal
 import sqlite3
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+from rentrain.ledger import Ledger
 from tests.e2e.conftest import Client, events_of, write_job
 from tests.sim.provider_sim import ProviderSimulator, wait_until
 from tests.sim.sshd import SshdInstance
@@ -28,7 +30,7 @@ def _assert_nothing_billing(market: ProviderSimulator, client: Client) -> None:
 def test_run_trains_fetches_and_destroys(
     tmp_path: Path, market: ProviderSimulator, client: Client, provider: str
 ) -> None:
-    config = write_job(tmp_path / "job")
+    config = write_job(tmp_path / "job", repeats=3)  # 12 steps: 7 of them past the warm-up
     result = client.run("run", str(config), "--provider", provider, "--yes")
     assert result.returncode == 0, result.stdout + result.stderr
     output = tmp_path / "job" / "output"
@@ -49,6 +51,30 @@ def test_run_trains_fetches_and_destroys(
     assert job["result_sha256"] == hashlib.sha256(final.read_bytes()).hexdigest()
     assert "setup gpu: ok" in result.stdout
     _assert_nothing_billing(market, client)
+    _assert_the_run_is_recorded(client, provider, tmp_path / "job" / "dataset", final)
+
+
+def _assert_the_run_is_recorded(client: Client, provider: str, dataset: Path, final: Path) -> None:
+    """The job's measurements are in the ledger, and `rentrain costs --json` totals what the ledger bills."""
+    ledger = Ledger(client.ledger_path)
+    [job] = ledger.jobs()
+    [run] = ledger.job_runs(job.id)
+    assert (run.provider, run.gpu_model, run.gpu_count, run.family) == (provider, "RTX 4090", 1, "tiny")
+    assert run.steps_measured == 7 and run.seconds_per_step is not None and 0 < run.seconds_per_step < 60
+    assert {"image_pull", "upload", "bootstrap", "training", "fetch", "teardown"} <= set(run.phases)
+    assert all(0 <= seconds < 240 for seconds in run.phases.values()), run.phases
+    assert run.bytes_up == sum(f.stat().st_size for f in dataset.rglob("*") if f.is_file())
+    assert run.bytes_down > final.stat().st_size and run.model_download_bytes == 0  # builtin: made on the instance
+    assert run.cost_usd == pytest.approx(ledger.job_cost(job.id)) and run.cost_usd > 0
+    rates = (0.002, 0.005) if provider == "vast" else (0.0, 0.0)  # the simulator's inet_down_cost, inet_up_cost
+    assert run.bandwidth_usd == pytest.approx((run.bytes_up * rates[0] + run.bytes_down * rates[1]) / 1e9)
+    costs = client.run("costs", "--json")
+    assert costs.returncode == 0, costs.stderr
+    report = json.loads(costs.stdout)
+    assert report["total_usd"] == pytest.approx(sum(ledger.job_cost(j.id) for j in ledger.jobs()))
+    [entry] = report["jobs"]
+    assert entry["estimate"]["cost_usd"] > 0  # `run` recorded the estimate of the offer it rented
+    assert entry["error_pct"] is not None and entry["actual"]["seconds_per_step"] == run.seconds_per_step
 
 
 def test_ssh_provider_runs_on_a_machine_rented_by_hand(tmp_path: Path, client: Client) -> None:

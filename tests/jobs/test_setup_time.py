@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -90,7 +89,7 @@ def test_the_estimate_has_its_parts_and_bandwidth_is_priced_in_and_out():
     assert est.overhead_hours == pytest.approx(sum(est.setup_seconds.values()) / 3600)
     assert est.gpu_usd == pytest.approx(est.total_hours * 0.4)
     assert est.storage_usd == 0 and est.storage_usd_per_hour == 0.008  # destroyed at the end: nothing beyond
-    assert est.cost_usd == math.ceil((est.gpu_usd + est.bandwidth_usd) * 1000) / 1000
+    assert est.cost_usd == pytest.approx(est.gpu_usd + est.bandwidth_usd)
     # the range moves the time part only: bandwidth is the same at both ends
     assert est.cost_high_usd - est.cost_low_usd == pytest.approx(
         est.gpu_usd * (est.total_hours_high - est.total_hours_low) / est.total_hours

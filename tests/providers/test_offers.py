@@ -460,7 +460,8 @@ def test_estimate_shows_the_parts_of_each_best_offer(mocked, markets, tmp_path, 
     text = " ".join(result.output.split())
     vast_parts = text[text.index("vast RTX 4090: $") :]
     assert re.search(r"time \$\d\.\d{3}-\d\.\d{3}: training \d\.\d\d-\d\.\d\d h \+ setup", vast_parts)
-    assert re.search(r"setup: image pull [\d.]+ min, bootstrap [\d.]+ min, model download [\d.]+ (s|min)", vast_parts)
+    phases = r"image pull [\d.]+ min, bootstrap [\d.]+ min, model download [\d.]+ (s|min)"
+    assert re.search(r"setup, modelled [^:]*: " + phases, vast_parts)
     assert "GB in at $0.001/GB" in vast_parts and "GB out at $0.002/GB" in vast_parts  # offer 4001's own rates
     assert re.search(r"storage \$0\.000 beyond the hourly price \(destroyed at the end; \$0\.\d{4}/h", vast_parts)
     assert "GB in at $0/GB" in text[text.index("runpod RTX 4090: $") :]  # RunPod bills no bandwidth
