@@ -112,6 +112,7 @@ def main() -> int:
     from torch.profiler import ProfilerActivity, profile
 
     import remote.trainer.loop as loop
+    import remote.trainer.step as step
 
     case = CASES[args.case]
     case = replace(case, extra={**case.extra, **dict(parse_override(item) for item in args.overrides)})
@@ -143,8 +144,8 @@ def main() -> int:
 
         return wrapper
 
-    for name in ("batch_inputs", "optimizer_step", "emit_step", "after_step"):
-        setattr(loop, name, timed(name, getattr(loop, name)))
+    for module, name in ((step, "batch_inputs"), (step, "optimizer_step"), (loop, "emit_step"), (loop, "after_step")):
+        setattr(module, name, timed(name, getattr(module, name)))
 
     original = loop.train_step
     state: dict[str, object] = {"count": 0}

@@ -240,7 +240,7 @@ class Result:
 # Experiment switches, applied from outside the trainer (the trainer itself has no such knobs):
 PATCHES = {
     # the pre-speed-work compute: autocast around a bf16 model (float32 norms and casts)
-    "autocast": "L.uses_autocast = lambda run: run.dtype != torch.float32",
+    "autocast": "import remote.trainer.step as S\nS.uses_autocast = lambda run: run.dtype != torch.float32",
     # the UNet's weights and activations in NHWC
     "channels_last": (
         "_setup = L.setup\n"
@@ -262,12 +262,17 @@ PATCHES = {
         "L.setup = setup_nchw"
     ),
     # PyTorch's GroupNorm (NCHW only: a layout copy before and after each) instead of the channels_last kernels
-    "nativegn": "L.use_channels_last_group_norm = lambda model, device, dtype: (0, 'bench patch nativegn')",
+    "nativegn": (
+        "import remote.trainer.speed as SP\n"
+        "SP.use_channels_last_group_norm = lambda model, device, dtype: (0, 'bench patch nativegn')"
+    ),
     # the fused LoRA layers' products all on one stream (no side stream)
     "serial": (
         "import remote.trainer.lora as LR\n"
         "_flat = LR.LoRANetwork.use_flat_buffers\n"
-        "LR.LoRANetwork.use_flat_buffers = lambda self, dtype, side_stream=False: _flat(self, dtype, False)"
+        "LR.LoRANetwork.use_flat_buffers = (\n"
+        "    lambda self, dtype, side_stream=False, fuse=True: _flat(self, dtype, False, fuse)\n"
+        ")"
     ),
     # each step finished (loss read, event written) before the next is prepared
     "lockstep": "L.host_work_due = lambda *a, **k: True",

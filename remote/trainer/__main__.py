@@ -12,8 +12,12 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from remote.events import EVENTS_FILE, ErrorEvent, EventWriter
+
+if TYPE_CHECKING:
+    from remote.config import TrainConfig
 
 
 def set_library_defaults() -> None:
@@ -59,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = events_out
 
 
-def _train(cfg, writer: EventWriter, resume: str | None) -> int:
+def _train(cfg: TrainConfig, writer: EventWriter, resume: str | None) -> int:
     try:
         from .distributed import leave  # imports torch
     except ImportError as exc:
@@ -71,7 +75,7 @@ def _train(cfg, writer: EventWriter, resume: str | None) -> int:
         leave()
 
 
-def _train_and_report(cfg, writer: EventWriter, resume: str | None) -> int:
+def _train_and_report(cfg: TrainConfig, writer: EventWriter, resume: str | None) -> int:
     try:
         import torch
 

@@ -14,6 +14,7 @@ import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +23,9 @@ from remote.dataset import CaptionError, DatasetLayout, balanced_reg_repeats, ca
 from remote.hashing import file_sha256
 
 from .tokenizers import cache_root
+
+if TYPE_CHECKING:
+    from remote.config import TrainConfig
 
 
 class DataError(Exception):
@@ -123,9 +127,9 @@ def load_pixels(record: ImageRecord) -> torch.Tensor:
     return data.permute(2, 0, 1).float() / 127.5 - 1.0
 
 
-def planner_for(cfg) -> BucketPlanner:
+def planner_for(cfg: TrainConfig) -> BucketPlanner:
     return BucketPlanner(
-        tuple(cfg.resolution),
+        cfg.resolution,
         cfg.enable_bucket,
         cfg.min_bucket_reso,
         cfg.max_bucket_reso,
@@ -134,7 +138,7 @@ def planner_for(cfg) -> BucketPlanner:
     )
 
 
-def build_dataset(cfg, layout: DatasetLayout | None = None, processes: int = 1) -> Dataset:
+def build_dataset(cfg: TrainConfig, layout: DatasetLayout | None = None, processes: int = 1) -> Dataset:
     """Scan the kohya layout, size every image into its bucket and count steps with remote.buckets."""
     if layout is None:
         layout = scan_layout(cfg.train_data_dir, cfg.caption_extension, cfg.reg_data_dir)
@@ -199,7 +203,7 @@ def epoch_batches(dataset: Dataset, batch_size: int, seed: int, epoch: int) -> l
 # Captions
 
 
-def captions_are_static(cfg) -> bool:
+def captions_are_static(cfg: TrainConfig) -> bool:
     return not (
         cfg.shuffle_caption
         or cfg.caption_dropout_rate
@@ -208,7 +212,7 @@ def captions_are_static(cfg) -> bool:
     )
 
 
-def base_caption(cfg, caption: str) -> str:
+def base_caption(cfg: TrainConfig, caption: str) -> str:
     if cfg.caption_prefix:
         caption = cfg.caption_prefix + " " + caption
     if cfg.caption_suffix:
@@ -216,7 +220,7 @@ def base_caption(cfg, caption: str) -> str:
     return caption
 
 
-def process_caption(cfg, caption: str, rng: random.Random, epoch: int) -> str:
+def process_caption(cfg: TrainConfig, caption: str, rng: random.Random, epoch: int) -> str:
     """kohya's process_caption: prefix/suffix, dropout, keep_tokens + shuffle + tag dropout, ", " join.
 
     ``epoch`` is 1-based, as kohya's current_epoch.

@@ -6,14 +6,13 @@ target's ``forward`` instead of replacing the module, so the base model's module
 stay as they were, and the network's own state dict IS the kohya file layout:
 ``{kohya_name}.lora_down.weight``, ``{kohya_name}.lora_up.weight``, ``{kohya_name}.alpha``.
 
-Selection (TRAINER.md §1.1): in the UNet, every Linear and 1x1 Conv2d inside a ``Transformer2DModel``
-(plus, with conv_dim, every Conv2d inside ResnetBlock2D / Downsample2D / Upsample2D: 3x3 convs get
-conv_dim, the block's Linear and 1x1 convs network_dim); in each text encoder, every Linear inside
-CLIPAttention / CLIPMLP.
+Selection (TRAINER.md §1.1): in the denoiser, every Linear and 1x1 Conv2d inside the family's LoRA parent
+modules (the SD families: ``Transformer2DModel``; plus, with conv_dim, every Conv2d inside the conv parents:
+3x3 convs get conv_dim, the block's Linear and 1x1 convs network_dim); in each text encoder, every Linear
+inside the family's text parents (CLIPAttention / CLIPMLP).
 
-Naming (§1.2, §1.7): SD 1.x/2.x keep diffusers block names (kohya's own UNet for them is
-diffusers-shaped); SDXL uses kohya's SGM names (input_blocks / middle_block / output_blocks), with the
-resnet and sampler layers renamed to their SGM spelling.
+Naming (§1.2, §1.7): the family maps each module path to kohya's (families/sd.py keeps diffusers block
+names; families/sdxl.py uses kohya's SGM names).
 """
 
 from __future__ import annotations
@@ -21,10 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -32,11 +30,12 @@ from torch import nn
 
 from remote.hashing import file_sha256
 
+from .families import get_family
+from .families.clip import CLIP_LORA_PARENTS
 from .lora_fused import FlatBuffers, SideStream, flatten_parameters, fused_forward, is_fusable
 
-UNET_TARGETS = ("Transformer2DModel",)
-UNET_CONV_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
-TE_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
+if TYPE_CHECKING:
+    from remote.config import TrainConfig
 
 
 class LoRAModule(nn.Module):
@@ -108,50 +107,7 @@ class LoRAModule(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Naming
-
-
-def _sgm_resnet_inner(rest: str) -> str:
-    return (
-        rest.replace("conv1", "in_layers.2", 1)
-        .replace("time_emb_proj", "emb_layers.1", 1)
-        .replace("conv2", "out_layers.3", 1)
-        .replace("conv_shortcut", "skip_connection", 1)
-    )
-
-
-def diffusers_to_sgm(path: str, layers_per_block: int, up_has_attention: dict[int, bool] | None = None) -> str:
-    """A diffusers UNet module path -> the SGM/LDM path kohya's SDXL UNet uses (TRAINER.md §1.2)."""
-    n = layers_per_block + 1
-    m = re.match(r"down_blocks\.(\d+)\.(attentions|resnets)\.(\d+)\.(.*)$", path)
-    if m:
-        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        inner = 1 if kind == "attentions" else 0
-        if kind == "resnets":
-            rest = _sgm_resnet_inner(rest)
-        return f"input_blocks.{i * n + j + 1}.{inner}.{rest}"
-    m = re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv$", path)
-    if m:
-        return f"input_blocks.{(int(m[1]) + 1) * n}.0.op"
-    m = re.match(r"mid_block\.attentions\.0\.(.*)$", path)
-    if m:
-        return f"middle_block.1.{m[1]}"
-    m = re.match(r"mid_block\.resnets\.(\d+)\.(.*)$", path)
-    if m:
-        return f"middle_block.{0 if m[1] == '0' else 2}.{_sgm_resnet_inner(m[2])}"
-    m = re.match(r"up_blocks\.(\d+)\.(attentions|resnets)\.(\d+)\.(.*)$", path)
-    if m:
-        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        inner = 1 if kind == "attentions" else 0
-        if kind == "resnets":
-            rest = _sgm_resnet_inner(rest)
-        return f"output_blocks.{i * n + j}.{inner}.{rest}"
-    m = re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv$", path)
-    if m:
-        i = int(m[1])
-        has_attention = (up_has_attention or {}).get(i, False)
-        return f"output_blocks.{i * n + n - 1}.{2 if has_attention else 1}.conv"
-    raise ValueError(f"no SGM name for UNet module {path!r}")
+# Selection and naming (which modules, and their kohya names, are the family's: families/)
 
 
 def _module_path(parent_name: str, child_name: str) -> str:
@@ -163,10 +119,10 @@ def _module_path(parent_name: str, child_name: str) -> str:
 
 
 def select_unet_targets(unet: nn.Module, family: str, conv_dim: int | None) -> list[tuple[str, nn.Module, bool]]:
-    """[(kohya_name, module, is_3x3_conv)] for the UNet, in kohya's order."""
-    parents = UNET_TARGETS + (UNET_CONV_TARGETS if conv_dim else ())
-    layers_per_block = _layers_per_block(unet)
-    up_has_attention = _up_blocks_with_attention(unet)
+    """[(kohya_name, module, is_3x3_conv)] for the UNet of ``family``, in kohya's order."""
+    spec = get_family(family)
+    parents = spec.lora_parents + (spec.lora_conv_parents if conv_dim else ())
+    kohya_path = spec.kohya_unet_namer(unet)
     found: list[tuple[str, nn.Module, bool]] = []
     seen: set[int] = set()
     for parent_name, parent in unet.named_modules():
@@ -181,41 +137,27 @@ def select_unet_targets(unet: nn.Module, family: str, conv_dim: int | None) -> l
             if is_conv and not is_1x1 and not conv_dim:
                 continue
             seen.add(id(child))
-            path = _module_path(parent_name, child_name)
-            if family == "sdxl":
-                path = diffusers_to_sgm(path, layers_per_block, up_has_attention)
+            path = kohya_path(_module_path(parent_name, child_name))
             found.append(("lora_unet_" + path.replace(".", "_"), child, is_conv and not is_1x1))
     return found
 
 
-def select_te_targets(text_encoders: list[nn.Module]) -> list[tuple[str, nn.Module, bool]]:
+def select_te_targets(
+    text_encoders: list[nn.Module], parents: tuple[str, ...] = CLIP_LORA_PARENTS
+) -> list[tuple[str, nn.Module, bool]]:
+    """[(kohya_name, module, False)] for the text encoders: every Linear inside a ``parents`` module."""
     found: list[tuple[str, nn.Module, bool]] = []
     for index, encoder in enumerate(text_encoders):
         prefix = "lora_te" if len(text_encoders) == 1 else f"lora_te{index + 1}"
         root = getattr(encoder, "text_model", encoder)  # transformers 5's CLIPTextModel has no text_model
         for parent_name, parent in root.named_modules():
-            if parent.__class__.__name__ not in TE_TARGETS:
+            if parent.__class__.__name__ not in parents:
                 continue
             for child_name, child in parent.named_modules():
                 if isinstance(child, nn.Linear):
                     path = f"text_model.{parent_name}.{child_name}"
                     found.append((f"{prefix}_{path.replace('.', '_')}", child, False))
     return found
-
-
-def _layers_per_block(unet: nn.Module) -> int:
-    config = getattr(unet, "config", None)
-    value = getattr(config, "layers_per_block", 2) if config is not None else 2
-    if isinstance(value, (list, tuple)):
-        value = value[0]
-    return int(value)
-
-
-def _up_blocks_with_attention(unet: nn.Module) -> dict[int, bool]:
-    blocks = getattr(unet, "up_blocks", None)
-    if blocks is None:
-        return {}
-    return {i: getattr(block, "attentions", None) is not None for i, block in enumerate(blocks)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -245,7 +187,7 @@ class LoRANetwork(nn.Module):
         self.te_names: list[str] = []
         self.flat: FlatBuffers | None = None
         targets_unet = select_unet_targets(unet, family, conv_dim) if unet is not None else []
-        targets_te = select_te_targets(text_encoders) if text_encoders else []
+        targets_te = select_te_targets(text_encoders, get_family(family).text_lora_parents) if text_encoders else []
         for names, targets in ((self.te_names, targets_te), (self.unet_names, targets_unet)):
             for name, module, is_conv3 in targets:
                 if is_conv3 and conv_dim is not None:  # 3x3 targets are selected only with a conv_dim
@@ -274,14 +216,14 @@ class LoRANetwork(nn.Module):
             raise RuntimeError("use_flat_buffers() has not been called")
         return self.flat
 
-    def use_flat_buffers(self, compute_dtype: torch.dtype, side_stream: bool = False) -> FlatBuffers:
-        """Training's layout (lora_fused.py): the parameters become views of one flat buffer, and each
-        Linear / 1x1-conv target runs fused with its LoRA in ``compute_dtype`` (on CUDA with
+    def use_flat_buffers(self, compute_dtype: torch.dtype, side_stream: bool = False, fuse: bool = True) -> FlatBuffers:
+        """Training's layout (lora_fused.py): the parameters become views of one flat buffer, and (with
+        ``fuse``) each Linear / 1x1-conv target runs fused with its LoRA in ``compute_dtype`` (on CUDA with
         ``side_stream``, its off-chain products on a second stream). Call it after the last ``.to()``:
         moving the network afterwards would detach the parameters from the buffer."""
         self.flat, views = flatten_parameters(list(self.parameters()), compute_dtype, side_stream)
         for lora in self.loras():
-            if is_fusable(lora._org[0]):
+            if fuse and is_fusable(lora._org[0]):
                 lora.fused_views = (views[id(lora.lora_down.weight)], views[id(lora.lora_up.weight)])
                 lora.fused_side = self.flat.side_stream
         return self.flat
@@ -360,17 +302,7 @@ def load_kohya_into(network: LoRANetwork, path: Path) -> None:
     network.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items() if k in own})
 
 
-BASE_MODEL_VERSION = {
-    ("sd15", False): "sd_v1",
-    ("sd15", True): "sd_v1_v",
-    ("sd2", False): "sd_v2",
-    ("sd2", True): "sd_v2_v",
-    ("sdxl", False): "sdxl_base_v1-0",
-    ("sdxl", True): "sdxl_base_v1-0",
-}
-
-
-def build_metadata(cfg, family: str, info: dict) -> dict[str, str]:
+def build_metadata(cfg: TrainConfig, family: str, info: dict) -> dict[str, str]:
     """kohya's ss_* metadata (train_network.py) for what this run did, plus SAI modelspec keys."""
     v_pred = bool(cfg.v_parameterization)
     name = cfg.output_name or "last"
@@ -400,8 +332,6 @@ def build_metadata(cfg, family: str, info: dict) -> dict[str, str]:
         "ss_network_dropout": None,
         "ss_mixed_precision": cfg.mixed_precision,
         "ss_full_fp16": cfg.full_fp16,
-        "ss_v2": family == "sd2",
-        "ss_base_model_version": BASE_MODEL_VERSION[(family, v_pred)],
         "ss_clip_skip": cfg.clip_skip,
         "ss_max_token_length": cfg.max_token_length,
         "ss_cache_latents": True,
@@ -434,14 +364,7 @@ def build_metadata(cfg, family: str, info: dict) -> dict[str, str]:
         "ss_sd_model_name": info.get("sd_model_name", ""),
         "ss_training_comment": "trained with rentrain",
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": {
-            "sd15": "stable-diffusion-v1/lora",
-            "sd2": "stable-diffusion-v2-768-v/lora" if v_pred else "stable-diffusion-v2-512/lora",
-            "sdxl": "stable-diffusion-xl-v1-base/lora",
-        }[family],
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
-        if family == "sdxl"
-        else "diffusers",
+        **get_family(family).base_model_metadata(v_pred),
         "modelspec.title": name,
         "modelspec.resolution": f"{cfg.resolution[0]}x{cfg.resolution[1]}",
         "modelspec.prediction_type": "v" if v_pred else "epsilon",

@@ -16,32 +16,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .families.facts import FAMILIES, FamilyProfile
+
+if TYPE_CHECKING:
+    from remote.config import TrainConfig
 
 GIB = 2**30
 # Outside what torch allocates: the CUDA context, cuBLAS/cuDNN workspaces, allocator fragmentation.
 HEADROOM_GIB = 1.5
 
 
-@dataclass(frozen=True)
-class FamilyProfile:
-    """Measured on an H200 with bf16 and CUDA graphs (bench/RESULTS.md): peak activation memory per sample
-    of ``reference_pixels``, and the step time of a micro-batch of m such samples, ``overhead + m * per_sample``."""
-
-    reference_pixels: int
-    activation_gib: float
-    checkpointed_gib: float
-    overhead_ms: float
-    per_sample_ms: float
-    checkpointing_factor: float
-
-
-PROFILES = {
-    # SD 1.5 512px: b4 6.14 GiB / 59.4 ms; b2 4.08-4.25 GiB / 32.6-35.0 ms; b4 checkpointed 3.27 GiB / 94.3 ms
-    "sd15": FamilyProfile(512 * 512, 1.04, 0.28, 5.7, 13.4, 1.59),
-    # SDXL 1024px: b2 19.44 GiB / 134.6 ms; b1 12.36 GiB / 86.9 ms; b2 checkpointed 7.88 GiB / 184.4 ms
-    "sdxl": FamilyProfile(1024 * 1024, 6.60, 0.80, 39.2, 47.7, 1.37),
-}
-PROFILES["sd2"] = PROFILES["sd15"]  # same UNet layout; scaled by pixels (768px runs cost 2.25x of 512px)
+# Per family, measured (families/facts.py holds them, with the rest of each family's plain facts).
+PROFILES: dict[str, FamilyProfile] = {name: facts.memory for name, facts in FAMILIES.items()}
 
 
 @dataclass(frozen=True)
@@ -179,7 +167,9 @@ def bitsandbytes_available() -> bool:
     return True
 
 
-def fit_config(cfg, footprint: Footprint, budget_gib: float, resuming: bool = False):
+def fit_config(
+    cfg: TrainConfig, footprint: Footprint, budget_gib: float, resuming: bool = False
+) -> tuple[TrainConfig, int | None, str]:
     """(the config with checkpointing / optimizer as planned, the micro-batch size or None, a one-line
     description). A resumed run keeps its optimizer (its saved state belongs to it)."""
     configured = Setting(
@@ -195,12 +185,12 @@ def fit_config(cfg, footprint: Footprint, budget_gib: float, resuming: bool = Fa
     return cfg.model_copy(update=update), micro_batch, plan.describe(configured)
 
 
-# Parameter counts of the real architectures (the configs bench/train_speed.py builds), for planning before
-# a model is loaded, as the client's cost estimates do: UNet, text encoder(s), and LoRA parameters per unit
-# of network_dim on kohya's module set (UNet, text encoders).
-ARCHITECTURES = {
-    "sd15": (859_520_964, 123_060_480, 423_936, 165_888),
-    "sdxl": (2_567_463_684, 123_060_480 + 694_659_840, 2_659_840, 165_888 + 737_280),
+# Parameter counts of the real architectures, for planning before a model is loaded, as the client's cost
+# estimates do: (UNet, text encoder(s), LoRA parameters per unit of network_dim on the UNet, on the text encoders).
+ARCHITECTURES: dict[str, tuple[int, int, int, int]] = {
+    name: (a.unet_params, a.text_encoder_params, a.lora_unet_per_dim, a.lora_text_encoder_per_dim)
+    for name, facts in FAMILIES.items()
+    if (a := facts.architecture) is not None
 }
 
 

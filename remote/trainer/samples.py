@@ -1,8 +1,8 @@
 """Sample grids: each prompt x seed (rows) at each LoRA weight (columns), one labelled PNG per checkpoint.
 
 The same check users do by hand in A1111 (``<lora:name:0.5>`` ... ``<lora:name:1>``), done on the
-rented GPU before it is given back. Images come from diffusers' SD / SDXL pipelines with a DDIM
-sampler; prompts are encoded with the trainer's own (kohya) text conditioning, so clip_skip means what
+rented GPU before it is given back. Images come from the family's diffusers pipeline (SD / SDXL, with a
+DDIM sampler); prompts are encoded with the trainer's own (kohya) text conditioning, so clip_skip means what
 it means in training. The LoRA multiplier applies to the UNet and the text encoder(s), as in A1111.
 """
 
@@ -12,10 +12,14 @@ import re
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .models import ModelBundle, encode, tokenize
+
+if TYPE_CHECKING:
+    from .run_setup import Run
 
 
 @dataclass
@@ -46,49 +50,9 @@ def read_prompts(value) -> list[SamplePrompt]:
     return prompts
 
 
-def _ddim(bundle: ModelBundle):
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="v_prediction" if bundle.v_prediction else "epsilon",
-    )
-
-
 def _pipeline(bundle: ModelBundle):
-    # from their modules: diffusers' top-level names read as stand-ins to a type checker
-    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
-    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
-
-    pipe: StableDiffusionPipeline | StableDiffusionXLPipeline
-    if bundle.family == "sdxl":
-        pipe = StableDiffusionXLPipeline(
-            vae=bundle.vae,
-            text_encoder=bundle.text_encoders[0],
-            text_encoder_2=bundle.text_encoders[1],
-            tokenizer=bundle.tokenizers[0],
-            tokenizer_2=bundle.tokenizers[1],
-            unet=bundle.unet,
-            scheduler=_ddim(bundle),
-        )
-    else:
-        pipe = StableDiffusionPipeline(
-            vae=bundle.vae,
-            text_encoder=bundle.text_encoders[0],
-            tokenizer=bundle.tokenizers[0],
-            unet=bundle.unet,
-            scheduler=_ddim(bundle),
-            # None: no safety checker (diffusers' documented way; its annotations omit None)
-            safety_checker=None,  # type: ignore[arg-type]
-            feature_extractor=None,  # type: ignore[arg-type]
-            requires_safety_checker=False,
-        )
+    """The family's pipeline over the bundle's modules, with a DDIM-style sampler of its training schedule."""
+    pipe = bundle.spec.sampling_pipeline(bundle, bundle.objective().sampling_scheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -125,9 +89,7 @@ def render_images(
                     with torch.no_grad(), autocast:
                         ids = tokenize(bundle, [prompt.prompt, prompt.negative], max_token_length)
                         context, pooled = encode(bundle, ids, clip_skip)
-                        kwargs = dict(prompt_embeds=context[:1], negative_prompt_embeds=context[1:])
-                        if pooled is not None:
-                            kwargs.update(pooled_prompt_embeds=pooled[:1], negative_pooled_prompt_embeds=pooled[1:])
+                        kwargs = bundle.spec.pipeline_embeds(context, pooled)
                         generator = torch.Generator(device=device).manual_seed(int(seed))
                         latents = pipe(
                             num_inference_steps=steps,
@@ -184,7 +146,7 @@ def make_grid(rows, prompts: list[SamplePrompt], seeds: list[int], weights: list
     return grid
 
 
-def sample_grid(run, path: Path, title: str) -> Path | None:
+def sample_grid(run: Run, path: Path, title: str) -> Path | None:
     """Render and save one grid for the run's current weights. None when no prompts are configured."""
     cfg = run.cfg
     prompts = read_prompts(cfg.sample_prompts)
@@ -198,7 +160,7 @@ def sample_grid(run, path: Path, title: str) -> Path | None:
         list(cfg.sample_seeds),
         cfg.sample_steps,
         cfg.sample_guidance_scale,
-        tuple(cfg.resolution),
+        cfg.resolution,
         run.device,
         run.dtype,
         cfg.clip_skip,

@@ -52,8 +52,21 @@ def _vae(scaling_factor: float):
     )
 
 
-def tiny_unet_config(family: str) -> dict:
-    common = dict(
+def build_tiny(family: str):
+    """Components of the tiny model of ``family`` (sd15, sdxl): unet, vae, text_encoders, tokenizers (all
+    float32, eval mode). Each family says its own UNet and text stack (families/)."""
+    from .families import get_family
+
+    return get_family(family).build_tiny()
+
+
+def build_components(unet_config: dict, latent_scale: float, second_text_encoder: bool):
+    """A tiny pipeline's components: a two-block UNet with the family's ``unet_config`` on top of the shared
+    layout, a tiny VAE, one CLIP text encoder (and a second, projecting one for SDXL's layout)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    layout = dict(
         sample_size=8,
         in_channels=4,
         out_channels=4,
@@ -62,38 +75,17 @@ def tiny_unet_config(family: str) -> dict:
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
     )
-    if family == "sd15":
-        return {**common, "cross_attention_dim": 32, "attention_head_dim": 8}
-    if family == "sdxl":
-        return {
-            **common,
-            "attention_head_dim": (2, 4),
-            "use_linear_projection": True,
-            "addition_embed_type": "text_time",
-            "addition_time_embed_dim": 8,
-            "transformer_layers_per_block": (1, 2),
-            "projection_class_embeddings_input_dim": 6 * 8 + 32,
-            "cross_attention_dim": 64,
-        }
-    raise ValueError(f"no tiny model for family {family!r}")
-
-
-def build_tiny(family: str) -> dict:
-    """Components of a tiny pipeline: unet, vae, text_encoders, tokenizers (all float32, eval mode)."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(TINY_SEED)
-        unet = UNet2DConditionModel(**tiny_unet_config(family))
+        unet = UNet2DConditionModel(**layout, **unet_config)
         torch.manual_seed(TINY_SEED + 1)
-        vae = _vae(0.18215 if family == "sd15" else 0.13025)
+        vae = _vae(latent_scale)
         torch.manual_seed(TINY_SEED + 2)
         te1 = CLIPTextModel(_text_config())
         encoders: list[torch.nn.Module] = [te1]
         tokenizers = [clip_tokenizer()]
-        if family == "sdxl":
+        if second_text_encoder:
             torch.manual_seed(TINY_SEED + 3)
             encoders.append(CLIPTextModelWithProjection(_text_config()))
             tokenizers.append(clip_tokenizer(pad_token="!"))

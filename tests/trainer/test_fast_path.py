@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import remote.trainer.loop as loop
+import remote.trainer.step as step_mod
 from remote.events import EventWriter, read_events
 from remote.trainer.graphs import StepInputs
 from remote.trainer.lora import LoRAModule
@@ -102,7 +103,7 @@ def test_bf16_throughout_trains_like_autocast(make_config, monkeypatch):
         return [e.loss for e in events if e.event == "step"]
 
     direct = losses("direct")
-    monkeypatch.setattr(loop, "uses_autocast", lambda run: True)
+    monkeypatch.setattr(step_mod, "uses_autocast", lambda run: True)
     autocast = losses("autocast")
     assert len(direct) == len(autocast) == 12
     for a, b in zip(direct, autocast, strict=True):
@@ -183,7 +184,7 @@ def test_gradient_clipping_scales_the_flat_gradients_like_torch():
     before = [p.detach().clone() for p in params]
     optimizer = torch.optim.SGD(params, lr=1.0)
     run = SimpleNamespace(scaler=None, cfg=SimpleNamespace(max_grad_norm=0.5), network=network, optimizer=optimizer)
-    loop.apply_gradients(run)
+    step_mod.apply_gradients(run)
     for param, old, grad, twin in zip(params, before, expected, twins, strict=True):
         torch.testing.assert_close(old - param.detach(), grad * scale)
         torch.testing.assert_close(old - param.detach(), twin.grad)
@@ -214,7 +215,7 @@ def test_steps_overlap_except_where_host_work_reads_the_weights(make_config, mon
     # the trainer's clock, as a counter: on the CPU a step's time is the clock's advance during its own launch
     monkeypatch.setenv("RENTRAIN_DEVICE", "cpu")
     ticks = itertools.count()
-    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks)), time=time.time))
+    monkeypatch.setattr(step_mod, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks)), time=time.time))
     log = Path(cfg.output_dir) / "events.jsonl"
     loop.train(cfg, EventWriter(log, stream=io.StringIO()))
     assert order == [
@@ -258,8 +259,8 @@ def test_host_learning_rates_are_the_rates_the_schedule_gave_the_groups():
         optimizer.step()
         scheduler.step()
         expected = {g["name"]: float(g["lr"]) for g in optimizer.param_groups}
-        assert loop.host_learning_rates(run) == pytest.approx(expected)
-    assert loop.host_learning_rates(run)["unet"] == pytest.approx(1e-3 * 7 / 10)
+        assert step_mod.host_learning_rates(run) == pytest.approx(expected)
+    assert step_mod.host_learning_rates(run)["unet"] == pytest.approx(1e-3 * 7 / 10)
 
 
 def test_a_failed_launch_still_reports_the_step_before_it(make_config, monkeypatch):

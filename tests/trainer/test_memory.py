@@ -175,10 +175,10 @@ def test_a_state_resumes_only_with_the_optimizer_it_was_trained_with(make_config
 
 
 def test_the_trainer_plans_from_the_cards_memory_and_its_cap(make_config, monkeypatch):
-    """loop.fit_memory reads the card's size and the process's memory fraction (what --cap-gib sets)."""
+    """run_setup.fit_memory reads the card's size and the process's memory fraction (what --cap-gib sets)."""
     import torch
 
-    from remote.trainer import loop
+    from remote.trainer import run_setup
     from remote.trainer.distributed import Ranks
     from remote.trainer.lora import LoRANetwork
     from remote.trainer.models import load_model
@@ -201,7 +201,7 @@ def test_the_trainer_plans_from_the_cards_memory_and_its_cap(make_config, monkey
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", fraction)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     # a tiny model fits anywhere: planned as configured, against half of the 24 GiB card
-    _fitted, micro_batch, text = loop.fit_memory(
+    _fitted, micro_batch, text = run_setup.fit_memory(
         cfg, bundle, dataset, network, torch.device("cuda"), torch.bfloat16, None, Ranks()
     )
     assert seen["device"] == 0  # torch wants the index: a bare "cuda" device is refused there

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from remote.trainer.lora import LoRANetwork, diffusers_to_sgm, select_te_targets, select_unet_targets
+from remote.trainer.families.sdxl import diffusers_to_sgm
+from remote.trainer.lora import LoRANetwork, select_te_targets, select_unet_targets
 
 SD15_UNET = dict(
     sample_size=64,

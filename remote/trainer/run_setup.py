@@ -1,0 +1,316 @@
+"""Building a run: device, seed, base model, dataset, LoRA, memory plan, fast path, optimizer; then the caches
+(latents, frozen text-encoder outputs) that every step reads."""
+
+from __future__ import annotations
+
+import os
+import random
+import secrets
+import time
+import uuid
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from remote.config import TrainConfig
+from remote.events import EventWriter
+
+from . import data as data_mod
+from . import memory
+from .distributed import Ranks, barrier, broadcast_int, broadcast_parameters, min_across
+from .families.base import ModelFamily, Objective
+from .lora import LoRANetwork
+from .models import ModelBundle, encode, load_model, tokenize
+from .optim import make_optimizer, make_scheduler
+from .speed import FastPath
+from .state import Position
+from .step import apply_gradients, autocast, backward_pass, compute_description
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class OutputExistsError(Exception):
+    """The final file exists already; rentrain never overwrites a finished LoRA."""
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    bundle: ModelBundle
+    family: ModelFamily  # the base model's family: its text encoding, prediction, naming (families/)
+    objective: Objective  # the noise schedule and training target
+    dataset: data_mod.Dataset
+    network: LoRANetwork
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    scaler: torch.amp.GradScaler | None
+    device: torch.device
+    dtype: torch.dtype
+    seed: int
+    name: str
+    output_dir: Path
+    writer: EventWriter
+    position: Position
+    speed: FastPath
+    text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    stop_requested: bool = False
+    ranks: Ranks = field(default_factory=Ranks)
+    choices: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # set-up phases, seconds
+    micro_batch: int | None = None  # images per forward/backward when memory planning splits batches
+
+
+def output_names(cfg: TrainConfig) -> str:
+    return cfg.output_name or "last"
+
+
+def final_path(cfg: TrainConfig) -> Path:
+    return Path(cfg.output_dir) / f"{output_names(cfg)}.safetensors"
+
+
+def pick_device(ranks: Ranks | None = None) -> torch.device:
+    wanted = os.environ.get("RENTRAIN_DEVICE")
+    if wanted:
+        device = torch.device(wanted)
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # streams, events and graphs are made on the current device
+        return device
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if ranks is not None and ranks.distributed:
+        torch.cuda.set_device(ranks.local_rank)
+        return torch.device("cuda", ranks.local_rank)
+    return torch.device("cuda")
+
+
+def setup(cfg: TrainConfig, writer: EventWriter, resume: Path | None, ranks: Ranks | None = None) -> Run:
+    ranks = ranks or Ranks()
+    device = pick_device(ranks)
+    dtype = DTYPES[cfg.mixed_precision]
+    final = final_path(cfg)
+    if final.exists() and resume is None:
+        raise OutputExistsError(
+            f"{final} already exists: rentrain does not overwrite a finished LoRA. Set another output_name, "
+            "move the file away, or resume an unfinished run with --resume"
+        )
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    seed, cfg, optimizer_choice = _seed_and_optimizer(cfg, resume, ranks)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    loading = time.perf_counter()
+    bundle = load_model(cfg, dtype, device)
+    load_seconds = time.perf_counter() - loading
+    dataset = data_mod.build_dataset(cfg, processes=ranks.world)
+    # LoRA only where a learning rate is set (kohya: text_encoder_lr = 0 -> no text-encoder LoRA).
+    unet_lr, te_lr = cfg.effective_unet_lr, cfg.effective_text_encoder_lr
+    network = LoRANetwork(
+        bundle.unet if unet_lr > 0 else None,
+        bundle.text_encoders if te_lr > 0 else [],
+        bundle.family,
+        cfg.network_dim,
+        cfg.scale_alpha,
+        cfg.conv_dim,
+        cfg.conv_alpha,
+    )
+    network.apply_to()
+    memory_choice, micro_batch = None, None
+    if device.type == "cuda" and cfg.fit_memory:
+        cfg, micro_batch, memory_choice = fit_memory(cfg, bundle, dataset, network, device, dtype, resume, ranks)
+    speed = FastPath.for_run(device, cfg.cuda_graphs)
+    _place_models(cfg, bundle, network, speed, device, dtype, ranks)
+
+    use_scaler = dtype == torch.float16 and not cfg.full_fp16
+    optimizer, optimizer_label = make_optimizer(
+        cfg.optimizer_type,
+        network.param_groups(unet_lr, te_lr),
+        unet_lr or te_lr,
+        cfg.optimizer_args,
+        device,
+        graphable=speed.graphable_optimizer(use_scaler),
+    )
+    plan = dataset.plan
+    warmup = cfg.warmup_steps_for(plan.total_steps)
+    scheduler = make_scheduler(
+        optimizer, cfg.lr_scheduler, warmup, plan.total_steps, cfg.lr_scheduler_num_cycles, cfg.lr_scheduler_power
+    )
+    position = Position(
+        step=0,
+        epoch=0,
+        batch=0,
+        seed=seed,
+        total_steps=plan.total_steps,
+        steps_per_epoch=plan.steps_per_epoch,
+        batches_per_epoch=plan.batches_per_epoch,
+        batch_size=cfg.batch_size,
+        model=cfg.pretrained_model_name_or_path,
+        family=bundle.family,
+        processes=ranks.world,
+        optimizer_type=cfg.optimizer_type,
+    )
+    run = Run(
+        cfg=cfg,
+        bundle=bundle,
+        family=bundle.spec,
+        objective=bundle.objective(),
+        dataset=dataset,
+        network=network,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler(device.type, enabled=use_scaler) if use_scaler else None,
+        device=device,
+        dtype=dtype,
+        seed=seed,
+        name=output_names(cfg),
+        output_dir=Path(cfg.output_dir),
+        writer=writer,
+        position=position,
+        speed=speed,
+        ranks=ranks,
+        timings={"load_weights": load_seconds},
+        micro_batch=micro_batch,
+    )
+    speed.start(partial(backward_pass, run), partial(apply_gradients, run), optimizer, optimizer_label, use_scaler)
+    if ranks.distributed:
+        run.choices.append(
+            f"data parallel: {ranks.world} processes, {ranks.world} x batch_size = {ranks.world * cfg.batch_size} "
+            "images per step (x gradient_accumulation_steps)"
+        )
+    run.choices.append(f"compute: {compute_description(run)}")
+    run.choices += [c for c in (memory_choice, optimizer_choice) if c] + speed.choices
+    run.info = _run_info(run, optimizer_label, warmup)
+    return run
+
+
+def _seed_and_optimizer(cfg: TrainConfig, resume: Path | None, ranks: Ranks) -> tuple[int, TrainConfig, str | None]:
+    """The run's seed (the resumed state's), and its config with the optimizer a resumed state needs."""
+    seed = broadcast_int(cfg.seed if cfg.seed is not None else secrets.randbelow(2**31), ranks)
+    if resume is None:
+        return seed, cfg, None
+    from .state import read_position
+
+    saved = read_position(resume)
+    if saved.optimizer_type.lower() == "adamw8bit" and cfg.optimizer_type.lower() == "adamw":
+        cfg = cfg.model_copy(update={"optimizer_type": "AdamW8bit"})
+        return saved.seed, cfg, "optimizer: AdamW8bit, as the resumed state was trained (memory planning chose it)"
+    return saved.seed, cfg, None
+
+
+def _place_models(
+    cfg: TrainConfig,
+    bundle: ModelBundle,
+    network: LoRANetwork,
+    speed: FastPath,
+    device: torch.device,
+    dtype: torch.dtype,
+    ranks: Ranks,
+) -> None:
+    """The frozen base in the mixed-precision dtype on the device; the LoRA fp32 unless full_fp16/bf16, on
+    its flat buffers (the same on every rank); gradient checkpointing where configured or planned."""
+    bundle.unet.to(device, dtype)
+    speed.prepare_denoiser(bundle.unet, dtype)
+    for encoder in bundle.text_encoders:
+        encoder.to(device, dtype)
+    network.to(device, dtype if (cfg.full_fp16 or cfg.full_bf16) else torch.float32)
+    flat = speed.flat_buffers(network, dtype)
+    broadcast_parameters(flat.master, ranks)
+    if cfg.gradient_checkpointing:
+        bundle.unet.enable_gradient_checkpointing()
+        bundle.unet.train()
+        if cfg.effective_text_encoder_lr > 0:
+            for encoder in bundle.text_encoders:
+                # non-reentrant, said explicitly: with frozen embeddings as its input, reentrant checkpointing
+                # (transformers 4's default) cuts the graph and the text-encoder LoRA gets no gradient
+                encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                encoder.train()
+
+
+def _run_info(run: Run, optimizer_label: str, warmup: int) -> dict[str, Any]:
+    """What the LoRA file's metadata says about the run (lora.build_metadata)."""
+    dataset = run.dataset
+    return {
+        "session_id": uuid.uuid4().int % (2**31),
+        "started_at": time.time(),
+        "seed": run.seed,
+        "optimizer": optimizer_label,
+        "warmup_steps": warmup,
+        "total_steps": dataset.plan.total_steps,
+        "epochs": dataset.plan.epochs,
+        "batches_per_epoch": dataset.plan.batches_per_epoch,
+        "num_train_images": sum(r.repeats for r in dataset.records if not r.is_reg),
+        "num_reg_images": sum(r.repeats for r in dataset.records if r.is_reg),
+        "tag_frequency": data_mod.tag_frequency(dataset.records),
+        "dataset_dirs": {
+            r.subset: {"n_repeats": r.repeats, "img_count": sum(1 for x in dataset.records if x.subset == r.subset)}
+            for r in dataset.records
+            if not r.is_reg
+        },
+        "bucket_info": {"buckets": dataset.plan.bucket_samples},
+        "warnings": dataset.warnings,
+        **run.bundle.info,
+    }
+
+
+def fit_memory(
+    cfg: TrainConfig,
+    bundle: ModelBundle,
+    dataset: data_mod.Dataset,
+    network: LoRANetwork,
+    device: torch.device,
+    dtype: torch.dtype,
+    resume: Path | None,
+    ranks: Ranks,
+) -> tuple[TrainConfig, int | None, str]:
+    """The fastest setting that fits this GPU (memory.py): (config, micro-batch or None, what was chosen).
+    Every rank plans for the smallest budget among them, so that all make the same choice."""
+    text_on_gpu = cfg.trains_text_encoder or not data_mod.captions_are_static(cfg)
+    resident = [bundle.unet, *(bundle.text_encoders if text_on_gpu else [])]
+    bytes_per_value = torch.finfo(dtype).bits // 8
+    footprint = memory.Footprint(
+        family=bundle.family,
+        weights_gib=sum(p.numel() for m in resident for p in m.parameters()) * bytes_per_value / memory.GIB,
+        lora_params=sum(p.numel() for p in network.parameters()),
+        pixels=max(r.bucket[0] * r.bucket[1] for r in dataset.records),
+        activation_scale=bytes_per_value / 2,
+    )
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda index: 1.0)(index)
+    budget = min_across(
+        memory.budget_from_device(torch.cuda.get_device_properties(index).total_memory, fraction), ranks
+    )
+    return memory.fit_config(cfg, footprint, budget, resuming=resume is not None)
+
+
+def prepare_caches(run: Run) -> dict[str, float]:
+    """Latents (disk-cached) and, when the text encoders are frozen, their outputs. Returns timings."""
+    cfg, bundle = run.cfg, run.bundle
+    started = time.perf_counter()
+    if not run.ranks.main:  # rank 0 fills the shared disk cache; the others then read it
+        barrier(run.ranks)
+    encoded, _ = data_mod.cache_latents(run.dataset, bundle.vae, run.family.latent_scale, run.device, cfg.flip_aug)
+    if run.ranks.main:
+        barrier(run.ranks)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    timings = {"cache_latents": time.perf_counter() - started, "latents_encoded": float(encoded)}
+    started = time.perf_counter()
+    if not cfg.trains_text_encoder and data_mod.captions_are_static(cfg):
+        captions = sorted({data_mod.base_caption(cfg, r.caption) for r in run.dataset.records})
+        with torch.no_grad(), autocast(run):
+            for start in range(0, len(captions), 32):
+                chunk = captions[start : start + 32]
+                context, pooled = encode(bundle, tokenize(bundle, chunk, cfg.max_token_length), cfg.clip_skip)
+                for i, caption in enumerate(chunk):
+                    run.text_cache[caption] = (context[i], None if pooled is None else pooled[i])
+        for encoder in bundle.text_encoders:  # not needed again until samples are drawn
+            encoder.to("cpu")
+    if run.device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(run.device)  # step events report training memory, not the VAE's
+    timings["cache_text"] = time.perf_counter() - started
+    return timings
