@@ -20,7 +20,7 @@ Attention runs as one flash-attention kernel forward and one backward, as on the
 the math decomposition the meta device would otherwise take (which would count an N x N score matrix in
 memory). The AdamW update is not run (torch's fused AdamW cannot run on the meta device); its bytes are added
 as ADAMW_BYTES_PER_PARAM per LoRA parameter: it reads weight, gradient and both moments and writes weight and
-both moments, all float32. Gradient checkpointing is not counted: rentrain.costs takes its measured factor.
+both moments, all float32. Gradient checkpointing is not counted: rentrain.speed_model takes its measured factor.
 
 Six cases per family separate the parts that rentrain/step_work.py scales: the reference settings (SD 1.5
 512px batch 4, UNet + text encoder LoRA; SDXL 1024px batch 2, UNet LoRA; dim 32), batch 1, LoRA dim 64, and
@@ -275,8 +275,9 @@ PREDICTED = (
 
 def predict() -> None:
     """The model's step time (never a measured figure) on the H100 SXM and H200 for each train_speed.py run."""
-    from rentrain.costs import JobProfile, modelled_step
     from rentrain.gpu_specs import spec_for
+    from rentrain.job_profile import JobProfile
+    from rentrain.speed_model import modelled_step
 
     print("| bench/train_speed.py case | H100 SXM modelled ms (range) | H200 modelled ms (range) |\n|---|---|---|")
     for family, resolution, batch, te, case in PREDICTED:

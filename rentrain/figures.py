@@ -1,4 +1,4 @@
-"""A figure of the cost model with its kind and source (rentrain.costs, rentrain.setup_time)."""
+"""A figure of the cost model with its kind and source (rentrain.speed_model, rentrain.setup_time, rentrain.costs)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """What each GPU model can do on paper: dense bf16 tensor throughput, memory bandwidth and memory, one row per
-model and memory size, each with its source (docs/costs.md explains how rentrain.costs uses them).
+model and memory size, each with its source (docs/costs.md explains how rentrain.speed_model uses them).
 
 bf16_tflops is the dense (no sparsity) rate of 16-bit tensor products with float32 accumulation, the rate
 PyTorch's bf16 matrix products and convolutions run at. Datasheets quote the sparse rate (halved here) or, for
@@ -19,7 +19,7 @@ from typing import Literal
 SpecKind = Literal["published", "derived"]
 
 # How well a card's tensor cores are kept busy by a training step, relative to the Hopper cards the trainer
-# was measured on (rentrain.costs.EFFICIENCY gives each class its factor and the evidence for it).
+# was measured on (rentrain.speed_model.EFFICIENCY gives each class its factor and the evidence for it).
 EfficiencyClass = Literal["hopper", "datacenter", "pro", "geforce"]
 
 

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from rentrain.ledger import JobRun, Ledger, default_ledger_path
 
 if TYPE_CHECKING:  # rentrain.costs may import this module to prefer these figures
-    from rentrain.costs import JobProfile
+    from rentrain.job_profile import JobProfile
 
 # The first steps of each trainer start are warm-up (CUDA kernels chosen, allocator grown, caches filled): the
 # median leaves out the first WARM_UP_FRACTION of the steps that start runs, or WARM_UP_MIN_STEPS, whichever is more.
@@ -115,7 +115,7 @@ def settings_key(profile: JobProfile) -> str:
     take the same time per step."""
     width, height = profile.resolution
     parts = [
-        profile.family,
+        profile.model_key,
         f"{width}x{height}",
         f"batch{profile.batch_size}",
         f"rank{profile.network_dim}",

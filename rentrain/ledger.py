@@ -394,7 +394,7 @@ class JobRun(BaseModel):
     provider: str
     gpu_model: str  # normalised, as offers name it ("RTX 4090")
     gpu_count: int
-    family: str  # the cost model's (rentrain.costs ModelFamily)
+    family: str  # the model family (remote.trainer.families), "-tiny" for a builtin tiny model (JobProfile)
     settings_key: str  # the settings that change the step time (rentrain.history.settings_key)
     seconds_per_step: float | None  # the median after warm-up (rentrain.history.median_after_warm_up); None: too few
     steps_measured: int

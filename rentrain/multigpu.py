@@ -14,7 +14,7 @@ import importlib.util
 
 from remote.buckets import StepPlan
 from remote.config import TrainConfig
-from rentrain.costs import steps_per_epoch
+from rentrain.job_profile import steps_per_epoch
 
 MIN_GPUS = 1
 MAX_GPUS = 8  # one machine; remote.config's [rentrain] gpu_count has the same bounds

@@ -15,9 +15,10 @@ from providers import registry
 from providers.base import Offer, Provider, ProviderError, ReportsSkippedRows, Requirements, Unsupported
 from providers.gpu_names import normalise_gpu_name
 from remote.config import JobSettings
-from rentrain.costs import JobEstimate, JobProfile, estimate_job
+from rentrain.costs import JobEstimate, estimate_job
 from rentrain.credentials import CredentialsError, open_provider
 from rentrain.history import JobHistory
+from rentrain.job_profile import JobProfile
 
 # The RunPod catalog's stock level: NONE means the scheduler has nothing to place us on.
 NO_STOCK = "NONE"

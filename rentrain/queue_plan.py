@@ -17,8 +17,9 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from remote.config import LoadedConfig
-from rentrain.costs import SECONDS_PER_HOUR, JobEstimate, JobProfile, estimate_job, guess_model_family, share_setup
+from rentrain.costs import SECONDS_PER_HOUR, JobEstimate, estimate_job, share_setup
 from rentrain.history import JobHistory
+from rentrain.job_profile import JobProfile, guess_model_family
 from rentrain.offers import RankedOffer, requirements_from
 
 QUEUE_FILE_SUFFIXES = (".txt", ".queue")

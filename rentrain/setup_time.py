@@ -13,10 +13,11 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal, get_args
 
 from providers.base import Offer
+from remote.trainer.families import family_facts
 from rentrain.figures import Figure
 
 if TYPE_CHECKING:
-    from rentrain.costs import JobProfile, ModelFamily
+    from rentrain.job_profile import JobProfile
 
 Phase = Literal[
     "image_pull", "bootstrap", "model_download", "upload", "latent_cache", "text_cache", "samples", "fetch", "teardown"
@@ -76,17 +77,10 @@ SETUP: dict[str, Figure] = {
     "png_bytes_per_pixel": Figure(1.5, "assumed", "a PNG of generated images: about half the 3 bytes of a raw pixel"),
 }
 
-# Base model download sizes, GB.
-MODEL_DOWNLOAD_GB: dict[ModelFamily, Figure] = {
-    "sd15": Figure(2.1, "published", "runwayml v1-5-pruned-emaonly fp16 safetensors, ~2.1 GB"),
-    "sdxl": Figure(6.9, "published", "stabilityai sd_xl_base_1.0.safetensors, 6.94 GB"),
-    "tiny": Figure(0.0, "published", "builtin: generated on the instance"),
-}
-
 
 def transfer_gb(profile: JobProfile) -> dict[str, float]:
     """GB each phase moves: in to the instance, except the fetch (OUTBOUND)."""
-    model_gb = 0.0 if profile.local_model_bytes else MODEL_DOWNLOAD_GB[profile.family].value
+    model_gb = 0.0 if profile.local_model_bytes or profile.builtin_tiny else model_download_gb(profile.family).value
     return {
         "image_pull": SETUP["image_gb"].value,
         "bootstrap": SETUP["install_gb"].value,
@@ -173,3 +167,9 @@ def bandwidth_usd(transfer: Mapping[str, float], offer: Offer) -> float:
     gb_out = sum(gb for phase, gb in transfer.items() if phase in OUTBOUND)
     gb_in = sum(transfer.values()) - gb_out
     return gb_in * (offer.inet_down_usd_per_gb or 0.0) + gb_out * (offer.inet_up_usd_per_gb or 0.0)
+
+
+def model_download_gb(family: str) -> Figure:
+    """The size of the family's usual base-model checkpoint (remote.trainer.families), downloaded on the instance."""
+    facts = family_facts(family)
+    return Figure(facts.download_gb, "published", facts.download_source)

@@ -20,10 +20,10 @@ from rentrain.cli_types import Number, setting_type, timing_overrides
 from rentrain.commands.check import checked_config
 from rentrain.commands.run import ResumeFrom, _refuse_if_impossible, _run_rented, notifier_from, notify_option
 from rentrain.commands.run_common import refuse_to_overwrite
-from rentrain.costs import steps_per_epoch
 from rentrain.job import RunSettings
 from rentrain.job_config import with_train_overrides
 from rentrain.job_news import JobNews
+from rentrain.job_profile import steps_per_epoch
 from rentrain.ledger import JobRecord, Ledger, settings_of
 from rentrain.multigpu import describe_data_parallel
 from rentrain.progress import plain_printer

@@ -29,17 +29,12 @@ from rentrain.commands.offers import (
     scaling_note,
     span,
 )
-from rentrain.costs import (
-    JobEstimate,
-    JobProfile,
-    scaling_efficiency,
-    seconds_per_image,
-    seconds_per_step,
-    steps_on,
-)
+from rentrain.costs import JobEstimate, seconds_per_image
 from rentrain.gpu_specs import GPU_SPECS, specs_of
+from rentrain.job_profile import JobProfile, steps_on
 from rentrain.offers import RankedOffer, find_offers, provider_names, requirements_from
 from rentrain.setup_time import OUTBOUND, PHASES, setup_seconds
+from rentrain.speed_model import scaling_efficiency, seconds_per_step
 
 
 def best_per(ranked: list[RankedOffer], key: str) -> list[RankedOffer]:

@@ -49,12 +49,12 @@ from rentrain.cli_types import timing_overrides
 from rentrain.commands.offers import money
 from rentrain.commands.queues import attach_queue, cancel_waiting_jobs, print_queues
 from rentrain.commands.run import _drive, detach_when_taken_over, notifier_from
-from rentrain.costs import profile_from_check
 from rentrain.credentials import CredentialsError, MissingApiKey, open_provider
 from rentrain.dataset_check import inspect_dataset
 from rentrain.job import JobFailed, JobRunner, RunSettings, Session
 from rentrain.job_config import job_config
 from rentrain.job_news import JobNews
+from rentrain.job_profile import profile_from_check
 from rentrain.ledger import ClientLock, IllegalTransition, JobRecord, Ledger, LockHeld, QueueRecord, client_alive
 from rentrain.notify import Notification, Notifier, NotifyConfigError
 from rentrain.offers import find_offers, requirements_from

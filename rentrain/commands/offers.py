@@ -15,14 +15,8 @@ from providers import registry
 from providers.base import Offer, Requirements
 from rentrain.cli_types import Number, setting_type
 from rentrain.commands.check import checked_config
-from rentrain.costs import (
-    Interconnect,
-    JobEstimate,
-    JobProfile,
-    interconnect_efficiency,
-    profile_from_check,
-    steps_on,
-)
+from rentrain.costs import JobEstimate
+from rentrain.job_profile import JobProfile, profile_from_check, steps_on
 from rentrain.multigpu import MAX_GPUS, MIN_GPUS, GpuCountError, check_gpu_count
 from rentrain.offers import (
     OfferSearch,
@@ -33,6 +27,7 @@ from rentrain.offers import (
     provider_names,
     requirements_from,
 )
+from rentrain.speed_model import Interconnect, interconnect_efficiency
 
 PROVIDER_CHOICES = ["all", *registry.MARKETS]
 MAX_ROWS = 10_000
@@ -74,7 +69,7 @@ def scaling_note(gpus: int, items: list[RankedOffer] | None = None) -> str | Non
     return (
         f"{gpus} GPUs, data parallel: steps per epoch / {gpus}, each step / the scaling efficiency ({efficiencies}), "
         f"so time ~ one GPU's / ({gpus} x efficiency). The efficiency is ASSUMED from published DDP scaling, not "
-        "measured by rentrain (rentrain.costs.DATA_PARALLEL_EFFICIENCY); consumer cards without GPU peer-to-peer "
+        "measured by rentrain (rentrain.speed_model.DATA_PARALLEL_EFFICIENCY); consumer cards without GPU peer-to-peer "
         "may scale worse."
     )
 

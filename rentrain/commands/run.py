@@ -23,10 +23,11 @@ from rentrain.commands.check import checked_config
 from rentrain.commands.offers import gpus_option, scaling_note
 from rentrain.commands.run_common import ask_destroy, destroy_now, refuse_to_overwrite
 from rentrain.commands.run_queue import QueueOptions, run_queue
-from rentrain.costs import JobEstimate, profile_from_check, steps_on
+from rentrain.costs import JobEstimate
 from rentrain.credentials import CredentialsError, open_provider
 from rentrain.job import DetachRequested, HostLost, JobFailed, JobRunner, RunSettings, new_job_id
 from rentrain.job_news import JobNews
+from rentrain.job_profile import profile_from_check, steps_on
 from rentrain.ledger import ClientLock, JobRecord, Ledger, this_host
 from rentrain.local_run import LocalTrainingUnavailable, ensure_training_stack, run_trainer
 from rentrain.multigpu import GpuCountError, describe_data_parallel, local_cuda_devices, local_gpus_note, plan_with_gpus

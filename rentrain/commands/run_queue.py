@@ -23,12 +23,13 @@ from providers.base import Offer, Provider
 from remote.config import LoadedConfig
 from rentrain.commands.check import BAD_INPUT, CheckResult, print_check, run_check
 from rentrain.commands.run_common import ask_destroy, destroy_now, refuse_to_overwrite
-from rentrain.costs import JobEstimate, JobProfile, estimate_job, profile_from_check
+from rentrain.costs import JobEstimate, estimate_job
 from rentrain.credentials import CredentialsError, open_provider
 from rentrain.history import JobHistory
 from rentrain.job import DetachRequested, RunSettings, new_job_id
 from rentrain.job_news import JobNews
 from rentrain.job_phases.context import clock_time
+from rentrain.job_profile import JobProfile, profile_from_check
 from rentrain.ledger import ClientLock, JobRecord, Ledger, LockHeld, QueueRecord, this_host
 from rentrain.notify import Notifier
 from rentrain.offers import find_offers, requirements_from

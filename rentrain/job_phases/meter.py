@@ -29,9 +29,9 @@ from contextlib import contextmanager
 from providers.base import Offer
 from remote.config import LoadedConfig
 from remote.events import Event, SampleEvent, StartEvent, StepEvent
-from rentrain.costs import profile_from_check
 from rentrain.dataset_check import inspect_dataset
 from rentrain.history import BYTES_PER_GB, after_warm_up, settings_key
+from rentrain.job_profile import profile_from_check
 from rentrain.ledger import InstanceRecord, JobRecord, JobRun, Ledger
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ def _record(ledger: Ledger, job: JobRecord, loaded: LoadedConfig, meter: JobMete
         provider=job.provider,
         gpu_model=gpu_model_of(trained_on, offer),
         gpu_count=trained_on.gpu_count,
-        family=profile.family,
+        family=profile.model_key,
         settings_key=settings_key(profile),
         seconds_per_step=meter.seconds_per_step(),
         steps_measured=len(meter.step_seconds),

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 
 from remote.events import DoneEvent, SampleEvent, StartEvent, StepEvent
-from rentrain.costs import JobProfile, estimate_job, profile_from_config
+from rentrain.costs import estimate_job
 from rentrain.history import BILLED_PHASES, JobHistory, after_warm_up, settings_key, warm_up_steps
 from rentrain.job import JobRunner
 from rentrain.job_phases import prepare as prepare_phase
 from rentrain.job_phases.meter import JobMeter
+from rentrain.job_profile import JobProfile, profile_from_config
 from rentrain.ledger import JobRun, Ledger
 from rentrain.transport import FetchBudget
 from rentrain.upload_list import list_dataset_files
@@ -166,7 +167,7 @@ def test_bandwidth_is_the_bytes_at_the_offers_rates_the_instance_receiving_the_u
 # ------------------------------------------------------------------------------------------ history
 
 
-def test_speed_from_history_is_the_median_of_the_runs_on_that_gpu_at_those_settings(tmp_path: Path) -> None:
+def test_the_speed_from_history_is_the_median_of_the_runs_on_that_gpu_at_those_settings(tmp_path: Path) -> None:
     ledger = _ledger_with_jobs(tmp_path, *[f"j{i}" for i in range(1, 7)])
     ledger.record_run(_run("j1", seconds_per_step=0.50))
     ledger.record_run(_run("j2", seconds_per_step=0.60))
@@ -249,7 +250,7 @@ def test_a_finished_job_records_what_it_measured(tmp_path: Path, monkeypatch: py
 
     [run] = runner.ledger.job_runs("j1")
     dataset = list_dataset_files(runner.loaded.train.train_data_dir, runner.loaded.train.caption_extension).bytes
-    assert (run.provider, run.gpu_model, run.gpu_count, run.family) == ("vast", "RTX 4090", 1, "tiny")
+    assert (run.provider, run.gpu_model, run.gpu_count, run.family) == ("vast", "RTX 4090", 1, "sd15-tiny")
     assert run.settings_key == settings_key(profile_from_config(EXAMPLE))
     assert (run.seconds_per_step, run.steps_measured) == (0.25, 15)  # steps 1-5 were warm-up
     assert run.bytes_up == dataset and run.model_download_bytes == 0 and run.bytes_down == 3_000_000

@@ -15,8 +15,9 @@ import pytest
 from providers.base import Offer
 from remote.config import LoadedConfig, load_config
 from rentrain.cli_types import ClockTime
-from rentrain.costs import SECONDS_PER_HOUR, JobEstimate, JobProfile, estimate_job
+from rentrain.costs import SECONDS_PER_HOUR, JobEstimate, estimate_job
 from rentrain.job_phases.context import budget_reached, deadline_reached
+from rentrain.job_profile import JobProfile
 from rentrain.ledger import ClientLock, InstanceRecord, JobRecord, Ledger, LockHeld, QueueRecord, this_host
 from rentrain.offers import RankedOffer
 from rentrain.queue_plan import (

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from providers.base import Offer
-from rentrain.costs import JobEstimate, JobProfile, estimate_job, profile_from_config
+from rentrain.costs import JobEstimate, estimate_job
+from rentrain.job_profile import JobProfile, profile_from_config
 from rentrain.setup_time import SETUP, fetch_bytes, lora_parameters, setup_seconds, transfer_gb
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tiny" / "config.toml"
@@ -60,7 +61,7 @@ def test_the_upload_counts_only_what_outlasts_the_installs_and_the_model_downloa
     big = setup_seconds(sd15(dataset_bytes=2_000_000_000), vast())
     alone = 2e9 * 8 / (SETUP["user_upload_mbps"].value * 1e6)
     assert big["upload"] == pytest.approx(alone - big["bootstrap"] - big["model_download"])
-    tiny = sd15(family="tiny", dataset_bytes=2_000_000_000)  # no model download beside it
+    tiny = sd15(builtin_tiny=True, dataset_bytes=2_000_000_000)  # no model download beside it
     capped = setup_seconds(tiny, vast(download_mbps=10))  # the host's downlink is the slower end
     assert capped["model_download"] == 0
     assert capped["upload"] == pytest.approx(2e9 * 8 / 10e6 - capped["bootstrap"])

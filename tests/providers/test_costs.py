@@ -7,15 +7,12 @@ from pathlib import Path
 import pytest
 
 from providers.base import Offer
-from rentrain import costs, setup_time
-from rentrain.costs import (
-    JobProfile,
-    estimate_job,
-    guess_model_family,
-    profile_from_config,
-    seconds_per_step,
-)
+from remote.trainer.families import FAMILIES
+from rentrain import setup_time, speed_model
+from rentrain.costs import estimate_job
+from rentrain.job_profile import JobProfile, guess_model_family, profile_from_config
 from rentrain.setup_time import setup_seconds
+from rentrain.speed_model import seconds_per_step
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tiny" / "config.toml"
 
@@ -31,8 +28,8 @@ def sd15(**kw) -> JobProfile:
 @pytest.mark.parametrize(
     ("model", "sdxl_flag", "family"),
     [
-        ("builtin:tiny-sd15", None, "tiny"),
-        ("builtin:tiny-sdxl", None, "tiny"),
+        ("builtin:tiny-sd15", None, "sd15"),
+        ("builtin:tiny-sdxl", None, "sdxl"),
         ("stabilityai/stable-diffusion-xl-base-1.0", None, "sdxl"),
         ("/models/ponyDiffusionV6.safetensors", None, "sdxl"),
         ("stable-diffusion-v1-5/stable-diffusion-v1-5", None, "sd15"),
@@ -65,11 +62,11 @@ def test_checkpointing_and_accumulation_scale_the_step_and_its_range():
 
 
 def test_every_number_has_a_kind_and_a_source():
-    figures = [*setup_time.SETUP.values(), *setup_time.MODEL_DOWNLOAD_GB.values()]
-    figures += [costs.MEASURED_SPREAD, costs.MAX_TENSOR_FRACTION]
-    figures += [costs.FP32_TENSOR_RATE, costs.FP32_UNCERTAINTY]
-    figures += [costs.TINY_SECONDS_PER_STEP, costs.TINY_BATCH_MARGINAL, costs.TINY_RANGE]
-    for figure in [*figures, *costs.EFFICIENCY.values()]:
+    figures = [*setup_time.SETUP.values(), *(setup_time.model_download_gb(name) for name in FAMILIES)]
+    figures += [speed_model.MEASURED_SPREAD, speed_model.MAX_TENSOR_FRACTION]
+    figures += [speed_model.FP32_TENSOR_RATE, speed_model.FP32_UNCERTAINTY]
+    figures += [speed_model.TINY_SECONDS_PER_STEP, speed_model.TINY_BATCH_MARGINAL, speed_model.TINY_RANGE]
+    for figure in [*figures, *speed_model.EFFICIENCY.values()]:
         assert figure.kind in ("published", "derived", "measured", "assumed")
         assert len(figure.source) > 10
 
@@ -136,9 +133,9 @@ def test_cards_too_small_for_the_batch_are_estimated_with_the_trainers_memory_pl
         == seconds_per_step("RTX 4090", sd15(batch_size=4)).source
     )
     assert estimate_job(sdxl(batch_size=1), _card(8, "RTX 3060")) is None  # 6.4 GiB of weights and LoRA state alone
-    assert costs.memory_fit(sdxl(batch_size=1), 8) is None
-    assert costs.memory_fit(sd15(batch_size=12), 24) == (1.0, "")
-    fp32 = costs.memory_fit(sd15(batch_size=12, bytes_per_value=4), 24)
+    assert speed_model.memory_fit(sdxl(batch_size=1), 8) is None
+    assert speed_model.memory_fit(sd15(batch_size=12), 24) == (1.0, "")
+    fp32 = speed_model.memory_fit(sd15(batch_size=12, bytes_per_value=4), 24)
     assert fp32 is not None and fp32[0] > 1.0  # fp32 doubles the activations: batch 12 no longer fits whole
 
 
@@ -146,6 +143,6 @@ def test_profile_from_the_example_config():
     profile = profile_from_config(EXAMPLE)
     # 20 images x 10 repeats / batch 2 = 100 steps per epoch, 2 epochs
     assert profile.steps == 200
-    assert profile.family == "tiny"
+    assert profile.family == "sd15" and profile.builtin_tiny
     assert profile.batch_size == 2 and profile.images == 20
     assert profile.dataset_bytes > 0

@@ -15,11 +15,13 @@ from responses import matchers
 from providers.base import Offer
 from remote.buckets import StepPlan
 from remote.config import load_config
-from rentrain import costs
+from rentrain import job_profile, speed_model
 from rentrain.cli import main
-from rentrain.costs import JobProfile, estimate_job, profile_from_config, scaling_efficiency, steps_on
+from rentrain.costs import estimate_job
+from rentrain.job_profile import JobProfile, profile_from_config, steps_on
 from rentrain.multigpu import plan_with_gpus
 from rentrain.setup_time import setup_seconds
+from rentrain.speed_model import scaling_efficiency
 
 from .conftest import RUNPOD_URL, VAST_URL, load
 
@@ -149,9 +151,9 @@ def test_two_pcie_gpus_halve_the_steps_and_pay_the_assumed_efficiency():
     profile = sdxl_epochs()
     one = estimate_job(profile, gpu_offer("RTX 3090", 1, 0.2))
     two = estimate_job(profile, gpu_offer("RTX 3090", 2, 0.4))
-    efficiency = costs.DATA_PARALLEL_EFFICIENCY["pcie"][2].value
+    efficiency = speed_model.DATA_PARALLEL_EFFICIENCY["pcie"][2].value
     steps = 10 * math.ceil(101 / 2)
-    step_seconds = costs.seconds_per_step("RTX 3090", profile, 24).seconds_per_step / efficiency
+    step_seconds = speed_model.seconds_per_step("RTX 3090", profile, 24).seconds_per_step / efficiency
     assert two.steps == steps and two.gpus == 2
     assert two.seconds_per_step == pytest.approx(step_seconds)
     assert two.train_hours == pytest.approx(steps * step_seconds / 3600)
@@ -166,22 +168,23 @@ def test_two_pcie_gpus_halve_the_steps_and_pay_the_assumed_efficiency():
 
 
 def test_nvlink_boards_use_their_row_and_counts_between_rows_interpolate():
-    assert scaling_efficiency("H100 SXM", 8).efficiency == costs.DATA_PARALLEL_EFFICIENCY["nvlink"][8].value
-    assert scaling_efficiency("RTX 4090", 8).efficiency == costs.DATA_PARALLEL_EFFICIENCY["pcie"][8].value
-    rows = costs.DATA_PARALLEL_EFFICIENCY["pcie"]
+    assert scaling_efficiency("H100 SXM", 8).efficiency == speed_model.DATA_PARALLEL_EFFICIENCY["nvlink"][8].value
+    assert scaling_efficiency("RTX 4090", 8).efficiency == speed_model.DATA_PARALLEL_EFFICIENCY["pcie"][8].value
+    rows = speed_model.DATA_PARALLEL_EFFICIENCY["pcie"]
     assert scaling_efficiency("RTX 4090", 3).efficiency == pytest.approx((rows[2].value + rows[4].value) / 2)
     assert scaling_efficiency("RTX 4090", 6).kind == "assumed"
     assert scaling_efficiency("RTX 4090", 1).efficiency == 1.0
 
 
 def test_the_efficiency_table_is_an_assumption_and_falls_with_more_gpus():
-    for rows in costs.DATA_PARALLEL_EFFICIENCY.values():
+    for rows in speed_model.DATA_PARALLEL_EFFICIENCY.values():
         values = [rows[n].value for n in sorted(rows)]
         assert values == sorted(values, reverse=True) and all(0 < v <= 1 for v in values)
         assert all(f.kind == "assumed" and len(f.source) > 10 for f in rows.values())
     for gpus in (2, 4, 8):
         assert (
-            costs.DATA_PARALLEL_EFFICIENCY["nvlink"][gpus].value >= costs.DATA_PARALLEL_EFFICIENCY["pcie"][gpus].value
+            speed_model.DATA_PARALLEL_EFFICIENCY["nvlink"][gpus].value
+            >= speed_model.DATA_PARALLEL_EFFICIENCY["pcie"][gpus].value
         )
 
 
@@ -189,16 +192,16 @@ def test_a_fixed_step_count_stays_and_each_step_trains_more():
     profile = JobProfile(family="sdxl", steps=1000, resolution=(1024, 1024))  # max_train_steps: no epochs
     two = estimate_job(profile, gpu_offer("RTX 3090", 2, 0.4))
     assert two.steps == 1000 == steps_on(profile, 2)
-    efficiency = costs.DATA_PARALLEL_EFFICIENCY["pcie"][2].value
-    one_gpu_step = costs.seconds_per_step("RTX 3090", profile, 24).seconds_per_step
+    efficiency = speed_model.DATA_PARALLEL_EFFICIENCY["pcie"][2].value
+    one_gpu_step = speed_model.seconds_per_step("RTX 3090", profile, 24).seconds_per_step
     assert two.train_hours == pytest.approx(1000 * one_gpu_step / efficiency / 3600)
 
 
 def test_steps_per_epoch_divide_by_ranks_and_accumulation():
-    assert costs.steps_per_epoch(101, 1) == 101
-    assert costs.steps_per_epoch(101, 2) == 51
-    assert costs.steps_per_epoch(101, 2, 2) == 26
-    assert costs.steps_per_epoch(8, 8) == 1
+    assert job_profile.steps_per_epoch(101, 1) == 101
+    assert job_profile.steps_per_epoch(101, 2) == 51
+    assert job_profile.steps_per_epoch(101, 2, 2) == 26
+    assert job_profile.steps_per_epoch(8, 8) == 1
     profile = sdxl_epochs(gradient_accumulation_steps=2)
     assert steps_on(profile, 4) == 10 * math.ceil(101 / 8)
 
@@ -229,7 +232,7 @@ def test_estimate_says_the_scaling_is_assumed(mocked, markets):
     assert table.exit_code == 0, table.output
     text = " ".join(table.output.split())
     assert "ASSUMED from published DDP scaling, not measured by rentrain" in text
-    assert f"pcie {costs.DATA_PARALLEL_EFFICIENCY['pcie'][2].value:.2f}" in text
+    assert f"pcie {speed_model.DATA_PARALLEL_EFFICIENCY['pcie'][2].value:.2f}" in text
     assert "100 steps on 2 GPUs (200 on one)" in text and "2x RTX 3090" in text
 
 
@@ -251,8 +254,8 @@ def test_estimate_without_prices_still_scales(monkeypatch):
     result = CliRunner().invoke(main, ["estimate", "--config", str(EXAMPLE), "--gpus", "4", "--json"])
     data = json.loads(result.output)
     rows = {row["gpu"]: row for row in data["without_prices"]}
-    single = costs.seconds_per_step("RTX 4090", profile_from_config(EXAMPLE)).seconds_per_step
+    single = speed_model.seconds_per_step("RTX 4090", profile_from_config(EXAMPLE)).seconds_per_step
     assert rows["4x RTX 4090"]["seconds_per_step"] == pytest.approx(
-        single / costs.DATA_PARALLEL_EFFICIENCY["pcie"][4].value
+        single / speed_model.DATA_PARALLEL_EFFICIENCY["pcie"][4].value
     )
     assert "ASSUMED" in data["scaling_note"]

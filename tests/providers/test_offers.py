@@ -14,7 +14,7 @@ from responses import matchers
 
 from providers.base import Offer, ProviderDown, ProviderInfo
 from rentrain.cli import main
-from rentrain.costs import JobProfile
+from rentrain.job_profile import JobProfile
 from rentrain.offers import find_offers, meets, query_providers, rank, requirements_from
 
 from .conftest import RUNPOD_KEY, RUNPOD_URL, VAST_KEY, VAST_URL, load

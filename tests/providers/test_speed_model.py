@@ -6,11 +6,13 @@ from __future__ import annotations
 import pytest
 
 from providers.base import Offer
-from rentrain import costs
-from rentrain.costs import JobEstimate, JobProfile, estimate_job, seconds_per_step
+from rentrain import speed_model
+from rentrain.costs import JobEstimate, estimate_job
 from rentrain.gpu_specs import GPU_SPECS, spec_for
+from rentrain.job_profile import JobProfile
 from rentrain.offers import rank
 from rentrain.queue_plan import shares_on
+from rentrain.speed_model import seconds_per_step
 from rentrain.step_work import FAMILY_WORK, Work, step_work
 
 
@@ -82,12 +84,12 @@ def test_step_work_scales_by_the_stated_rules():
 def test_the_model_reproduces_every_measured_step_within_6_percent():
     """Four parameters (a tensor fraction per family, one bandwidth factor, one kernel cost) fitted to the nine
     measured runs (two GPUs, batch 1 to 4, 512 to 1024px, with and without the text encoder)."""
-    cal = costs.calibration()
-    assert len(costs.MEASURED_STEPS) == len(cal.error) == 9
-    for m, error in zip(costs.MEASURED_STEPS, cal.error, strict=True):
+    cal = speed_model.calibration()
+    assert len(speed_model.MEASURED_STEPS) == len(cal.error) == 9
+    for m, error in zip(speed_model.MEASURED_STEPS, cal.error, strict=True):
         spec = spec_for(m.gpu_model)
         assert spec is not None
-        modelled = costs.modelled_seconds(spec, m.work, cal.tensor_fraction[m.family], cal)
+        modelled = speed_model.modelled_seconds(spec, m.work, cal.tensor_fraction[m.case], cal)
         assert modelled == pytest.approx(m.seconds, rel=0.06), m
         assert error == pytest.approx(modelled / m.seconds - 1)
     assert all(0.1 < fraction < 0.6 for fraction in cal.tensor_fraction.values())
@@ -187,7 +189,7 @@ UNET_CALL = Work(flop=25.705e12, bytes=50.36e9, kernels=728)
 
 def implied_fraction(gpu: str, seconds: float) -> float:
     """The tensor fraction at which the model gives this step time on this card."""
-    cal = costs.calibration()
+    cal = speed_model.calibration()
     spec = spec_for(gpu, 40)  # the benchmark's A100 had 40 GB
     assert spec is not None
     memory = UNET_CALL.bytes / (spec.bandwidth_gbs * 1e9 * cal.bandwidth_factor)
@@ -197,7 +199,7 @@ def implied_fraction(gpu: str, seconds: float) -> float:
 
 def test_the_class_factors_contain_what_the_public_benchmark_implies():
     """Each card's tensor fraction relative to the A100's, per column of the benchmark, lies in its class's
-    stated range (rentrain.costs.EFFICIENCY), and the central factor lies among them."""
+    stated range (rentrain.speed_model.EFFICIENCY), and the central factor lies among them."""
     implied: dict[str, list[float]] = {}
     seconds_tables = (
         {gpu: [1 / v for v in values] for gpu, values in DIFFUSERS_ITERATIONS_PER_S.items()},
@@ -212,11 +214,11 @@ def test_the_class_factors_contain_what_the_public_benchmark_implies():
     for gpu, factors in implied.items():
         spec = spec_for(gpu)
         assert spec is not None
-        efficiency = costs.EFFICIENCY[spec.efficiency_class]
+        efficiency = speed_model.EFFICIENCY[spec.efficiency_class]
         assert efficiency.low <= min(factors) and max(factors) <= efficiency.high, (gpu, factors)
     geforce = [f for gpu, factors in implied.items() if gpu.startswith("RTX") for f in factors]
-    assert min(geforce) <= costs.EFFICIENCY["geforce"].factor <= max(geforce)
-    assert min(implied["A10"]) <= costs.EFFICIENCY["pro"].factor <= max(implied["A10"])
+    assert min(geforce) <= speed_model.EFFICIENCY["geforce"].factor <= max(geforce)
+    assert min(implied["A10"]) <= speed_model.EFFICIENCY["pro"].factor <= max(implied["A10"])
 
 
 # ------------------------------------------------------------------------------------------ ranges
@@ -230,7 +232,7 @@ def test_the_class_factors_contain_what_the_public_benchmark_implies():
         sd15(batch_size=1, resolution=(768, 768), trains_text_encoder=False),
         sdxl(network_dim=128, gradient_checkpointing=True),
         sd15(bytes_per_value=4),
-        JobProfile(family="tiny", steps=100, batch_size=2, resolution=(64, 64)),
+        JobProfile(family="sd15", builtin_tiny=True, steps=100, batch_size=2, resolution=(64, 64)),
     ],
 )
 def test_ranges_contain_the_point_estimate(profile):
