@@ -1,6 +1,7 @@
 """The work of one training step of rentrain's trainer, counted without a GPU: FLOPs, bytes moved, kernels.
 
-    python bench/step_work.py [--family sd15|sdxl|all] [--constants]
+    python bench/step_work.py [--family sd15|sdxl|flux|all] [--constants]
+    python bench/step_work.py --flux         # Flux.1's parameters, activations, and the scaling rule checked
     python bench/step_work.py --inference    # the diffusers benchmark's UNet call (docs/costs.md)
     python bench/step_work.py --predict      # the model's H100 / H200 times for bench/train_speed.py's runs
 
@@ -43,7 +44,26 @@ REFERENCE_RANK = 32
 REFERENCE = {  # family: (resolution, batch, trains the text encoder): bench/train_speed.py's cases
     "sd15": (512, 4, True),
     "sdxl": (1024, 2, False),
+    "flux": (1024, 2, False),  # not measured: counted only (rentrain.speed_model borrows SDXL's fraction)
 }
+# Flux.1 [dev] on the meta device: diffusers' FluxTransformer2DModel (default config, guidance embedding on),
+# the T5-XXL encoder of google/t5-v1_1-xxl (the one FLUX.1 ships), CLIP-L. Text-encoder outputs are cached
+# (T5 at its 512 tokens); a trained text encoder means CLIP-L's LoRA, with T5 run frozen every step.
+FLUX_T5 = dict(
+    d_model=4096,
+    d_ff=10240,
+    d_kv=64,
+    num_heads=64,
+    num_layers=24,
+    vocab_size=32128,
+    feed_forward_proj="gated-gelu",
+    is_encoder_decoder=False,
+)
+FLUX_TEXT_TOKENS = 512
+FLUX_PIXELS_PER_TOKEN = 16 * 16  # 8x VAE downsampling, then 2x2 patches
+# fp8_base's extra work (rentrain/step_work.py) takes the count of the frozen Linears:
+FLUX_FROZEN_LINEAR_PARAMS = 11_898_322_944  # the transformer's Linear weights (flux_report() counts them)
+FLUX_FROZEN_LINEARS = 504
 
 
 @dataclass(frozen=True)
@@ -124,7 +144,9 @@ class Counter:
             def __torch_function__(self, func, types, args=(), kwargs=None):
                 kwargs = kwargs or {}
                 if func is F.scaled_dot_product_attention:
-                    q, k, v = args[:3]
+                    # diffusers' attention dispatch (Flux) passes query, key and value by name
+                    named = (kwargs.pop("query", None), kwargs.pop("key", None), kwargs.pop("value", None))
+                    q, k, v = args[:3] if len(args) >= 3 else named
                     return FlashAttention.apply(q, k, v, kwargs.get("scale"))
                 return func(*args, **kwargs)
 
@@ -171,6 +193,8 @@ class Counter:
 
 
 def count(case: Case) -> Work:
+    if case.family == "flux":
+        return count_flux(case, REFERENCE["flux"][0]).work
     import torch
     import torch.nn.functional as F
     from diffusers import UNet2DConditionModel
@@ -237,6 +261,204 @@ def count(case: Case) -> Work:
     )
 
 
+@dataclass(frozen=True)
+class FluxCount:
+    work: Work
+    forward_flop: float  # of the transformer's forward alone (gradient checkpointing runs it again)
+    saved_bytes: float  # activations kept for the backward pass (weights left out)
+    block_input_bytes: float  # the blocks' inputs: what per-block gradient checkpointing keeps instead
+    largest_block_bytes: float  # one block's saved activations: recomputed during a checkpointed backward
+    frozen_linear_params: int
+    frozen_linears: int
+
+
+class SimpleLoRA:
+    """kohya's LoRA on a module set, for counting: each group of Linears (kohya's one fused layer) shares one down
+    projection (computed once per input) and has an up projection per member."""
+
+    def __init__(self, root: Any, groups: list[list[str]], rank: int) -> None:
+        import torch
+
+        self.params: list[Any] = []
+        for members in groups:
+            layers = [root.get_submodule(name) for name in members]
+            down = torch.nn.Linear(layers[0].in_features, rank, bias=False, dtype=torch.bfloat16)
+            cache: dict[str, Any] = {}
+            for layer in layers:
+                up = torch.nn.Linear(rank, layer.out_features, bias=False, dtype=torch.bfloat16)
+                self.params += [up.weight]
+                layer.register_forward_hook(self._hook(down, up, cache))
+            self.params += [down.weight]
+
+    @staticmethod
+    def _hook(down: Any, up: Any, cache: dict[str, Any]) -> Any:
+        def hook(module: Any, args: tuple[Any, ...], out: Any) -> Any:
+            x = args[0]
+            if cache.get("input") is not x:
+                cache["input"], cache["down"] = x, down(x)
+            return out + up(cache["down"])
+
+        return hook
+
+    @property
+    def param_count(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+
+def flux_groups(transformer: Any) -> list[list[str]]:
+    """kohya's lora_flux module set over diffusers' layers (remote/trainer/families/flux_keys.py)."""
+    from remote.trainer.families.flux_keys import DOUBLE_BLOCK_TARGETS, SINGLE_BLOCK_TARGETS
+
+    groups = []
+    for prefix, targets, blocks in (
+        ("transformer_blocks", DOUBLE_BLOCK_TARGETS, transformer.transformer_blocks),
+        ("single_transformer_blocks", SINGLE_BLOCK_TARGETS, transformer.single_transformer_blocks),
+    ):
+        for index in range(len(blocks)):
+            groups += [[f"{prefix}.{index}.{member}" for member in members] for _, members in targets]
+    return groups
+
+
+def clip_groups(encoder: Any) -> list[list[str]]:
+    """kohya's text-encoder module set: the Linears of every CLIP attention and MLP."""
+    import torch
+
+    return [[name] for name, m in encoder.named_modules() if isinstance(m, torch.nn.Linear) and "layers." in name]
+
+
+class SavedActivations:
+    """Bytes of the tensors autograd keeps for the backward pass (distinct storages; weights left out), in all
+    and per transformer block, and the blocks' inputs."""
+
+    def __init__(self, blocks: list[Any], weights: list[Any]) -> None:
+        self.weights = {w.untyped_storage()._cdata for w in weights}
+        self.seen: set[int] = set()
+        self.total = 0
+        self.per_block: list[int] = []
+        self.block_inputs = 0
+        for block in blocks:
+            block.register_forward_pre_hook(self._enter, with_kwargs=True)
+            block.register_forward_hook(self._leave)
+
+    def _enter(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        import torch
+
+        inputs = [*args, kwargs.get("hidden_states"), kwargs.get("encoder_hidden_states")]
+        self.block_inputs += sum(t.nbytes for t in inputs if isinstance(t, torch.Tensor))
+        self.per_block.append(-self.total)
+
+    def _leave(self, module: Any, args: tuple[Any, ...], out: Any) -> None:
+        self.per_block[-1] += self.total
+
+    def pack(self, tensor: Any) -> Any:
+        key = tensor.untyped_storage()._cdata
+        if key not in self.weights and key not in self.seen:
+            self.seen.add(key)
+            self.total += tensor.untyped_storage().nbytes()
+        return tensor
+
+
+def count_flux(case: Case, resolution: int) -> FluxCount:
+    """One Flux.1 [dev] training step at ``resolution`` (square): the transformer's forward, the flow loss, the
+    backward, the LoRA's AdamW update, as count() does for the UNets."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from bench.train_speed import CLIP_L
+
+    side = resolution // 16
+    image_tokens, b = side * side, case.batch
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel(guidance_embeds=True).to(torch.bfloat16).requires_grad_(False)
+        clip = CLIPTextModel(CLIPTextConfig(**CLIP_L)).to(torch.bfloat16).requires_grad_(False)
+        t5 = T5EncoderModel(T5Config(**FLUX_T5)).to(torch.bfloat16).requires_grad_(False)
+        lora = SimpleLoRA(transformer, flux_groups(transformer), case.rank)
+        if case.text_encoder:
+            clip_lora = SimpleLoRA(clip, clip_groups(clip), case.rank)
+            lora.params += clip_lora.params
+        for param in lora.params:
+            param.requires_grad_(True)
+        linears = [m for m in transformer.modules() if isinstance(m, torch.nn.Linear)]
+        blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+        saved = SavedActivations(blocks, list(transformer.parameters()))
+        latents = torch.randn(b, image_tokens, 64, dtype=torch.bfloat16)
+        noise = torch.randn_like(latents)
+        img_ids = torch.zeros(image_tokens, 3, dtype=torch.bfloat16)
+        txt_ids = torch.zeros(FLUX_TEXT_TOKENS, 3, dtype=torch.bfloat16)
+        timesteps = torch.rand(b, dtype=torch.bfloat16)
+        guidance = torch.full((b,), 3.5, dtype=torch.bfloat16)
+        ids = torch.randint(0, 49408, (b, 77))
+        t5_ids = torch.randint(0, 32128, (b, FLUX_TEXT_TOKENS))
+        with Counter() as counter:
+            if case.text_encoder:
+                pooled = clip(ids).pooler_output
+                with torch.no_grad():
+                    context = t5(t5_ids).last_hidden_state
+            else:
+                pooled = torch.randn(b, 768, dtype=torch.bfloat16)
+                context = torch.randn(b, FLUX_TEXT_TOKENS, 4096, dtype=torch.bfloat16)
+            before = counter.flop
+            with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+                prediction = transformer(
+                    latents, context, pooled, timesteps, img_ids, txt_ids, guidance, return_dict=False
+                )[0]
+            forward_flop = counter.flop - before
+            loss = F.mse_loss(prediction.float(), (noise - latents).float())
+            loss.backward()
+    work = Work(
+        flop=counter.flop,
+        attention_flop=counter.attention_flop,
+        bytes=float(counter.other_bytes + ADAMW_BYTES_PER_PARAM * lora.param_count),
+        matrix_bytes=float(counter.matrix_bytes),
+        kernels=counter.kernels,
+        lora_params=lora.param_count,
+    )
+    return FluxCount(
+        work=work,
+        forward_flop=forward_flop,
+        saved_bytes=float(saved.total),
+        block_input_bytes=float(saved.block_inputs),
+        largest_block_bytes=float(max(saved.per_block)),
+        frozen_linear_params=sum(m.weight.numel() for m in linears),
+        frozen_linears=len(linears),
+    )
+
+
+def flux_report() -> None:
+    """Flux.1's figures for remote/trainer/families/facts.py (parameters, LoRA per dim, activations) and a check
+    of rentrain/step_work.py's token-scaling rule against direct counts at 512 and 1024 px, batch 1, dim 16."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from bench.train_speed import CLIP_L
+    from rentrain.step_work import step_work
+
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel(guidance_embeds=True)
+        t5 = T5EncoderModel(T5Config(**FLUX_T5))
+        clip = CLIPTextModel(CLIPTextConfig(**CLIP_L))
+    lora_per_dim = SimpleLoRA(transformer, flux_groups(transformer), 1).param_count
+    clip_per_dim = SimpleLoRA(clip, clip_groups(clip), 1).param_count
+    count_of = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    print(f"transformer {count_of(transformer)}, T5-XXL encoder {count_of(t5)}, CLIP-L {count_of(clip)}")
+    print(f"LoRA per dim: transformer {lora_per_dim}, CLIP-L {clip_per_dim}")
+    for resolution in (512, 1024):
+        flux = count_flux(Case("flux", 1, 16, False), resolution)
+        modelled = step_work("flux", resolution * resolution, 1, 16, False)
+        w = flux.work
+        print(
+            f"flux {resolution}px b1 dim 16: {w.flop / 1e12:.2f} TFLOP ({w.attention_flop / 1e12:.2f} attention; "
+            f"forward {flux.forward_flop / 1e12:.2f}), {w.bytes / 1e9:.1f} GB, {w.kernels} kernels; rule: "
+            f"{modelled.flop / 1e12:.2f} TFLOP, {modelled.bytes / 1e9:.1f} GB, {modelled.kernels:.0f} kernels; "
+            f"saved activations {flux.saved_bytes / 2**30:.2f} GiB, block inputs {flux.block_input_bytes / 2**30:.2f} "
+            f"GiB, largest block {flux.largest_block_bytes / 2**30:.2f} GiB; frozen Linears {flux.frozen_linears} "
+            f"holding {flux.frozen_linear_params} weights"
+        )
+
+
 def count_inference(batch: int = 32) -> Work:
     """The SD 1.5 UNet's forward at 512px in fp16, no LoRA: one iteration of the diffusers benchmark that
     docs/costs.md uses to compare cards (batch 16 with classifier-free guidance = 32 samples per call)."""
@@ -288,7 +510,7 @@ def predict() -> None:
         for gpu in ("H100 SXM", "H200"):
             spec = spec_for(gpu)
             assert spec is not None
-            speed = modelled_step(spec, profile)
+            speed = modelled_step(spec, profile, family)
             cells.append(f"{speed.seconds_per_step * 1e3:.1f} ({speed.low * 1e3:.1f}-{speed.high * 1e3:.1f})")
         print(f"| {case} | {cells[0]} | {cells[1]} |")
 
@@ -341,13 +563,20 @@ def constants(family: str, works: dict[Case, Work]) -> str:
         f"        text_encoder_kernels={abs(works[teb1].kernels - works[b1].kernels)},",
     ]
     # + 0.0: no "-0"; "e08" rather than "e+08", as the formatter writes literals
+    if family == "flux":
+        values["frozen_linear_params"] = FLUX_FROZEN_LINEAR_PARAMS
+        values["frozen_linears"] = FLUX_FROZEN_LINEARS
+        lines += [f"        text_tokens={FLUX_TEXT_TOKENS},", f"        pixels_per_token={FLUX_PIXELS_PER_TOKEN},"]
     lines += [f"        {name}={f'{value + 0.0:.4g}'.replace('e+', 'e')}," for name, value in values.items()]
     return "\n".join([*lines, "    ),"])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", choices=["sd15", "sdxl", "all"], default="all")
+    parser.add_argument("--family", choices=["sd15", "sdxl", "flux", "all"], default="all")
+    parser.add_argument(
+        "--flux", action="store_true", help="only Flux.1's parameter counts, activations and scaling-rule check"
+    )
     parser.add_argument("--constants", action="store_true", help="also print rentrain/step_work.py's table")
     parser.add_argument(
         "--inference", action="store_true", help="only the SD 1.5 UNet forward of the diffusers benchmark (b32, fp16)"
@@ -359,6 +588,9 @@ def main() -> int:
     if args.predict:
         predict()
         return 0
+    if args.flux:
+        flux_report()
+        return 0
     if args.inference:
         work = count_inference()
         print(
@@ -367,7 +599,7 @@ def main() -> int:
             f"{work.kernels} kernels"
         )
         return 0
-    families = ["sd15", "sdxl"] if args.family == "all" else [args.family]
+    families = ["sd15", "sdxl", "flux"] if args.family == "all" else [args.family]
     print("| case | TFLOP | of which attention | GB moved (other kernels + AdamW) | GB (matrix ops) | kernels |")
     print("|---|---|---|---|---|---|")
     works: dict[Case, Work] = {}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepares a rented machine for the trainer. Idempotent: a second run skips what is done.
 #
-#   bash bootstrap.sh JOB_DIR [MODEL_REFERENCE] [GPUS]
+#   bash bootstrap.sh JOB_DIR [MODEL_REFERENCE] [GPUS] [PART=URL ...]
 #
 # Phases, each reported as one JSON line in JOB_DIR/bootstrap.jsonl with its duration:
 #   python    find a Python >= 3.11 (the trainer's floor: remote/config.py reads TOML with tomllib):
@@ -11,13 +11,15 @@
 #             torch is kept as the image has it
 #   gpu       one torch call: the GPU's name and memory (RENTRAIN_ALLOW_CPU=1 accepts a CPU-only host);
 #             a host where torch sees fewer than GPUS GPUs (default 1) fails here, before any training
-#   model     a Hugging Face hub id or https URL is fetched into JOB_DIR/model/ (runs in the background
-#             while the client uploads the dataset; the trainer waits for JOB_DIR/model/.ready)
+#   model     a Hugging Face hub id or https URL is fetched into JOB_DIR/model/, and each PART=URL (Flux.1's
+#             ae, clip_l, t5xxl) into JOB_DIR/model/PART/ (runs in the background while the client uploads the
+#             dataset; the trainer waits for JOB_DIR/model/.ready)
 set -uo pipefail
 
 JOB_DIR=${1:?usage: bootstrap.sh JOB_DIR [MODEL_REFERENCE] [GPUS]}
 MODEL=${2:-}
 GPUS=${3:-1}
+PARTS=("${@:4}")
 PAYLOAD_DIR=$(cd "$(dirname "$0")/.." && pwd)
 EVENTS="$JOB_DIR/bootstrap.jsonl"
 mkdir -p "$JOB_DIR"
@@ -125,23 +127,25 @@ phase gpu true "$start" "$gpu"
 # --- model (background; the trainer waits for .ready)
 # a download that still runs (this script run again after an SSH drop, or by a client that came back) is kept
 fetching() { [ -f "$JOB_DIR/model.pid" ] && kill -0 "$(cat "$JOB_DIR/model.pid")" 2>/dev/null; }
-case "$MODEL" in
-    https://*|*/*)
-        if [ ! -f "$JOB_DIR/model/.ready" ] && [[ "$MODEL" != /* ]] && ! fetching; then
-            mkdir -p "$JOB_DIR/model"
-            rm -f "$JOB_DIR/model/.failed"
-            (
-                start=$(now)
-                if "$PYTHON" "$PAYLOAD_DIR/remote/fetch_model.py" "$MODEL" "$JOB_DIR/model" >"$JOB_DIR/model.log" 2>&1; then
-                    touch "$JOB_DIR/model/.ready"
-                    phase model true "$start" "$MODEL"
-                else
-                    echo failed >"$JOB_DIR/model/.failed"
-                    phase model false "$start" "$(tail -n 3 "$JOB_DIR/model.log")"
-                fi
-            ) </dev/null >/dev/null 2>&1 &
-            echo $! >"$JOB_DIR/model.pid"
-        fi
-        ;;
-esac
+FETCH_MODEL=$MODEL
+[[ "$MODEL" == /* ]] && FETCH_MODEL=""  # a path: uploaded, nothing to fetch
+case "$FETCH_MODEL" in https://*|*/*) ;; *) FETCH_MODEL="" ;; esac
+if [ -n "$FETCH_MODEL" ] || [ ${#PARTS[@]} -gt 0 ]; then
+    if [ ! -f "$JOB_DIR/model/.ready" ] && ! fetching; then
+        mkdir -p "$JOB_DIR/model"
+        rm -f "$JOB_DIR/model/.failed"
+        (
+            start=$(now)
+            if "$PYTHON" "$PAYLOAD_DIR/remote/fetch_model.py" "$FETCH_MODEL" "$JOB_DIR/model" "${PARTS[@]}" \
+                >"$JOB_DIR/model.log" 2>&1; then
+                touch "$JOB_DIR/model/.ready"
+                phase model true "$start" "$FETCH_MODEL ${PARTS[*]}"
+            else
+                echo failed >"$JOB_DIR/model/.failed"
+                phase model false "$start" "$(tail -n 3 "$JOB_DIR/model.log")"
+            fi
+        ) </dev/null >/dev/null 2>&1 &
+        echo $! >"$JOB_DIR/model.pid"
+    fi
+fi
 exit 0

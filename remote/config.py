@@ -74,6 +74,11 @@ IGNORED_KOHYA_KEYS: dict[str, str] = {
     "shuffle_caption_separator": "use caption_separator",
     "ddp_timeout": "rentrain's data-parallel runs use torch.distributed's default timeout",
     "vae_batch_size": "rentrain picks the VAE batch size",
+    "highvram": "rentrain plans memory from the card it rented",
+    "blocks_to_swap": "rentrain keeps the whole Flux.1 transformer on the GPU and plans memory from the card it "
+    "rented (fp8_base fits a 24 GB card); no blocks are swapped to CPU memory",
+    "huber_c": "used by loss_type huber or smooth_l1 only; rentrain trains with the L2 loss",
+    "huber_schedule": "used by loss_type huber or smooth_l1 only; rentrain trains with the L2 loss",
 }
 
 LR_SCHEDULERS = (
@@ -86,7 +91,21 @@ LR_SCHEDULERS = (
 )
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Lion8bit", "Prodigy", "Adafactor")
 KNOWN_PROVIDERS = ("local", "vast", "runpod", "gpuflow", "ssh")
-BUILTIN_MODELS = ("builtin:tiny-sd15", "builtin:tiny-sdxl")
+BUILTIN_MODELS = ("builtin:tiny-sd15", "builtin:tiny-sdxl", "builtin:tiny-flux")
+NETWORK_MODULES = ("networks.lora", "networks.lora_flux")
+FLUX_NETWORK_MODULE = "networks.lora_flux"
+FLUX_TINY = "builtin:tiny-flux"
+# kohya's defaults for the T5-XXL prompt length (library/flux_train_utils.py, --t5xxl_max_token_length)
+T5_TOKENS_DEV, T5_TOKENS_SCHNELL = 512, 256
+# FLUX.1's transformer: 19 double-stream and 38 single-stream blocks (kohya's networks/lora_flux.py)
+FLUX_DOUBLE_BLOCKS, FLUX_SINGLE_BLOCKS = 19, 38
+# kohya's block swap moves n // 2 double and (n - n // 2) * 2 single blocks and keeps 2 of each on the GPU
+BLOCK_SELECTION_ARGS = {
+    "train_double_block_indices": FLUX_DOUBLE_BLOCKS,
+    "train_single_block_indices": FLUX_SINGLE_BLOCKS,
+}
+CONV_ARGS = ("conv_dim", "conv_alpha")
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")  # kohya's; rentrain trains l2
 MAX_TOKEN_LENGTHS = (75, 150, 225)
 MAX_CONFIG_BYTES = 1 << 20
 MAX_PROMPT_FILE_BYTES = 1 << 20
@@ -178,7 +197,9 @@ class TrainConfig(BaseModel):
     # [model]
     pretrained_model_name_or_path: str = _model(
         "Base model: a .safetensors/.ckpt file or diffusers folder (uploaded with the job), a Hugging Face "
-        "hub id or an https:// URL (both fetched on the instance), or builtin:tiny-sd15 / builtin:tiny-sdxl."
+        "hub id or an https:// URL (both fetched on the instance), or builtin:tiny-sd15 / builtin:tiny-sdxl / "
+        "builtin:tiny-flux. Flux.1: flux1-dev.safetensors (the original single file, with ae, clip_l and t5xxl) "
+        'or a diffusers folder / hub id such as "black-forest-labs/FLUX.1-dev".'
     )
     v2: bool = _model("SD 2.x architecture (OpenCLIP-H text encoder).", False)
     v_parameterization: bool = _model("v-prediction target (SD 2.x 768-v, v-pred SDXL models).", False)
@@ -193,6 +214,28 @@ class TrainConfig(BaseModel):
     )
     max_token_length: int | None = _model(
         "Caption length in tokens: 75 (unset), 150 or 225.", None, allowed=", ".join(map(str, MAX_TOKEN_LENGTHS))
+    )
+    ae: str | None = _model(
+        "Flux.1 only: the autoencoder file (ae.safetensors): a local file (uploaded) or an https:// URL (fetched "
+        "on the instance). Needed with a single-file Flux.1 model.",
+        None,
+    )
+    clip_l: str | None = _model("Flux.1 only: the CLIP-L text encoder file (clip_l.safetensors), as ae.", None)
+    t5xxl: str | None = _model("Flux.1 only: the T5-XXL text encoder file (t5xxl_fp16.safetensors), as ae.", None)
+    t5xxl_max_token_length: int | None = _model(
+        f"Flux.1 only: T5-XXL prompt length in tokens (unset: {T5_TOKENS_DEV} for [dev], {T5_TOKENS_SCHNELL} for "
+        "[schnell], as kohya).",
+        None,
+        ge=1,
+        le=T5_TOKENS_DEV,
+    )
+    apply_t5_attn_mask: bool = _model(
+        "Flux.1 only: mask the T5-XXL padding in its encoder and in the transformer's attention.", False
+    )
+    fp8_base: bool = _model(
+        "Flux.1 only: keep the frozen transformer's weights in 8 bits (12 GB instead of 24 GB): what fits [dev] "
+        "on a 24 GB card.",
+        False,
     )
 
     # [dataset]
@@ -261,13 +304,20 @@ class TrainConfig(BaseModel):
     )
     lr_scheduler_num_cycles: int = _training("Restarts of cosine_with_restarts.", 1, ge=1, le=1000)
     lr_scheduler_power: float = _training("Power of the polynomial scheduler.", 1.0, gt=0, le=100)
-    network_module: str = _training("Only networks.lora (kohya's LoRA).", "networks.lora")
+    network_module: str = _training(
+        "networks.lora (kohya's LoRA) for SD models, networks.lora_flux for Flux.1 (which it selects).",
+        "networks.lora",
+        allowed=", ".join(NETWORK_MODULES),
+    )
     network_dim: int = _training("LoRA rank.", 4, ge=1, le=1024)
     network_alpha: float = _training("LoRA alpha; scale = alpha / dim (0: alpha = dim).", 1.0, ge=0, le=4096)
     network_args: list[str] = _training(
-        "conv_dim=N and conv_alpha=X add LoRA to 3x3 convolutions.",
+        "SD: conv_dim=N and conv_alpha=X add LoRA to 3x3 convolutions. Flux.1: train_double_block_indices=S and "
+        'train_single_block_indices=S pick the blocks that get LoRA (S: "all", "none", or indices and ranges '
+        'such as "0-5,10"; unset: every block).',
         [],
-        allowed="conv_dim 1-1024, conv_alpha above 0 and at most 4096",
+        allowed=f"conv_dim 1-1024, conv_alpha above 0 and at most 4096; block indices 0-{FLUX_DOUBLE_BLOCKS - 1} "
+        f"(double), 0-{FLUX_SINGLE_BLOCKS - 1} (single)",
     )
     network_train_unet_only: bool = _training("Train the UNet LoRA only.", False)
     network_train_text_encoder_only: bool = _training("Train the text-encoder LoRA only.", False)
@@ -306,6 +356,25 @@ class TrainConfig(BaseModel):
         "was chosen (rentrain's own key). false: run exactly as configured.",
         True,
     )
+    loss_type: str = _training("Only l2 (kohya's default; kohya's l1, huber and smooth_l1 are not supported).", "l2")
+    timestep_sampling: Literal["sigma", "uniform", "sigmoid", "shift", "flux_shift"] = _training(
+        "Flux.1 only: how noise levels are drawn: sigma, uniform, sigmoid, shift or flux_shift (kohya's).", "sigma"
+    )
+    sigmoid_scale: float = _training(
+        "Flux.1 only: scale of the normal draw for sigmoid, shift and flux_shift sampling.", 1.0, gt=0, le=100
+    )
+    discrete_flow_shift: float = _training(
+        "Flux.1 only: the shift of timestep_sampling = shift (and of sigma sampling's schedule).", 3.0, gt=0, le=100
+    )
+    model_prediction_type: Literal["raw", "additive", "sigma_scaled"] = _training(
+        "Flux.1 only: how the prediction is read: raw, additive or sigma_scaled (kohya's).", "sigma_scaled"
+    )
+    guidance_scale: float = _training(
+        "Flux.1 only: the guidance value [dev] (a guidance-distilled model) is trained at; [schnell] ignores it.",
+        3.5,
+        ge=0,
+        le=100,
+    )
     gradient_accumulation_steps: int = _training("Batches per optimizer step.", 1, ge=1, le=1024)
     max_grad_norm: float = _training("Gradient clipping norm (0: off).", 1.0, ge=0, le=1000)
     noise_offset: float | None = _training("Offset noise strength (0.05-0.1 typical).", None, ge=0, le=1)
@@ -332,7 +401,13 @@ class TrainConfig(BaseModel):
         "Seeds; one grid row per prompt and seed.", [1, 2], allowed=f"1-16 seeds, each 0 to {SEED_LIMIT - 1}"
     )
     sample_steps: int = _sample("Sampler steps per image.", 20, ge=1, le=1000)
-    sample_guidance_scale: float = _sample("Classifier-free guidance scale.", 7.0, ge=0, le=100)
+    sample_guidance_scale: float | None = _sample(
+        "Guidance scale of the samples: classifier-free for SD (default 7.0); FLUX.1 [dev]'s embedded guidance "
+        "(default 3.5).",
+        None,
+        ge=0,
+        le=100,
+    )
 
     _no_bools = field_validator("*", mode="before")(classmethod(_refuse_bool_for_number))
 
@@ -408,20 +483,28 @@ class TrainConfig(BaseModel):
     @field_validator("network_module")
     @classmethod
     def _network_module(cls, value: str) -> str:
-        if value != "networks.lora":
-            raise ValueError(f"only networks.lora (kohya's LoRA) is supported, got {value!r}")
+        if value not in NETWORK_MODULES:
+            raise ValueError(
+                f"only networks.lora (kohya's LoRA) and networks.lora_flux (Flux.1) are supported, got {value!r}"
+            )
         return value
 
     @field_validator("network_args")
     @classmethod
     def _network_args(cls, value: list[str]) -> list[str]:
         for item in value:
-            name, sep, number = item.partition("=")
+            name, sep, setting = item.partition("=")
             name = name.strip()
-            if not sep or name not in ("conv_dim", "conv_alpha"):
-                raise ValueError(f"{item!r}: only conv_dim=N and conv_alpha=X are supported")
+            if not sep or name not in (*CONV_ARGS, *BLOCK_SELECTION_ARGS):
+                raise ValueError(
+                    f"{item!r}: only conv_dim=N and conv_alpha=X (SD), train_double_block_indices=S and "
+                    "train_single_block_indices=S (Flux.1) are supported"
+                )
+            if name in BLOCK_SELECTION_ARGS:
+                parse_block_selection(setting, BLOCK_SELECTION_ARGS[name], name)
+                continue
             try:
-                parsed = float(number)
+                parsed = float(setting)
             except ValueError:
                 raise ValueError(f"{item!r}: {name} must be a number") from None
             if name == "conv_dim" and not (parsed.is_integer() and 1 <= parsed <= 1024):
@@ -429,6 +512,14 @@ class TrainConfig(BaseModel):
             if name == "conv_alpha" and not (0 < parsed <= 4096):
                 raise ValueError(f"{item!r}: conv_alpha must be above 0 and at most 4096")
         return value
+
+    @field_validator("loss_type")
+    @classmethod
+    def _loss_type(cls, value: str) -> str:
+        chosen = _choice(value, LOSS_TYPES)
+        if chosen != "l2":
+            raise ValueError(f"{chosen!r} is not supported: rentrain trains with the l2 (mean squared error) loss")
+        return chosen
 
     @field_validator("output_name")
     @classmethod
@@ -531,9 +622,67 @@ class TrainConfig(BaseModel):
             problem = optimizer_arg_problem(self.optimizer_type, item)
             if problem:
                 problems.append(("optimizer_args", problem))
+        problems += self._family_problems()
         if problems:
             raise _CrossFieldError(problems)
         return self
+
+    def _family_problems(self) -> list[tuple[str, str]]:
+        """Keys of the other family (Flux.1 against SD), and what a Flux.1 model needs."""
+        set_keys = [key for key in self.model_fields_set if not _inactive(key, getattr(self, key))]
+        if not self.is_flux:
+            flux_module = f'network_module = "{FLUX_NETWORK_MODULE}"'
+            message = f"Flux.1 only: set {flux_module} for a Flux.1 model"
+            problems = [(key, message) for key in FLUX_ONLY_KEYS if key in set_keys]
+            problems += [
+                ("network_args", f"{name}: {message}")
+                for name in BLOCK_SELECTION_ARGS
+                if _network_arg_text(self.network_args, name) is not None
+            ]
+            return problems
+        problems = [(key, f"SD/SDXL only: {why}") for key, why in SD_ONLY_KEYS.items() if key in set_keys]
+        problems += [
+            ("network_args", f"{name}: SD only; Flux.1 has no convolutions to put LoRA on")
+            for name in CONV_ARGS
+            if _network_arg_text(self.network_args, name) is not None
+        ]
+        if "network_module" in self.model_fields_set and self.network_module != FLUX_NETWORK_MODULE:
+            problems.append(("network_module", f'{FLUX_TINY} is a Flux.1 model: use "{FLUX_NETWORK_MODULE}"'))
+        if _single_file(self.pretrained_model_name_or_path):
+            problems += [
+                (key, f"missing: a single-file Flux.1 model holds the transformer only; give the {what} file")
+                for key, what in FLUX_PARTS.items()
+                if getattr(self, key) is None
+            ]
+        return problems
+
+    @property
+    def is_flux(self) -> bool:
+        """A Flux.1 config: kohya's Flux network module, or the built-in tiny Flux model."""
+        return self.network_module == FLUX_NETWORK_MODULE or self.pretrained_model_name_or_path == FLUX_TINY
+
+    @property
+    def train_double_block_indices(self) -> frozenset[int] | None:
+        """The double-stream blocks that get LoRA (network_args, kohya's syntax); None: every block (not given, or
+        "all": the model's own count, which a smaller model than FLUX.1's 19 and 38 blocks has fewer of)."""
+        return self._block_selection("train_double_block_indices")
+
+    @property
+    def train_single_block_indices(self) -> frozenset[int] | None:
+        """The single-stream blocks that get LoRA; None: not given, every block."""
+        return self._block_selection("train_single_block_indices")
+
+    def _block_selection(self, name: str) -> frozenset[int] | None:
+        text = _network_arg_text(self.network_args, name)
+        if text is not None and text.strip() == "all":
+            return None
+        return None if text is None else parse_block_selection(text, BLOCK_SELECTION_ARGS[name], name)
+
+    def t5_token_length(self, schnell: bool) -> int:
+        """T5-XXL's prompt length: t5xxl_max_token_length, else kohya's default for the model."""
+        if self.t5xxl_max_token_length is not None:
+            return self.t5xxl_max_token_length
+        return T5_TOKENS_SCHNELL if schnell else T5_TOKENS_DEV
 
     @property
     def effective_unet_lr(self) -> float:
@@ -657,11 +806,78 @@ def _choice(value: str, choices: tuple[str, ...]) -> str:
 
 
 def _network_arg(args: list[str], name: str) -> float | None:
+    text = _network_arg_text(args, name)
+    return None if text is None else float(text)
+
+
+def _network_arg_text(args: list[str], name: str) -> str | None:
     for item in args:
-        key, _, number = item.partition("=")
+        key, _, value = item.partition("=")
         if key.strip() == name:
-            return float(number)
+            return value.strip()
     return None
+
+
+def parse_block_selection(text: str, total: int, name: str) -> frozenset[int]:
+    """kohya's block selection (networks/lora_flux.py): "all", "none" or "" (no block), or comma-separated
+    indices and inclusive ranges such as "0-5,10". ValueError names ``name`` and the part that is wrong."""
+    text = text.strip()
+    if text == "all":
+        return frozenset(range(total))
+    if text in ("none", ""):
+        return frozenset()
+    chosen: set[int] = set()
+    for part in text.split(","):
+        first, dash, last = (piece.strip() for piece in part.partition("-"))
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise ValueError(f'{name}={text!r}: expected "all", "none", or indices and ranges such as "0-5,10"')
+        start, end = int(first), int(last) if dash else int(first)
+        if end >= total or start > end:
+            raise ValueError(f"{name}={text!r}: {part.strip()!r} is outside the blocks 0-{total - 1}")
+        chosen.update(range(start, end + 1))
+    return frozenset(chosen)
+
+
+# Keys that mean something for one family only. A Flux.1 key on an SD config (or the reverse) is refused
+# unless its value changes nothing (_inactive).
+FLUX_PARTS = {"ae": "autoencoder (ae.safetensors)", "clip_l": "CLIP-L", "t5xxl": "T5-XXL"}
+FLUX_ONLY_KEYS = (
+    *FLUX_PARTS,
+    "t5xxl_max_token_length",
+    "apply_t5_attn_mask",
+    "fp8_base",
+    "timestep_sampling",
+    "sigmoid_scale",
+    "discrete_flow_shift",
+    "model_prediction_type",
+    "guidance_scale",
+)
+SD_ONLY_KEYS: dict[str, str] = {
+    "v2": "a Flux.1 model is not SD 2.x",
+    "v_parameterization": "Flux.1 predicts the flow velocity; see model_prediction_type",
+    "sdxl": "a Flux.1 model is not SDXL",
+    "vae": "Flux.1's autoencoder is the ae key",
+    "clip_skip": "Flux.1 uses CLIP-L's pooled output only",
+    "max_token_length": "Flux.1's CLIP-L reads 77 tokens; T5-XXL's length is t5xxl_max_token_length",
+    "min_snr_gamma": "Min-SNR weighting is for noise-prediction models; Flux.1 trains a flow (kohya ignores it too)",
+    "noise_offset": "kohya's Flux.1 training does not offset the noise",
+}
+
+
+def _inactive(key: str, value: Any) -> bool:
+    """The key's value changes nothing: its default (a config written back in full has every key), unset,
+    false or 0, or clip_skip 1."""
+    return (
+        value == TrainConfig.model_fields[key].default
+        or value is None
+        or value is False
+        or (value == 0 and not isinstance(value, str))
+        or (key == "clip_skip" and value == 1)
+    )
+
+
+def _single_file(reference: str) -> bool:
+    return model_source_kind(reference) in ("local_file", "url")
 
 
 TRAIN_KEYS: frozenset[str] = frozenset(TrainConfig.model_fields)
@@ -744,7 +960,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> LoadedConfig:
 
     base_dir = path.parent.resolve()
     reported: set[str] = set()
-    for key in (*PATH_KEYS, "sample_prompts", "pretrained_model_name_or_path", "vae"):
+    for key in (*PATH_KEYS, "sample_prompts", "pretrained_model_name_or_path", "vae", *FLUX_PARTS):
         if isinstance(train_values.get(key), str):
             try:
                 train_values[key] = _resolve_reference(key, train_values[key], base_dir)
@@ -875,6 +1091,8 @@ def _resolve_reference(key: str, value: str, base_dir: Path) -> Path | str:
     id, an https URL or a built-in. ValueError says what is wrong with the value."""
     if key in ("pretrained_model_name_or_path", "vae"):
         return resolve_model_reference(value, base_dir)
+    if key in FLUX_PARTS:
+        return resolve_file_reference(value, base_dir)
     return _resolve_path(value, base_dir)
 
 
@@ -923,6 +1141,21 @@ def resolve_model_reference(value: str, base_dir: Path) -> str:
             'a Hugging Face hub id such as "stable-diffusion-v1-5/stable-diffusion-v1-5", or an https:// URL'
         )
     return value
+
+
+def resolve_file_reference(value: str, base_dir: Path) -> str:
+    """A single model file (Flux.1's ae, clip_l, t5xxl): a local file made absolute, or an https:// URL of the
+    file. ValueError says what is wrong."""
+    reference = resolve_model_reference(value, base_dir)
+    kind = model_source_kind(reference)
+    if kind in ("local_file", "url"):
+        return reference
+    if kind == "local_dir":
+        raise ValueError(f"{reference} is a folder; give the .safetensors file itself")
+    raise ValueError(
+        f"{value!r} is not a file: give a local .safetensors file or the https:// URL of one, such as "
+        "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors"
+    )
 
 
 def model_source_kind(reference: str) -> Literal["builtin", "url", "local_file", "local_dir", "hub"]:

@@ -23,7 +23,7 @@ from typing import Annotated, Literal, TextIO
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-ModelFamily = Literal["sd15", "sd2", "sdxl"]
+ModelFamily = Literal["sd15", "sd2", "sdxl", "flux"]
 ErrorKind = Literal["config", "model", "data", "out_of_memory", "interrupted", "internal"]
 
 

@@ -1,6 +1,9 @@
-"""Fetch the base model on the instance: a Hugging Face hub id into the hub cache, or an https URL into a folder.
+"""Fetch the base model on the instance: a Hugging Face hub id into the hub cache, or an https URL into a folder;
+and Flux.1's separate files (ae, clip_l, t5xxl) given as URLs, each into DEST_DIR/<part>/.
 
-    python3 fetch_model.py REFERENCE DEST_DIR
+    python3 fetch_model.py REFERENCE DEST_DIR [PART=URL ...]
+
+REFERENCE "" fetches no base model (it is uploaded, or built in): only the parts.
 
 Runs while the client uploads the dataset. A URL download resumes from a .part file. `HF_TOKEN`, when set,
 goes to huggingface.co and its subdomains only, and not on to where they redirect.
@@ -16,7 +19,8 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-# What loading the UNet, VAE, text encoders, tokenizers and scheduler needs; not the repo's single-file copies.
+# What loading the UNet or transformer, VAE, text encoders, tokenizers and scheduler needs; not the repo's
+# single-file copies (FLUX.1-dev's flux1-dev.safetensors and ae.safetensors beside its diffusers folders).
 DIFFUSERS_PATTERNS = [
     "model_index.json",
     "*/config.json",
@@ -25,7 +29,13 @@ DIFFUSERS_PATTERNS = [
     "unet/diffusion_pytorch_model.safetensors",
     "vae/diffusion_pytorch_model.safetensors",
     "text_encoder*/model.safetensors",
+    # sharded weights (Flux.1's transformer and T5-XXL) and their indexes
+    "transformer/diffusion_pytorch_model*.safetensors*",
+    "text_encoder*/model-*-of-*.safetensors",
+    "text_encoder*/model.safetensors.index.json",
 ]
+# Flux.1's separate files, named as the config keys (remote/config.py FLUX_PARTS)
+PARTS = ("ae", "clip_l", "t5xxl")
 
 
 HF_HOST = "huggingface.co"
@@ -75,6 +85,26 @@ def fetch_url(url: str, dest_dir: Path) -> Path:
     return target
 
 
+def part_argument(part: str, url: str) -> str:
+    """The command line's PART=URL for one of Flux.1's files."""
+    if part not in PARTS:
+        raise ValueError(f"unknown model part {part!r}; parts: {', '.join(PARTS)}")
+    return f"{part}={url}"
+
+
+def fetch_parts(arguments: list[str], dest_dir: Path) -> list[Path]:
+    """Each PART=URL into DEST_DIR/PART/ (the name the client gives the instance's config: url_file_name)."""
+    fetched = []
+    for argument in arguments:
+        part, _, url = argument.partition("=")
+        if part not in PARTS or not url.startswith("https://"):
+            raise ValueError(f"expected PART=https://... with PART one of {', '.join(PARTS)}, got {argument!r}")
+        folder = dest_dir / part
+        folder.mkdir(parents=True, exist_ok=True)
+        fetched.append(fetch_url(url, folder))
+    return fetched
+
+
 def fetch_hub(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
@@ -82,13 +112,15 @@ def fetch_hub(repo_id: str) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 3:
-        print("usage: fetch_model.py REFERENCE DEST_DIR", file=sys.stderr)
+    if len(argv) < 3:
+        print("usage: fetch_model.py REFERENCE DEST_DIR [PART=URL ...]", file=sys.stderr)
         return 2
     reference, dest = argv[1], Path(argv[2])
     dest.mkdir(parents=True, exist_ok=True)
-    path = fetch_url(reference, dest) if reference.startswith("https://") else fetch_hub(reference)
-    print(path)
+    if reference:
+        print(fetch_url(reference, dest) if reference.startswith("https://") else fetch_hub(reference))
+    for path in fetch_parts(argv[3:], dest):
+        print(path)
     return 0
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, field_validator
 
-from remote.config import BUILTIN_MODELS
+from remote.config import BUILTIN_MODELS, FLUX_PARTS, model_source_kind
 from remote.trainer.families import family_facts
 
 if TYPE_CHECKING:
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 class JobProfile(BaseModel):
     """What the cost depends on, taken from the config and the dataset."""
 
-    family: str  # a name in remote.trainer.families (sd15, sd2, sdxl)
+    family: str  # a name in remote.trainer.families (sd15, sd2, sdxl, flux)
     builtin_tiny: bool = False  # one of the builtin tiny models: its figures are the tiny models' own
     steps: int  # optimizer steps on one GPU
     # Set when max_train_epochs fixes the length: with N GPUs an epoch then has fewer steps (steps_on).
@@ -34,9 +34,12 @@ class JobProfile(BaseModel):
     network_dim: int = 32
     trains_text_encoder: bool = False
     bytes_per_value: int = 2  # of the frozen model and activations: 4 without mixed precision
+    fp8_base: bool = False  # the frozen denoiser's weights in 8 bits (Flux.1): 1 byte each, upcast as they run
     images: int = 0
     dataset_bytes: int = 0
     local_model_bytes: int = 0  # uploaded from the user's machine instead of downloaded on the instance
+    # the model's files that are uploaded rather than downloaded: "model", and Flux.1's "ae", "clip_l", "t5xxl"
+    local_parts: tuple[str, ...] = ()
     checkpoints: int = 1  # LoRA files saved, the final one included: each comes home with its training state
     save_bytes_per_value: int = 4  # of the saved LoRA: 2 with save_precision fp16 / bf16
     sample_grids: int = 0
@@ -58,14 +61,18 @@ class JobProfile(BaseModel):
         return name
 
 
-def guess_model_family(model: str, sdxl: bool | None, v2: bool = False) -> str:
-    """The family's name (remote.trainer.families) from the config: `sdxl` if set, else the model reference (an
-    SDXL checkpoint nearly always says 'xl'); `v2` marks SD 2.x."""
-    if model in BUILTIN_MODELS:
-        return "sdxl" if model.endswith("sdxl") else "sd15"
-    if sdxl is not None or v2:
-        return "sdxl" if sdxl else "sd2" if v2 else "sd15"
+def guess_model_family(train: TrainConfig) -> str:
+    """The family's name (remote.trainer.families) from the config: Flux.1 for kohya's Flux network module (or
+    the Flux.1 keys that need it) or a model named so; then `sdxl` if set, else the model reference (an SDXL
+    checkpoint nearly always says 'xl'); `v2` marks SD 2.x."""
+    model = train.pretrained_model_name_or_path
     name = Path(model).name.lower() if not model.startswith("https://") else model.lower()
+    if model in BUILTIN_MODELS:
+        return model.removeprefix("builtin:tiny-")
+    if train.is_flux or train.ae is not None or train.t5xxl is not None or "flux" in name:
+        return "flux"
+    if train.sdxl is not None or train.v2:
+        return "sdxl" if train.sdxl else "sd2" if train.v2 else "sd15"
     return "sdxl" if ("xl" in name or "pony" in name or "illustrious" in name) else "sd15"
 
 
@@ -101,10 +108,8 @@ def profile_from_check(train: TrainConfig, report: DatasetReport) -> JobProfile:
         _folder_bytes(train.reg_data_dir) if train.reg_data_dir else 0
     )
     model = train.pretrained_model_name_or_path
-    local_model = Path(model)
-    local_model_bytes = 0
-    if local_model.is_absolute() and local_model.exists():
-        local_model_bytes = local_model.stat().st_size if local_model.is_file() else _folder_bytes(local_model)
+    local_parts = _local_parts(train)
+    local_model_bytes = sum(_path_bytes(Path(reference)) for reference in _local_references(train))
     plan = report.step_plan
     # the final file and grid, and those every n epochs or steps before the last (remote/trainer/loop.py)
     grids = (
@@ -114,7 +119,7 @@ def profile_from_check(train: TrainConfig, report: DatasetReport) -> JobProfile:
     )
     prompts = _prompt_count(train.sample_prompts)
     return JobProfile(
-        family=guess_model_family(model, train.sdxl, train.v2),
+        family=guess_model_family(train),
         builtin_tiny=model in BUILTIN_MODELS,
         steps=plan.total_steps,
         epochs=plan.epochs if train.max_train_epochs is not None else None,
@@ -126,9 +131,11 @@ def profile_from_check(train: TrainConfig, report: DatasetReport) -> JobProfile:
         network_dim=train.network_dim,
         trains_text_encoder=train.trains_text_encoder,
         bytes_per_value=4 if train.mixed_precision == "no" else 2,
+        fp8_base=train.fp8_base,
         images=images,
         dataset_bytes=dataset_bytes,
         local_model_bytes=local_model_bytes,
+        local_parts=local_parts,
         checkpoints=1
         + _before_last(plan.epochs, train.save_every_n_epochs)
         + _before_last(plan.total_steps, train.save_every_n_steps),
@@ -137,6 +144,28 @@ def profile_from_check(train: TrainConfig, report: DatasetReport) -> JobProfile:
         sample_images=(grids if prompts else 0) * prompts * len(train.sample_seeds) * len(train.sample_weights),
         sample_steps=train.sample_steps,
     )
+
+
+def _local_references(train: TrainConfig) -> list[str]:
+    """The model files named in the config that are on this machine (uploaded with the job)."""
+    references = [train.pretrained_model_name_or_path, *(getattr(train, key) for key in FLUX_PARTS)]
+    return [r for r in references if r is not None and model_source_kind(r) in ("local_file", "local_dir")]
+
+
+def _local_parts(train: TrainConfig) -> tuple[str, ...]:
+    """Which of the model's parts are uploaded: the model itself, and each Flux.1 file the config names that is
+    local, or that it leaves to a local model folder."""
+    model_local = model_source_kind(train.pretrained_model_name_or_path) in ("local_file", "local_dir")
+    parts = ["model"] if model_local else []
+    for key in FLUX_PARTS:
+        reference = getattr(train, key)
+        if (reference is None and model_local) or (reference is not None and model_source_kind(reference) != "url"):
+            parts.append(key)
+    return tuple(parts)
+
+
+def _path_bytes(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else _folder_bytes(path)
 
 
 def _before_last(count: int, every: int | None) -> int:

@@ -92,8 +92,10 @@ def rental_key(loaded: LoadedConfig, gpus: int) -> str:
     """What jobs must have in common to run one after another on one rental."""
     train, job = loaded.train, loaded.job
     requirements = requirements_from(job, gpu_count=gpus).model_dump(mode="json", exclude={"disk_gb"})
-    family = guess_model_family(train.pretrained_model_name_or_path, train.sdxl)
-    shared = [train.pretrained_model_name_or_path, family, train.mixed_precision, job.image, requirements]
+    family = guess_model_family(train)
+    # the model folder a rental keeps holds Flux.1's separate files too
+    model_files = [train.pretrained_model_name_or_path, train.ae, train.clip_l, train.t5xxl]
+    shared = [model_files, family, train.mixed_precision, job.image, requirements]
     return json.dumps(shared, sort_keys=True)
 
 

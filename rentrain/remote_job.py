@@ -17,6 +17,7 @@ from __future__ import annotations
 import posixpath
 import re
 import shlex
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import tomli_w
 from pydantic import BaseModel
 
 import remote
-from remote.config import TrainConfig, model_source_kind
+from remote.config import FLUX_PARTS, TrainConfig, model_source_kind
 from remote.fetch_model import url_file_name
 from rentrain.multigpu import trainer_argv
 from rentrain.transport import Remote, TransportError
@@ -160,6 +161,11 @@ def remote_train_config(train: TrainConfig, layout: RemoteLayout) -> str:
         values["sample_prompts"] = layout.sample_prompts
     if train.vae is not None and Path(train.vae).is_absolute():
         values["vae"] = posixpath.join(layout.model, "vae", Path(train.vae).name)
+    for part in FLUX_PARTS:
+        reference = getattr(train, part)
+        if reference is not None:
+            name = url_file_name(reference) if reference.startswith("https://") else Path(reference).name
+            values[part] = posixpath.join(layout.model, part, name)  # uploaded or fetched there (prepare.py)
     return tomli_w.dumps(values)
 
 
@@ -169,13 +175,19 @@ def detached(command: str, log: str, pid_file: str | None = None) -> str:
     return f"setsid nohup sh -c {shlex.quote(command)} > {shlex.quote(log)} 2>&1 < /dev/null &{record}"
 
 
-def bootstrap_command(layout: RemoteLayout, model_reference: str, gpus: int) -> str:
-    """Start bootstrap.sh JOB_DIR MODEL GPUS detached, unless it runs already (a command retried after an SSH
-    drop must not start a second one). Its gpu phase fails a host where torch sees fewer than `gpus` GPUs."""
+def bootstrap_command(
+    layout: RemoteLayout, model_reference: str, gpus: int, parts: Sequence[str] = (), token_on_stdin: bool = False
+) -> str:
+    """Start bootstrap.sh JOB_DIR MODEL GPUS [PART=URL ...] detached, unless it runs already (a command retried
+    after an SSH drop must not start a second one). Its gpu phase fails a host where torch sees fewer than `gpus`
+    GPUs; its model phase fetches MODEL (unless "") and Flux.1's PART=URL files (remote/fetch_model.py).
+    `token_on_stdin`: the command's first input line is a Hugging Face token, given to the setup (and so to the
+    model download) as HF_TOKEN and to nothing else: it stands in no command line, file or log."""
     script = posixpath.join(layout.payload, "remote", "bootstrap.sh")
-    arguments = shlex.join(["bash", script, layout.root, model_reference, str(gpus)])
+    arguments = shlex.join(["bash", script, layout.root, model_reference, str(gpus), *parts])
     inner = f"{arguments}; echo $? > {shlex.quote(layout.bootstrap_exit)}"
-    start = f"rm -f {shlex.quote(layout.bootstrap_exit)};" + detached(
+    token = "IFS= read -r HF_TOKEN && export HF_TOKEN; " if token_on_stdin else ""
+    start = f"{token}rm -f {shlex.quote(layout.bootstrap_exit)};" + detached(
         inner, posixpath.join(layout.root, "bootstrap.log"), layout.bootstrap_pid
     )
     return f"{is_alive_command(layout.bootstrap_pid)} || {{ {start} }}"

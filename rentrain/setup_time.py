@@ -80,7 +80,7 @@ SETUP: dict[str, Figure] = {
 
 def transfer_gb(profile: JobProfile) -> dict[str, float]:
     """GB each phase moves: in to the instance, except the fetch (OUTBOUND)."""
-    model_gb = 0.0 if profile.local_model_bytes or profile.builtin_tiny else model_download_gb(profile.family).value
+    model_gb = 0.0 if profile.builtin_tiny else model_download_gb(profile).value
     return {
         "image_pull": SETUP["image_gb"].value,
         "bootstrap": SETUP["install_gb"].value,
@@ -169,7 +169,10 @@ def bandwidth_usd(transfer: Mapping[str, float], offer: Offer) -> float:
     return gb_in * (offer.inet_down_usd_per_gb or 0.0) + gb_out * (offer.inet_up_usd_per_gb or 0.0)
 
 
-def model_download_gb(family: str) -> Figure:
-    """The size of the family's usual base-model checkpoint (remote.trainer.families), downloaded on the instance."""
-    facts = family_facts(family)
-    return Figure(facts.download_gb, "published", facts.download_source)
+def model_download_gb(profile: JobProfile) -> Figure:
+    """What the instance downloads of the family's usual base model (remote.trainer.families): all of it, less
+    the parts uploaded from this machine (a local model; Flux.1's local ae, clip_l, t5xxl files)."""
+    facts = family_facts(profile.family)
+    parts = {"model": facts.download_gb - sum(facts.part_gb.values()), **facts.part_gb}
+    gb = sum(size for part, size in parts.items() if part not in profile.local_parts)
+    return Figure(round(gb, 3), "published", facts.download_source)

@@ -110,6 +110,19 @@ MEASURED_SPREAD = Figure(
 MAX_TENSOR_FRACTION = Figure(
     0.85, "assumed", "no card keeps its tensor cores busier than this over a whole step of many kernels"
 )
+# A family no run has measured borrows a measured family's fitted tensor fraction, with a wider range.
+BORROWED_TENSOR_FRACTION: dict[str, tuple[str, Figure]] = {
+    "flux": (
+        "sdxl",
+        Figure(
+            1.4,
+            "assumed",
+            "Flux.1 has not been measured with this trainer: its tensor fraction is SDXL's fitted one (both spend "
+            "their step in large bf16 matrix products and long attention: Flux.1's 3072-wide Linears over 4608 "
+            "tokens at 1024px), and the range is widened to 1/1.4-1.4x that fraction",
+        ),
+    ),
+}
 FP32_TENSOR_RATE = Figure(
     0.5, "published", "the TF32 dense rate is half the bf16 one in every datasheet of rentrain.gpu_specs"
 )
@@ -355,7 +368,7 @@ def _measured(spec: GpuSpec, profile: JobProfile, case: str) -> SpeedEstimate | 
     """The measured step of the family's benchmark `case` at exactly these settings on this GPU, the mean where
     it was measured more than once (checkpointing and accumulation are applied after)."""
     width, height = profile.resolution
-    if width != height or profile.network_dim != MEASURED_RANK or profile.bytes_per_value != 2:
+    if width != height or profile.network_dim != MEASURED_RANK or profile.bytes_per_value != 2 or profile.fp8_base:
         return None
     runs = [
         m
@@ -385,29 +398,45 @@ def modelled_step(spec: GpuSpec, profile: JobProfile, case: str) -> SpeedEstimat
         profile.batch_size,
         profile.network_dim,
         profile.trains_text_encoder,
+        profile.fp8_base,
     )
     fp32 = profile.bytes_per_value == 4
     if fp32:
         work = Work(flop=work.flop / FP32_TENSOR_RATE.value, bytes=work.bytes * 2, kernels=work.kernels)
     cal = calibration()
     efficiency = EFFICIENCY[spec.efficiency_class]
-    base = cal.tensor_fraction[case]
+    base, spread, borrowed = tensor_fraction(case, cal)
 
     def at(factor: float) -> float:
         return modelled_seconds(spec, work, base * factor, cal)
 
-    high = at(efficiency.low) * (FP32_UNCERTAINTY.value if fp32 else 1.0)
+    high = at(efficiency.low / spread) * (FP32_UNCERTAINTY.value if fp32 else 1.0)
     fraction = min(base * efficiency.factor, MAX_TENSOR_FRACTION.value)
     source = (
         f"modelled (docs/costs.md): {work.flop / 1e12:.2f} TFLOP and {work.bytes / 1e9:.1f} GB moved per step "
         f"(rentrain.step_work) on the {spec.model} ({spec.bf16_tflops:g} TFLOPS bf16, {spec.bandwidth_gbs:g} GB/s: "
         f"{spec.source}) at {fraction:.0%} of its tensor rate ({spec.efficiency_class} cards: {efficiency.source})"
     )
+    if borrowed:
+        source += f"; {borrowed}"
     if fp32:
         source += f"; {FP32_UNCERTAINTY.source}"
     return SpeedEstimate(
-        seconds_per_step=at(efficiency.factor), low=at(efficiency.high), high=high, kind="modelled", source=source
+        seconds_per_step=at(efficiency.factor),
+        low=at(efficiency.high * spread),
+        high=high,
+        kind="modelled",
+        source=source,
     )
+
+
+def tensor_fraction(case: str, cal: Calibration) -> tuple[float, float, str]:
+    """(the case's tensor fraction on Hopper, the factor its range widens by, why: "" when fitted on its own
+    measurements)."""
+    if case in cal.tensor_fraction:
+        return cal.tensor_fraction[case], 1.0, ""
+    measured_case, spread = BORROWED_TENSOR_FRACTION[case]
+    return cal.tensor_fraction[measured_case], spread.value, spread.source
 
 
 def interconnect_of(gpu_model: str) -> Interconnect:
@@ -455,7 +484,12 @@ def memory_fit(profile: JobProfile, vram_gb: float | None) -> tuple[float, str] 
         return 1.0, ""
     pixels = profile.resolution[0] * profile.resolution[1]
     footprint = footprint_for(
-        profile.family, pixels, profile.network_dim, profile.trains_text_encoder, profile.bytes_per_value
+        profile.family,
+        pixels,
+        profile.network_dim,
+        profile.trains_text_encoder,
+        profile.bytes_per_value,
+        profile.fp8_base,
     )
     configured = Setting(profile.batch_size, profile.batch_size, profile.gradient_checkpointing)
     plan = plan_memory(footprint, configured, budget_from_device(int(vram_gb * 2**30)), allow_8bit=False)

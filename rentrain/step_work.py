@@ -10,12 +10,20 @@ real SD 1.5 / SDXL architectures, one bf16 step's forward, loss, backward and Ad
 flash kernel each way. FLOPs are the matrix products', convolutions' and attention's (FlopCounterMode);
 bytes are every other kernel's reads and writes, and the optimizer's.
 
-Scaling, with p = the job's pixels / the reference pixels and r = LoRA dim - the reference dim:
-- per sample: the UNet's products x p, its self-attention x p^2 (tokens squared), the LoRA's extra x r x p,
+Scaling, with p = the job's tokens / the reference tokens and r = LoRA dim - the reference dim:
+- tokens: a UNet's are its pixels (p = the pixel ratio); Flux.1's transformer reads one token per 16 x 16 pixels
+  plus the 512 text tokens it attends over jointly, so 1024px has (64 x 64 + 512) tokens and 512px (32 x 32 + 512);
+- per sample: the model's products x p, its self-attention x p^2 (tokens squared), the LoRA's extra x r x p,
   the text encoders' part (77 tokens, any resolution) when they are trained;
 - per step, whatever the batch: the fixed part (LoRA weights, optimizer, frozen weights' layout) + r's share,
   and the text encoders' fixed part when they are trained;
-- a step is fixed + batch x per sample; kernels likewise (launches do not depend on pixels).
+- a step is fixed + batch x per sample; kernels likewise (launches do not depend on pixels);
+- Flux.1 with fp8_base: each frozen Linear's weight is upcast to bf16 as it runs (remote/trainer/float8.py), in
+  the forward and again in the backward pass: 3 bytes (1 read, 2 written) per weight and one kernel per Linear,
+  each time. The products themselves still run in bf16, so the FLOPs do not change.
+
+Flux.1 is counted only (no run measured it): `python bench/step_work.py --family flux --constants`, and
+`--flux` checks the token rule against direct counts at 512 and 1024 px.
 """
 
 from __future__ import annotations
@@ -54,6 +62,13 @@ class FamilyWork:
     text_encoder_fixed_bytes: float
     text_encoder_sample_flop: float
     text_encoder_sample_bytes: float
+    text_tokens: int = 0  # tokens the model attends over besides the image's (Flux.1: T5's 512)
+    pixels_per_token: int = 1  # a UNet's work is counted per pixel; Flux.1 has a token per 16 x 16 pixels
+    frozen_linear_params: float = 0  # the frozen model's Linear weights, which fp8_base upcasts
+    frozen_linears: int = 0
+
+    def tokens(self, pixels: int) -> float:
+        return pixels / self.pixels_per_token + self.text_tokens
 
 
 FAMILY_WORK: dict[str, FamilyWork] = {
@@ -101,13 +116,45 @@ FAMILY_WORK: dict[str, FamilyWork] = {
         text_encoder_sample_flop=4.274e11,
         text_encoder_sample_bytes=1.654e09,
     ),
+    # Flux.1 [dev] 1024px, batch 2, transformer LoRA, dim 32: counted, not measured (bench/step_work.py)
+    "flux": FamilyWork(
+        reference_pixels=1048576,
+        reference_batch=2,
+        reference_rank=32,
+        reference_trains_text_encoder=False,
+        kernels=11930,
+        kernels_per_sample=114,
+        text_encoder_kernels=2476,
+        text_tokens=512,
+        pixels_per_token=256,
+        fixed_flop=0,
+        fixed_bytes=-1.041e09,
+        sample_flop=1.213e14,
+        sample_attention_flop=5.205e13,
+        sample_bytes=5.797e11,
+        rank_fixed_bytes=1.34e08,
+        rank_sample_flop=7.101e10,
+        rank_sample_bytes=4.202e06,
+        text_encoder_fixed_flop=0,
+        text_encoder_fixed_bytes=2.199e09,
+        text_encoder_sample_flop=4.88e12,
+        text_encoder_sample_bytes=1.298e10,
+        frozen_linear_params=1.19e10,
+        frozen_linears=504,
+    ),
 }
 
 
-def step_work(family: str, pixels: int, batch: int, rank: int, trains_text_encoder: bool) -> Work:
+FP8_UPCAST_BYTES_PER_PARAM = 3  # read 1 byte, write 2
+FP8_UPCASTS_PER_STEP = 2  # forward and backward
+
+
+def step_work(
+    family: str, pixels: int, batch: int, rank: int, trains_text_encoder: bool, fp8_base: bool = False
+) -> Work:
     """One optimizer step's work (one micro-batch of ``batch`` samples) at these settings."""
     w = FAMILY_WORK[family]
-    p = pixels / w.reference_pixels
+    p = w.tokens(pixels) / w.tokens(w.reference_pixels)
     r = rank - w.reference_rank
     te_in_reference = 1.0 if w.reference_trains_text_encoder else 0.0
     te = 1.0 if trains_text_encoder else 0.0
@@ -121,4 +168,7 @@ def step_work(family: str, pixels: int, batch: int, rank: int, trains_text_encod
     fixed_flop = w.fixed_flop + te_change * w.text_encoder_fixed_flop
     fixed_bytes = w.fixed_bytes + r * w.rank_fixed_bytes + te_change * w.text_encoder_fixed_bytes
     kernels = w.kernels + te_change * w.text_encoder_kernels + batch * w.kernels_per_sample
+    if fp8_base:
+        fixed_bytes += FP8_UPCASTS_PER_STEP * FP8_UPCAST_BYTES_PER_PARAM * w.frozen_linear_params
+        kernels += FP8_UPCASTS_PER_STEP * w.frozen_linears
     return Work(flop=fixed_flop + batch * sample_flop, bytes=fixed_bytes + batch * sample_bytes, kernels=kernels)

@@ -275,13 +275,24 @@ class Remote:
         assert self._client is not None
         return self._client
 
-    def run(self, command: str, timeout: float | None = 120, check: bool = True, retries: int = 3) -> CommandResult:
+    def run(
+        self,
+        command: str,
+        timeout: float | None = 120,
+        check: bool = True,
+        retries: int = 3,
+        stdin: str | None = None,
+    ) -> CommandResult:
         """Run a shell command (built with shlex.quote by the caller). Retries on a dropped connection,
-        so only idempotent commands belong here."""
+        so only idempotent commands belong here. `stdin` is written to the command's standard input: the way to
+        hand it a secret that must not stand in the command line (nor in any log of it)."""
         for attempt in range(1, retries + 1):
             try:
                 client = self._live_client()
-                _, stdout, stderr = client.exec_command(command, timeout=timeout)
+                to_command, stdout, stderr = client.exec_command(command, timeout=timeout)
+                if stdin is not None:
+                    to_command.write(stdin.encode("utf-8"))
+                    to_command.channel.shutdown_write()
                 out = stdout.read().decode("utf-8", "replace")
                 err = stderr.read().decode("utf-8", "replace")
                 code = stdout.channel.recv_exit_status()

@@ -276,7 +276,13 @@ def latent_cache_dir() -> Path:
 
 
 def cache_latents(
-    dataset: Dataset, vae, scaling_factor: float, device: torch.device, flip: bool, batch_size: int | None = None
+    dataset: Dataset,
+    vae,
+    scaling_factor: float,
+    device: torch.device,
+    flip: bool,
+    batch_size: int | None = None,
+    shift_factor: float = 0.0,
 ) -> tuple[int, int]:
     """Fill record.latent (and latent_flipped) from the disk cache, encoding only what is missing.
 
@@ -288,7 +294,8 @@ def cache_latents(
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    folder = latent_cache_dir() / f"{vae_fingerprint(vae)}-{scaling_factor:g}"
+    shift = f"-{shift_factor:g}" if shift_factor else ""  # (latent - shift) * scale: Flux's AE shifts
+    folder = latent_cache_dir() / f"{vae_fingerprint(vae)}-{scaling_factor:g}{shift}"
     folder.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         for record, digest in zip(
@@ -316,7 +323,7 @@ def cache_latents(
                 pixels = decoded.result().to(device, non_blocking=True)
                 if index + 1 < len(chunks):
                     decoded = pool.submit(_decode_chunk, chunks[index + 1])
-                outs = _encode_views(vae, pixels, chunk, scaling_factor, device, flip)
+                outs = _encode_views(vae, pixels, chunk, scaling_factor, device, flip, shift_factor)
                 for row, (record, path) in enumerate(chunk):
                     record.latent = outs[0][row].contiguous()
                     record.latent_flipped = outs[1][row].contiguous() if flip else None
@@ -355,7 +362,7 @@ def _decode_chunk(chunk: list[tuple[ImageRecord, Path]]) -> torch.Tensor:
 
 
 def _encode_views(
-    vae, pixels: torch.Tensor, chunk, scaling_factor: float, device: torch.device, flip: bool
+    vae, pixels: torch.Tensor, chunk, scaling_factor: float, device: torch.device, flip: bool, shift_factor: float
 ) -> list[torch.Tensor]:
     """[latents] or [latents, latents of the mirrored images], on the CPU in float32."""
     outs = []
@@ -367,7 +374,8 @@ def _encode_views(
                 gen = torch.Generator(device=device).manual_seed(int(record.content_hash[:12], 16))
                 noise = torch.randn(dist.mean[row].shape, generator=gen, device=device)
                 latents.append(dist.mean[row] + dist.std[row] * noise)
-            latent = torch.stack(latents) * scaling_factor
+            latent = torch.stack(latents)
+            latent = (latent - shift_factor) * scaling_factor if shift_factor else latent * scaling_factor
             outs.append(torch.nan_to_num(latent, nan=0.0).to("cpu", torch.float32))
     return outs
 

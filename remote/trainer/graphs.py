@@ -27,7 +27,8 @@ from .memory import part_sizes
 @dataclass
 class StepInputs:
     """The tensors one micro-batch feeds the step: latents and their noise draws, and the conditioning
-    (cached text-encoder outputs, or token ids when the text encoders run in the step)."""
+    (cached text-encoder outputs, or token ids when the text encoders run in the step; ``conditions``: the
+    family's other inputs by name, such as SDXL's size ids or Flux's T5 attention mask). All batch-first."""
 
     latents: torch.Tensor
     noise: torch.Tensor
@@ -35,7 +36,7 @@ class StepInputs:
     weights: torch.Tensor
     context: torch.Tensor | None = None
     pooled: torch.Tensor | None = None
-    time_ids: torch.Tensor | None = None
+    conditions: dict[str, torch.Tensor] = field(default_factory=dict)
     token_ids: list[torch.Tensor] | None = None
 
     def tensors(self) -> list[tuple[str, torch.Tensor]]:
@@ -46,6 +47,8 @@ class StepInputs:
                 named.append((f.name, value))
             elif isinstance(value, list):
                 named += [(f"{f.name}.{i}", t) for i, t in enumerate(value)]
+            elif isinstance(value, dict):
+                named += [(f"{f.name}.{key}", t) for key, t in sorted(value.items())]
         return named
 
     def shape_key(self) -> tuple:
@@ -59,6 +62,8 @@ class StepInputs:
                 value = value.clone()
             elif isinstance(value, list):
                 value = [t.clone() for t in value]
+            elif isinstance(value, dict):
+                value = {key: t.clone() for key, t in value.items()}
             values[f.name] = value
         return StepInputs(**values)
 
@@ -80,6 +85,8 @@ class StepInputs:
                     value = value[start:stop]
                 elif isinstance(value, list):
                     value = [t[start:stop] for t in value]
+                elif isinstance(value, dict):
+                    value = {key: t[start:stop] for key, t in value.items()}
                 values[f.name] = value
             values["weights"] = values["weights"] * (part / size)
             parts.append(StepInputs(**values))

@@ -17,10 +17,12 @@ names; families/sdxl.py uses kohya's SGM names).
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +33,7 @@ from torch import nn
 from remote.hashing import file_sha256
 
 from .families import get_family
+from .families.base import OMIT, LoRATarget, ModelFamily
 from .families.clip import CLIP_LORA_PARENTS
 from .lora_fused import FlatBuffers, SideStream, flatten_parameters, fused_forward, is_fusable
 
@@ -106,47 +109,70 @@ class LoRAModule(nn.Module):
         return torch.add(out, lora.to(out.dtype), alpha=self.multiplier * self.scale)  # one kernel, not two
 
 
+class SharedDownLoRA(LoRAModule):
+    """The LoRA of one fused Linear of kohya's model that diffusers splits into several Linears fed the same
+    input (Flux's qkv, and q/k/v/MLP-in of a single block): one down projection shared by the members, the up
+    projection their ups stacked (rows of member i: ``rows[i]``). Its tensors are kohya's for the fused layer,
+    and member i's output gains ``up[rows[i]] @ down @ x``, the fused layer's rows of that member."""
+
+    def __init__(self, name: str, members: Sequence[nn.Module], dim: int, alpha: float, multiplier: float = 1.0):
+        linears = [m for m in members if isinstance(m, nn.Linear)]
+        if len(linears) != len(members) or len({m.in_features for m in linears}) != 1:
+            raise TypeError(f"{name}: a shared-down LoRA covers Linear layers of one input width")
+        fused = nn.Linear(linears[0].in_features, sum(m.out_features for m in linears), device="meta")
+        super().__init__(name, fused, dim, alpha, multiplier)
+        self._org[:] = linears
+        bounds = [0]
+        for m in linears:
+            bounds.append(bounds[-1] + m.out_features)
+        self.rows = list(itertools.pairwise(bounds))
+        self.org_forwards: list[Callable[..., Any]] = []
+
+    def apply_to(self) -> None:
+        self.org_forwards = [member.forward for member in self._org]
+        for index, member in enumerate(self._org):
+            member.forward = functools.partial(self.member_forward, index)  # type: ignore[method-assign]
+
+    def restore(self) -> None:
+        for member, original in zip(self._org, self.org_forwards, strict=True):
+            member.forward = original  # type: ignore[method-assign]
+        self.org_forwards = []
+
+    def forward(self, x, *args, **kwargs):
+        raise RuntimeError(f"{self.lora_name}: a shared-down LoRA runs through its members' forward")
+
+    def member_forward(self, index: int, x, *args, **kwargs):
+        start, stop = self.rows[index]
+        scale = self.multiplier * self.scale
+        if self.fused_views is not None and torch.is_grad_enabled() and not args and not kwargs:
+            (down, grad_down), (up, grad_up) = self.fused_views
+            views = ((down, grad_down), (up[start:stop], grad_up[start:stop]))
+            return fused_forward(
+                self._org[index], x, self.lora_down.weight, self.lora_up.weight, views, scale, self.fused_side
+            )
+        out = self.org_forwards[index](x, *args, **kwargs)
+        if self.multiplier == 0:
+            return out
+        down, up = self.lora_down.weight.to(x.dtype), self.lora_up.weight[start:stop].to(x.dtype)
+        return torch.add(out, F.linear(F.linear(x, down), up).to(out.dtype), alpha=scale)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Selection and naming (which modules, and their kohya names, are the family's: families/)
 
 
-def _module_path(parent_name: str, child_name: str) -> str:
-    path = f"{parent_name}.{child_name}" if child_name else parent_name
-    # diffusers' Downsample2D registers one conv as both Conv2d_0 and conv; kohya's UNet calls it conv.
-    if path.endswith("Conv2d_0"):
-        path = path[: -len("Conv2d_0")] + "conv"
-    return path
+def select_unet_targets(unet: nn.Module, family: str | ModelFamily, conv_dim: int | None) -> list[LoRATarget]:
+    """kohya's LoRA modules of the denoiser of ``family`` (a name, or a configured family), in kohya's order."""
+    return as_family(family).lora_targets(unet, conv_dim)
 
 
-def select_unet_targets(unet: nn.Module, family: str, conv_dim: int | None) -> list[tuple[str, nn.Module, bool]]:
-    """[(kohya_name, module, is_3x3_conv)] for the UNet of ``family``, in kohya's order."""
-    spec = get_family(family)
-    parents = spec.lora_parents + (spec.lora_conv_parents if conv_dim else ())
-    kohya_path = spec.kohya_unet_namer(unet)
-    found: list[tuple[str, nn.Module, bool]] = []
-    seen: set[int] = set()
-    for parent_name, parent in unet.named_modules():
-        if parent.__class__.__name__ not in parents:
-            continue
-        for child_name, child in parent.named_modules():
-            is_linear = isinstance(child, nn.Linear)
-            is_conv = isinstance(child, nn.Conv2d)
-            if not (is_linear or is_conv) or id(child) in seen:
-                continue
-            is_1x1 = is_conv and tuple(child.kernel_size) == (1, 1)
-            if is_conv and not is_1x1 and not conv_dim:
-                continue
-            seen.add(id(child))
-            path = kohya_path(_module_path(parent_name, child_name))
-            found.append(("lora_unet_" + path.replace(".", "_"), child, is_conv and not is_1x1))
-    return found
+def as_family(family: str | ModelFamily) -> ModelFamily:
+    return get_family(family) if isinstance(family, str) else family
 
 
-def select_te_targets(
-    text_encoders: list[nn.Module], parents: tuple[str, ...] = CLIP_LORA_PARENTS
-) -> list[tuple[str, nn.Module, bool]]:
-    """[(kohya_name, module, False)] for the text encoders: every Linear inside a ``parents`` module."""
-    found: list[tuple[str, nn.Module, bool]] = []
+def select_te_targets(text_encoders: list[nn.Module], parents: tuple[str, ...] = CLIP_LORA_PARENTS) -> list[LoRATarget]:
+    """kohya's LoRA modules of the text encoders: every Linear inside a ``parents`` module."""
+    found: list[LoRATarget] = []
     for index, encoder in enumerate(text_encoders):
         prefix = "lora_te" if len(text_encoders) == 1 else f"lora_te{index + 1}"
         root = getattr(encoder, "text_model", encoder)  # transformers 5's CLIPTextModel has no text_model
@@ -156,7 +182,7 @@ def select_te_targets(
             for child_name, child in parent.named_modules():
                 if isinstance(child, nn.Linear):
                     path = f"text_model.{parent_name}.{child_name}"
-                    found.append((f"{prefix}_{path.replace('.', '_')}", child, False))
+                    found.append(LoRATarget(f"{prefix}_{path.replace('.', '_')}", (child,), False))
     return found
 
 
@@ -171,14 +197,15 @@ class LoRANetwork(nn.Module):
         self,
         unet: nn.Module | None,
         text_encoders: list[nn.Module],
-        family: str,
+        family: str | ModelFamily,
         dim: int,
         alpha: float,
         conv_dim: int | None = None,
         conv_alpha: float | None = None,
     ):
         super().__init__()
-        self.family = family
+        spec = as_family(family)
+        self.family = spec.name
         self.dim = dim
         self.alpha = alpha
         self.conv_dim = conv_dim
@@ -186,14 +213,17 @@ class LoRANetwork(nn.Module):
         self.unet_names: list[str] = []
         self.te_names: list[str] = []
         self.flat: FlatBuffers | None = None
-        targets_unet = select_unet_targets(unet, family, conv_dim) if unet is not None else []
-        targets_te = select_te_targets(text_encoders, get_family(family).text_lora_parents) if text_encoders else []
+        targets_unet = spec.lora_targets(unet, conv_dim) if unet is not None else []
+        targets_te = select_te_targets(text_encoders, spec.text_lora_parents) if text_encoders else []
         for names, targets in ((self.te_names, targets_te), (self.unet_names, targets_unet)):
-            for name, module, is_conv3 in targets:
-                if is_conv3 and conv_dim is not None:  # 3x3 targets are selected only with a conv_dim
-                    lora = LoRAModule(name, module, conv_dim, conv_alpha if conv_alpha is not None else 1.0)
+            for name, modules, is_conv3 in targets:
+                lora: LoRAModule
+                if len(modules) > 1:
+                    lora = SharedDownLoRA(name, modules, dim, alpha)
+                elif is_conv3 and conv_dim is not None:  # 3x3 targets are selected only with a conv_dim
+                    lora = LoRAModule(name, modules[0], conv_dim, conv_alpha if conv_alpha is not None else 1.0)
                 else:
-                    lora = LoRAModule(name, module, dim, alpha)
+                    lora = LoRAModule(name, modules[0], dim, alpha)
                 self.add_module(name, lora)
                 names.append(name)
 
@@ -223,7 +253,7 @@ class LoRANetwork(nn.Module):
         moving the network afterwards would detach the parameters from the buffer."""
         self.flat, views = flatten_parameters(list(self.parameters()), compute_dtype, side_stream)
         for lora in self.loras():
-            if fuse and is_fusable(lora._org[0]):
+            if fuse and all(is_fusable(layer) for layer in lora._org):
                 lora.fused_views = (views[id(lora.lora_down.weight)], views[id(lora.lora_up.weight)])
                 lora.fused_side = self.flat.side_stream
         return self.flat
@@ -302,7 +332,7 @@ def load_kohya_into(network: LoRANetwork, path: Path) -> None:
     network.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items() if k in own})
 
 
-def build_metadata(cfg: TrainConfig, family: str, info: dict) -> dict[str, str]:
+def build_metadata(cfg: TrainConfig, family: str | ModelFamily, info: dict) -> dict[str, str]:
     """kohya's ss_* metadata (train_network.py) for what this run did, plus SAI modelspec keys."""
     v_pred = bool(cfg.v_parameterization)
     name = cfg.output_name or "last"
@@ -364,11 +394,13 @@ def build_metadata(cfg: TrainConfig, family: str, info: dict) -> dict[str, str]:
         "ss_sd_model_name": info.get("sd_model_name", ""),
         "ss_training_comment": "trained with rentrain",
         "modelspec.sai_model_spec": "1.0.1",
-        **get_family(family).base_model_metadata(v_pred),
         "modelspec.title": name,
         "modelspec.resolution": f"{cfg.resolution[0]}x{cfg.resolution[1]}",
         "modelspec.prediction_type": "v" if v_pred else "epsilon",
+        # last: a family may replace keys above (Flux: ss_network_module, no prediction type)
+        **as_family(family).configure(cfg).base_model_metadata(v_pred, info),
     }
+    meta = {key: value for key, value in meta.items() if value is not OMIT}
     if cfg.network_args:
         meta["ss_network_args"] = json.dumps(
             {k.strip(): v.strip() for k, _, v in (a.partition("=") for a in cfg.network_args)}

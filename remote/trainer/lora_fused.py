@@ -201,8 +201,8 @@ def is_fusable(module: nn.Module) -> bool:
 def fused_forward(
     base: nn.Module,
     x: torch.Tensor,
-    lora_down: nn.Parameter,
-    lora_up: nn.Parameter,
+    lora_down: torch.Tensor,
+    lora_up: torch.Tensor,
     views,
     scale: float,
     side: SideStream | None = None,

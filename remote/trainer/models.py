@@ -41,11 +41,12 @@ class ModelBundle:
     reference: str
     warnings: list[str] = field(default_factory=list)
     info: dict = field(default_factory=dict)  # ss_sd_model_name, hashes
+    configured: ModelFamily | None = None  # the family with the run's options (ModelFamily.configure)
 
     @property
     def spec(self) -> ModelFamily:
         """The family's implementation: everything about the model that differs between families."""
-        return get_family(self.family)
+        return self.configured or get_family(self.family)
 
     @property
     def scaling_factor(self) -> float:
@@ -73,7 +74,7 @@ def load_model(cfg: TrainConfig, dtype: torch.dtype = torch.float32, device: tor
     kind = model_source_kind(reference)
     if kind == "builtin":
         family = builtin_family(reference)
-        info = {"sd_model_name": reference}
+        info: dict[str, object] = {"sd_model_name": reference}
     elif kind in ("local_dir", "hub"):
         family = _folder_family(reference, kind)
         info = {"sd_model_name": Path(reference).name if kind == "local_dir" else reference}
@@ -83,13 +84,14 @@ def load_model(cfg: TrainConfig, dtype: torch.dtype = torch.float32, device: tor
         info = {"sd_model_name": path.name, **_model_hashes(path)}
     warnings = check_family(cfg, family)
 
-    spec = get_family(family)
+    spec = get_family(family).configure(cfg)
     if kind == "builtin":
         parts = spec.build_tiny()
     elif kind in ("local_dir", "hub"):
         parts = spec.load_diffusers(reference, dtype, device)
     else:
-        parts = spec.load_single_file(path)
+        parts = spec.load_single_file(path, dtype, device)
+    info |= spec.model_info(parts)
     if cfg.vae:
         parts["vae"] = _load_vae(cfg.vae)
     bundle = ModelBundle(
@@ -102,6 +104,7 @@ def load_model(cfg: TrainConfig, dtype: torch.dtype = torch.float32, device: tor
         vae=parts["vae"],
         text_encoders=parts["text_encoders"],
         tokenizers=parts["tokenizers"],
+        configured=spec,
     )
     for module in [bundle.unet, bundle.vae, *bundle.text_encoders]:
         module.requires_grad_(False)

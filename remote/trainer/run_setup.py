@@ -22,7 +22,8 @@ from remote.events import EventWriter
 from . import data as data_mod
 from . import memory
 from .distributed import Ranks, barrier, broadcast_int, broadcast_parameters, min_across
-from .families.base import ModelFamily, Objective
+from .families.base import ModelError, ModelFamily, Objective
+from .float8 import FLOAT8, Float8Linear
 from .lora import LoRANetwork
 from .models import ModelBundle, encode, load_model, tokenize
 from .optim import make_optimizer, make_scheduler
@@ -56,7 +57,10 @@ class Run:
     writer: EventWriter
     position: Position
     speed: FastPath
-    text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    # caption -> (context, pooled, the family's text_conditions) of frozen text encoders
+    text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]] = field(
+        default_factory=dict
+    )
     losses: list[float] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
     stop_requested: bool = False
@@ -109,10 +113,15 @@ def setup(cfg: TrainConfig, writer: EventWriter, resume: Path | None, ranks: Ran
     dataset = data_mod.build_dataset(cfg, processes=ranks.world)
     # LoRA only where a learning rate is set (kohya: text_encoder_lr = 0 -> no text-encoder LoRA).
     unet_lr, te_lr = cfg.effective_unet_lr, cfg.effective_text_encoder_lr
+    if te_lr > 0 and not bundle.spec.text_encoder_lora:
+        raise ModelError(
+            f"{bundle.spec.facts.label}: the trainer adapts the transformer only (its text encoders' outputs are "
+            "cached); set network_train_unet_only = true"
+        )
     network = LoRANetwork(
         bundle.unet if unet_lr > 0 else None,
         bundle.text_encoders if te_lr > 0 else [],
-        bundle.family,
+        bundle.spec,
         cfg.network_dim,
         cfg.scale_alpha,
         cfg.conv_dim,
@@ -182,6 +191,8 @@ def setup(cfg: TrainConfig, writer: EventWriter, resume: Path | None, ranks: Ran
             "images per step (x gradient_accumulation_steps)"
         )
     run.choices.append(f"compute: {compute_description(run)}")
+    if quantized := sum(isinstance(m, Float8Linear) for m in bundle.unet.modules()):
+        run.choices.append(f"frozen base: {quantized} Linear layers in float8, weight-only (upcast per layer)")
     run.choices += [c for c in (memory_choice, optimizer_choice) if c] + speed.choices
     run.info = _run_info(run, optimizer_label, warmup)
     return run
@@ -271,9 +282,11 @@ def fit_memory(
     text_on_gpu = cfg.trains_text_encoder or not data_mod.captions_are_static(cfg)
     resident = [bundle.unet, *(bundle.text_encoders if text_on_gpu else [])]
     bytes_per_value = torch.finfo(dtype).bits // 8
+    eight_bit = sum(b.numel() for m in resident for b in m.buffers() if b.dtype == FLOAT8)  # float8.py's weights
     footprint = memory.Footprint(
         family=bundle.family,
-        weights_gib=sum(p.numel() for m in resident for p in m.parameters()) * bytes_per_value / memory.GIB,
+        weights_gib=(sum(p.numel() for m in resident for p in m.parameters()) * bytes_per_value + eight_bit)
+        / memory.GIB,
         lora_params=sum(p.numel() for p in network.parameters()),
         pixels=max(r.bucket[0] * r.bucket[1] for r in dataset.records),
         activation_scale=bytes_per_value / 2,
@@ -292,7 +305,9 @@ def prepare_caches(run: Run) -> dict[str, float]:
     started = time.perf_counter()
     if not run.ranks.main:  # rank 0 fills the shared disk cache; the others then read it
         barrier(run.ranks)
-    encoded, _ = data_mod.cache_latents(run.dataset, bundle.vae, run.family.latent_scale, run.device, cfg.flip_aug)
+    encoded, _ = data_mod.cache_latents(
+        run.dataset, bundle.vae, run.family.latent_scale, run.device, cfg.flip_aug, shift_factor=run.family.latent_shift
+    )
     if run.ranks.main:
         barrier(run.ranks)
     if run.device.type == "cuda":
@@ -304,9 +319,12 @@ def prepare_caches(run: Run) -> dict[str, float]:
         with torch.no_grad(), autocast(run):
             for start in range(0, len(captions), 32):
                 chunk = captions[start : start + 32]
-                context, pooled = encode(bundle, tokenize(bundle, chunk, cfg.max_token_length), cfg.clip_skip)
+                ids = tokenize(bundle, chunk, cfg.max_token_length)
+                context, pooled = encode(bundle, ids, cfg.clip_skip)
+                extras = {name: v.to(run.device) for name, v in run.family.text_conditions(ids).items()}
                 for i, caption in enumerate(chunk):
-                    run.text_cache[caption] = (context[i], None if pooled is None else pooled[i])
+                    row = {name: value[i] for name, value in extras.items()}
+                    run.text_cache[caption] = (context[i], None if pooled is None else pooled[i], row)
         for encoder in bundle.text_encoders:  # not needed again until samples are drawn
             encoder.to("cpu")
     if run.device.type == "cuda":

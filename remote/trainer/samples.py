@@ -1,9 +1,10 @@
 """Sample grids: each prompt x seed (rows) at each LoRA weight (columns), one labelled PNG per checkpoint.
 
 The same check users do by hand in A1111 (``<lora:name:0.5>`` ... ``<lora:name:1>``), done on the
-rented GPU before it is given back. Images come from the family's diffusers pipeline (SD / SDXL, with a
-DDIM sampler); prompts are encoded with the trainer's own (kohya) text conditioning, so clip_skip means what
-it means in training. The LoRA multiplier applies to the UNet and the text encoder(s), as in A1111.
+rented GPU before it is given back. Images come from the family's diffusers pipeline (SD / SDXL with a
+DDIM sampler, Flux.1 with its flow-matching Euler sampler); prompts are encoded with the trainer's own
+(kohya) text conditioning, so clip_skip means what it means in training. The LoRA multiplier applies to the
+UNet and the text encoder(s), as in A1111.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def render_images(
                     with torch.no_grad(), autocast:
                         ids = tokenize(bundle, [prompt.prompt, prompt.negative], max_token_length)
                         context, pooled = encode(bundle, ids, clip_skip)
-                        kwargs = bundle.spec.pipeline_embeds(context, pooled)
+                        extras = {name: v.to(device) for name, v in bundle.spec.text_conditions(ids).items()}
+                        kwargs = bundle.spec.pipeline_embeds(context, pooled, extras, size)
                         generator = torch.Generator(device=device).manual_seed(int(seed))
                         latents = pipe(
                             num_inference_steps=steps,
@@ -102,7 +104,9 @@ def render_images(
                         ).images
                     # decode in float32, outside autocast: SDXL's VAE gives NaNs (black images) in fp16
                     with torch.no_grad():
-                        decoded = bundle.vae.decode(latents.float() / bundle.scaling_factor, return_dict=False)[0]
+                        decoded = bundle.vae.decode(
+                            bundle.spec.latents_for_decoding(latents.float(), size), return_dict=False
+                        )[0]
                     image = pipe.image_processor.postprocess(decoded, output_type="pil")[0]
                     row.append(image)
                 rows.append(row)
@@ -159,7 +163,7 @@ def sample_grid(run: Run, path: Path, title: str) -> Path | None:
         list(cfg.sample_weights),
         list(cfg.sample_seeds),
         cfg.sample_steps,
-        cfg.sample_guidance_scale,
+        cfg.sample_guidance_scale if cfg.sample_guidance_scale is not None else run.bundle.spec.sample_guidance,
         cfg.resolution,
         run.device,
         run.dtype,

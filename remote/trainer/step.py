@@ -37,8 +37,9 @@ def inputs_loss(run: Run, inputs: StepInputs) -> torch.Tensor:
     noisy = objective.add_noise(latents, noise, timesteps)
     with autocast(run):
         prediction = family.predict(
-            run.bundle.unet, noisy.to(run.dtype), timesteps, context.to(run.dtype), pooled, inputs.time_ids
+            run.bundle.unet, noisy.to(run.dtype), timesteps, context.to(run.dtype), pooled, inputs.conditions
         )
+    prediction = objective.loss_prediction(prediction, noisy, timesteps)
     target = objective.target(latents, noise, timesteps)
     loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
     loss = loss * inputs.weights
@@ -137,29 +138,33 @@ def batch_inputs(run: Run, batch: list[int], epoch: int, batch_index: int) -> St
         noise = noise + cfg.noise_offset * torch.randn(
             (latents.shape[0], latents.shape[1], 1, 1), generator=gen, device=device
         )
-    timesteps = torch.randint(0, run.objective.num_timesteps, (latents.shape[0],), generator=gen, device=device)
+    timesteps = run.objective.sample_timesteps(latents.shape, gen, device)
     weights = to_device(torch.tensor([cfg.prior_loss_weight if r.is_reg else 1.0 for r in records]), device)
     family_conditions = run.family.step_conditions(records, flips)  # e.g. SDXL's size and crop ids
-    fields: dict[str, Any] = {name: to_device(value, device) for name, value in family_conditions.items()}
-    fields |= conditioning(run, records, epoch, batch_index)
-    return StepInputs(latents=latents, noise=noise, timesteps=timesteps, weights=weights, **fields)
+    text = conditioning(run, records, epoch, batch_index)
+    conditions = {name: to_device(value, device) for name, value in family_conditions.items()}
+    conditions |= text.pop("conditions")
+    return StepInputs(latents=latents, noise=noise, timesteps=timesteps, weights=weights, conditions=conditions, **text)
 
 
 def conditioning(run: Run, records: list[data_mod.ImageRecord], epoch: int, batch_index: int) -> dict[str, Any]:
-    """The batch's text conditioning: cached (context, pooled) tensors, or token ids to encode in the step."""
+    """The batch's text conditioning: cached (context, pooled) tensors, or token ids to encode in the step;
+    and under "conditions" the family's text_conditions (Flux's T5 attention mask)."""
     cfg = run.cfg
     if run.text_cache:
-        pairs = [run.text_cache[data_mod.base_caption(cfg, r.caption)] for r in records]
-        context = torch.stack([p[0] for p in pairs]).to(run.dtype)
-        pooled_rows = [p[1] for p in pairs if p[1] is not None]  # all or none: the family gives pooled or not
+        entries = [run.text_cache[data_mod.base_caption(cfg, r.caption)] for r in records]
+        context = torch.stack([e[0] for e in entries]).to(run.dtype)
+        pooled_rows = [e[1] for e in entries if e[1] is not None]  # all or none: the family gives pooled or not
         pooled = torch.stack(pooled_rows).to(run.dtype) if pooled_rows else None
-        return {"context": context, "pooled": pooled}
+        extras = {name: torch.stack([e[2][name] for e in entries]) for name in entries[0][2]}
+        return {"context": context, "pooled": pooled, "conditions": extras}
     captions = [
         data_mod.process_caption(cfg, r.caption, data_mod.caption_rng(run.seed, epoch, batch_index, slot), epoch + 1)
         for slot, r in enumerate(records)
     ]
     ids = tokenize(run.bundle, captions, cfg.max_token_length)
-    return {"token_ids": [to_device(i, run.device) for i in ids]}
+    extras = {name: to_device(value, run.device) for name, value in run.family.text_conditions(ids).items()}
+    return {"token_ids": [to_device(i, run.device) for i in ids], "conditions": extras}
 
 
 def text_conditioning(run: Run, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -24,6 +24,7 @@ from remote.config import (
 )
 from remote.dataset import printable
 from rentrain.dataset_check import DatasetReport, inspect_dataset
+from rentrain.hub_access import AccessFinding, check_access
 from rentrain.upload_list import SHOWN_SKIPPED, UploadPlan, plan_upload
 
 # The exit code of refused input, everywhere: a config or dataset error here, a bad option (click's usage error).
@@ -48,6 +49,7 @@ class CheckResult(BaseModel):
     job: dict[str, Any] | None = None
     ignored_keys: dict[str, str] = {}
     model_source: str | None = None
+    model_access: list[AccessFinding] = []  # whether this machine's token can read the gated repos (Flux.1)
     dataset: DatasetReport | None = None
     upload: UploadPlan | None = None
 
@@ -59,13 +61,15 @@ def run_check(config_path: Path) -> tuple[CheckResult, LoadedConfig | None]:
     except ConfigError as exc:
         return CheckResult(ok=False, config_path=str(config_path), config_errors=[str(i) for i in exc.issues]), None
     report = inspect_dataset(loaded.train)
+    access = check_access(loaded.train)
     result = CheckResult(
-        ok=not report.errors,
+        ok=not report.errors and not any(finding.severity == "error" for finding in access),
         config_path=str(loaded.path),
         config=loaded.train.model_dump(mode="json"),
         job=loaded.job.model_dump(mode="json"),
         ignored_keys=loaded.ignored_keys,
         model_source=model_source_kind(loaded.train.pretrained_model_name_or_path),
+        model_access=access,
         dataset=report,
         upload=plan_upload(loaded.train),
     )
@@ -117,10 +121,13 @@ def print_check(result: CheckResult, loaded: LoadedConfig | None, console: Conso
             console.print(f"  [red]✗[/] {_plain(line)}", highlight=False)
         return
     _print_config(loaded, console)
+    for finding in result.model_access:
+        mark = "[red]✗ error[/]" if finding.severity == "error" else "[yellow]! warning[/]"
+        console.print(f"  {mark} {_plain(finding.message)}", highlight=False)
     _print_dataset(result.dataset, console)
     _print_upload(result.upload, console)
     _print_steps(result.dataset, loaded, console)
-    errors = len(result.dataset.errors)
+    errors = len(result.dataset.errors) + sum(finding.severity == "error" for finding in result.model_access)
     summary = "[bold green]OK[/]: ready to train." if result.ok else f"[bold red]{errors} error(s)[/]: fix them first."
     console.print(summary)
 

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from providers.base import SelfDestructRecipe
-from remote.config import model_source_kind
+from remote.config import FLUX_PARTS, TrainConfig, model_source_kind
+from remote.fetch_model import part_argument
+from rentrain.hub_access import token_for_download
 from rentrain.job_phases.context import CONNECTION_LOST, HostLost, JobContext, JobFailed, Session
 from rentrain.remote_job import (
     bootstrap_command,
@@ -40,6 +42,11 @@ def _size_on_disk(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def _parts(train: TrainConfig) -> list[tuple[str, str]]:
+    """Flux.1's separate files the config names: (key, local path or https URL)."""
+    return [(part, reference) for part in FLUX_PARTS if (reference := getattr(train, part)) is not None]
 
 
 class Preparer:
@@ -83,14 +90,18 @@ class Preparer:
         """Bootstrap on the instance while the job's files upload; wait for both. The resume state's path there."""
         remote, layout = session.remote, session.layout
         train = self.context.loaded.train
-        fetch_on_instance = model_source_kind(train.pretrained_model_name_or_path) in ("hub", "url")
+        model_fetched = model_source_kind(train.pretrained_model_name_or_path) in ("hub", "url")
+        parts = [part_argument(part, url) for part, url in _parts(train) if url.startswith("https://")]
+        fetch_on_instance = model_fetched or bool(parts)
         self.context.move("bootstrapping", "in parallel with the dataset upload")
-        model = train.pretrained_model_name_or_path if fetch_on_instance else ""
+        model = train.pretrained_model_name_or_path if model_fetched else ""
 
         def step(what: str, action: Callable[[], T]) -> T:
             return self._setup_step(session, what, action)
 
-        step("starting the setup", lambda: remote.run(bootstrap_command(layout, model, session.gpus)))
+        token = token_for_download([model, *(url for _part, url in _parts(train) if url.startswith("https://"))])
+        setup = bootstrap_command(layout, model, session.gpus, parts, token_on_stdin=token is not None)
+        step("starting the setup", lambda: remote.run(setup, stdin=None if token is None else token + "\n"))
         with self.context.meter.phase("upload"):
             resume = self._upload_job_files(session)
         config = remote_train_config(train, layout)
@@ -168,6 +179,7 @@ class Preparer:
         """Seconds this setup may take: setup_timeout_seconds, plus the uploads at UPLOAD_FLOOR_BYTES_PER_SECOND."""
         train = self.context.loaded.train
         sources = [train.train_data_dir, train.reg_data_dir, train.vae, self.context.job.last_state_path]
+        sources += [reference for _, reference in _parts(train) if not reference.startswith("https://")]
         if model_source_kind(train.pretrained_model_name_or_path) in ("local_file", "local_dir"):
             sources.append(train.pretrained_model_name_or_path)
         uploads = sum(_size_on_disk(Path(source)) for source in sources if source is not None)
@@ -242,13 +254,20 @@ class Preparer:
             session.remote.upload_tree(staging, session.layout.model, self.context.scratch)
             self.context.meter.bytes_up += _size_on_disk(source)
         if train.vae is not None and Path(train.vae).exists():
-            vae = Path(train.vae)
-            staging = self.context.scratch / "vae-upload"
-            staging.mkdir(exist_ok=True)
-            if not (staging / vae.name).exists():
-                (staging / vae.name).symlink_to(vae)
-            session.remote.upload_tree(staging, posixpath.join(session.layout.model, "vae"), self.context.scratch)
-            self.context.meter.bytes_up += _size_on_disk(vae)
+            self._upload_beside_model(session, Path(train.vae), "vae")
+        for part, reference in _parts(train):
+            if not reference.startswith("https://"):  # a local file (the config check allows no other)
+                self._upload_beside_model(session, Path(reference), part)
+
+    def _upload_beside_model(self, session: Session, local: Path, folder: str) -> None:
+        """A model file the config names apart (a VAE, Flux.1's ae, clip_l, t5xxl) into the model's `folder`,
+        where rentrain.remote_job.remote_train_config points the instance's config."""
+        staging = self.context.scratch / f"{folder}-upload"
+        staging.mkdir(exist_ok=True)
+        if not (staging / local.name).exists():
+            (staging / local.name).symlink_to(local)
+        session.remote.upload_tree(staging, posixpath.join(session.layout.model, folder), self.context.scratch)
+        self.context.meter.bytes_up += _size_on_disk(local)
 
     def _upload_resume_state(self, session: Session) -> str | None:
         state = self.context.job.last_state_path

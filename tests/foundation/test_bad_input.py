@@ -78,6 +78,15 @@ def model(text: str) -> Build:
     return job(model=text)
 
 
+TINY_FLUX = 'pretrained_model_name_or_path = "builtin:tiny-flux"\nnetwork_module = "networks.lora_flux"'
+HUB_REPO = "o/r"
+
+
+def flux(model: str = "", training: str = "") -> Build:
+    """A job on the built-in tiny Flux.1 model (kohya's Flux network module), with these lines changed."""
+    return job(model=f"{TINY_FLUX}\n{model}", training=training)
+
+
 def dataset(text: str) -> Build:
     return job(dataset=text)
 
@@ -285,6 +294,18 @@ ROWS = [
     Row("warmup-inf", training('lr_scheduler = "cosine"\nlr_warmup_steps = inf'), CHECK, 2, "lr_warmup_steps in"),
     Row("conv_dim-nan", training('network_args = ["conv_dim=nan"]'), CHECK, 2, "conv_dim must be a whole number"),
     Row("conv_alpha-inf", training('network_args = ["conv_alpha=inf"]'), CHECK, 2, "conv_alpha must be above 0"),
+    # ---- issue 19: Flux.1 keys ----
+    Row("flux-key-on-sd", training("guidance_scale = 4.0"), CHECK, 2, "guidance_scale in [training]: Flux.1 only"),
+    Row("loss-huber", training('loss_type = "huber"'), CHECK, 2, "loss_type in [training]: 'huber' is not supported"),
+    Row("flux-blocks-19", flux(training='network_args = ["train_double_block_indices=0-19"]'), CHECK, 2, "0-18"),
+    Row("flux-blocks-text", flux(training='network_args = ["train_single_block_indices=odd"]'), CHECK, 2, "ranges"),
+    Row("flux-sampling", flux(training='timestep_sampling = "logit"'), CHECK, 2, "timestep_sampling in [training]"),
+    Row("flux-prediction", flux(training='model_prediction_type = "eps"'), CHECK, 2, "model_prediction_type in"),
+    Row("flux-t5-0", flux(model="t5xxl_max_token_length = 0"), CHECK, 2, "t5xxl_max_token_length in [model]"),
+    Row("flux-shift-0", flux(training="discrete_flow_shift = 0"), CHECK, 2, "discrete_flow_shift in [training]"),
+    Row("flux-min-snr", flux(training="min_snr_gamma = 5"), CHECK, 2, "min_snr_gamma in [training]: SD/SDXL only"),
+    Row("flux-ae-repo", flux(model=f'ae = "{HUB_REPO}"'), CHECK, 2, "ae in [model]: 'o/r' is not a file"),
+    Row("flux-ok", flux(training='network_args = ["train_double_block_indices=all"]'), CHECK, 0, OK),
     Row("weights-nan", sample("sample_weights = [nan]"), CHECK, 2, f"sample_weights in [sample]: {FINITE}"),
     Row("seeds-empty", sample("sample_seeds = []"), CHECK, 2, "sample_seeds in [sample]: must be 1 to 16 seeds"),
     Row("keep_tokens-negative", dataset("keep_tokens = -1"), CHECK, 2, "keep_tokens in [dataset]: input should be"),

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from providers.base import Offer
+from remote.config import TrainConfig
 from remote.trainer.families import FAMILIES
 from rentrain import setup_time, speed_model
 from rentrain.costs import estimate_job
@@ -26,19 +27,28 @@ def sd15(**kw) -> JobProfile:
 
 
 @pytest.mark.parametrize(
-    ("model", "sdxl_flag", "family"),
+    ("model", "extra", "family"),
     [
-        ("builtin:tiny-sd15", None, "sd15"),
-        ("builtin:tiny-sdxl", None, "sdxl"),
-        ("stabilityai/stable-diffusion-xl-base-1.0", None, "sdxl"),
-        ("/models/ponyDiffusionV6.safetensors", None, "sdxl"),
-        ("stable-diffusion-v1-5/stable-diffusion-v1-5", None, "sd15"),
-        ("/models/realisticVision.safetensors", True, "sdxl"),
-        ("/models/some_xl_name.safetensors", False, "sd15"),
+        ("builtin:tiny-sd15", {}, "sd15"),
+        ("builtin:tiny-sdxl", {}, "sdxl"),
+        ("builtin:tiny-flux", {}, "flux"),
+        ("stabilityai/stable-diffusion-xl-base-1.0", {}, "sdxl"),
+        ("/models/ponyDiffusionV6.safetensors", {}, "sdxl"),
+        ("stable-diffusion-v1-5/stable-diffusion-v1-5", {}, "sd15"),
+        ("/models/realisticVision.safetensors", {"sdxl": True}, "sdxl"),
+        ("/models/some_xl_name.safetensors", {"sdxl": False}, "sd15"),
+        ("/models/sd2.safetensors", {"v2": True}, "sd2"),
+        ("black-forest-labs/FLUX.1-dev", {}, "flux"),
+        ("/models/my_model.safetensors", {"network_module": "networks.lora_flux"}, "flux"),
+        ("/models/fluxed_xl_merge.safetensors", {}, "flux"),
     ],
 )
-def test_model_family_guess(model, sdxl_flag, family):
-    assert guess_model_family(model, sdxl_flag) == family
+def test_model_family_guess(model, extra, family):
+    train = TrainConfig.model_validate(
+        {"pretrained_model_name_or_path": model, "train_data_dir": "d", "max_train_epochs": 1, "learning_rate": 1e-4}
+        | extra
+    )
+    assert guess_model_family(train) == family
 
 
 def test_faster_cards_are_faster_and_unknown_cards_have_no_figure():
@@ -62,8 +72,10 @@ def test_checkpointing_and_accumulation_scale_the_step_and_its_range():
 
 
 def test_every_number_has_a_kind_and_a_source():
-    figures = [*setup_time.SETUP.values(), *(setup_time.model_download_gb(name) for name in FAMILIES)]
+    downloads = [setup_time.model_download_gb(JobProfile(family=name, steps=1)) for name in FAMILIES]
+    figures = [*setup_time.SETUP.values(), *downloads]
     figures += [speed_model.MEASURED_SPREAD, speed_model.MAX_TENSOR_FRACTION]
+    figures += [figure for _, figure in speed_model.BORROWED_TENSOR_FRACTION.values()]
     figures += [speed_model.FP32_TENSOR_RATE, speed_model.FP32_UNCERTAINTY]
     figures += [speed_model.TINY_SECONDS_PER_STEP, speed_model.TINY_BATCH_MARGINAL, speed_model.TINY_RANGE]
     for figure in [*figures, *speed_model.EFFICIENCY.values()]:
@@ -89,7 +101,7 @@ def test_overhead_uses_the_offer_bandwidth_for_the_model_download():
     fast = setup_seconds(sdxl(), _offer(1000))["model_download"]
     assert slow == pytest.approx(6.9 * 8000 / 100)
     assert fast == pytest.approx(slow / 10)
-    local = sdxl(local_model_bytes=10**9)
+    local = sdxl(local_model_bytes=10**9, local_parts=("model",))
     assert setup_seconds(local, _offer(1000))["model_download"] == 0  # uploaded instead
     assert setup_time.transfer_gb(local)["upload"] == pytest.approx(1.0)
 

@@ -277,3 +277,53 @@ def test_a_sample_costs_more_in_a_smaller_batch():
         full = seconds_per_step("H100 PCIe", profile).seconds_per_step
         one = seconds_per_step("H100 PCIe", profile.model_copy(update={"batch_size": 1})).seconds_per_step
         assert one > full / profile.batch_size * 1.1
+
+
+# ---- Flux.1 (issue 19): counted work, no measurement -------------------------------------------------------
+
+
+def flux(**kw) -> JobProfile:
+    """Flux.1 [dev] at 1024px, batch 1, transformer LoRA dim 16, the frozen transformer in 8 bits."""
+    base = {"family": "flux", "steps": 1000, "resolution": (1024, 1024), "network_dim": 16, "fp8_base": True}
+    return JobProfile(**{**base, **kw})
+
+
+def test_flux_on_a_24_gb_card_is_modelled_with_a_wide_range_and_fits_with_fp8_base():
+    speed = seconds_per_step("RTX 4090", flux(), 24)
+    assert speed is not None and speed.kind == "modelled"
+    assert "SDXL's fitted one" in speed.source
+    sdxl_range = seconds_per_step("RTX 4090", sdxl(network_dim=16))
+    assert speed.high / speed.low > sdxl_range.high / sdxl_range.low  # the borrowed fraction widens it
+    fit = speed_model.memory_fit(flux(), 24)
+    assert fit is not None and "gradient checkpointing" in fit[1]  # 1024px fits only checkpointed
+
+
+def test_flux_is_refused_on_16_gb_and_in_bf16_on_24_gb():
+    assert speed_model.memory_fit(flux(), 16) is None
+    assert speed_model.memory_fit(flux(fp8_base=False), 24) is None
+    assert speed_model.memory_fit(flux(fp8_base=False), 48) is not None
+
+
+def test_flux_estimate_on_a_24_gb_offer_and_none_on_16_gb():
+    assert estimate_job(flux(), card("RTX 4090", 0.5, 24)) is not None
+    assert estimate_job(flux(), card("RTX 4090", 0.5, 16)) is None
+
+
+def test_flux_work_grows_with_tokens_not_pixels():
+    """Flux.1's 1024px sample has 4096 + 512 tokens, its 512px one 1024 + 512: the products scale by that
+    ratio and attention by its square (bench/step_work.py --flux checks the rule against direct counts)."""
+    w = FAMILY_WORK["flux"]
+    big = step_work("flux", 1024 * 1024, 1, 32, False)
+    small = step_work("flux", 512 * 512, 1, 32, False)
+    ratio = (1024 + 512) / (4096 + 512)
+    assert small.flop == pytest.approx(w.sample_flop * ratio + w.sample_attention_flop * ratio**2)
+    assert big.flop == pytest.approx(w.sample_flop + w.sample_attention_flop)
+    assert small.flop / big.flop > (512 * 512) / (1024 * 1024)  # more than the pixel ratio: the text tokens
+
+
+def test_fp8_base_adds_the_weight_upcasts_and_leaves_the_flops():
+    plain = step_work("flux", 1024 * 1024, 1, 16, False)
+    fp8 = step_work("flux", 1024 * 1024, 1, 16, False, fp8_base=True)
+    assert fp8.flop == plain.flop
+    assert fp8.bytes - plain.bytes == pytest.approx(2 * 3 * FAMILY_WORK["flux"].frozen_linear_params)
+    assert fp8.kernels - plain.kernels == 2 * FAMILY_WORK["flux"].frozen_linears

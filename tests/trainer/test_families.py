@@ -28,12 +28,12 @@ def test_the_facts_and_the_memory_planner_import_without_torch():
 
 
 def test_every_family_has_an_implementation_under_its_name():
-    assert set(FAMILIES) == {"sd15", "sd2", "sdxl"}
+    assert set(FAMILIES) == {"sd15", "sd2", "sdxl", "flux"}
     for name, facts in FAMILIES.items():
         assert facts.name == name
         assert get_family(name).name == name and get_family(name).facts is facts
-    with pytest.raises(KeyError, match="unknown model family 'flux'; known: sd15, sd2, sdxl"):
-        family_facts("flux")
+    with pytest.raises(KeyError, match="unknown model family 'chroma'; known: sd15, sd2, sdxl, flux"):
+        family_facts("chroma")
 
 
 def test_the_planners_profiles_and_architectures_are_the_families_facts():
@@ -41,7 +41,7 @@ def test_the_planners_profiles_and_architectures_are_the_families_facts():
 
     assert PROFILES["sd15"] is FAMILIES["sd15"].memory and PROFILES["sd2"] is PROFILES["sd15"]
     assert PROFILES["sdxl"].checkpointing_factor == FAMILIES["sdxl"].checkpointing_factor == 1.37
-    assert set(ARCHITECTURES) == {"sd15", "sdxl"}  # SD 2.x is not counted: planned from the loaded model
+    assert set(ARCHITECTURES) == {"sd15", "sdxl", "flux"}  # SD 2.x is not counted: planned from the loaded model
     sdxl = FAMILIES["sdxl"].architecture
     assert sdxl is not None
     assert footprint_for("sdxl", 1024 * 1024, 8, False).lora_params == 8 * sdxl.lora_unet_per_dim

@@ -7,11 +7,13 @@ import os
 import pwd
 import shlex
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from rentrain.remote_job import RemoteLayout, bootstrap_command
 from rentrain.sshkeys import create_job_key
 from rentrain.transport import (
     FetchRefused,
@@ -311,3 +313,31 @@ def test_rsync_works_from_a_state_folder_whose_path_has_spaces(
     (state_dir / "lora.safetensors").write_bytes(b"weights" * 100)
     fetched = remote.download_tree(str(state_dir), str(state_dir.parent), state / "states" / "s", state, STATE)
     assert (fetched / "lora.safetensors").read_bytes() == b"weights" * 100
+
+
+def test_the_setup_gets_the_hub_token_on_standard_input_and_nowhere_else(
+    instance: tuple[SshdInstance, Path],
+) -> None:
+    """The laptop's Hugging Face token reaches the instance's setup (and so the model download) as HF_TOKEN, through
+    the command's standard input: not in the command line, a file, the setup's log or any later command."""
+    sim, key_path = instance
+    token = "hf_notARealToken0123456789"
+    layout = RemoteLayout(root=str(sim.workdir / "rentrain" / "j1"))
+    script = Path(layout.payload) / "remote" / "bootstrap.sh"
+    script.parent.mkdir(parents=True)
+    # stands in for bootstrap.sh: records what it was given, as the model download would use it
+    script.write_text('echo "token length ${#HF_TOKEN}" > "$1/seen"\n')
+    command = bootstrap_command(layout, "someone/gated-model", 1, token_on_stdin=True)
+    assert token not in command
+    remote = _remote(sim, key_path)
+    remote.run(f"mkdir -p {shlex.quote(layout.root)}")
+    remote.run(command, stdin=token + "\n")
+    seen = Path(layout.root) / "seen"
+    for _ in range(100):
+        if seen.exists() and seen.read_text():
+            break
+        time.sleep(0.05)
+    assert seen.read_text().strip() == f"token length {len(token)}"
+    assert token not in (Path(layout.root) / "bootstrap.log").read_text()
+    assert remote.run('echo "[$HF_TOKEN]"').stdout.strip() == "[]"  # later commands do not have it
+    remote.close()

@@ -24,11 +24,18 @@ class DDPMObjective:
             **BETAS, clip_sample=False, prediction_type="v_prediction" if v_prediction else "epsilon"
         )
 
+    def sample_timesteps(self, shape: torch.Size, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """Uniform integer timesteps in [0, 1000), as kohya draws them."""
+        return torch.randint(0, self.num_timesteps, (shape[0],), generator=generator, device=device)
+
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return self.scheduler.add_noise(latents, noise, timesteps)
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return self.scheduler.get_velocity(latents, noise, timesteps) if self.v_prediction else noise
+
+    def loss_prediction(self, prediction: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return prediction
 
     def min_snr_weight(self, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
         """kohya's apply_snr_weight: min(SNR, gamma) / SNR, over SNR + 1 for the v target."""

@@ -16,10 +16,14 @@ if TYPE_CHECKING:
 
 
 def detect_family_from_keys(keys: Iterable[str]) -> str:
-    """SD family of an original-layout (LDM/SGM) checkpoint from its state-dict key names."""
+    """The family of a single-file checkpoint from its state-dict key names: Flux.1 by its transformer's blocks
+    (BFL's ``double_blocks.``, optionally under ComfyUI's ``model.diffusion_model.``, or diffusers'
+    ``single_transformer_blocks.``), else the SD family of an original-layout (LDM/SGM) checkpoint."""
     has_ldm_unet = False
     has_sd1_te = False
     for key in keys:
+        if key.startswith(FLUX_KEY_PREFIXES):
+            return "flux"
         if key.startswith("conditioner.embedders.1"):
             return "sdxl"
         if key.startswith("cond_stage_model.model."):
@@ -31,9 +35,13 @@ def detect_family_from_keys(keys: Iterable[str]) -> str:
     if has_sd1_te or has_ldm_unet:
         return "sd15"
     raise ModelError(
-        "not a Stable Diffusion checkpoint: none of the key prefixes of SD 1.x (cond_stage_model.transformer., "
-        "model.diffusion_model.), SD 2.x (cond_stage_model.model.) or SDXL (conditioner.embedders.1) were found"
+        "not a Stable Diffusion checkpoint, nor a Flux.1 one: none of the key prefixes of SD 1.x "
+        "(cond_stage_model.transformer., model.diffusion_model.), SD 2.x (cond_stage_model.model.), SDXL "
+        "(conditioner.embedders.1) or Flux.1 (double_blocks.) were found"
     )
+
+
+FLUX_KEY_PREFIXES = ("double_blocks.", "model.diffusion_model.double_blocks.", "single_transformer_blocks.")
 
 
 def checkpoint_keys(path: Path) -> list[str]:
@@ -58,23 +66,26 @@ def checkpoint_keys(path: Path) -> list[str]:
 def detect_family_of_folder(folder_or_index: dict) -> str:
     index = folder_or_index
     class_name = str(index.get("_class_name", ""))
+    if class_name.startswith("Flux"):
+        return "flux"
     if "XL" in class_name or "text_encoder_2" in index:
         return "sdxl"
     return ""  # decided from the text encoder's width
 
 
 def folder_family(read_json: Callable[[str], dict[str, Any]]) -> str:
-    """A diffusers folder's family, ``read_json(name)`` reading its files: SDXL from model_index.json;
-    otherwise SD 2.x when the text encoder is 1024 wide (OpenCLIP-H)."""
-    if detect_family_of_folder(read_json("model_index.json")) == "sdxl":
-        return "sdxl"
+    """A diffusers folder's family, ``read_json(name)`` reading its files: Flux.1 (FluxPipeline) and SDXL from
+    model_index.json; otherwise SD 2.x when the text encoder is 1024 wide (OpenCLIP-H)."""
+    family = detect_family_of_folder(read_json("model_index.json"))
+    if family:
+        return family
     text_config = read_json("text_encoder/config.json")
     return "sd2" if text_config.get("hidden_size") == 1024 else "sd15"
 
 
 def builtin_family(reference: str) -> str:
-    """``builtin:tiny-sd15`` / ``builtin:tiny-sdxl``."""
-    return "sdxl" if reference.endswith("sdxl") else "sd15"
+    """``builtin:tiny-sd15`` / ``builtin:tiny-sdxl`` / ``builtin:tiny-flux``."""
+    return reference.removeprefix("builtin:tiny-")
 
 
 def check_family(cfg: TrainConfig, family: str) -> list[str]:

@@ -2,19 +2,21 @@
 trainer's memory planning need to know about a family before any model is loaded.
 
 The trainer's own side of a family (loading, text encoding, the training target, LoRA names, sampling) is
-in its module beside this one (sd.py, sdxl.py); both are looked up by the family's name (``sd15``, ``sd2``,
-``sdxl``), the name the events and states carry.
+in its module beside this one (sd.py, sdxl.py, flux.py); both are looked up by the family's name (``sd15``,
+``sd2``, ``sdxl``, ``flux``), the name the events and states carry.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
 class FamilyProfile:
-    """Measured on an H200 with bf16 and CUDA graphs (bench/RESULTS.md): peak activation memory per sample
-    of ``reference_pixels``, and the step time of a micro-batch of m such samples, ``overhead + m * per_sample``."""
+    """Measured on an H200 with bf16 and CUDA graphs (bench/RESULTS.md; Flux.1: derived, see its entry): peak
+    activation memory per sample of ``reference_pixels``, and the step time of a micro-batch of m such samples,
+    ``overhead + m * per_sample``. Both grow with the sample's tokens: a UNet's pixels, or a transformer's
+    patches plus the text tokens it attends over (``tokens``)."""
 
     reference_pixels: int
     activation_gib: float
@@ -22,6 +24,15 @@ class FamilyProfile:
     overhead_ms: float
     per_sample_ms: float
     checkpointing_factor: float
+    pixels_per_token: int = 1
+    text_tokens: int = 0
+
+    def tokens(self, pixels: int) -> float:
+        return pixels / self.pixels_per_token + self.text_tokens
+
+    def scale(self, pixels: int) -> float:
+        """A sample of ``pixels`` against the reference sample (activations and per-sample time)."""
+        return self.tokens(pixels) / self.tokens(self.reference_pixels)
 
 
 @dataclass(frozen=True)
@@ -37,14 +48,15 @@ class Architecture:
 
 @dataclass(frozen=True)
 class FamilyFacts:
-    name: str  # the key: "sd15", "sd2", "sdxl"
+    name: str  # the key: "sd15", "sd2", "sdxl", "flux"
     label: str  # for people: "SD 1.x"
     memory: FamilyProfile
     architecture: Architecture | None  # None: not counted (planning then uses the loaded model's own)
-    download_gb: float  # the usual single-file checkpoint
+    download_gb: float  # the usual single-file checkpoint, with the separate files a job needs (Flux.1's encoders)
     download_source: str
     speed_case: str | None  # bench/train_speed.py's case whose measurements rentrain's speed model uses
     module: str  # the trainer's implementation (needs torch), imported only when a run needs it
+    part_gb: dict[str, float] = field(default_factory=dict)  # of download_gb, the files a config names apart
 
     @property
     def checkpointing_factor(self) -> float:
@@ -54,6 +66,17 @@ class FamilyFacts:
 
 # SD 1.5 512px: b4 6.14 GiB / 59.4 ms; b2 4.08-4.25 GiB / 32.6-35.0 ms; b4 checkpointed 3.27 GiB / 94.3 ms
 _SD_MEMORY = FamilyProfile(512 * 512, 1.04, 0.28, 5.7, 13.4, 1.59)
+
+# Flux.1 [dev]'s files, GB as the Hugging Face file lists give them (download_source)
+_FLUX_PARTS_GB = {"model": 23.8, "t5xxl": 9.79, "clip_l": 0.246, "ae": 0.335}
+
+# Flux.1: ASSUMED, not measured (no run has measured it). Activations per 1024px sample, from the tensors autograd
+# keeps, counted on the meta device (bench/step_work.py --flux: 33.30 GiB in all; 1.50 GiB of block inputs; 0.64
+# GiB for the largest block), by the rule: peak = what is kept + the largest block's activations and their
+# gradients (2 x 0.64); checkpointed per block = the blocks' inputs + the same (1.50 + 1.28). Step time: the
+# speed model's H100 figure for 1024px (rentrain.step_work: 40 ms of kernels a step, 540 ms a sample).
+# Checkpointing factor: 1 + the forward's share of the step's FLOPs (74.8 of 172.2 TFLOP), recomputed.
+_FLUX_MEMORY = FamilyProfile(1024 * 1024, 34.6, 2.78, 40.0, 540.0, 1.43, pixels_per_token=16 * 16, text_tokens=512)
 
 FAMILIES: dict[str, FamilyFacts] = {
     "sd15": FamilyFacts(
@@ -88,6 +111,22 @@ FAMILIES: dict[str, FamilyFacts] = {
         download_source="stabilityai sd_xl_base_1.0.safetensors, 6.94 GB",
         speed_case="sdxl",
         module="remote.trainer.families.sdxl",
+    ),
+    "flux": FamilyFacts(
+        name="flux",
+        label="Flux.1",
+        memory=_FLUX_MEMORY,
+        # counted on the meta device (bench/step_work.py --flux): diffusers' FluxTransformer2DModel with the
+        # guidance embedding ([dev]); T5-XXL's encoder and CLIP-L. LoRA per dim: kohya's lora_flux module set
+        # (every Linear of the 19 double and 38 single blocks, qkv fused); CLIP-L's as for SD.
+        architecture=Architecture(11_901_408_320, 4_762_310_656 + 123_060_480, 4_786_176, 165_888),
+        download_gb=round(sum(_FLUX_PARTS_GB.values()), 2),
+        download_source="huggingface.co file lists: black-forest-labs/FLUX.1-dev flux1-dev.safetensors 23.8 GB "
+        "and ae.safetensors 335 MB; comfyanonymous/flux_text_encoders t5xxl_fp16.safetensors 9.79 GB and "
+        "clip_l.safetensors 246 MB",
+        speed_case="flux",
+        module="remote.trainer.families.flux",
+        part_gb={key: gb for key, gb in _FLUX_PARTS_GB.items() if key != "model"},
     ),
 }
 

@@ -4,7 +4,7 @@ diffusers' own block names (its SD UNet is diffusers-shaped)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,7 +51,9 @@ class StableDiffusion(ModelFamily):
             "tokenizers": [CLIPTokenizer.from_pretrained(reference, subfolder="tokenizer")],
         }
 
-    def load_single_file(self, path: Path) -> Components:
+    def load_single_file(
+        self, path: Path, dtype: torch.dtype = torch.float32, device: torch.device | None = None
+    ) -> Components:
         """diffusers' from_single_file; it reads the architecture config from the hub (reachable on the rented
         machine). The prediction type is not taken from it: the training schedule follows the config."""
         from diffusers import StableDiffusionPipeline
@@ -98,7 +100,7 @@ class StableDiffusion(ModelFamily):
         timesteps: torch.Tensor,
         context: torch.Tensor,
         pooled: torch.Tensor | None,
-        time_ids: torch.Tensor | None,
+        conditions: dict[str, torch.Tensor],
     ) -> torch.Tensor:
         return unet(noisy, timesteps, encoder_hidden_states=context).sample
 
@@ -121,10 +123,16 @@ class StableDiffusion(ModelFamily):
             requires_safety_checker=False,
         )
 
-    def pipeline_embeds(self, context: torch.Tensor, pooled: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def pipeline_embeds(
+        self,
+        context: torch.Tensor,
+        pooled: torch.Tensor | None,
+        conditions: dict[str, torch.Tensor],
+        size: tuple[int, int],
+    ) -> dict[str, Any]:
         return {"prompt_embeds": context[:1], "negative_prompt_embeds": context[1:]}
 
-    def base_model_metadata(self, v_prediction: bool) -> dict[str, object]:
+    def base_model_metadata(self, v_prediction: bool, info: Mapping[str, object] | None = None) -> dict[str, object]:
         return {
             "ss_v2": self.v2,
             "ss_base_model_version": self._versions[v_prediction],

@@ -6,7 +6,7 @@ resnet and sampler layers renamed to their SGM spelling (TRAINER.md §1.2, §1.7
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,7 +46,9 @@ class StableDiffusionXL(ModelFamily):
         ]
         return {"unet": unet, "vae": vae, "text_encoders": [first, second], "tokenizers": tokenizers}
 
-    def load_single_file(self, path: Path) -> Components:
+    def load_single_file(
+        self, path: Path, dtype: torch.dtype = torch.float32, device: torch.device | None = None
+    ) -> Components:
         """diffusers' from_single_file (configs from the hub, see sd.py)."""
         from diffusers import StableDiffusionXLPipeline
 
@@ -110,10 +112,10 @@ class StableDiffusionXL(ModelFamily):
         timesteps: torch.Tensor,
         context: torch.Tensor,
         pooled: torch.Tensor | None,
-        time_ids: torch.Tensor | None,
+        conditions: dict[str, torch.Tensor],
     ) -> torch.Tensor:
         assert pooled is not None, "SDXL's second text encoder gives the pooled embedding"
-        added = {"text_embeds": pooled.to(noisy.dtype), "time_ids": time_ids}
+        added = {"text_embeds": pooled.to(noisy.dtype), "time_ids": conditions["time_ids"]}
         return unet(noisy, timesteps, encoder_hidden_states=context, added_cond_kwargs=added).sample
 
     def kohya_unet_namer(self, unet: nn.Module) -> Callable[[str], str]:
@@ -135,7 +137,13 @@ class StableDiffusionXL(ModelFamily):
             scheduler=scheduler,
         )
 
-    def pipeline_embeds(self, context: torch.Tensor, pooled: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def pipeline_embeds(
+        self,
+        context: torch.Tensor,
+        pooled: torch.Tensor | None,
+        conditions: dict[str, torch.Tensor],
+        size: tuple[int, int],
+    ) -> dict[str, Any]:
         assert pooled is not None, "SDXL's second text encoder gives the pooled embedding"
         return {
             "prompt_embeds": context[:1],
@@ -144,7 +152,7 @@ class StableDiffusionXL(ModelFamily):
             "negative_pooled_prompt_embeds": pooled[1:],
         }
 
-    def base_model_metadata(self, v_prediction: bool) -> dict[str, object]:
+    def base_model_metadata(self, v_prediction: bool, info: Mapping[str, object] | None = None) -> dict[str, object]:
         return {
             "ss_v2": False,
             "ss_base_model_version": "sdxl_base_v1-0",
