@@ -90,12 +90,13 @@ class JobHistory:
         )
 
     def setup(self, provider: str, gpu_model: str, family: str) -> HistorySetup | None:
-        """Per billed phase, the median seconds of the runs on `provider`'s `gpu_model` for the model `family`."""
+        """Per billed phase, the median seconds of the runs on `provider`'s `gpu_model` for the model `family` whose
+        client saw the whole setup (it created the instance)."""
         matching = [
             run
             for run in self.runs
             if (run.provider, run.gpu_model, run.family) == (provider, gpu_model, family)
-            and any(name in run.phases for name in BILLED_PHASES)
+            and "image_pull" in run.phases  # not a queue's later job, nor a client that attached: whole setups only
         ]
         if not matching:
             return None

@@ -237,7 +237,14 @@ class DroppingRemote:
             raise EOFError(f"{operation}: the connection dropped")
         self.done.append(operation)
 
-    def run(self, command: str, timeout: float | None = 120, check: bool = True, retries: int = 3) -> CommandResult:
+    def run(
+        self,
+        command: str,
+        timeout: float | None = 120,
+        check: bool = True,
+        retries: int = 3,
+        stdin: str | None = None,
+    ) -> CommandResult:
         self.drop_once(command)
         answers = {
             f"cat {self.layout.bootstrap_exit} 2>/dev/null": str(int(not all(p["ok"] for p in self.phases))),
@@ -350,7 +357,7 @@ class EventRemote:
     def read_from(self, path: str, offset: int, max_bytes: int = 4 << 20) -> bytes:
         return self.line[offset:]
 
-    def run(self, command: str, timeout: float | None = 120, check: bool = True, retries: int = 3) -> CommandResult:
+    def run(self, command: str, **kwargs: Any) -> CommandResult:
         return CommandResult(exit_code=0, stdout="", stderr="")
 
     def remote_size(self, path: str) -> int | None:

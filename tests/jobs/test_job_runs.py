@@ -189,7 +189,8 @@ def test_the_speed_from_history_is_the_median_of_the_runs_on_that_gpu_at_those_s
 def test_the_setup_from_history_is_each_billed_phases_median_a_run_without_one_counting_it_as_nothing(
     tmp_path: Path,
 ) -> None:
-    ledger = _ledger_with_jobs(tmp_path, "j1", "j2", "j3", "j4")
+    ledger = _ledger_with_jobs(tmp_path, "j1", "j2", "j3", "j4", "j5")
+    ledger.record_run(_run("j5", phases={"prepare": 5.0, "fetch": 2.0}))  # handed a running instance: no pull
     ledger.record_run(_run("j1", phases={"image_pull": 60.0, "prepare": 40.0, "upload": 30.0}))
     ledger.record_run(_run("j2", phases={"image_pull": 100.0, "prepare": 50.0, "other": 3.0}))
     ledger.record_run(_run("j3", phases={"image_pull": 80.0, "other": 5.0}))
