@@ -68,7 +68,7 @@ IGNORED_KOHYA_KEYS: dict[str, str] = {
     "save_model_as_dtype": "use save_precision",
     "no_half_vae": "rentrain always encodes latents with the VAE in float32",
     "training_comment": "kept out of the file's metadata",
-    "sample_sampler": "samples use the DDIM sampler",
+    "sample_sampler": "samples use DDIM (SD, SDXL) or the flow-matching Euler sampler (Flux.1)",
     "huggingface_repo_id": "rentrain does not upload to the Hugging Face hub",
     "async_upload": "rentrain does not upload to the Hugging Face hub",
     "shuffle_caption_separator": "use caption_separator",
@@ -648,6 +648,14 @@ class TrainConfig(BaseModel):
         ]
         if "network_module" in self.model_fields_set and self.network_module != FLUX_NETWORK_MODULE:
             problems.append(("network_module", f'{FLUX_TINY} is a Flux.1 model: use "{FLUX_NETWORK_MODULE}"'))
+        if self.trains_text_encoder:
+            problems.append(
+                (
+                    "network_train_unet_only",
+                    "rentrain trains Flux.1's transformer only: set network_train_unet_only = true "
+                    "(or text_encoder_lr = 0)",
+                )
+            )
         if _single_file(self.pretrained_model_name_or_path):
             problems += [
                 (key, f"missing: a single-file Flux.1 model holds the transformer only; give the {what} file")

@@ -39,6 +39,7 @@ PARTS = ("ae", "clip_l", "t5xxl")
 
 
 HF_HOST = "huggingface.co"
+HF_HUB = f"https://{HF_HOST}"
 
 
 def url_file_name(url: str) -> str:
@@ -106,9 +107,12 @@ def fetch_parts(arguments: list[str], dest_dir: Path) -> list[Path]:
 
 
 def fetch_hub(repo_id: str) -> Path:
+    """The repo's diffusers files. With HF_TOKEN set, from huggingface.co itself whatever HF_ENDPOINT the image
+    sets: the token goes to Hugging Face only."""
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(repo_id, allow_patterns=DIFFUSERS_PATTERNS))
+    endpoint = HF_HUB if os.environ.get("HF_TOKEN", "").strip() else None
+    return Path(snapshot_download(repo_id, allow_patterns=DIFFUSERS_PATTERNS, endpoint=endpoint))
 
 
 def main(argv: list[str]) -> int:

@@ -11,12 +11,13 @@ from pydantic import BaseModel, Field, computed_field
 
 from providers.base import Offer
 from rentrain.figures import Figure
+from rentrain.history import PER_IMAGE_PHASES, PER_SAMPLE_PHASES
 from rentrain.job_profile import JobProfile, steps_on
 from rentrain.setup_time import bandwidth_usd, setup_seconds, transfer_gb
 from rentrain.speed_model import RecordedKind, ScalingEstimate, memory_fit, scaling_efficiency, seconds_per_step
 
 if TYPE_CHECKING:
-    from rentrain.history import HistorySpeed, JobHistory
+    from rentrain.history import HistorySetup, HistorySpeed, JobHistory
 
 
 SECONDS_PER_HOUR = 3600.0
@@ -93,14 +94,25 @@ def estimate_job(profile: JobProfile, offer: Offer, history: JobHistory | None =
     training = training_estimate(profile, offer, history)
     if training is None:
         return None
-    measured = history.setup(offer.provider, offer.gpu_model, profile.model_key) if history else None
-    if measured is not None:
-        source = f"measured: the median of your {_jobs(measured.runs)} on {offer.provider} {offer.gpu_model}"
-        transfer = {**transfer_gb(profile), **measured.transfer_gb}  # the image and the installs stay modelled
-        return with_setup(training, measured.seconds, transfer, offer, source)
     per_image = seconds_per_image(profile, training.seconds_per_step * _scaling(training))  # one GPU samples
-    phases = setup_seconds(profile, offer, per_image)
-    return with_setup(training, phases, transfer_gb(profile), offer)
+    modelled = setup_seconds(profile, offer, per_image)
+    measured = history.setup(offer.provider, offer.gpu_model, profile.model_key) if history else None
+    if measured is None:
+        return with_setup(training, modelled, transfer_gb(profile), offer)
+    source = f"measured: the median of your {_jobs(measured.runs)} on {offer.provider} {offer.gpu_model}"
+    transfer = {**transfer_gb(profile), **measured.transfer_gb}  # the image and the installs stay modelled
+    return with_setup(training, _scaled_setup(measured, modelled, profile), transfer, offer, source)
+
+
+def _scaled_setup(measured: HistorySetup, modelled: dict[str, float], profile: JobProfile) -> dict[str, float]:
+    """The measured phases, those that grow with the job at the measured rate for this job's images and sample
+    images (the model's figure where no earlier job had any)."""
+    seconds = dict(measured.seconds)
+    for phases, count in ((PER_IMAGE_PHASES, profile.images), (PER_SAMPLE_PHASES, profile.sample_images)):
+        for name in phases:
+            rate = measured.per_unit.get(name)
+            seconds[name] = rate * count if rate is not None else modelled.get(name, 0.0)
+    return seconds
 
 
 def _jobs(count: int) -> str:
@@ -110,12 +122,14 @@ def _jobs(count: int) -> str:
 def training_estimate(profile: JobProfile, offer: Offer, history: JobHistory | None = None) -> JobEstimate | None:
     """The training part alone: steps and step time on the offer's GPUs; no setup and no money yet
     (with_setup adds them)."""
+    fit = memory_fit(profile, offer.vram_gb)
+    if fit is None:
+        return None
     known = history.speed(offer.gpu_model, profile, offer.gpu_count) if history else None
-    if known is not None:
+    if known is not None and fit[0] == 1.0:  # the settings fit this card as configured: as they ran before
         return _from_history(profile, offer, known)
     speed = seconds_per_step(offer.gpu_model, profile, offer.vram_gb)
-    fit = memory_fit(profile, offer.vram_gb)
-    if speed is None or fit is None:
+    if speed is None:
         return None
     factor, note = fit
     if factor != 1.0:  # the memory plan's factor comes from the H200 profiles: no longer a measured figure

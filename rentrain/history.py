@@ -49,11 +49,18 @@ class HistorySpeed(BaseModel):
     high: float
 
 
+# Phases whose seconds grow with the job: a later job takes their rate, not their seconds.
+PER_IMAGE_PHASES = ("latent_cache", "text_cache")  # per dataset image
+PER_SAMPLE_PHASES = ("samples",)  # per sample image
+
+
 class HistorySetup(BaseModel):
     """Each billed phase's median seconds over the user's own runs on one provider's GPU for one model family (a
-    run without the phase counts it as 0 s)."""
+    run without the phase counts it as 0 s); for the phases that grow with the job, the median seconds per image
+    or per sample image instead (absent where no run had any)."""
 
     seconds: dict[str, float]
+    per_unit: dict[str, float]
     transfer_gb: dict[str, float]  # the medians of what went up, what the instance downloaded, what came home
     runs: int  # how many jobs it rests on
 
@@ -102,6 +109,7 @@ class JobHistory:
             return None
         return HistorySetup(
             seconds={name: statistics.median(run.phases.get(name, 0.0) for run in matching) for name in BILLED_PHASES},
+            per_unit=_per_unit(matching),
             transfer_gb={
                 "upload": statistics.median(run.bytes_up for run in matching) / BYTES_PER_GB,
                 "model_download": statistics.median(run.model_download_bytes for run in matching) / BYTES_PER_GB,
@@ -125,6 +133,8 @@ def settings_key(profile: JobProfile) -> str:
         f"ckpt{int(profile.gradient_checkpointing)}",
         f"accum{profile.gradient_accumulation_steps}",
     ]
+    if profile.fp8_base:
+        parts.append("fp8")
     return "/".join(parts)
 
 
@@ -137,3 +147,15 @@ def after_warm_up(step: int, total_steps: int, resumed_from_step: int = 0) -> bo
     """Whether step `step` (1-based, numbered over the whole job) of a start that resumed after
     `resumed_from_step` and runs to `total_steps` is past that start's warm-up."""
     return step - resumed_from_step > warm_up_steps(total_steps - resumed_from_step)
+
+
+def _per_unit(runs: list[JobRun]) -> dict[str, float]:
+    """The median seconds per dataset image (PER_IMAGE_PHASES) and per sample image (PER_SAMPLE_PHASES) over the
+    runs that had any."""
+    rates: dict[str, float] = {}
+    for phases, units in ((PER_IMAGE_PHASES, "images"), (PER_SAMPLE_PHASES, "sample_images")):
+        counted = [run for run in runs if getattr(run, units) > 0]
+        for name in phases:
+            if counted:
+                rates[name] = statistics.median(run.phases.get(name, 0.0) / getattr(run, units) for run in counted)
+    return rates

@@ -56,14 +56,27 @@ def hub_repo(reference: str) -> str | None:
 
 
 def token_for_download(references: list[str]) -> str | None:
-    """This machine's Hugging Face token when the instance downloads any of `references` from Hugging Face (a hub
-    id, or a URL whose host gets the token): it goes to the instance for that download only."""
-    from_hub = any(
-        model_source_kind(ref) == "hub" or (model_source_kind(ref) == "url" and sends_hf_token(ref))
-        for ref in references
-        if ref
-    )
-    return hub_token() if from_hub else None
+    """This machine's Hugging Face token when the instance downloads any of `references` from a Hugging Face repo
+    that an anonymous download cannot read (gated or private; a URL whose repo cannot be told counts as such):
+    it then goes to the instance for that download only. None otherwise: a public repo needs no token."""
+    token = hub_token()
+    if token is None:
+        return None
+    for reference in filter(None, references):
+        kind = model_source_kind(reference)
+        if kind == "hub" or (kind == "url" and sends_hf_token(reference)):
+            repo = hub_repo(reference)
+            if repo is None or not _anonymous_can_read(repo):
+                return token
+    return None
+
+
+def _anonymous_can_read(repo: str) -> bool:
+    try:
+        answer = requests.get(AUTH_CHECK.format(repo=repo), headers={"User-Agent": "rentrain"}, timeout=TIMEOUT_SECONDS)
+    except requests.RequestException:
+        return False  # unknown: better the download has the token than fails on a rented machine
+    return answer.status_code == 200
 
 
 def flux_repos(train: TrainConfig) -> list[str]:

@@ -180,7 +180,9 @@ CREATE TABLE IF NOT EXISTS job_runs (
     bytes_down INTEGER NOT NULL,
     cost_usd REAL NOT NULL,
     bandwidth_usd REAL NOT NULL,
-    recorded_at REAL NOT NULL
+    recorded_at REAL NOT NULL,
+    images INTEGER NOT NULL DEFAULT 0,
+    sample_images INTEGER NOT NULL DEFAULT 0
 );
 """
 # Columns added after a table's first release: a ledger written by an older rentrain gets them on open.
@@ -405,6 +407,8 @@ class JobRun(BaseModel):
     cost_usd: float  # Ledger.job_cost when the job closed: the provider's rate x its own billed times
     bandwidth_usd: float  # the bytes at the offer's $/GB (0 where the provider bills none or did not say)
     recorded_at: float
+    images: int = 0  # the dataset's images (regularisation included): what the caches' seconds scale with
+    sample_images: int = 0  # images in all its sample grids: what the samples' seconds scale with
 
 
 def default_ledger_path() -> Path:

@@ -31,7 +31,9 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize(weight8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return weight8.to(dtype) * scale.to(dtype)
+    if dtype == torch.float16:  # a small row's scale is below fp16's normal range: multiply in float32
+        return (weight8.float() * scale.float()).to(dtype)
+    return weight8.to(dtype) * scale.to(dtype)  # bf16 has float32's range
 
 
 class _Float8Matmul(torch.autograd.Function):
@@ -79,9 +81,9 @@ class Float8Linear(nn.Linear):
     def _apply(self, fn, recurse=True):
         kept = {name: self._buffers.pop(name) for name in ("weight8", "weight_scale")}
         super()._apply(fn, recurse)
-        for name, tensor in kept.items():
-            moved = fn(tensor)
-            self._buffers[name] = moved if moved.dtype == tensor.dtype else moved.to(tensor.dtype)
+        device = fn(torch.empty(0, device=self.bias.device if self.bias is not None else "cpu")).device
+        for name, tensor in kept.items():  # moved, never cast: a cast and back would round the scale
+            self._buffers[name] = tensor.to(device=device)
         return self
 
     def extra_repr(self) -> str:

@@ -161,6 +161,8 @@ def _record(ledger: Ledger, job: JobRecord, loaded: LoadedConfig, meter: JobMete
         cost_usd=ledger.job_cost(job.id),
         bandwidth_usd=meter.bandwidth_usd(offer),
         recorded_at=time.time(),
+        images=profile.images,
+        sample_images=profile.sample_images,
     )
     ledger.record_run(run)
     return run

@@ -78,7 +78,10 @@ def model(text: str) -> Build:
     return job(model=text)
 
 
-TINY_FLUX = 'pretrained_model_name_or_path = "builtin:tiny-flux"\nnetwork_module = "networks.lora_flux"'
+TINY_FLUX = (
+    'pretrained_model_name_or_path = "builtin:tiny-flux"\nnetwork_module = "networks.lora_flux"\n'
+    "network_train_unet_only = true"
+)
 HUB_REPO = "o/r"
 
 

@@ -17,7 +17,12 @@ from tests.foundation.helpers import write_captioned
 
 FIXTURE = Path(__file__).parent / "fixtures" / "kohya_flux.toml"
 BASE = {"train_data_dir": "d", "max_train_epochs": 1, "learning_rate": 1e-4}
-FLUX = {**BASE, "pretrained_model_name_or_path": "black-forest-labs/FLUX.1-dev", "network_module": "networks.lora_flux"}
+FLUX = {
+    **BASE,
+    "pretrained_model_name_or_path": "black-forest-labs/FLUX.1-dev",
+    "network_module": "networks.lora_flux",
+    "network_train_unet_only": True,
+}
 SD = {**BASE, "pretrained_model_name_or_path": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
 
 
@@ -177,7 +182,7 @@ def test_loss_types_other_than_l2_are_named() -> None:
 
 
 def test_tiny_flux_is_a_flux_model_and_needs_the_flux_network_module() -> None:
-    tiny = {**BASE, "pretrained_model_name_or_path": "builtin:tiny-flux"}
+    tiny = {**BASE, "pretrained_model_name_or_path": "builtin:tiny-flux", "network_train_unet_only": True}
     assert TrainConfig.model_validate(tiny).is_flux
     assert 'use "networks.lora_flux"' in problems({**tiny, "network_module": "networks.lora"})
 
@@ -199,3 +204,9 @@ def test_family_facts_import_without_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["Flux.1", "34.17", "11901408320", "remote.trainer.families.flux"]
+
+
+def test_a_flux_config_that_would_train_the_text_encoders_is_refused_before_renting() -> None:
+    message = problems({**FLUX, "network_train_unet_only": False})
+    assert "network_train_unet_only" in message and "transformer only" in message
+    TrainConfig.model_validate({**FLUX, "network_train_unet_only": False, "text_encoder_lr": 0.0})  # no error

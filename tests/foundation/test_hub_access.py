@@ -35,6 +35,7 @@ def flux_job(tmp_path: Path, model: str = DEV, extra: str = "") -> Path:
     config = tmp_path / "config.toml"
     config.write_text(
         f'pretrained_model_name_or_path = "{model}"\nnetwork_module = "networks.lora_flux"\n'
+        "network_train_unet_only = true\n"
         f'train_data_dir = "dataset"\nresolution = 64\nmax_train_epochs = 1\nlearning_rate = 1e-4\n{extra}'
     )
     return config
@@ -110,12 +111,20 @@ def test_sd_configs_and_builtin_models_ask_nothing(tmp_path: Path) -> None:
     assert len(responses.calls) == 0
 
 
-def test_the_token_goes_to_the_instance_only_for_a_download_from_hugging_face(monkeypatch: pytest.MonkeyPatch) -> None:
+@responses.activate
+def test_the_token_goes_to_the_instance_only_for_a_repo_an_anonymous_download_cannot_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    flux_part = "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors"
-    assert token_for_download(["black-forest-labs/FLUX.1-dev"]) == TOKEN
-    assert token_for_download(["", flux_part]) == TOKEN
+    check = "https://huggingface.co/api/models/{}/auth-check"
+    responses.get(check.format("black-forest-labs/FLUX.1-dev"), status=401)  # gated
+    responses.get(check.format("comfyanonymous/flux_text_encoders"), status=200)  # public
+    responses.get(check.format("black-forest-labs/FLUX.1-schnell"), status=200)
+    t5 = "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors"
+    assert token_for_download(["black-forest-labs/FLUX.1-dev", t5]) == TOKEN
+    assert token_for_download(["black-forest-labs/FLUX.1-schnell", t5]) is None  # all public: none sent
     assert token_for_download(["builtin:tiny-sd15"]) is None
     assert token_for_download(["", "https://civitai.com/api/download/models/1234"]) is None  # not its host
+    assert all(call.request.headers.get("Authorization") is None for call in responses.calls)  # asked anonymously
     monkeypatch.delenv("HF_TOKEN")
     assert token_for_download(["black-forest-labs/FLUX.1-dev"]) is None  # none here: the instance's own, if any

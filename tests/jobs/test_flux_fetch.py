@@ -69,6 +69,7 @@ def test_the_instance_config_points_at_the_fetched_and_uploaded_parts(tmp_path: 
         {
             "pretrained_model_name_or_path": "black-forest-labs/FLUX.1-dev",
             "network_module": "networks.lora_flux",
+            "network_train_unet_only": True,
             "ae": str(ae),
             "t5xxl": T5_URL,
             "train_data_dir": str(tmp_path),

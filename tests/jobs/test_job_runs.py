@@ -353,3 +353,29 @@ def test_a_record_splits_training_into_the_steps_and_the_rest_and_bills_the_gaps
     assert phases["other"] == pytest.approx(200.0 - (30 + 50 + 100 + 5 + 2))
     billed = sum(phases.get(name, 0.0) for name in BILLED_PHASES) + 40 * 2.0
     assert billed == pytest.approx(200.0)  # the billed phases and the steps are the bill
+
+
+def test_the_phases_that_grow_with_the_job_take_the_history_rate_not_its_seconds(tmp_path: Path) -> None:
+    ledger = _ledger_with_jobs(tmp_path, "j1")
+    phases = {"image_pull": 60.0, "prepare": 30.0, "latent_cache": 5.0, "samples": 8.0}
+    ledger.record_run(_run("j1", phases=phases, images=10, sample_images=4))
+    offer = OFFER.model_copy(update={"gpu_model": "RTX 4090", "provider": "vast"})
+    bigger = PROFILE.model_copy(update={"images": 40, "sample_images": 2})
+    estimate = estimate_job(bigger, offer, JobHistory.of(ledger))
+    assert estimate is not None
+    assert estimate.setup_seconds["image_pull"] == 60.0  # the same whatever the job's size
+    assert estimate.setup_seconds["latent_cache"] == pytest.approx(5.0 / 10 * 40)
+    assert estimate.setup_seconds["samples"] == pytest.approx(8.0 / 4 * 2)
+
+
+def test_history_never_prices_a_card_the_job_does_not_fit(tmp_path: Path) -> None:
+    ledger = _ledger_with_jobs(tmp_path, "j1")
+    ledger.record_run(_run("j1", seconds_per_step=0.5))
+    history = JobHistory.of(ledger)
+    fits = OFFER.model_copy(update={"gpu_model": "RTX 4090", "provider": "vast", "vram_gb": 24.0})
+    assert estimate_job(PROFILE, fits, history).speed_kind == "measured"  # type: ignore[union-attr]
+    # the same GPU name with less memory: the trainer would plan micro-batches or checkpointing there
+    planned = fits.model_copy(update={"vram_gb": 4.0})
+    estimate = estimate_job(PROFILE, planned, history)
+    assert estimate is not None and estimate.speed_kind == "modelled" and "memory planning" in estimate.speed_source
+    assert estimate_job(PROFILE, fits.model_copy(update={"vram_gb": 1.0}), history) is None  # holds nothing

@@ -31,7 +31,7 @@ def sd15(**kw) -> JobProfile:
     [
         ("builtin:tiny-sd15", {}, "sd15"),
         ("builtin:tiny-sdxl", {}, "sdxl"),
-        ("builtin:tiny-flux", {}, "flux"),
+        ("builtin:tiny-flux", {"network_train_unet_only": True}, "flux"),
         ("stabilityai/stable-diffusion-xl-base-1.0", {}, "sdxl"),
         ("/models/ponyDiffusionV6.safetensors", {}, "sdxl"),
         ("stable-diffusion-v1-5/stable-diffusion-v1-5", {}, "sd15"),
@@ -39,7 +39,11 @@ def sd15(**kw) -> JobProfile:
         ("/models/some_xl_name.safetensors", {"sdxl": False}, "sd15"),
         ("/models/sd2.safetensors", {"v2": True}, "sd2"),
         ("black-forest-labs/FLUX.1-dev", {}, "flux"),
-        ("/models/my_model.safetensors", {"network_module": "networks.lora_flux"}, "flux"),
+        (
+            "/models/my_model.safetensors",
+            {"network_module": "networks.lora_flux", "network_train_unet_only": True},
+            "flux",
+        ),
         ("/models/fluxed_xl_merge.safetensors", {}, "flux"),
     ],
 )

@@ -80,9 +80,12 @@ def test_tiny_flux_trains_end_to_end_with_an_8bit_base_and_writes_kohyas_file(ma
 
 
 def test_a_flux_run_that_trains_the_text_encoders_is_refused_with_the_key_to_set(make_config):
+    from remote.config import ConfigError
     from remote.trainer.families.base import ModelError
 
-    cfg = _flux_config(make_config, network_train_unet_only=False)
+    with pytest.raises(ConfigError, match="network_train_unet_only"):  # the config check refuses it first
+        _flux_config(make_config, network_train_unet_only=False)
+    cfg = _flux_config(make_config).model_copy(update={"network_train_unet_only": False})  # past the check
     with pytest.raises(ModelError, match="network_train_unet_only = true"):
         _run(cfg)
 

@@ -222,7 +222,10 @@ class Flux(ModelFamily):
     def objective(self, v_prediction: bool) -> FlowMatchObjective:
         opt = self.options
         return FlowMatchObjective(
-            opt.timestep_sampling, opt.sigmoid_scale, opt.discrete_flow_shift, opt.model_prediction_type
+            opt.timestep_sampling,
+            opt.sigmoid_scale,
+            opt.discrete_flow_shift,
+            opt.model_prediction_type,
         )
 
     def predict(
@@ -284,6 +287,9 @@ class Flux(ModelFamily):
 
     def sampling_pipeline(self, bundle: ModelBundle, scheduler: Any) -> Any:
         from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
+
+        if not bundle.unet.config.guidance_embeds:  # [schnell] samples its schedule unshifted
+            scheduler = FlowMatchObjective(dynamic_shifting=False).sampling_scheduler()
 
         return FluxPipeline(
             scheduler=scheduler,
