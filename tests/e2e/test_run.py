@@ -59,7 +59,7 @@ def _assert_the_run_is_recorded(client: Client, provider: str, dataset: Path, fi
     ledger = Ledger(client.ledger_path)
     [job] = ledger.jobs()
     [run] = ledger.job_runs(job.id)
-    assert (run.provider, run.gpu_model, run.gpu_count, run.family) == (provider, "RTX 4090", 1, "tiny")
+    assert (run.provider, run.gpu_model, run.gpu_count, run.family) == (provider, "RTX 4090", 1, "sd15-tiny")
     assert run.steps_measured == 7 and run.seconds_per_step is not None and 0 < run.seconds_per_step < 60
     assert {"image_pull", "upload", "bootstrap", "training", "fetch", "teardown"} <= set(run.phases)
     assert all(0 <= seconds < 240 for seconds in run.phases.values()), run.phases
