@@ -24,6 +24,23 @@ from tests.report.builders import job_record
 PROFILE = JobProfile(family="sd15", steps=400, batch_size=2, resolution=(768, 512), network_dim=16)
 
 
+def _start(**fields: object) -> StartEvent:
+    """A trainer's start event: 20 steps of batch 2 over 2 epochs unless `fields` say otherwise."""
+    values: dict[str, object] = {
+        "total_steps": 20,
+        "epochs": 2,
+        "steps_per_epoch": 10,
+        "samples_per_epoch": 20,
+        "batch_size": 2,
+        "model_family": "sd15",
+        "model": "m",
+        "device": "cpu",
+        "dtype": "float32",
+        **fields,
+    }
+    return StartEvent.model_validate(values)
+
+
 def _run(job_id: str = "j1", **fields: object) -> JobRun:
     values: dict[str, object] = {
         "job_id": job_id,
@@ -130,14 +147,7 @@ def test_the_meters_step_time_is_the_median_after_warm_up() -> None:
 
 def test_the_meter_takes_the_trainers_setup_and_samples_out_of_training() -> None:
     meter = JobMeter()
-    start = StartEvent(
-        total_steps=20,
-        epochs=2,
-        steps_per_epoch=10,
-        samples_per_epoch=20,
-        batch_size=2,
-        model_family="sd15",
-        model="m",
+    start = _start(
         device="cuda:0",
         dtype="bfloat16",
         time=1000.0,
@@ -219,18 +229,7 @@ def _train_and_finish(runner: JobRunner, monkeypatch: pytest.MonkeyPatch) -> Non
     session, _remote = _session(runner, drops=False)
     runner.preparer.prepare(session)
     _walk(runner, ("following",))
-    start = StartEvent(
-        total_steps=20,
-        epochs=2,
-        steps_per_epoch=10,
-        samples_per_epoch=20,
-        batch_size=2,
-        model_family="sd15",
-        model="builtin:tiny-sd15",
-        device="cpu",
-        dtype="float32",
-        setup_seconds={"cache_latents": 1.5},
-    )
+    start = _start(model="builtin:tiny-sd15", setup_seconds={"cache_latents": 1.5})
     events = [start, *[_step(step, 2.0 if step <= 5 else 0.25, at=start.time + step) for step in range(1, 21)]]
     events.append(DoneEvent(path="/o/tiny_toy.safetensors", sha256="0" * 64, step=20, epoch=2, wall_seconds=30.0))
     for event in events:
@@ -320,17 +319,13 @@ def test_a_record_splits_training_into_the_steps_and_the_rest_and_bills_the_gaps
     meter.add("fetch", 5.0)
     meter.add("teardown", 2.0)
     meter.saw_event(
-        StartEvent(
+        _start(
             total_steps=40,
             epochs=1,
             steps_per_epoch=40,
-            batch_size=1,
-            model_family="sd15",
-            model="m",
-            device="cpu",
-            dtype="float32",
-            setup_seconds={"setup": 12.0},
             samples_per_epoch=40,
+            batch_size=1,
+            setup_seconds={"setup": 12.0},
             time=1000.0,
         )
     )
