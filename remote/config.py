@@ -711,6 +711,22 @@ class TrainConfig(BaseModel):
         return self.effective_text_encoder_lr > 0
 
     @property
+    def captions_are_static(self) -> bool:
+        """Whether each image's caption is the same every step (nothing shuffled or dropped): only then are the
+        text encoders' outputs cached and the encoders sent off the GPU."""
+        return not (
+            self.shuffle_caption
+            or self.caption_dropout_rate
+            or self.caption_dropout_every_n_epochs
+            or self.caption_tag_dropout_rate
+        )
+
+    @property
+    def text_encoders_on_gpu(self) -> bool:
+        """Whether the text encoders stay on the GPU while training: trained, or encoding changing captions."""
+        return self.trains_text_encoder or not self.captions_are_static
+
+    @property
     def conv_dim(self) -> int | None:
         value = _network_arg(self.network_args, "conv_dim")
         return int(value) if value is not None else None

@@ -33,6 +33,7 @@ class JobProfile(BaseModel):
     gradient_accumulation_steps: int = 1
     network_dim: int = 32
     trains_text_encoder: bool = False
+    text_encoders_on_gpu: bool = False  # trained, or encoding captions that change every step (not cached)
     bytes_per_value: int = 2  # of the frozen model and activations: 4 without mixed precision
     fp8_base: bool = False  # the frozen denoiser's weights in 8 bits (Flux.1): 1 byte each, upcast as they run
     images: int = 0
@@ -130,6 +131,7 @@ def profile_from_check(train: TrainConfig, report: DatasetReport) -> JobProfile:
         gradient_accumulation_steps=train.gradient_accumulation_steps,
         network_dim=train.network_dim,
         trains_text_encoder=train.trains_text_encoder,
+        text_encoders_on_gpu=train.text_encoders_on_gpu,
         bytes_per_value=4 if train.mixed_precision == "no" else 2,
         fp8_base=train.fp8_base,
         images=images,

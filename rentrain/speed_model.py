@@ -490,6 +490,7 @@ def memory_fit(profile: JobProfile, vram_gb: float | None) -> tuple[float, str] 
         profile.trains_text_encoder,
         profile.bytes_per_value,
         profile.fp8_base,
+        profile.text_encoders_on_gpu or profile.trains_text_encoder,
     )
     configured = Setting(profile.batch_size, profile.batch_size, profile.gradient_checkpointing)
     plan = plan_memory(footprint, configured, budget_from_device(int(vram_gb * 2**30)), allow_8bit=False)

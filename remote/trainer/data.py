@@ -203,15 +203,6 @@ def epoch_batches(dataset: Dataset, batch_size: int, seed: int, epoch: int) -> l
 # Captions
 
 
-def captions_are_static(cfg: TrainConfig) -> bool:
-    return not (
-        cfg.shuffle_caption
-        or cfg.caption_dropout_rate
-        or cfg.caption_dropout_every_n_epochs
-        or cfg.caption_tag_dropout_rate
-    )
-
-
 def base_caption(cfg: TrainConfig, caption: str) -> str:
     if cfg.caption_prefix:
         caption = cfg.caption_prefix + " " + caption

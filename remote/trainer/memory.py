@@ -199,10 +199,14 @@ def footprint_for(
     trains_text_encoder: bool,
     bytes_per_value: int = 2,
     fp8_base: bool = False,
+    text_on_gpu: bool | None = None,
 ) -> Footprint:
     """The footprint of a run on the standard architecture of ``family`` (one with counted parameters). With
-    ``fp8_base`` the frozen denoiser's weights take one byte each (Flux.1: 11.1 GiB instead of 22.2)."""
+    ``fp8_base`` the frozen denoiser's weights take one byte each (Flux.1: 11.1 GiB instead of 22.2).
+    ``text_on_gpu``: the text encoders stay on the GPU (TrainConfig.text_encoders_on_gpu); by default only when
+    they train."""
     unet, text, lora_unet, lora_text = ARCHITECTURES[family]
-    weights = unet * (1 if fp8_base else bytes_per_value) + (text * bytes_per_value if trains_text_encoder else 0)
+    resident_text = trains_text_encoder if text_on_gpu is None else text_on_gpu
+    weights = unet * (1 if fp8_base else bytes_per_value) + (text * bytes_per_value if resident_text else 0)
     lora = network_dim * (lora_unet + (lora_text if trains_text_encoder else 0))
     return Footprint(family, weights / GIB, lora, pixels, activation_scale=bytes_per_value / 2)

@@ -279,7 +279,7 @@ def fit_memory(
 ) -> tuple[TrainConfig, int | None, str]:
     """The fastest setting that fits this GPU (memory.py): (config, micro-batch or None, what was chosen).
     Every rank plans for the smallest budget among them, so that all make the same choice."""
-    text_on_gpu = cfg.trains_text_encoder or not data_mod.captions_are_static(cfg)
+    text_on_gpu = cfg.text_encoders_on_gpu
     resident = [bundle.unet, *(bundle.text_encoders if text_on_gpu else [])]
     bytes_per_value = torch.finfo(dtype).bits // 8
     eight_bit = sum(b.numel() for m in resident for b in m.buffers() if b.dtype == FLOAT8)  # float8.py's weights
@@ -314,7 +314,7 @@ def prepare_caches(run: Run) -> dict[str, float]:
         torch.cuda.synchronize(run.device)
     timings = {"cache_latents": time.perf_counter() - started, "latents_encoded": float(encoded)}
     started = time.perf_counter()
-    if not cfg.trains_text_encoder and data_mod.captions_are_static(cfg):
+    if not cfg.text_encoders_on_gpu:
         captions = sorted({data_mod.base_caption(cfg, r.caption) for r in run.dataset.records})
         with torch.no_grad(), autocast(run):
             for start in range(0, len(captions), 32):

@@ -210,3 +210,21 @@ def test_a_flux_config_that_would_train_the_text_encoders_is_refused_before_rent
     message = problems({**FLUX, "network_train_unet_only": False})
     assert "network_train_unet_only" in message and "transformer only" in message
     TrainConfig.model_validate({**FLUX, "network_train_unet_only": False, "text_encoder_lr": 0.0})  # no error
+
+
+def test_changing_captions_keep_t5_on_the_gpu_and_a_24_gb_card_no_longer_holds_dev(tmp_path: Path) -> None:
+    from providers.base import Offer
+    from rentrain.costs import estimate_job
+
+    card = Offer(
+        provider="vast", offer_id="1", gpu_model="RTX 4090", gpu_name_raw="RTX 4090", gpu_count=1, vram_gb=24,
+        price_per_hour=0.4,
+    )  # fmt: skip
+    static = profile_from_config(kohya_job(tmp_path))
+    assert not static.text_encoders_on_gpu and estimate_job(static, card) is not None
+    shuffled = static.model_copy(update={"text_encoders_on_gpu": True})  # shuffle_caption: T5 encodes every step
+    assert estimate_job(shuffled, card) is None  # 11 GiB of 8-bit transformer + 9.7 GiB of T5-XXL and CLIP-L
+    again = tmp_path / "again"
+    again.mkdir()
+    loaded = load_config(kohya_job(again)).train.model_copy(update={"shuffle_caption": True})
+    assert loaded.text_encoders_on_gpu and not loaded.captions_are_static
