@@ -61,9 +61,9 @@ def write_job(folder: Path, images: int = 4, repeats: int = 1, epochs: int = 2) 
     return config
 
 
-def started_market(folder: Path, offers: list[SimOffer]) -> ProviderSimulator:
+def started_market(folder: Path, offers: list[SimOffer], boot_seconds: float = 0.3) -> ProviderSimulator:
     """A simulated market of these offers whose instances' "image" is a Python with torch and the trainer's
-    packages, on a CPU the trainer may use. Shut it down when done."""
+    packages, on a CPU the trainer may use; each boots in `boot_seconds`. Shut it down when done."""
     venv_bin = str(Path(sys.executable).parent)
     simulator = ProviderSimulator(
         folder,
@@ -75,6 +75,7 @@ def started_market(folder: Path, offers: list[SimOffer]) -> ProviderSimulator:
             "HF_HUB_OFFLINE": "1",
             "OMP_NUM_THREADS": "1",
         },
+        boot_seconds=boot_seconds,
     )
     simulator.start()
     return simulator

@@ -17,13 +17,15 @@ from tests.sim.provider_sim import ProviderSimulator, SimOffer
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tiny"
 TOLERANCE = 0.15
+BOOT_SECONDS = 20.0
 
 
 @pytest.fixture
 def one_offer(tmp_path: Path) -> Iterator[ProviderSimulator]:
     # the simulator bills time and storage but meters no bytes: its one offer's host bills no bandwidth either
     host = SimOffer("vast", "7101", "RTX 4090", 0.40, inet_down_cost=0.0, inet_up_cost=0.0)
-    simulator = started_market(tmp_path / "market", [host])
+    # a host that boots in 20 s (real ones take one to five minutes): the estimator must learn that too
+    simulator = started_market(tmp_path / "market", [host], boot_seconds=BOOT_SECONDS)
     yield simulator
     simulator.shutdown()
 
@@ -52,6 +54,7 @@ def test_after_one_run_the_estimate_of_the_same_job_is_within_15_percent_of_the_
     home = tmp_path / "home"
     home.mkdir()
     client = Client(home, one_offer)
+    client.env["RENTRAIN_SSH_WAIT_SECONDS"] = str(3 * BOOT_SECONDS)
     first, second = _example(tmp_path / "first"), _example(tmp_path / "second")
 
     before = _estimate(client, first)
