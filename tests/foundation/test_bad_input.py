@@ -371,6 +371,7 @@ ROWS = [
     Row("run-parallel-0", job(), (*RUN, "--parallel", "0"), 2, "'--parallel': '0' is not a whole number from 1"),
     Row("run-parallel-one", job(), (*LOCAL, "--parallel", "2"), 2, "--parallel spreads a queue"),
     Row("run-notify-scheme", job(), (*RUN, "--notify", "nosuch://x/secret"), 2, "--notify #1"),
+    Row("costs-since-text", job(), ("costs", "--since", "yesterday"), 2, "'yesterday'"),
     Row("queue-twice", job(), ("run", CONFIG, CONFIG, "--provider", "vast"), 2, "config.toml more than once"),
     Row("queue-local", job(), ("run", CONFIG, "{job}/dataset", "--provider", "local"), 2, "a folder with no .toml"),
     Row("continue-epochs-0", job(), ("continue", "nojob", "--epochs", "0"), 2, "'--epochs': '0' is not a whole"),
