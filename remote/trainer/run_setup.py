@@ -25,6 +25,7 @@ from .distributed import Ranks, barrier, broadcast_int, broadcast_parameters, mi
 from .families.base import ModelError, ModelFamily, Objective
 from .float8 import FLOAT8, Float8Linear
 from .lora import LoRANetwork
+from .loss_scale import DeviceLossScaler
 from .models import ModelBundle, encode, load_model, tokenize
 from .optim import make_optimizer, make_scheduler
 from .speed import FastPath
@@ -48,7 +49,7 @@ class Run:
     network: LoRANetwork
     optimizer: torch.optim.Optimizer
     scheduler: LambdaLR
-    scaler: torch.amp.GradScaler | None
+    scaler: DeviceLossScaler | None
     device: torch.device
     dtype: torch.dtype
     seed: int
@@ -141,7 +142,7 @@ def setup(cfg: TrainConfig, writer: EventWriter, resume: Path | None, ranks: Ran
         unet_lr or te_lr,
         cfg.optimizer_args,
         device,
-        graphable=speed.graphable_optimizer(use_scaler),
+        graphable=speed.graphable_optimizer(),
     )
     plan = dataset.plan
     warmup = cfg.warmup_steps_for(plan.total_steps)
@@ -171,7 +172,7 @@ def setup(cfg: TrainConfig, writer: EventWriter, resume: Path | None, ranks: Ran
         network=network,
         optimizer=optimizer,
         scheduler=scheduler,
-        scaler=torch.amp.GradScaler(device.type, enabled=use_scaler) if use_scaler else None,
+        scaler=DeviceLossScaler(device) if use_scaler else None,
         device=device,
         dtype=dtype,
         seed=seed,

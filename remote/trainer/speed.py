@@ -61,9 +61,10 @@ class FastPath:
         """Whether a step's loss may be read after the next step is queued."""
         return self.enabled
 
-    def graphable_optimizer(self, loss_scaling: bool) -> bool:
-        """Whether to make the optimizer capturable (torch AdamW), so that its step can be a graph too."""
-        return self.cuda_graphs and not loss_scaling
+    def graphable_optimizer(self) -> bool:
+        """Whether to make the optimizer capturable, so that its step (fp16 loss scaling included: it decides on
+        the device, loss_scale.py) can be a graph too."""
+        return self.cuda_graphs
 
     def prepare_denoiser(self, denoiser: torch.nn.Module, dtype: torch.dtype) -> None:
         """channels_last weights, and GroupNorm kernels that keep activations channels_last (CUDA only)."""
@@ -96,12 +97,12 @@ class FastPath:
         if self.cuda_graphs:
             self.graphs = StepGraphs(backward_pass, on_disable=_warn)
             self.choices.append("CUDA graphs: on (one per batch shape, captured the second time a shape is seen)")
+            scaling = ", fp16 loss scaling decided on the GPU" if loss_scaling else ""
             if is_graphable(optimizer):
                 self.optimizer_graph = OptimizerGraph(apply_gradients, on_disable=_warn)
-                self.choices.append("optimizer step: in a CUDA graph (fused, capturable AdamW)")
+                self.choices.append(f"optimizer step: in a CUDA graph ({optimizer_label}, capturable{scaling})")
             else:
-                scaling = " with loss scaling" if loss_scaling else ""
-                self.choices.append(f"optimizer step: eager ({optimizer_label}{scaling} is not graphed)")
+                self.choices.append(f"optimizer step: eager ({optimizer_label} is not graphed{scaling})")
         elif self.device.type == "cuda":
             self.choices.append("CUDA graphs: off (cuda_graphs = false)" if self.enabled else "CUDA graphs: off")
 

@@ -67,16 +67,17 @@ def backward_pass(run: Run, inputs: StepInputs) -> torch.Tensor:
 
 def apply_gradients(run: Run) -> None:
     """Unscale, clip, step, and zero the gradients (in place: graphs and the flat buffers add into them)."""
-    if run.scaler is not None:
-        run.scaler.unscale_(run.optimizer)
+    flat, scaler = run.network.flat_buffers, run.scaler
+    if scaler is not None:
+        scaler.unscale_([flat.master_grad])  # the optimizer's gradients are views of it
     if run.cfg.max_grad_norm:
-        run.network.flat_buffers.clip_grad_norm_(run.cfg.max_grad_norm)
-    if run.scaler is not None:
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
+        flat.clip_grad_norm_(run.cfg.max_grad_norm)
+    if scaler is not None:
+        scaler.step(run.optimizer)
+        scaler.update()
     else:
         run.optimizer.step()
-    run.network.flat_buffers.zero_grad()
+    flat.zero_grad()
 
 
 def train_step(run: Run, group: list[list[int]], epoch: int, first_batch: int) -> LaunchedStep:
