@@ -11,6 +11,7 @@
 #             torch is kept as the image has it
 #   gpu       one torch call: the GPU's name and memory (RENTRAIN_ALLOW_CPU=1 accepts a CPU-only host);
 #             a host where torch sees fewer than GPUS GPUs (default 1) fails here, before any training
+#   warm      (GPU hosts, background, not reported) remote/warm_cache.py reads the trainer's libraries
 #   model     a Hugging Face hub id or https URL is fetched into JOB_DIR/model/, and each PART=URL (Flux.1's
 #             ae, clip_l, t5xxl) into JOB_DIR/model/PART/ (runs in the background while the client uploads the
 #             dataset; the trainer waits for JOB_DIR/model/.ready)
@@ -123,6 +124,13 @@ else:
     fail gpu "$start" "$gpu"
 fi
 phase gpu true "$start" "$gpu"
+
+# --- warm (background, GPU hosts): the trainer's libraries into the page cache while the model and the dataset
+# arrive; a fresh machine's first import of them and its first CUDA calls otherwise read them cold
+case "$gpu" in
+    "CPU only"*) ;;
+    *) nice -n 10 "$PYTHON" "$PAYLOAD_DIR/remote/warm_cache.py" </dev/null >/dev/null 2>"$JOB_DIR/warm.log" & ;;
+esac
 
 # --- model (background; the trainer waits for .ready)
 # a download that still runs (this script run again after an SSH drop, or by a client that came back) is kept
