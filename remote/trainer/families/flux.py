@@ -397,7 +397,15 @@ def _load_ae(reference: str) -> Any:
 
     if Path(reference).is_file():
         model: Any = AutoencoderKL(**AE_CONFIG)
-        missing, _ = model.load_state_dict(convert_ldm_vae_checkpoint(_read_state(reference), AE_CONFIG), strict=False)
+        converted = convert_ldm_vae_checkpoint(_read_state(reference), AE_CONFIG)
+        expected = model.state_dict()
+        for name, tensor in converted.items():
+            if name in expected and tensor.shape != expected[name].shape:  # e.g. SD's VAE: 4 latent channels
+                raise ModelError(
+                    f"ae = {reference}: not Flux.1's autoencoder: {name} is {tuple(tensor.shape)}, "
+                    f"not {tuple(expected[name].shape)}"
+                )
+        missing, _ = model.load_state_dict(converted, strict=False)
         if missing:
             raise ModelError(f"ae = {reference}: not Flux.1's autoencoder (missing {missing[:3]})")
         return model
@@ -419,16 +427,38 @@ def _load_t5xxl(path: str, dtype: torch.dtype) -> Any:
 
 
 def _load_encoder(path: str, dtype: torch.dtype, build: Callable[[], nn.Module], key: str) -> Any:
-    """A text encoder from a single file in transformers' key layout (what kohya and ComfyUI read); the
-    embedding tied to T5's ``shared`` may be absent."""
-    with torch.device("meta"):
-        model = build()
-    state = {k: v.to(dtype) for k, v in _read_state(path).items()}
-    if "shared.weight" in state:
-        state.setdefault("encoder.embed_tokens.weight", state["shared.weight"])
-    missing, _ = model.load_state_dict(state, strict=False, assign=True)
+    """A text encoder from a single file in transformers' key layout, as kohya's flux_utils.load_clip_l and
+    load_t5xxl read clip_l and t5xxl: CLIP-L's keys under ``text_model.`` (which transformers 5's CLIPTextModel
+    lacks), T5's embedding as ``shared.weight`` only (tied here), float8 files widened to ``dtype``. Parameters
+    are built on meta and buffers for real (accelerate's init_empty_weights), so CLIP's position ids move."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model: Any = build()
+    state = _read_state(path)
+    if "scaled_fp8" in state:
+        raise ModelError(
+            f"{key} = {path}: ComfyUI's scaled float8 file (key scaled_fp8) holds a scale per weight that is not "
+            "applied here; use the fp16 or the plain fp8_e4m3fn file"
+        )
+    if "encoder.embed_tokens.weight" in state:  # T5's second name for the embedding the model ties to shared
+        state.setdefault("shared.weight", state.pop("encoder.embed_tokens.weight"))
+    expected = model.state_dict()
+    anchor = next(iter(expected))  # the file's name for it tells the prefix: "text_model." in CLIP-L's
+    prefix = next((name[: -len(anchor)] for name in state if name == anchor or name.endswith(f".{anchor}")), "")
+    loadable: dict[str, torch.Tensor] = {}
+    for name, wanted in expected.items():
+        stored = state.pop(prefix + name, None)
+        if stored is None:
+            continue
+        if stored.shape != wanted.shape:
+            raise ModelError(f"{key} = {path}: {prefix}{name} is {tuple(stored.shape)}, not {tuple(wanted.shape)}")
+        loadable[name] = stored.to(dtype)
+    model.load_state_dict(loadable, strict=False, assign=True)
+    model.tie_weights()
+    missing = [name for name, _ in model.named_parameters() if name not in loadable]  # a tied one is named once
     if missing:
-        raise ModelError(f"{key} = {path}: tensors missing, e.g. {missing[0]}")
+        raise ModelError(f"{key} = {path}: {len(missing)} tensors missing, e.g. {prefix}{missing[0]}")
     return model
 
 
