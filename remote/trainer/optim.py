@@ -7,6 +7,7 @@ import math
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from .adamw8bit import GraphableAdamW8bit
 from .optimizer_args import parse_optimizer_args
 
 
@@ -19,10 +20,22 @@ def make_optimizer(
 ):
     """(optimizer, ss_optimizer string). ``lr`` is the default for groups without their own.
 
-    ``graphable``: where the optimizer can be stepped inside a CUDA graph (torch AdamW on CUDA), make it
-    so: fused, capturable, learning rates in device tensors (see ``is_graphable``).
+    ``graphable``: where the optimizer can be stepped inside a CUDA graph (torch AdamW, or AdamW8bit as
+    GraphableAdamW8bit, on CUDA), make it so: capturable, learning rates in device tensors (see ``is_graphable``).
     """
     kwargs = parse_optimizer_args(args)
+    cls = optimizer_class(name, kwargs, device, graphable)
+    # every class chosen above takes lr; their common base torch.optim.Optimizer does not (it takes defaults)
+    optimizer = cls(param_groups, lr=lr, **kwargs)  # type: ignore[call-arg]
+    place_learning_rates(optimizer, device)
+    label = f"{cls.__module__}.{cls.__name__}" + (f"({','.join(args)})" if args else "")
+    return optimizer, label
+
+
+def optimizer_class(
+    name: str, kwargs: dict, device: torch.device, graphable: bool = False
+) -> type[torch.optim.Optimizer]:
+    """The class that make_optimizer builds for ``name``; sets the defaults it adds into ``kwargs``."""
     lower = name.lower()
     cls: type[torch.optim.Optimizer]
     if lower == "adamw":
@@ -37,6 +50,8 @@ def make_optimizer(
                 f"{name} (bitsandbytes) needs a CUDA GPU; on {device.type} use optimizer_type = "
                 f'"{"AdamW" if lower == "adamw8bit" else "Lion"}"'
             )
+        if lower == "adamw8bit" and graphable and not kwargs.get("is_paged") and kwargs.get("args") is None:
+            return GraphableAdamW8bit  # bitsandbytes' states and arithmetic, its step in a CUDA graph
         try:
             # from the defining modules: bitsandbytes.optim does not re-export them for a type checker
             from bitsandbytes.optim.adamw import AdamW8bit
@@ -79,16 +94,14 @@ def make_optimizer(
         kwargs.setdefault("warmup_init", False)
     else:
         raise OptimizerError(f"unknown optimizer {name!r}")
-    # every class chosen above takes lr; their common base torch.optim.Optimizer does not (it takes defaults)
-    optimizer = cls(param_groups, lr=lr, **kwargs)  # type: ignore[call-arg]
-    place_learning_rates(optimizer, device)
-    label = f"{cls.__module__}.{cls.__name__}" + (f"({','.join(args)})" if args else "")
-    return optimizer, label
+    return cls
 
 
 def is_graphable(optimizer) -> bool:
-    """torch AdamW, fused and capturable: its step reads everything, the learning rates included, from
-    device tensors, so a CUDA graph of it replays correctly as the schedule changes the rates."""
+    """torch AdamW, fused and capturable, or GraphableAdamW8bit: its step reads everything, the learning rates
+    included, from device tensors, so a CUDA graph of it replays correctly as the schedule changes the rates."""
+    if isinstance(optimizer, GraphableAdamW8bit):
+        return True
     return isinstance(optimizer, torch.optim.AdamW) and bool(
         optimizer.defaults.get("capturable") and optimizer.defaults.get("fused")
     )
@@ -98,15 +111,17 @@ def place_learning_rates(optimizer, device: torch.device) -> None:
     """Learning rates as device tensors for a graphable optimizer (the scheduler then fills them in place),
     plain floats for every other; also after loading a saved state, which may hold either."""
     graphable = is_graphable(optimizer)
+    dtype = getattr(optimizer, "lr_dtype", torch.float32)
     for group in optimizer.param_groups:
         value = float(group["lr"])
         group.setdefault("initial_lr", value)  # the scheduler's base rate stays a float
         if isinstance(group["initial_lr"], torch.Tensor):
             group["initial_lr"] = float(group["initial_lr"])
         if graphable:
-            if isinstance(group["lr"], torch.Tensor) and group["lr"].device == device:
+            rate = group["lr"]
+            if isinstance(rate, torch.Tensor) and rate.device == device and rate.dtype == dtype:
                 continue
-            group["lr"] = torch.tensor(value, dtype=torch.float32, device=device)
+            group["lr"] = torch.tensor(value, dtype=dtype, device=device)
         else:
             group["lr"] = value
 
