@@ -107,6 +107,27 @@ def is_graphable(optimizer) -> bool:
     )
 
 
+# Why an optimizer's step cannot be replayed from a CUDA graph, by its class's module and name: each reads a
+# number on the host that a graph would freeze (from the libraries' own step code).
+_BITSANDBYTES = "bitsandbytes counts steps on the host and synchronises the GPU after each tensor"
+NOT_GRAPHABLE_BECAUSE = {
+    "torch.optim.adamw.AdamW": "torch AdamW without fused=True steps tensor by tensor",
+    "bitsandbytes.optim.adamw.AdamW8bit": f"{_BITSANDBYTES}; with paged states or an args object it stays in use",
+    "bitsandbytes.optim.lion.Lion8bit": _BITSANDBYTES,
+    "lion_pytorch.lion_pytorch.Lion": "lion-pytorch passes the learning rate to its update as a Python number",
+    "prodigyopt.prodigy.Prodigy": "Prodigy reads its step-size estimate on the host (.item()) at every step",
+    "transformers.optimization.Adafactor": "Adafactor derives its decay and step size from a step count on the host",
+}
+
+
+def why_not_graphable(optimizer) -> str | None:
+    """None for a graphable optimizer, else the reason in a few words (for the start event)."""
+    if is_graphable(optimizer):
+        return None
+    cls = type(optimizer)
+    return NOT_GRAPHABLE_BECAUSE.get(f"{cls.__module__}.{cls.__name__}", f"{cls.__name__} has no capturable step")
+
+
 def place_learning_rates(optimizer, device: torch.device) -> None:
     """Learning rates as device tensors for a graphable optimizer (the scheduler then fills them in place),
     plain floats for every other; also after loading a saved state, which may hold either."""

@@ -28,7 +28,7 @@ from .graphs import OptimizerGraph, StepGraphs, StepInputs
 from .group_norm import use_channels_last_group_norm
 from .lora import LoRANetwork
 from .lora_fused import FlatBuffers
-from .optim import is_graphable
+from .optim import is_graphable, why_not_graphable
 
 SWITCH = "RENTRAIN_FAST_PATH"
 
@@ -102,7 +102,8 @@ class FastPath:
                 self.optimizer_graph = OptimizerGraph(apply_gradients, on_disable=_warn)
                 self.choices.append(f"optimizer step: in a CUDA graph ({optimizer_label}, capturable{scaling})")
             else:
-                self.choices.append(f"optimizer step: eager ({optimizer_label} is not graphed{scaling})")
+                reason = why_not_graphable(optimizer)
+                self.choices.append(f"optimizer step: eager, not graphed: {reason} ({optimizer_label}{scaling})")
         elif self.device.type == "cuda":
             self.choices.append("CUDA graphs: off (cuda_graphs = false)" if self.enabled else "CUDA graphs: off")
 

@@ -293,3 +293,35 @@ def test_a_stop_signal_during_a_checkpoint_stops_at_that_step(make_config, monke
         loop.train(cfg, EventWriter(log, stream=io.StringIO()))
     assert stopped.value.state_dir.name.endswith("step00000003-state")
     assert [e.step for e in read_events(log) if e.event == "step"] == [1, 2, 3]
+
+
+def test_each_optimizer_that_cannot_graph_says_why():
+    """Each optimizer class the config accepts is found by its real module and name, or graphs."""
+    from bitsandbytes.optim.adamw import AdamW8bit
+    from bitsandbytes.optim.lion import Lion8bit
+    from lion_pytorch import Lion
+    from prodigyopt import Prodigy
+    from transformers.optimization import Adafactor
+
+    from remote.trainer.adamw8bit import GraphableAdamW8bit
+    from remote.trainer.optim import why_not_graphable
+
+    params = [nn.Parameter(torch.zeros(8, 8))]
+    reasons = {
+        cls.__name__: why_not_graphable(cls(params, lr=1e-3, **extra))
+        for cls, extra in [
+            (torch.optim.AdamW, {}),
+            (AdamW8bit, {}),
+            (Lion8bit, {}),
+            (Lion, {}),
+            (Prodigy, {}),
+            (Adafactor, {"relative_step": False, "scale_parameter": False}),
+        ]
+    }
+    assert reasons["AdamW"] == "torch AdamW without fused=True steps tensor by tensor"
+    assert reasons["AdamW8bit"].startswith("bitsandbytes counts steps on the host")
+    assert reasons["Lion8bit"].startswith("bitsandbytes counts steps on the host")
+    assert "learning rate" in reasons["Lion"] and "Python number" in reasons["Lion"]
+    assert ".item()" in reasons["Prodigy"]
+    assert "step count on the host" in reasons["Adafactor"]
+    assert why_not_graphable(GraphableAdamW8bit(params, lr=1e-3)) is None
