@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -96,6 +97,13 @@ def market(tmp_path: Path) -> Iterator[ProviderSimulator]:
     simulator.shutdown()
 
 
+def _interruptible() -> None:
+    """Ctrl-C's default action for the client, as a terminal gives it. A shell that runs the tests in the background
+    (`pytest &` without job control) starts them with SIGINT ignored, which its children would inherit; Python then
+    installs no KeyboardInterrupt handler and the Ctrl-C tests see the signal do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Client:
     """`python -m rentrain` with this test's home folder and the simulator's URLs and keys."""
 
@@ -136,6 +144,7 @@ class Client:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            preexec_fn=_interruptible,
         )
 
     @property
