@@ -28,26 +28,16 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from train_speed import CLIP_L, Case, build_dataset, environment, run_case, table, write_config
+from train_speed import CLIP_L, Case, build_dataset, report, run_case, write_config
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-# FLUX.1 [dev]'s transformer (diffusers' FluxTransformer2DModel config.json)
-FLUX_DEV = dict(
-    patch_size=1,
-    in_channels=64,
-    num_layers=19,
-    num_single_layers=38,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    pooled_projection_dim=768,
-    guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
-)
+from remote.trainer.families.flux import FLUX_DEV_CONFIG  # noqa: E402  (after the path)
+
 # the same graph, narrow and two blocks deep, for --smoke on the CPU
 FLUX_SMOKE = {
-    **FLUX_DEV,
+    **FLUX_DEV_CONFIG,
     "num_layers": 2,
     "num_single_layers": 2,
     "attention_head_dim": 16,
@@ -112,7 +102,7 @@ def build_flux(folder: Path, smoke: bool = False) -> Path:
     try:
         with torch.device(device):
             parts = {
-                "transformer": FluxTransformer2DModel(**(FLUX_SMOKE if smoke else FLUX_DEV)),
+                "transformer": FluxTransformer2DModel(**(FLUX_SMOKE if smoke else FLUX_DEV_CONFIG)),
                 "text_encoder": CLIPTextModel(CLIPTextConfig(**CLIP_L)),
                 "text_encoder_2": T5EncoderModel(T5Config(**{**T5_XXL_CONFIG, **(T5_SMOKE if smoke else {})})),
             }
@@ -147,8 +137,6 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="the narrow stand-in, 64px, 4 steps (CPU is fine)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    sys.path.insert(0, str(REPO))
-
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
@@ -165,11 +153,7 @@ def main() -> int:
         result = run_case(case, config, warmup, args.cap_gib or None, gpu)
         print(f"{key}: {result}", file=sys.stderr, flush=True)
         results.append(result)
-    print(environment())
-    print(table(results))
-    if args.json:
-        args.json.write_text(json.dumps([r.__dict__ for r in results], indent=1))
-    return 0 if all(r.error is None for r in results) else 1
+    return report(results, args.json)
 
 
 if __name__ == "__main__":

@@ -410,6 +410,15 @@ def environment() -> str:
     return ", ".join(lines)
 
 
+def report(results: list[Result], json_path: Path | None) -> int:
+    """Print the environment and the table (and write the JSON); the exit status: 1 when a case failed."""
+    print(environment())
+    print(table(results))
+    if json_path:
+        json_path.write_text(json.dumps([r.__dict__ for r in results], indent=1))
+    return 0 if all(r.error is None for r in results) else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="sd15,sd15-unet,sdxl")
@@ -467,11 +476,7 @@ def main() -> int:
             result = run_case(case, config, args.warmup, args.cap_gib, gpu, tuple(args.patches))
             print(f"{key}: {result}", file=sys.stderr, flush=True)
             results.append(result)
-    print(environment())
-    print(table(results))
-    if args.json:
-        args.json.write_text(json.dumps([r.__dict__ for r in results], indent=1))
-    return 0 if all(r.error is None for r in results) else 1
+    return report(results, args.json)
 
 
 if __name__ == "__main__":

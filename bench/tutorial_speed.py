@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from train_speed import Case, build_model, environment, parse_override, run_case, table
+from train_speed import Case, build_model, parse_override, report, run_case
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -77,11 +77,7 @@ def main() -> int:
         result = run_case(case, config, args.warmup, None, gpu)
         print(f"{run}: {result}", file=sys.stderr, flush=True)
         results.append(result)
-    print(environment())
-    print(table(results))
-    if args.json:
-        args.json.write_text(json.dumps([r.__dict__ for r in results], indent=1))
-    return 0 if all(r.error is None for r in results) else 1
+    return report(results, args.json)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from remote.events import EventWriter, read_events
 from remote.trainer.families import get_family
+from remote.trainer.families.flux import FLUX_DEV_CONFIG
 from remote.trainer.loop import Stopped, train
 from remote.trainer.lora import LoRANetwork, build_metadata, save_kohya
 
@@ -19,18 +20,6 @@ from remote.trainer.lora import LoRANetwork, build_metadata, save_kohya
 KOHYA_FLUX_NAME = re.compile(
     r"lora_unet_(double_blocks_\d+_(img|txt)_(mod_lin|attn_qkv|attn_proj|mlp_0|mlp_2)"
     r"|single_blocks_\d+_(linear1|linear2|modulation_lin))"
-)
-FLUX_DEV = dict(  # FLUX.1 [dev]'s transformer config
-    patch_size=1,
-    in_channels=64,
-    num_layers=19,
-    num_single_layers=38,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    pooled_projection_dim=768,
-    guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
 )
 
 
@@ -110,7 +99,7 @@ def _meta_dev_transformer():
     from diffusers import FluxTransformer2DModel
 
     with torch.device("meta"):
-        return FluxTransformer2DModel(**FLUX_DEV)
+        return FluxTransformer2DModel(**FLUX_DEV_CONFIG)
 
 
 def test_full_flux_dev_lora_has_kohyas_304_modules_with_fused_layouts():

@@ -48,6 +48,19 @@ AE_CONFIG: dict[str, Any] = {
     "use_quant_conv": False,
     "use_post_quant_conv": False,
 }
+# FLUX.1 [dev]'s transformer (diffusers' FluxTransformer2DModel config.json); [schnell] has no guidance embedding
+FLUX_DEV_CONFIG: dict[str, Any] = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
 CLIP_L_CONFIG: dict[str, Any] = dict(
     hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, projection_dim=768
 )
