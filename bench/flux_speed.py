@@ -150,7 +150,8 @@ def main() -> int:
         dataset = build_dataset(args.workdir / "data", case.resolution, images=args.images)
         output = args.workdir / f"out-{key}-{int(time.time())}"
         config = write_config(args.workdir / f"{key}.toml", case, model, dataset, output, steps)
-        result = run_case(case, config, warmup, args.cap_gib or None, gpu)
+        cap = args.cap_gib if torch.cuda.is_available() else 0  # a memory cap needs a GPU
+        result = run_case(case, config, warmup, cap or None, gpu)
         print(f"{key}: {result}", file=sys.stderr, flush=True)
         results.append(result)
     return report(results, args.json)

@@ -235,6 +235,7 @@ class Result:
     startup_s: float
     steps: int
     error: str | None = None
+    setup_peak_gib: float | None = None  # loading and caching, before the first step
 
 
 # Experiment switches, applied from outside the trainer (the trainer itself has no such knobs):
@@ -323,6 +324,7 @@ def run_case(
     errors = [e for e in events if e["event"] == "error"]
     if errors or len(steps) <= warmup + 1:
         message = errors[0]["message"] if errors else completed.stderr[-800:]
+        print(f"  trainer stderr, last lines:\n{completed.stderr[-2500:]}", file=sys.stderr, flush=True)
         return Result(case.name, 0, 0, None, None, None, 0, len(steps), error=message)
     start = next((e for e in events if e["event"] == "start"), {})
     print(
@@ -358,6 +360,7 @@ def run_case(
         peak_gib=max(memory) if memory else None,
         startup_s=steps[0]["time"] - started,
         steps=len(steps),
+        setup_peak_gib=start.get("setup_gpu_memory_gb"),
     )
 
 
@@ -374,16 +377,17 @@ def table(results: list[Result]) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
     rows = [
-        "| case | ms/step | samples/s | TFLOP/s | % of bf16 peak | peak GiB | start-up s | steps |",
-        "|---|---|---|---|---|---|---|---|",
+        "| case | ms/step | samples/s | TFLOP/s | % of bf16 peak | peak GiB | set-up peak GiB | start-up s | steps |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if r.error:
-            rows.append(f"| {r.case} | failed: {r.error.splitlines()[0][:120]} | | | | | | {r.steps} |")
+            rows.append(f"| {r.case} | failed: {r.error.splitlines()[0][:120]} | | | | | | | {r.steps} |")
             continue
         rows.append(
             f"| {r.case} | {r.ms_per_step:.1f} | {r.samples_per_s:.1f} | {number(r.tflops, 0)} | "
-            f"{number(r.percent_of_peak, 1)} | {number(r.peak_gib, 2)} | {r.startup_s:.1f} | {r.steps} |"
+            f"{number(r.percent_of_peak, 1)} | {number(r.peak_gib, 2)} | {number(r.setup_peak_gib, 2)} | "
+            f"{r.startup_s:.1f} | {r.steps} |"
         )
     return "\n".join(rows)
 

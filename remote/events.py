@@ -60,6 +60,9 @@ class StartEvent(_Event):
             "setup), cache_latents, cache_text; latents_encoded is the number of images encoded."
         ),
     )
+    setup_gpu_memory_gb: float | None = Field(
+        None, description="Peak allocated GPU memory while loading and filling the caches; None on CPU."
+    )
 
 
 class StepEvent(_Event):

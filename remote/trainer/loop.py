@@ -212,6 +212,7 @@ def emit_start(run: Run, timings: dict[str, float]) -> None:
             warnings=run.bundle.warnings + run.info.get("warnings", []),
             choices=run.choices,
             setup_seconds=timings,
+            setup_gpu_memory_gb=None if run.setup_peak_gib is None else round(run.setup_peak_gib, 3),
         )
     )
 

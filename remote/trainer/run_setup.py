@@ -33,6 +33,7 @@ from .state import Position
 from .step import apply_gradients, autocast, backward_pass, compute_description
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TEXT_TOKENS_PER_CHUNK = 2048  # captions x tokens the text encoders read at once when filling the cache
 
 
 class OutputExistsError(Exception):
@@ -69,6 +70,7 @@ class Run:
     choices: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # set-up phases, seconds
     micro_batch: int | None = None  # images per forward/backward when memory planning splits batches
+    setup_peak_gib: float | None = None  # peak allocated GPU memory before training (loading, caches)
 
 
 def output_names(cfg: TrainConfig) -> str:
@@ -223,11 +225,16 @@ def _place_models(
     ranks: Ranks,
 ) -> None:
     """The frozen base in the mixed-precision dtype on the device; the LoRA fp32 unless full_fp16/bf16, on
-    its flat buffers (the same on every rank); gradient checkpointing where configured or planned."""
+    its flat buffers (the same on every rank); gradient checkpointing where configured or planned. Text
+    encoders whose outputs are cached stay where they are: they visit the GPU only to fill the cache
+    (prepare_caches), so Flux.1's T5-XXL (9 GB) is never resident beside the transformer while it trains."""
     bundle.unet.to(device, dtype)
     speed.prepare_denoiser(bundle.unet, dtype)
     for encoder in bundle.text_encoders:
-        encoder.to(device, dtype)
+        if cfg.text_encoders_on_gpu:
+            encoder.to(device, dtype)
+        else:
+            encoder.to(dtype=dtype)
     network.to(device, dtype if (cfg.full_fp16 or cfg.full_bf16) else torch.float32)
     flat = speed.flat_buffers(network, dtype)
     broadcast_parameters(flat.master, ranks)
@@ -300,6 +307,13 @@ def fit_memory(
     return memory.fit_config(cfg, footprint, budget, resuming=resume is not None)
 
 
+def captions_per_chunk(bundle: ModelBundle) -> int:
+    """How many captions the text encoders read at once: TEXT_TOKENS_PER_CHUNK tokens' worth (T5-XXL's
+    512-token attention is the large one: 4 captions, about 0.5 GB of activations; CLIP's 77: 26)."""
+    longest = max(getattr(t, "model_max_length", 77) for t in bundle.tokenizers)
+    return max(1, TEXT_TOKENS_PER_CHUNK // min(longest, TEXT_TOKENS_PER_CHUNK))
+
+
 def prepare_caches(run: Run) -> dict[str, float]:
     """Latents (disk-cached) and, when the text encoders are frozen, their outputs. Returns timings."""
     cfg, bundle = run.cfg, run.bundle
@@ -317,9 +331,12 @@ def prepare_caches(run: Run) -> dict[str, float]:
     started = time.perf_counter()
     if not cfg.text_encoders_on_gpu:
         captions = sorted({data_mod.base_caption(cfg, r.caption) for r in run.dataset.records})
+        for encoder in bundle.text_encoders:
+            encoder.to(run.device)
+        size = captions_per_chunk(bundle)
         with torch.no_grad(), autocast(run):
-            for start in range(0, len(captions), 32):
-                chunk = captions[start : start + 32]
+            for start in range(0, len(captions), size):
+                chunk = captions[start : start + size]
                 ids = tokenize(bundle, chunk, cfg.max_token_length)
                 context, pooled = encode(bundle, ids, cfg.clip_skip)
                 extras = {name: v.to(run.device) for name, v in run.family.text_conditions(ids).items()}
@@ -330,6 +347,7 @@ def prepare_caches(run: Run) -> dict[str, float]:
             encoder.to("cpu")
     if run.device.type == "cuda":
         torch.cuda.empty_cache()
+        run.setup_peak_gib = torch.cuda.max_memory_allocated(run.device) / 2**30
         torch.cuda.reset_peak_memory_stats(run.device)  # step events report training memory, not the VAE's
     timings["cache_text"] = time.perf_counter() - started
     return timings

@@ -72,26 +72,25 @@ def render_images(
     clip_skip: int | None = None,
     max_token_length: int | None = None,
 ):
-    """[[PIL image per weight] per (prompt, seed)]. Leaves the network's multiplier at 1.0."""
+    """[[PIL image per weight] per (prompt, seed)]. Leaves the network's multiplier at 1.0.
+
+    Every prompt is encoded first, with the text encoders on the GPU, and they leave it before the denoising:
+    Flux.1's T5-XXL (9 GB) is never there beside the transformer and the sampler's activations."""
     pipe = _pipeline(bundle)
     vae_device = next(bundle.vae.parameters()).device
-    te_devices = [next(te.parameters()).device for te in bundle.text_encoders]
-    bundle.vae.to(device)
-    for encoder in bundle.text_encoders:
-        encoder.to(device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    rows = []
     try:
-        for prompt in prompts:
+        conditions = _encode_prompts(
+            bundle, network, prompts, weights, size, device, autocast, clip_skip, max_token_length
+        )
+        bundle.vae.to(device)
+        rows = []
+        for prompt_index in range(len(prompts)):
             for seed in seeds:
                 row = []
-                for weight in weights:
+                for weight_index, weight in enumerate(weights):
                     network.set_multiplier(weight)
                     with torch.no_grad(), autocast:
-                        ids = tokenize(bundle, [prompt.prompt, prompt.negative], max_token_length)
-                        context, pooled = encode(bundle, ids, clip_skip)
-                        extras = {name: v.to(device) for name, v in bundle.spec.text_conditions(ids).items()}
-                        kwargs = bundle.spec.pipeline_embeds(context, pooled, extras, size)
                         generator = torch.Generator(device=device).manual_seed(int(seed))
                         latents = pipe(
                             num_inference_steps=steps,
@@ -100,7 +99,7 @@ def render_images(
                             height=size[1],
                             generator=generator,
                             output_type="latent",
-                            **kwargs,
+                            **conditions[prompt_index][weight_index],
                         ).images
                     # decode in float32, outside autocast: SDXL's VAE gives NaNs (black images) in fp16
                     with torch.no_grad():
@@ -113,9 +112,41 @@ def render_images(
     finally:
         network.set_multiplier(1.0)
         bundle.vae.to(vae_device)
+    return rows
+
+
+def _encode_prompts(
+    bundle: ModelBundle,
+    network,
+    prompts: list[SamplePrompt],
+    weights: list[float],
+    size: tuple[int, int],
+    device: torch.device,
+    autocast,
+    clip_skip: int | None,
+    max_token_length: int | None,
+) -> list[list[dict]]:
+    """The pipeline's conditioning keywords per prompt and LoRA weight (a text-encoder LoRA changes them);
+    the text encoders are back where they were on return."""
+    te_devices = [next(te.parameters()).device for te in bundle.text_encoders]
+    for encoder in bundle.text_encoders:
+        encoder.to(device)
+    try:
+        conditions = []
+        for prompt in prompts:
+            per_weight = []
+            for weight in weights:
+                network.set_multiplier(weight)
+                with torch.no_grad(), autocast:
+                    ids = tokenize(bundle, [prompt.prompt, prompt.negative], max_token_length)
+                    context, pooled = encode(bundle, ids, clip_skip)
+                    extras = {name: v.to(device) for name, v in bundle.spec.text_conditions(ids).items()}
+                    per_weight.append(bundle.spec.pipeline_embeds(context, pooled, extras, size))
+            conditions.append(per_weight)
+        return conditions
+    finally:
         for encoder, where in zip(bundle.text_encoders, te_devices, strict=True):
             encoder.to(where)
-    return rows
 
 
 def make_grid(rows, prompts: list[SamplePrompt], seeds: list[int], weights: list[float], title: str):

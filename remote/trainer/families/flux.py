@@ -139,15 +139,17 @@ class Flux(ModelFamily):
         )
         opt = self.options
         vae = _load_ae(opt.ae) if opt.ae else AutoencoderKL.from_pretrained(reference, subfolder="vae", **place)
+        # the text encoders are read on the host: they visit the GPU to fill the text cache (run_setup), and
+        # T5-XXL's 9 GB beside the 8-bit transformer would not leave a 24 GB card room for the latents' cache
         clip_l = (
             _load_clip_l(opt.clip_l, dtype)
             if opt.clip_l
-            else CLIPTextModel.from_pretrained(reference, subfolder="text_encoder", torch_dtype=dtype, **place)
+            else CLIPTextModel.from_pretrained(reference, subfolder="text_encoder", torch_dtype=dtype)
         )
         t5 = (
             _load_t5xxl(opt.t5xxl, dtype)
             if opt.t5xxl
-            else T5EncoderModel.from_pretrained(reference, subfolder="text_encoder_2", torch_dtype=dtype, **place)
+            else T5EncoderModel.from_pretrained(reference, subfolder="text_encoder_2", torch_dtype=dtype)
         )
         tokenizers = [
             CLIPTokenizer.from_pretrained(reference, subfolder="tokenizer"),
