@@ -96,9 +96,18 @@ def pick_device(ranks: Ranks | None = None) -> torch.device:
     return torch.device("cuda")
 
 
+def avoid_cudnn_attention() -> None:
+    """Attention through flash / memory-efficient kernels, not cuDNN's. PyTorch 2.11 made cuDNN's fused attention
+    the default on H100/H200, and its backward fails there: Flux.1's first step on an H100 stopped with an
+    illegal memory access in it (mha_graph.execute, the case of pytorch/pytorch#190321; NaN gradients in
+    #196678). PyTorch's own mitigation is this switch."""
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def setup(cfg: TrainConfig, writer: EventWriter, resume: Path | None, ranks: Ranks | None = None) -> Run:
     ranks = ranks or Ranks()
     device = pick_device(ranks)
+    avoid_cudnn_attention()
     dtype = DTYPES[cfg.mixed_precision]
     final = final_path(cfg)
     if final.exists() and resume is None:

@@ -1,4 +1,4 @@
-"""Where the frozen text encoders live: on the GPU only while they encode (the text cache, sample prompts).
+"""Where the frozen text encoders live (on the GPU only while they encode), and which attention kernels run.
 
 On the CPU every device is the same one, so these tests follow the encoders' ``.to`` calls and forwards: a
 regression that keeps Flux.1's T5-XXL beside the transformer shows up as a device move at the wrong time.
@@ -111,3 +111,13 @@ def test_sample_prompts_are_encoded_once_per_weight_before_denoising(make_config
     first_unet = calls.index("unet")
     assert sorted(calls[:first_unet]) == ["te0"] * 4 + ["te1"] * 4  # 2 prompts x 2 weights, seeds share them
     assert set(calls[first_unet:]) == {"unet"}
+
+
+def test_set_up_turns_cudnn_attention_off(make_config, tmp_path):
+    _, cfg = make_config()
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        _setup(cfg, tmp_path)
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
