@@ -7,18 +7,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 
 from providers import registry
 from providers.base import Offer, Provider, ProviderError, ReportsSkippedRows, Requirements, Unsupported
 from providers.gpu_names import normalise_gpu_name
-from remote.config import JobSettings
+from remote.config import JobSettings, LoadedConfig
 from rentrain.costs import JobEstimate, estimate_job
 from rentrain.credentials import CredentialsError, open_provider
+from rentrain.dataset_check import inspect_dataset
 from rentrain.history import JobHistory
-from rentrain.job_profile import JobProfile
+from rentrain.job_profile import JobProfile, profile_from_check
+
+if TYPE_CHECKING:
+    from rentrain.job_phases.context import RunSettings
 
 # The RunPod catalog's stock level: NONE means the scheduler has nothing to place us on.
 NO_STOCK = "NONE"
@@ -192,3 +196,16 @@ def provider_names(choice: Iterable[str] | None) -> list[str]:
     if not chosen or "all" in chosen:
         return list(registry.MARKETS)
     return list(dict.fromkeys(chosen))
+
+
+def fresh_offers(loaded: LoadedConfig, settings: RunSettings, provider: Provider) -> list[Offer]:
+    """The offers a job can run on now, best first; none when the provider or the dataset cannot say."""
+    try:
+        report = inspect_dataset(loaded.train)
+        profile = profile_from_check(loaded.train, report)
+        # the GPU count the job was started with (--gpus), not whatever the config says now
+        requirements = requirements_from(loaded.job, gpu_count=settings.gpus)
+        search = find_offers([settings.provider], requirements, profile, opener=lambda _n: provider)
+        return [r.offer for r in search.ranked]
+    except (ProviderError, ValueError):
+        return []

@@ -24,7 +24,7 @@ from rich.text import Text
 
 from providers import registry
 from providers.base import NotFound, Offer, Provider, ProviderError
-from remote.config import ConfigError, LoadedConfig
+from remote.config import ConfigError
 from remote.events import CheckpointEvent, DoneEvent, SampleEvent, parse_event
 from rentrain.accounts import (
     CHECK_SECONDS,
@@ -50,14 +50,12 @@ from rentrain.commands.offers import money
 from rentrain.commands.queues import attach_queue, cancel_waiting_jobs, print_queues
 from rentrain.commands.run import _drive, detach_when_taken_over, notifier_from
 from rentrain.credentials import CredentialsError, MissingApiKey, open_provider
-from rentrain.dataset_check import inspect_dataset
 from rentrain.job import JobFailed, JobRunner, RunSettings, Session
 from rentrain.job_config import job_config
 from rentrain.job_news import JobNews
-from rentrain.job_profile import profile_from_check
 from rentrain.ledger import ClientLock, IllegalTransition, JobRecord, Ledger, LockHeld, QueueRecord, client_alive
 from rentrain.notify import Notification, Notifier, NotifyConfigError
-from rentrain.offers import find_offers, requirements_from
+from rentrain.offers import fresh_offers
 from rentrain.paths import state_dir
 from rentrain.progress import RunProgress, plain_printer
 from rentrain.report_facts import job_check
@@ -515,19 +513,6 @@ def _fresh_offers(runner: JobRunner) -> list[Offer]:
     """Offers to resume on if the current host turns out dead."""
     assert runner.provider is not None
     return fresh_offers(runner.loaded, runner.settings, runner.provider)
-
-
-def fresh_offers(loaded: LoadedConfig, settings: RunSettings, provider: Provider) -> list[Offer]:
-    """The offers a job can run on now, best first; none when the provider or the dataset cannot say."""
-    try:
-        report = inspect_dataset(loaded.train)
-        profile = profile_from_check(loaded.train, report)
-        # the GPU count the job was started with (--gpus), not whatever the config says now
-        requirements = requirements_from(loaded.job, gpu_count=settings.gpus)
-        search = find_offers([settings.provider], requirements, profile, opener=lambda _n: provider)
-        return [r.offer for r in search.ranked]
-    except (ProviderError, ValueError):
-        return []
 
 
 @click.command()

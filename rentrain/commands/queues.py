@@ -19,6 +19,7 @@ from rentrain.job_config import job_config
 from rentrain.job_news import JobNews
 from rentrain.job_phases.context import clock_time
 from rentrain.ledger import IllegalTransition, JobRecord, Ledger, QueueRecord
+from rentrain.offers import fresh_offers
 from rentrain.progress import plain_printer
 from rentrain.queue_run import Lane, QueuedJob, QueueRunner
 
@@ -56,8 +57,6 @@ def attach_queue(ledger: Ledger, queue: QueueRecord, console: Console) -> None:
         provider = open_provider(queue.provider)
     except CredentialsError as exc:
         raise click.ClickException(str(exc)) from None
-    from rentrain.commands.jobs import fresh_offers
-
     queued = {job.id: _queued(job) for job in jobs if job.state != "closed"}
     lanes = []
     for job_ids in queue.lanes:
