@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch.optim.lr_scheduler import LambdaLR
 
 from remote.config import TrainConfig
@@ -248,14 +249,31 @@ def _place_models(
     flat = speed.flat_buffers(network, dtype)
     broadcast_parameters(flat.master, ranks)
     if cfg.gradient_checkpointing:
-        bundle.unet.enable_gradient_checkpointing()
+        preserve = checkpoint_options(bundle.unet)["preserve_rng_state"]
+        bundle.unet.enable_gradient_checkpointing(partial(_checkpoint, preserve_rng_state=preserve))
         bundle.unet.train()
         if cfg.effective_text_encoder_lr > 0:
             for encoder in bundle.text_encoders:
                 # non-reentrant, said explicitly: with frozen embeddings as its input, reentrant checkpointing
                 # (transformers 4's default) cuts the graph and the text-encoder LoRA gets no gradient
-                encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_options(encoder))
                 encoder.train()
+
+
+def checkpoint_options(model: torch.nn.Module) -> dict[str, bool]:
+    """torch.utils.checkpoint's options for ``model``: non-reentrant, and the RNG state saved for the recompute
+    only when the model draws random numbers (a Dropout with p > 0). Saving it reads the CUDA generator's
+    state, which CUDA graph capture refuses (pytorch/pytorch#162504): with it, no step that checkpoints (Flux.1's
+    always do) could run as a graph."""
+    draws = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+    return {"use_reentrant": False, "preserve_rng_state": draws}
+
+
+def _checkpoint(module: torch.nn.Module, *args: Any, preserve_rng_state: bool) -> Any:
+    """diffusers' gradient_checkpointing_func: ``module`` recomputed in the backward pass."""
+    return torch.utils.checkpoint.checkpoint(
+        module.__call__, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state
+    )
 
 
 def _run_info(run: Run, optimizer_label: str, warmup: int) -> dict[str, Any]:
