@@ -117,9 +117,11 @@ BORROWED_TENSOR_FRACTION: dict[str, tuple[str, Figure]] = {
         Figure(
             1.4,
             "assumed",
-            "Flux.1 has not been measured with this trainer: its tensor fraction is SDXL's fitted one (both spend "
-            "their step in large bf16 matrix products and long attention: Flux.1's 3072-wide Linears over 4608 "
-            "tokens at 1024px), and the range is widened to 1/1.4-1.4x that fraction",
+            "Flux.1's tensor fraction is SDXL's fitted one (both spend their step in large bf16 matrix products "
+            "and long attention: Flux.1's 3072-wide Linears over 4608 tokens at 1024px), and the range is widened "
+            "to 1/1.4-1.4x that fraction. Its one GPU run (bench/RESULTS.md 2026-12-06, H200) was eager, its CUDA "
+            "graph capture having failed: 1.12 s/step at 1024px and 0.78 s at 512px, 1.4x and 2.8x this model's "
+            "figure; a graphed run will replace this borrowed fraction",
         ),
     ),
 }
