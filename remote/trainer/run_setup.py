@@ -262,11 +262,14 @@ def _place_models(
 
 def checkpoint_options(model: torch.nn.Module) -> dict[str, bool]:
     """torch.utils.checkpoint's options for ``model``: non-reentrant, and the RNG state saved for the recompute
-    only when the model draws random numbers (a Dropout with p > 0). Saving it reads the CUDA generator's
-    state, which CUDA graph capture refuses (pytorch/pytorch#162504): with it, no step that checkpoints (Flux.1's
-    always do) could run as a graph."""
-    draws = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
-    return {"use_reentrant": False, "preserve_rng_state": draws}
+    only when the model draws random numbers (a dropout with p > 0, as a module or in its config). Saving it
+    reads the CUDA generator's state, which CUDA graph capture refuses (pytorch/pytorch#162504): with it, no
+    step that checkpoints (Flux.1's always do) could run as a graph."""
+    modules = any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
+    # transformers' attention applies its dropout as a function, from the config
+    config = getattr(model, "config", None)
+    functional = any(float(getattr(config, key, 0) or 0) > 0 for key in ("attention_dropout", "dropout"))
+    return {"use_reentrant": False, "preserve_rng_state": modules or functional}
 
 
 def _checkpoint(module: torch.nn.Module, *args: Any, preserve_rng_state: bool) -> Any:

@@ -132,17 +132,19 @@ def _encode_prompts(
     for encoder in bundle.text_encoders:
         encoder.to(device)
     try:
+        # the LoRA weight changes the encoding only through a text-encoder LoRA
+        encoded_weights = weights if network.te_names else weights[:1]
         conditions = []
         for prompt in prompts:
             per_weight = []
-            for weight in weights:
+            for weight in encoded_weights:
                 network.set_multiplier(weight)
                 with torch.no_grad(), autocast:
                     ids = tokenize(bundle, [prompt.prompt, prompt.negative], max_token_length)
                     context, pooled = encode(bundle, ids, clip_skip)
                     extras = {name: v.to(device) for name, v in bundle.spec.text_conditions(ids).items()}
                     per_weight.append(bundle.spec.pipeline_embeds(context, pooled, extras, size))
-            conditions.append(per_weight)
+            conditions.append(per_weight if network.te_names else per_weight * len(weights))
         return conditions
     finally:
         for encoder, where in zip(bundle.text_encoders, te_devices, strict=True):

@@ -19,6 +19,18 @@ def test_the_rng_state_is_saved_only_for_a_model_with_dropout():
     dropping = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1))
     assert checkpoint_options(plain) == {"use_reentrant": False, "preserve_rng_state": False}
     assert checkpoint_options(dropping) == {"use_reentrant": False, "preserve_rng_state": True}
+    assert checkpoint_options(nn.Sequential(nn.Dropout2d(0.1)))["preserve_rng_state"]  # a _DropoutNd, not a Dropout
+
+
+def test_a_text_encoder_with_attention_dropout_in_its_config_keeps_the_rng_state():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from remote.trainer.run_setup import checkpoint_options
+
+    small = dict(vocab_size=99, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    assert not checkpoint_options(CLIPTextModel(CLIPTextConfig(**small)))["preserve_rng_state"]
+    dropping = CLIPTextModel(CLIPTextConfig(**small, attention_dropout=0.1))  # applied as a function
+    assert checkpoint_options(dropping)["preserve_rng_state"]
 
 
 @pytest.mark.parametrize("model", ["builtin:tiny-sd15", "builtin:tiny-flux"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from remote.events import EventWriter
@@ -86,10 +87,13 @@ def test_caption_chunks_hold_a_fixed_number_of_tokens():
     assert captions_per_chunk(bundle(int(1e30))) == 1  # a tokenizer without a length reads one at a time
 
 
-def test_sample_prompts_are_encoded_once_per_weight_before_denoising(make_config, tmp_path):
+@pytest.mark.parametrize(("text_encoder_lr", "encodings"), [(0, 2), (1e-4, 4)], ids=["unet-lora", "te-lora"])
+def test_sample_prompts_are_encoded_before_denoising(make_config, tmp_path, text_encoder_lr, encodings):
+    """Once per prompt, or per prompt and LoRA weight when a text-encoder LoRA makes the weight matter;
+    the seeds share them."""
     from remote.trainer.samples import SamplePrompt, render_images
 
-    _, cfg = make_config(pretrained_model_name_or_path="builtin:tiny-sdxl", text_encoder_lr=0)
+    _, cfg = make_config(pretrained_model_name_or_path="builtin:tiny-sdxl", text_encoder_lr=text_encoder_lr)
     run = _setup(cfg, tmp_path)
     calls: list[str] = []
     for index, encoder in enumerate(run.bundle.text_encoders):
@@ -109,7 +113,7 @@ def test_sample_prompts_are_encoded_once_per_weight_before_denoising(make_config
     )
     assert [len(row) for row in rows] == [2] * 6  # (prompt, seed) rows of one image per weight
     first_unet = calls.index("unet")
-    assert sorted(calls[:first_unet]) == ["te0"] * 4 + ["te1"] * 4  # 2 prompts x 2 weights, seeds share them
+    assert sorted(calls[:first_unet]) == ["te0"] * encodings + ["te1"] * encodings
     assert set(calls[first_unet:]) == {"unet"}
 
 

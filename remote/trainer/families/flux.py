@@ -134,8 +134,11 @@ class Flux(ModelFamily):
         place: dict[str, Any] = {"device_map": str(device)} if on_gpu else {}
         # fp8: read on the host and quantised layer by layer onto the GPU, never whole in 16 bits there
         transformer_place = {} if self.options.fp8_base else place
-        transformer = FluxTransformer2DModel.from_pretrained(
-            reference, subfolder="transformer", torch_dtype=dtype, **transformer_place
+        transformer = self._stored(
+            FluxTransformer2DModel.from_pretrained(
+                reference, subfolder="transformer", torch_dtype=dtype, **transformer_place
+            ),
+            device,
         )
         opt = self.options
         vae = _load_ae(opt.ae) if opt.ae else AutoencoderKL.from_pretrained(reference, subfolder="vae", **place)
@@ -155,7 +158,7 @@ class Flux(ModelFamily):
             CLIPTokenizer.from_pretrained(reference, subfolder="tokenizer"),
             T5Tokenizer.from_pretrained(reference, subfolder="tokenizer_2"),
         ]
-        return self._components(transformer, vae.to(torch.float32), [clip_l, t5], tokenizers, device)
+        return self._components(transformer, vae.to(torch.float32), [clip_l, t5], tokenizers)
 
     def load_single_file(
         self, path: Path, dtype: torch.dtype = torch.float32, device: torch.device | None = None
@@ -174,26 +177,31 @@ class Flux(ModelFamily):
                 "T5-XXL files (kohya's keys), or use a diffusers folder / hub id"
             )
         assert opt.ae and opt.clip_l and opt.t5xxl, "checked above"
-        transformer = load_transformer_file(path, dtype)
+        transformer = self._stored(load_transformer_file(path, dtype), device)
         encoders = [_load_clip_l(opt.clip_l, dtype), _load_t5xxl(opt.t5xxl, dtype)]
         tokenizers = [clip_tokenizer(), T5Tokenizer.from_pretrained(T5_TOKENIZER_ID)]
-        return self._components(transformer, _load_ae(opt.ae), encoders, tokenizers, device)
+        return self._components(transformer, _load_ae(opt.ae), encoders, tokenizers)
 
     def build_tiny(self) -> Components:
         from ..tiny import build_flux_components
 
         parts = build_flux_components(AE_SCALE, AE_SHIFT)
-        return self._components(parts["unet"], parts["vae"], parts["text_encoders"], parts["tokenizers"], None)
+        transformer = self._stored(parts["unet"], None)
+        return self._components(transformer, parts["vae"], parts["text_encoders"], parts["tokenizers"])
 
-    def _components(
-        self, transformer: Any, vae: Any, encoders: list[Any], tokenizers: list[Any], device: torch.device | None
-    ) -> Components:
-        """The parts; with fp8_base the transformer's block Linears in float8 (on ``device``, a GPU), and the
-        T5 tokenizer's length kohya's default for the variant unless t5xxl_max_token_length is set."""
+    def _stored(self, transformer: Any, device: torch.device | None) -> Any:
+        """The transformer as training keeps it: with fp8_base its block Linears in float8, quantised layer by
+        layer onto ``device`` (a GPU) as soon as it is read, before the text encoders are read on the host (the
+        host then never holds the 16-bit transformer and T5-XXL together)."""
         if self.options.fp8_base:
             from ..float8 import quantize_linears
 
             quantize_linears(transformer, lambda path: path.startswith(BLOCK_LINEARS), device)
+        return transformer
+
+    def _components(self, transformer: Any, vae: Any, encoders: list[Any], tokenizers: list[Any]) -> Components:
+        """The parts, with the T5 tokenizer's length kohya's default for the variant unless
+        t5xxl_max_token_length is set."""
         schnell = not transformer.config.guidance_embeds
         tokenizers[1].model_max_length = self.options.t5xxl_max_token_length or (
             T5_TOKENS_SCHNELL if schnell else T5_TOKENS_DEV
