@@ -26,6 +26,23 @@ def _spy_moves(module: torch.nn.Module, moves: list[tuple[str, object]], tag: st
     module.to = to  # type: ignore[method-assign]
 
 
+def _spy_loaded_encoders(monkeypatch) -> list[tuple[str, object]]:
+    """The device moves of every text encoder the set-up loads, as (te<index>, device or None)."""
+    from remote.trainer import run_setup
+
+    moves: list[tuple[str, object]] = []
+    load_model = run_setup.load_model
+
+    def load_and_spy(*args, **kwargs):
+        bundle = load_model(*args, **kwargs)
+        for index, encoder in enumerate(bundle.text_encoders):
+            _spy_moves(encoder, moves, f"te{index}")
+        return bundle
+
+    monkeypatch.setattr(run_setup, "load_model", load_and_spy)
+    return moves
+
+
 def _setup(cfg, tmp_path):
     from remote.trainer.run_setup import setup
 
@@ -37,16 +54,7 @@ def test_cached_text_encoders_reach_the_device_only_to_fill_the_cache(make_confi
 
     _, cfg = make_config(text_encoder_lr=0)
     assert not cfg.text_encoders_on_gpu
-    moves: list[tuple[str, object]] = []
-    load_model = run_setup.load_model
-
-    def load_and_spy(*args, **kwargs):
-        bundle = load_model(*args, **kwargs)
-        for index, encoder in enumerate(bundle.text_encoders):
-            _spy_moves(encoder, moves, f"te{index}")
-        return bundle
-
-    monkeypatch.setattr(run_setup, "load_model", load_and_spy)
+    moves = _spy_loaded_encoders(monkeypatch)
     run = _setup(cfg, tmp_path)
     assert moves == [("te0", None)]  # the dtype only: set-up leaves the encoder where it was loaded
     moves.clear()
@@ -60,15 +68,7 @@ def test_trained_text_encoders_are_placed_on_the_device_at_set_up(make_config, t
 
     _, cfg = make_config(text_encoder_lr=1e-4)
     assert cfg.text_encoders_on_gpu
-    moves: list[tuple[str, object]] = []
-    load_model = run_setup.load_model
-
-    def load_and_spy(*args, **kwargs):
-        bundle = load_model(*args, **kwargs)
-        _spy_moves(bundle.text_encoders[0], moves, "te0")
-        return bundle
-
-    monkeypatch.setattr(run_setup, "load_model", load_and_spy)
+    moves = _spy_loaded_encoders(monkeypatch)
     run = _setup(cfg, tmp_path)
     assert moves == [("te0", str(run.device))]
     moves.clear()
