@@ -39,19 +39,27 @@ class SideStream:
     overlap with whatever runs next, and the tensors they read are held here until ``join()`` (at the next
     layer's backward, and at the end of the micro-batch), so the caching allocator cannot hand their memory
     to the current stream while the side stream still reads it.
+
+    ``wait()`` only waits when work was queued on the side stream since the last wait: during a CUDA graph
+    capture, a wait on a stream that took no part in the capture is an error (a step whose LoRA layers all
+    run unfused, such as Flux.1 over an 8-bit base, never forks the side stream).
     """
 
     def __init__(self, device: torch.device):
         self.stream = torch.cuda.Stream(device)
         self.held: list[torch.Tensor] = []
+        self.forked = False
 
     def side(self, after_current: bool = True):
         if after_current:
             self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        self.forked = True
         return torch.cuda.stream(self.stream)
 
     def wait(self) -> None:
-        torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
+        if self.forked:
+            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
+            self.forked = False
 
     def join(self) -> None:
         self.wait()

@@ -248,3 +248,36 @@ def test_side_stream_path_computes_the_same_and_holds_its_inputs_until_the_micro
     assert side.calls[:6] == ["fork", "wait"] * 3
     assert side.calls[6:10] == ["wait", "fork", "wait", "side"]
     assert side.calls[-1] == "wait"  # end_micro_batch's join
+
+
+class _LoggedStream:
+    def __init__(self, name: str, log: list[str]):
+        self.name, self.log, self.device = name, log, torch.device("cpu")
+
+    def wait_stream(self, other: _LoggedStream) -> None:
+        self.log.append(f"{self.name} waits for {other.name}")
+
+
+def test_side_stream_waits_only_for_work_queued_on_it(monkeypatch):
+    # a capture fails on a wait for a stream that took no part in it: a step with no fused layer (all
+    # LoRA targets unfused, as over an 8-bit base) must join without touching the side stream
+    log: list[str] = []
+    main = _LoggedStream("main", log)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: nullcontext())
+    side = SideStream.__new__(SideStream)
+    side.stream, side.held, side.forked = _LoggedStream("side", log), [torch.zeros(1)], False
+
+    side.join()
+    assert log == [] and side.held == []
+
+    with side.side():
+        pass
+    side.wait()
+    side.wait()  # nothing queued since the last wait
+    assert log == ["side waits for main", "main waits for side"]
+
+    with side.side(after_current=False):
+        pass
+    side.join()
+    assert log[2:] == ["main waits for side"]
