@@ -277,8 +277,8 @@ PATCHES = {
     ),
     # each step finished (loss read, event written) before the next is prepared
     "lockstep": "L.host_work_due = lambda *a, **k: True",
-    # cuDNN's fused attention left on (PyTorch 2.11's default on H100/H200; the trainer turns it off)
-    "cudnn_attention": "import remote.trainer.run_setup as R\nR.avoid_cudnn_attention = lambda: None",
+    # cuDNN's fused attention left on for every family (the trainer turns it off for Flux.1)
+    "cudnn_attention": "import remote.trainer.run_setup as R\nR.choose_attention_kernels = lambda family: None",
     # torch.compile of the UNet (inductor, default mode), inside the trainer's own CUDA graphs
     "compile": (
         "_setup_plain = L.setup\n"

@@ -97,18 +97,18 @@ def pick_device(ranks: Ranks | None = None) -> torch.device:
     return torch.device("cuda")
 
 
-def avoid_cudnn_attention() -> None:
-    """Attention through flash / memory-efficient kernels, not cuDNN's. PyTorch 2.11 made cuDNN's fused attention
-    the default on H100/H200, and its backward fails there: Flux.1's first step on an H100 stopped with an
-    illegal memory access in it (mha_graph.execute, the case of pytorch/pytorch#190321; NaN gradients in
-    #196678). PyTorch's own mitigation is this switch."""
-    torch.backends.cuda.enable_cudnn_sdp(False)
+def choose_attention_kernels(family: ModelFamily) -> None:
+    """cuDNN's fused attention (PyTorch 2.11's default on H100/H200) only for the families it runs right for.
+    Its backward fails on Flux.1: the first step on an H100 stopped with an illegal memory access in it
+    (mha_graph.execute, the case of pytorch/pytorch#190321; NaN gradients in #196678), and PyTorch's own
+    mitigation is this switch. For SD 1.5 and SDXL it is the fastest kernel and runs clean (bench/RESULTS.md:
+    without it an H100 step takes 12% longer for SD 1.5, 6% for SDXL)."""
+    torch.backends.cuda.enable_cudnn_sdp(family.cudnn_attention)
 
 
 def setup(cfg: TrainConfig, writer: EventWriter, resume: Path | None, ranks: Ranks | None = None) -> Run:
     ranks = ranks or Ranks()
     device = pick_device(ranks)
-    avoid_cudnn_attention()
     dtype = DTYPES[cfg.mixed_precision]
     final = final_path(cfg)
     if final.exists() and resume is None:
@@ -123,6 +123,7 @@ def setup(cfg: TrainConfig, writer: EventWriter, resume: Path | None, ranks: Ran
     loading = time.perf_counter()
     bundle = load_model(cfg, dtype, device)
     load_seconds = time.perf_counter() - loading
+    choose_attention_kernels(bundle.spec)
     dataset = data_mod.build_dataset(cfg, processes=ranks.world)
     # LoRA only where a learning rate is set (kohya: text_encoder_lr = 0 -> no text-encoder LoRA).
     unet_lr, te_lr = cfg.effective_unet_lr, cfg.effective_text_encoder_lr

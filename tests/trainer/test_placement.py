@@ -117,11 +117,13 @@ def test_sample_prompts_are_encoded_before_denoising(make_config, tmp_path, text
     assert set(calls[first_unet:]) == {"unet"}
 
 
-def test_set_up_turns_cudnn_attention_off(make_config, tmp_path):
-    _, cfg = make_config()
-    torch.backends.cuda.enable_cudnn_sdp(True)
+@pytest.mark.parametrize(("model", "cudnn"), [("builtin:tiny-sd15", True), ("builtin:tiny-flux", False)])
+def test_set_up_allows_cudnn_attention_only_where_it_runs_right(make_config, tmp_path, model, cudnn):
+    keys = {"network_train_unet_only": True} if "flux" in model else {}
+    _, cfg = make_config(pretrained_model_name_or_path=model, **keys)
+    torch.backends.cuda.enable_cudnn_sdp(not cudnn)
     try:
         _setup(cfg, tmp_path)
-        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.cudnn_sdp_enabled() is cudnn
     finally:
         torch.backends.cuda.enable_cudnn_sdp(True)

@@ -81,6 +81,7 @@ class ModelFamily(ABC):
     text_encoder_lora = True  # whether kohya's network for this family can adapt the text encoders here
     latent_shift = 0.0  # subtracted from the VAE's latents before the scale (Flux's AE: 0.1159)
     sample_guidance = 7.0  # the samples' guidance scale when the config sets none
+    cudnn_attention = True  # whether attention may run on cuDNN's fused kernel (run_setup.choose_attention_kernels)
 
     def __init__(self, name: str):
         self.facts: FamilyFacts = family_facts(name)

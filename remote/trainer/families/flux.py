@@ -113,6 +113,7 @@ class Flux(ModelFamily):
     latent_shift = AE_SHIFT
     text_encoder_lora = False
     sample_guidance = 3.5  # FLUX.1 [dev]'s embedded guidance, as kohya and Black Forest Labs sample it
+    cudnn_attention = False  # its backward fails there (run_setup.choose_attention_kernels)
     lora_parents = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
     lora_conv_parents = ()
     text_lora_parents = clip.CLIP_LORA_PARENTS
