@@ -98,6 +98,16 @@ class StepInputs:
             mine.copy_(theirs, non_blocking=True)
 
 
+def recover_from_failed_capture() -> None:
+    """Wait for the GPU, and take the device's default random generator out of capture mode. A capture that
+    ends in an error never tells the generator it ended, and its next draw outside a capture (a dropout, say)
+    would fail with "Offset increment outside graph capture"; a fresh state with the same seed and offset
+    replaces the stuck one."""
+    torch.cuda.synchronize()
+    generator = torch.cuda.default_generators[torch.cuda.current_device()]
+    generator.graphsafe_set_state(generator.clone_state())
+
+
 @dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
@@ -161,7 +171,7 @@ class StepGraphs:
                 f"CUDA graph capture failed, training continues without graphs ({type(exc).__name__}: {exc})"
             )
             self.graphs.clear()
-            torch.cuda.synchronize()
+            recover_from_failed_capture()
             if self.on_disable is not None:
                 self.on_disable(self.disabled)
             return None
@@ -211,7 +221,7 @@ class OptimizerGraph:
             self.disabled = (
                 f"CUDA graph capture of the optimizer failed, it steps eagerly ({type(exc).__name__}: {exc})"
             )
-            torch.cuda.synchronize()
+            recover_from_failed_capture()
             if self.on_disable is not None:
                 self.on_disable(self.disabled)
             return

@@ -21,6 +21,7 @@ class FakeCuda:
     replays: int = 0
     fail_capture: bool = False
     synchronized: int = 0
+    generator_states: list[str] = field(default_factory=list)  # states the default generator was given
 
 
 @pytest.fixture
@@ -45,12 +46,21 @@ def cuda(monkeypatch) -> FakeCuda:
         def wait_stream(self, other):
             pass
 
+    class Generator:
+        def clone_state(self):
+            return "fresh state, same seed and offset"
+
+        def graphsafe_set_state(self, new):
+            state.generator_states.append(new)
+
     monkeypatch.setattr(graphs.torch.cuda, "CUDAGraph", Graph)
     monkeypatch.setattr(graphs.torch.cuda, "graph", capture)
     monkeypatch.setattr(graphs.torch.cuda, "Stream", Stream)
     monkeypatch.setattr(graphs.torch.cuda, "current_stream", lambda *a: Stream())
     monkeypatch.setattr(graphs.torch.cuda, "stream", lambda s: contextmanager(lambda: (yield))())
     monkeypatch.setattr(graphs.torch.cuda, "synchronize", lambda *a: setattr(state, "synchronized", 1))
+    monkeypatch.setattr(graphs.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(graphs.torch.cuda, "default_generators", (Generator(),))
     return state
 
 
@@ -128,6 +138,7 @@ def test_a_failed_capture_turns_the_graphs_off_for_the_run_and_says_why(cuda):
     assert torch.equal(loss, inputs(seed=5).latents.sum())  # the batch still trains, eagerly
     assert steps.disabled is not None and "RuntimeError: operation not permitted" in steps.disabled
     assert messages == [steps.disabled] and steps.graphs == {} and cuda.synchronized
+    assert cuda.generator_states == ["fresh state, same seed and offset"]  # out of its stuck capture mode
     cuda.fail_capture = False
     for _ in range(3):
         steps.backward(inputs())
@@ -152,6 +163,7 @@ def test_a_failed_optimizer_capture_leaves_it_eager(cuda):
         optimizer.step()
     assert optimizer.graph is None and optimizer.disabled is not None and messages == [optimizer.disabled]
     assert calls == ["step"] * 3 and cuda.replays == 0
+    assert cuda.generator_states == ["fresh state, same seed and offset"]
 
 
 def test_batches_share_a_graph_exactly_when_their_tensors_have_the_same_shapes():
