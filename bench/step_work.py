@@ -44,7 +44,7 @@ REFERENCE_RANK = 32
 REFERENCE = {  # family: (resolution, batch, trains the text encoder): bench/train_speed.py's cases
     "sd15": (512, 4, True),
     "sdxl": (1024, 2, False),
-    "flux": (1024, 2, False),  # not measured: counted only (rentrain.speed_model borrows SDXL's fraction)
+    "flux": (1024, 2, False),  # counted here; rentrain.speed_model fits its fraction to the H100 runs
 }
 # Flux.1 [dev] on the meta device: diffusers' FluxTransformer2DModel (default config, guidance embedding on),
 # the T5-XXL encoder of google/t5-v1_1-xxl (the one FLUX.1 ships), CLIP-L. Text-encoder outputs are cached

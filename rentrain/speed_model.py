@@ -29,9 +29,13 @@ RecordedKind = EstimateKind | Literal["published", "derived", "scaled"]
 
 # ------------------------------------------------------------------------------------------------------
 # The trainer's measured steps: the data the model is calibrated on. Each is the median step interval of
-# bench/train_speed.py (LoRA dim 32, bf16, AdamW, latents cached), recorded in bench/RESULTS.md. Add a row
-# after a benchmark: the fit uses every row, and a job at exactly a row's settings on its GPU gets the figure.
+# bench/train_speed.py (LoRA dim 32, bf16, AdamW, latents cached) or bench/flux_speed.py (kohya's Flux.1
+# recipe: dim 16, 8-bit base, gradient checkpointing), recorded in bench/RESULTS.md. Add a row after a
+# benchmark: the fit uses every row, and a job at exactly a row's settings on its GPU gets the figure.
 # ------------------------------------------------------------------------------------------------------
+MEASURED_RANK = 32
+
+
 @dataclass(frozen=True)
 class MeasuredStep:
     gpu_model: str
@@ -41,13 +45,23 @@ class MeasuredStep:
     trains_text_encoder: bool
     seconds: float
     source: str
+    rank: int = MEASURED_RANK
+    fp8_base: bool = False
+    checkpointed: bool = False
 
     @property
     def work(self) -> Work:
-        return step_work(self.case, self.resolution**2, self.batch_size, MEASURED_RANK, self.trains_text_encoder)
+        return step_work(
+            self.case, self.resolution**2, self.batch_size, self.rank, self.trains_text_encoder, self.fp8_base
+        )
+
+    @property
+    def plain_seconds(self) -> float:
+        """The step without gradient checkpointing: what the model's terms describe (checkpointing is a factor
+        applied after, rentrain.speed_model.checkpointing_factor)."""
+        return self.seconds / checkpointing_factor(self.case) if self.checkpointed else self.seconds
 
 
-MEASURED_RANK = 32
 _H200 = (
     "bench/RESULTS.md 2026-11-29 (fourth session): H200, CUDA graphs, bf16, fused LoRA layers, channels_last "
     "GroupNorm kernels, overlapped steps"
@@ -93,6 +107,30 @@ MEASURED_STEPS: tuple[MeasuredStep, ...] = (
     MeasuredStep(
         "H100 SXM", "sdxl", 1024, 1, False, 0.0775, _H100.format("sixth session") + "; SDXL 1024px b1, UNet: 77.5 ms"
     ),
+    MeasuredStep(
+        "H100 SXM",
+        "flux",
+        1024,
+        1,
+        False,
+        0.9710,
+        _H100.format("tenth session") + "; Flux.1 [dev] 1024px b1, dim 16, 8-bit base, checkpointed: 971.0 ms",
+        rank=16,
+        fp8_base=True,
+        checkpointed=True,
+    ),
+    MeasuredStep(
+        "H100 SXM",
+        "flux",
+        512,
+        1,
+        False,
+        0.4316,
+        _H100.format("tenth session") + "; Flux.1 [dev] 512px b1, dim 16, 8-bit base, checkpointed: 431.6 ms",
+        rank=16,
+        fp8_base=True,
+        checkpointed=True,
+    ),
 )
 MEASURED_SPREAD = Figure(
     0.05,
@@ -110,21 +148,6 @@ MEASURED_SPREAD = Figure(
 MAX_TENSOR_FRACTION = Figure(
     0.85, "assumed", "no card keeps its tensor cores busier than this over a whole step of many kernels"
 )
-# A family no run has measured borrows a measured family's fitted tensor fraction, with a wider range.
-BORROWED_TENSOR_FRACTION: dict[str, tuple[str, Figure]] = {
-    "flux": (
-        "sdxl",
-        Figure(
-            1.4,
-            "assumed",
-            "Flux.1's tensor fraction is SDXL's fitted one (both spend their step in large bf16 matrix products "
-            "and long attention: Flux.1's 3072-wide Linears over 4608 tokens at 1024px), and the range is widened "
-            "to 1/1.4-1.4x that fraction. Its one GPU run (bench/RESULTS.md 2026-12-06, H200) was eager, its CUDA "
-            "graph capture having failed: 1.12 s/step at 1024px and 0.78 s at 512px, 1.4x and 2.8x this model's "
-            "figure; a graphed run will replace this borrowed fraction",
-        ),
-    ),
-}
 FP32_TENSOR_RATE = Figure(
     0.5, "published", "the TF32 dense rate is half the bf16 one in every datasheet of rentrain.gpu_specs"
 )
@@ -195,9 +218,12 @@ class Calibration:
     error: tuple[float, ...]  # per MEASURED_STEPS row: modelled / measured - 1
 
 
-def modelled_seconds(spec: GpuSpec, work: Work, tensor_fraction: float, cal: Calibration) -> float:
-    """The model's step time: tensor work + other kernels' memory traffic + a fixed cost per kernel."""
-    fraction = min(tensor_fraction, MAX_TENSOR_FRACTION.value)
+def modelled_seconds(
+    spec: GpuSpec, work: Work, tensor_fraction: float, cal: Calibration, ceiling: float = MAX_TENSOR_FRACTION.value
+) -> float:
+    """The model's step time: tensor work + other kernels' memory traffic + a fixed cost per kernel. The tensor
+    fraction is held under ``ceiling``: MAX_TENSOR_FRACTION, or the datasheet rate itself for a range's fast end."""
+    fraction = min(tensor_fraction, ceiling)
     return (
         work.flop / (spec.bf16_tflops * 1e12 * fraction)
         + work.bytes / (spec.bandwidth_gbs * 1e9 * cal.bandwidth_factor)
@@ -215,7 +241,7 @@ def calibration() -> Calibration:
     for m in MEASURED_STEPS:
         spec, work = _spec(m.gpu_model), m.work
         tensor = [work.flop / (spec.bf16_tflops * 1e12) if f == m.case else 0.0 for f in families]
-        rows.append([x / m.seconds for x in (*tensor, work.bytes / (spec.bandwidth_gbs * 1e9), work.kernels)])
+        rows.append([x / m.plain_seconds for x in (*tensor, work.bytes / (spec.bandwidth_gbs * 1e9), work.kernels)])
         targets.append(1.0)
     *inverse_fractions, inverse_bandwidth, kernel = _least_squares(rows, targets)
     assert min(*inverse_fractions, inverse_bandwidth, kernel) > 0, "MEASURED_STEPS give a model with a negative term"
@@ -226,7 +252,7 @@ def calibration() -> Calibration:
         error=(),
     )
     errors = tuple(
-        modelled_seconds(_spec(m.gpu_model), m.work, fitted.tensor_fraction[m.case], fitted) / m.seconds - 1
+        modelled_seconds(_spec(m.gpu_model), m.work, fitted.tensor_fraction[m.case], fitted) / m.plain_seconds - 1
         for m in MEASURED_STEPS
     )
     return Calibration(fitted.tensor_fraction, fitted.bandwidth_factor, fitted.kernel_seconds, errors)
@@ -333,7 +359,7 @@ def seconds_per_step(gpu_model: str, profile: JobProfile, vram_gb: float | None 
     factors = []
     if profile.gradient_checkpointing:
         factor = checkpointing_factor(profile.family)
-        factors.append((factor, f"x {factor:.2f} gradient checkpointing (measured on the H200)"))
+        factors.append((factor, f"x {factor:.2f} gradient checkpointing ({CHECKPOINTING_SOURCE})"))
     if profile.gradient_accumulation_steps > 1:
         accumulation = profile.gradient_accumulation_steps
         factors.append((float(accumulation), f"x {accumulation} accumulated batches per step"))
@@ -347,6 +373,12 @@ def seconds_per_step(gpu_model: str, profile: JobProfile, vram_gb: float | None 
             }
         )
     return speed
+
+
+CHECKPOINTING_SOURCE = (
+    "the family's factor in remote/trainer/families/facts.py: measured on the H200 for SD 1.5 and SDXL, 1 + the "
+    "forward's share of the FLOPs for Flux.1"
+)
 
 
 def checkpointing_factor(family: str) -> float:
@@ -368,26 +400,42 @@ def _tiny(profile: JobProfile) -> SpeedEstimate:
 
 def _measured(spec: GpuSpec, profile: JobProfile, case: str) -> SpeedEstimate | None:
     """The measured step of the family's benchmark `case` at exactly these settings on this GPU, the mean where
-    it was measured more than once (checkpointing and accumulation are applied after)."""
+    it was measured more than once, without checkpointing (seconds_per_step applies checkpointing and
+    accumulation after: a row measured with checkpointing gives back its own figure)."""
     width, height = profile.resolution
-    if width != height or profile.network_dim != MEASURED_RANK or profile.bytes_per_value != 2 or profile.fp8_base:
+    if width != height or profile.bytes_per_value != 2:
         return None
+    settings = (
+        spec.model,
+        case,
+        width,
+        profile.batch_size,
+        profile.trains_text_encoder,
+        profile.network_dim,
+        profile.fp8_base,
+        profile.gradient_checkpointing,
+    )
     runs = [
         m
         for m in MEASURED_STEPS
-        if (m.gpu_model, m.case, m.resolution, m.batch_size, m.trains_text_encoder)
-        == (spec.model, case, width, profile.batch_size, profile.trains_text_encoder)
+        if (m.gpu_model, m.case, m.resolution, m.batch_size, m.trains_text_encoder, m.rank, m.fp8_base, m.checkpointed)
+        == settings
     ]
     if not runs:
         return None
-    seconds = sum(m.seconds for m in runs) / len(runs)
+    seconds = sum(m.plain_seconds for m in runs) / len(runs)
     spread = MEASURED_SPREAD.value
     return SpeedEstimate(
         seconds_per_step=seconds,
         low=seconds * (1 - spread),
         high=seconds * (1 + spread),
         kind="measured",
-        source=" and ".join(m.source for m in runs),
+        source=" and ".join(m.source for m in runs)
+        + (
+            "; measured with checkpointing, divided by its factor here and multiplied back below"
+            if runs[0].checkpointed
+            else ""
+        ),
     )
 
 
@@ -407,38 +455,27 @@ def modelled_step(spec: GpuSpec, profile: JobProfile, case: str) -> SpeedEstimat
         work = Work(flop=work.flop / FP32_TENSOR_RATE.value, bytes=work.bytes * 2, kernels=work.kernels)
     cal = calibration()
     efficiency = EFFICIENCY[spec.efficiency_class]
-    base, spread, borrowed = tensor_fraction(case, cal)
+    base = cal.tensor_fraction[case]
 
-    def at(factor: float) -> float:
-        return modelled_seconds(spec, work, base * factor, cal)
+    def at(factor: float, ceiling: float = MAX_TENSOR_FRACTION.value) -> float:
+        return modelled_seconds(spec, work, base * factor, cal, ceiling)
 
-    high = at(efficiency.low / spread) * (FP32_UNCERTAINTY.value if fp32 else 1.0)
+    high = at(efficiency.low) * (FP32_UNCERTAINTY.value if fp32 else 1.0)
     fraction = min(base * efficiency.factor, MAX_TENSOR_FRACTION.value)
     source = (
         f"modelled (docs/costs.md): {work.flop / 1e12:.2f} TFLOP and {work.bytes / 1e9:.1f} GB moved per step "
         f"(rentrain.step_work) on the {spec.model} ({spec.bf16_tflops:g} TFLOPS bf16, {spec.bandwidth_gbs:g} GB/s: "
         f"{spec.source}) at {fraction:.0%} of its tensor rate ({spec.efficiency_class} cards: {efficiency.source})"
     )
-    if borrowed:
-        source += f"; {borrowed}"
     if fp32:
         source += f"; {FP32_UNCERTAINTY.source}"
     return SpeedEstimate(
         seconds_per_step=at(efficiency.factor),
-        low=at(efficiency.high * spread),
+        low=at(efficiency.high, ceiling=1.0),  # the fast end may pass MAX_TENSOR_FRACTION, never the datasheet
         high=high,
         kind="modelled",
         source=source,
     )
-
-
-def tensor_fraction(case: str, cal: Calibration) -> tuple[float, float, str]:
-    """(the case's tensor fraction on Hopper, the factor its range widens by, why: "" when fitted on its own
-    measurements)."""
-    if case in cal.tensor_fraction:
-        return cal.tensor_fraction[case], 1.0, ""
-    measured_case, spread = BORROWED_TENSOR_FRACTION[case]
-    return cal.tensor_fraction[measured_case], spread.value, spread.source
 
 
 def interconnect_of(gpu_model: str) -> Interconnect:

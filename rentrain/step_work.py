@@ -145,8 +145,11 @@ FAMILY_WORK: dict[str, FamilyWork] = {
 }
 
 
-FP8_UPCAST_BYTES_PER_PARAM = 3  # read 1 byte, write 2
-FP8_UPCASTS_PER_STEP = 2  # forward and backward
+# remote/trainer/float8.py's upcast in bf16: a cast (read 1 byte, write 2), then the row scale (read 2, write 2),
+# three kernels with the scale's own cast
+FP8_UPCAST_BYTES_PER_PARAM = 7
+FP8_KERNELS_PER_UPCAST = 3
+FP8_UPCASTS_PER_STEP = 2  # forward and backward (checkpointing's recompute is in its step-time factor)
 
 
 def step_work(
@@ -170,5 +173,5 @@ def step_work(
     kernels = w.kernels + te_change * w.text_encoder_kernels + batch * w.kernels_per_sample
     if fp8_base:
         fixed_bytes += FP8_UPCASTS_PER_STEP * FP8_UPCAST_BYTES_PER_PARAM * w.frozen_linear_params
-        kernels += FP8_UPCASTS_PER_STEP * w.frozen_linears
+        kernels += FP8_UPCASTS_PER_STEP * FP8_KERNELS_PER_UPCAST * w.frozen_linears
     return Work(flop=fixed_flop + batch * sample_flop, bytes=fixed_bytes + batch * sample_bytes, kernels=kernels)

@@ -79,7 +79,6 @@ def test_every_number_has_a_kind_and_a_source():
     downloads = [setup_time.model_download_gb(JobProfile(family=name, steps=1)) for name in FAMILIES]
     figures = [*setup_time.SETUP.values(), *downloads]
     figures += [speed_model.MEASURED_SPREAD, speed_model.MAX_TENSOR_FRACTION]
-    figures += [figure for _, figure in speed_model.BORROWED_TENSOR_FRACTION.values()]
     figures += [speed_model.FP32_TENSOR_RATE, speed_model.FP32_UNCERTAINTY]
     figures += [speed_model.TINY_SECONDS_PER_STEP, speed_model.TINY_BATCH_MARGINAL, speed_model.TINY_RANGE]
     for figure in [*figures, *speed_model.EFFICIENCY.values()]:
