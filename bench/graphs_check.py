@@ -21,6 +21,7 @@ import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -186,7 +187,17 @@ def main() -> int:
         print("graphs_check: needs a CUDA GPU", file=sys.stderr)
         return 2
     device = torch.device("cuda")
-    summary = {**check_replay(device, args.batches), **check_fallback(device), **check_optimizer(device)}
+    checks = {
+        "replay": lambda: check_replay(device, args.batches),
+        "fallback": lambda: check_fallback(device),
+        "optimizer": lambda: check_optimizer(device),
+    }
+    summary: dict[str, Any] = {}
+    for name, check in checks.items():  # in this order: the optimizer check draws random numbers after a fallback
+        try:
+            summary.update(check())
+        except Exception as exc:  # a crashed check is a failed one; the others still run
+            summary[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     for name, result in summary.items():
         print(f"{'ok  ' if result['ok'] else 'FAIL'} {name}: {result}", file=sys.stderr)
     print(json.dumps({"device": torch.cuda.get_device_name(device), **summary}))
