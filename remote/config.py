@@ -350,10 +350,11 @@ class TrainConfig(BaseModel):
         True,
     )
     fit_memory: bool = _training(
-        "On NVIDIA GPUs, when the configured batch would not fit the card's memory, pick the fastest setting "
-        "that does and trains the same function: each batch run as micro-batches (same batches, steps and "
-        "gradient), gradient checkpointing, or for AdamW 8-bit optimizer state; the start event says what "
-        "was chosen (rentrain's own key). false: run exactly as configured.",
+        "On NVIDIA GPUs, pick the fastest setting that fits the card's memory and trains the same function: "
+        "when the configured batch would not fit, each batch run as micro-batches (same batches, steps and "
+        "gradient), gradient checkpointing, or for AdamW 8-bit optimizer state; when the card holds the "
+        "activations, no gradient checkpointing even where configured. The start event says what was chosen "
+        "(rentrain's own key). false: run exactly as configured.",
         True,
     )
     loss_type: str = _training("Only l2 (kohya's default; kohya's l1, huber and smooth_l1 are not supported).", "l2")

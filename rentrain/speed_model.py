@@ -516,7 +516,8 @@ def interconnect_efficiency(interconnect: Interconnect, gpus: int) -> ScalingEst
 
 def memory_fit(profile: JobProfile, vram_gb: float | None) -> tuple[float, str] | None:
     """(step-time factor, note) of the trainer's memory planning on a card of ``vram_gb`` (remote/trainer/
-    memory.py: micro-batches or checkpointing where the batch does not fit); None when nothing fits."""
+    memory.py: micro-batches or checkpointing where the batch does not fit, no checkpointing where the card holds
+    the activations without it); None when nothing fits."""
     from remote.trainer.memory import Setting, budget_from_device, footprint_for, plan_memory
 
     if profile.builtin_tiny or family_facts(profile.family).architecture is None or not vram_gb:
@@ -538,4 +539,5 @@ def memory_fit(profile: JobProfile, vram_gb: float | None) -> tuple[float, str] 
     if plan.setting == configured:
         return 1.0, ""
     how = " and ".join(plan.changes(configured, short=True))
-    return plan.relative_time, f"; x {plan.relative_time:.2f} to fit {vram_gb:g} GB ({how}, memory planning)"
+    why = "faster on" if plan.relative_time < 1 else "to fit"
+    return plan.relative_time, f"; x {plan.relative_time:.2f} {why} {vram_gb:g} GB ({how}, memory planning)"

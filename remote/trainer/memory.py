@@ -2,7 +2,8 @@
 
 The knobs, all of which train the same function: run each batch as several micro-batches (the batch's
 inputs and random draws are made once and sliced; each slice's loss is weighted by its share of the batch,
-so the gradient is the batch's), recompute activations in the backward pass (gradient checkpointing), and,
+so the gradient is the batch's), recompute activations in the backward pass (gradient checkpointing: on
+where the card needs it, off where the configuration asked for it and the card holds the activations), and,
 as a last resort, 8-bit AdamW state (AdamW8bit instead of AdamW). Batches, steps and the learning-rate
 schedule stay as configured. Text-encoder outputs are cached whenever the text encoders are not trained.
 
@@ -73,7 +74,8 @@ class Plan:
             head += " (it may not fit: this is the smallest setting)"
         if s == configured:
             return f"{head}; settings as configured"
-        return f"{head}; to fit: {', '.join(self.changes(configured))} (step time x{self.relative_time:.2f}, estimated)"
+        why = "faster" if self.relative_time < 1 else "to fit"
+        return f"{head}; {why}: {', '.join(self.changes(configured))} (step time x{self.relative_time:.2f}, estimated)"
 
     def changes(self, configured: Setting, short: bool = False) -> list[str]:
         s, changes = self.setting, []
@@ -86,6 +88,10 @@ class Plan:
             )
         if s.checkpointing and not configured.checkpointing:
             changes.append("gradient checkpointing" if short else "gradient checkpointing on")
+        if configured.checkpointing and not s.checkpointing:
+            changes.append(
+                "no gradient checkpointing" if short else "gradient checkpointing off (the card holds the activations)"
+            )
         if s.adam_8bit and not configured.adam_8bit:
             changes.append("8-bit AdamW state")
         return changes
@@ -125,13 +131,13 @@ def step_cost(footprint: Footprint, setting: Setting) -> float:
 
 
 def candidates(configured: Setting, allow_8bit: bool) -> list[Setting]:
-    """Every micro-batch size with and without checkpointing (configured checkpointing stays on), then the
-    same with 8-bit AdamW."""
+    """Every micro-batch size with and without checkpointing (whether or not the configuration asked for it:
+    it only trades time for memory), then the same with 8-bit AdamW."""
     found = []
     for adam_8bit in (False, True) if allow_8bit and not configured.adam_8bit else (configured.adam_8bit,):
         sizes = {Setting(configured.batch, m, False).largest_part for m in range(1, configured.batch + 1)}
         for size in sorted(sizes, reverse=True):
-            for checkpointing in (configured.checkpointing, True):
+            for checkpointing in (False, True):
                 setting = Setting(configured.batch, size, checkpointing, adam_8bit)
                 if setting not in found:
                     found.append(setting)

@@ -345,3 +345,9 @@ def test_flux_at_its_measured_settings_gets_the_measured_time_and_checkpointing_
     ):
         speed = seconds_per_step("H100 SXM", other)
         assert speed is not None and speed.kind == "modelled", other
+
+
+def test_checkpointing_asked_for_is_dropped_in_the_estimate_where_the_card_holds_the_activations():
+    factor, note = speed_model.memory_fit(flux(gradient_checkpointing=True), 80)
+    assert factor == pytest.approx(1 / 1.43, rel=0.01) and "faster on 80 GB (no gradient checkpointing" in note
+    assert speed_model.memory_fit(flux(gradient_checkpointing=True), 24) == (1.0, "")  # 24 GB needs it

@@ -83,7 +83,8 @@ def test_batches_split_evenly_into_the_fewest_parts():
     assert part_sizes(4, 3) == [2, 2] and part_sizes(5, 2) == [2, 2, 1] and part_sizes(7, 3) == [3, 2, 2]
     assert part_sizes(4, None) == [4] and part_sizes(4, 4) == [4] and part_sizes(3, 1) == [1, 1, 1]
     # micro-batch 3 of a batch of 4 would be 2 + 2 anyway: the candidates are the distinct even splits
-    assert [s.micro_batch for s in candidates(Setting(4, 4, True), allow_8bit=False)] == [4, 2, 1]
+    settings = candidates(Setting(4, 4, True), allow_8bit=False)
+    assert [(s.micro_batch, s.checkpointing) for s in settings] == [(m, c) for m in (4, 2, 1) for c in (False, True)]
 
 
 def test_a_too_large_batch_is_split_where_splitting_is_faster_than_checkpointing():
@@ -215,3 +216,15 @@ def test_the_clients_footprints_are_the_measured_architectures():
     assert footprint_for("sd15", 512 * 512, 32, False) == sd15(trains_te=False)
     assert footprint_for("sdxl", 1024 * 1024, 32, False) == sdxl()
     assert footprint_for("sdxl", 1024 * 1024, 16, False).lora_params == SDXL_LORA // 2
+
+
+def test_configured_checkpointing_is_dropped_where_the_card_holds_the_activations():
+    """Checkpointing trains the same function more slowly: asked for on a card with room, the plan runs without
+    it and says so; on a card without room, it stays."""
+    configured = Setting(2, 2, True)
+    roomy = plan_memory(sdxl(), configured, _card(80), allow_8bit=True)
+    assert roomy.setting == Setting(2, 2, False) and roomy.fits
+    assert roomy.relative_time == pytest.approx(1 / 1.37, rel=0.01)  # SDXL's measured checkpointing factor
+    assert "faster: gradient checkpointing off (the card holds the activations)" in roomy.describe(configured)
+    tight = plan_memory(sdxl(), configured, _card(12), allow_8bit=True)
+    assert tight.setting == configured and "settings as configured" in tight.describe(configured)
