@@ -14,6 +14,7 @@ The T5 tokenizer is the offline one the tests use (a small vocabulary): the enco
 
     python bench/flux_speed.py [--cases flux-1024,flux-512] [--cap-gib 24] [--steps 25] [--warmup 8]
     python bench/flux_speed.py --smoke      # a narrow two-block stand-in through the same path, on the CPU
+    python bench/flux_speed.py --cases flux-512 --patch compile_blocks --set gradient_checkpointing=false
 
 FLOP per step are bench/step_work.py --flux's counts (forward + backward, without the recompute of gradient
 checkpointing); % of peak is against train_speed.py's PEAK_BF16_TFLOPS of the GPU.
@@ -28,7 +29,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from train_speed import CLIP_L, Case, build_dataset, report, run_case, write_config
+from train_speed import CLIP_L, PATCHES, Case, build_dataset, parse_override, report, run_case, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -136,7 +137,11 @@ def main() -> int:
     parser.add_argument("--cap-gib", type=float, default=24.0, help="act like a card of this size (0: no cap)")
     parser.add_argument("--smoke", action="store_true", help="the narrow stand-in, 64px, 4 steps (CPU is fine)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--patch", dest="patches", action="append", default=[], choices=sorted(PATCHES))
     args = parser.parse_args()
+    overrides = dict(parse_override(item) for item in args.overrides)
+    label = ", ".join([f"{k}={v}" for k, v in overrides.items()] + args.patches)
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
@@ -144,6 +149,8 @@ def main() -> int:
     results = []
     for key in args.cases.split(","):
         case = CASES[key]
+        if label:
+            case = replace(case, name=f"{case.name} [{label}]", extra={**case.extra, **overrides})
         steps, warmup = args.steps, args.warmup
         if args.smoke:
             case, steps, warmup = replace(case, name=f"{case.name} [smoke]", resolution=64, flop=None), 4, 1
@@ -151,7 +158,7 @@ def main() -> int:
         output = args.workdir / f"out-{key}-{int(time.time())}"
         config = write_config(args.workdir / f"{key}.toml", case, model, dataset, output, steps)
         cap = args.cap_gib if torch.cuda.is_available() else 0  # a memory cap needs a GPU
-        result = run_case(case, config, warmup, cap or None, gpu)
+        result = run_case(case, config, warmup, cap or None, gpu, tuple(args.patches))
         print(f"{key}: {result}", file=sys.stderr, flush=True)
         results.append(result)
     return report(results, args.json)

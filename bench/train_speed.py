@@ -288,6 +288,17 @@ PATCHES = {
         "    return run\n"
         "L.setup = setup_compiled"
     ),
+    # torch.compile of each Flux.1 transformer block (inductor, default mode; blocks of a kind share the code)
+    "compile_blocks": (
+        "_setup_plain = L.setup\n"
+        "def setup_block_compiled(*a, **k):\n"
+        "    run = _setup_plain(*a, **k)\n"
+        "    for name in ('transformer_blocks', 'single_transformer_blocks'):\n"
+        "        for block in getattr(run.bundle.unet, name, []):\n"
+        "            block.compile()\n"
+        "    return run\n"
+        "L.setup = setup_block_compiled"
+    ),
 }
 
 
