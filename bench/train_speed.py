@@ -288,6 +288,10 @@ PATCHES = {
         "    return run\n"
         "L.setup = setup_compiled"
     ),
+    # an 8-bit base upcast by PyTorch's cast and multiplication, not float8.py's one Triton kernel a layer
+    "plain_upcast": (
+        "import remote.trainer.speed as SP\nSP.use_fused_upcast = lambda model, device, dtype: (0, 'bench patch')"
+    ),
     # torch.compile of each Flux.1 transformer block (inductor, default mode; blocks of a kind share the code)
     "compile_blocks": (
         "_setup_plain = L.setup\n"

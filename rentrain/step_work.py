@@ -145,8 +145,9 @@ FAMILY_WORK: dict[str, FamilyWork] = {
 }
 
 
-# remote/trainer/float8.py's upcast in bf16: a cast (read 1 byte, write 2), then the row scale (read 2, write 2),
-# three kernels with the scale's own cast
+# remote/trainer/float8.py's plain upcast in bf16, which the measured Flux.1 runs used: a cast (read 1 byte, write 2),
+# then the row scale (read 2, write 2), three kernels with the scale's own cast. On CUDA the trainer now upcasts
+# in one Triton kernel (read 1, write 2), not yet measured: these stay the measured runs' until a run measures it.
 FP8_UPCAST_BYTES_PER_PARAM = 7
 FP8_KERNELS_PER_UPCAST = 3
 FP8_UPCASTS_PER_STEP = 2  # forward and backward (checkpointing's recompute is in its step-time factor)

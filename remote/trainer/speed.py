@@ -4,6 +4,7 @@
   GroupNorm would then copy each activation back to NCHW and forth, so the denoiser's GroupNorms run as
   channels_last Triton kernels (group_norm.py).
 - fused LoRA layers on flat buffers, their off-chain products on a side stream (lora_fused.py).
+- an 8-bit base's upcasts (float8.py) as one Triton kernel per layer instead of a cast and a multiplication.
 - CUDA graphs of each step's forward and backward, one per batch shape, and of the optimizer step
   (graphs.py).
 - overlapped host work: the loop prepares and queues the next step before it reads the loss of the one
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .float8 import use_fused_upcast
 from .graphs import OptimizerGraph, StepGraphs, StepInputs
 from .group_norm import use_channels_last_group_norm
 from .lora import LoRANetwork
@@ -67,7 +69,8 @@ class FastPath:
         return self.cuda_graphs
 
     def prepare_denoiser(self, denoiser: torch.nn.Module, dtype: torch.dtype) -> None:
-        """channels_last weights, and GroupNorm kernels that keep activations channels_last (CUDA only)."""
+        """channels_last weights, GroupNorm kernels that keep activations channels_last, and the 8-bit layers'
+        one-kernel upcast (CUDA only)."""
         if not self.on_cuda:
             return
         denoiser.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # nn.Module.to's overloads omit it
@@ -76,6 +79,11 @@ class FastPath:
             self.choices.append(f"GroupNorm: the UNet's {group_norms} layers run channels_last (Triton kernels)")
         elif note:
             self.choices.append(f"GroupNorm: PyTorch's, with a layout copy before and after each; {note}")
+        upcasts, note = use_fused_upcast(denoiser, self.device, dtype)
+        if upcasts:
+            self.choices.append(f"8-bit upcast: one Triton kernel a call for each of the {upcasts} layers")
+        elif note:
+            self.choices.append(f"8-bit upcast: PyTorch's cast and multiplication; {note}")
 
     def flat_buffers(self, network: LoRANetwork, dtype: torch.dtype) -> FlatBuffers:
         """The LoRA on flat buffers (always: the optimizer and clipping use them), fused into its targets on the
