@@ -14,7 +14,8 @@ The T5 tokenizer is the offline one the tests use (a small vocabulary): the enco
 
     python bench/flux_speed.py [--cases flux-1024,flux-512] [--cap-gib 24] [--steps 25] [--warmup 8]
     python bench/flux_speed.py --smoke      # a narrow two-block stand-in through the same path, on the CPU
-    python bench/flux_speed.py --cases flux-512 --patch compile_blocks --set gradient_checkpointing=false
+    python bench/flux_speed.py --cases flux-512 --patch compile_blocks     # an experiment patch (train_speed.py's)
+    python bench/flux_speed.py --cases flux-512 --cap-gib 0 --set gradient_checkpointing=false  # no cap, no recompute
 
 FLOP per step are bench/step_work.py --flux's counts (forward + backward, without the recompute of gradient
 checkpointing); % of peak is against train_speed.py's PEAK_BF16_TFLOPS of the GPU.

@@ -343,7 +343,11 @@ class TrainConfig(BaseModel):
         "Keep only the last n epoch checkpoints on the instance.", None, ge=1, le=MAX_EPOCHS
     )
     save_model_as: str = _training("Only safetensors.", "safetensors")
-    gradient_checkpointing: bool = _training("Recompute activations in backward to save memory.", False)
+    gradient_checkpointing: bool = _training(
+        "Recompute activations in backward to save memory. With fit_memory, rentrain turns it on where the card "
+        "needs it and off where the card holds the activations without it (measured families only).",
+        False,
+    )
     cuda_graphs: bool = _training(
         "On NVIDIA GPUs, replay each step's forward and backward as a CUDA graph, one per batch shape "
         "(several times faster; rentrain's own key). false: plain eager steps.",

@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field, computed_field
 
 from providers.base import Offer
 from rentrain.figures import Figure
+from rentrain.gpu_specs import GPU_SPECS
 from rentrain.history import PER_IMAGE_PHASES, PER_SAMPLE_PHASES
 from rentrain.job_profile import JobProfile, steps_on
 from rentrain.setup_time import bandwidth_usd, setup_seconds, transfer_gb
@@ -119,6 +120,13 @@ def _jobs(count: int) -> str:
     return f"{count} job" + ("s" if count != 1 else "")
 
 
+def _planned_alike(profile: JobProfile, offer: Offer, fit: tuple[float, str]) -> bool:
+    """Whether the trainer plans these settings on this offer's card as on every card of its model (each memory
+    size the GPU table knows): the history's runs ran on one of them, and ran the same setting."""
+    sizes = {spec.vram_gb for spec in GPU_SPECS if spec.model == offer.gpu_model}
+    return all(memory_fit(profile, size) == fit for size in sizes)
+
+
 def training_estimate(profile: JobProfile, offer: Offer, history: JobHistory | None = None) -> JobEstimate | None:
     """The training part alone: steps and step time on the offer's GPUs; no setup and no money yet
     (with_setup adds them)."""
@@ -126,7 +134,7 @@ def training_estimate(profile: JobProfile, offer: Offer, history: JobHistory | N
     if fit is None:
         return None
     known = history.speed(offer.gpu_model, profile, offer.gpu_count) if history else None
-    if known is not None and fit[0] == 1.0:  # the settings fit this card as configured: as they ran before
+    if known is not None and _planned_alike(profile, offer, fit):  # as the earlier runs of these settings ran
         return _from_history(profile, offer, known)
     speed = seconds_per_step(offer.gpu_model, profile, offer.vram_gb)
     if speed is None:

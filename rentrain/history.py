@@ -135,6 +135,8 @@ def settings_key(profile: JobProfile) -> str:
     ]
     if profile.fp8_base:
         parts.append("fp8")
+    if not profile.fit_memory:
+        parts.append("as-configured")  # the memory planner off: the card's plan does not apply
     return "/".join(parts)
 
 

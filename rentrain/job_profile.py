@@ -30,6 +30,7 @@ class JobProfile(BaseModel):
     batch_size: int = 1
     resolution: tuple[int, int] = (512, 512)
     gradient_checkpointing: bool = False
+    fit_memory: bool = True  # the trainer's memory planning (remote/trainer/memory.py) picks the card's setting
     gradient_accumulation_steps: int = 1
     network_dim: int = 32
     trains_text_encoder: bool = False
@@ -128,6 +129,7 @@ def profile_from_check(train: TrainConfig, report: DatasetReport) -> JobProfile:
         batch_size=train.batch_size,
         resolution=train.resolution,
         gradient_checkpointing=train.gradient_checkpointing,
+        fit_memory=train.fit_memory,
         gradient_accumulation_steps=train.gradient_accumulation_steps,
         network_dim=train.network_dim,
         trains_text_encoder=train.trains_text_encoder,

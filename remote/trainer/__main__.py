@@ -108,8 +108,8 @@ def _train_and_report(cfg: TrainConfig, writer: EventWriter, resume: str | None)
         writer.emit(
             ErrorEvent(
                 kind="out_of_memory",
-                message=f"{exc}. Lower batch_size or network_dim, or set gradient_checkpointing = true "
-                'or mixed_precision = "bf16"',
+                message=f"{exc}. Lower batch_size or network_dim, or set gradient_checkpointing = true with "
+                'fit_memory = false (the memory plan may have turned it off), or mixed_precision = "bf16"',
             )
         )
         return 3

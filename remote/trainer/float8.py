@@ -63,10 +63,11 @@ if triton is not None:
         inside = columns < cols
         code = tl.load(CODES + row * cols + columns, mask=inside, other=0).to(tl.int32)
         exponent = (code >> 3) & 15
-        mantissa = (code & 7).to(tl.float32)
-        normal = (8.0 + mantissa) * tl.exp2((exponent - 10).to(tl.float32))  # (1 + m/8) * 2^(e - 7)
-        subnormal = mantissa * 0.001953125  # m/8 * 2^-6
+        # a normal code as float32 bits: exponent re-biased from 7 to 127, the 3 mantissa bits on top of 23
+        normal = (((exponent + 120) << 23) | ((code & 7) << 20)).to(tl.float32, bitcast=True)
+        subnormal = (code & 7).to(tl.float32) * 0.001953125  # m/8 * 2^-6
         magnitude = tl.where(exponent == 0, subnormal, normal)
+        magnitude = tl.where((code & 127) == 127, float("nan"), magnitude)  # e4m3fn's only NaN codes
         value = tl.where((code & 128) != 0, -magnitude, magnitude) * tl.load(SCALE + row)
         if BF16:
             bits = value.to(tl.int32, bitcast=True)
@@ -79,6 +80,7 @@ if triton is not None:
 def fused_dequantize(weight8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``dequantize`` in one Triton kernel: float8 x float32 scale, rounded once to ``dtype``."""
     rows, cols = weight8.shape
+    weight8 = weight8.contiguous()  # the kernel reads row after row
     out = torch.empty((rows, cols), device=weight8.device, dtype=dtype)
     grid = (rows, triton.cdiv(cols, UPCAST_BLOCK))
     bf16 = dtype == torch.bfloat16
@@ -173,8 +175,9 @@ def _upcast_trial(device: torch.device, dtype: torch.dtype) -> None:
     ``dtype`` (Triton needs a C compiler on the machine for its launcher)."""
     codes = torch.arange(256, dtype=torch.uint8).view(FLOAT8)
     codes = codes[~torch.isnan(codes.float())]
-    weight8 = codes.repeat(3, 9)[:, : UPCAST_BLOCK + 7].contiguous().to(device)
-    scale = torch.tensor([[1.0], [3.0e-3], [1.7e-6]], device=device)
+    weight8 = codes.repeat(4, 9)[:, : UPCAST_BLOCK + 7].contiguous().to(device)
+    # 1 + 2^-8 puts many products exactly halfway between two bf16 values: ties must round to even
+    scale = torch.tensor([[1.0], [1.00390625], [3.0e-3], [1.7e-6]], device=device)
     ours = fused_dequantize(weight8, scale, dtype)
     expected = (weight8.float() * scale).to(dtype)
     if not torch.equal(ours, expected):

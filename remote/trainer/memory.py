@@ -7,10 +7,11 @@ where the card needs it, off where the configuration asked for it and the card h
 as a last resort, 8-bit AdamW state (AdamW8bit instead of AdamW). Batches, steps and the learning-rate
 schedule stay as configured. Text-encoder outputs are cached whenever the text encoders are not trained.
 
-Estimates are measured, not derived (bench/RESULTS.md, "Memory planning"): a run's peak is the weights it
-keeps on the GPU, the LoRA with its gradients and optimizer state, and activations proportional to the
-micro-batch's pixels. Step-time costs come from the same measurements. Estimates err on the high side; a
-run that fits its estimate has been measured to fit.
+Estimates are measured for SD 1.x/2.x and SDXL (bench/RESULTS.md, "Memory planning"), derived for Flux.1
+(families/facts.py): a run's peak is the weights it keeps on the GPU, the LoRA with its gradients and optimizer
+state, and activations proportional to the micro-batch's pixels. Step-time costs come from the same
+measurements. Estimates err on the high side; a run that fits its estimate has been measured to fit, and
+configured checkpointing is only turned off where the activations without it were measured.
 """
 
 from __future__ import annotations
@@ -130,14 +131,16 @@ def step_cost(footprint: Footprint, setting: Setting) -> float:
     return time * (profile.checkpointing_factor if setting.checkpointing else 1.0)
 
 
-def candidates(configured: Setting, allow_8bit: bool) -> list[Setting]:
+def candidates(configured: Setting, allow_8bit: bool, may_drop_checkpointing: bool = True) -> list[Setting]:
     """Every micro-batch size with and without checkpointing (whether or not the configuration asked for it:
-    it only trades time for memory), then the same with 8-bit AdamW."""
+    it only trades time for memory; configured checkpointing stays on unless ``may_drop_checkpointing``), then
+    the same with 8-bit AdamW."""
     found = []
+    keep = configured.checkpointing and not may_drop_checkpointing
     for adam_8bit in (False, True) if allow_8bit and not configured.adam_8bit else (configured.adam_8bit,):
         sizes = {Setting(configured.batch, m, False).largest_part for m in range(1, configured.batch + 1)}
         for size in sorted(sizes, reverse=True):
-            for checkpointing in (False, True):
+            for checkpointing in (True,) if keep else (False, True):
                 setting = Setting(configured.batch, size, checkpointing, adam_8bit)
                 if setting not in found:
                     found.append(setting)
@@ -148,7 +151,7 @@ def plan_memory(footprint: Footprint, configured: Setting, budget_gib: float, al
     """The fastest setting estimated to fit ``budget_gib``; 8-bit AdamW only when nothing else fits. When
     nothing fits, the smallest."""
     base = step_cost(footprint, configured)
-    options = candidates(configured, allow_8bit)
+    options = candidates(configured, allow_8bit, PROFILES[footprint.family].plain_activations_measured)
     fitting = [s for s in options if estimate_gib(footprint, s) <= budget_gib]
     if fitting:
         plain = [s for s in fitting if s.adam_8bit == configured.adam_8bit] or fitting

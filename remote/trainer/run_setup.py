@@ -264,8 +264,8 @@ def _place_models(
 def checkpoint_options(model: torch.nn.Module) -> dict[str, bool]:
     """torch.utils.checkpoint's options for ``model``: non-reentrant, and the RNG state saved for the recompute
     only when the model draws random numbers (a dropout with p > 0, as a module or in its config). Saving it
-    reads the CUDA generator's state, which CUDA graph capture refuses (pytorch/pytorch#162504): with it, no
-    step that checkpoints (Flux.1's always do) could run as a graph."""
+    reads the CUDA generator's state, which does not mix with CUDA graph capture (pytorch/pytorch#162504), and
+    nothing needs it when the model draws no random numbers."""
     modules = any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
     # transformers' attention applies its dropout as a function, from the config
     config = getattr(model, "config", None)

@@ -363,6 +363,16 @@ def test_the_phases_that_grow_with_the_job_take_the_history_rate_not_its_seconds
     assert estimate.setup_seconds["samples"] == pytest.approx(8.0 / 4 * 2)
 
 
+def test_history_prices_a_card_the_planner_changes_the_same_way_on_every_size(tmp_path: Path) -> None:
+    # checkpointing asked for (the template's config) is dropped on every RTX 4090: the earlier run ran so too
+    checkpointed = PROFILE.model_copy(update={"gradient_checkpointing": True})
+    ledger = _ledger_with_jobs(tmp_path, "j1")
+    ledger.record_run(_run("j1", seconds_per_step=0.5, settings_key=settings_key(checkpointed)))
+    offer = OFFER.model_copy(update={"gpu_model": "RTX 4090", "provider": "vast", "vram_gb": 24.0})
+    estimate = estimate_job(checkpointed, offer, JobHistory.of(ledger))
+    assert estimate is not None and estimate.speed_kind == "measured" and estimate.seconds_per_step == 0.5
+
+
 def test_history_never_prices_a_card_the_job_does_not_fit(tmp_path: Path) -> None:
     ledger = _ledger_with_jobs(tmp_path, "j1")
     ledger.record_run(_run("j1", seconds_per_step=0.5))

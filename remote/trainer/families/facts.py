@@ -26,6 +26,9 @@ class FamilyProfile:
     checkpointing_factor: float
     pixels_per_token: int = 1
     text_tokens: int = 0
+    # whether a run measured the activations without checkpointing: only then may the planner turn configured
+    # checkpointing off (a derived figure that is too low would run the card out of memory)
+    plain_activations_measured: bool = True
 
     def tokens(self, pixels: int) -> float:
         return pixels / self.pixels_per_token + self.text_tokens
@@ -70,13 +73,26 @@ _SD_MEMORY = FamilyProfile(512 * 512, 1.04, 0.28, 5.7, 13.4, 1.59)
 # Flux.1 [dev]'s files, GB as the Hugging Face file lists give them (download_source)
 _FLUX_PARTS_GB = {"model": 23.8, "t5xxl": 9.79, "clip_l": 0.246, "ae": 0.335}
 
-# Flux.1: ASSUMED, not measured (no run has measured it). Activations per 1024px sample, from the tensors autograd
+# Flux.1: derived. The checkpointed peak was then measured on an H100 (bench/RESULTS.md, tenth session): 15.14 GiB
+# at 1024px against 15.4 estimated, 13.72 at 512px against 13.5 (within the 1.5 GiB headroom); without
+# checkpointing no run has measured it, so the planner never turns configured checkpointing off (below).
+# Activations per 1024px sample, from the tensors autograd
 # keeps, counted on the meta device (bench/step_work.py --flux: 33.30 GiB in all; 1.50 GiB of block inputs; 0.64
 # GiB for the largest block), by the rule: peak = what is kept + the largest block's activations and their
 # gradients (2 x 0.64); checkpointed per block = the blocks' inputs + the same (1.50 + 1.28). Step time: the
 # speed model's H100 figure for 1024px (rentrain.step_work: 40 ms of kernels a step, 540 ms a sample).
 # Checkpointing factor: 1 + the forward's share of the step's FLOPs (74.8 of 172.2 TFLOP), recomputed.
-_FLUX_MEMORY = FamilyProfile(1024 * 1024, 34.6, 2.78, 40.0, 540.0, 1.43, pixels_per_token=16 * 16, text_tokens=512)
+_FLUX_MEMORY = FamilyProfile(
+    1024 * 1024,
+    34.6,
+    2.78,
+    40.0,
+    540.0,
+    1.43,
+    pixels_per_token=16 * 16,
+    text_tokens=512,
+    plain_activations_measured=False,
+)
 
 FAMILIES: dict[str, FamilyFacts] = {
     "sd15": FamilyFacts(
