@@ -4,6 +4,7 @@
     python bench/step_work.py --flux         # Flux.1's parameters, activations, and the scaling rule checked
     python bench/step_work.py --inference    # the diffusers benchmark's UNet call (docs/costs.md)
     python bench/step_work.py --predict      # the model's H100 / H200 times for bench/train_speed.py's runs
+    python bench/step_work.py --by-op flux   # a family's reference step: the other kernels' bytes by operation
 
 For each case it builds the full-size SD 1.5 or SDXL UNet (and text encoders) on PyTorch's meta device (shapes
 only, no memory, no arithmetic), puts the trainer's LoRA on them (kohya's module set, fused layers, flat
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,7 @@ class Work:
     matrix_bytes: float  # the matrix operations' own reads and writes (not in the model)
     kernels: int
     lora_params: int
+    other_by_op: dict[str, tuple[int, int]] = field(default_factory=dict)  # operation: (bytes, calls)
 
 
 def cases(family: str) -> list[Case]:
@@ -164,9 +166,14 @@ class Counter:
                     counter.matrix_bytes += moved
                 else:
                     counter.other_bytes += moved
+                    name = func.overloadpacket.__name__
+                    counter.other_by_op[name] = counter.other_by_op.get(name, 0) + moved
+                    counter.calls_by_op[name] = counter.calls_by_op.get(name, 0) + 1
                 return out
 
         self.other_bytes = 0
+        self.other_by_op: dict[str, int] = {}  # the other kernels' bytes, by operation
+        self.calls_by_op: dict[str, int] = {}
         self.matrix_bytes = 0
         self.kernels = 0
         self.attention_ops = {p for p in flop_registry if "attention" in str(p)}
@@ -258,6 +265,7 @@ def count(case: Case) -> Work:
         matrix_bytes=float(counter.matrix_bytes),
         kernels=counter.kernels,
         lora_params=lora_params,
+        other_by_op={op: (n, counter.calls_by_op[op]) for op, n in counter.other_by_op.items()},
     )
 
 
@@ -414,6 +422,7 @@ def count_flux(case: Case, resolution: int) -> FluxCount:
         matrix_bytes=float(counter.matrix_bytes),
         kernels=counter.kernels,
         lora_params=lora.param_count,
+        other_by_op={op: (n, counter.calls_by_op[op]) for op, n in counter.other_by_op.items()},
     )
     return FluxCount(
         work=work,
@@ -515,6 +524,18 @@ def predict() -> None:
         print(f"| {case} | {cells[0]} | {cells[1]} |")
 
 
+def by_op(family: str, top: int = 16) -> None:
+    """The reference step's non-matrix kernels by operation, largest first: where its memory traffic goes."""
+    case = cases(family)[0]
+    work = count(case)
+    other = sum(n for n, _ in work.other_by_op.values())
+    print(f"{label(case)}: {other / 1e9:.1f} GB moved by the other kernels ({work.kernels:,} kernels in all)")
+    print("| operation | GB | share | calls |\n|---|---|---|---|")
+    ranked = sorted(work.other_by_op.items(), key=lambda item: -item[1][0])
+    for name, (moved, calls) in ranked[:top]:
+        print(f"| {name} | {moved / 1e9:.1f} | {moved / other:.0%} | {calls:,} |")
+
+
 def label(case: Case) -> str:
     resolution = REFERENCE[case.family][0]
     parts = "UNet+TE" if case.text_encoder else "UNet only"
@@ -584,7 +605,15 @@ def main() -> int:
     parser.add_argument(
         "--predict", action="store_true", help="only the model's H100 / H200 step times for train_speed.py's runs"
     )
+    parser.add_argument(
+        "--by-op",
+        choices=["sd15", "sdxl", "flux"],
+        help="only this family's reference step: the other kernels' bytes and calls, by operation",
+    )
     args = parser.parse_args()
+    if args.by_op:
+        by_op(args.by_op)
+        return 0
     if args.predict:
         predict()
         return 0
