@@ -292,6 +292,10 @@ PATCHES = {
     "plain_upcast": (
         "import remote.trainer.speed as SP\nSP.use_fused_upcast = lambda model, device, dtype: (0, 'bench patch')"
     ),
+    # Flux.1's rotary embedding by diffusers' own float32 steps, not rotary.py's kernel
+    "plain_rotary": (
+        "import remote.trainer.speed as SP\nSP.use_fused_rotary = lambda model, device, dtype: (False, 'bench patch')"
+    ),
     # torch.compile of each Flux.1 transformer block (inductor, default mode; blocks of a kind share the code)
     "compile_blocks": (
         "_setup_plain = L.setup\n"

@@ -5,6 +5,7 @@
   channels_last Triton kernels (group_norm.py).
 - fused LoRA layers on flat buffers, their off-chain products on a side stream (lora_fused.py).
 - an 8-bit base's upcasts (float8.py) as one Triton kernel per layer instead of a cast and a multiplication.
+- Flux.1's rotary position embedding as one Triton kernel each way (rotary.py).
 - CUDA graphs of each step's forward and backward, one per batch shape, and of the optimizer step
   (graphs.py).
 - overlapped host work: the loop prepares and queues the next step before it reads the loss of the one
@@ -31,6 +32,7 @@ from .group_norm import use_channels_last_group_norm
 from .lora import LoRANetwork
 from .lora_fused import FlatBuffers
 from .optim import is_graphable, why_not_graphable
+from .rotary import use_fused_rotary
 
 SWITCH = "RENTRAIN_FAST_PATH"
 
@@ -84,6 +86,11 @@ class FastPath:
             self.choices.append(f"8-bit upcast: one Triton kernel a call for each of the {upcasts} layers")
         elif note:
             self.choices.append(f"8-bit upcast: PyTorch's cast and multiplication; {note}")
+        rotary, note = use_fused_rotary(denoiser, self.device, dtype)
+        if rotary:
+            self.choices.append("rotary embedding: one Triton kernel each way (q and k of every block)")
+        elif note:
+            self.choices.append(f"rotary embedding: diffusers' float32 steps; {note}")
 
     def flat_buffers(self, network: LoRANetwork, dtype: torch.dtype) -> FlatBuffers:
         """The LoRA on flat buffers (always: the optimizer and clipping use them), fused into its targets on the
