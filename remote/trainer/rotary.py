@@ -4,8 +4,9 @@ diffusers' ``apply_rotary_emb`` (the interleaved-pairs form Flux.1 uses) casts q
 rotated copy with a negation and a stack, multiplies both by cos and sin and adds them: about 50 bytes moved per
 element, over the 24 heads x 128 channels of every token, for q and k of each of the 57 blocks.
 ``bench/step_work.py --by-op flux`` counts it at about a sixth of the step's non-matrix traffic, its backward as
-much again. Here each output element is computed in float32 registers from its input, its pair partner, and
-the position's cos and sin, and rounded once: 4 bytes moved per bf16 element.
+much again (PyTorch's RMSNorm beside it is already one fused kernel on CUDA). Here each output element is
+computed in float32 registers from its input, its pair partner, and the position's cos and sin, and rounded
+once: 4 bytes moved per bf16 element.
 
 For a pair (x0, x1) at channels 2i, 2i+1 the forward is (x0 c0 - x1 s0, x1 c1 + x0 s1), as diffusers computes
 it; the backward is the transpose, (g0 c0 + g1 s1, g1 c1 - g0 s0): the same kernel with the sine taken from
