@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernel_trial import trial_failure
+
 try:
     import triton
     import triton.language as tl
@@ -193,14 +195,9 @@ def use_fused_upcast(model: nn.Module, device: torch.device, dtype: torch.dtype)
         return 0, None
     if triton is None:
         return 0, "Triton is not installed"
-    try:
-        _upcast_trial(device, dtype)
-    except Exception as exc:
-        if "CUDA error" in str(exc) or type(exc).__name__ == "AcceleratorError":
-            raise  # the device itself failed: nothing after this would run either
-        message = str(exc).strip()
-        reason = message.splitlines()[0][:200] if message else ""
-        return 0, f"the Triton kernel did not run here ({type(exc).__name__}: {reason})"
+    failure = trial_failure(lambda: _upcast_trial(device, dtype), "kernel")
+    if failure:
+        return 0, failure
     for layer in layers:
         layer.upcast = fused_dequantize  # this layer only
     return len(layers), None

@@ -25,6 +25,8 @@ from types import MethodType
 import torch
 from torch import nn
 
+from .kernel_trial import trial_failure
+
 try:
     import triton
     import triton.language as tl
@@ -270,14 +272,9 @@ def use_channels_last_group_norm(model: nn.Module, device: torch.device, dtype: 
     ``device`` in ``dtype``. Returns (layers routed, why none were)."""
     if triton is None:
         return 0, "Triton is not installed"
-    try:
-        _trial(device, dtype)
-    except Exception as exc:
-        if "CUDA error" in str(exc) or type(exc).__name__ == "AcceleratorError":
-            raise  # the device itself failed: nothing after this would run either
-        message = str(exc).strip()
-        reason = message.splitlines()[0][:200] if message else ""
-        return 0, f"the Triton kernels did not run here ({type(exc).__name__}: {reason})"
+    failure = trial_failure(lambda: _trial(device, dtype))
+    if failure:
+        return 0, failure
     routed = 0
     for module in model.modules():
         if type(module) is nn.GroupNorm:

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from .kernel_trial import trial_failure
+
 try:
     import triton
     import triton.language as tl
@@ -144,13 +146,8 @@ def use_fused_rotary(denoiser: torch.nn.Module, device: torch.device, dtype: tor
     module = sys.modules[FLUX_MODULE]
     current = getattr(module, "apply_rotary_emb")  # noqa: B009  (a name the type checker cannot see)
     original = getattr(current, "original", current)
-    try:
-        _trial(device, dtype, original)
-    except Exception as exc:
-        if "CUDA error" in str(exc) or type(exc).__name__ == "AcceleratorError":
-            raise  # the device itself failed: nothing after this would run either
-        message = str(exc).strip()
-        reason = message.splitlines()[0][:200] if message else ""
-        return False, f"the Triton kernels did not run here ({type(exc).__name__}: {reason})"
+    failure = trial_failure(lambda: _trial(device, dtype, original))
+    if failure:
+        return False, failure
     setattr(module, "apply_rotary_emb", fused_apply_rotary_emb(original))  # noqa: B010
     return True, None
