@@ -66,7 +66,27 @@ _H200 = (
     "bench/RESULTS.md 2026-11-29 (fourth session): H200, CUDA graphs, bf16, fused LoRA layers, channels_last "
     "GroupNorm kernels, overlapped steps"
 )
-_H100 = "bench/RESULTS.md 2026-12-05 ({}): H100 80GB HBM3, the locked versions (constraints.txt)"
+_H100 = "bench/RESULTS.md {}: H100 80GB HBM3, the locked versions (constraints.txt)"
+_FIFTH, _SIXTH = (_H100.format(f"2026-12-05 ({n} session)") for n in ("fifth", "sixth"))
+
+
+def _flux_h100(resolution: int, seconds: float) -> MeasuredStep:
+    """bench/flux_speed.py's run of kohya's Flux.1 recipe (dim 16, 8-bit base, checkpointed) on the H100."""
+    source = f"Flux.1 [dev] {resolution}px b1, dim 16, 8-bit base, checkpointed: {seconds * 1000:.1f} ms"
+    return MeasuredStep(
+        "H100 SXM",
+        "flux",
+        resolution,
+        1,
+        False,
+        seconds,
+        f"{_H100.format('2026-12-06 (tenth session)')}; {source}",
+        rank=16,
+        fp8_base=True,
+        checkpointed=True,
+    )
+
+
 MEASURED_STEPS: tuple[MeasuredStep, ...] = (
     MeasuredStep("H200", "sd15", 512, 4, True, 0.0385, f"{_H200}; SD 1.5 512px b4, UNet + TE: 38.5 ms (after review)"),
     MeasuredStep("H200", "sd15", 512, 4, False, 0.0351, f"{_H200}; SD 1.5 512px b4, UNet only: 35.1 ms"),
@@ -78,11 +98,9 @@ MEASURED_STEPS: tuple[MeasuredStep, ...] = (
         4,
         True,
         0.0401,
-        _H100.format("fifth session") + "; SD 1.5 512px b4, UNet + TE: 40.1 ms",
+        _FIFTH + "; SD 1.5 512px b4, UNet + TE: 40.1 ms",
     ),
-    MeasuredStep(
-        "H100 SXM", "sdxl", 1024, 2, False, 0.1199, _H100.format("fifth session") + "; SDXL 1024px b2, UNet: 119.9 ms"
-    ),
+    MeasuredStep("H100 SXM", "sdxl", 1024, 2, False, 0.1199, _FIFTH + "; SDXL 1024px b2, UNet: 119.9 ms"),
     MeasuredStep(
         "H100 SXM",
         "sd15",
@@ -90,7 +108,7 @@ MEASURED_STEPS: tuple[MeasuredStep, ...] = (
         1,
         True,
         0.0196,
-        _H100.format("sixth session") + "; SD 1.5 512px b1, UNet + TE: 19.6 ms",
+        _SIXTH + "; SD 1.5 512px b1, UNet + TE: 19.6 ms",
     ),
     MeasuredStep(
         "H100 SXM",
@@ -99,38 +117,11 @@ MEASURED_STEPS: tuple[MeasuredStep, ...] = (
         2,
         True,
         0.0547,
-        _H100.format("sixth session") + "; SD 1.5 768px b2, UNet + TE: 54.7 ms",
+        _SIXTH + "; SD 1.5 768px b2, UNet + TE: 54.7 ms",
     ),
-    MeasuredStep(
-        "H100 SXM", "sdxl", 1024, 2, False, 0.1201, _H100.format("sixth session") + "; SDXL 1024px b2, UNet: 120.1 ms"
-    ),
-    MeasuredStep(
-        "H100 SXM", "sdxl", 1024, 1, False, 0.0775, _H100.format("sixth session") + "; SDXL 1024px b1, UNet: 77.5 ms"
-    ),
-    MeasuredStep(
-        "H100 SXM",
-        "flux",
-        1024,
-        1,
-        False,
-        0.9710,
-        _H100.format("tenth session") + "; Flux.1 [dev] 1024px b1, dim 16, 8-bit base, checkpointed: 971.0 ms",
-        rank=16,
-        fp8_base=True,
-        checkpointed=True,
-    ),
-    MeasuredStep(
-        "H100 SXM",
-        "flux",
-        512,
-        1,
-        False,
-        0.4316,
-        _H100.format("tenth session") + "; Flux.1 [dev] 512px b1, dim 16, 8-bit base, checkpointed: 431.6 ms",
-        rank=16,
-        fp8_base=True,
-        checkpointed=True,
-    ),
+    MeasuredStep("H100 SXM", "sdxl", 1024, 2, False, 0.1201, _SIXTH + "; SDXL 1024px b2, UNet: 120.1 ms"),
+    MeasuredStep("H100 SXM", "sdxl", 1024, 1, False, 0.0775, _SIXTH + "; SDXL 1024px b1, UNet: 77.5 ms"),
+    *(_flux_h100(px, seconds) for px, seconds in ((1024, 0.9710), (512, 0.4316))),
 )
 MEASURED_SPREAD = Figure(
     0.05,
