@@ -71,26 +71,34 @@ class FastPath:
         return self.cuda_graphs
 
     def prepare_denoiser(self, denoiser: torch.nn.Module, dtype: torch.dtype) -> None:
-        """channels_last weights, GroupNorm kernels that keep activations channels_last, and the 8-bit layers'
-        one-kernel upcast (CUDA only)."""
+        """channels_last weights, and the Triton kernels that take over layers of the denoiser once their trial
+        passed: channels_last GroupNorm, the 8-bit layers' upcast, Flux.1's rotary embedding (CUDA only)."""
         if not self.on_cuda:
             return
         denoiser.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # nn.Module.to's overloads omit it
-        group_norms, note = use_channels_last_group_norm(denoiser, self.device, dtype)
-        if group_norms:
-            self.choices.append(f"GroupNorm: the UNet's {group_norms} layers run channels_last (Triton kernels)")
-        elif note:
-            self.choices.append(f"GroupNorm: PyTorch's, with a layout copy before and after each; {note}")
-        upcasts, note = use_fused_upcast(denoiser, self.device, dtype)
-        if upcasts:
-            self.choices.append(f"8-bit upcast: one Triton kernel a call for each of the {upcasts} layers")
-        elif note:
-            self.choices.append(f"8-bit upcast: PyTorch's cast and multiplication; {note}")
-        rotary, note = use_fused_rotary(denoiser, self.device, dtype)
-        if rotary:
-            self.choices.append("rotary embedding: one Triton kernel each way (q and k of every block)")
-        elif note:
-            self.choices.append(f"rotary embedding: diffusers' float32 steps; {note}")
+        kernels: tuple[tuple[Callable[..., tuple[Any, str | None]], str, str], ...] = (
+            (
+                use_channels_last_group_norm,
+                "GroupNorm: the UNet's {} layers run channels_last (Triton kernels)",
+                "GroupNorm: PyTorch's, with a layout copy before and after each",
+            ),
+            (
+                use_fused_upcast,
+                "8-bit upcast: one Triton kernel a call for each of the {} layers",
+                "8-bit upcast: PyTorch's cast and multiplication",
+            ),
+            (
+                use_fused_rotary,
+                "rotary embedding: one Triton kernel each way (q and k of every block)",
+                "rotary embedding: diffusers' float32 steps",
+            ),
+        )
+        for route, routed_choice, kept_choice in kernels:
+            routed, note = route(denoiser, self.device, dtype)
+            if routed:
+                self.choices.append(routed_choice.format(routed))
+            elif note:
+                self.choices.append(f"{kept_choice}; {note}")
 
     def flat_buffers(self, network: LoRANetwork, dtype: torch.dtype) -> FlatBuffers:
         """The LoRA on flat buffers (always: the optimizer and clipping use them), fused into its targets on the

@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 
 import pytest
+import torch
 
 import remote.trainer.loop as loop
 from remote.events import EventWriter, read_events
@@ -38,3 +39,17 @@ def test_the_eager_path_trains_like_the_fast_path_and_says_it_is_off(make_config
     assert not any(c.startswith("fast path") for c in fast_choices)
     assert len(fast) == len(eager) == 6
     assert eager == pytest.approx(fast, rel=1e-4, abs=1e-6)  # fused vs plain LoRA products: float order only
+
+
+def test_the_denoisers_kernels_are_said_in_the_choices_routed_or_not(monkeypatch):
+    import remote.trainer.speed as speed_module
+
+    monkeypatch.setattr(speed_module, "use_channels_last_group_norm", lambda model, device, dtype: (61, None))
+    monkeypatch.setattr(speed_module, "use_fused_upcast", lambda model, device, dtype: (0, "Triton is not installed"))
+    monkeypatch.setattr(speed_module, "use_fused_rotary", lambda model, device, dtype: (False, None))  # not Flux.1
+    fast = speed_module.FastPath(torch.device("cuda"), enabled=True)
+    fast.prepare_denoiser(torch.nn.Linear(2, 2), torch.bfloat16)
+    assert fast.choices == [
+        "GroupNorm: the UNet's 61 layers run channels_last (Triton kernels)",
+        "8-bit upcast: PyTorch's cast and multiplication; Triton is not installed",
+    ]
