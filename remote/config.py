@@ -627,10 +627,26 @@ class TrainConfig(BaseModel):
             problem = optimizer_arg_problem(self.optimizer_type, item)
             if problem:
                 problems.append(("optimizer_args", problem))
+        problems += self._prodigy_problems()
         problems += self._family_problems()
         if problems:
             raise _CrossFieldError(problems)
         return self
+
+    def _prodigy_problems(self) -> list[tuple[str, str]]:
+        """Prodigy (prodigyopt) estimates one step size for all parameters and refuses parameter groups whose
+        learning rates differ, other than 0: found on the first step, after the rental, without this check."""
+        if self.optimizer_type.lower() != "prodigy" or not self.trains_text_encoder:
+            return []
+        unet, text = self.effective_unet_lr, self.effective_text_encoder_lr
+        if unet == 0 or unet == text:
+            return []
+        message = (
+            f"{text:g} while the UNet's is {unet:g}: Prodigy takes one learning rate for everything it trains "
+            "(prodigyopt refuses two); set unet_lr and text_encoder_lr alike (Prodigy's usual is 1.0), or "
+            "network_train_unet_only = true"
+        )
+        return [("text_encoder_lr", message)]
 
     def _family_problems(self) -> list[tuple[str, str]]:
         """Keys of the other family (Flux.1 against SD), and what a Flux.1 model needs."""

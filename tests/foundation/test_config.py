@@ -70,8 +70,8 @@ v2 = false
 network_module = "networks.lora"
 network_dim = 16
 network_alpha = 8
-unet_lr = 5e-4
-text_encoder_lr = 1e-4
+unet_lr = 1.0
+text_encoder_lr = 1.0
 network_args = ["conv_dim=8", "conv_alpha=4"]
 [optimizer_arguments]
 optimizer_type = "Prodigy"
