@@ -10,7 +10,8 @@ Every event has ``event`` (its kind) and ``time`` (Unix seconds). Kinds, in the 
 - ``checkpoint``: a LoRA file was written (path, sha256, epoch, step, resumable state folder).
 - ``sample``: a sample grid PNG was written.
 - ``done``: the final LoRA file (path, sha256) and the run's wall time.
-- ``error``: the run failed; ``kind`` says how (config, model, data, out_of_memory, interrupted, internal).
+- ``error``: the run failed; ``kind`` says how (config, model, data, out_of_memory, diverged, interrupted,
+  internal).
 
 Use :func:`parse_event` to turn a line back into the right model.
 """
@@ -24,11 +25,13 @@ from typing import Annotated, Literal, TextIO
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 ModelFamily = Literal["sd15", "sd2", "sdxl", "flux"]
-ErrorKind = Literal["config", "model", "data", "out_of_memory", "interrupted", "internal"]
+ErrorKind = Literal["config", "model", "data", "out_of_memory", "diverged", "interrupted", "internal"]
 
 
 class _Event(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # a loss that is NaN or infinite is written as the JSON string "NaN" / "Infinity", and read back as that
+    # float (pydantic's default writes null, which a float field then refuses: the event would be lost)
+    model_config = ConfigDict(extra="ignore", ser_json_inf_nan="strings")
 
     time: float = Field(default_factory=time.time, description="Unix time the event was written.")
 
@@ -70,7 +73,7 @@ class StepEvent(_Event):
     step: int = Field(description="Optimizer steps done so far (1-based).")
     total_steps: int
     epoch: int = Field(description="1-based epoch this step belongs to.")
-    loss: float = Field(description="Mean loss of this optimizer step over its accumulated batches.")
+    loss: float = Field(description="Mean loss of this optimizer step over its accumulated batches (may be NaN).")
     lr: float = Field(description="UNet learning rate after the step (text encoder LR when the UNet is not trained).")
     lr_text_encoder: float | None = None
     seconds_per_step: float

@@ -57,9 +57,10 @@ __all__ = [
 ]
 
 
-# Trainer errors that come from the job itself (its config, model, data, or its size for the GPU): the instance
-# stays fit for another job. Any other ("internal": a crash, a CUDA fault) may be the host's.
-JOB_ERRORS = frozenset({"config", "model", "data", "out_of_memory"})
+# Trainer errors that come from the job itself (its config, model, data, its size for the GPU, a training that
+# diverged): the instance stays fit for another job. Any other ("internal": a crash, a CUDA fault) may be the
+# host's.
+JOB_ERRORS = frozenset({"config", "model", "data", "out_of_memory", "diverged"})
 
 
 def new_job_id() -> str:

@@ -9,6 +9,7 @@ Images are embedded (data: URIs), so a report stays whole when moved; each also 
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -108,13 +109,18 @@ def _curves_section(run: RunEvents) -> str:
     heading = "<h2>Training curves</h2>\n"
     if not run.steps:
         return heading + note(run.problem or "No training step was recorded.")
-    loss = line_chart(
-        [(s.step, s.loss) for s in run.steps], "loss (light: each step; dark: moving average)", trend=True
-    )
+    finite = [(s.step, s.loss) for s in run.steps if math.isfinite(s.loss)]
+    loss = line_chart(finite, "loss (light: each step; dark: moving average)", trend=True)
     lr = line_chart([(s.step, s.lr) for s in run.steps], "learning rate")
     last = run.steps[-1]
-    summary = note(f"{last.step} of {last.total_steps} steps; last loss {last.loss:.4g}, learning rate {last.lr:.3g}.")
-    return heading + f'<div class="charts">{loss}{lr}</div>\n' + summary
+    summary = f"{last.step} of {last.total_steps} steps; last loss {last.loss:.4g}, learning rate {last.lr:.3g}."
+    not_numbers = [s.step for s in run.steps if not math.isfinite(s.loss)]
+    if not_numbers:
+        summary += (
+            f" {len(not_numbers)} steps had a loss that is not a finite number (first at step {not_numbers[0]}); "
+            "the loss chart leaves them out."
+        )
+    return heading + f'<div class="charts">{loss}{lr}</div>\n' + note(summary)
 
 
 def _dataset_section(run: RunEvents, dataset: DatasetNow) -> str:

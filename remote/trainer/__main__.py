@@ -80,6 +80,7 @@ def _train_and_report(cfg: TrainConfig, writer: EventWriter, resume: str | None)
         import torch
 
         from .data import DataError
+        from .divergence import Diverged
         from .loop import OutputExistsError, Stopped, train
         from .models import ModelError
         from .optim import OptimizerError
@@ -98,6 +99,9 @@ def _train_and_report(cfg: TrainConfig, writer: EventWriter, resume: str | None)
         return 2
     except DataError as exc:
         writer.emit(ErrorEvent(kind="data", message=str(exc)))
+        return 2
+    except Diverged as exc:
+        writer.emit(ErrorEvent(kind="diverged", message=str(exc)))
         return 2
     except Stopped as exc:
         state = str(exc.state_dir) if exc.state_dir is not None else None

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 
 def save_checkpoint(run: Run, epoch: int, step: int, by_epoch: bool, epoch_order: list | None) -> None:
+    run.divergence.before_saving(step)  # every process: they hold the same weights and stop together
     if not run.ranks.main:
         return
     name = run.cfg.output_name or "epoch"  # kohya: epoch-000001.safetensors ... last.safetensors

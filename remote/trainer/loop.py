@@ -109,6 +109,7 @@ def finish_step(run: Run, launched: LaunchedStep, losses: list[float]) -> None:
     run.losses.append(loss)
     losses.append(loss)
     emit_step(run, launched, loss, seconds)
+    run.divergence.observe(launched.step, loss)
 
 
 def host_work_due(run: Run, epoch: int, stop: bool, stop_after_step: int | None) -> bool:
@@ -166,6 +167,7 @@ def finish(run: Run, wall_start: float) -> Path:
     final = final_path(run.cfg)
     last_epoch = min(plan.epochs, max(1, math.ceil(pos.step / max(1, plan.steps_per_epoch))))
     run.info["finished_at"] = time.time()
+    run.divergence.before_saving(pos.step)  # every process: they hold the same weights and stop together
     if not run.ranks.main:
         barrier(run.ranks)  # no rank leaves before rank 0 has written the final file (see distributed.leave)
         return final

@@ -23,6 +23,7 @@ from remote.events import EventWriter
 from . import data as data_mod
 from . import memory
 from .distributed import Ranks, barrier, broadcast_int, broadcast_parameters, min_across
+from .divergence import DivergenceWatch, weights_are_finite
 from .families.base import ModelError, ModelFamily, Objective
 from .float8 import FLOAT8, Float8Linear
 from .lora import LoRANetwork
@@ -60,6 +61,7 @@ class Run:
     writer: EventWriter
     position: Position
     speed: FastPath
+    divergence: DivergenceWatch  # fed every step's loss: stops a run that diverged
     # caption -> (context, pooled, the family's text_conditions) of frozen text encoders
     text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]] = field(
         default_factory=dict
@@ -197,6 +199,7 @@ def setup(cfg: TrainConfig, writer: EventWriter, resume: Path | None, ranks: Ran
         ranks=ranks,
         timings={"load_weights": load_seconds},
         micro_batch=micro_batch,
+        divergence=DivergenceWatch(lambda: weights_are_finite(network.parameters())),
     )
     speed.start(partial(backward_pass, run), partial(apply_gradients, run), optimizer, optimizer_label, use_scaler)
     if ranks.distributed:

@@ -148,16 +148,26 @@ def test_a_budget_reached_mid_queue_stops_the_job_and_skips_the_rest(
         market.shutdown()
 
 
-def test_a_failing_job_does_not_stop_the_others(tmp_path: Path, market: ProviderSimulator, client: Client) -> None:
+def test_failing_jobs_do_not_stop_the_others(tmp_path: Path, market: ProviderSimulator, client: Client) -> None:
+    """A model that cannot be downloaded, and a training that diverges (its learning rate far too high): each
+    job fails with its reason, and the rental goes on to the next job (neither is the host's fault)."""
     broken = write_job(tmp_path / "broken", epochs=1)
     text = broken.read_text().replace('"builtin:tiny-sd15"', '"https://127.0.0.1:9/no-such-model.safetensors"')
     broken.write_text(text)
-    configs = [broken, write_job(tmp_path / "a", epochs=1), write_job(tmp_path / "b", epochs=1)]
+    diverging = write_job(tmp_path / "diverging", epochs=4)
+    diverging.write_text(diverging.read_text().replace("learning_rate = 1e-3", "learning_rate = 10"))
+    configs = [broken, diverging, write_job(tmp_path / "a", epochs=1)]
     result = client.run("run", *map(str, configs), "--provider", "vast", "--yes", timeout=400)
     assert result.returncode == 1, result.stdout + result.stderr
-    outcomes = {Path(str(j["config_path"])).parent.name: j["outcome"] for j in _queue_jobs(client)}
-    assert outcomes == {"broken": "failed", "a": "succeeded", "b": "succeeded"}
+    jobs = _queue_jobs(client)
+    outcomes = {Path(str(j["config_path"])).parent.name: j["outcome"] for j in jobs}
+    assert outcomes == {"broken": "failed", "diverging": "failed", "a": "succeeded"}
     assert "downloading the base model on the instance failed" in result.stdout
+    diverged = next(j for j in jobs if Path(str(j["config_path"])).parent.name == "diverging")
+    assert "training diverged" in str(diverged["error"]) and "Lower the learning rate" in str(diverged["error"])
+    with sqlite3.connect(client.ledger_path) as db:
+        rental = dict(db.execute("SELECT job_id, instance_id FROM instances").fetchall())
+    assert rental[diverged["id"]] == rental[jobs[-1]["id"]]  # the rental went on to the next job
     _assert_nothing_billing(market, client)
 
 

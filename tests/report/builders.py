@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,8 +93,11 @@ def _emit(output_dir: Path, events: list[Event]) -> None:
         writer.emit(event)
 
 
-def write_run_output(output_dir: Path, sample_names: list[str], finished: bool = True, error: str = "") -> RunFiles:
-    """events.jsonl, the samples fetched home and (finished) the final LoRA, as the trainer and fetch leave them."""
+def write_run_output(
+    output_dir: Path, sample_names: list[str], finished: bool = True, error: str = "", nan_from: int | None = None
+) -> RunFiles:
+    """events.jsonl, the samples fetched home and (finished) the final LoRA, as the trainer and fetch leave them.
+    ``nan_from``: the loss is NaN from this step on (a training that diverged)."""
     remote = "/workspace/rentrain/job/output"
     events: list[Event] = [
         StartEvent(
@@ -115,7 +119,7 @@ def write_run_output(output_dir: Path, sample_names: list[str], finished: bool =
                 step=step,
                 total_steps=STEPS,
                 epoch=1 + (step - 1) // 10,
-                loss=0.2 - step * 0.005,
+                loss=math.nan if nan_from is not None and step >= nan_from else 0.2 - step * 0.005,
                 lr=1e-4 * step / STEPS,
                 seconds_per_step=0.5,
                 samples_per_second=4.0,

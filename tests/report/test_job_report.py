@@ -163,6 +163,19 @@ def test_loss_and_learning_rate_are_drawn_as_inline_svg(tmp_path: Path) -> None:
     assert len(re.findall(r"<polyline ", loss)) == 2  # each step, and the moving average over it
 
 
+def test_steps_whose_loss_is_not_a_number_are_left_out_of_the_chart_and_counted(tmp_path: Path) -> None:
+    ledger = Ledger()
+    job = new_job(tmp_path, "job-a1")
+    ledger.create_job(job)
+    write_run_output(Path(job.output_dir), [], finished=False, nan_from=STEPS - 4)
+    run_job(ledger, job, outcome="failed", error="training diverged at step 36")
+    text = write_job_report(ledger, "job-a1").read_text(encoding="utf-8")
+    loss = re.findall(r"<svg .*?</svg>", text, re.S)[0]
+    points = re.findall(r'<polyline points="([^"]+)"', loss)[0].split()
+    assert len(points) == STEPS - 5 and "nan" not in loss.lower()
+    assert f"5 steps had a loss that is not a finite number (first at step {STEPS - 4})" in text
+
+
 def test_the_dataset_summary_shows_the_run_and_the_dataset_as_it_is_now(tmp_path: Path) -> None:
     ledger = Ledger()
     succeeded_job(ledger, tmp_path)
