@@ -354,10 +354,8 @@ def run_case(
         file=sys.stderr,
         flush=True,
     )
-    print(
-        f"  trainer: loss {steps[0]['loss']:.4f} at step 1 -> {steps[-1]['loss']:.4f} at step {len(steps)}",
-        file=sys.stderr,
-    )
+    first, last = (float(e["loss"]) for e in (steps[0], steps[-1]))  # not finite: "NaN" (remote/events.py)
+    print(f"  trainer: loss {first:.4f} at step 1 -> {last:.4f} at step {len(steps)}", file=sys.stderr)
     steady = steps[warmup:]
     # the median interval between step events: an epoch's end (a sync, a new batch shape captured as a graph)
     # costs a few steps' time once; the mean over the window, printed beside it, includes those
