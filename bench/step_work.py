@@ -20,9 +20,14 @@ under two dispatch hooks:
 
 Attention runs as one flash-attention kernel forward and one backward, as on the GPU (cuDNN / flash), not as
 the math decomposition the meta device would otherwise take (which would count an N x N score matrix in
-memory). The AdamW update is not run (torch's fused AdamW cannot run on the meta device); its bytes are added
-as ADAMW_BYTES_PER_PARAM per LoRA parameter: it reads weight, gradient and both moments and writes weight and
-both moments, all float32. Gradient checkpointing is not counted: rentrain.speed_model takes its measured factor.
+memory). Likewise torch.nn.RMSNorm (Flux.1's q/k norms) runs as the one fused kernel each way that PyTorch
+launches on CUDA (aten._fused_rms_norm and its backward), not the meta device's pow, mean, rsqrt and products.
+Flux.1's rotary embedding is routed as the trainer routes it on CUDA (remote/trainer/rotary.py), with its
+Triton launch counted as one kernel that reads q or k (or, backward, their gradient) and cos and sin in float32,
+and writes the result. The AdamW update is not run (torch's fused AdamW cannot run on the meta device); its
+bytes are added as ADAMW_BYTES_PER_PARAM per LoRA parameter: it reads weight, gradient and both moments and
+writes weight and both moments, all float32. Gradient checkpointing is not counted: rentrain.speed_model takes its
+measured factor. fp8_base's weight upcasts are not counted here either: rentrain/step_work.py adds them.
 
 Six cases per family separate the parts that rentrain/step_work.py scales: the reference settings (SD 1.5
 512px batch 4, UNet + text encoder LoRA; SDXL 1024px batch 2, UNet LoRA; dim 32), batch 1, LoRA dim 64, and
@@ -32,7 +37,12 @@ the text encoder toggled (at both batch sizes). --constants prints the table for
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import importlib
+import inspect
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,7 +119,8 @@ def distinct_bytes(tensor: Any) -> int:
 
 class Counter:
     """FLOPs (FlopCounterMode), bytes of the other kernels, and kernels, of what runs inside ``with counter:``,
-    with every scaled_dot_product_attention run as one flash-attention kernel forward and one backward."""
+    with every scaled_dot_product_attention run as one flash-attention kernel forward and one backward, and
+    every rms_norm as one fused kernel forward and one backward, as on CUDA."""
 
     def __init__(self) -> None:
         import torch
@@ -122,6 +133,7 @@ class Counter:
         from bench.count_ops import NO_KERNEL
 
         aten = torch.ops.aten
+        counted_kernels()
 
         class FlashAttention(torch.autograd.Function):
             @staticmethod
@@ -142,7 +154,22 @@ class Counter:
                 )
                 return dq, dk, dv, None
 
-        class AsFlash(TorchFunctionMode):
+        class FusedRMSNorm(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x, shape, weight, eps):  # type: ignore[override]
+                y, rstd = torch.ops.step_work._fused_rms_norm(x, shape, weight, eps)
+                ctx.save_for_backward(x, weight, rstd)
+                ctx.shape = shape
+                return y
+
+            @staticmethod
+            def backward(ctx, grad):  # type: ignore[override]
+                x, weight, rstd = ctx.saved_tensors
+                wanted = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[2]]
+                dx, dweight = aten._fused_rms_norm_backward(grad, x, ctx.shape, rstd, weight, wanted)
+                return dx, None, dweight, None
+
+        class AsCuda(TorchFunctionMode):
             def __torch_function__(self, func, types, args=(), kwargs=None):
                 kwargs = kwargs or {}
                 if func is F.scaled_dot_product_attention:
@@ -150,6 +177,10 @@ class Counter:
                     named = (kwargs.pop("query", None), kwargs.pop("key", None), kwargs.pop("value", None))
                     q, k, v = args[:3] if len(args) >= 3 else named
                     return FlashAttention.apply(q, k, v, kwargs.get("scale"))
+                if func is F.rms_norm:
+                    given = inspect.signature(F.rms_norm).bind(*args, **kwargs).arguments
+                    shape = list(given["normalized_shape"])
+                    return FusedRMSNorm.apply(given["input"], shape, given.get("weight"), given.get("eps"))
                 return func(*args, **kwargs)
 
         counter = self
@@ -178,7 +209,7 @@ class Counter:
         self.kernels = 0
         self.attention_ops = {p for p in flop_registry if "attention" in str(p)}
         self.flops = FlopCounterMode(display=False)
-        self.modes = [AsFlash(), self.flops, Bytes()]
+        self.modes = [AsCuda(), self.flops, Bytes()]
 
     def __enter__(self) -> Counter:
         for mode in self.modes:
@@ -267,6 +298,46 @@ def count(case: Case) -> Work:
         lora_params=lora_params,
         other_by_op={op: (n, counter.calls_by_op[op]) for op, n in counter.other_by_op.items()},
     )
+
+
+@functools.cache
+def counted_kernels() -> Any:
+    """Operators (torch.ops.step_work) for kernels that the meta device cannot run as one: the trainer's Triton
+    rotary kernel, and CUDA's fused RMSNorm forward (aten._fused_rms_norm, which the meta device decomposes).
+    Each gives its outputs' shapes, and the byte count takes its tensors in and out, as for any other kernel.
+    Cached, so that the operators stay registered."""
+    import torch
+
+    library = torch.library.Library("step_work", "DEF")
+    library.define("rotary(Tensor x, Tensor cos, Tensor sin, bool backward) -> Tensor")
+    library.impl("rotary", lambda x, cos, sin, backward: torch.empty_like(x), "Meta")
+    library.define(
+        "_fused_rms_norm(Tensor input, int[] normalized_shape, Tensor? weight, float? eps) -> (Tensor, Tensor)"
+    )
+    library.impl("_fused_rms_norm", torch.ops.aten._fused_rms_norm, "Meta")
+    return library
+
+
+def counted_rotate(x: Any, cos: Any, sin: Any, backward: bool) -> Any:
+    """remote/trainer/rotary.py's ``_rotate`` with its Triton launch as one counted kernel, same arguments."""
+    import torch
+
+    return torch.ops.step_work.rotary(x.contiguous(), cos.float().contiguous(), sin.float().contiguous(), backward)
+
+
+@contextlib.contextmanager
+def trainer_rotary() -> Iterator[None]:
+    """diffusers' Flux.1 ``apply_rotary_emb`` routed through remote/trainer/rotary.py, as the trainer does on
+    CUDA, with the kernel launch counted by counted_rotate (inside a Counter)."""
+    from unittest import mock
+
+    from remote.trainer import rotary
+
+    module = importlib.import_module(rotary.FLUX_MODULE)
+    current = module.apply_rotary_emb
+    routed = rotary.fused_apply_rotary_emb(getattr(current, "original", current))
+    with mock.patch.object(rotary, "_rotate", counted_rotate), mock.patch.object(module, "apply_rotary_emb", routed):
+        yield
 
 
 @dataclass(frozen=True)
@@ -399,7 +470,7 @@ def count_flux(case: Case, resolution: int) -> FluxCount:
         guidance = torch.full((b,), 3.5, dtype=torch.bfloat16)
         ids = torch.randint(0, 49408, (b, 77))
         t5_ids = torch.randint(0, 32128, (b, FLUX_TEXT_TOKENS))
-        with Counter() as counter:
+        with Counter() as counter, trainer_rotary():
             if case.text_encoder:
                 pooled = clip(ids).pooler_output
                 with torch.no_grad():

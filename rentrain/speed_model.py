@@ -68,11 +68,14 @@ _H200 = (
 )
 _H100 = "bench/RESULTS.md {}: H100 80GB HBM3, the locked versions (constraints.txt)"
 _FIFTH, _SIXTH = (_H100.format(f"2026-12-05 ({n} session)") for n in ("fifth", "sixth"))
+_ELEVENTH = _H100.format("2026-12-06 (eleventh session)")
 
 
-def _flux_h100(resolution: int, seconds: float) -> MeasuredStep:
-    """bench/flux_speed.py's run of kohya's Flux.1 recipe (dim 16, 8-bit base, checkpointed) on the H100."""
-    source = f"Flux.1 [dev] {resolution}px b1, dim 16, 8-bit base, checkpointed: {seconds * 1000:.1f} ms"
+def _flux_h100(resolution: int, seconds: float, checkpointed: bool) -> MeasuredStep:
+    """bench/flux_speed.py's run of kohya's Flux.1 recipe (dim 16, 8-bit base) on the H100: checkpointed under a
+    24 GiB cap, or without checkpointing and cap."""
+    how = "checkpointed, 24 GiB cap" if checkpointed else "not checkpointed"
+    source = f"Flux.1 [dev] {resolution}px b1, dim 16, 8-bit base, {how}: {seconds * 1000:.1f} ms"
     return MeasuredStep(
         "H100 SXM",
         "flux",
@@ -80,10 +83,10 @@ def _flux_h100(resolution: int, seconds: float) -> MeasuredStep:
         1,
         False,
         seconds,
-        f"{_H100.format('2026-12-06 (tenth session)')}; {source}",
+        f"{_ELEVENTH}; {source}",
         rank=16,
         fp8_base=True,
-        checkpointed=True,
+        checkpointed=checkpointed,
     )
 
 
@@ -121,7 +124,17 @@ MEASURED_STEPS: tuple[MeasuredStep, ...] = (
     ),
     MeasuredStep("H100 SXM", "sdxl", 1024, 2, False, 0.1201, _SIXTH + "; SDXL 1024px b2, UNet: 120.1 ms"),
     MeasuredStep("H100 SXM", "sdxl", 1024, 1, False, 0.0775, _SIXTH + "; SDXL 1024px b1, UNet: 77.5 ms"),
-    *(_flux_h100(px, seconds) for px, seconds in ((1024, 0.9710), (512, 0.4316))),
+    MeasuredStep("H100 SXM", "sd15", 512, 4, True, 0.0400, _ELEVENTH + "; SD 1.5 512px b4, UNet + TE: 40.0 ms"),
+    MeasuredStep("H100 SXM", "sdxl", 1024, 2, False, 0.1199, _ELEVENTH + "; SDXL 1024px b2, UNet: 119.9 ms"),
+    *(
+        _flux_h100(px, seconds, checkpointed)
+        for px, seconds, checkpointed in (
+            (1024, 0.7330, True),
+            (512, 0.2638, True),
+            (1024, 0.5293, False),
+            (512, 0.1854, False),
+        )
+    ),
 )
 MEASURED_SPREAD = Figure(
     0.05,
@@ -171,7 +184,7 @@ EFFICIENCY: dict[EfficiencyClass, Efficiency] = {
         0.9,
         1.1,
         "assumed",
-        "the fraction itself is fitted on the H100 SXM and H200 runs (MEASURED_STEPS, within 6% of each); +-10% "
+        "the fraction itself is fitted on the H100 SXM and H200 runs (MEASURED_STEPS, within 7% of each); +-10% "
         "at other settings and on the other Hopper cards is assumed",
     ),
     "datacenter": Efficiency(
@@ -180,7 +193,7 @@ EFFICIENCY: dict[EfficiencyClass, Efficiency] = {
         1.3,
         "assumed",
         "A100 / A30, not run with this trainer: assumed to keep their tensor cores as busy as the Hopper cards "
-        f"(the A100 keeps 30-50% of its rate in {_DIFFUSERS}; the Hopper cards 41-56% here)",
+        f"(the A100 keeps 30-50% of its rate in {_DIFFUSERS}; the Hopper cards 36-47% here)",
     ),
     "pro": Efficiency(
         0.85,
@@ -367,14 +380,14 @@ def seconds_per_step(gpu_model: str, profile: JobProfile, vram_gb: float | None 
 
 
 CHECKPOINTING_SOURCE = (
-    "the family's factor in remote/trainer/families/facts.py: measured on the H200 for SD 1.5 and SDXL, 1 + the "
-    "forward's share of the FLOPs for Flux.1"
+    "the family's factor in remote/trainer/families/facts.py: measured on the H200 for SD 1.5 and SDXL, on the "
+    "H100 for Flux.1"
 )
 
 
 def checkpointing_factor(family: str) -> float:
     """The trainer's step-time factor of gradient checkpointing (remote.trainer.families: measured on the H200 for
-    SD 1.5 and SDXL, derived for Flux.1)."""
+    SD 1.5 and SDXL, on the H100 for Flux.1)."""
     return family_facts(family).checkpointing_factor
 
 

@@ -6,9 +6,10 @@ The counts come from
     HF_HUB_OFFLINE=1 USE_HUB_KERNELS=NO python bench/step_work.py --constants
 
 (bench/RESULTS.md, "Step work, counted"): the trainer's LoRA (kohya's module set, fused layers) on the
-real SD 1.5 / SDXL architectures, one bf16 step's forward, loss, backward and AdamW update, attention as one
-flash kernel each way. FLOPs are the matrix products', convolutions' and attention's (FlopCounterMode);
-bytes are every other kernel's reads and writes, and the optimizer's.
+real SD 1.5 / SDXL / Flux.1 architectures, one bf16 step's forward, loss, backward and AdamW update, attention
+as one flash kernel each way, and Flux.1's rotary embedding and RMSNorms as the one kernel each way the trainer
+runs on CUDA. FLOPs are the matrix products', convolutions' and attention's (FlopCounterMode); bytes are every
+other kernel's reads and writes, and the optimizer's.
 
 Scaling, with p = the job's tokens / the reference tokens and r = LoRA dim - the reference dim:
 - tokens: a UNet's are its pixels (p = the pixel ratio); Flux.1's transformer reads one token per 16 x 16 pixels
@@ -22,8 +23,8 @@ Scaling, with p = the job's tokens / the reference tokens and r = LoRA dim - the
   the forward and again in the backward pass: 3 bytes (1 read, 2 written) per weight and one kernel per Linear,
   each time. The products themselves still run in bf16, so the FLOPs do not change.
 
-Flux.1 is counted only (no run measured it): `python bench/step_work.py --family flux --constants`, and
-`--flux` checks the token rule against direct counts at 512 and 1024 px.
+Flux.1's count: `python bench/step_work.py --family flux --constants`; `--flux` checks the token rule against
+direct counts at 512 and 1024 px.
 """
 
 from __future__ import annotations
@@ -116,13 +117,14 @@ FAMILY_WORK: dict[str, FamilyWork] = {
         text_encoder_sample_flop=4.274e11,
         text_encoder_sample_bytes=1.654e09,
     ),
-    # Flux.1 [dev] 1024px, batch 2, transformer LoRA, dim 32: counted, not measured (bench/step_work.py)
+    # Flux.1 [dev] 1024px, batch 2, transformer LoRA, dim 32: counted as the trainer runs it on CUDA (its rotary
+    # kernel, PyTorch's fused RMSNorm), not measured (bench/step_work.py)
     "flux": FamilyWork(
         reference_pixels=1048576,
         reference_batch=2,
         reference_rank=32,
         reference_trains_text_encoder=False,
-        kernels=11930,
+        kernels=7294,
         kernels_per_sample=114,
         text_encoder_kernels=2476,
         text_tokens=512,
@@ -131,7 +133,7 @@ FAMILY_WORK: dict[str, FamilyWork] = {
         fixed_bytes=-1.041e09,
         sample_flop=1.213e14,
         sample_attention_flop=5.205e13,
-        sample_bytes=5.797e11,
+        sample_bytes=2.433e11,
         rank_fixed_bytes=1.34e08,
         rank_sample_flop=7.101e10,
         rank_sample_bytes=4.202e06,
@@ -145,11 +147,11 @@ FAMILY_WORK: dict[str, FamilyWork] = {
 }
 
 
-# remote/trainer/float8.py's plain upcast in bf16, which the measured Flux.1 runs used: a cast (read 1 byte, write 2),
-# then the row scale (read 2, write 2), three kernels with the scale's own cast. On CUDA the trainer now upcasts
-# in one Triton kernel (read 1, write 2), not yet measured: these stay the measured runs' until a run measures it.
-FP8_UPCAST_BYTES_PER_PARAM = 7
-FP8_KERNELS_PER_UPCAST = 3
+# remote/trainer/float8.py's upcast on CUDA: one Triton kernel per Linear that reads the 8-bit codes and writes the
+# bf16 weight once (1 byte read, 2 written), in place of the plain path's cast and row scale (7 bytes, three
+# kernels); measured on the H100 (bench/RESULTS.md, the eleventh session).
+FP8_UPCAST_BYTES_PER_PARAM = 3
+FP8_KERNELS_PER_UPCAST = 1
 FP8_UPCASTS_PER_STEP = 2  # forward and backward (checkpointing's recompute is in its step-time factor)
 
 

@@ -7,8 +7,8 @@ where the card needs it, off where the configuration asked for it and the card h
 as a last resort, 8-bit AdamW state (AdamW8bit instead of AdamW). Batches, steps and the learning-rate
 schedule stay as configured. Text-encoder outputs are cached whenever the text encoders are not trained.
 
-Estimates are measured for SD 1.x/2.x and SDXL (bench/RESULTS.md, "Memory planning"), derived for Flux.1
-(families/facts.py): a run's peak is the weights it keeps on the GPU, the LoRA with its gradients and optimizer
+Estimates are measured for SD 1.x/2.x and SDXL (bench/RESULTS.md, "Memory planning") on an H200, for Flux.1 on
+an H100 (families/facts.py): a run's peak is the weights it keeps on the GPU, the LoRA with its gradients and optimizer
 state, and activations proportional to the micro-batch's pixels. Step-time costs come from the same
 measurements. Estimates err on the high side; a run that fits its estimate has been measured to fit, and
 configured checkpointing is only turned off where the activations without it were measured.

@@ -81,17 +81,17 @@ def test_step_work_scales_by_the_stated_rules():
 # ------------------------------------------------------------------------------------------ calibration
 
 
-def test_the_model_reproduces_every_measured_step_within_6_percent():
-    """Five parameters (a tensor fraction per family, one bandwidth factor, one kernel cost) fitted to the eleven
+def test_the_model_reproduces_every_measured_step_within_7_percent():
+    """Five parameters (a tensor fraction per family, one bandwidth factor, one kernel cost) fitted to the fifteen
     measured runs (two GPUs, batch 1 to 4, 512 to 1024px, with and without the text encoder, Flux.1 with its
-    8-bit base and checkpointing, whose measured time is divided by the checkpointing factor)."""
+    8-bit base with and without checkpointing: a checkpointed time is divided by the checkpointing factor)."""
     cal = speed_model.calibration()
-    assert len(speed_model.MEASURED_STEPS) == len(cal.error) == 11
+    assert len(speed_model.MEASURED_STEPS) == len(cal.error) == 15
     for m, error in zip(speed_model.MEASURED_STEPS, cal.error, strict=True):
         spec = spec_for(m.gpu_model)
         assert spec is not None
         modelled = speed_model.modelled_seconds(spec, m.work, cal.tensor_fraction[m.case], cal)
-        assert modelled == pytest.approx(m.plain_seconds, rel=0.06), m
+        assert modelled == pytest.approx(m.plain_seconds, rel=0.07), m
         assert error == pytest.approx(modelled / m.plain_seconds - 1)
     assert set(cal.tensor_fraction) == {"sd15", "sdxl", "flux"}
     assert all(0.1 < fraction < 0.7 for fraction in cal.tensor_fraction.values())
@@ -103,8 +103,8 @@ def test_the_model_reproduces_every_measured_step_within_6_percent():
 def test_measured_settings_give_the_measured_figure_and_others_are_modelled():
     h200 = seconds_per_step("H200", sd15())
     assert (h200.seconds_per_step, h200.kind) == (0.0385, "measured")
-    h100 = seconds_per_step("H100 SXM", sdxl())  # measured twice: 119.9 and 120.1 ms
-    assert (h100.seconds_per_step, h100.kind) == (pytest.approx(0.1200), "measured") and "sixth" in h100.source
+    h100 = seconds_per_step("H100 SXM", sdxl())  # measured three times: 119.9, 120.1 and 119.9 ms
+    assert (h100.seconds_per_step, h100.kind) == (pytest.approx(0.1199667), "measured") and "sixth" in h100.source
     assert seconds_per_step("H100 SXM", sdxl(batch_size=1)).seconds_per_step == 0.0775
     other = seconds_per_step("H100 SXM", sdxl(batch_size=4))
     assert other.kind == "modelled" and other.seconds_per_step > 0.1201
@@ -325,21 +325,22 @@ def test_fp8_base_adds_the_weight_upcasts_and_leaves_the_flops():
     plain = step_work("flux", 1024 * 1024, 1, 16, False)
     fp8 = step_work("flux", 1024 * 1024, 1, 16, False, fp8_base=True)
     assert fp8.flop == plain.flop
-    # forward and backward, each a cast (1 byte read, 2 written) and the row scale (2 read, 2 written)
-    assert fp8.bytes - plain.bytes == pytest.approx(2 * 7 * FAMILY_WORK["flux"].frozen_linear_params)
-    assert fp8.kernels - plain.kernels == 2 * 3 * FAMILY_WORK["flux"].frozen_linears
+    # forward and backward, each one Triton kernel per Linear (1 byte read, 2 written)
+    assert fp8.bytes - plain.bytes == pytest.approx(2 * 3 * FAMILY_WORK["flux"].frozen_linear_params)
+    assert fp8.kernels - plain.kernels == 2 * 1 * FAMILY_WORK["flux"].frozen_linears
 
 
 def test_flux_at_its_measured_settings_gets_the_measured_time_and_checkpointing_is_not_applied_twice():
-    measured = seconds_per_step("H100 SXM", flux(gradient_checkpointing=True))
+    measured = seconds_per_step("H100 SXM", flux(gradient_checkpointing=True, fit_memory=False))
     assert measured is not None and measured.kind == "measured"
-    assert measured.seconds_per_step == pytest.approx(0.9710)
-    assert "971.0 ms" in measured.source
-    at_512 = seconds_per_step("H100 SXM", flux(gradient_checkpointing=True, resolution=(512, 512)))
-    assert at_512 is not None and at_512.seconds_per_step == pytest.approx(0.4316)
-    # the same settings without checkpointing, another rank or without the 8-bit base were not measured
+    assert measured.seconds_per_step == pytest.approx(0.7330)
+    assert "733.0 ms" in measured.source
+    at_512 = seconds_per_step("H100 SXM", flux(gradient_checkpointing=True, resolution=(512, 512), fit_memory=False))
+    assert at_512 is not None and at_512.seconds_per_step == pytest.approx(0.2638)
+    plain = seconds_per_step("H100 SXM", flux())
+    assert plain is not None and plain.kind == "measured" and plain.seconds_per_step == pytest.approx(0.5293)
+    # another rank or without the 8-bit base were not measured
     for other in (
-        flux(),
         flux(gradient_checkpointing=True, network_dim=32),
         flux(gradient_checkpointing=True, fp8_base=False),
     ):
@@ -351,8 +352,10 @@ def test_checkpointing_asked_for_is_dropped_in_the_estimate_only_where_measured_
     factor, note = speed_model.memory_fit(sdxl(gradient_checkpointing=True), 80)
     assert factor == pytest.approx(1 / 1.37, rel=0.01) and "faster on 80 GB (no gradient checkpointing" in note
     assert speed_model.memory_fit(sdxl(gradient_checkpointing=True), 12) == (1.0, "")  # 12 GB needs it
-    # Flux.1's activations without checkpointing are derived, not measured: its configured checkpointing stays
-    assert speed_model.memory_fit(flux(gradient_checkpointing=True), 80) == (1.0, "")
+    # Flux.1's activations without checkpointing were measured: 43.5 GiB at 1024px, 23.2 at 512px
+    factor, note = speed_model.memory_fit(flux(gradient_checkpointing=True), 80)
+    assert factor == pytest.approx(1 / 1.39, rel=0.01) and "no gradient checkpointing" in note
+    assert speed_model.memory_fit(flux(gradient_checkpointing=True), 24) == (1.0, "")
 
 
 def test_without_fit_memory_the_estimate_is_the_configured_setting_or_none():

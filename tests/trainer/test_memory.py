@@ -13,6 +13,7 @@ from remote.trainer.memory import (
     candidates,
     estimate_gib,
     fit_config,
+    footprint_for,
     plan_memory,
     step_cost,
 )
@@ -32,7 +33,12 @@ def sdxl(pixels: int = 1024 * 1024) -> Footprint:
     return Footprint("sdxl", SDXL_UNET * 2 / GIB, SDXL_LORA, pixels)
 
 
-# (footprint, setting, peak GiB measured by bench/train_speed.py on the H200; bench/RESULTS.md). Micro-batches of
+def flux(pixels: int) -> Footprint:
+    return footprint_for("flux", pixels, 16, False, fp8_base=True)  # kohya's recipe: dim 16, 8-bit base
+
+
+# (footprint, setting, peak GiB measured by bench/train_speed.py on the H200, Flux.1 by bench/flux_speed.py on the
+# H100; bench/RESULTS.md). Micro-batches of
 # 2 and 1 were measured as batch_size 2 / 1 with accumulation 2: the same shapes as one batch split in two.
 MEASURED = [
     (sd15(), Setting(4, 4, False), 6.14),
@@ -44,6 +50,10 @@ MEASURED = [
     (sdxl(), Setting(2, 1, False), 12.36),
     (sdxl(), Setting(2, 2, True), 7.88),
     (sdxl(), Setting(4, 2, False), 18.80),  # batch 4 planned under a 24 GiB cap
+    (flux(1024 * 1024), Setting(1, 1, True), 15.12),
+    (flux(512 * 512), Setting(1, 1, True), 13.65),
+    (flux(1024 * 1024), Setting(1, 1, False), 43.51),
+    (flux(512 * 512), Setting(1, 1, False), 23.22),
 ]
 
 
@@ -210,7 +220,6 @@ def test_the_trainer_plans_from_the_cards_memory_and_its_cap(make_config, monkey
 
 
 def test_the_clients_footprints_are_the_measured_architectures():
-    from remote.trainer.memory import footprint_for
 
     assert footprint_for("sd15", 512 * 512, 32, True) == sd15()
     assert footprint_for("sd15", 512 * 512, 32, False) == sd15(trains_te=False)
@@ -228,3 +237,12 @@ def test_configured_checkpointing_is_dropped_where_the_card_holds_the_activation
     assert "faster: gradient checkpointing off (the card holds the activations)" in roomy.describe(configured)
     tight = plan_memory(sdxl(), configured, _card(12), allow_8bit=True)
     assert tight.setting == configured and "settings as configured" in tight.describe(configured)
+
+
+@pytest.mark.parametrize("pixels", [1024 * 1024, 512 * 512])
+def test_flux_runs_without_checkpointing_on_an_80_gb_card_and_with_it_on_a_24_gb_one(pixels):
+    configured = Setting(1, 1, True)  # kohya's Flux.1 recipe
+    roomy = plan_memory(flux(pixels), configured, _card(80), allow_8bit=True)
+    assert roomy.setting == Setting(1, 1, False) and roomy.relative_time == pytest.approx(1 / 1.39, rel=0.01)
+    tight = plan_memory(flux(pixels), configured, _card(24), allow_8bit=True)
+    assert tight.setting == configured and tight.fits

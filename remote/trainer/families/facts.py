@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class FamilyProfile:
-    """Measured on an H200 with bf16 and CUDA graphs (bench/RESULTS.md; Flux.1: derived, see its entry): peak
+    """Measured on an H200 with bf16 and CUDA graphs (bench/RESULTS.md; Flux.1 on an H100, see its entry): peak
     activation memory per sample of ``reference_pixels``, and the step time of a micro-batch of m such samples,
     ``overhead + m * per_sample``. Both grow with the sample's tokens: a UNet's pixels, or a transformer's
     patches plus the text tokens it attends over (``tokens``)."""
@@ -73,25 +73,24 @@ _SD_MEMORY = FamilyProfile(512 * 512, 1.04, 0.28, 5.7, 13.4, 1.59)
 # Flux.1 [dev]'s files, GB as the Hugging Face file lists give them (download_source)
 _FLUX_PARTS_GB = {"model": 23.8, "t5xxl": 9.79, "clip_l": 0.246, "ae": 0.335}
 
-# Flux.1: derived. The checkpointed peak was then measured on an H100 (bench/RESULTS.md, tenth session): 15.14 GiB
-# at 1024px against 15.4 estimated, 13.72 at 512px against 13.5 (within the 1.5 GiB headroom); without
-# checkpointing no run has measured it, so the planner never turns configured checkpointing off (below).
-# Activations per 1024px sample, from the tensors autograd
-# keeps, counted on the meta device (bench/step_work.py --flux: 33.30 GiB in all; 1.50 GiB of block inputs; 0.64
-# GiB for the largest block), by the rule: peak = what is kept + the largest block's activations and their
-# gradients (2 x 0.64); checkpointed per block = the blocks' inputs + the same (1.50 + 1.28). Step time: the
-# speed model's H100 figure for 1024px (rentrain.step_work: 40 ms of kernels a step, 540 ms a sample).
-# Checkpointing factor: 1 + the forward's share of the step's FLOPs (74.8 of 172.2 TFLOP), recomputed.
+# Flux.1 [dev], measured on an H100 (bench/RESULTS.md, eleventh session; kohya's recipe: dim 16, 8-bit base),
+# peak allocated GiB while training and ms a step:
+#   checkpointed, 24 GiB cap:   1024px 15.12 / 733.0, 512px 13.65 / 263.8
+#   not checkpointed, no cap:   1024px 43.51 / 529.3, 512px 23.22 / 185.4
+# Activations per 1024px sample: 32.2 GiB without checkpointing, 3.42 with it: each the least that keeps both
+# estimates at or above their measurements (44.7 and 23.24 GiB; 15.93 and 13.65 GiB). Counted (bench/step_work.py
+# --flux: what autograd keeps, or the blocks' inputs, plus the largest block's activations and gradients): 31.5
+# and 2.68. Step time: the uncheckpointed steps, 13.4 ms + 515.9 ms a 1024px sample scaled by tokens.
+# Checkpointing: x1.39 (733.0 / 529.3 at 1024px; x1.42 at 512px).
 _FLUX_MEMORY = FamilyProfile(
     1024 * 1024,
-    34.6,
-    2.78,
-    40.0,
-    540.0,
-    1.43,
+    32.2,
+    3.42,
+    13.4,
+    515.9,
+    1.39,
     pixels_per_token=16 * 16,
     text_tokens=512,
-    plain_activations_measured=False,
 )
 
 FAMILIES: dict[str, FamilyFacts] = {
