@@ -96,9 +96,13 @@ def flux_table() -> str:
             if fit is None:
                 cells.append("does not fit")
                 continue
-            factor, _ = fit
-            planned = profile.model_copy(update={"gradient_checkpointing": factor > 1})
-            cells.append(cell(seconds_per_step(spec.model, planned, spec.vram_gb), scale=1, digits=2))
+            factor, _ = fit  # the memory plan's, applied as rentrain.costs.training_estimate applies it
+            speed = seconds_per_step(spec.model, profile, spec.vram_gb)
+            assert speed is not None
+            if factor != 1.0:
+                scaled = {k: getattr(speed, k) * factor for k in ("seconds_per_step", "low", "high")}
+                speed = speed.model_copy(update={**scaled, "kind": "modelled"})
+            cells.append(cell(speed, scale=1, digits=2))
         lines.append(f"| {model} ({spec.vram_gb:g}) | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 

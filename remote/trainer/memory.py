@@ -3,7 +3,8 @@
 The knobs, all of which train the same function: run each batch as several micro-batches (the batch's
 inputs and random draws are made once and sliced; each slice's loss is weighted by its share of the batch,
 so the gradient is the batch's), recompute activations in the backward pass (gradient checkpointing: on
-where the card needs it, off where the configuration asked for it and the card holds the activations), and,
+where the card needs it, off where the configuration asked for it and the card holds the activations, or off
+for as many of the denoiser's last blocks as the card holds where the family's blocks are alike), and,
 as a last resort, 8-bit AdamW state (AdamW8bit instead of AdamW). Batches, steps and the learning-rate
 schedule stay as configured. Text-encoder outputs are cached whenever the text encoders are not trained.
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from .families.facts import FAMILIES, FamilyProfile
 
@@ -40,6 +41,8 @@ class Setting:
     micro_batch: int  # images per forward/backward; batch when not split
     checkpointing: bool
     adam_8bit: bool = False
+    # with checkpointing: how many of the denoiser's last blocks run without it (Footprint.blocks)
+    plain_blocks: int = 0
 
     @property
     def micro_batches(self) -> int:
@@ -89,6 +92,13 @@ class Plan:
             )
         if s.checkpointing and not configured.checkpointing:
             changes.append("gradient checkpointing" if short else "gradient checkpointing on")
+        if s.checkpointing and s.plain_blocks:
+            changes.append(
+                f"no checkpointing of {s.plain_blocks} blocks"
+                if short
+                else f"gradient checkpointing off for the last {s.plain_blocks} blocks (the card holds their "
+                "activations)"
+            )
         if configured.checkpointing and not s.checkpointing:
             changes.append(
                 "no gradient checkpointing" if short else "gradient checkpointing off (the card holds the activations)"
@@ -107,6 +117,9 @@ class Footprint:
     lora_params: int
     pixels: int  # the largest bucket's pixels (width x height)
     activation_scale: float = 1.0  # 2.0 for fp32 activations; the profiles are bf16
+    # the denoiser's blocks that checkpointing wraps, alike enough that the activations and the recompute of k of
+    # them are k / blocks of the whole (FamilyProfile.checkpoint_blocks); 0: checkpointing is all or nothing
+    blocks: int = 0
 
 
 def lora_gib(params: int, adam_8bit: bool) -> float:
@@ -115,9 +128,17 @@ def lora_gib(params: int, adam_8bit: bool) -> float:
     return params * (4 + 4 + 2 + 2 + optimizer) / GIB
 
 
+def _checkpointed_share(footprint: Footprint, setting: Setting) -> float:
+    """The share of the denoiser's blocks whose activations are recomputed: 1 with checkpointing on all of them."""
+    if not setting.checkpointing:
+        return 0.0
+    return 1.0 - setting.plain_blocks / footprint.blocks if footprint.blocks else 1.0
+
+
 def estimate_gib(footprint: Footprint, setting: Setting) -> float:
     profile = PROFILES[footprint.family]
-    per_sample = profile.checkpointed_gib if setting.checkpointing else profile.activation_gib
+    share = _checkpointed_share(footprint, setting)
+    per_sample = share * profile.checkpointed_gib + (1 - share) * profile.activation_gib
     activations = per_sample * setting.largest_part * profile.scale(footprint.pixels) * footprint.activation_scale
     return footprint.weights_gib + lora_gib(footprint.lora_params, setting.adam_8bit) + activations
 
@@ -128,22 +149,27 @@ def step_cost(footprint: Footprint, setting: Setting) -> float:
     scale = profile.scale(footprint.pixels)
     sizes = part_sizes(setting.batch, setting.micro_batch)
     time = sum(profile.overhead_ms + profile.per_sample_ms * scale * size for size in sizes)
-    return time * (profile.checkpointing_factor if setting.checkpointing else 1.0)
+    return time * (1 + (profile.checkpointing_factor - 1) * _checkpointed_share(footprint, setting))
 
 
-def candidates(configured: Setting, allow_8bit: bool, may_drop_checkpointing: bool = True) -> list[Setting]:
+def candidates(
+    configured: Setting, allow_8bit: bool, may_drop_checkpointing: bool = True, blocks: int = 0
+) -> list[Setting]:
     """Every micro-batch size with and without checkpointing (whether or not the configuration asked for it:
-    it only trades time for memory; configured checkpointing stays on unless ``may_drop_checkpointing``), then
-    the same with 8-bit AdamW."""
+    it only trades time for memory; configured checkpointing stays on unless ``may_drop_checkpointing``), and
+    with it off for 1 to ``blocks`` - 1 of the last blocks where it may be dropped; then the same with 8-bit
+    AdamW."""
     found = []
     keep = configured.checkpointing and not may_drop_checkpointing
+    partial = range(blocks) if may_drop_checkpointing and blocks else range(1)
     for adam_8bit in (False, True) if allow_8bit and not configured.adam_8bit else (configured.adam_8bit,):
         sizes = {Setting(configured.batch, m, False).largest_part for m in range(1, configured.batch + 1)}
         for size in sorted(sizes, reverse=True):
             for checkpointing in (True,) if keep else (False, True):
-                setting = Setting(configured.batch, size, checkpointing, adam_8bit)
-                if setting not in found:
-                    found.append(setting)
+                for plain_blocks in partial if checkpointing else (0,):
+                    setting = Setting(configured.batch, size, checkpointing, adam_8bit, plain_blocks)
+                    if setting not in found:
+                        found.append(setting)
     return found
 
 
@@ -151,7 +177,8 @@ def plan_memory(footprint: Footprint, configured: Setting, budget_gib: float, al
     """The fastest setting estimated to fit ``budget_gib``; 8-bit AdamW only when nothing else fits. When
     nothing fits, the smallest."""
     base = step_cost(footprint, configured)
-    options = candidates(configured, allow_8bit, PROFILES[footprint.family].plain_activations_measured)
+    measured = PROFILES[footprint.family].plain_activations_measured
+    options = candidates(configured, allow_8bit, measured, footprint.blocks)
     fitting = [s for s in options if estimate_gib(footprint, s) <= budget_gib]
     if fitting:
         plain = [s for s in fitting if s.adam_8bit == configured.adam_8bit] or fitting
@@ -174,11 +201,15 @@ def bitsandbytes_available() -> bool:
     return True
 
 
-def fit_config(
-    cfg: TrainConfig, footprint: Footprint, budget_gib: float, resuming: bool = False
-) -> tuple[TrainConfig, int | None, str]:
-    """(the config with checkpointing / optimizer as planned, the micro-batch size or None, a one-line
-    description). A resumed run keeps its optimizer (its saved state belongs to it)."""
+class MemoryFit(NamedTuple):
+    cfg: TrainConfig  # with checkpointing and the optimizer as planned
+    micro_batch: int | None  # images per forward/backward, or None: batches are not split
+    plain_blocks: int  # with checkpointing: how many of the denoiser's last blocks run without it
+    description: str  # one line for the start event's choices
+
+
+def fit_config(cfg: TrainConfig, footprint: Footprint, budget_gib: float, resuming: bool = False) -> MemoryFit:
+    """The run's setting as planned. A resumed run keeps its optimizer (its saved state belongs to it)."""
     configured = Setting(
         cfg.batch_size, cfg.batch_size, cfg.gradient_checkpointing, cfg.optimizer_type.lower() == "adamw8bit"
     )
@@ -189,7 +220,7 @@ def fit_config(
     if s.adam_8bit and not configured.adam_8bit:
         update["optimizer_type"] = "AdamW8bit"
     micro_batch = s.micro_batch if s.micro_batch < s.batch else None
-    return cfg.model_copy(update=update), micro_batch, plan.describe(configured)
+    return MemoryFit(cfg.model_copy(update=update), micro_batch, s.plain_blocks, plan.describe(configured))
 
 
 # Parameter counts of the real architectures, for planning before a model is loaded, as the client's cost
@@ -218,4 +249,5 @@ def footprint_for(
     resident_text = trains_text_encoder if text_on_gpu is None else text_on_gpu
     weights = unet * (1 if fp8_base else bytes_per_value) + (text * bytes_per_value if resident_text else 0)
     lora = network_dim * (lora_unet + (lora_text if trains_text_encoder else 0))
-    return Footprint(family, weights / GIB, lora, pixels, activation_scale=bytes_per_value / 2)
+    blocks = PROFILES[family].checkpoint_blocks
+    return Footprint(family, weights / GIB, lora, pixels, activation_scale=bytes_per_value / 2, blocks=blocks)

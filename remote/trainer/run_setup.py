@@ -144,11 +144,12 @@ def setup(cfg: TrainConfig, writer: EventWriter, resume: Path | None, ranks: Ran
         cfg.conv_alpha,
     )
     network.apply_to()
-    memory_choice, micro_batch = None, None
+    memory_choice, micro_batch, plain_blocks = None, None, 0
     if device.type == "cuda" and cfg.fit_memory:
-        cfg, micro_batch, memory_choice = fit_memory(cfg, bundle, dataset, network, device, dtype, resume, ranks)
+        fit = fit_memory(cfg, bundle, dataset, network, device, dtype, resume, ranks)
+        cfg, micro_batch, plain_blocks, memory_choice = fit
     speed = FastPath.for_run(device, cfg.cuda_graphs)
-    _place_models(cfg, bundle, network, speed, device, dtype, ranks)
+    _place_models(cfg, bundle, network, speed, device, dtype, ranks, plain_blocks)
 
     use_scaler = dtype == torch.float16 and not cfg.full_fp16
     optimizer, optimizer_label = make_optimizer(
@@ -237,9 +238,11 @@ def _place_models(
     device: torch.device,
     dtype: torch.dtype,
     ranks: Ranks,
+    plain_blocks: int = 0,
 ) -> None:
     """The frozen base in the mixed-precision dtype on the device; the LoRA fp32 unless full_fp16/bf16, on
-    its flat buffers (the same on every rank); gradient checkpointing where configured or planned. Text
+    its flat buffers (the same on every rank); gradient checkpointing where configured or planned, but for the
+    denoiser's last ``plain_blocks`` blocks (the memory plan's). Text
     encoders whose outputs are cached stay where they are: they visit the GPU only to fill the cache
     (prepare_caches), so Flux.1's T5-XXL (9 GB) is never resident beside the transformer while it trains."""
     bundle.unet.to(device, dtype)
@@ -253,15 +256,22 @@ def _place_models(
     flat = speed.flat_buffers(network, dtype)
     broadcast_parameters(flat.master, ranks)
     if cfg.gradient_checkpointing:
-        preserve = checkpoint_options(bundle.unet)["preserve_rng_state"]
-        bundle.unet.enable_gradient_checkpointing(partial(_checkpoint, preserve_rng_state=preserve))
-        bundle.unet.train()
+        checkpoint_denoiser(bundle, plain_blocks)
         if cfg.effective_text_encoder_lr > 0:
             for encoder in bundle.text_encoders:
                 # non-reentrant, said explicitly: with frozen embeddings as its input, reentrant checkpointing
                 # (transformers 4's default) cuts the graph and the text-encoder LoRA gets no gradient
                 encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_options(encoder))
                 encoder.train()
+
+
+def checkpoint_denoiser(bundle: ModelBundle, plain_blocks: int = 0) -> None:
+    """Gradient checkpointing on the denoiser, but for its last ``plain_blocks`` blocks (the memory plan's)."""
+    preserve = checkpoint_options(bundle.unet)["preserve_rng_state"]
+    blocks = bundle.spec.checkpoint_blocks(bundle.unet)
+    unchecked = frozenset(blocks[len(blocks) - plain_blocks :] if plain_blocks else [])
+    bundle.unet.enable_gradient_checkpointing(partial(_checkpoint, preserve_rng_state=preserve, unchecked=unchecked))
+    bundle.unet.train()
 
 
 def checkpoint_options(model: torch.nn.Module) -> dict[str, bool]:
@@ -276,8 +286,13 @@ def checkpoint_options(model: torch.nn.Module) -> dict[str, bool]:
     return {"use_reentrant": False, "preserve_rng_state": modules or functional}
 
 
-def _checkpoint(module: torch.nn.Module, *args: Any, preserve_rng_state: bool) -> Any:
-    """diffusers' gradient_checkpointing_func: ``module`` recomputed in the backward pass."""
+def _checkpoint(
+    module: torch.nn.Module, *args: Any, preserve_rng_state: bool, unchecked: frozenset[torch.nn.Module] = frozenset()
+) -> Any:
+    """diffusers' gradient_checkpointing_func: ``module`` recomputed in the backward pass, unless it is one of the
+    ``unchecked`` blocks, whose activations the card holds."""
+    if module in unchecked:
+        return module(*args)
     return torch.utils.checkpoint.checkpoint(
         module.__call__, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state
     )
@@ -318,8 +333,8 @@ def fit_memory(
     dtype: torch.dtype,
     resume: Path | None,
     ranks: Ranks,
-) -> tuple[TrainConfig, int | None, str]:
-    """The fastest setting that fits this GPU (memory.py): (config, micro-batch or None, what was chosen).
+) -> memory.MemoryFit:
+    """The fastest setting that fits this GPU (memory.py).
     Every rank plans for the smallest budget among them, so that all make the same choice."""
     text_on_gpu = cfg.text_encoders_on_gpu
     resident = [bundle.unet, *(bundle.text_encoders if text_on_gpu else [])]
@@ -332,6 +347,7 @@ def fit_memory(
         lora_params=sum(p.numel() for p in network.parameters()),
         pixels=max(r.bucket[0] * r.bucket[1] for r in dataset.records),
         activation_scale=bytes_per_value / 2,
+        blocks=len(bundle.spec.checkpoint_blocks(bundle.unet)),
     )
     index = device.index if device.index is not None else torch.cuda.current_device()
     fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda index: 1.0)(index)

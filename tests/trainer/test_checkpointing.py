@@ -52,3 +52,43 @@ def test_the_denoiser_checkpoints_without_saving_the_rng_state(make_config, tmp_
     loss = backward_pass(run, batch_inputs(run, [0], 0, 0))
     assert torch.isfinite(loss)
     assert calls and all(c == {"use_reentrant": False, "preserve_rng_state": False} for c in calls)
+
+
+def test_the_last_blocks_the_plan_leaves_unchecked_run_plainly_and_the_gradient_is_the_same(make_config, tmp_path):
+    from remote.trainer import run_setup
+
+    _, cfg = make_config(
+        pretrained_model_name_or_path="builtin:tiny-flux", gradient_checkpointing=True, network_train_unet_only=True
+    )
+    run = run_setup.setup(cfg, EventWriter(tmp_path / "events.jsonl", stream=io.StringIO()), None)
+    run_setup.prepare_caches(run)
+    blocks = run.family.checkpoint_blocks(run.bundle.unet)
+    assert len(blocks) == 4  # the tiny Flux.1: two double-stream blocks, then two single-stream ones
+    checkpointed: list[nn.Module] = []
+    original = run_setup._checkpoint
+
+    def gradient(plain_blocks: int) -> torch.Tensor:
+        checkpointed.clear()
+        run_setup.checkpoint_denoiser(run.bundle, plain_blocks)
+        flat = run.network.flat_buffers
+        flat.master_grad.zero_()
+        backward_pass(run, batch_inputs(run, [0], 0, 0))
+        return flat.master_grad.clone()
+
+    def spy(module, *args, **kwargs):
+        if module not in kwargs.get("unchecked", frozenset()):
+            checkpointed.append(module)
+        return original(module, *args, **kwargs)
+
+    run_setup._checkpoint = spy  # type: ignore[assignment]
+    try:
+        full = gradient(0)
+        assert checkpointed == blocks
+        partial = gradient(3)
+        assert checkpointed == blocks[:1]
+        plain = gradient(4)
+        assert checkpointed == []
+    finally:
+        run_setup._checkpoint = original  # type: ignore[assignment]
+    assert full.abs().sum() > 0
+    assert torch.allclose(full, partial, atol=1e-6) and torch.allclose(full, plain, atol=1e-6)

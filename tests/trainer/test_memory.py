@@ -139,10 +139,10 @@ def test_fp32_activations_count_double():
 def test_fit_config_leaves_batches_alone_and_returns_the_micro_batch(make_config):
     _, cfg = make_config(batch_size=2, gradient_accumulation_steps=1)
     footprint = Footprint("sdxl", SDXL_UNET * 2 / GIB, SDXL_LORA, 1024 * 1024)
-    fitted, micro_batch, text = fit_config(cfg, footprint, _card(16))
+    fitted, micro_batch, _, text = fit_config(cfg, footprint, _card(16))
     assert micro_batch == 1 and "2 micro-batches" in text
     assert (fitted.batch_size, fitted.gradient_accumulation_steps, fitted.gradient_checkpointing) == (2, 1, False)
-    same, micro_batch, text = fit_config(cfg, footprint, _card(80))
+    same, micro_batch, _, text = fit_config(cfg, footprint, _card(80))
     assert micro_batch is None and same.batch_size == 2 and "as configured" in text
 
 
@@ -153,12 +153,12 @@ def test_a_resumed_run_never_switches_to_eight_bit_state(make_config, monkeypatc
     _, cfg = make_config(batch_size=1, optimizer_type="AdamW")
     footprint = Footprint("sdxl", SDXL_UNET * 2 / GIB, SDXL_LORA, 1024 * 1024)
     squeezed = estimate_gib(footprint, Setting(1, 1, True)) - 0.1  # only 8-bit AdamW state would fit
-    fitted, _, _ = fit_config(cfg, footprint, squeezed)
+    fitted, _, _, _ = fit_config(cfg, footprint, squeezed)
     assert fitted.optimizer_type == "AdamW8bit"
-    fitted, _, text = fit_config(cfg, footprint, squeezed, resuming=True)  # AdamW moments cannot become 8-bit
+    fitted, _, _, text = fit_config(cfg, footprint, squeezed, resuming=True)  # AdamW moments cannot become 8-bit
     assert fitted.optimizer_type == "AdamW" and "may not fit" in text
     monkeypatch.setattr(memory, "bitsandbytes_available", lambda: False)
-    fitted, _, _ = fit_config(cfg, footprint, squeezed)
+    fitted, _, _, _ = fit_config(cfg, footprint, squeezed)
     assert fitted.optimizer_type == "AdamW"  # without bitsandbytes, never
 
 
@@ -212,7 +212,7 @@ def test_the_trainer_plans_from_the_cards_memory_and_its_cap(make_config, monkey
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", fraction)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     # a tiny model fits anywhere: planned as configured, against half of the 24 GiB card
-    _fitted, micro_batch, text = run_setup.fit_memory(
+    _fitted, micro_batch, _, text = run_setup.fit_memory(
         cfg, bundle, dataset, network, torch.device("cuda"), torch.bfloat16, None, Ranks()
     )
     assert seen["device"] == 0  # torch wants the index: a bare "cuda" device is refused there
@@ -240,9 +240,35 @@ def test_configured_checkpointing_is_dropped_where_the_card_holds_the_activation
 
 
 @pytest.mark.parametrize("pixels", [1024 * 1024, 512 * 512])
-def test_flux_runs_without_checkpointing_on_an_80_gb_card_and_with_it_on_a_24_gb_one(pixels):
+def test_flux_runs_without_checkpointing_on_an_80_gb_card(pixels):
     configured = Setting(1, 1, True)  # kohya's Flux.1 recipe
     roomy = plan_memory(flux(pixels), configured, _card(80), allow_8bit=True)
     assert roomy.setting == Setting(1, 1, False) and roomy.relative_time == pytest.approx(1 / 1.39, rel=0.01)
-    tight = plan_memory(flux(pixels), configured, _card(24), allow_8bit=True)
-    assert tight.setting == configured and tight.fits
+
+
+@pytest.mark.parametrize(("pixels", "unchecked"), [(1024 * 1024, 13), (512 * 512, 52)])
+def test_flux_leaves_as_many_of_its_last_blocks_unchecked_as_a_24_gb_card_holds(pixels, unchecked):
+    """Flux.1's 57 blocks are alike: k of them unchecked cost k / 57 of the activations checkpointing saves, and
+    save k / 57 of its recompute."""
+    configured = Setting(1, 1, True)
+    plan = plan_memory(flux(pixels), configured, _card(24), allow_8bit=True)
+    assert plan.setting == Setting(1, 1, True, plain_blocks=unchecked) and plan.fits
+    one_more = Setting(1, 1, True, plain_blocks=unchecked + 1)
+    assert estimate_gib(flux(pixels), plan.setting) <= _card(24) < estimate_gib(flux(pixels), one_more)
+    assert plan.relative_time == pytest.approx((1 + 0.39 * (57 - unchecked) / 57) / 1.39)
+    assert f"gradient checkpointing off for the last {unchecked} blocks" in plan.describe(configured)
+    # the endpoints are the measured settings: all blocks checkpointed, none
+    full, none = Setting(1, 1, True), Setting(1, 1, False)
+    assert estimate_gib(flux(pixels), Setting(1, 1, True, plain_blocks=57)) == pytest.approx(
+        estimate_gib(flux(pixels), none)
+    )
+    assert estimate_gib(flux(pixels), full) < estimate_gib(flux(pixels), plan.setting)
+
+
+def test_a_unet_is_checkpointed_all_or_nothing():
+    """A UNet's blocks differ many times over in size: no partial setting is ever planned for SD or SDXL."""
+    for footprint in (footprint_for("sd15", 512 * 512, 32, True), footprint_for("sdxl", 1024 * 1024, 32, False)):
+        assert footprint.blocks == 0
+        for card in (8, 12, 16, 24):
+            plan = plan_memory(footprint, Setting(2, 2, True), _card(card), allow_8bit=False)
+            assert plan.setting.plain_blocks == 0

@@ -90,6 +90,12 @@ class ModelFamily(ABC):
     def name(self) -> str:
         return self.facts.name
 
+    def checkpoint_blocks(self, denoiser: nn.Module) -> list[nn.Module]:
+        """The denoiser's blocks that gradient checkpointing wraps, in the order they run, when they are alike
+        enough for the memory plan to leave the last few of them unchecked (FamilyProfile.checkpoint_blocks);
+        empty: checkpointing is all or nothing."""
+        return []
+
     def configure(self, cfg: TrainConfig) -> ModelFamily:
         """This family with the run's family-specific options (Flux: its flow-matching keys). The SD families
         have none: themselves."""

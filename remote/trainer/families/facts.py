@@ -29,6 +29,11 @@ class FamilyProfile:
     # whether a run measured the activations without checkpointing: only then may the planner turn configured
     # checkpointing off (a derived figure that is too low would run the card out of memory)
     plain_activations_measured: bool = True
+    # the standard architecture's blocks that checkpointing wraps (ModelFamily.checkpoint_blocks), when they are
+    # alike enough that k of them hold k / checkpoint_blocks of the activations and of the recompute, so that
+    # the planner may leave the last few unchecked; 0: checkpointing is all or nothing (a UNet's blocks differ
+    # many times over in size)
+    checkpoint_blocks: int = 0
 
     def tokens(self, pixels: int) -> float:
         return pixels / self.pixels_per_token + self.text_tokens
@@ -91,6 +96,7 @@ _FLUX_MEMORY = FamilyProfile(
     1.39,
     pixels_per_token=16 * 16,
     text_tokens=512,
+    checkpoint_blocks=19 + 38,  # double- and single-stream blocks
 )
 
 FAMILIES: dict[str, FamilyFacts] = {

@@ -209,6 +209,11 @@ class Flux(ModelFamily):
         )
         return {"unet": transformer, "vae": vae, "text_encoders": encoders, "tokenizers": tokenizers}
 
+    def checkpoint_blocks(self, denoiser: nn.Module) -> list[nn.Module]:
+        double: nn.ModuleList = denoiser.transformer_blocks  # type: ignore[assignment]
+        single: nn.ModuleList = denoiser.single_transformer_blocks  # type: ignore[assignment]
+        return [*double, *single]
+
     def model_info(self, parts: Components) -> dict[str, object]:
         return {"flux_variant": "dev" if parts["unet"].config.guidance_embeds else "schnell"}
 
