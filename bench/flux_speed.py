@@ -30,7 +30,17 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from train_speed import CLIP_L, PATCHES, Case, build_dataset, parse_override, report, run_case, write_config
+from train_speed import (
+    CLIP_L,
+    PATCHES,
+    Case,
+    add_override_option,
+    build_dataset,
+    parse_override,
+    report,
+    run_case,
+    write_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -138,7 +148,7 @@ def main() -> int:
     parser.add_argument("--cap-gib", type=float, default=24.0, help="act like a card of this size (0: no cap)")
     parser.add_argument("--smoke", action="store_true", help="the narrow stand-in, 64px, 4 steps (CPU is fine)")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_override_option(parser, "config override (repeatable), as train_speed.py --set")
     parser.add_argument("--patch", dest="patches", action="append", default=[], choices=sorted(PATCHES))
     args = parser.parse_args()
     overrides = dict(parse_override(item) for item in args.overrides)

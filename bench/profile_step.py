@@ -22,7 +22,15 @@ sys.path.insert(0, str(REPO))
 
 from dataclasses import replace  # noqa: E402
 
-from bench.train_speed import CASES, PATCHES, build_dataset, build_model, parse_override, write_config  # noqa: E402
+from bench.train_speed import (  # noqa: E402
+    CASES,
+    PATCHES,
+    add_override_option,
+    build_dataset,
+    build_model,
+    parse_override,
+    write_config,
+)
 
 KERNEL_KINDS = (
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_generated_fort_native_sdpa")),
@@ -98,14 +106,7 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/rentrain-bench"))
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--patch", dest="patches", action="append", default=[], choices=sorted(PATCHES))
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override, e.g. cuda_graphs=false (eager: kernels attributed to their operators)",
-    )
+    add_override_option(parser, "config override, e.g. cuda_graphs=false (eager: kernels by operator)")
     args = parser.parse_args()
 
     import torch

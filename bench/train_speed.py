@@ -356,20 +356,35 @@ def run_case(
     )
     first, last = (float(e["loss"]) for e in (steps[0], steps[-1]))  # not finite: "NaN" (remote/events.py)
     print(f"  trainer: loss {first:.4f} at step 1 -> {last:.4f} at step {len(steps)}", file=sys.stderr)
-    steady = steps[warmup:]
-    # the median interval between step events: an epoch's end (a sync, a new batch shape captured as a graph)
-    # costs a few steps' time once; the mean over the window, printed beside it, includes those
-    intervals = [b["time"] - a["time"] for a, b in itertools.pairwise(steady)]
+    times = [e["time"] for e in steps]
+    memory = [e["gpu_memory_gb"] for e in steps if e.get("gpu_memory_gb") is not None]
+    setup_peak = start.get("setup_gpu_memory_gb")
+    return steady_result(case, "trainer", times, warmup, started, memory, setup_peak, gpu)
+
+
+def steady_result(
+    case: Case,
+    who: str,
+    times: list[float],
+    warmup: int,
+    started: float,
+    memory: list[float],
+    setup_peak_gib: float | None,
+    gpu: str,
+) -> Result:
+    """The Result of a run launched at ``started`` from the times its steps ended: the median interval between
+    those after the warm-up (an epoch's end, a sync or a new batch shape captured as a graph, costs a few steps'
+    time once; the mean over the window, printed beside it, includes those)."""
+    intervals = [b - a for a, b in itertools.pairwise(times[warmup:])]
     seconds = statistics.median(intervals)
     print(
-        f"  trainer: mean interval {1000 * statistics.mean(intervals):.1f} ms, median {1000 * seconds:.1f} ms",
+        f"  {who}: mean interval {1000 * statistics.mean(intervals):.1f} ms, median {1000 * seconds:.1f} ms",
         file=sys.stderr,
         flush=True,
     )
     flop = case.flop_per_step
     tflops = flop / seconds / 1e12 if flop else None
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), None)
-    memory = [s["gpu_memory_gb"] for s in steps if s.get("gpu_memory_gb") is not None]
     return Result(
         case=case.name,
         ms_per_step=seconds * 1000,
@@ -377,10 +392,15 @@ def run_case(
         tflops=tflops,
         percent_of_peak=100 * tflops / peak if tflops and peak else None,
         peak_gib=max(memory) if memory else None,
-        startup_s=steps[0]["time"] - started,
-        steps=len(steps),
-        setup_peak_gib=start.get("setup_gpu_memory_gb"),
+        startup_s=times[0] - started,
+        steps=len(times),
+        setup_peak_gib=setup_peak_gib,
     )
+
+
+def add_override_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """--set KEY=VALUE (repeatable) into ``args.overrides``; parse_override reads each."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
 
 
 def parse_override(item: str) -> tuple[str, object]:
@@ -454,14 +474,7 @@ def main() -> int:
     )
     parser.add_argument("--precision", default="no", choices=("no", "fp16", "bf16"), help="mixed_precision of --tiny")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override for every case, e.g. cuda_graphs=false (repeatable)",
-    )
+    add_override_option(parser, "config override for every case, e.g. cuda_graphs=false (repeatable)")
     parser.add_argument(
         "--patch",
         dest="patches",

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from train_speed import Case, build_model, parse_override, report, run_case
+from train_speed import Case, add_override_option, build_model, parse_override, report, run_case
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -52,7 +52,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/rentrain-bench-tutorial"))
     parser.add_argument("--model", default="sd15", help="train_speed.py's model to build (sd15), or builtin:tiny-sd15")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_override_option(parser, "config override (repeatable), as train_speed.py --set")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     overrides = dict(parse_override(item) for item in args.overrides)
