@@ -50,7 +50,7 @@ def train(label: str, extra: dict, patches: tuple[str, ...], precision: str, ste
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))}
     done = subprocess.run(trainer_command(config, None, patches), env=env, capture_output=True, text=True, check=False)
     events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    losses = [e["loss"] for e in events if e["event"] == "step"]
+    losses = [float(e["loss"]) for e in events if e["event"] == "step"]  # not finite: "NaN" (remote/events.py)
     final = next((e["path"] for e in events if e["event"] == "done"), None)
     if final is None:
         raise SystemExit(f"{label}: the run failed\n{done.stderr[-3000:]}")

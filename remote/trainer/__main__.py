@@ -102,7 +102,9 @@ def _train_and_report(cfg: TrainConfig, writer: EventWriter, resume: str | None)
         return 2
     except Diverged as exc:
         writer.emit(ErrorEvent(kind="diverged", message=str(exc)))
-        return 2
+        # every rank diverges at once: rank 0 alone exits non-zero, so that no other rank's exit gets it killed
+        # before its event is written (as for Stopped, below)
+        return 2 if os.environ.get("RANK", "0") == "0" else 0
     except Stopped as exc:
         state = str(exc.state_dir) if exc.state_dir is not None else None
         writer.emit(ErrorEvent(kind="interrupted", message=str(exc), state_dir=state))

@@ -55,6 +55,7 @@ def save_final(run: Run, path: Path, epoch: int) -> tuple[str, Path]:
 def save_samples(run: Run, label: str, epoch: int, step: int, final: bool = False) -> None:
     if not run.cfg.sample_prompts or not run.ranks.main:
         return
+    run.divergence.before_saving(step)  # no grid drawn from weights that are no longer numbers
     path = run.output_dir / "samples" / f"{label}.png"
     written = sample_grid(run, path, f"{label}  epoch {epoch}  step {step}")
     if written is not None:

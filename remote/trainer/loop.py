@@ -152,7 +152,9 @@ def end_of_epoch(run: Run, done_epochs: int, losses: list[float]) -> None:
 
 
 def stop_with_state(run: Run, order_in_progress: list[list[int]] | None) -> None:
-    """Save a resumable state at the step reached and raise ``Stopped``."""
+    """Save a resumable state at the step reached and raise ``Stopped`` (``Diverged`` instead when the weights
+    are no longer finite: a resume of them would only rent a machine to stop again)."""
+    run.divergence.before_saving(run.position.step)
     name = state_dir_name(run.name, step=run.position.step)
     if run.ranks.main:
         save_run_state(run, name, order_in_progress)

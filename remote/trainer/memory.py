@@ -11,8 +11,9 @@ schedule stay as configured. Text-encoder outputs are cached whenever the text e
 Estimates are measured for SD 1.x/2.x and SDXL (bench/RESULTS.md, "Memory planning") on an H200, for Flux.1 on
 an H100 (families/facts.py): a run's peak is the weights it keeps on the GPU, the LoRA with its gradients and optimizer
 state, and activations proportional to the micro-batch's pixels. Step-time costs come from the same
-measurements. Estimates err on the high side; a run that fits its estimate has been measured to fit, and
-configured checkpointing is only turned off where the activations without it were measured.
+measurements. Estimates err on the high side, and configured checkpointing is only turned off where the
+activations without it were measured. The settings between the measured ones (micro-batches, Flux.1's blocks
+left unchecked) are interpolated, not measured one by one.
 """
 
 from __future__ import annotations

@@ -73,3 +73,17 @@ def test_no_checkpoint_of_diverged_weights_is_written(make_config) -> None:
     assert all(weights_are_finite(load_file(path).values()) for path in saved)
     assert f"diverged by step {len(saved) + 1}: the LoRA's weights are no longer finite numbers" in message
     assert steps[-1].step == len(saved) + 1
+
+
+def test_a_stop_after_the_weights_diverged_saves_no_state_to_resume(make_config, tmp_path) -> None:
+    """A stop (SIGTERM at a budget, a spot reclaim) at the step whose update overflowed the weights: a state of
+    them would only rent a machine to diverge again on resume."""
+    _, steps, _ = _diverge(make_config, save_every_n_steps=1)
+    diverged_at = steps[-1].step  # the loss was still finite; the update after it was not
+    from remote.config import MAX_LEARNING_RATE
+
+    _, cfg = make_config(learning_rate=MAX_LEARNING_RATE, max_train_steps=40)
+    cfg = cfg.model_copy(update={"output_dir": tmp_path / "stopped"})
+    with pytest.raises(Diverged, match=f"diverged by step {diverged_at}"):
+        train(cfg, EventWriter(None, stream=io.StringIO()), stop_after_step=diverged_at)
+    assert not [p for p in (tmp_path / "stopped").iterdir() if p.is_dir() and "state" in p.name.lower()]
