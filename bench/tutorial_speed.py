@@ -12,6 +12,7 @@ Two runs, measured as train_speed.py measures (median step interval after the wa
     single shape     the same config on 20 images of 512x512: the same pixels per step, one shape
 
     python bench/tutorial_speed.py [--runs tutorial,single] [--warmup 20] [--workdir DIR] [--set KEY=VALUE]
+                                   [--patch NAME]   # train_speed.py's experiment patches, e.g. fp16_throughout
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from train_speed import Case, add_override_option, build_model, parse_override, report, run_case
+from train_speed import PATCHES, Case, add_override_option, build_model, parse_override, report, run_case
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -54,6 +55,7 @@ def main() -> int:
     parser.add_argument("--model", default="sd15", help="train_speed.py's model to build (sd15), or builtin:tiny-sd15")
     add_override_option(parser, "config override (repeatable), as train_speed.py --set")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--patch", dest="patches", action="append", default=[], choices=sorted(PATCHES))
     args = parser.parse_args()
     overrides = dict(parse_override(item) for item in args.overrides)
 
@@ -74,7 +76,7 @@ def main() -> int:
         config = tutorial_config(args.workdir / f"{run}.toml", Path(model), dataset, output, overrides)
         label = "tutorial TOML, 20 mixed-size images" if run == "tutorial" else "tutorial TOML, 20 images 512x512"
         case = Case(label, "sd15", 512, 2, True)
-        result = run_case(case, config, args.warmup, None, gpu)
+        result = run_case(case, config, args.warmup, None, gpu, tuple(args.patches))
         print(f"{run}: {result}", file=sys.stderr, flush=True)
         results.append(result)
     return report(results, args.json)

@@ -215,10 +215,11 @@ def uses_autocast(run: Run) -> bool:
 def compute_description(run: Run) -> str:
     if uses_autocast(run):
         return "fp16 under autocast, LoRA weights fp32"
-    if run.dtype == torch.bfloat16:
-        lora = "bf16 (full_bf16)" if run.cfg.full_bf16 else "fp32"
-        return f"bf16 throughout (frozen model and activations), LoRA weights {lora}"
-    return "float32"
+    if run.dtype == torch.float32:
+        return "float32"
+    name = "bf16" if run.dtype == torch.bfloat16 else "fp16"
+    lora = "bf16 (full_bf16)" if run.cfg.full_bf16 else "fp32"
+    return f"{name} throughout (frozen model and activations), LoRA weights {lora}"
 
 
 def autocast(run: Run) -> AbstractContextManager[Any]:
