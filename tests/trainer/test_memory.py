@@ -7,6 +7,7 @@ import pytest
 from remote.trainer import data as data_mod
 from remote.trainer.memory import (
     GIB,
+    INTERPOLATED_MARGIN_GIB,
     Footprint,
     Setting,
     budget_from_device,
@@ -246,15 +247,18 @@ def test_flux_runs_without_checkpointing_on_an_80_gb_card(pixels):
     assert roomy.setting == Setting(1, 1, False) and roomy.relative_time == pytest.approx(1 / 1.39, rel=0.01)
 
 
-@pytest.mark.parametrize(("pixels", "unchecked"), [(1024 * 1024, 13), (512 * 512, 52)])
+@pytest.mark.parametrize(("pixels", "unchecked"), [(1024 * 1024, 12), (512 * 512, 49)])
 def test_flux_leaves_as_many_of_its_last_blocks_unchecked_as_a_24_gb_card_holds(pixels, unchecked):
     """Flux.1's 57 blocks are alike: k of them unchecked cost k / 57 of the activations checkpointing saves, and
-    save k / 57 of its recompute."""
+    save k / 57 of its recompute. Such a setting is not measured: it keeps INTERPOLATED_MARGIN_GIB more room, so
+    that a 24 GiB card plans at most 22 GiB."""
     configured = Setting(1, 1, True)
     plan = plan_memory(flux(pixels), configured, _card(24), allow_8bit=True)
     assert plan.setting == Setting(1, 1, True, plain_blocks=unchecked) and plan.fits
     one_more = Setting(1, 1, True, plain_blocks=unchecked + 1)
-    assert estimate_gib(flux(pixels), plan.setting) <= _card(24) < estimate_gib(flux(pixels), one_more)
+    room = _card(24) - INTERPOLATED_MARGIN_GIB
+    assert estimate_gib(flux(pixels), plan.setting) <= room < estimate_gib(flux(pixels), one_more)
+    assert plan.estimate_gib <= 22.0
     assert plan.relative_time == pytest.approx((1 + 0.39 * (57 - unchecked) / 57) / 1.39)
     assert f"gradient checkpointing off for the last {unchecked} blocks" in plan.describe(configured)
     # the endpoints are the measured settings: all blocks checkpointed, none
