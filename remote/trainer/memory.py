@@ -94,11 +94,12 @@ class Plan:
                 else f"each batch of {s.batch} runs as {s.micro_batches} "
                 f"micro-batches of up to {s.largest_part} (same batches, random draws and gradient)"
             )
+        but = f" but for the last {s.plain_blocks} blocks" if s.plain_blocks else ""
         if s.checkpointing and not configured.checkpointing:
-            changes.append("gradient checkpointing" if short else "gradient checkpointing on")
-        if s.checkpointing and s.plain_blocks:
+            changes.append(("gradient checkpointing" if short else "gradient checkpointing on") + but)
+        elif s.checkpointing and s.plain_blocks:
             changes.append(
-                f"no checkpointing of {s.plain_blocks} blocks"
+                f"no checkpointing of the last {s.plain_blocks} blocks"
                 if short
                 else f"gradient checkpointing off for the last {s.plain_blocks} blocks (the card holds their "
                 "activations)"

@@ -357,7 +357,10 @@ def test_checkpointing_asked_for_is_dropped_in_the_estimate_only_where_measured_
     assert factor == pytest.approx(1 / 1.39, rel=0.01) and "no gradient checkpointing" in note
     # on 24 GB its last 12 blocks of 57 run without checkpointing (remote/trainer/memory.py)
     factor, note = speed_model.memory_fit(flux(gradient_checkpointing=True), 24)
-    assert factor == pytest.approx((1 + 0.39 * 45 / 57) / 1.39) and "no checkpointing of 12 blocks" in note
+    assert factor == pytest.approx((1 + 0.39 * 45 / 57) / 1.39) and "no checkpointing of the last 12 blocks" in note
+    # asked for without checkpointing, it is turned on but for those blocks
+    factor, note = speed_model.memory_fit(flux(), 24)
+    assert factor == pytest.approx(1 + 0.39 * 45 / 57) and "gradient checkpointing but for the last 12 blocks" in note
 
 
 def test_without_fit_memory_the_estimate_is_the_configured_setting_or_none():
