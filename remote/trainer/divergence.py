@@ -4,8 +4,8 @@ A step's loss that is not a finite number (NaN or infinity) alone is not the end
 that overflows is skipped by the loss scaler, and the next step goes on. The run has diverged when the LoRA's
 own weights are no longer finite (nothing trains them back), or when the loss stays non-finite for
 NON_FINITE_LOSS_LIMIT steps in a row while the weights are finite (the frozen model overflows on every batch).
-The weights are read when a loss is not finite, and before every LoRA file is written: an update can overflow
-them while the loss it followed was finite, and such a file would be useless.
+The weights are read when a loss is not finite, and before every LoRA file, resumable state or sample grid is
+written: an update can overflow them while the loss it followed was finite, and such a file would be useless.
 """
 
 from __future__ import annotations
