@@ -7,13 +7,17 @@
     ... PyTorch's GN   the same with PyTorch's GroupNorm instead of the channels_last kernels
     eager, fp32        no mixed precision: how far bf16 itself is from exact arithmetic
 
+With --fp16 the runs are the tutorial's precision instead: eager fp16 under autocast (the reference), the fast
+path under autocast (the default), the fast path in fp16 throughout (train_speed.py's fp16_throughout patch:
+what the bf16 path does, in fp16), and fp32 again as the scale of the noise.
+
 Each run trains SD 1.5 (full size, random weights; 512px, batch 4, UNet + text encoder LoRA) for --steps
 steps; 50 images at batch 4 end each epoch on a batch of 2, so two shapes are captured. Against the first
 run it reports the per-step loss difference (mean and max over the steps) and the relative L2 distance of
 the exported LoRA files. The fp32 row is the scale of "bf16 noise": the fast path should be far closer to
 the eager bf16 paths than fp32 is.
 
-    python bench/fast_path_check.py [--steps 100] [--workdir DIR]
+    python bench/fast_path_check.py [--steps 100] [--workdir DIR] [--fp16]
 """
 
 from __future__ import annotations
@@ -37,6 +41,12 @@ VARIANTS = (
     ("eager, bf16", {"cuda_graphs": False}, (), "bf16"),
     ("fast path (CUDA graphs, bf16)", {}, (), "bf16"),
     ("fast path with PyTorch's GroupNorm", {}, ("nativegn",), "bf16"),
+    ("eager, fp32 (precision reference)", {"cuda_graphs": False}, (), "no"),
+)
+FP16_VARIANTS = (
+    ("eager, fp16 under autocast", {"cuda_graphs": False}, (), "fp16"),
+    ("fast path, fp16 under autocast", {}, (), "fp16"),
+    ("fast path, fp16 throughout", {}, ("fp16_throughout",), "fp16"),
     ("eager, fp32 (precision reference)", {"cuda_graphs": False}, (), "no"),
 )
 
@@ -73,11 +83,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/rentrain-bench"))
+    parser.add_argument("--fp16", action="store_true", help="the fp16 variants (the tutorial's precision)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     runs = [
         (label, *train(label, extra, patches, precision, args.steps, args.workdir))
-        for label, extra, patches, precision in VARIANTS
+        for label, extra, patches, precision in (FP16_VARIANTS if args.fp16 else VARIANTS)
     ]
     ref_label, ref_losses, ref_file = runs[0]
     rows = [
