@@ -24,6 +24,7 @@ from rentrain.speed_model import (
     checkpointing_factor,
     memory_fit,
     seconds_per_step,
+    with_memory_plan,
 )
 
 FLUX_CARDS = ("RTX 3090", "RTX 4090", "RTX 5090", "L40S", "A100 SXM", "H100 SXM")
@@ -96,13 +97,9 @@ def flux_table() -> str:
             if fit is None:
                 cells.append("does not fit")
                 continue
-            factor, _ = fit  # the memory plan's, applied as rentrain.costs.training_estimate applies it
             speed = seconds_per_step(spec.model, profile, spec.vram_gb)
             assert speed is not None
-            if factor != 1.0:
-                scaled = {k: getattr(speed, k) * factor for k in ("seconds_per_step", "low", "high")}
-                speed = speed.model_copy(update={**scaled, "kind": "modelled"})
-            cells.append(cell(speed, scale=1, digits=2))
+            cells.append(cell(with_memory_plan(speed, fit), scale=1, digits=2))
         lines.append(f"| {model} ({spec.vram_gb:g}) | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 

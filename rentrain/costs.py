@@ -15,7 +15,14 @@ from rentrain.gpu_specs import GPU_SPECS
 from rentrain.history import PER_IMAGE_PHASES, PER_SAMPLE_PHASES
 from rentrain.job_profile import JobProfile, steps_on
 from rentrain.setup_time import bandwidth_usd, setup_seconds, transfer_gb
-from rentrain.speed_model import RecordedKind, ScalingEstimate, memory_fit, scaling_efficiency, seconds_per_step
+from rentrain.speed_model import (
+    RecordedKind,
+    ScalingEstimate,
+    memory_fit,
+    scaling_efficiency,
+    seconds_per_step,
+    with_memory_plan,
+)
 
 if TYPE_CHECKING:
     from rentrain.history import HistorySetup, HistorySpeed, JobHistory
@@ -139,17 +146,7 @@ def training_estimate(profile: JobProfile, offer: Offer, history: JobHistory | N
     speed = seconds_per_step(offer.gpu_model, profile, offer.vram_gb)
     if speed is None:
         return None
-    factor, note = fit
-    if factor != 1.0:  # the memory plan's factor comes from the H200 profiles: no longer a measured figure
-        speed = speed.model_copy(
-            update={
-                "seconds_per_step": speed.seconds_per_step * factor,
-                "low": speed.low * factor,
-                "high": speed.high * factor,
-                "source": speed.source + note,
-                "kind": "modelled" if speed.kind == "measured" else speed.kind,
-            }
-        )
+    speed = with_memory_plan(speed, fit)
     gpus = offer.gpu_count
     scaling = scaling_efficiency(offer.gpu_model, gpus)
     step_seconds = speed.seconds_per_step / scaling.efficiency

@@ -519,6 +519,23 @@ def interconnect_efficiency(interconnect: Interconnect, gpus: int) -> ScalingEst
     )
 
 
+def with_memory_plan(speed: SpeedEstimate, fit: tuple[float, str]) -> SpeedEstimate:
+    """``speed`` (the configured setting's) times the memory plan's factor (``memory_fit``). A planned setting
+    other than the configured one was not measured as such: the figure is then modelled."""
+    factor, note = fit
+    if factor == 1.0:
+        return speed
+    return speed.model_copy(
+        update={
+            "seconds_per_step": speed.seconds_per_step * factor,
+            "low": speed.low * factor,
+            "high": speed.high * factor,
+            "source": speed.source + note,
+            "kind": "modelled" if speed.kind == "measured" else speed.kind,
+        }
+    )
+
+
 def memory_fit(profile: JobProfile, vram_gb: float | None) -> tuple[float, str] | None:
     """(step-time factor, note) of the trainer's memory planning on a card of ``vram_gb`` (remote/trainer/
     memory.py: micro-batches or checkpointing where the batch does not fit, no checkpointing where the card holds
