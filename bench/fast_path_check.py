@@ -7,9 +7,10 @@
     ... PyTorch's GN   the same with PyTorch's GroupNorm instead of the channels_last kernels
     eager, fp32        no mixed precision: how far bf16 itself is from exact arithmetic
 
-With --fp16 the runs are the tutorial's precision instead: eager fp16 under autocast (the reference), the fast
-path under autocast (the default), the fast path in fp16 throughout (train_speed.py's fp16_throughout patch:
-what the bf16 path does, in fp16), and fp32 again as the scale of the noise.
+With --fp16 the runs are the tutorial's precision instead: eager fp16 under autocast (the reference; the
+trainer's fp16 before the twelfth session, train_speed.py's fp16_autocast patch), the fast path under autocast,
+the fast path in fp16 throughout (the default for SD: what the bf16 path does, in fp16), and fp32 again as the
+scale of the noise.
 
 Each run trains SD 1.5 (full size, random weights; 512px, batch 4, UNet + text encoder LoRA) for --steps
 steps; 50 images at batch 4 end each epoch on a batch of 2, so two shapes are captured. Against the first
@@ -44,9 +45,9 @@ VARIANTS = (
     ("eager, fp32 (precision reference)", {"cuda_graphs": False}, (), "no"),
 )
 FP16_VARIANTS = (
-    ("eager, fp16 under autocast", {"cuda_graphs": False}, (), "fp16"),
-    ("fast path, fp16 under autocast", {}, (), "fp16"),
-    ("fast path, fp16 throughout", {}, ("fp16_throughout",), "fp16"),
+    ("eager, fp16 under autocast", {"cuda_graphs": False}, ("fp16_autocast",), "fp16"),
+    ("fast path, fp16 under autocast", {}, ("fp16_autocast",), "fp16"),
+    ("fast path, fp16 throughout", {}, (), "fp16"),
     ("eager, fp32 (precision reference)", {"cuda_graphs": False}, (), "no"),
 )
 

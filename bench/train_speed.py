@@ -242,9 +242,8 @@ class Result:
 PATCHES = {
     # the pre-speed-work compute: autocast around a bf16 model (float32 norms and casts)
     "autocast": "import remote.trainer.step as S\nS.uses_autocast = lambda run: run.dtype != torch.float32",
-    # an fp16 run computed as a bf16 run is, in fp16 throughout (no autocast: norms' outputs and the residual
-    # stream in fp16; the norm kernels still accumulate in float32), loss scaling as before
-    "fp16_throughout": "import remote.trainer.step as S\nS.uses_autocast = lambda run: False",
+    # fp16 under autocast for every family, as before the twelfth session (SD families now run fp16 throughout)
+    "fp16_autocast": "import remote.trainer.step as S\nS.uses_autocast = lambda run: run.dtype == torch.float16",
     # the UNet's weights and activations in NHWC
     "channels_last": (
         "_setup = L.setup\n"

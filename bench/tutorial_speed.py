@@ -12,7 +12,7 @@ Two runs, measured as train_speed.py measures (median step interval after the wa
     single shape     the same config on 20 images of 512x512: the same pixels per step, one shape
 
     python bench/tutorial_speed.py [--runs tutorial,single] [--warmup 20] [--workdir DIR] [--set KEY=VALUE]
-                                   [--patch NAME]   # train_speed.py's experiment patches, e.g. fp16_throughout
+                                   [--patch NAME]   # train_speed.py's experiment patches, e.g. fp16_autocast
 """
 
 from __future__ import annotations

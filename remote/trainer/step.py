@@ -206,10 +206,12 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def uses_autocast(run: Run) -> bool:
-    """fp16 runs under autocast (float32 where fp16 could overflow). bf16 has float32's range: the frozen
-    model and its activations stay bf16 without autocast's float32 round trips (norms accumulate in
-    float32 inside their kernels), and the LoRA casts its weights to bf16 where autocast would have."""
-    return run.dtype == torch.float16
+    """bf16 has float32's range: the frozen model and its activations stay bf16 without autocast's float32
+    round trips (norms accumulate in float32 inside their kernels), and the LoRA casts its weights to bf16
+    where autocast would have. fp16 does the same where the family's activations fit fp16's range
+    (``ModelFamily.fp16_throughout``), and runs under autocast (float32 where fp16 could overflow) where
+    they do not."""
+    return run.dtype == torch.float16 and not run.family.fp16_throughout
 
 
 def compute_description(run: Run) -> str:

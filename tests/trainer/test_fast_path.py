@@ -325,3 +325,37 @@ def test_each_optimizer_that_cannot_graph_says_why():
     assert ".item()" in reasons["Prodigy"]
     assert "step count on the host" in reasons["Adafactor"]
     assert why_not_graphable(GraphableAdamW8bit(params, lr=1e-3)) is None
+
+
+def test_fp16_runs_throughout_for_sd_and_trains_like_autocast(make_config, monkeypatch):
+    """fp16 on an SD family: no autocast (the start event says so), the same losses as under autocast within
+    fp16 noise, with the loss scaler in both."""
+
+    def run(tag: str) -> tuple[list[float], list[str]]:
+        _, cfg = make_config(max_train_steps=8, mixed_precision="fp16", seed=3, output_name=tag)
+        log = Path(cfg.output_dir) / f"{tag}.jsonl"
+        loop.train(cfg, EventWriter(log, stream=io.StringIO()))
+        events = read_events(log)
+        start = next(e for e in events if e.event == "start")
+        return [e.loss for e in events if e.event == "step"], start.choices
+
+    direct, choices = run("direct")
+    assert "compute: fp16 throughout (frozen model and activations), LoRA weights fp32" in choices
+    monkeypatch.setattr(step_mod, "uses_autocast", lambda run: True)
+    autocast, choices = run("autocast")
+    assert "compute: fp16 under autocast, LoRA weights fp32" in choices
+    assert len(direct) == len(autocast) == 8
+    for a, b in zip(direct, autocast, strict=True):
+        assert abs(a - b) <= 0.02 * abs(b) + 1e-3, (direct, autocast)
+
+
+def test_fp16_keeps_autocast_where_the_family_overflows_fp16():
+    from types import SimpleNamespace
+
+    from remote.trainer.families import get_family
+
+    def uses(family: str, dtype: torch.dtype) -> bool:
+        return step_mod.uses_autocast(SimpleNamespace(family=get_family(family), dtype=dtype))  # type: ignore[arg-type]
+
+    assert [uses(f, torch.float16) for f in ("sd15", "sd2", "sdxl", "flux")] == [False, False, False, True]
+    assert not uses("flux", torch.bfloat16) and not uses("sd15", torch.float32)

@@ -50,10 +50,12 @@ def test_forward_and_input_gradient_match_group_norm(shape, groups, offset):
     torch.testing.assert_close(x.grad.double(), expected_grad, rtol=1e-4, atol=2e-5)
 
 
-def test_bf16_is_as_close_to_exact_as_pytorchs_own_bf16_group_norm():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_is_as_close_to_exact_as_pytorchs_own_group_norm(dtype):
+    """bf16 (the bf16 path) and fp16 (SD's fp16 path, which runs without autocast too)."""
     torch.manual_seed(1)
-    x = _channels_last(2, 320, 32, 32, dtype=torch.bfloat16, scale=3.0, offset=1.0).requires_grad_(True)
-    weight, bias = torch.randn(320, dtype=torch.bfloat16), torch.randn(320, dtype=torch.bfloat16)
+    x = _channels_last(2, 320, 32, 32, dtype=dtype, scale=3.0, offset=1.0).requires_grad_(True)
+    weight, bias = torch.randn(320, dtype=dtype), torch.randn(320, dtype=dtype)
     out = kernels.ChannelsLastGroupNorm.apply(x, 32, weight, bias, 1e-5)
     grad = torch.randn_like(out)
     out.backward(grad)

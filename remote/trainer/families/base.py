@@ -82,6 +82,9 @@ class ModelFamily(ABC):
     latent_shift = 0.0  # subtracted from the VAE's latents before the scale (Flux's AE: 0.1159)
     sample_guidance = 7.0  # the samples' guidance scale when the config sets none
     cudnn_attention = True  # whether attention may run on cuDNN's fused kernel (run_setup.choose_attention_kernels)
+    # whether fp16 runs throughout, without autocast: the frozen model's activations stay within fp16's range
+    # (SD's UNets and CLIP encoders, as fp16 inference runs them; bench/fast_path_check.py --fp16 compares it)
+    fp16_throughout = True
 
     def __init__(self, name: str):
         self.facts: FamilyFacts = family_facts(name)

@@ -114,6 +114,7 @@ class Flux(ModelFamily):
     text_encoder_lora = False
     sample_guidance = 3.5  # FLUX.1 [dev]'s embedded guidance, as kohya and Black Forest Labs sample it
     cudnn_attention = False  # its backward fails there (run_setup.choose_attention_kernels)
+    fp16_throughout = False  # Flux.1's activations pass fp16's range: fp16 keeps autocast's float32 ops
     lora_parents = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
     lora_conv_parents = ()
     text_lora_parents = clip.CLIP_LORA_PARENTS
