@@ -17,10 +17,13 @@ from dataclasses import dataclass
 import torch
 
 NON_FINITE_LOSS_LIMIT = 10
-_ADVICE = (
-    "Lower the learning rate (Prodigy: its d_coef), or train in bf16 "
-    '(mixed_precision = "bf16") if the run used fp16; the checkpoints saved before it are good'
-)
+
+
+def advice_for(optimizer_type: str, fp16: bool) -> str:
+    """What to change, for the run's optimizer and precision."""
+    rate = "its d_coef (Prodigy sets its own step size)" if optimizer_type.lower() == "prodigy" else "the learning rate"
+    precision = ', or train in bf16 (mixed_precision = "bf16"), whose range fp16 lacks' if fp16 else ""
+    return f"Lower {rate}{precision}; the checkpoints saved before it are good"
 
 
 class Diverged(Exception):
@@ -38,6 +41,7 @@ class DivergenceWatch:
     """Fed each optimizer step's loss in order; raises Diverged when the run cannot recover."""
 
     weights_finite: Callable[[], bool]
+    advice: str = advice_for("AdamW", fp16=False)
     limit: int = NON_FINITE_LOSS_LIMIT
     first_bad_step: int | None = None
     bad_steps: int = 0
@@ -47,7 +51,7 @@ class DivergenceWatch:
         if not self.weights_finite():
             raise Diverged(
                 f"training diverged by step {step}: the LoRA's weights are no longer finite numbers, so step "
-                f"{step}'s file was not written. {_ADVICE}"
+                f"{step}'s file was not written. {self.advice}"
             )
 
     def observe(self, step: int, loss: float) -> None:
@@ -60,11 +64,11 @@ class DivergenceWatch:
         if not self.weights_finite():
             raise Diverged(
                 f"training diverged at step {step}: the loss is {loss} and the LoRA's weights are no longer finite "
-                f"numbers, so no later step can recover. {_ADVICE}"
+                f"numbers, so no later step can recover. {self.advice}"
             )
         if self.bad_steps >= self.limit:
             raise Diverged(
                 f"training diverged: the loss has been {loss} for {self.bad_steps} steps in a row (steps "
                 f"{self.first_bad_step}-{step}) while the LoRA's weights stay finite: the model overflows on every "
-                f"batch. {_ADVICE}"
+                f"batch. {self.advice}"
             )

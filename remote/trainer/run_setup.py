@@ -23,7 +23,7 @@ from remote.events import EventWriter
 from . import data as data_mod
 from . import memory
 from .distributed import Ranks, barrier, broadcast_int, broadcast_parameters, min_across
-from .divergence import DivergenceWatch, weights_are_finite
+from .divergence import DivergenceWatch, advice_for, weights_are_finite
 from .families.base import ModelError, ModelFamily, Objective
 from .float8 import FLOAT8, Float8Linear
 from .lora import LoRANetwork
@@ -200,7 +200,9 @@ def setup(cfg: TrainConfig, writer: EventWriter, resume: Path | None, ranks: Ran
         ranks=ranks,
         timings={"load_weights": load_seconds},
         micro_batch=micro_batch,
-        divergence=DivergenceWatch(lambda: weights_are_finite(network.parameters())),
+        divergence=DivergenceWatch(
+            lambda: weights_are_finite(network.parameters()), advice_for(cfg.optimizer_type, dtype == torch.float16)
+        ),
     )
     speed.start(partial(backward_pass, run), partial(apply_gradients, run), optimizer, optimizer_label, use_scaler)
     if ranks.distributed:

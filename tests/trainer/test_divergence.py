@@ -11,7 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 from remote.events import EventWriter, StepEvent, parse_event, read_events
-from remote.trainer.divergence import NON_FINITE_LOSS_LIMIT, Diverged, DivergenceWatch, weights_are_finite
+from remote.trainer.divergence import (
+    NON_FINITE_LOSS_LIMIT,
+    Diverged,
+    DivergenceWatch,
+    advice_for,
+    weights_are_finite,
+)
 from remote.trainer.loop import train
 
 
@@ -35,6 +41,16 @@ def test_non_finite_weights_stop_at_once() -> None:
     watch.observe(1, 0.5)
     with pytest.raises(Diverged, match="diverged at step 2: the loss is nan and the LoRA's weights are no longer"):
         watch.observe(2, math.nan)
+
+
+def test_the_advice_fits_the_runs_optimizer_and_precision() -> None:
+    assert advice_for("AdamW8bit", fp16=False) == "Lower the learning rate; the checkpoints saved before it are good"
+    prodigy_fp16 = advice_for("prodigy", fp16=True)
+    assert "Lower its d_coef" in prodigy_fp16 and "learning rate" not in prodigy_fp16
+    assert 'train in bf16 (mixed_precision = "bf16")' in prodigy_fp16
+    watch = DivergenceWatch(lambda: False, advice_for("Prodigy", fp16=False))
+    with pytest.raises(Diverged, match="Lower its d_coef \\(Prodigy sets its own step size\\); the checkpoints"):
+        watch.observe(1, math.nan)
 
 
 def test_a_loss_that_stays_non_finite_stops_the_run_and_one_finite_loss_resets_the_count() -> None:
