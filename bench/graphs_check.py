@@ -6,7 +6,8 @@
     fallback           a backward pass that reads a value on the host cannot be captured: the graphs turn
                        off with a message and the batch still trains, eagerly, to the same loss
     optimizer graph    fused, capturable AdamW stepped through OptimizerGraph against the same optimizer
-                       stepped eagerly, with the learning-rate schedule moving
+                       stepped eagerly, with the learning-rate schedule moving; the same for Lion
+                       (remote/trainer/lion.py's GraphableLion)
 
 tests/trainer/test_graphs.py checks the decisions on the CPU with stand-ins; this runs the real graphs.
 Prints one line per check and a JSON summary; exits 1 when a check fails.
@@ -143,7 +144,7 @@ def check_fallback(device) -> dict:  # type: ignore[type-arg]
     return {"fallback": {"ok": ok and graphs.eager_steps == 3, "message": graphs.disabled}}
 
 
-def check_optimizer(device, steps: int = 6) -> dict:  # type: ignore[type-arg]
+def check_optimizer(device, name: str = "AdamW", steps: int = 6) -> dict:  # type: ignore[type-arg]
     import torch
 
     from remote.trainer.graphs import OptimizerGraph
@@ -154,7 +155,7 @@ def check_optimizer(device, steps: int = 6) -> dict:  # type: ignore[type-arg]
         params = [torch.nn.Parameter(torch.randn(64, 32, generator=gen, device=device)) for _ in range(3)]
         for p in params:
             p.grad = torch.zeros_like(p)
-        optimizer, _ = make_optimizer("AdamW", [{"params": params, "lr": 1e-2}], 1e-2, [], device, graphable=True)
+        optimizer, _ = make_optimizer(name, [{"params": params, "lr": 1e-2}], 1e-2, [], device, graphable=True)
         place_learning_rates(optimizer, device)
         return params, optimizer, make_scheduler(optimizer, "cosine", 2, steps)
 
@@ -173,7 +174,8 @@ def check_optimizer(device, steps: int = 6) -> dict:  # type: ignore[type-arg]
     error = relative(finals["graph"][0], finals["eager"][0])
     graph = finals["graph"][1]
     ok = error <= TOLERANCE and graph.graph is not None and graph.disabled is None and finals["graph"][2]
-    return {"optimizer graph": {"ok": ok, "parameters": error, "disabled": graph.disabled}}
+    key = "optimizer graph" if name == "AdamW" else f"optimizer graph ({name})"
+    return {key: {"ok": ok, "parameters": error, "disabled": graph.disabled}}
 
 
 def main() -> int:
@@ -191,6 +193,7 @@ def main() -> int:
         "replay": lambda: check_replay(device, args.batches),
         "fallback": lambda: check_fallback(device),
         "optimizer": lambda: check_optimizer(device),
+        "optimizer (Lion)": lambda: check_optimizer(device, "Lion"),
     }
     summary: dict[str, Any] = {}
     for name, check in checks.items():  # in this order: the optimizer check draws random numbers after a fallback

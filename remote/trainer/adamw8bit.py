@@ -33,10 +33,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from itertools import chain, pairwise
+from itertools import chain
 from typing import Any
 
 import torch
+
+from .lora_fused import flat_view
 
 BLOCK = 256  # bitsandbytes' block size for 8-bit optimizer states (Optimizer2State.init_state)
 MIN_8BIT_SIZE = 4096  # bitsandbytes' default: smaller tensors keep float32 states
@@ -62,18 +64,11 @@ def dynamic_map(signed: bool) -> torch.Tensor:
 
 
 def _flat_view(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor | None, list[int]]:
-    """(one flat view of the tensors, where each starts in it) when they are contiguous, non-overlapping pieces of
-    one storage in one dtype, as the trainer's LoRA parameters and gradients are (lora_fused.py); else (None,
-    where each starts in their concatenation)."""
-    first = tensors[0]
-    storage = first.untyped_storage().data_ptr()
-    if all(t.is_contiguous() and t.dtype == first.dtype and t.untyped_storage().data_ptr() == storage for t in tensors):
-        spans = sorted((int(t.storage_offset()), t.numel()) for t in tensors)
-        if all(start + size <= next_start for (start, size), (next_start, _) in pairwise(spans)):
-            low = spans[0][0]
-            high = max(start + size for start, size in spans)
-            view = first.detach().as_strided((high - low,), (1,), low)
-            return view, [int(t.storage_offset()) - low for t in tensors]
+    """(one flat view of the tensors, where each starts in it), lora_fused.flat_view's; else (None, where each
+    starts in their concatenation)."""
+    found = flat_view(tensors)
+    if found is not None:
+        return found
     bases = [0]
     for t in tensors[:-1]:
         bases.append(bases[-1] + t.numel())

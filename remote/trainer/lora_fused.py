@@ -24,7 +24,9 @@ weights as before, so it never sees a stale copy.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -102,6 +104,26 @@ class FlatBuffers:
         norm = torch.linalg.vector_norm(self.master_grad, dtype=torch.float32)
         self.master_grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0).to(self.master_grad.dtype))
         return norm
+
+
+def flat_view(tensors: Sequence[torch.Tensor], gaps: bool = True) -> tuple[torch.Tensor, list[int]] | None:
+    """(one flat view spanning the tensors, where each starts in it) when they are contiguous, non-overlapping
+    pieces of one storage in one dtype, as flatten_parameters leaves the LoRA's parameters and gradients; else
+    None. With ``gaps`` False they must also cover the view exactly, so that an update over the whole view
+    touches nothing else."""
+    first = tensors[0]
+    storage = first.untyped_storage().data_ptr()
+    if not all(
+        t.is_contiguous() and t.dtype == first.dtype and t.untyped_storage().data_ptr() == storage for t in tensors
+    ):
+        return None
+    spans = sorted((int(t.storage_offset()), t.numel()) for t in tensors)
+    for (start, size), (next_start, _) in pairwise(spans):
+        if start + size > next_start or (not gaps and start + size != next_start):
+            return None
+    low = spans[0][0]
+    high = max(start + size for start, size in spans)
+    return first.detach().as_strided((high - low,), (1,), low), [int(t.storage_offset()) - low for t in tensors]
 
 
 def flatten_parameters(

@@ -8,6 +8,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from .adamw8bit import GraphableAdamW8bit
+from .lion import GraphableLion
 from .optimizer_args import parse_optimizer_args
 
 
@@ -20,8 +21,9 @@ def make_optimizer(
 ):
     """(optimizer, ss_optimizer string). ``lr`` is the default for groups without their own.
 
-    ``graphable``: where the optimizer can be stepped inside a CUDA graph (torch AdamW, or AdamW8bit as
-    GraphableAdamW8bit, on CUDA), make it so: capturable, learning rates in device tensors (see ``is_graphable``).
+    ``graphable``: where the optimizer can be stepped inside a CUDA graph (torch AdamW, AdamW8bit as
+    GraphableAdamW8bit, Lion as GraphableLion, on CUDA), make it so: capturable, learning rates in device tensors
+    (see ``is_graphable``).
     """
     kwargs = parse_optimizer_args(args)
     cls = optimizer_class(name, kwargs, device, graphable)
@@ -63,6 +65,8 @@ def optimizer_class(
             ) from exc
         cls = AdamW8bit if lower == "adamw8bit" else Lion8bit
     elif lower == "lion":
+        if graphable and not kwargs.get("use_triton"):
+            return GraphableLion  # lion-pytorch's state and arithmetic, its step in a CUDA graph
         try:
             from lion_pytorch import Lion
         except ImportError as exc:
@@ -98,9 +102,10 @@ def optimizer_class(
 
 
 def is_graphable(optimizer) -> bool:
-    """torch AdamW, fused and capturable, or GraphableAdamW8bit: its step reads everything, the learning rates
-    included, from device tensors, so a CUDA graph of it replays correctly as the schedule changes the rates."""
-    if isinstance(optimizer, GraphableAdamW8bit):
+    """torch AdamW, fused and capturable, GraphableAdamW8bit or GraphableLion: its step reads everything, the
+    learning rates included, from device tensors, so a CUDA graph of it replays correctly as the schedule
+    changes the rates."""
+    if isinstance(optimizer, GraphableAdamW8bit | GraphableLion):
         return True
     return isinstance(optimizer, torch.optim.AdamW) and bool(
         optimizer.defaults.get("capturable") and optimizer.defaults.get("fused")

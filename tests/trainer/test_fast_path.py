@@ -350,8 +350,6 @@ def test_fp16_runs_throughout_for_sd_and_trains_like_autocast(make_config, monke
 
 
 def test_fp16_keeps_autocast_where_the_family_overflows_fp16():
-    from types import SimpleNamespace
-
     from remote.trainer.families import get_family
 
     def uses(family: str, dtype: torch.dtype) -> bool:
