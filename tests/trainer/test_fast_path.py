@@ -90,24 +90,29 @@ def test_graphable_optimizer_keeps_one_lr_tensor_that_the_schedule_fills():
     assert float(optimizer.param_groups[0]["lr"]) == pytest.approx(5e-4)
 
 
-def test_bf16_throughout_trains_like_autocast(make_config, monkeypatch):
-    """The tiny model trained 12 steps in bf16 with and without autocast: the same losses within bf16 noise."""
+def _losses_and_choices(make_config, tag: str, **keys) -> tuple[list[float], list[str]]:
+    """The tiny model trained with ``keys``: its step losses and the start event's choices."""
+    _, cfg = make_config(seed=3, output_name=tag, **keys)
+    log = Path(cfg.output_dir) / f"{tag}.jsonl"
+    loop.train(cfg, EventWriter(log, stream=io.StringIO()))
+    events = read_events(log)
+    start = next(e for e in events if e.event == "start")
+    assert start.setup_seconds["latents_encoded"] >= 0 and start.choices
+    return [e.loss for e in events if e.event == "step"], start.choices
 
-    def losses(tag: str) -> list[float]:
-        _, cfg = make_config(max_train_steps=12, mixed_precision="bf16", seed=3, output_name=tag)
-        log = Path(cfg.output_dir) / f"{tag}.jsonl"
-        loop.train(cfg, EventWriter(log, stream=io.StringIO()))
-        events = read_events(log)
-        start = next(e for e in events if e.event == "start")
-        assert start.setup_seconds["latents_encoded"] >= 0 and start.choices
-        return [e.loss for e in events if e.event == "step"]
 
-    direct = losses("direct")
-    monkeypatch.setattr(step_mod, "uses_autocast", lambda run: True)
-    autocast = losses("autocast")
-    assert len(direct) == len(autocast) == 12
+def _assert_alike(direct: list[float], autocast: list[float], steps: int) -> None:
+    assert len(direct) == len(autocast) == steps
     for a, b in zip(direct, autocast, strict=True):
         assert abs(a - b) <= 0.02 * abs(b) + 1e-3, (direct, autocast)
+
+
+def test_bf16_throughout_trains_like_autocast(make_config, monkeypatch):
+    """The tiny model trained 12 steps in bf16 with and without autocast: the same losses within bf16 noise."""
+    direct, _ = _losses_and_choices(make_config, "direct", max_train_steps=12, mixed_precision="bf16")
+    monkeypatch.setattr(step_mod, "uses_autocast", lambda run: True)
+    autocast, _ = _losses_and_choices(make_config, "autocast", max_train_steps=12, mixed_precision="bf16")
+    _assert_alike(direct, autocast, 12)
 
 
 def test_batches_split_into_micro_batches_train_the_same_function(make_config, monkeypatch):
@@ -330,23 +335,12 @@ def test_each_optimizer_that_cannot_graph_says_why():
 def test_fp16_runs_throughout_for_sd_and_trains_like_autocast(make_config, monkeypatch):
     """fp16 on an SD family: no autocast (the start event says so), the same losses as under autocast within
     fp16 noise, with the loss scaler in both."""
-
-    def run(tag: str) -> tuple[list[float], list[str]]:
-        _, cfg = make_config(max_train_steps=8, mixed_precision="fp16", seed=3, output_name=tag)
-        log = Path(cfg.output_dir) / f"{tag}.jsonl"
-        loop.train(cfg, EventWriter(log, stream=io.StringIO()))
-        events = read_events(log)
-        start = next(e for e in events if e.event == "start")
-        return [e.loss for e in events if e.event == "step"], start.choices
-
-    direct, choices = run("direct")
+    direct, choices = _losses_and_choices(make_config, "direct", max_train_steps=8, mixed_precision="fp16")
     assert "compute: fp16 throughout (frozen model and activations), LoRA weights fp32" in choices
     monkeypatch.setattr(step_mod, "uses_autocast", lambda run: True)
-    autocast, choices = run("autocast")
+    autocast, choices = _losses_and_choices(make_config, "autocast", max_train_steps=8, mixed_precision="fp16")
     assert "compute: fp16 under autocast, LoRA weights fp32" in choices
-    assert len(direct) == len(autocast) == 8
-    for a, b in zip(direct, autocast, strict=True):
-        assert abs(a - b) <= 0.02 * abs(b) + 1e-3, (direct, autocast)
+    _assert_alike(direct, autocast, 8)
 
 
 def test_fp16_keeps_autocast_where_the_family_overflows_fp16():
