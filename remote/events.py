@@ -59,8 +59,9 @@ class StartEvent(_Event):
     setup_seconds: dict[str, float] = Field(
         default_factory=dict,
         description=(
-            "Seconds of set-up: setup (everything before caching), load_weights (reading the model, part of "
-            "setup), cache_latents, cache_text; latents_encoded is the number of images encoded."
+            "Seconds of set-up: setup (everything before caching), imports (diffusers' and transformers' model "
+            "code, part of setup), load_weights (reading the model, part of setup), cache_latents, cache_text; "
+            "latents_encoded is the number of images encoded."
         ),
     )
     setup_gpu_memory_gb: float | None = Field(

@@ -61,6 +61,13 @@ class ModelBundle:
 # Loading
 
 
+def import_model_code() -> None:
+    """The first import of diffusers' and transformers' model code (with torch._dynamo and peft, which diffusers
+    brings): most of a fresh machine's start-up, timed apart from reading the weights."""
+    from diffusers import AutoencoderKL  # noqa: F401
+    from transformers import CLIPTextModel  # noqa: F401
+
+
 def load_model(cfg: TrainConfig, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> ModelBundle:
     """Load the base model; the UNet and text encoders of folder/hub models are read in ``dtype``, and
     straight onto ``device`` when it is a GPU (no CPU copy, the cast runs on the GPU).

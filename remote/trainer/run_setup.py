@@ -28,7 +28,7 @@ from .families.base import ModelError, ModelFamily, Objective
 from .float8 import FLOAT8, Float8Linear
 from .lora import LoRANetwork
 from .loss_scale import DeviceLossScaler
-from .models import ModelBundle, encode, load_model, tokenize
+from .models import ModelBundle, encode, import_model_code, load_model, tokenize
 from .optim import make_optimizer, make_scheduler
 from .speed import FastPath
 from .state import Position
@@ -122,6 +122,8 @@ def setup(cfg: TrainConfig, writer: EventWriter, resume: Path | None, ranks: Ran
     seed, cfg, optimizer_choice = _seed_and_optimizer(cfg, resume, ranks)
     torch.manual_seed(seed)
     random.seed(seed)
+    importing = time.perf_counter()
+    import_model_code()
     loading = time.perf_counter()
     bundle = load_model(cfg, dtype, device)
     load_seconds = time.perf_counter() - loading
@@ -198,7 +200,7 @@ def setup(cfg: TrainConfig, writer: EventWriter, resume: Path | None, ranks: Ran
         position=position,
         speed=speed,
         ranks=ranks,
-        timings={"load_weights": load_seconds},
+        timings={"imports": loading - importing, "load_weights": load_seconds},
         micro_batch=micro_batch,
         divergence=DivergenceWatch(
             lambda: weights_are_finite(network.parameters()), advice_for(cfg.optimizer_type, dtype == torch.float16)

@@ -98,6 +98,12 @@ def _losses_and_choices(make_config, tag: str, **keys) -> tuple[list[float], lis
     events = read_events(log)
     start = next(e for e in events if e.event == "start")
     assert start.setup_seconds["latents_encoded"] >= 0 and start.choices
+    parts = start.setup_seconds
+    assert (
+        parts["imports"] >= 0
+        and parts["load_weights"] > 0
+        and parts["imports"] + parts["load_weights"] <= parts["setup"]
+    )
     return [e.loss for e in events if e.event == "step"], start.choices
 
 
